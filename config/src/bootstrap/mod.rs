@@ -1,0 +1,328 @@
+//! The sidecar bootstrap file, owned by ops: which service this sidecar
+//! fronts, where it listens, how it resolves names, and (in standalone mode)
+//! the static directory of services it may call.
+//!
+//! Field names are the TOML keys. Every table but `[service]` may be left out;
+//! each key's default is set in exactly one place, the type's `Default` impl
+//! (or a `DEFAULT_*` constant for a key of a table with required keys), and is
+//! documented on the field. Single values are checked as they deserialize;
+//! rules across keys (listeners on distinct addresses, unique service names,
+//! non-empty endpoint lists, ...) live in the private `validate` module and run
+//! in [`crate::parse_bootstrap`] before a `Bootstrap` is handed out.
+
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+
+use crate::duration::{self, Duration};
+use crate::name::ServiceName;
+use crate::number::{self, Weight};
+use crate::text::{socket_addr, socket_addrs};
+
+/// A whole bootstrap file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a bootstrap document")]
+pub struct Bootstrap {
+    /// The instance this sidecar fronts; `None` for a caller-only sidecar.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub service: Option<LocalService>,
+    /// Listener addresses.
+    #[serde(default)]
+    pub listen: Listen,
+    /// The control plane; `None` for standalone mode.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub control_plane: Option<ControlPlane>,
+    /// Name resolution for destinations not in the directory.
+    #[serde(default)]
+    pub dns: Dns,
+    /// Shutdown behaviour.
+    #[serde(default)]
+    pub drain: Drain,
+    /// The connection pool to endpoints.
+    #[serde(default)]
+    pub pool: Pool,
+    /// Static service entries, for standalone mode.
+    #[serde(default)]
+    pub directory: Directory,
+}
+
+/// `[service]`: the service instance behind this sidecar.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct LocalService {
+    /// The service's name, which is also the identity it calls others with.
+    pub name: ServiceName,
+    /// Where the local app listens; inbound traffic is forwarded here.
+    #[serde(deserialize_with = "socket_addr")]
+    pub app: SocketAddr,
+    /// The service's policy file, relative to the bootstrap file's directory.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub policy: Option<PathBuf>,
+    /// How many instances of the service run, in standalone mode; a
+    /// service-wide rate limit gives each instance `1/instances` of it.
+    #[serde(
+        default = "LocalService::default_instances",
+        deserialize_with = "number::nonzero"
+    )]
+    pub instances: NonZeroU32,
+    /// This instance's metadata, as registered in the directory.
+    #[serde(default)]
+    pub metadata: Metadata,
+}
+
+impl LocalService {
+    /// `instances` when the key is absent.
+    pub const DEFAULT_INSTANCES: NonZeroU32 = NonZeroU32::MIN;
+
+    fn default_instances() -> NonZeroU32 {
+        Self::DEFAULT_INSTANCES
+    }
+}
+
+/// `[listen]`: the three listeners. Port 0 asks the OS for a free port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Listen {
+    /// The local app's outgoing traffic. Default `127.0.0.1:4140`.
+    #[serde(deserialize_with = "socket_addr")]
+    pub outbound: SocketAddr,
+    /// Traffic from other sidecars to the local app. Default `0.0.0.0:4143`.
+    #[serde(deserialize_with = "socket_addr")]
+    pub inbound: SocketAddr,
+    /// Metrics, health and config endpoints. Default `127.0.0.1:4191`.
+    #[serde(deserialize_with = "socket_addr")]
+    pub admin: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        let at = |ip: Ipv4Addr, port| SocketAddr::new(ip.into(), port);
+        Self {
+            outbound: at(Ipv4Addr::LOCALHOST, 4140),
+            inbound: at(Ipv4Addr::UNSPECIFIED, 4143),
+            admin: at(Ipv4Addr::LOCALHOST, 4191),
+        }
+    }
+}
+
+/// `[control_plane]`: where the directory and policies come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct ControlPlane {
+    /// Control-plane URLs (`https://host:port`), at least one; one DNS name
+    /// resolving to several replicas is enough.
+    #[serde(deserialize_with = "urls")]
+    pub addresses: Vec<String>,
+    /// Where the last accepted snapshot is kept, for a cold start while the
+    /// control plane is unreachable; relative to the bootstrap file's
+    /// directory (see [`crate::Loaded::resolve`]). Default none.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cache: Option<PathBuf>,
+}
+
+fn urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let urls = Vec::<String>::deserialize(d)?;
+    let valid = |url: &str| {
+        let rest = url
+            .strip_prefix("https://")
+            .or_else(|| url.strip_prefix("http://"));
+        rest.is_some_and(|r| {
+            !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace)
+        })
+    };
+    if urls.is_empty() {
+        return Err(de::Error::custom(
+            "list at least one address, e.g. [\"https://weft-cp.internal:8443\"]",
+        ));
+    }
+    match urls.iter().find(|u| !valid(u)) {
+        Some(bad) => Err(de::Error::custom(format!(
+            "invalid control plane address {bad:?}: expected a URL like \"https://weft-cp.internal:8443\""
+        ))),
+        None => Ok(urls),
+    }
+}
+
+/// `[dns]`: resolving destinations that are not in the directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Dns {
+    /// Name servers; empty means the system's `resolv.conf`. Default empty.
+    #[serde(deserialize_with = "socket_addrs")]
+    pub servers: Vec<SocketAddr>,
+    /// Per-query timeout, longer than 0. Default `1s`.
+    #[serde(deserialize_with = "duration::positive")]
+    pub timeout: Duration,
+    /// Tries per lookup, 1 to 10. Default 2.
+    #[serde(deserialize_with = "dns_attempts")]
+    pub attempts: u8,
+    /// Shortest time between re-resolutions, whatever the record's TTL.
+    /// Default `1s`; at most `max_ttl`.
+    pub min_ttl: Duration,
+    /// Longest time an answer is used, whatever its TTL. Default `5m`.
+    pub max_ttl: Duration,
+    /// Stop re-resolving a name nobody asked for in this long; longer than 0.
+    /// Default `10m`.
+    #[serde(deserialize_with = "duration::positive")]
+    pub idle: Duration,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            timeout: Duration::from_secs(1),
+            attempts: 2,
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(5 * 60),
+            idle: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+fn dns_attempts<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    number::int(d, 1, 10)
+}
+
+/// `[drain]`: shutdown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Drain {
+    /// How long in-flight requests may finish after SIGTERM. Default `20s`.
+    pub grace: Duration,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// `[pool]`: idle connections kept to endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Pool {
+    /// Close a pooled connection idle this long; longer than 0. Default `90s`.
+    #[serde(deserialize_with = "duration::positive")]
+    pub idle_timeout: Duration,
+    /// Idle connections kept per endpoint; 0 disables pooling. Default 32.
+    #[serde(deserialize_with = "number::uint32")]
+    pub max_idle_per_endpoint: u32,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(90),
+            max_idle_per_endpoint: 32,
+        }
+    }
+}
+
+/// `[directory]`: static service entries for standalone mode.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Directory {
+    /// `[[directory.services]]`, unique by name. Default empty.
+    pub services: Vec<StaticService>,
+}
+
+/// One `[[directory.services]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct StaticService {
+    /// The logical name callers use.
+    pub name: ServiceName,
+    /// The owner's policy file, relative to the bootstrap file's directory.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub policy: Option<PathBuf>,
+    /// The HTTP version used towards the endpoints. Default `auto`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The instances, at least one, with distinct addresses.
+    #[serde(default)]
+    pub endpoints: Vec<StaticEndpoint>,
+}
+
+/// The HTTP version a sidecar speaks to a service's endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// The same version the local app used.
+    #[default]
+    Auto,
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 (prior knowledge).
+    Http2,
+}
+
+/// One endpoint of a static service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table like { address = \"10.0.0.5:4143\" }"
+)]
+pub struct StaticEndpoint {
+    /// The peer sidecar's inbound listener.
+    #[serde(deserialize_with = "socket_addr")]
+    pub address: SocketAddr,
+    /// The instance's metadata, for splits and locality.
+    #[serde(default)]
+    pub metadata: Metadata,
+}
+
+/// What is known about one instance: where it runs, which version it is,
+/// its balancing weight, and free-form labels. Splits select instances by
+/// these values through [`Metadata::get`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Metadata {
+    /// The zone, for zone-local balancing. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The deployed version, for splits. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Relative weight, 0 to 10 000. Default 100.
+    pub weight: Weight,
+    /// Any other key/value pairs; `zone`, `version` and `weight` are reserved.
+    /// Default empty.
+    #[serde(deserialize_with = "labels")]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// The value for `key`: `zone` and `version` from their fields, anything
+    /// else from `labels`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "zone" => self.zone.as_deref(),
+            "version" => self.version.as_deref(),
+            _ => self.labels.get(key).map(String::as_str),
+        }
+    }
+}
+
+/// Labels, refusing the names [`Metadata::get`] answers from fields, which
+/// would otherwise be silently shadowed.
+fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let labels = BTreeMap::<String, String>::deserialize(d)?;
+    match ["zone", "version", "weight"]
+        .into_iter()
+        .find(|k| labels.contains_key(*k))
+    {
+        Some(key) => Err(de::Error::custom(format!(
+            "label {key:?} is reserved; set metadata.{key} instead"
+        ))),
+        None => Ok(labels),
+    }
+}

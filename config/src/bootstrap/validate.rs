@@ -1,0 +1,266 @@
+//! Rules across keys of a bootstrap file, checked after it deserializes.
+//!
+//! Each rule returns the first [`Problem`] it finds, addressed by key path so
+//! the error quotes the offending line. Where two keys clash the problem
+//! points at the later one (the duplicate, not the original), or at the one
+//! actually written when the other is a default.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use super::{Bootstrap, StaticService};
+use crate::diag::{KeyPath, Problem};
+
+impl Bootstrap {
+    /// Checks every cross-key rule of the bootstrap file.
+    pub(crate) fn validate(&self) -> Result<(), Problem> {
+        self.check_listeners()?;
+        self.check_dns()?;
+        self.check_directory()?;
+        self.check_policies()
+    }
+
+    fn check_listeners(&self) -> Result<(), Problem> {
+        let listeners = [
+            ("outbound", self.listen.outbound),
+            ("inbound", self.listen.inbound),
+            ("admin", self.listen.admin),
+        ];
+        let at = |name: &str| KeyPath::new(["listen", name]);
+        for (i, &(name, addr)) in listeners.iter().enumerate() {
+            for &(earlier, other) in &listeners[..i] {
+                if overlap(addr, other) {
+                    let message = if addr == other {
+                        format!("listen.{earlier} and listen.{name} are both {addr}")
+                    } else {
+                        format!("listen.{earlier} ({other}) and listen.{name} ({addr}) overlap")
+                    };
+                    return Err(Problem::new(
+                        at(name),
+                        format!("{message}; give each listener its own address"),
+                    )
+                    .or_at(at(earlier)));
+                }
+            }
+        }
+        let Some(service) = &self.service else {
+            return Ok(());
+        };
+        let app = KeyPath::new(["service", "app"]);
+        if service.app.port() == 0 {
+            return Err(Problem::new(
+                app,
+                "port 0 cannot be connected to; give the app's port",
+            ));
+        }
+        if let Some((name, _)) = listeners.iter().find(|(_, l)| overlap(service.app, *l)) {
+            return Err(Problem::new(
+                app,
+                format!(
+                    "{} is also listen.{name}: the sidecar would forward the app's traffic to itself",
+                    service.app
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_dns(&self) -> Result<(), Problem> {
+        let dns = &self.dns;
+        if dns.min_ttl > dns.max_ttl {
+            return Err(Problem::new(
+                KeyPath::new(["dns", "max_ttl"]),
+                format!(
+                    "dns.max_ttl ({}) is shorter than dns.min_ttl ({})",
+                    dns.max_ttl, dns.min_ttl
+                ),
+            )
+            .or_at(KeyPath::new(["dns", "min_ttl"])));
+        }
+        Ok(())
+    }
+
+    fn check_directory(&self) -> Result<(), Problem> {
+        let mut seen = HashMap::new();
+        for (i, service) in self.directory.services.iter().enumerate() {
+            let at = KeyPath::new(["directory", "services"]).index(i);
+            if let Some(first) = seen.insert(&service.name, i) {
+                return Err(Problem::new(
+                    at.key("name"),
+                    format!(
+                        "service {:?} is already listed at directory.services[{first}]",
+                        service.name.as_str()
+                    ),
+                ));
+            }
+            check_endpoints(service, &at)?;
+        }
+        Ok(())
+    }
+
+    /// One service, one policy: the local service may also be listed in the
+    /// directory, but both entries must then name the same policy file.
+    fn check_policies(&self) -> Result<(), Problem> {
+        let Some(local) = &self.service else {
+            return Ok(());
+        };
+        let Some(local_policy) = &local.policy else {
+            return Ok(());
+        };
+        let entries = self.directory.services.iter().enumerate();
+        for (i, service) in entries.filter(|(_, s)| s.name == local.name) {
+            match &service.policy {
+                Some(policy) if policy != local_policy => {
+                    return Err(Problem::new(
+                        KeyPath::new(["directory", "services"])
+                            .index(i)
+                            .key("policy"),
+                        format!(
+                            "service {:?} already gets its policy from service.policy ({:?}); \
+                             name the same file or leave this one out",
+                            local.name.as_str(),
+                            local_policy.display().to_string()
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_endpoints(service: &StaticService, at: &KeyPath) -> Result<(), Problem> {
+    if service.endpoints.is_empty() {
+        return Err(Problem::new(
+            at.key("endpoints"),
+            format!(
+                "service {:?} has no endpoints; list at least one, \
+                 e.g. endpoints = [{{ address = \"10.0.0.5:4143\" }}]",
+                service.name.as_str()
+            ),
+        ));
+    }
+    let mut seen = HashMap::new();
+    for (j, endpoint) in service.endpoints.iter().enumerate() {
+        let address = at.key("endpoints").index(j).key("address");
+        if endpoint.address.port() == 0 {
+            return Err(Problem::new(
+                address,
+                "port 0 cannot be connected to; give the endpoint's port",
+            ));
+        }
+        if let Some(first) = seen.insert(endpoint.address, j) {
+            return Err(Problem::new(
+                address,
+                format!(
+                    "endpoint {} is already listed at {}",
+                    endpoint.address,
+                    at.key("endpoints").index(first)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether two listeners would fight over one port. Port 0 never clashes
+/// (the OS picks a free port); an unspecified IP covers every address of its
+/// family, and `[::]` usually covers IPv4 too.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |x: SocketAddr, y: SocketAddr| {
+        x.ip().is_unspecified() && (x.is_ipv6() || x.is_ipv4() == y.is_ipv4())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn error(src: &str) -> String {
+        let err = crate::parse_bootstrap(src, Path::new("b.toml"))
+            .unwrap_err()
+            .to_string();
+        err.lines().next().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn listeners_must_not_overlap() {
+        assert!(overlap(
+            "0.0.0.0:1".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap()
+        ));
+        assert!(overlap(
+            "[::]:1".parse().unwrap(),
+            "127.0.0.1:1".parse().unwrap()
+        ));
+        assert!(!overlap(
+            "0.0.0.0:1".parse().unwrap(),
+            "[::1]:1".parse().unwrap()
+        ));
+        assert!(!overlap(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap()
+        ));
+        assert!(!overlap(
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.2:1".parse().unwrap()
+        ));
+
+        let ok = "[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"";
+        assert!(crate::parse_bootstrap(ok, Path::new("b.toml")).is_ok());
+        assert_eq!(
+            error("[listen]\nadmin = \"127.0.0.1:4143\""),
+            "b.toml:2:9: listen.admin: listen.inbound (0.0.0.0:4143) and listen.admin \
+             (127.0.0.1:4143) overlap; give each listener its own address"
+        );
+        assert_eq!(
+            error("[listen]\noutbound = \"127.0.0.1:4191\""),
+            "b.toml:2:12: listen.outbound: listen.outbound and listen.admin are both \
+             127.0.0.1:4191; give each listener its own address"
+        );
+        assert!(error("[service]\nname = \"a\"\napp = \"127.0.0.1:4140\"")
+            .ends_with("127.0.0.1:4140 is also listen.outbound: the sidecar would forward the app's traffic to itself"));
+    }
+
+    #[test]
+    fn dns_ttls_must_be_ordered() {
+        assert_eq!(
+            error("[dns]\nmin_ttl = \"10m\""),
+            "b.toml:2:11: dns.min_ttl: dns.max_ttl (5m) is shorter than dns.min_ttl (10m)"
+        );
+    }
+
+    #[test]
+    fn endpoints_must_be_distinct_and_connectable() {
+        let src = "[[directory.services]]\nname = \"a\"\nendpoints = [\n  { address = \"10.0.0.1:1\" },\n  { address = \"10.0.0.1:1\" },\n]";
+        assert_eq!(
+            error(src),
+            "b.toml:5:15: directory.services[0].endpoints[1].address: endpoint 10.0.0.1:1 \
+             is already listed at directory.services[0].endpoints[0]"
+        );
+        let src =
+            "[[directory.services]]\nname = \"a\"\nendpoints = [{ address = \"10.0.0.1:0\" }]";
+        assert!(error(src).ends_with("port 0 cannot be connected to; give the endpoint's port"));
+    }
+
+    #[test]
+    fn local_and_directory_policies_must_agree() {
+        let base = "[service]\nname = \"a\"\napp = \"127.0.0.1:8080\"\npolicy = \"a.toml\"\n\
+                    [[directory.services]]\nname = \"a\"\nendpoints = [{ address = \"10.0.0.1:1\" }]\n";
+        assert!(crate::parse_bootstrap(base, Path::new("b.toml")).is_ok());
+        assert!(
+            crate::parse_bootstrap(&format!("{base}policy = \"a.toml\""), Path::new("b.toml"))
+                .is_ok()
+        );
+        assert!(
+            error(&format!("{base}policy = \"other.toml\"")).starts_with(
+                "b.toml:8:10: directory.services[0].policy: service \"a\" already gets its policy"
+            )
+        );
+    }
+}

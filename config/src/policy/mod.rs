@@ -1,0 +1,195 @@
+//! The service policy file, owned by a service's team: how the service may be
+//! called (`[inbound]`, enforced by its own sidecars) and how callers reach it
+//! (`[outbound]`, `[[routes]]` and `[[splits]]`, enforced by each caller's
+//! sidecar).
+//!
+//! Field names are the TOML keys (`Route::r#match` is the `match` key).
+//! Defaults live in the `Default` impls, one per type, and are documented on
+//! each field. Single values are checked as they deserialize; rules across
+//! keys (unique route names, `per_try_timeout <= timeout`, split weights
+//! adding up to at most 100, ...) live in the private `validate` module and run
+//! in [`crate::parse_policy`].
+//!
+//! Layout (private submodules, re-exported here): `limits` has the rate,
+//! queue, outlier, budget and locality tables; `retry` the retry table;
+//! `route` routes, matches and splits.
+
+mod limits;
+mod retry;
+mod route;
+mod validate;
+
+use std::num::NonZeroU32;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::limits::{CallerRateLimit, Locality, Outlier, Queue, RateLimit, RetryBudget};
+pub use self::retry::{ParseRetryOnError, Retry, RetryOn};
+pub use self::route::{HeaderMatch, HeaderName, Method, Route, RouteMatch, Split};
+use crate::duration::{self, Duration};
+use crate::name::ServiceName;
+use crate::number;
+
+/// A whole policy file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a policy document")]
+pub struct Policy {
+    /// The service this policy is for.
+    pub service: ServiceName,
+    /// Limits every instance enforces on its callers.
+    #[serde(default)]
+    pub inbound: Inbound,
+    /// How callers' sidecars reach the service.
+    #[serde(default)]
+    pub outbound: Outbound,
+    /// Per-route settings, first match wins. Default none.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Traffic splits by instance metadata. Default none.
+    #[serde(default)]
+    pub splits: Vec<Split>,
+}
+
+/// `[inbound]`: what each instance's sidecar enforces. Every key defaults to
+/// "no limit".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Inbound {
+    /// In-flight requests per instance.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "number::nonzero_opt"
+    )]
+    pub max_concurrency: Option<NonZeroU32>,
+    /// A bounded wait when `max_concurrency` is reached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<Queue>,
+    /// A rate limit for the whole service, shared across its instances.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// A rate limit per caller identity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller_rate_limit: Option<CallerRateLimit>,
+    /// Caller identities allowed; none means any meshed caller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<ServiceName>>,
+    /// Whole-request timeout for inbound requests.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "duration::positive_opt"
+    )]
+    pub timeout: Option<Duration>,
+}
+
+/// `[outbound]`: what each caller's sidecar does when calling the service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Outbound {
+    /// How an endpoint is picked. Default `p2c-ewma`.
+    pub load_balancer: LoadBalancer,
+    /// In-flight requests per endpoint, per caller. Default no limit.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "number::nonzero_opt"
+    )]
+    pub endpoint_max_concurrency: Option<NonZeroU32>,
+    /// Connection timeout, longer than 0. Default `1s`.
+    #[serde(deserialize_with = "duration::positive")]
+    pub connect_timeout: Duration,
+    /// Cut a connection or stream idle this long. Default none.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "duration::positive_opt"
+    )]
+    pub idle_timeout: Option<Duration>,
+    /// What each caller's sidecar sends to the service in total. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Ejection of failing endpoints. Always on; default 5 failures, 30s
+    /// first ejection, 5m at most, at most 50% of endpoints ejected.
+    pub outlier: Outlier,
+    /// The retry budget shared by all routes. Default ratio 0.2, 10 retries
+    /// per second always allowed, over a 10s window.
+    pub retry_budget: RetryBudget,
+    /// Zone-local balancing. Default on, spilling over below 70% healthy.
+    pub locality: Locality,
+    /// Default whole-request timeout for routes. Default none.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "duration::positive_opt"
+    )]
+    pub timeout: Option<Duration>,
+    /// Default per-try timeout for routes, at most `timeout`. Default none.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "duration::positive_opt"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    /// Default retries for routes; `None` uses [`Retry::default`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Self {
+            load_balancer: LoadBalancer::default(),
+            endpoint_max_concurrency: None,
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: None,
+            rate_limit: None,
+            outlier: Outlier::default(),
+            retry_budget: RetryBudget::default(),
+            locality: Locality::default(),
+            timeout: None,
+            per_try_timeout: None,
+            retry: None,
+        }
+    }
+}
+
+/// How a caller's sidecar picks one of a service's endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadBalancer {
+    /// `p2c-ewma`: power of two choices over peak-EWMA latency.
+    #[default]
+    P2cEwma,
+    /// `round-robin`.
+    RoundRobin,
+    /// `least-request`: power of two choices over in-flight requests.
+    LeastRequest,
+}
+
+/// The settings a request on `route` runs with: the route's own keys, else
+/// the `[outbound]` defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSettings<'a> {
+    /// Whole-request timeout, if any.
+    pub timeout: Option<Duration>,
+    /// Per-try timeout, if any.
+    pub per_try_timeout: Option<Duration>,
+    /// Retries (the route's, else `outbound.retry`, else the default).
+    pub retry: std::borrow::Cow<'a, Retry>,
+}
+
+impl Outbound {
+    /// Resolves a route's settings against these defaults; `None` for
+    /// requests no route matched.
+    pub fn settings_for<'a>(&'a self, route: Option<&'a Route>) -> RouteSettings<'a> {
+        let retry = route
+            .and_then(|r| r.retry.as_ref())
+            .or(self.retry.as_ref())
+            .map_or_else(
+                || std::borrow::Cow::Owned(Retry::default()),
+                std::borrow::Cow::Borrowed,
+            );
+        RouteSettings {
+            timeout: route.and_then(|r| r.timeout).or(self.timeout),
+            per_try_timeout: route
+                .and_then(|r| r.per_try_timeout)
+                .or(self.per_try_timeout),
+            retry,
+        }
+    }
+}

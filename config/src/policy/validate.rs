@@ -1,0 +1,202 @@
+//! Rules across keys of a policy file, checked after it deserializes.
+//!
+//! Each rule returns the first [`Problem`] it finds, addressed by key path so
+//! the error quotes the offending line: the second of two routes with one
+//! name, the split that pushes the total weight over 100, the `queue` with no
+//! `max_concurrency` beside it.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+
+use super::{Policy, Queue};
+use crate::diag::{KeyPath, Problem};
+use crate::duration::Duration;
+
+impl Policy {
+    /// Checks every cross-key rule of the policy file.
+    pub(crate) fn validate(&self) -> Result<(), Problem> {
+        let inbound = KeyPath::new(["inbound"]);
+        check_queue(
+            &inbound,
+            self.inbound.max_concurrency,
+            self.inbound.queue.as_ref(),
+        )?;
+
+        let outbound = KeyPath::new(["outbound"]);
+        let out = &self.outbound;
+        check_timeouts(&outbound, "outbound", out.timeout, out.per_try_timeout)?;
+        if out.outlier.max_ejection < out.outlier.ejection {
+            let outlier = outbound.key("outlier");
+            return Err(Problem::new(
+                outlier.key("max_ejection"),
+                format!(
+                    "max_ejection ({}) is shorter than ejection ({})",
+                    out.outlier.max_ejection, out.outlier.ejection
+                ),
+            )
+            .or_at(outlier.key("ejection")));
+        }
+        self.check_routes()?;
+        self.check_splits()
+    }
+
+    fn check_routes(&self) -> Result<(), Problem> {
+        let mut names = HashMap::new();
+        for (i, route) in self.routes.iter().enumerate() {
+            let at = KeyPath::new(["routes"]).index(i);
+            if let Some(first) = names.insert(route.name.as_str(), i) {
+                return Err(Problem::new(
+                    at.key("name"),
+                    format!(
+                        "route name {:?} is already used by routes[{first}]",
+                        route.name
+                    ),
+                ));
+            }
+            if route.r#match.path.is_some() && route.r#match.path_prefix.is_some() {
+                return Err(Problem::new(
+                    at.key("match").key("path_prefix"),
+                    "set either path or path_prefix, not both",
+                ));
+            }
+            check_timeouts(&at, "the route", route.timeout, route.per_try_timeout)?;
+            check_queue(&at, route.max_concurrency, route.queue.as_ref())?;
+        }
+        Ok(())
+    }
+
+    fn check_splits(&self) -> Result<(), Problem> {
+        let mut total = 0u32;
+        for (i, split) in self.splits.iter().enumerate() {
+            total += u32::from(split.weight.get());
+            if total > 100 {
+                return Err(Problem::new(
+                    KeyPath::new(["splits"]).index(i).key("weight"),
+                    format!(
+                        "the splits add up to {total}% of traffic by here; \
+                         together they may take at most 100%"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A queue only makes sense in front of a concurrency cap.
+fn check_queue(
+    at: &KeyPath,
+    max_concurrency: Option<NonZeroU32>,
+    queue: Option<&Queue>,
+) -> Result<(), Problem> {
+    if queue.is_some() && max_concurrency.is_none() {
+        return Err(Problem::new(
+            at.key("queue"),
+            "a queue needs max_concurrency beside it: requests wait only when that many are in flight",
+        ));
+    }
+    Ok(())
+}
+
+/// A try cannot outlast the whole request.
+fn check_timeouts(
+    at: &KeyPath,
+    owner: &str,
+    timeout: Option<Duration>,
+    per_try: Option<Duration>,
+) -> Result<(), Problem> {
+    match (timeout, per_try) {
+        (Some(timeout), Some(per_try)) if per_try > timeout => Err(Problem::new(
+            at.key("per_try_timeout"),
+            format!("{per_try} is longer than {owner}'s timeout ({timeout})"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::path::Path;
+
+    use crate::policy::{LoadBalancer, RetryOn};
+
+    fn error(src: &str) -> String {
+        let src = format!("service = \"billing\"\n{src}");
+        let err = crate::parse_policy(&src, Path::new("p.toml"))
+            .unwrap_err()
+            .to_string();
+        err.lines().next().unwrap_or_default().to_owned()
+    }
+
+    #[test]
+    fn a_minimal_policy_gets_the_defaults() {
+        let policy = crate::parse_policy("service = \"billing\"", Path::new("p.toml")).unwrap();
+        assert_eq!(policy.outbound.load_balancer, LoadBalancer::P2cEwma);
+        assert_eq!(policy.outbound.connect_timeout.to_string(), "1s");
+        assert_eq!(policy.outbound.outlier.consecutive_failures.get(), 5);
+        assert_eq!(policy.outbound.retry_budget.ratio.get(), 0.2);
+        let settings = policy.outbound.settings_for(None);
+        assert_eq!(settings.retry.on[0], RetryOn::ConnectFailure);
+        assert!(policy.routes.is_empty() && policy.inbound.max_concurrency.is_none());
+    }
+
+    #[test]
+    fn queues_need_a_concurrency_cap() {
+        assert!(
+            error("[inbound]\nqueue = { depth = 1, timeout = \"1s\" }")
+                .starts_with("p.toml:3:9: inbound.queue: a queue needs max_concurrency")
+        );
+        let ok = "[inbound]\nmax_concurrency = 1\nqueue = { depth = 1, timeout = \"1s\" }";
+        assert!(crate::parse_policy(&format!("service = \"b\"\n{ok}"), Path::new("p")).is_ok());
+    }
+
+    #[test]
+    fn per_try_timeouts_fit_in_the_timeout() {
+        assert_eq!(
+            error("[outbound]\ntimeout = \"1s\"\nper_try_timeout = \"2s\""),
+            "p.toml:4:19: outbound.per_try_timeout: 2s is longer than outbound's timeout (1s)"
+        );
+        assert_eq!(
+            error("[[routes]]\nname = \"a\"\ntimeout = \"1s\"\nper_try_timeout = \"1500ms\""),
+            "p.toml:5:19: routes[0].per_try_timeout: 1500ms is longer than the route's timeout (1s)"
+        );
+    }
+
+    #[test]
+    fn outlier_ejection_times_are_ordered() {
+        assert_eq!(
+            error("[outbound.outlier]\nejection = \"10m\""),
+            "p.toml:3:12: outbound.outlier.ejection: max_ejection (5m) is shorter than ejection (10m)"
+        );
+    }
+
+    #[test]
+    fn path_and_path_prefix_exclude_each_other() {
+        assert_eq!(
+            error("[[routes]]\nname = \"a\"\nmatch = { path = \"/a\", path_prefix = \"/b\" }"),
+            "p.toml:4:38: routes[0].match.path_prefix: set either path or path_prefix, not both"
+        );
+    }
+
+    #[test]
+    fn matches_are_normalized() {
+        let src = "service = \"b\"\n[[routes]]\nname = \"a\"\n\
+                   match = { method = [\"get\", \"HEAD\"], headers = [{ name = \"X-Canary\" }] }";
+        let policy = crate::parse_policy(src, Path::new("p")).unwrap();
+        let m = &policy.routes[0].r#match;
+        assert_eq!(
+            m.method.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+            ["GET", "HEAD"]
+        );
+        assert_eq!(m.headers[0].name.as_str(), "x-canary");
+        assert!(
+            error("[[routes]]\nname = \"a\"\nmatch = { method = \"GE T\" }")
+                .contains("invalid HTTP method")
+        );
+        assert!(
+            error("[[routes]]\nname = \"a\"\nmatch = { method = [] }")
+                .contains("list at least one method")
+        );
+    }
+}

@@ -1,0 +1,180 @@
+//! The admin listener: health, readiness, the effective configuration, the
+//! directory as this sidecar sees it, and reload.
+//!
+//! | path | meaning |
+//! |---|---|
+//! | `GET /live` | 200 while the process runs |
+//! | `GET /ready` | 200 when listeners are bound and the directory is loaded, 503 otherwise (and while draining) |
+//! | `GET /config` | the effective configuration and its version, JSON |
+//! | `GET /endpoints` | every service's endpoints and their state, JSON |
+//! | `POST /reload` | re-read the bootstrap file: 200 `{"version": N}`, or 400 with the error (the old config stays) |
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::balance::Endpoint;
+use crate::body::{self, ProxyBody};
+use crate::discovery::dns::Status;
+use crate::state::Shared;
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    shared: Arc<Shared>,
+}
+
+impl Admin {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/live") => text(StatusCode::OK, "live\n"),
+            (&Method::GET | &Method::HEAD, "/ready") => {
+                if self.shared.is_ready() {
+                    text(StatusCode::OK, "ready\n")
+                } else if self.shared.is_draining() {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                }
+            }
+            (&Method::GET, "/config") => self.config(),
+            (&Method::GET, "/endpoints") => self.endpoints(),
+            (&Method::POST, "/reload") => match self.shared.reload().await {
+                Ok(version) => {
+                    tracing::info!(
+                        config.version = version,
+                        "configuration reloaded (admin API)"
+                    );
+                    json_response(StatusCode::OK, &json!({ "version": version }))
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, "reload rejected (admin API); keeping the current configuration");
+                    text(StatusCode::BAD_REQUEST, &format!("{error}\n"))
+                }
+            },
+            (_, "/live" | "/ready" | "/config" | "/endpoints" | "/reload") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /live, /ready, /config, /endpoints or POST /reload\n",
+            ),
+        }
+    }
+
+    fn config(&self) -> Response<ProxyBody> {
+        let snapshot = self.shared.config();
+        let value = json!({
+            "version": snapshot.version,
+            "loaded_at": snapshot.loaded_at,
+            "path": snapshot.loaded.path,
+            "bound": self.shared.bound(),
+            "config": snapshot.loaded.bootstrap,
+            "policies": snapshot.loaded.policies,
+        });
+        json_response(StatusCode::OK, &value)
+    }
+
+    fn endpoints(&self) -> Response<ProxyBody> {
+        let version = self.shared.config().version;
+        let directory = self.shared.directory();
+        let now = Instant::now();
+        let mut services: Vec<Value> = directory
+            .services()
+            .into_iter()
+            .map(|svc| {
+                let set = Arc::clone(&svc.endpoints().borrow());
+                json!({
+                    "name": svc.name,
+                    "source": "static",
+                    "load_balancer": svc.balancer.strategy(),
+                    "protocol": svc.protocol,
+                    "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, now)).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        for target in directory.dns().targets() {
+            let set = Arc::clone(&target.endpoints().borrow());
+            let status = match target.status() {
+                Status::Pending => json!("pending"),
+                Status::Resolved => json!("resolved"),
+                Status::NotFound => json!("not-found"),
+                Status::Failed(message) => json!({ "failed": message }),
+            };
+            services.push(json!({
+                "name": format!("{}:{}", target.host(), target.port()),
+                "source": "dns",
+                "dns_status": status,
+                "load_balancer": directory.dns_balancer.strategy(),
+                "protocol": "auto",
+                "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, now)).collect::<Vec<_>>(),
+            }));
+        }
+        let local = directory
+            .local
+            .as_ref()
+            .map(|l| json!({ "name": l.name, "app": l.addr }));
+        json_response(
+            StatusCode::OK,
+            &json!({ "version": version, "local": local, "services": services }),
+        )
+    }
+}
+
+fn endpoint_json(e: &Endpoint, now: Instant) -> Value {
+    json!({
+        "address": e.addr(),
+        "state": "active",
+        "in_flight": e.in_flight(),
+        "requests": e.requests(),
+        "latency_ewma_ms": e.latency_estimate(now).as_secs_f64() * 1000.0,
+        "metadata": e.metadata(),
+    })
+}
+
+fn text(status: StatusCode, body: &str) -> Response<ProxyBody> {
+    let mut rsp = Response::new(body::full(body.to_owned()));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
+    let mut bytes = serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec());
+    bytes.push(b'\n');
+    let mut rsp = Response::new(body::full(bytes));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+impl tower::Service<Request<Incoming>> for Admin {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle(req).await) })
+    }
+}

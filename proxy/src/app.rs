@@ -1,0 +1,144 @@
+//! Start-up and shutdown of the sidecar.
+//!
+//! [`run`] loads the bootstrap file, builds the shared state, binds the three
+//! listeners, reports their addresses, and serves until SIGTERM or SIGINT. SIGHUP
+//! reloads the bootstrap file (an invalid one is logged and ignored). On shutdown:
+//! readiness goes false, the outbound and inbound listeners stop accepting,
+//! in-flight requests (and upgraded connections) get up to `[drain] grace` to
+//! finish, and the process exits 0.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Admin;
+use crate::inbound::Inbound;
+use crate::outbound::Outbound;
+use crate::server::serve;
+use crate::state::{Bound, Shared};
+
+/// Options of `weft-proxy run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub config: PathBuf,
+    /// Write the bound listener addresses here (JSON) once listening.
+    pub bound_file: Option<PathBuf>,
+}
+
+async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the {what} listener to {addr}"))
+}
+
+fn write_bound_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let json = serde_json::to_vec(bound)?;
+    std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Run the sidecar until it is told to stop.
+pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    let config_path = opts.config.clone();
+    let loaded = tokio::task::spawn_blocking(move || weft_config::load_bootstrap(&config_path))
+        .await
+        .context("loading the configuration")??;
+    let listen = loaded.bootstrap.listen.clone();
+    let shared = Shared::new(loaded).map_err(anyhow::Error::msg)?;
+
+    let outbound = bind("outbound", listen.outbound).await?;
+    let inbound = bind("inbound", listen.inbound).await?;
+    let admin = bind("admin", listen.admin).await?;
+    let bound = Bound {
+        outbound: outbound.local_addr()?,
+        inbound: inbound.local_addr()?,
+        admin: admin.local_addr()?,
+    };
+    shared.set_bound(bound);
+    if let Some(path) = &opts.bound_file {
+        write_bound_file(path, &bound)?;
+    }
+    tracing::info!(
+        listen.outbound = %bound.outbound,
+        listen.inbound = %bound.inbound,
+        listen.admin = %bound.admin,
+        config.path = %shared.path().display(),
+        "weft-proxy ready"
+    );
+
+    // Data listeners stop at the start of the drain; admin keeps answering (with
+    // /ready = 503) until the process exits.
+    let data_stop = CancellationToken::new();
+    let admin_stop = CancellationToken::new();
+    let out_task = tokio::spawn(serve(
+        "outbound",
+        outbound,
+        {
+            let s = Arc::clone(&shared);
+            move |peer| Outbound::new(Arc::clone(&s), peer)
+        },
+        data_stop.clone(),
+    ));
+    let in_task = tokio::spawn(serve(
+        "inbound",
+        inbound,
+        {
+            let s = Arc::clone(&shared);
+            move |peer| Inbound::new(Arc::clone(&s), peer)
+        },
+        data_stop.clone(),
+    ));
+    let admin_task = tokio::spawn(serve(
+        "admin",
+        admin,
+        {
+            let s = Arc::clone(&shared);
+            move |_| Admin::new(Arc::clone(&s))
+        },
+        admin_stop.clone(),
+    ));
+
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match shared.reload().await {
+                Ok(version) => tracing::info!(config.version = version, "configuration reloaded (SIGHUP)"),
+                Err(error) => tracing::error!(error = %error, "reload rejected (SIGHUP); keeping the current configuration"),
+            },
+            _ = term.recv() => { tracing::info!("SIGTERM received"); break }
+            _ = int.recv() => { tracing::info!("SIGINT received"); break }
+        }
+    }
+
+    let grace = shared.config().loaded.bootstrap.drain.grace.get();
+    tracing::info!(drain.grace_ms = grace.as_millis() as u64, "draining");
+    shared.start_draining();
+    data_stop.cancel();
+    let deadline = tokio::time::Instant::now() + grace;
+    let drained = tokio::time::timeout_at(deadline, async {
+        let _ = out_task.await;
+        let _ = in_task.await;
+        shared.tasks.close();
+        shared.shutdown.cancel();
+        shared.tasks.wait().await;
+    })
+    .await;
+    match drained {
+        Ok(()) => tracing::info!("drained; exiting"),
+        Err(_) => tracing::warn!("grace period over with requests still in flight; exiting"),
+    }
+    shared.shutdown.cancel();
+    admin_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_millis(200), admin_task).await;
+    Ok(())
+}

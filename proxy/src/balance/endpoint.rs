@@ -1,0 +1,152 @@
+//! One endpoint (an instance's address and metadata) and the load the balancer
+//! reads from it.
+//!
+//! An [`Endpoint`] outlives discovery updates: when a service's endpoint list is
+//! replaced, endpoints whose address and metadata are unchanged keep their `Arc`, so
+//! their latency estimate and in-flight count carry over, and requests already in
+//! flight to a removed endpoint hold it alive until they finish.
+//!
+//! Load is two numbers: requests in flight (incremented when the balancer picks the
+//! endpoint, decremented when the response body ends, through [`InFlight`]) and a
+//! peak-EWMA estimate of response latency (time to response headers: a streaming body
+//! measures the stream, not the endpoint's speed).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use weft_config::Metadata;
+
+use super::ewma::PeakEwma;
+
+/// An instance of a service, as the balancer sees it.
+#[derive(Debug)]
+pub struct Endpoint {
+    addr: SocketAddr,
+    metadata: Metadata,
+    in_flight: AtomicU32,
+    requests: AtomicU64,
+    latency: PeakEwma,
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, metadata: Metadata) -> Self {
+        Self {
+            addr,
+            metadata,
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            latency: PeakEwma::default(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// Relative weight (0 = send no new traffic).
+    pub fn weight(&self) -> u32 {
+        self.metadata.weight.get()
+    }
+
+    /// Requests currently in flight from this proxy to the endpoint.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent to this endpoint since it was first discovered.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The current latency estimate.
+    pub fn latency_estimate(&self, now: Instant) -> Duration {
+        self.latency.estimate(now)
+    }
+
+    /// Peak-EWMA cost: estimated latency times the requests that would be in flight
+    /// with one more, divided by the weight. Lower is better.
+    pub fn ewma_cost(&self, now: Instant) -> f64 {
+        let pending = f64::from(self.in_flight()) + 1.0;
+        self.latency.estimate_nanos(now) * pending / self.weight_factor()
+    }
+
+    /// Least-request cost: in-flight requests, divided by the weight.
+    pub fn request_cost(&self) -> f64 {
+        f64::from(self.in_flight()) / self.weight_factor()
+    }
+
+    fn weight_factor(&self) -> f64 {
+        f64::from(self.weight().max(1)) / 100.0
+    }
+
+    /// Record that a request is being sent; the returned guard ends it.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint: Arc::clone(self),
+            started: Instant::now(),
+        }
+    }
+
+    /// Whether `other` describes the same endpoint (same address and metadata).
+    pub fn same_as(&self, addr: SocketAddr, metadata: &Metadata) -> bool {
+        self.addr == addr && &self.metadata == metadata
+    }
+}
+
+/// A request in flight to an endpoint. Dropping it ends the request.
+#[derive(Debug)]
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+    started: Instant,
+}
+
+impl InFlight {
+    /// Feed the time from the start of the request to its response headers into the
+    /// endpoint's latency estimate.
+    pub fn observe_response(&self) {
+        let now = Instant::now();
+        self.endpoint
+            .latency
+            .observe(now.saturating_duration_since(self.started), now);
+    }
+
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn in_flight_counts_until_guard_drops() {
+        let ep = Arc::new(Endpoint::new(
+            "127.0.0.1:1".parse().unwrap(),
+            Metadata::default(),
+        ));
+        let a = ep.start();
+        let b = ep.start();
+        assert_eq!(ep.in_flight(), 2);
+        drop(a);
+        assert_eq!(ep.in_flight(), 1);
+        drop(b);
+        assert_eq!(ep.in_flight(), 0);
+        assert_eq!(ep.requests(), 2);
+    }
+}

@@ -1,0 +1,212 @@
+//! Load balancing: pick one endpoint of a service for one request.
+//!
+//! Three strategies, chosen per service by its policy (`outbound.load_balancer`):
+//!
+//! - `p2c-ewma` (default): power of two choices over peak-EWMA cost (latency
+//!   estimate x in-flight requests / weight). Two endpoints are sampled at random and
+//!   the cheaper one wins: O(1) per pick, no global ordering, and a slow or busy
+//!   endpoint quickly gets less traffic.
+//! - `least-request`: power of two choices over in-flight requests / weight.
+//! - `round-robin`: each eligible endpoint in turn.
+//!
+//! Picks read shared, lock-free endpoint state (atomics and a per-endpoint mutex held
+//! for a few instructions), so the request path never waits on another request.
+//! tower's `p2c::Balance` is not used because it needs `&mut` access through a
+//! `Buffer` (one task hop and one queue per request) and cannot skip individual
+//! endpoints for one request, which the resilience policies need (saturated and
+//! ejected endpoints, a retry avoiding the endpoint that just failed): every pick
+//! takes an `eligible` filter for that.
+//!
+//! Weight 0 endpoints receive no new requests.
+
+pub mod endpoint;
+mod ewma;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use rand::Rng;
+use weft_config::LoadBalancer;
+
+pub use endpoint::{Endpoint, InFlight};
+
+/// A balancer for one service: the strategy plus its round-robin cursor.
+#[derive(Debug)]
+pub struct Balancer {
+    strategy: LoadBalancer,
+    cursor: AtomicUsize,
+}
+
+impl Balancer {
+    pub fn new(strategy: LoadBalancer) -> Self {
+        Self {
+            strategy,
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn strategy(&self) -> LoadBalancer {
+        self.strategy
+    }
+
+    /// Pick an endpoint among those with non-zero weight that pass `eligible`.
+    pub fn pick(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        eligible: impl Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        let ok = |e: &Endpoint| e.weight() > 0 && eligible(e);
+        match self.strategy {
+            LoadBalancer::RoundRobin => self.round_robin(endpoints, ok),
+            LoadBalancer::P2cEwma => {
+                let now = Instant::now();
+                p2c(endpoints, ok, |e| e.ewma_cost(now))
+            }
+            LoadBalancer::LeastRequest => p2c(endpoints, ok, Endpoint::request_cost),
+        }
+    }
+
+    fn round_robin(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        ok: impl Fn(&Endpoint) -> bool,
+    ) -> Option<Arc<Endpoint>> {
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|i| &endpoints[(start.wrapping_add(i)) % n])
+            .find(|e| ok(e))
+            .cloned()
+    }
+}
+
+/// Power of two choices: sample two distinct eligible endpoints, keep the cheaper.
+fn p2c(
+    endpoints: &[Arc<Endpoint>],
+    ok: impl Fn(&Endpoint) -> bool,
+    cost: impl Fn(&Endpoint) -> f64,
+) -> Option<Arc<Endpoint>> {
+    let mut rng = rand::rng();
+    let n = endpoints.len();
+    match n {
+        0 => return None,
+        1 => return endpoints.first().filter(|e| ok(e)).cloned(),
+        _ => {}
+    }
+    // Fast path: two random distinct indices, both eligible.
+    let a = rng.random_range(0..n);
+    let b = (a + rng.random_range(1..n)) % n;
+    let (ea, eb) = (&endpoints[a], &endpoints[b]);
+    let (oka, okb) = (ok(ea), ok(eb));
+    if oka && okb {
+        return Some(Arc::clone(if cost(eb) < cost(ea) { eb } else { ea }));
+    }
+    // Slow path: some endpoints are filtered out; sample among the eligible ones.
+    let eligible: Vec<&Arc<Endpoint>> = endpoints.iter().filter(|e| ok(e)).collect();
+    match eligible.len() {
+        0 => None,
+        1 => eligible.first().map(|e| Arc::clone(e)),
+        m => {
+            let a = rng.random_range(0..m);
+            let b = (a + rng.random_range(1..m)) % m;
+            let (ea, eb) = (eligible[a], eligible[b]);
+            Some(Arc::clone(if cost(eb) < cost(ea) { eb } else { ea }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+    use weft_config::Metadata;
+
+    fn eps(n: u16) -> Vec<Arc<Endpoint>> {
+        (1..=n)
+            .map(|p| {
+                let addr: SocketAddr = format!("127.0.0.1:{p}").parse().unwrap();
+                Arc::new(Endpoint::new(addr, Metadata::default()))
+            })
+            .collect()
+    }
+
+    fn counts(b: &Balancer, eps: &[Arc<Endpoint>], n: usize) -> HashMap<u16, usize> {
+        let mut c = HashMap::new();
+        for _ in 0..n {
+            let e = b.pick(eps, |_| true).unwrap();
+            *c.entry(e.addr().port()).or_default() += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn round_robin_is_even_and_skips_ineligible() {
+        let b = Balancer::new(LoadBalancer::RoundRobin);
+        let e = eps(3);
+        let c = counts(&b, &e, 300);
+        assert_eq!(c.values().copied().collect::<Vec<_>>(), vec![100; 3]);
+        for _ in 0..10 {
+            assert_ne!(
+                b.pick(&e, |e| e.addr().port() != 2).unwrap().addr().port(),
+                2
+            );
+        }
+        assert!(b.pick(&e, |_| false).is_none());
+        assert!(b.pick(&[], |_| true).is_none());
+    }
+
+    #[test]
+    fn least_request_avoids_busy_endpoints() {
+        let b = Balancer::new(LoadBalancer::LeastRequest);
+        let e = eps(2);
+        let _busy: Vec<_> = (0..5).map(|_| e[0].start()).collect();
+        for _ in 0..50 {
+            assert_eq!(b.pick(&e, |_| true).unwrap().addr().port(), 2);
+        }
+    }
+
+    #[test]
+    fn p2c_ewma_prefers_fast_endpoint() {
+        let b = Balancer::new(LoadBalancer::P2cEwma);
+        let e = eps(2);
+        let now = Instant::now();
+        e[0].start().observe_response();
+        e[1].latency_estimate(now);
+        // Make endpoint 1 look slow.
+        {
+            let g = e[0].start();
+            std::thread::sleep(Duration::from_millis(40));
+            g.observe_response();
+        }
+        let c = counts(&b, &e, 100);
+        assert_eq!(c.get(&2).copied().unwrap_or(0), 100, "{c:?}");
+    }
+
+    #[test]
+    fn p2c_single_eligible_and_weight_zero() {
+        let b = Balancer::new(LoadBalancer::P2cEwma);
+        let e = eps(4);
+        for _ in 0..20 {
+            assert_eq!(
+                b.pick(&e, |e| e.addr().port() == 3).unwrap().addr().port(),
+                3
+            );
+        }
+        let meta = Metadata {
+            weight: weft_config::Weight::new(0).unwrap(),
+            ..Metadata::default()
+        };
+        let zero = vec![Arc::new(Endpoint::new(
+            "127.0.0.1:9".parse().unwrap(),
+            meta,
+        ))];
+        assert!(b.pick(&zero, |_| true).is_none());
+    }
+}

@@ -1,0 +1,186 @@
+//! The directory as this sidecar sees it: every service it can call, and how.
+//!
+//! A [`Directory`] is an immutable snapshot built from the effective configuration:
+//! the static services of `[directory]` (each with its endpoints, balancer, policy,
+//! protocol and upstream client), the DNS discovery used for every other name, and
+//! the local app behind the inbound listener. The request path reads the current
+//! snapshot through a `watch` channel and never blocks a reload.
+//!
+//! [`Directory::rebuild`] makes the next snapshot on reload while carrying over
+//! what must survive it: a service that is still present keeps its endpoint writer
+//! (endpoint state and in-flight requests are untouched, its endpoints are updated
+//! with a `Reset`), its upstream client and pooled connections when the connection
+//! settings did not change, and the DNS resolver when `[dns]` did not change.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use weft_config::{LoadBalancer, Loaded, Policy, Protocol, ServiceName, StaticService};
+
+use crate::balance::Balancer;
+use crate::client::{ClientSettings, UpstreamClient};
+use crate::discovery::dns::DnsDiscovery;
+use crate::discovery::{EndpointSpec, EndpointsReader, EndpointsWriter, Update};
+
+/// A service in the directory.
+#[derive(Debug)]
+pub struct MeshService {
+    pub name: ServiceName,
+    pub policy: Option<Arc<Policy>>,
+    pub protocol: Protocol,
+    pub balancer: Balancer,
+    pub client: UpstreamClient,
+    writer: Arc<EndpointsWriter>,
+    endpoints: EndpointsReader,
+}
+
+impl MeshService {
+    pub fn endpoints(&self) -> &EndpointsReader {
+        &self.endpoints
+    }
+}
+
+/// The app behind the inbound listener.
+#[derive(Debug)]
+pub struct LocalApp {
+    pub name: ServiceName,
+    pub addr: SocketAddr,
+    pub client: UpstreamClient,
+}
+
+/// One snapshot of everything the request path needs to route a request.
+#[derive(Debug)]
+pub struct Directory {
+    services: HashMap<String, Arc<MeshService>>,
+    dns: Arc<DnsDiscovery>,
+    /// Balancer shared by names resolved through DNS and IP literals.
+    pub dns_balancer: Balancer,
+    /// Client for names resolved through DNS and IP literals.
+    pub default_client: UpstreamClient,
+    pub local: Option<LocalApp>,
+}
+
+fn client_settings(loaded: &Loaded, policy: Option<&Policy>) -> ClientSettings {
+    let pool = &loaded.bootstrap.pool;
+    let connect_timeout = policy
+        .map(|p| p.outbound.connect_timeout.get())
+        .unwrap_or_else(|| weft_config::Outbound::default().connect_timeout.get());
+    ClientSettings {
+        connect_timeout,
+        idle_timeout: pool.idle_timeout.get(),
+        max_idle_per_endpoint: usize::try_from(pool.max_idle_per_endpoint).unwrap_or(usize::MAX),
+    }
+}
+
+fn specs(svc: &StaticService) -> Vec<EndpointSpec> {
+    svc.endpoints
+        .iter()
+        .map(|e| EndpointSpec {
+            addr: e.address,
+            metadata: e.metadata.clone(),
+        })
+        .collect()
+}
+
+fn reuse_client(old: Option<&UpstreamClient>, settings: ClientSettings) -> UpstreamClient {
+    match old {
+        Some(c) if c.settings() == settings => c.clone(),
+        _ => UpstreamClient::new(settings),
+    }
+}
+
+impl Directory {
+    /// Build the first snapshot.
+    pub fn build(
+        loaded: &Loaded,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<Self, String> {
+        Self::rebuild(None, loaded, tasks, stop)
+    }
+
+    /// Build the snapshot for `loaded`, carrying state over from `old`.
+    pub fn rebuild(
+        old: Option<&Directory>,
+        loaded: &Loaded,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<Self, String> {
+        let dns = match old {
+            Some(d) if d.dns.settings() == &loaded.bootstrap.dns => Arc::clone(&d.dns),
+            _ => Arc::new(DnsDiscovery::new(
+                &loaded.bootstrap.dns,
+                tasks.clone(),
+                stop.child_token(),
+            )?),
+        };
+        let mut services = HashMap::new();
+        for svc in &loaded.bootstrap.directory.services {
+            let policy = loaded.policies.get(&svc.name).cloned().map(Arc::new);
+            let strategy = policy
+                .as_ref()
+                .map(|p| p.outbound.load_balancer)
+                .unwrap_or(LoadBalancer::P2cEwma);
+            let previous = old.and_then(|d| d.services.get(svc.name.as_str()));
+            let writer = match previous {
+                Some(p) => {
+                    p.writer.apply(Update::Reset(specs(svc)));
+                    Arc::clone(&p.writer)
+                }
+                None => Arc::new(EndpointsWriter::new(specs(svc)).0),
+            };
+            let settings = client_settings(loaded, policy.as_deref());
+            let client = reuse_client(previous.map(|p| &p.client), settings);
+            let service = MeshService {
+                name: svc.name.clone(),
+                protocol: svc.protocol,
+                balancer: Balancer::new(strategy),
+                client,
+                endpoints: writer.subscribe(),
+                writer,
+                policy,
+            };
+            services.insert(svc.name.as_str().to_owned(), Arc::new(service));
+        }
+        let default_settings = client_settings(loaded, None);
+        let default_client = reuse_client(old.map(|d| &d.default_client), default_settings);
+        let local = loaded.bootstrap.service.as_ref().map(|s| {
+            let policy = loaded.policies.get(&s.name);
+            let settings = client_settings(loaded, policy);
+            LocalApp {
+                name: s.name.clone(),
+                addr: s.app,
+                client: reuse_client(
+                    old.and_then(|d| d.local.as_ref()).map(|l| &l.client),
+                    settings,
+                ),
+            }
+        });
+        Ok(Self {
+            services,
+            dns,
+            dns_balancer: Balancer::new(LoadBalancer::P2cEwma),
+            default_client,
+            local,
+        })
+    }
+
+    /// The directory service called `host`, if any.
+    pub fn service(&self, host: &str) -> Option<&Arc<MeshService>> {
+        self.services.get(host)
+    }
+
+    /// Every directory service, sorted by name.
+    pub fn services(&self) -> Vec<&Arc<MeshService>> {
+        let mut v: Vec<_> = self.services.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn dns(&self) -> &Arc<DnsDiscovery> {
+        &self.dns
+    }
+}

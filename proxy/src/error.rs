@@ -1,0 +1,134 @@
+//! Failures the proxy produces itself, and the one place they become responses.
+//!
+//! Each failure starts as a variant of [`ProxyError`] at the stage that detected it,
+//! carrying the target it was working on and the underlying cause. [`ProxyError::status`]
+//! and [`ProxyError::reason`] map it to the HTTP status and the `weft-reason` header;
+//! [`error_response`] is the only function that builds a response from an error, so
+//! every refusal a client sees is labelled the same way. Later stages (retries,
+//! telemetry) classify with the same helpers.
+
+use std::net::SocketAddr;
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{self, ProxyBody};
+
+/// Name of the response header that says why the proxy answered itself.
+pub const WEFT_REASON: &str = "weft-reason";
+
+/// A failure produced by the proxy rather than by the upstream application.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the request names no destination: send an absolute URI or a Host header")]
+    NoAuthority,
+
+    #[error("invalid destination {authority:?}: {problem}")]
+    BadAuthority {
+        authority: String,
+        problem: &'static str,
+    },
+
+    #[error("unknown service {name:?}: not in the directory and DNS has no address for it")]
+    UnknownService { name: String },
+
+    #[error("DNS lookup for {name:?} failed: {message}")]
+    Dns { name: String, message: String },
+
+    #[error("service {service:?} has no endpoints")]
+    NoEndpoints { service: String },
+
+    #[error("connecting to {endpoint} failed")]
+    Connect {
+        endpoint: SocketAddr,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+
+    #[error("request to {endpoint} failed before a response arrived")]
+    Upstream {
+        endpoint: SocketAddr,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+
+    #[error("this sidecar fronts no local service: the bootstrap file has no [service] section")]
+    NoLocalService,
+
+    #[error("the proxy is shutting down")]
+    ShuttingDown,
+
+    #[error("the request would loop back into this proxy's own listener {listener}")]
+    Loop { listener: SocketAddr },
+}
+
+impl ProxyError {
+    /// The HTTP status a client gets for this failure.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoAuthority | Self::BadAuthority { .. } => StatusCode::BAD_REQUEST,
+            Self::UnknownService { .. } => StatusCode::BAD_GATEWAY,
+            Self::Dns { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::ShuttingDown | Self::NoLocalService => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Loop { .. } => StatusCode::LOOP_DETECTED,
+        }
+    }
+
+    /// The value of the `weft-reason` header: a short, stable, machine-readable label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoAuthority | Self::BadAuthority { .. } => "bad-request",
+            Self::UnknownService { .. } => "unknown-service",
+            Self::Dns { .. } => "dns-failure",
+            Self::NoEndpoints { .. } => "no-endpoints",
+            Self::Connect { .. } => "connect-failure",
+            Self::Upstream { .. } => "upstream-failure",
+            Self::ShuttingDown => "shutting-down",
+            Self::NoLocalService => "no-local-service",
+            Self::Loop { .. } => "loop-detected",
+        }
+    }
+}
+
+/// Build the response for a failure: status, `weft-reason`, and a one-line text body
+/// naming the cause (never secrets: errors carry names and addresses only).
+pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text.push('\n');
+    let mut rsp = Response::new(body::full(text));
+    *rsp.status_mut() = err.status();
+    let headers = rsp.headers_mut();
+    headers.insert(WEFT_REASON, HeaderValue::from_static(err.reason()));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    rsp
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn responses_carry_status_and_reason() {
+        let rsp = error_response(&ProxyError::NoEndpoints {
+            service: "billing".into(),
+        });
+        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(rsp.headers()[WEFT_REASON], "no-endpoints");
+        let rsp = error_response(&ProxyError::UnknownService {
+            name: "nope".into(),
+        });
+        assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(rsp.headers()[WEFT_REASON], "unknown-service");
+    }
+}

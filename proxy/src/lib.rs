@@ -1,0 +1,41 @@
+//! Weft's sidecar proxy.
+//!
+//! # Layout
+//!
+//! | module | responsibility |
+//! |---|---|
+//! | [`app`] | start-up, signals, reload, drain and exit |
+//! | [`state`] | the effective config and directory snapshots, readiness, reload |
+//! | [`server`] | accept loop and HTTP/1.1 + HTTP/2 serving with graceful shutdown |
+//! | [`outbound`] | the app's calls to other services: destination, discovery, balancing |
+//! | [`inbound`] | other sidecars' calls to the local app |
+//! | [`admin`] | `/live`, `/ready`, `/config`, `/endpoints`, `POST /reload` |
+//! | [`target`] | a request's logical destination |
+//! | [`directory`] | the services this sidecar can call, rebuilt on reload |
+//! | [`discovery`] | endpoint sets fed by updates; DNS discovery |
+//! | [`balance`] | endpoints, their load, and the pick strategies |
+//! | [`forward`] | the last hop: request rewriting, sending, upgrades |
+//! | [`client`] | pooled HTTP/1.1 and HTTP/2 connections to endpoints |
+//! | [`headers`] | hop-by-hop removal and forwarding headers |
+//! | [`body`] | streaming body types and body-lifetime guards |
+//! | [`error`] | proxy failures and their mapping to status + `weft-reason` |
+//!
+//! Requests flow `server -> outbound|inbound -> (directory, discovery, balance) ->
+//! forward -> client`. Live state reaches the request path as `Arc` snapshots read
+//! from `watch` channels; nothing on the request path holds a lock across an await.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod body;
+pub mod client;
+pub mod directory;
+pub mod discovery;
+pub mod error;
+pub mod forward;
+pub mod headers;
+pub mod inbound;
+pub mod outbound;
+pub mod server;
+pub mod state;
+pub mod target;

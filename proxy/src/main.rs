@@ -1,0 +1,116 @@
+//! `weft-proxy`: the Weft sidecar.
+//!
+//! `weft-proxy run --config FILE` runs the sidecar; `weft-proxy check --config FILE`
+//! or `--policy FILE` validates a file and exits non-zero with the error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "weft-proxy", version, about = "The Weft service-mesh sidecar")]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Run {
+        /// The bootstrap file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Once listening, write the bound addresses (JSON) to this file.
+        #[arg(long, value_name = "FILE")]
+        bound_file: Option<PathBuf>,
+    },
+    /// Validate a bootstrap file (with the policy files it names) or a policy file.
+    Check {
+        /// A bootstrap file.
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "policy",
+            conflicts_with = "policy"
+        )]
+        config: Option<PathBuf>,
+        /// A service policy file.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn check(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
+    let (path, result) = match (config, policy) {
+        (Some(path), _) => {
+            let r = weft_config::load_bootstrap(&path).map(drop);
+            (path, r)
+        }
+        (None, Some(path)) => {
+            let r = weft_config::load_policy(&path).map(drop);
+            (path, r)
+        }
+        (None, None) => return ExitCode::from(2),
+    };
+    match result {
+        Ok(()) => {
+            println!("ok: {}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config, policy } => check(config, policy),
+        Command::Run { config, bound_file } => {
+            init_logs(cli.log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(error) => {
+                    eprintln!("error: starting the runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = weft_proxy::app::RunOptions { config, bound_file };
+            match runtime.block_on(weft_proxy::app::run(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("error: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! The proxy's live state: the effective configuration, the directory built from
+//! it, readiness, and the shutdown primitives.
+//!
+//! Both the configuration and the directory are published through `watch` channels
+//! as `Arc` snapshots; the request path clones the current `Arc` and works on it
+//! without locks. A reload (SIGHUP or `POST /reload`) is serialised by a mutex, reads
+//! and validates the whole bootstrap file (and the policy files it names) first, and
+//! only then swaps the snapshots: an invalid file changes nothing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio::sync::{Mutex, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use weft_config::Loaded;
+
+use crate::directory::Directory;
+
+/// The effective configuration and its version.
+#[derive(Debug, Serialize)]
+pub struct ConfigSnapshot {
+    /// 1 for the configuration loaded at start, +1 for every successful reload.
+    pub version: u64,
+    /// When this version was loaded, in seconds since the Unix epoch.
+    pub loaded_at: u64,
+    #[serde(flatten)]
+    pub loaded: Loaded,
+}
+
+/// Addresses the listeners are bound to (ports resolved when the config said 0).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Bound {
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] weft_config::ConfigError),
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// State shared by every listener and task.
+#[derive(Debug)]
+pub struct Shared {
+    path: PathBuf,
+    config: watch::Sender<Arc<ConfigSnapshot>>,
+    directory: watch::Sender<Arc<Directory>>,
+    reload_lock: Mutex<()>,
+    bound: OnceLock<Bound>,
+    draining: AtomicBool,
+    pub tasks: TaskTracker,
+    pub shutdown: CancellationToken,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Shared {
+    /// Build the state from a loaded configuration.
+    pub fn new(loaded: Loaded) -> Result<Arc<Self>, String> {
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let directory = Directory::build(&loaded, &tasks, &shutdown)?;
+        let snapshot = ConfigSnapshot {
+            version: 1,
+            loaded_at: now_secs(),
+            loaded,
+        };
+        Ok(Arc::new(Self {
+            path: snapshot.loaded.path.clone(),
+            config: watch::channel(Arc::new(snapshot)).0,
+            directory: watch::channel(Arc::new(directory)).0,
+            reload_lock: Mutex::new(()),
+            bound: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            tasks,
+            shutdown,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn config(&self) -> Arc<ConfigSnapshot> {
+        Arc::clone(&self.config.borrow())
+    }
+
+    pub fn directory(&self) -> Arc<Directory> {
+        Arc::clone(&self.directory.borrow())
+    }
+
+    pub fn set_bound(&self, bound: Bound) {
+        let _ = self.bound.set(bound);
+    }
+
+    pub fn bound(&self) -> Option<Bound> {
+        self.bound.get().copied()
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Ready: listeners bound, directory loaded, not draining.
+    pub fn is_ready(&self) -> bool {
+        self.bound.get().is_some() && !self.is_draining()
+    }
+
+    /// Re-read the bootstrap file and swap it in if it is valid.
+    pub async fn reload(&self) -> Result<u64, ReloadError> {
+        let _serial = self.reload_lock.lock().await;
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || weft_config::load_bootstrap(&path))
+            .await
+            .map_err(|e| {
+                ReloadError::Rejected(format!("reading the configuration failed: {e}"))
+            })??;
+        let current = self.config();
+        if loaded.bootstrap.listen != current.loaded.bootstrap.listen {
+            return Err(ReloadError::Rejected(format!(
+                "{}: [listen] changed; listener addresses only change on restart, nothing was applied",
+                self.path.display()
+            )));
+        }
+        let old = self.directory();
+        let directory = Directory::rebuild(Some(&old), &loaded, &self.tasks, &self.shutdown)
+            .map_err(ReloadError::Rejected)?;
+        let version = current.version + 1;
+        self.directory.send_replace(Arc::new(directory));
+        self.config.send_replace(Arc::new(ConfigSnapshot {
+            version,
+            loaded_at: now_secs(),
+            loaded,
+        }));
+        Ok(version)
+    }
+}
