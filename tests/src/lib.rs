@@ -1,0 +1,192 @@
+//! Black-box test harness for Weft.
+//!
+//! Everything here talks to a real `weft-proxy` process over real loopback
+//! sockets, with every port chosen at run time (bind port 0). The harness is
+//! split by concern:
+//!
+//! - [`process`]: spawns `weft-proxy` in a per-test temporary directory and
+//!   guarantees the process is killed and reaped when the guard drops, also on
+//!   panic; prints the proxy's log so failing tests show it.
+//! - [`config`]: renders bootstrap and policy files from small builders so a
+//!   scenario reads like the setup it needs.
+//! - [`admin`]: typed helpers for the proxy's admin listener (`/ready`,
+//!   `/config`, `/endpoints`, `/reload`).
+//! - [`backend`]: an in-process HTTP/1.1 + h2c backend that reports what it saw
+//!   (`/echo`, `/slow`, `/drip`, `/grpc`, `/ws`, `/pattern`, ...).
+//! - [`dns`]: a tiny authoritative DNS server on UDP and TCP whose records a
+//!   test can change at run time.
+//! - [`client`]: HTTP clients that send through the proxy in absolute form,
+//!   with a Host header, or as HTTP/2 prior knowledge, plus a raw TCP client
+//!   for byte-exact requests and upgrades.
+//!
+//! Running: build the proxy into the same target directory, then run the
+//! tests (`cargo build -p weft-proxy && cargo nextest run -p weft-tests`, or
+//! plain `cargo test -p weft-tests`). `WEFT_PROXY_BIN` points the tests at
+//! another binary; `WEFT_TEST_LOG` sets the proxies' `WEFT_LOG` (default
+//! `info`). A proxy's stderr is printed when its guard drops, and the test
+//! runner shows it for failing tests only.
+//!
+//! This file holds what every scenario needs: [`eventually`], which replaces
+//! every "sleep and hope" with a polled condition and a bounded deadline, and
+//! the deterministic byte [`pattern`] used to verify large bodies.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod admin;
+pub mod backend;
+pub mod client;
+pub mod config;
+pub mod dns;
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use tokio::time::Instant;
+
+use crate::client::{Client, Reply};
+
+/// How often [`eventually`] re-checks its condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Polls `check` until it returns `Ok`, or fails once `timeout` has passed.
+///
+/// Each attempt is itself bounded by the time left, so a check that hangs
+/// cannot stall the test. The error names the deadline and carries the last
+/// failure, which is usually the most useful hint of what went wrong.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = anyhow!("the condition was never checked");
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(last_error.context(format!("condition not met within {timeout:?}")));
+        }
+        match tokio::time::timeout(deadline - now, check()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(error)) => last_error = error,
+            Err(_) => last_error = anyhow!("the last check was still running at the deadline"),
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Awaits `future`, failing with `what` if it takes longer than `timeout`.
+///
+/// Scenarios wrap every wait that has no natural bound in this, so a hang
+/// becomes a failure with a name instead of a stuck test.
+pub async fn within<T>(
+    timeout: Duration,
+    what: &str,
+    future: impl Future<Output = T>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(timeout, future)
+        .await
+        .map_err(|_| anyhow!("{what}: not done within {timeout:?}"))
+}
+
+/// Sends `count` sequential `GET uri` through `client`; each must answer 200.
+pub async fn get_n(client: &Client, uri: &str, count: usize) -> anyhow::Result<Vec<Reply>> {
+    let mut replies = Vec::with_capacity(count);
+    for i in 0..count {
+        let reply = client.get(uri).await?;
+        reply
+            .expect_status(200)
+            .map_err(|e| e.context(format!("request {i} of {count} to {uri}")))?;
+        replies.push(reply);
+    }
+    Ok(replies)
+}
+
+/// How many of `replies` each backend answered (by `x-backend`; `"?"` if absent).
+pub fn tally<'a>(replies: impl IntoIterator<Item = &'a Reply>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for reply in replies {
+        let id = reply.backend().unwrap_or("?").to_owned();
+        *counts.entry(id).or_default() += 1;
+    }
+    counts
+}
+
+/// A loopback address nothing listens on (bound, then released).
+pub fn closed_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// The byte at `offset` of the deterministic test pattern.
+///
+/// The pattern has a period of 251 * 256 bytes, which is not a multiple of any
+/// buffer size a proxy would use, so a dropped, duplicated or reordered chunk
+/// shows up as a mismatch.
+pub fn pattern_byte(offset: u64) -> u8 {
+    let low = (offset % 251) as u8;
+    let high = ((offset / 251) % 256) as u8;
+    low ^ high
+}
+
+/// `len` bytes of the test pattern starting at `offset`.
+pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| pattern_byte(offset + i)).collect()
+}
+
+/// Checks that `chunk` is the test pattern at `offset`, naming the first bad byte.
+pub fn check_pattern(offset: u64, chunk: &[u8]) -> anyhow::Result<()> {
+    for (i, byte) in chunk.iter().enumerate() {
+        let at = offset + i as u64;
+        let want = pattern_byte(at);
+        if *byte != want {
+            anyhow::bail!("pattern mismatch at byte {at}: got {byte:#04x}, want {want:#04x}");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_not_periodic_at_power_of_two_sizes() {
+        for size in [1024_u64, 4096, 16384, 65536] {
+            assert_ne!(pattern(0, 64), pattern(size, 64), "period at {size}");
+        }
+        assert!(check_pattern(1000, &pattern(1000, 5000)).is_ok());
+        let mut bad = pattern(0, 10);
+        bad[7] ^= 1;
+        assert!(check_pattern(0, &bad).is_err());
+    }
+
+    #[tokio::test]
+    async fn eventually_returns_first_success_and_fails_at_deadline() {
+        let mut calls = 0;
+        let value = eventually(Duration::from_secs(2), || {
+            calls += 1;
+            let n = calls;
+            async move {
+                if n < 3 {
+                    anyhow::bail!("not yet")
+                }
+                Ok(n)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(value, 3);
+
+        let started = Instant::now();
+        let error = eventually(Duration::from_millis(100), || async {
+            anyhow::bail!("never") as anyhow::Result<()>
+        })
+        .await
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(format!("{error:#}").contains("never"), "{error:#}");
+    }
+}
