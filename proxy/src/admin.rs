@@ -94,12 +94,14 @@ impl Admin {
             .into_iter()
             .map(|svc| {
                 let set = Arc::clone(&svc.endpoints().borrow());
+                let cap = svc.policy.endpoint_cap();
                 json!({
                     "name": svc.name,
                     "source": "static",
                     "load_balancer": svc.balancer.strategy(),
                     "protocol": svc.protocol,
-                    "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, now)).collect::<Vec<_>>(),
+                    "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, cap, now)).collect::<Vec<_>>(),
+                    "counters": svc.policy.stats.to_json(),
                 })
             })
             .collect();
@@ -117,24 +119,50 @@ impl Admin {
                 "dns_status": status,
                 "load_balancer": directory.dns_balancer.strategy(),
                 "protocol": "auto",
-                "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, now)).collect::<Vec<_>>(),
+                "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, None, now)).collect::<Vec<_>>(),
             }));
         }
-        let local = directory
-            .local
-            .as_ref()
-            .map(|l| json!({ "name": l.name, "app": l.addr }));
+        let local = directory.local.as_ref().map(|l| {
+            let p = &l.policy;
+            json!({
+                "name": l.name,
+                "app": l.addr,
+                "in_flight": p.concurrency.as_ref().map(|c| c.in_flight()),
+                "queued": p.concurrency.as_ref().map(|c| c.waiting()),
+                "max_concurrency": p.concurrency.as_ref().map(|c| c.max()),
+                "rate_limit": p.rate_limit.as_ref().map(|r| {
+                    let (per_second, burst) = r.effective();
+                    json!({ "per_second": per_second, "burst": burst })
+                }),
+                "counters": p.stats.to_json(),
+            })
+        });
         json_response(
             StatusCode::OK,
-            &json!({ "version": version, "local": local, "services": services }),
+            &json!({
+                "version": version,
+                "local": local,
+                "services": services,
+                "dns_counters": directory.default_policy.stats.to_json(),
+            }),
         )
     }
 }
 
-fn endpoint_json(e: &Endpoint, now: Instant) -> Value {
+fn endpoint_json(e: &Endpoint, cap: Option<u32>, now: Instant) -> Value {
+    let ejected_for = e.outlier().ejected_for(now);
+    let state = if ejected_for.is_some() {
+        "ejected"
+    } else if cap.is_some_and(|c| e.in_flight() >= c) {
+        "saturated"
+    } else {
+        "active"
+    };
     json!({
         "address": e.addr(),
-        "state": "active",
+        "state": state,
+        "ejected_for_ms": ejected_for.map(|d| d.as_millis() as u64),
+        "ejections": e.outlier().ejections(),
         "in_flight": e.in_flight(),
         "requests": e.requests(),
         "latency_ewma_ms": e.latency_estimate(now).as_secs_f64() * 1000.0,

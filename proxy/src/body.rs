@@ -7,6 +7,7 @@
 //! body ends (or is dropped), which is how per-endpoint in-flight counts last for the
 //! whole response rather than just its headers.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -86,6 +87,75 @@ impl<B: Body, G> Body for Tracked<B, G> {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A body that fails with [`IdleTimedOut`] when no frame arrives for `idle`.
+    /// Used for `outbound.idle_timeout`: a stream that keeps sending is never cut,
+    /// one that goes silent is.
+    pub struct IdleTimeout<B> {
+        #[pin]
+        inner: B,
+        idle: std::time::Duration,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+    }
+}
+
+/// The error of a body cut by [`IdleTimeout`].
+#[derive(Debug, thiserror::Error)]
+#[error("no data for {0:?} (outbound.idle_timeout)")]
+pub struct IdleTimedOut(std::time::Duration);
+
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, idle: std::time::Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            sleep: None,
+        }
+    }
+}
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.sleep.set(None);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if this.sleep.is_none() {
+                    this.sleep.set(Some(tokio::time::sleep(*this.idle)));
+                }
+                match this.sleep.as_mut().as_pin_mut().map(|s| s.poll(cx)) {
+                    Some(Poll::Ready(())) => {
+                        Poll::Ready(Some(Err(Box::new(IdleTimedOut(*this.idle)))))
+                    }
+                    _ => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -112,6 +182,19 @@ mod tests {
         drop(tx);
         assert!(body.frame().await.is_none());
         assert!(released.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_timeout_cuts_silent_bodies_only() {
+        let (mut tx, rx) = http_body_util::channel::Channel::<Bytes, BoxError>::new(1);
+        let mut body = std::pin::pin!(IdleTimeout::new(rx, std::time::Duration::from_secs(1)));
+        for _ in 0..3 {
+            tokio::time::advance(std::time::Duration::from_millis(900)).await;
+            tx.send_data(Bytes::from_static(b"x")).await.unwrap();
+            assert!(body.frame().await.unwrap().is_ok());
+        }
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<IdleTimedOut>());
     }
 
     #[tokio::test]

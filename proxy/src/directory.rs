@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_config::{LoadBalancer, Loaded, Policy, Protocol, ServiceName, StaticService};
 
+use crate::limits::Share;
+use crate::policy::{InboundPolicy, OutboundPolicy};
+use crate::stats::Stats;
+
 use crate::balance::Balancer;
 use crate::client::{ClientSettings, UpstreamClient};
 use crate::discovery::dns::DnsDiscovery;
@@ -29,7 +33,7 @@ use crate::discovery::{EndpointSpec, EndpointsReader, EndpointsWriter, Update};
 #[derive(Debug)]
 pub struct MeshService {
     pub name: ServiceName,
-    pub policy: Option<Arc<Policy>>,
+    pub policy: Arc<OutboundPolicy>,
     pub protocol: Protocol,
     pub balancer: Balancer,
     pub client: UpstreamClient,
@@ -49,6 +53,7 @@ pub struct LocalApp {
     pub name: ServiceName,
     pub addr: SocketAddr,
     pub client: UpstreamClient,
+    pub policy: Arc<InboundPolicy>,
 }
 
 /// One snapshot of everything the request path needs to route a request.
@@ -60,7 +65,13 @@ pub struct Directory {
     pub dns_balancer: Balancer,
     /// Client for names resolved through DNS and IP literals.
     pub default_client: UpstreamClient,
+    /// Policy (the defaults) for names resolved through DNS and IP literals.
+    pub default_policy: Arc<OutboundPolicy>,
     pub local: Option<LocalApp>,
+    /// The local service's name and zone: the caller identity and locality of
+    /// outbound requests.
+    pub caller: Option<ServiceName>,
+    pub caller_zone: Option<String>,
 }
 
 fn client_settings(loaded: &Loaded, policy: Option<&Policy>) -> ClientSettings {
@@ -119,12 +130,16 @@ impl Directory {
         };
         let mut services = HashMap::new();
         for svc in &loaded.bootstrap.directory.services {
-            let policy = loaded.policies.get(&svc.name).cloned().map(Arc::new);
-            let strategy = policy
-                .as_ref()
+            let source = loaded.policies.get(&svc.name);
+            let strategy = source
                 .map(|p| p.outbound.load_balancer)
                 .unwrap_or(LoadBalancer::P2cEwma);
             let previous = old.and_then(|d| d.services.get(svc.name.as_str()));
+            let policy = match previous {
+                Some(p) if p.policy.compiled_from(source) => Arc::clone(&p.policy),
+                Some(p) => Arc::new(OutboundPolicy::new(source, Arc::clone(&p.policy.stats))),
+                None => Arc::new(OutboundPolicy::new(source, Arc::new(Stats::default()))),
+            };
             let writer = match previous {
                 Some(p) => {
                     p.writer.apply(Update::Reset(specs(svc)));
@@ -132,12 +147,16 @@ impl Directory {
                 }
                 None => Arc::new(EndpointsWriter::new(specs(svc)).0),
             };
-            let settings = client_settings(loaded, policy.as_deref());
+            let settings = client_settings(loaded, source);
             let client = reuse_client(previous.map(|p| &p.client), settings);
+            let balancer = match previous {
+                Some(p) if p.balancer.strategy() == strategy => p.balancer.clone(),
+                _ => Balancer::new(strategy),
+            };
             let service = MeshService {
                 name: svc.name.clone(),
                 protocol: svc.protocol,
-                balancer: Balancer::new(strategy),
+                balancer,
                 client,
                 endpoints: writer.subscribe(),
                 writer,
@@ -147,24 +166,50 @@ impl Directory {
         }
         let default_settings = client_settings(loaded, None);
         let default_client = reuse_client(old.map(|d| &d.default_client), default_settings);
+        let default_policy = match old {
+            Some(d) => Arc::clone(&d.default_policy),
+            None => Arc::new(OutboundPolicy::new(None, Arc::new(Stats::default()))),
+        };
         let local = loaded.bootstrap.service.as_ref().map(|s| {
-            let policy = loaded.policies.get(&s.name);
-            let settings = client_settings(loaded, policy);
+            let source = loaded.policies.get(&s.name);
+            let settings = client_settings(loaded, source);
+            let previous = old.and_then(|d| d.local.as_ref());
+            let share = Share::new(s.instances);
+            let policy = match previous {
+                Some(l) if l.policy.compiled_from(source, share) => Arc::clone(&l.policy),
+                Some(l) => Arc::new(InboundPolicy::new(
+                    source,
+                    share,
+                    Arc::clone(&l.policy.stats),
+                )),
+                None => Arc::new(InboundPolicy::new(
+                    source,
+                    share,
+                    Arc::new(Stats::default()),
+                )),
+            };
             LocalApp {
                 name: s.name.clone(),
                 addr: s.app,
-                client: reuse_client(
-                    old.and_then(|d| d.local.as_ref()).map(|l| &l.client),
-                    settings,
-                ),
+                client: reuse_client(previous.map(|l| &l.client), settings),
+                policy,
             }
         });
+        let caller = loaded.bootstrap.service.as_ref().map(|s| s.name.clone());
+        let caller_zone = loaded
+            .bootstrap
+            .service
+            .as_ref()
+            .and_then(|s| s.metadata.zone.clone());
         Ok(Self {
             services,
             dns,
             dns_balancer: Balancer::new(LoadBalancer::P2cEwma),
             default_client,
+            default_policy,
             local,
+            caller,
+            caller_zone,
         })
     }
 

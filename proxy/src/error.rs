@@ -8,13 +8,22 @@
 //! telemetry) classify with the same helpers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::limits::{ConcurrencyCapped, RateLimited};
+use crate::retry::replay::BodyError;
 
 use crate::body::{self, ProxyBody};
 
 /// Name of the response header that says why the proxy answered itself.
 pub const WEFT_REASON: &str = "weft-reason";
+
+/// Name of the response header that names the policy key of the limit that refused
+/// a request (e.g. `inbound.rate_limit`, `routes.charge.timeout`).
+pub const WEFT_LIMIT: &str = "weft-limit";
 
 /// A failure produced by the proxy rather than by the upstream application.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +66,32 @@ pub enum ProxyError {
     #[error("the proxy is shutting down")]
     ShuttingDown,
 
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
+
+    #[error(transparent)]
+    ConcurrencyCapped(#[from] ConcurrencyCapped),
+
+    #[error(
+        "every endpoint of {service:?} is at its concurrency cap (outbound.endpoint_max_concurrency)"
+    )]
+    EndpointsSaturated { service: String },
+
+    #[error("no response within {after:?} ({limit})")]
+    Timeout { limit: Arc<str>, after: Duration },
+
+    #[error("every endpoint of {service:?} is ejected after repeated failures")]
+    NoHealthyEndpoints { service: String },
+
+    #[error("the retry budget is spent; the last attempt failed")]
+    BudgetExhausted {
+        #[source]
+        last: Box<ProxyError>,
+    },
+
+    #[error(transparent)]
+    RequestBody(#[from] BodyError),
+
     #[error("the request would loop back into this proxy's own listener {listener}")]
     Loop { listener: SocketAddr },
 }
@@ -65,7 +100,15 @@ impl ProxyError {
     /// The HTTP status a client gets for this failure.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NoAuthority | Self::BadAuthority { .. } => StatusCode::BAD_REQUEST,
+            Self::NoAuthority | Self::BadAuthority { .. } | Self::RequestBody(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::ConcurrencyCapped(_)
+            | Self::EndpointsSaturated { .. }
+            | Self::NoHealthyEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::BudgetExhausted { last } => last.status(),
             Self::UnknownService { .. } => StatusCode::BAD_GATEWAY,
             Self::Dns { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -78,7 +121,12 @@ impl ProxyError {
     /// The value of the `weft-reason` header: a short, stable, machine-readable label.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::NoAuthority | Self::BadAuthority { .. } => "bad-request",
+            Self::NoAuthority | Self::BadAuthority { .. } | Self::RequestBody(_) => "bad-request",
+            Self::RateLimited(_) => "rate-limit",
+            Self::ConcurrencyCapped(_) | Self::EndpointsSaturated { .. } => "concurrency-cap",
+            Self::Timeout { .. } => "timeout",
+            Self::NoHealthyEndpoints { .. } => "no-healthy-endpoints",
+            Self::BudgetExhausted { .. } => "budget-exhausted",
             Self::UnknownService { .. } => "unknown-service",
             Self::Dns { .. } => "dns-failure",
             Self::NoEndpoints { .. } => "no-endpoints",
@@ -89,6 +137,34 @@ impl ProxyError {
             Self::Loop { .. } => "loop-detected",
         }
     }
+}
+
+impl ProxyError {
+    /// The policy key of the limit that refused the request, if a limit did.
+    pub fn limit(&self) -> Option<&str> {
+        match self {
+            Self::RateLimited(e) => Some(&e.limit),
+            Self::ConcurrencyCapped(e) => Some(&e.limit),
+            Self::EndpointsSaturated { .. } => Some("outbound.endpoint_max_concurrency"),
+            Self::Timeout { limit, .. } => Some(limit),
+            Self::BudgetExhausted { last } => last.limit(),
+            _ => None,
+        }
+    }
+
+    /// When a retry could succeed, for the `retry-after` header.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited(e) => Some(e.retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// `retry-after` in whole seconds, rounded up, at least 1.
+pub fn retry_after_value(wait: Duration) -> HeaderValue {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    HeaderValue::from(secs.max(1))
 }
 
 /// Build the response for a failure: status, `weft-reason`, and a one-line text body
@@ -106,6 +182,12 @@ pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     *rsp.status_mut() = err.status();
     let headers = rsp.headers_mut();
     headers.insert(WEFT_REASON, HeaderValue::from_static(err.reason()));
+    if let Some(limit) = err.limit().and_then(|l| HeaderValue::from_str(l).ok()) {
+        headers.insert(WEFT_LIMIT, limit);
+    }
+    if let Some(wait) = err.retry_after() {
+        headers.insert(header::RETRY_AFTER, retry_after_value(wait));
+    }
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),

@@ -12,15 +12,16 @@
 
 use std::net::SocketAddr;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{PathAndQuery, Scheme, Uri};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 use weft_config::Protocol;
 
-use crate::body;
+use crate::body::{self, ProxyBody};
 use crate::client::UpstreamClient;
 use crate::error::ProxyError;
 use crate::headers;
@@ -34,21 +35,29 @@ pub struct Hop<'a> {
     pub tasks: &'a TaskTracker,
 }
 
-/// Send `req` to `hop.endpoint`; the response's body streams from the endpoint.
-pub async fn forward(
-    hop: Hop<'_>,
-    mut req: Request<Incoming>,
-) -> Result<Response<Incoming>, ProxyError> {
+/// A request head made ready for proxying, reusable for every attempt.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub method: Method,
+    path: PathAndQuery,
+    version: Version,
+    pub headers: HeaderMap,
+    /// The downstream side of an HTTP/1.1 upgrade, taken by the first attempt.
+    upgrade: Option<OnUpgrade>,
+}
+
+impl RequestHead {
+    /// Whether this request asks for a protocol upgrade (never retried).
+    pub fn is_upgrade(&self) -> bool {
+        self.upgrade.is_some()
+    }
+}
+
+/// Split `req` into a cleaned head and its body: `Host` filled in from an HTTP/2
+/// `:authority` when missing, hop-by-hop headers removed, an upgrade taken aside.
+pub fn prepare<B>(mut req: Request<B>) -> (RequestHead, B) {
     let upgrade = req.version() <= Version::HTTP_11 && headers::wants_upgrade(req.headers());
-    let downstream = upgrade.then(|| hyper::upgrade::on(&mut req));
-
-    let http2 = !upgrade
-        && match hop.protocol {
-            Protocol::Http2 => true,
-            Protocol::Http1 => false,
-            Protocol::Auto => req.version() == Version::HTTP_2,
-        };
-
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     // An HTTP/2 request carries its authority in `:authority`; an HTTP/1.1 hop
     // needs it as `Host`, and the endpoint should see the logical name either way.
     if !req.headers().contains_key(header::HOST)
@@ -58,33 +67,67 @@ pub async fn forward(
         req.headers_mut().insert(header::HOST, value);
     }
     headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+    let (parts, body) = req.into_parts();
+    let head = RequestHead {
+        method: parts.method,
+        path: parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        version: parts.version,
+        headers: parts.headers,
+        upgrade: on_upgrade,
+    };
+    (head, body)
+}
 
-    let (mut parts, incoming) = req.into_parts();
-    parts.uri = endpoint_uri(hop.endpoint, parts.uri.path_and_query())?;
-    parts.version = if http2 {
+/// Send `req` to `hop.endpoint`; the response's body streams from the endpoint.
+pub async fn forward(
+    hop: Hop<'_>,
+    req: Request<Incoming>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let (mut head, body) = prepare(req);
+    send(hop, &mut head, body::boxed(body)).await
+}
+
+/// Send one attempt of `head` with `body` to `hop.endpoint`.
+pub async fn send(
+    hop: Hop<'_>,
+    head: &mut RequestHead,
+    body: ProxyBody,
+) -> Result<Response<Incoming>, ProxyError> {
+    let downstream = head.upgrade.take();
+    let upgrade = downstream.is_some();
+    let http2 = !upgrade
+        && match hop.protocol {
+            Protocol::Http2 => true,
+            Protocol::Http1 => false,
+            Protocol::Auto => head.version == Version::HTTP_2,
+        };
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.uri_mut() = endpoint_uri(hop.endpoint, &head.path)?;
+    *req.version_mut() = if http2 {
         Version::HTTP_2
     } else {
         Version::HTTP_11
     };
-    let upstream_req = Request::from_parts(parts, body::boxed(incoming));
+    *req.headers_mut() = head.headers.clone();
 
-    let mut rsp = hop
-        .client
-        .send(upstream_req, http2)
-        .await
-        .map_err(|source| {
-            if source.is_connect() {
-                ProxyError::Connect {
-                    endpoint: hop.endpoint,
-                    source,
-                }
-            } else {
-                ProxyError::Upstream {
-                    endpoint: hop.endpoint,
-                    source,
-                }
+    let mut rsp = hop.client.send(req, http2).await.map_err(|source| {
+        if source.is_connect() {
+            ProxyError::Connect {
+                endpoint: hop.endpoint,
+                source,
             }
-        })?;
+        } else {
+            ProxyError::Upstream {
+                endpoint: hop.endpoint,
+                source,
+            }
+        }
+    })?;
 
     let switching = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(rsp.headers_mut(), switching && upgrade);
@@ -111,14 +154,11 @@ pub async fn forward(
     Ok(rsp)
 }
 
-fn endpoint_uri(endpoint: SocketAddr, path: Option<&PathAndQuery>) -> Result<Uri, ProxyError> {
-    let path = path
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+fn endpoint_uri(endpoint: SocketAddr, path: &PathAndQuery) -> Result<Uri, ProxyError> {
     Uri::builder()
         .scheme(Scheme::HTTP)
         .authority(endpoint.to_string())
-        .path_and_query(path)
+        .path_and_query(path.clone())
         .build()
         .map_err(|_| ProxyError::BadAuthority {
             authority: endpoint.to_string(),

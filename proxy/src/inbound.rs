@@ -1,9 +1,17 @@
 //! The inbound path: other sidecars call the local app.
 //!
 //! Every request goes to the `[service] app` address, whatever its authority says
-//! (the inbound listener is never an open proxy to other hosts). The client is
-//! recorded in `x-forwarded-for` and `forwarded`; `Host` is kept. This is where the
-//! service's inbound limits and mTLS attach.
+//! (the inbound listener is never an open proxy to other hosts). Before that, the
+//! local service's policy protects this instance, most specific limit first:
+//! 1. the matched route's `rate_limit` (this instance's share of it);
+//! 2. `inbound.rate_limit` (this instance's share of the service-wide limit);
+//! 3. `inbound.caller_rate_limit`, keyed by the caller identity (`weft-caller`,
+//!    `anonymous` when absent);
+//! 4. the route's `max_concurrency`, then `inbound.max_concurrency` (each with its
+//!    bounded queue), whose permits are held until the response body ends;
+//! 5. `inbound.timeout` to the response headers.
+//!
+//! The client is recorded in `x-forwarded-for` and `forwarded`; `Host` is kept.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,11 +24,16 @@ use http::{Request, Response, header};
 use hyper::body::Incoming;
 use weft_config::Protocol;
 
-use crate::body::{self, ProxyBody};
+use crate::body::{self, ProxyBody, Tracked};
+use crate::directory::Directory;
 use crate::error::{ProxyError, error_response};
 use crate::forward::{Hop, forward};
 use crate::headers;
+use crate::outbound::WEFT_CALLER;
 use crate::state::Shared;
+
+/// The caller identity of requests that carry none.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// The inbound listener's service (one clone per connection).
 #[derive(Debug, Clone)]
@@ -38,18 +51,60 @@ impl Inbound {
     }
 
     async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
-        match self.proxy(req).await {
+        let directory = self.shared.directory();
+        let stats = directory
+            .local
+            .as_ref()
+            .map(|l| Arc::clone(&l.policy.stats));
+        if let Some(stats) = &stats {
+            stats.request();
+        }
+        match self.proxy(&directory, req).await {
             Ok(rsp) => rsp,
             Err(error) => {
+                if let Some(stats) = &stats {
+                    stats.refusal(error.reason());
+                }
                 tracing::info!(client.addr = %self.client_addr, reason = error.reason(), error = %error, "inbound request refused");
                 error_response(&error)
             }
         }
     }
 
-    async fn proxy(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
-        let directory = self.shared.directory();
+    async fn proxy(
+        &self,
+        directory: &Directory,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let local = directory.local.as_ref().ok_or(ProxyError::NoLocalService)?;
+        let policy = &local.policy;
+        let index = policy
+            .routes()
+            .find(req.method(), req.uri().path(), req.headers());
+        let route = policy.route(index);
+        if let Some(limit) = route.and_then(|r| r.rate_limit.as_ref()) {
+            limit.check()?;
+        }
+        if let Some(limit) = &policy.rate_limit {
+            limit.check()?;
+        }
+        if let Some(limit) = &policy.caller_rate_limit {
+            let caller = req
+                .headers()
+                .get(WEFT_CALLER)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .unwrap_or(ANONYMOUS);
+            limit.check(caller)?;
+        }
+        let route_permit = match route.and_then(|r| r.concurrency.as_ref()) {
+            Some(cap) => Some(cap.acquire().await?),
+            None => None,
+        };
+        let permit = match &policy.concurrency {
+            Some(cap) => Some(cap.acquire().await?),
+            None => None,
+        };
         let host = req
             .headers()
             .get(header::HOST)
@@ -63,8 +118,16 @@ impl Inbound {
             protocol: Protocol::Auto,
             tasks: &self.shared.tasks,
         };
-        let rsp = forward(hop, req).await?;
-        Ok(rsp.map(body::boxed))
+        let rsp = match &policy.timeout {
+            Some(t) => tokio::time::timeout(t.after, forward(hop, req))
+                .await
+                .map_err(|_| ProxyError::Timeout {
+                    limit: Arc::clone(&t.limit),
+                    after: t.after,
+                })??,
+            None => forward(hop, req).await?,
+        };
+        Ok(rsp.map(|b| body::boxed(Tracked::new(b, (route_permit, permit)))))
     }
 }
 

@@ -19,6 +19,11 @@
 //! | [`headers`] | hop-by-hop removal and forwarding headers |
 //! | [`body`] | streaming body types and body-lifetime guards |
 //! | [`error`] | proxy failures and their mapping to status + `weft-reason` |
+//! | [`policy`] | service policies compiled for the request path (which side enforces what) |
+//! | [`route`] | route matching |
+//! | [`limits`] | rate limits (governor) and concurrency caps |
+//! | [`retry`] | retry classification, backoff, replayable bodies |
+//! | [`stats`] | counters of requests, retries, ejections and refusals |
 //!
 //! Requests flow `server -> outbound|inbound -> (directory, discovery, balance) ->
 //! forward -> client`. Live state reaches the request path as `Arc` snapshots read
@@ -35,7 +40,12 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod inbound;
+pub mod limits;
 pub mod outbound;
+pub mod policy;
+pub mod retry;
+pub mod route;
 pub mod server;
 pub mod state;
+pub mod stats;
 pub mod target;

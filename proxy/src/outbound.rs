@@ -1,15 +1,25 @@
 //! The outbound path: the local app calls a service by its logical name.
 //!
-//! Stages, in order:
+//! Stages, in order (each refusal is answered at once, never queued):
 //! 1. destination: the request's authority ([`Destination`]);
 //! 2. discovery: a directory service, an IP literal, or a name resolved through DNS
-//!    (waiting, bounded, for the first answer);
-//! 3. balancing: one endpoint picked by the service's balancer;
-//! 4. forwarding: the request goes to that endpoint over a pooled connection; the
-//!    endpoint's in-flight count lasts until the response body ends.
+//!    (waiting, bounded, for the first answer); this gives the endpoints, the
+//!    balancer, the connection pool and the compiled [`OutboundPolicy`];
+//! 3. route: the first matching route of the service's policy, which resolves the
+//!    timeouts and the retry policy;
+//! 4. `outbound.rate_limit`: this sidecar's own rate towards the service;
+//! 5. the whole-request timeout (to the response headers: a response that streams
+//!    is never cut by it), around
+//! 6. attempts: pick an endpoint (outlier ejection, per-endpoint caps, splits,
+//!    locality, avoiding endpoints already tried), send with the per-try timeout,
+//!    record the outcome for outlier detection, and retry what the route allows
+//!    while the retry budget lasts, after a jittered backoff. A body of known length
+//!    up to the route's cap is buffered for replay; a larger one, or one of unknown
+//!    length (a stream), is sent once and not retried.
 //!
-//! Failures at any stage become responses in one place ([`error_response`]); this
-//! service itself never fails, so hyper always has something to send.
+//! The endpoint's in-flight count lasts until the response body ends. Failures at
+//! any stage become responses in one place ([`error_response`]); this service never
+//! fails, so hyper always has something to send.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,28 +27,51 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
+use http_body::Body as _;
 use hyper::body::Incoming;
+use tower::retry::budget::Budget;
 use weft_config::Protocol;
 
-use crate::balance::{Balancer, Endpoint};
-use crate::body::{self, ProxyBody, Tracked};
+use crate::balance::select::{SelectError, Selection, select};
+use crate::balance::{Balancer, Endpoint, InFlight};
+use crate::body::{self, IdleTimeout, ProxyBody, Tracked};
 use crate::client::UpstreamClient;
+use crate::directory::Directory;
 use crate::discovery::EndpointSet;
-use crate::error::{ProxyError, error_response};
-use crate::forward::{Hop, forward};
+use crate::error::{ProxyError, WEFT_REASON, error_response};
+use crate::forward::{self, Hop, RequestHead};
+use crate::policy::{OutboundPolicy, RoutePlan};
+use crate::retry::backoff::backoff;
+use crate::retry::classify::{Outcome, classify_error, grpc_status, is_failure, retryable};
+use crate::retry::replay::{self, Prepared};
 use crate::state::Shared;
+use crate::stats::Stats;
 use crate::target::Destination;
 
 /// Port assumed for an IP literal without one.
 const DEFAULT_PORT: u16 = 80;
+
+/// The header carrying the calling service's identity to the callee's sidecar.
+pub const WEFT_CALLER: &str = "weft-caller";
 
 /// The outbound listener's service (one clone per connection).
 #[derive(Debug, Clone)]
 pub struct Outbound {
     shared: Arc<Shared>,
     client_addr: SocketAddr,
+}
+
+/// Where one request goes: discovery's answer.
+struct Target<'a> {
+    service: String,
+    endpoints: Arc<EndpointSet>,
+    balancer: &'a Balancer,
+    client: &'a UpstreamClient,
+    protocol: Protocol,
+    policy: Arc<OutboundPolicy>,
 }
 
 impl Outbound {
@@ -52,14 +85,19 @@ impl Outbound {
     async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        match self.proxy(req).await {
+        let mut stats = None;
+        match self.proxy(req, &mut stats).await {
             Ok(rsp) => rsp,
             Err(error) => {
+                if let Some(stats) = &stats {
+                    stats.refusal(error.reason());
+                }
                 tracing::info!(
                     client.addr = %self.client_addr,
                     http.method = %method,
                     http.path = %path,
                     reason = error.reason(),
+                    limit = error.limit(),
                     error = %error,
                     "outbound request refused"
                 );
@@ -68,87 +106,263 @@ impl Outbound {
         }
     }
 
-    async fn proxy(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn proxy(
+        &self,
+        mut req: Request<Incoming>,
+        stats: &mut Option<Arc<Stats>>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let dest = Destination::from_request(&req)?;
         let directory = self.shared.directory();
-
-        // Discovery: which endpoints, which balancer, which connection pool.
-        let (set, balancer, client, protocol, service): (
-            Arc<EndpointSet>,
-            &Balancer,
-            &UpstreamClient,
-            Protocol,
-            String,
-        );
         let dns_target;
-        if let Some(svc) = directory.service(&dest.host) {
-            set = Arc::clone(&svc.endpoints().borrow());
-            balancer = &svc.balancer;
-            client = &svc.client;
-            protocol = svc.protocol;
-            service = svc.name.to_string();
+        let target = if let Some(svc) = directory.service(&dest.host) {
+            Target {
+                service: svc.name.to_string(),
+                endpoints: Arc::clone(&svc.endpoints().borrow()),
+                balancer: &svc.balancer,
+                client: &svc.client,
+                protocol: svc.protocol,
+                policy: Arc::clone(&svc.policy),
+            }
         } else if let Some(ip) = dest.ip() {
             let addr = SocketAddr::new(ip, dest.port.unwrap_or(DEFAULT_PORT));
-            self.refuse_loop(addr)?;
-            return self
-                .send(
-                    &directory.default_client,
-                    Protocol::Auto,
-                    Arc::new(Endpoint::new(addr, Default::default())),
-                    req,
-                )
-                .await;
+            Target {
+                service: addr.to_string(),
+                endpoints: Arc::new(EndpointSet::from_endpoints(vec![Arc::new(Endpoint::new(
+                    addr,
+                    Default::default(),
+                ))])),
+                balancer: &directory.dns_balancer,
+                client: &directory.default_client,
+                protocol: Protocol::Auto,
+                policy: Arc::clone(&directory.default_policy),
+            }
         } else {
             dns_target = directory.dns().resolve(&dest.host, dest.port).await?;
-            set = Arc::clone(&dns_target.endpoints().borrow());
-            balancer = &directory.dns_balancer;
-            client = &directory.default_client;
-            protocol = Protocol::Auto;
-            service = dest.host.clone();
+            Target {
+                service: dest.host.clone(),
+                endpoints: Arc::clone(&dns_target.endpoints().borrow()),
+                balancer: &directory.dns_balancer,
+                client: &directory.default_client,
+                protocol: Protocol::Auto,
+                policy: Arc::clone(&directory.default_policy),
+            }
+        };
+        let policy = Arc::clone(&target.policy);
+        *stats = Some(Arc::clone(&policy.stats));
+        policy.stats.request();
+
+        let route = policy
+            .routes()
+            .find(req.method(), req.uri().path(), req.headers());
+        let plan = policy.plan(route);
+        if let Some(limit) = &policy.rate_limit {
+            limit.check()?;
+        }
+        // The callee's sidecar keys per-caller limits on this; the app cannot set it.
+        req.headers_mut().remove(WEFT_CALLER);
+        if let Some(caller) = directory
+            .caller
+            .as_ref()
+            .and_then(|c| HeaderValue::from_str(c.as_str()).ok())
+        {
+            req.headers_mut().insert(WEFT_CALLER, caller);
         }
 
-        let endpoint = balancer
-            .pick(set.endpoints(), |_| true)
-            .ok_or(ProxyError::NoEndpoints { service })?;
-        self.refuse_loop(endpoint.addr())?;
-        self.send(client, protocol, endpoint, req).await
+        let attempts = self.attempts(&directory, &target, &plan, req);
+        let rsp = match &plan.timeout {
+            Some(t) => tokio::time::timeout(t.after, attempts)
+                .await
+                .map_err(|_| ProxyError::Timeout {
+                    limit: Arc::clone(&t.limit),
+                    after: t.after,
+                })??,
+            None => attempts.await?,
+        };
+        Ok(rsp)
     }
 
-    /// Send to one endpoint, counting it in flight until the response body ends.
-    async fn send(
+    /// Send the request, retrying as the route allows.
+    async fn attempts(
         &self,
-        client: &UpstreamClient,
-        protocol: Protocol,
-        endpoint: Arc<Endpoint>,
+        directory: &Directory,
+        target: &Target<'_>,
+        plan: &RoutePlan<'_>,
         req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let in_flight = endpoint.start();
-        let hop = Hop {
-            client,
-            endpoint: endpoint.addr(),
-            protocol,
-            tasks: &self.shared.tasks,
+        let policy = &target.policy;
+        let retry = &plan.retry;
+        let (mut head, incoming) = forward::prepare(req);
+        // Buffer for replay only a body whose length is known up front (or that is
+        // empty): a body of unknown length may be a stream that waits for the
+        // response (full duplex, gRPC streaming), which buffering would deadlock.
+        let known_length = incoming.is_end_stream() || incoming.size_hint().exact().is_some();
+        let mut body = if retry.attempts > 0 && !head.is_upgrade() && known_length {
+            replay::prepare(incoming, retry.max_replay_body.get()).await?
+        } else {
+            Prepared::Streaming(body::boxed(incoming))
         };
-        let rsp = forward(hop, req).await?;
-        in_flight.observe_response();
-        Ok(rsp.map(|b| body::boxed(Tracked::new(b, in_flight))))
+        plan.budget.deposit();
+
+        let locality = directory
+            .caller_zone
+            .as_deref()
+            .map(|zone| (zone, policy.outbound.locality));
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            let selection = Selection {
+                splits: &policy.splits,
+                locality,
+                endpoint_cap: policy.endpoint_cap(),
+                tried: &tried,
+            };
+            let in_flight = select(target.balancer, target.endpoints.endpoints(), &selection)
+                .map_err(|e| select_error(e, &target.service))?;
+            let endpoint = Arc::clone(in_flight.endpoint());
+            tried.push(endpoint.addr());
+
+            let attempt_body = match &mut body {
+                Prepared::Replayable(replay) => replay.body(),
+                Prepared::Streaming(streaming) => std::mem::replace(streaming, body::empty()),
+            };
+            let result = self
+                .send_once(target, plan, &mut head, attempt_body, endpoint.addr())
+                .await;
+            let outcome = match &result {
+                Ok(rsp) => Outcome::Response {
+                    status: rsp.status(),
+                    grpc_status: grpc_status(rsp.headers()),
+                },
+                Err(ProxyError::Connect { .. }) => Outcome::ConnectFailure,
+                Err(ProxyError::Upstream { source, .. }) => classify_error(source),
+                Err(ProxyError::Timeout { .. }) => Outcome::Timeout,
+                Err(_) => return result.map(|rsp| self.finish(policy, rsp, in_flight)),
+            };
+            self.record_outcome(policy, &target.endpoints, &endpoint, outcome);
+            if result.is_ok() {
+                in_flight.observe_response();
+            }
+
+            let replayable = matches!(body, Prepared::Replayable(_));
+            if attempt >= retry.attempts || !replayable || !retryable(retry, &head.method, outcome)
+            {
+                return result.map(|rsp| self.finish(policy, rsp, in_flight));
+            }
+            if !plan.budget.withdraw() {
+                tracing::debug!(service = %target.service, endpoint.addr = %endpoint.addr(), "retry budget spent");
+                policy.stats.refusal("budget-exhausted");
+                return match result {
+                    Ok(rsp) => {
+                        let mut rsp = self.finish(policy, rsp, in_flight);
+                        rsp.headers_mut()
+                            .insert(WEFT_REASON, HeaderValue::from_static("budget-exhausted"));
+                        Ok(rsp)
+                    }
+                    Err(last) => Err(ProxyError::BudgetExhausted {
+                        last: Box::new(last),
+                    }),
+                };
+            }
+            drop(result);
+            drop(in_flight);
+            attempt += 1;
+            policy.stats.retry();
+            let wait = backoff(&retry.backoff, attempt);
+            tracing::debug!(service = %target.service, endpoint.addr = %endpoint.addr(), attempt, ?outcome, backoff_ms = wait.as_millis() as u64, "retrying");
+            tokio::time::sleep(wait).await;
+        }
     }
 
-    /// A request addressed to this proxy's own outbound listener would loop forever.
-    fn refuse_loop(&self, addr: SocketAddr) -> Result<(), ProxyError> {
-        match self.shared.bound() {
-            Some(b)
-                if b.outbound == addr
-                    || (b.outbound.ip().is_unspecified()
-                        && b.outbound.port() == addr.port()
-                        && addr.ip().is_loopback()) =>
-            {
-                Err(ProxyError::Loop {
-                    listener: b.outbound,
-                })
-            }
-            _ => Ok(()),
+    /// One attempt, bounded by the per-try timeout.
+    async fn send_once(
+        &self,
+        target: &Target<'_>,
+        plan: &RoutePlan<'_>,
+        head: &mut RequestHead,
+        body: ProxyBody,
+        endpoint: SocketAddr,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        if let Some(b) = self.shared.bound()
+            && (b.outbound == endpoint
+                || (b.outbound.ip().is_unspecified()
+                    && b.outbound.port() == endpoint.port()
+                    && endpoint.ip().is_loopback()))
+        {
+            return Err(ProxyError::Loop {
+                listener: b.outbound,
+            });
         }
+        let hop = Hop {
+            client: target.client,
+            endpoint,
+            protocol: target.protocol,
+            tasks: &self.shared.tasks,
+        };
+        let send = forward::send(hop, head, body);
+        match &plan.per_try_timeout {
+            Some(t) => {
+                tokio::time::timeout(t.after, send)
+                    .await
+                    .map_err(|_| ProxyError::Timeout {
+                        limit: Arc::clone(&t.limit),
+                        after: t.after,
+                    })?
+            }
+            None => send.await,
+        }
+    }
+
+    /// Passive health: count failures, eject within `max_ejected_percent`.
+    fn record_outcome(
+        &self,
+        policy: &OutboundPolicy,
+        set: &EndpointSet,
+        endpoint: &Endpoint,
+        outcome: Outcome,
+    ) {
+        let now = Instant::now();
+        if !is_failure(outcome) {
+            endpoint.outlier().success(now);
+            return;
+        }
+        let settings = &policy.outbound.outlier;
+        let may_eject = || {
+            let total = set.endpoints().len();
+            let ejected = set
+                .endpoints()
+                .iter()
+                .filter(|e| e.outlier().is_ejected(now))
+                .count();
+            (ejected + 1) * 100 <= usize::from(settings.max_ejected_percent.get()) * total
+        };
+        if let Some(time) = endpoint.outlier().failure(settings, now, may_eject) {
+            policy.stats.ejection();
+            tracing::warn!(endpoint.addr = %endpoint.addr(), ejection_ms = time.as_millis() as u64, "endpoint ejected after consecutive failures");
+        }
+    }
+
+    /// The response to send downstream: the endpoint's in-flight slot lasts until
+    /// its body ends, and an idle body is cut after `outbound.idle_timeout`.
+    fn finish(
+        &self,
+        policy: &OutboundPolicy,
+        rsp: Response<Incoming>,
+        in_flight: InFlight,
+    ) -> Response<ProxyBody> {
+        let idle = policy.outbound.idle_timeout.map(|d| d.get());
+        rsp.map(|b| match idle {
+            Some(idle) => body::boxed(Tracked::new(IdleTimeout::new(b, idle), in_flight)),
+            None => body::boxed(Tracked::new(b, in_flight)),
+        })
+    }
+}
+
+fn select_error(error: SelectError, service: &str) -> ProxyError {
+    let service = service.to_owned();
+    match error {
+        SelectError::NoEndpoints => ProxyError::NoEndpoints { service },
+        SelectError::NoHealthy => ProxyError::NoHealthyEndpoints { service },
+        SelectError::Saturated => ProxyError::EndpointsSaturated { service },
     }
 }
 

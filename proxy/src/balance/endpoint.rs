@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use weft_config::Metadata;
 
 use super::ewma::PeakEwma;
+use super::outlier::OutlierState;
 
 /// An instance of a service, as the balancer sees it.
 #[derive(Debug)]
@@ -28,6 +29,7 @@ pub struct Endpoint {
     in_flight: AtomicU32,
     requests: AtomicU64,
     latency: PeakEwma,
+    outlier: OutlierState,
 }
 
 impl Endpoint {
@@ -38,7 +40,13 @@ impl Endpoint {
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             latency: PeakEwma::default(),
+            outlier: OutlierState::default(),
         }
+    }
+
+    /// Passive health state.
+    pub fn outlier(&self) -> &OutlierState {
+        &self.outlier
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -95,6 +103,24 @@ impl Endpoint {
         }
     }
 
+    /// Like [`Endpoint::start`], but only if fewer than `max` requests are in flight
+    /// (checked and incremented atomically, so the cap is never exceeded).
+    pub fn try_start(self: &Arc<Self>, max: Option<u32>) -> Option<InFlight> {
+        let Some(max) = max else {
+            return Some(self.start());
+        };
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight {
+            endpoint: Arc::clone(self),
+            started: Instant::now(),
+        })
+    }
+
     /// Whether `other` describes the same endpoint (same address and metadata).
     pub fn same_as(&self, addr: SocketAddr, metadata: &Metadata) -> bool {
         self.addr == addr && &self.metadata == metadata
@@ -148,5 +174,19 @@ mod tests {
         drop(b);
         assert_eq!(ep.in_flight(), 0);
         assert_eq!(ep.requests(), 2);
+    }
+
+    #[test]
+    fn try_start_never_exceeds_the_cap() {
+        let ep = Arc::new(Endpoint::new(
+            "127.0.0.1:1".parse().unwrap(),
+            Metadata::default(),
+        ));
+        let a = ep.try_start(Some(2)).unwrap();
+        let _b = ep.try_start(Some(2)).unwrap();
+        assert!(ep.try_start(Some(2)).is_none());
+        drop(a);
+        assert!(ep.try_start(Some(2)).is_some());
+        assert_eq!(ep.in_flight(), 1);
     }
 }

@@ -21,6 +21,8 @@
 
 pub mod endpoint;
 mod ewma;
+pub mod outlier;
+pub mod select;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,17 +34,18 @@ use weft_config::LoadBalancer;
 pub use endpoint::{Endpoint, InFlight};
 
 /// A balancer for one service: the strategy plus its round-robin cursor.
-#[derive(Debug)]
+/// Clones share the round-robin cursor.
+#[derive(Debug, Clone)]
 pub struct Balancer {
     strategy: LoadBalancer,
-    cursor: AtomicUsize,
+    cursor: Arc<AtomicUsize>,
 }
 
 impl Balancer {
     pub fn new(strategy: LoadBalancer) -> Self {
         Self {
             strategy,
-            cursor: AtomicUsize::new(0),
+            cursor: Arc::new(AtomicUsize::new(0)),
         }
     }
 

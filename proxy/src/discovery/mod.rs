@@ -47,6 +47,11 @@ pub struct EndpointSet {
 }
 
 impl EndpointSet {
+    /// A set of exactly these endpoints (for destinations without discovery).
+    pub fn from_endpoints(endpoints: Vec<Arc<Endpoint>>) -> Self {
+        Self { endpoints }
+    }
+
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
         &self.endpoints
     }

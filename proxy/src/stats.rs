@@ -1,0 +1,90 @@
+//! Counters of what happened to requests, per service and per direction.
+//!
+//! Every refusal the proxy produces is counted by its `weft-reason`; retries and
+//! ejections are counted where they happen. The admin API shows them in
+//! `/endpoints`; the telemetry layer exports the same counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde_json::{Value, json};
+
+/// Refusal reasons that are counted (the `weft-reason` values of limits).
+pub const REFUSALS: [&str; 5] = [
+    "rate-limit",
+    "concurrency-cap",
+    "timeout",
+    "no-healthy-endpoints",
+    "budget-exhausted",
+];
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    requests: AtomicU64,
+    retries: AtomicU64,
+    ejections: AtomicU64,
+    refusals: [AtomicU64; REFUSALS.len()],
+    other_failures: AtomicU64,
+}
+
+impl Stats {
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn ejection(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a response the proxy produced for `reason`.
+    pub fn refusal(&self, reason: &str) {
+        match REFUSALS.iter().position(|r| *r == reason) {
+            Some(i) => self.refusals[i].fetch_add(1, Ordering::Relaxed),
+            None => self.other_failures.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+
+    pub fn refusals(&self, reason: &str) -> u64 {
+        REFUSALS
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.refusals[i].load(Ordering::Relaxed))
+    }
+
+    pub fn to_json(&self) -> Value {
+        let refusals: serde_json::Map<String, Value> = REFUSALS
+            .iter()
+            .zip(&self.refusals)
+            .map(|(r, c)| ((*r).to_owned(), json!(c.load(Ordering::Relaxed))))
+            .collect();
+        json!({
+            "requests": self.requests.load(Ordering::Relaxed),
+            "retries": self.retries.load(Ordering::Relaxed),
+            "ejections": self.ejections.load(Ordering::Relaxed),
+            "refusals": refusals,
+            "other_failures": self.other_failures.load(Ordering::Relaxed),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_reason() {
+        let s = Stats::default();
+        s.refusal("rate-limit");
+        s.refusal("rate-limit");
+        s.refusal("connect-failure");
+        s.request();
+        let j = s.to_json();
+        assert_eq!(j["refusals"]["rate-limit"], 2);
+        assert_eq!(j["refusals"]["timeout"], 0);
+        assert_eq!(j["other_failures"], 1);
+        assert_eq!(j["requests"], 1);
+    }
+}
