@@ -208,16 +208,19 @@ impl Outbound {
             .as_deref()
             .map(|zone| (zone, policy.outbound.locality));
         let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut attempt = 0u32;
-        loop {
+        let select_next = |tried: &[SocketAddr]| {
             let selection = Selection {
                 splits: &policy.splits,
                 locality,
                 endpoint_cap: policy.endpoint_cap(),
-                tried: &tried,
+                tried,
             };
-            let in_flight = select(target.balancer, target.endpoints.endpoints(), &selection)
-                .map_err(|e| select_error(e, &target.service))?;
+            select(target.balancer, target.endpoints.endpoints(), &selection)
+        };
+        let mut next = select_next(&tried).map_err(|e| select_error(e, &target.service))?;
+        let mut attempt = 0u32;
+        loop {
+            let in_flight = next;
             let endpoint = Arc::clone(in_flight.endpoint());
             tried.push(endpoint.addr());
 
@@ -263,6 +266,12 @@ impl Outbound {
                     }),
                 };
             }
+            // Choose where the retry goes before letting go of this failure: if no
+            // endpoint can take it now, the client gets this failure, not a refusal.
+            next = match select_next(&tried) {
+                Ok(next) => next,
+                Err(_) => return result.map(|rsp| self.finish(policy, rsp, in_flight)),
+            };
             drop(result);
             drop(in_flight);
             attempt += 1;

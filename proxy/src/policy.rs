@@ -34,8 +34,12 @@ use crate::stats::Stats;
 fn budget(outbound: &Outbound, ratio: Option<f64>) -> Arc<TpsBudget> {
     let b = &outbound.retry_budget;
     let ratio = ratio.unwrap_or(b.ratio.get()) as f32;
+    // weft-config guarantees ttl in 1s..=60s and ratio in 0..=1 (TpsBudget asserts
+    // both); the clamp keeps that true whatever the source of the policy.
     Arc::new(TpsBudget::new(
-        b.ttl.get().max(Duration::from_secs(1)),
+        b.ttl
+            .get()
+            .clamp(Duration::from_secs(1), Duration::from_secs(60)),
         b.min_per_second,
         ratio,
     ))

@@ -178,7 +178,7 @@ pub struct RetryBudget {
     /// Retries always allowed per second. Default 10.
     #[serde(deserialize_with = "number::uint32")]
     pub min_per_second: u32,
-    /// The window requests are counted over, longer than 0. Default `10s`.
+    /// The window requests are counted over, 1s to 60s. Default `10s`.
     #[serde(deserialize_with = "duration::positive")]
     pub ttl: Duration,
 }

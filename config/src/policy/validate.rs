@@ -36,6 +36,26 @@ impl Policy {
             )
             .or_at(outlier.key("ejection")));
         }
+        let ttl = out.retry_budget.ttl.get();
+        if !(std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(60)).contains(&ttl)
+        {
+            return Err(Problem::new(
+                outbound.key("retry_budget").key("ttl"),
+                format!(
+                    "the retry budget window must be between 1s and 60s, found {}",
+                    out.retry_budget.ttl
+                ),
+            ));
+        }
+        if out.retry_budget.min_per_second > 1_000_000 {
+            return Err(Problem::new(
+                outbound.key("retry_budget").key("min_per_second"),
+                format!(
+                    "at most 1000000 retries per second, found {}",
+                    out.retry_budget.min_per_second
+                ),
+            ));
+        }
         self.check_routes()?;
         self.check_splits()
     }
