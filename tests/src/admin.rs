@@ -7,6 +7,11 @@
 //! "load_balancer", "endpoints": [{"address", "state", "in_flight",
 //! "metadata"}]}]}`) into small accessors, so assertions stay short and a
 //! malformed document fails with the document in the message.
+//!
+//! With policies enforced, each endpoint's `state` is `active`, `ejected`
+//! (with `ejected_for_ms`) or `saturated`, and every service, as well as the
+//! top-level `local` object (the inbound side), carries [`Counters`]:
+//! `{"requests", "retries", "ejections", "refusals": {<weft-reason>: n}}`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -117,6 +122,44 @@ impl Endpoints {
         Ok(out)
     }
 
+    /// The entry of endpoint `addr` of service `name`.
+    pub fn endpoint(&self, name: &str, addr: SocketAddr) -> anyhow::Result<&Value> {
+        let service = self.service(name)?;
+        service["endpoints"]
+            .as_array()
+            .and_then(|endpoints| {
+                endpoints
+                    .iter()
+                    .find(|e| e["address"] == addr.to_string().as_str())
+            })
+            .ok_or_else(|| anyhow!("service {name:?} lists no endpoint {addr}: {service}"))
+    }
+
+    /// The `state` of endpoint `addr` of service `name`.
+    pub fn state(&self, name: &str, addr: SocketAddr) -> anyhow::Result<String> {
+        let endpoint = self.endpoint(name, addr)?;
+        endpoint["state"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("endpoint without a state: {endpoint}"))
+    }
+
+    /// Addresses of service `name`'s endpoints in state `ejected`.
+    pub fn ejected(&self, name: &str) -> anyhow::Result<BTreeSet<SocketAddr>> {
+        self.addresses(name, "ejected")
+    }
+
+    /// The counters of service `name`.
+    pub fn counters(&self, name: &str) -> anyhow::Result<Counters> {
+        let service = self.service(name)?;
+        Counters::new(&service["counters"], &format!("service {name:?}"))
+    }
+
+    /// The counters of the inbound side (`local`).
+    pub fn local_counters(&self) -> anyhow::Result<Counters> {
+        Counters::new(&self.0["local"]["counters"], "local")
+    }
+
     /// Addresses of service `name`'s endpoints in state `active`.
     pub fn active(&self, name: &str) -> anyhow::Result<BTreeSet<SocketAddr>> {
         self.addresses(name, "active")
@@ -137,5 +180,44 @@ impl Endpoints {
             );
         }
         Ok(())
+    }
+}
+
+/// One `counters` object of `/endpoints`.
+#[derive(Debug, Clone)]
+pub struct Counters(pub Value);
+
+impl Counters {
+    fn new(value: &Value, owner: &str) -> anyhow::Result<Self> {
+        if !value.is_object() || !value["refusals"].is_object() {
+            bail!("{owner} has no counters object with refusals: {value}");
+        }
+        Ok(Self(value.clone()))
+    }
+
+    fn number(&self, value: &Value, what: &str) -> anyhow::Result<u64> {
+        value
+            .as_u64()
+            .ok_or_else(|| anyhow!("counter {what} is not a number: {}", self.0))
+    }
+
+    /// `requests`.
+    pub fn requests(&self) -> anyhow::Result<u64> {
+        self.number(&self.0["requests"], "requests")
+    }
+
+    /// `retries`.
+    pub fn retries(&self) -> anyhow::Result<u64> {
+        self.number(&self.0["retries"], "retries")
+    }
+
+    /// `ejections`.
+    pub fn ejections(&self) -> anyhow::Result<u64> {
+        self.number(&self.0["ejections"], "ejections")
+    }
+
+    /// `refusals.<reason>` (a `weft-reason` value such as `rate-limit`).
+    pub fn refusals(&self, reason: &str) -> anyhow::Result<u64> {
+        self.number(&self.0["refusals"][reason], &format!("refusals.{reason}"))
     }
 }

@@ -14,20 +14,27 @@
 //! | `/grpc` | echoes the body, then trailers `grpc-status: 0`, `grpc-message: ok` and `x-seen-trailer-<name>` for each request trailer |
 //! | `/ws` | `Upgrade: websocket` -> 101, then echoes raw bytes |
 //! | `/status?code=N` | answers N |
+//! | `/hold` | answers 200 once the test calls [`Backend::release`] (at most [`HOLD_LIMIT`]) |
 //! | anything else | 200, body `backend <id>` |
 //!
 //! Every response also echoes what the proxy forwarded: `x-seen-host`,
 //! `x-seen-x-forwarded-for`, `x-seen-forwarded`, `x-seen-version`. The
 //! backend counts requests and in-flight requests (a request is in flight
 //! until its response body is finished or dropped) and records every request
-//! head for later assertions. An optional fixed latency is added before every
-//! answer. Dropping the [`Backend`] stops it and closes its connections.
+//! head for later assertions. Dropping the [`Backend`] stops it and closes its
+//! connections.
+//!
+//! Two switches change a running backend, so one test can make an instance
+//! fail and heal, or turn slow: [`Backend::set_latency`] (a delay before every
+//! answer, also settable up front with [`BackendBuilder::latency`]) and
+//! [`Backend::set_status`] (answer every request, whatever its path, with one
+//! status after reading its whole body; `None` restores the routes above).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +47,7 @@ use http_body_util::{BodyExt as _, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::client::{Body, BoxError, full};
@@ -59,10 +67,19 @@ pub struct SeenRequest {
     pub peer: SocketAddr,
 }
 
-#[derive(Debug, Default)]
+/// The longest a `/hold` request waits for [`Backend::release`], so a test
+/// that forgets to release cannot hang.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
 struct State {
     id: String,
-    latency: Duration,
+    /// Delay before every answer, in microseconds.
+    latency_us: AtomicU64,
+    /// Status forced on every answer; 0 when the routes answer normally.
+    forced_status: AtomicU16,
+    /// Bumped by [`Backend::release`]; `/hold` waits for it to change.
+    release: watch::Sender<u64>,
     requests: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
@@ -116,8 +133,13 @@ impl BackendBuilder {
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             id: self.id,
-            latency: self.latency,
-            ..State::default()
+            latency_us: AtomicU64::new(micros(self.latency)),
+            forced_status: AtomicU16::new(0),
+            release: watch::Sender::new(0),
+            requests: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(Backend { addr, state, task })
@@ -181,6 +203,43 @@ impl Backend {
     pub fn last_seen(&self) -> Option<SeenRequest> {
         self.state.seen.lock().unwrap().last().cloned()
     }
+
+    /// How many requests arrived with header `name` equal to `value`.
+    pub fn seen_with(&self, name: &str, value: &str) -> usize {
+        self.state
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|seen| seen.headers.get(name).is_some_and(|v| v == value))
+            .count()
+    }
+
+    /// Changes the delay added before every answer, from the next request on.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state
+            .latency_us
+            .store(micros(latency), Ordering::SeqCst);
+    }
+
+    /// Forces every answer to `status` (after reading the request body), or
+    /// with `None` goes back to answering by path.
+    pub fn set_status(&self, status: Option<u16>) {
+        self.state
+            .forced_status
+            .store(status.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// Lets every `/hold` request that has arrived so far answer.
+    pub fn release(&self) {
+        self.state
+            .release
+            .send_modify(|generation| *generation += 1);
+    }
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl Drop for Backend {
@@ -237,6 +296,9 @@ async fn handle(
     peer: SocketAddr,
     mut request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // Subscribed before the request counts as arrived or in flight, so a test
+    // that sees it in flight and calls `release` always lets it go.
+    let mut release = state.release.subscribe();
     let in_flight = InFlight::new(&state);
     state.requests.fetch_add(1, Ordering::SeqCst);
     let host = request
@@ -260,13 +322,30 @@ async fn handle(
     };
     state.seen.lock().unwrap().push(seen.clone());
 
-    if !state.latency.is_zero() {
-        tokio::time::sleep(state.latency).await;
+    let latency = Duration::from_micros(state.latency_us.load(Ordering::SeqCst));
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
     }
 
     let params = query(&request);
     let path = request.uri().path().to_owned();
+    let forced = state.forced_status.load(Ordering::SeqCst);
     let mut response = match path.as_str() {
+        _ if forced != 0 => {
+            // Read the whole body first, as a real server answering an error
+            // would, so the proxy never sees a reset while it is still sending.
+            let read = request
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len());
+            let mut response = Response::new(full(format!(
+                "forced status {forced} (read {read:?} body bytes)"
+            )));
+            *response.status_mut() =
+                StatusCode::from_u16(forced).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            response
+        }
         "/echo" => Response::new(request.into_body().map_err(BoxError::from).boxed()),
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(number(&params, "ms", 1000))).await;
@@ -282,6 +361,10 @@ async fn handle(
             *response.status_mut() =
                 StatusCode::from_u16(code as u16).unwrap_or(StatusCode::BAD_REQUEST);
             response
+        }
+        "/hold" => {
+            let _ = tokio::time::timeout(HOLD_LIMIT, release.changed()).await;
+            Response::new(full(format!("held {}", state.id)))
         }
         _ => Response::new(full(format!("backend {}", state.id))),
     };
@@ -527,5 +610,69 @@ mod tests {
         assert_eq!(reply.text(), "chunk 0\nchunk 1\nchunk 2\n");
         let reply = client.get("http://a/status?code=503").await.unwrap();
         assert_eq!(reply.status, 503);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn switches_change_a_running_backend() {
+        let backend = Backend::start("a").await.unwrap();
+        let client = Client::host_header(backend.addr());
+        backend.set_status(Some(503));
+        let reply = client.post("http://a/echo", "body").await.unwrap();
+        assert_eq!(reply.status, 503);
+        assert_eq!(reply.backend(), Some("a"));
+        assert!(reply.text().contains("read Ok(4)"), "{}", reply.text());
+        backend.set_status(None);
+        client
+            .get("http://a/")
+            .await
+            .unwrap()
+            .expect_status(200)
+            .unwrap();
+
+        backend.set_latency(Duration::from_millis(150));
+        let started = tokio::time::Instant::now();
+        client.get("http://a/").await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        backend.set_latency(Duration::ZERO);
+
+        let request = Request::get("http://a/").header("x-request-id", "r1");
+        client
+            .request(request.body(crate::client::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(backend.seen_with("x-request-id", "r1"), 1);
+        assert_eq!(backend.seen_with("x-request-id", "r2"), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hold_answers_only_once_released() {
+        let backend = Backend::start("a").await.unwrap();
+        let client = Client::host_header(backend.addr());
+        let held: Vec<_> = (0..3)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move { client.get("http://a/hold").await })
+            })
+            .collect();
+        crate::eventually(Duration::from_secs(5), || async {
+            anyhow::ensure!(
+                backend.in_flight() == 3,
+                "{} in flight",
+                backend.in_flight()
+            );
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert!(held.iter().all(|h| !h.is_finished()));
+        backend.release();
+        for handle in held {
+            let reply = crate::within(Duration::from_secs(5), "released", handle)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(reply.text(), "held a");
+        }
     }
 }

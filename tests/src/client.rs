@@ -155,6 +155,26 @@ impl Client {
     pub async fn post(&self, uri: &str, body: impl Into<Bytes>) -> anyhow::Result<Reply> {
         self.request(Request::post(uri).body(full(body))?).await
     }
+
+    /// `method uri` with extra `headers` and `body`, whole response.
+    pub async fn send_with(
+        &self,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<Reply> {
+        let mut request = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        self.request(request.body(full(body))?).await
+    }
+
+    /// `GET uri` with extra `headers`, whole response.
+    pub async fn get_with(&self, uri: &str, headers: &[(&str, &str)]) -> anyhow::Result<Reply> {
+        self.send_with("GET", uri, headers, Bytes::new()).await
+    }
 }
 
 /// A fully read response.
@@ -203,6 +223,45 @@ impl Reply {
     /// The body as text (lossy).
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The `weft-reason` header: why the proxy answered itself.
+    pub fn reason(&self) -> Option<&str> {
+        self.header("weft-reason")
+    }
+
+    /// The `weft-limit` header: which policy key refused the request.
+    pub fn limit(&self) -> Option<&str> {
+        self.header("weft-limit")
+    }
+
+    /// Fails unless this is the proxy refusing with `status`, `weft-reason:
+    /// reason` and `weft-limit: limit`; a 429 must also say `retry-after` in
+    /// whole seconds, at least 1. The backend must not have answered it.
+    pub fn expect_refusal(&self, status: u16, reason: &str, limit: &str) -> anyhow::Result<&Self> {
+        self.expect_status(status)?;
+        let describe = || format!("headers {:?}, body {:?}", self.headers, self.text());
+        if self.reason() != Some(reason) || self.limit() != Some(limit) {
+            bail!(
+                "expected weft-reason {reason:?} and weft-limit {limit:?}, got {:?} and {:?} ({})",
+                self.reason(),
+                self.limit(),
+                describe()
+            );
+        }
+        if let Some(backend) = self.backend() {
+            bail!("a refusal came from backend {backend:?} ({})", describe());
+        }
+        if status == 429 {
+            let retry_after = self.header("retry-after").unwrap_or_default();
+            if !retry_after.parse::<u64>().is_ok_and(|secs| secs >= 1) {
+                bail!(
+                    "a 429 needs retry-after in whole seconds >= 1, got {retry_after:?} ({})",
+                    describe()
+                );
+            }
+        }
+        Ok(self)
     }
 
     /// Fails unless the status is `want`, showing what came instead.

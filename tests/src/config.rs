@@ -31,6 +31,11 @@ impl DirService {
         }
     }
 
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// Sets `policy = FILE` (relative to the bootstrap file).
     pub fn policy(mut self, file: &str) -> Self {
         self.policy = Some(file.to_owned());
@@ -64,10 +69,20 @@ impl DirService {
     }
 }
 
+/// The `[service]` section: the instance the sidecar fronts.
+#[derive(Debug, Clone)]
+struct LocalApp {
+    name: String,
+    addr: SocketAddr,
+    policy: Option<String>,
+    instances: Option<u32>,
+    metadata: Vec<(String, String)>,
+}
+
 /// A bootstrap file for a standalone sidecar on loopback.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
-    app: Option<(String, SocketAddr)>,
+    app: Option<LocalApp>,
     dns: Option<SocketAddr>,
     grace: String,
     services: Vec<DirService>,
@@ -92,7 +107,40 @@ impl Bootstrap {
 
     /// Adds `[service]` with this name and local app address.
     pub fn app(mut self, name: &str, addr: SocketAddr) -> Self {
-        self.app = Some((name.to_owned(), addr));
+        self.app = Some(LocalApp {
+            name: name.to_owned(),
+            addr,
+            policy: None,
+            instances: None,
+            metadata: Vec::new(),
+        });
+        self
+    }
+
+    fn local_app(&mut self) -> &mut LocalApp {
+        self.app
+            .as_mut()
+            .expect("call Bootstrap::app before setting [service] keys")
+    }
+
+    /// Sets `[service] policy = FILE` (relative to the bootstrap file).
+    pub fn app_policy(mut self, file: &str) -> Self {
+        self.local_app().policy = Some(file.to_owned());
+        self
+    }
+
+    /// Sets `[service] instances` (the share of service-wide limits).
+    pub fn instances(mut self, instances: u32) -> Self {
+        self.local_app().instances = Some(instances);
+        self
+    }
+
+    /// Sets `[service] metadata` (e.g. the caller's own `zone`).
+    pub fn app_metadata(mut self, metadata: &[(&str, &str)]) -> Self {
+        self.local_app().metadata = metadata
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         self
     }
 
@@ -117,8 +165,23 @@ impl Bootstrap {
     /// The TOML text.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        if let Some((name, app)) = &self.app {
-            writeln!(out, "[service]\nname = {name:?}\napp = \"{app}\"\n").unwrap();
+        if let Some(app) = &self.app {
+            writeln!(
+                out,
+                "[service]\nname = {:?}\napp = \"{}\"",
+                app.name, app.addr
+            )
+            .unwrap();
+            if let Some(policy) = &app.policy {
+                writeln!(out, "policy = {policy:?}").unwrap();
+            }
+            if let Some(instances) = app.instances {
+                writeln!(out, "instances = {instances}").unwrap();
+            }
+            if !app.metadata.is_empty() {
+                writeln!(out, "metadata = {{ {} }}", inline_table(&app.metadata)).unwrap();
+            }
+            out.push('\n');
         }
         out.push_str(
             "[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n",
@@ -142,11 +205,7 @@ impl Bootstrap {
             }
             out.push_str("endpoints = [\n");
             for (addr, metadata) in &service.endpoints {
-                let metadata = metadata
-                    .iter()
-                    .map(|(k, v)| format!("{k} = {v:?}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let metadata = inline_table(metadata);
                 writeln!(
                     out,
                     "  {{ address = \"{addr}\", metadata = {{ {metadata} }} }},"
@@ -157,6 +216,21 @@ impl Bootstrap {
         }
         out
     }
+}
+
+/// `k1 = "v1", k2 = "v2"`: the inside of a TOML inline table of strings.
+fn inline_table(pairs: &[(String, String)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k} = {v:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A policy file for `service`: the `service` key, then `body` (TOML tables
+/// written by the test, so the policy under test reads as the user writes it).
+pub fn policy_file(service: &str, body: &str) -> String {
+    format!("service = {service:?}\n\n{body}\n")
 }
 
 /// A policy file for `service` that only picks the outbound load balancer.
@@ -210,5 +284,26 @@ endpoints = [
 
 "#;
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn renders_service_policy_instances_and_metadata() {
+        let text = Bootstrap::new()
+            .app("billing", "127.0.0.1:8080".parse().unwrap())
+            .app_policy("billing.toml")
+            .instances(2)
+            .app_metadata(&[("zone", "z1")])
+            .render();
+        assert!(
+            text.starts_with(
+                "[service]\nname = \"billing\"\napp = \"127.0.0.1:8080\"\npolicy = \"billing.toml\"\n\
+                 instances = 2\nmetadata = { zone = \"z1\" }\n\n[listen]\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(
+            policy_file("billing", "[inbound]\nmax_concurrency = 2"),
+            "service = \"billing\"\n\n[inbound]\nmax_concurrency = 2\n"
+        );
     }
 }

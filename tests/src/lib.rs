@@ -15,6 +15,8 @@
 //!   (`/echo`, `/slow`, `/drip`, `/grpc`, `/ws`, `/pattern`, ...).
 //! - [`dns`]: a tiny authoritative DNS server on UDP and TCP whose records a
 //!   test can change at run time.
+//! - [`mesh`]: one-call setups for the two sides of a policy: a caller's
+//!   sidecar (outbound keys) and a service's own sidecar (inbound keys).
 //! - [`client`]: HTTP clients that send through the proxy in absolute form,
 //!   with a Host header, or as HTTP/2 prior knowledge, plus a raw TCP client
 //!   for byte-exact requests and upgrades.
@@ -27,8 +29,10 @@
 //! runner shows it for failing tests only.
 //!
 //! This file holds what every scenario needs: [`eventually`], which replaces
-//! every "sleep and hope" with a polled condition and a bounded deadline, and
-//! the deterministic byte [`pattern`] used to verify large bodies.
+//! every "sleep and hope" with a polled condition and a bounded deadline,
+//! [`paced`] and [`timed`] for load at a known rate and latencies measured
+//! per request, and the deterministic byte [`pattern`] used to verify large
+//! bodies.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;
@@ -36,6 +40,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod dns;
+pub mod mesh;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -43,7 +48,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{Context as _, anyhow};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::client::{Client, Reply};
@@ -112,6 +118,59 @@ pub fn tally<'a>(replies: impl IntoIterator<Item = &'a Reply>) -> BTreeMap<Strin
         *counts.entry(id).or_default() += 1;
     }
     counts
+}
+
+/// How many of `replies` came back with each status code.
+pub fn statuses<'a>(replies: impl IntoIterator<Item = &'a Reply>) -> BTreeMap<u16, usize> {
+    let mut counts = BTreeMap::new();
+    for reply in replies {
+        *counts.entry(reply.status.as_u16()).or_default() += 1;
+    }
+    counts
+}
+
+/// Runs `future` and returns its output with how long it took.
+pub async fn timed<T>(future: impl Future<Output = T>) -> (T, Duration) {
+    let started = Instant::now();
+    let output = future.await;
+    (output, started.elapsed())
+}
+
+/// Awaits every task (each bounded by the client's request timeout, plus
+/// slack), failing on the first error or panic.
+pub async fn join_all<T>(tasks: Vec<JoinHandle<anyhow::Result<T>>>) -> anyhow::Result<Vec<T>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for (i, task) in tasks.into_iter().enumerate() {
+        let joined = within(
+            client::REQUEST_TIMEOUT + Duration::from_secs(5),
+            "a spawned request",
+            task,
+        )
+        .await?;
+        out.push(joined.with_context(|| format!("task {i} panicked"))??);
+    }
+    Ok(out)
+}
+
+/// Starts `count` requests, one every `interval` whatever the answers take
+/// (each on its own task, so a slow answer does not slow the load), and
+/// waits for all of them. `send(i)` makes the i-th request.
+pub async fn paced<F, Fut>(
+    count: usize,
+    interval: Duration,
+    mut send: F,
+) -> anyhow::Result<Vec<Reply>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = anyhow::Result<Reply>> + Send + 'static,
+{
+    let mut ticks = tokio::time::interval(interval);
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        ticks.tick().await;
+        tasks.push(tokio::spawn(send(i)));
+    }
+    join_all(tasks).await
 }
 
 /// A loopback address nothing listens on (bound, then released).
