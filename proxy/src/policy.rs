@@ -82,6 +82,8 @@ pub struct OutboundPolicy {
     pub splits: Vec<Split>,
     pub rate_limit: Option<RateLimit>,
     budget: Arc<TpsBudget>,
+    /// `outbound.retry`, else the default retry policy (resolved once).
+    default_retry: Retry,
     pub stats: Arc<Stats>,
 }
 
@@ -136,6 +138,7 @@ impl OutboundPolicy {
                     .map(|r| r.get()),
             ),
             splits: policy.map(|p| p.splits.clone()).unwrap_or_default(),
+            default_retry: outbound.retry.clone().unwrap_or_default(),
             route_plans,
             route_config: routes,
             outbound,
@@ -156,7 +159,9 @@ impl OutboundPolicy {
     pub fn plan(&self, index: Option<usize>) -> RoutePlan<'_> {
         let route = index.and_then(|i| self.route_config.get(i));
         let compiled = index.and_then(|i| self.route_plans.get(i));
-        let settings = self.outbound.settings_for(route);
+        let retry = route
+            .and_then(|r| r.retry.as_ref())
+            .unwrap_or(&self.default_retry);
         RoutePlan {
             route: route.map(|r| r.name.as_str()),
             timeout: compiled.map_or_else(|| self.default_timeout.clone(), |c| c.timeout.clone()),
@@ -164,7 +169,7 @@ impl OutboundPolicy {
                 || self.default_per_try.clone(),
                 |c| c.per_try_timeout.clone(),
             ),
-            retry: settings.retry,
+            retry: Cow::Borrowed(retry),
             budget: compiled
                 .and_then(|c| c.budget.as_deref())
                 .unwrap_or(&self.budget),

@@ -53,7 +53,7 @@ impl DirService {
         self.endpoint_with(addr, &[("zone", "z1"), ("version", "v1")])
     }
 
-    /// Adds an endpoint with the given metadata.
+    /// Adds an endpoint with the given metadata (`weight` is written as a number).
     pub fn endpoint_with(mut self, addr: SocketAddr, metadata: &[(&str, &str)]) -> Self {
         let metadata = metadata
             .iter()
@@ -218,11 +218,15 @@ impl Bootstrap {
     }
 }
 
-/// `k1 = "v1", k2 = "v2"`: the inside of a TOML inline table of strings.
+/// `k1 = "v1", k2 = "v2"`: the inside of a TOML inline table of strings,
+/// except `weight`, which the schema wants as a number.
 fn inline_table(pairs: &[(String, String)]) -> String {
     pairs
         .iter()
-        .map(|(k, v)| format!("{k} = {v:?}"))
+        .map(|(k, v)| match k.as_str() {
+            "weight" => format!("{k} = {v}"),
+            _ => format!("{k} = {v:?}"),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -293,11 +297,21 @@ endpoints = [
             .app_policy("billing.toml")
             .instances(2)
             .app_metadata(&[("zone", "z1")])
+            .service(DirService::new("b").endpoint_with(
+                "127.0.0.1:1".parse().unwrap(),
+                &[("version", "v2"), ("weight", "50")],
+            ))
             .render();
         assert!(
             text.starts_with(
                 "[service]\nname = \"billing\"\napp = \"127.0.0.1:8080\"\npolicy = \"billing.toml\"\n\
                  instances = 2\nmetadata = { zone = \"z1\" }\n\n[listen]\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  { address = \"127.0.0.1:1\", metadata = { version = \"v2\", weight = 50 } },\n"
             ),
             "{text}"
         );
