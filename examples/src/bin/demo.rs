@@ -46,7 +46,11 @@ struct Backend {
     addr: SocketAddr,
 }
 
-async fn start_backend(name: &'static str, delay: Duration) -> anyhow::Result<SocketAddr> {
+async fn start_backend(
+    name: &'static str,
+    delay: Duration,
+    status: StatusCode,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
@@ -71,6 +75,7 @@ async fn start_backend(name: &'static str, delay: Duration) -> anyhow::Result<So
                         req.uri().path()
                     );
                     let mut rsp = Response::new(Full::new(Bytes::from(body)));
+                    *rsp.status_mut() = status;
                     rsp.headers_mut()
                         .insert("x-instance", http::HeaderValue::from_static(name));
                     Ok::<_, Infallible>(rsp)
@@ -84,7 +89,7 @@ async fn start_backend(name: &'static str, delay: Duration) -> anyhow::Result<So
     Ok(addr)
 }
 
-fn bootstrap(backends: &[Backend], include_slow: bool) -> String {
+fn bootstrap(backends: &[Backend], broken: SocketAddr, include_slow: bool) -> String {
     let endpoints: Vec<String> = backends
         .iter()
         .filter(|b| include_slow || b.delay.is_zero())
@@ -96,6 +101,12 @@ fn bootstrap(backends: &[Backend], include_slow: bool) -> String {
         })
         .collect();
     let endpoints = endpoints.join("\n");
+    let fast: Vec<String> = backends
+        .iter()
+        .filter(|b| b.delay.is_zero())
+        .map(|b| format!("  {{ address = \"{}\" }},", b.addr))
+        .collect();
+    let fast = fast.join("\n");
     format!(
         r#"# Written by weft-demo: a standalone sidecar with two logical services.
 [listen]
@@ -118,6 +129,21 @@ name = "billing"
 policy = "billing.toml"
 endpoints = [
 {endpoints}
+]
+
+[[directory.services]]
+name = "orders"
+policy = "orders.toml"
+endpoints = [
+{fast}
+  {{ address = "{broken}" }},
+]
+
+[[directory.services]]
+name = "search"
+policy = "search.toml"
+endpoints = [
+{fast}
 ]
 "#
     )
@@ -276,10 +302,13 @@ async fn main() -> anyhow::Result<()> {
         },
     ];
     for b in &mut backends {
-        b.addr = start_backend(b.name, b.delay).await?;
+        b.addr = start_backend(b.name, b.delay, StatusCode::OK).await?;
     }
+    let broken = start_backend("broken", Duration::ZERO, StatusCode::SERVICE_UNAVAILABLE).await?;
     println!("Weft demo\n=========\n");
-    println!("Three instances of a demo app (instance-c answers 25 ms slower):");
+    println!(
+        "Three instances of a demo app (instance-c answers 25 ms slower), and one broken instance (always 503) at {broken}:"
+    );
     for b in &backends {
         println!(
             "  {:<11} {}  zone={} version={}",
@@ -297,7 +326,15 @@ async fn main() -> anyhow::Result<()> {
         dir.join("billing.toml"),
         "service = \"billing\"\n\n[outbound]\nload_balancer = \"p2c-ewma\"\n",
     )?;
-    std::fs::write(dir.join("weft.toml"), bootstrap(&backends, true))?;
+    std::fs::write(
+        dir.join("orders.toml"),
+        "service = \"orders\"\n\n[outbound]\nload_balancer = \"round-robin\"\noutlier = { consecutive_failures = 3, ejection = \"30s\" }\nretry = { attempts = 2, on = [\"connect-failure\", \"503\"] }\n",
+    )?;
+    std::fs::write(
+        dir.join("search.toml"),
+        "service = \"search\"\n\n[outbound]\nrate_limit = { per_second = 20, burst = 5 }\n",
+    )?;
+    std::fs::write(dir.join("weft.toml"), bootstrap(&backends, broken, true))?;
     println!("\nBootstrap file: {}", dir.join("weft.toml").display());
 
     let proxy = start_proxy(&args.proxy, &dir).await?;
@@ -321,7 +358,7 @@ async fn main() -> anyhow::Result<()> {
     round(&client, proxy.outbound, "billing", args.requests, 8).await?;
 
     println!("\n3. Live reload: instance-c removed from the bootstrap file, then SIGHUP");
-    std::fs::write(dir.join("weft.toml"), bootstrap(&backends, false))?;
+    std::fs::write(dir.join("weft.toml"), bootstrap(&backends, broken, false))?;
     kill(pid, "-HUP")?;
     let admin: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
@@ -343,7 +380,36 @@ async fn main() -> anyhow::Result<()> {
     }
     round(&client, proxy.outbound, "billing", args.requests / 3, 4).await?;
 
-    println!("\n4. A name that is neither in the directory nor in DNS fails fast:");
+    println!(
+        "\n4. `orders` has a broken instance: retries hide its 503s, outlier detection ejects it"
+    );
+    round(&client, proxy.outbound, "orders", 60, 1).await?;
+
+    println!("\n5. `search` allows this caller 20 req/s (burst 5): the excess is refused at once");
+    round(&client, proxy.outbound, "search", 40, 4).await?;
+    let rsp = client
+        .request(
+            Request::get(format!("http://{}/", proxy.outbound))
+                .header(http::header::HOST, "search")
+                .body(Empty::new())?,
+        )
+        .await?;
+    let header = |name: &str| {
+        rsp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    println!(
+        "  a refused request: {} weft-reason: {} weft-limit: {} retry-after: {}",
+        rsp.status(),
+        header("weft-reason"),
+        header("weft-limit"),
+        header("retry-after")
+    );
+
+    println!("\n6. A name that is neither in the directory nor in DNS fails fast:");
     let started = Instant::now();
     let (status, reason, _) = call(&client, proxy.outbound, "no-such-service.invalid", "/").await?;
     println!(
@@ -356,7 +422,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let v: serde_json::Value =
         serde_json::from_slice(&rsp.into_body().collect().await?.to_bytes())?;
-    println!("\n5. What the sidecar sees (GET /endpoints on the admin listener):");
+    println!("\n7. What the sidecar sees (GET /endpoints on the admin listener):");
     for svc in v["services"].as_array().into_iter().flatten() {
         println!(
             "  {} ({}, {})",
@@ -364,6 +430,16 @@ async fn main() -> anyhow::Result<()> {
             svc["source"].as_str().unwrap_or("?"),
             svc["load_balancer"].as_str().unwrap_or("?")
         );
+        let counters = &svc["counters"];
+        if counters.is_object() {
+            println!(
+                "    counters: requests={} retries={} ejections={} refusals={}",
+                counters["requests"],
+                counters["retries"],
+                counters["ejections"],
+                counters["refusals"]
+            );
+        }
         for ep in svc["endpoints"].as_array().into_iter().flatten() {
             println!(
                 "    {:<21} {:<7} requests={:<5} latency_ewma={:.2}ms",
@@ -375,7 +451,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    println!("\n6. SIGTERM: drain and exit");
+    println!("\n8. SIGTERM: drain and exit");
     let mut proxy = proxy;
     kill(pid, "-TERM")?;
     let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait()).await??;

@@ -80,10 +80,18 @@ impl Balancer {
             return None;
         }
         let start = self.cursor.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|i| &endpoints[(start.wrapping_add(i)) % n])
-            .find(|e| ok(e))
-            .cloned()
+        let first = &endpoints[start % n];
+        if ok(first) {
+            return Some(Arc::clone(first));
+        }
+        // Some endpoints are filtered out: take turns among the eligible ones, so a
+        // skipped endpoint's turns are spread evenly rather than all given to its
+        // neighbour.
+        let eligible: Vec<&Arc<Endpoint>> = endpoints.iter().filter(|e| ok(e)).collect();
+        if eligible.is_empty() {
+            return None;
+        }
+        eligible.get(start % eligible.len()).map(|e| Arc::clone(e))
     }
 }
 
