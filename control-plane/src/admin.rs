@@ -1,0 +1,206 @@
+//! The admin API `weftctl` talks to: apply, get, delete and list policies and
+//! instances. HTTP/1.1 + JSON, authenticated with a bearer token.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /v1/services` | every service: name, whether it has a policy, live instances |
+//! | `GET /v1/services/<name>` | the service's policy (TOML source) and instances |
+//! | `PUT /v1/services/<name>/policy` | validate the body (TOML) with `weft-config` and store it; 400 with the same message `weft-proxy check` gives, nothing written, if it is invalid |
+//! | `DELETE /v1/services/<name>/policy` | remove the policy |
+//! | `GET /live`, `GET /ready` | liveness; readiness (the directory view follows the store) |
+//!
+//! Reads come from the in-memory view (the same one sidecars are served from);
+//! writes go to the store and show up in the view through the watch. The file name
+//! the user applied is sent in `weft-file-name` so validation errors name it.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::auth::Tokens;
+use crate::keys;
+use crate::store::{ErrorChain, Store};
+use crate::view::DirectoryView;
+
+/// Largest policy accepted (the store's own limit is 1.5 MiB).
+const MAX_POLICY_BYTES: usize = 512 * 1024;
+
+/// Shared by every admin connection.
+#[derive(Debug)]
+pub struct AdminState<S> {
+    pub store: Arc<S>,
+    pub view: watch::Receiver<Arc<DirectoryView>>,
+    /// `None` only in `--dev` mode.
+    pub tokens: Option<Tokens>,
+}
+
+type Rsp = Response<Full<Bytes>>;
+
+fn json_rsp(status: StatusCode, value: &Value) -> Rsp {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    rsp
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Rsp {
+    json_rsp(status, &json!({ "error": message.into() }))
+}
+
+/// Handle one admin request.
+pub async fn handle<S: Store>(
+    state: Arc<AdminState<S>>,
+    req: Request<Incoming>,
+) -> Result<Rsp, Infallible> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/live") => return Ok(error(StatusCode::OK, "live")),
+        (&Method::GET, "/ready") => {
+            let live = state.view.borrow().live;
+            return Ok(if live {
+                json_rsp(StatusCode::OK, &json!({ "ready": true }))
+            } else {
+                error(StatusCode::SERVICE_UNAVAILABLE, "not following the store")
+            });
+        }
+        _ => {}
+    }
+    if let Some(tokens) = &state.tokens {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !presented.is_some_and(|t| tokens.accepts(t)) {
+            let mut rsp = error(StatusCode::UNAUTHORIZED, "a valid bearer token is required");
+            rsp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return Ok(rsp);
+        }
+    }
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let rsp = match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["v1", "services"]) => list(&state),
+        (Method::GET, ["v1", "services", name]) => get(&state, name),
+        (Method::PUT, ["v1", "services", name, "policy"]) => {
+            let name = (*name).to_owned();
+            put_policy(&state, &name, req).await
+        }
+        (Method::DELETE, ["v1", "services", name, "policy"]) => delete_policy(&state, name).await,
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no such admin resource: {path}"),
+        ),
+    };
+    Ok(rsp)
+}
+
+fn list<S>(state: &AdminState<S>) -> Rsp {
+    let view = Arc::clone(&state.view.borrow());
+    let services: Vec<Value> = view
+        .services
+        .values()
+        .map(|s| json!({ "name": s.name, "policy": s.policy_toml.is_some(), "instances": s.instances.len() }))
+        .collect();
+    json_rsp(
+        StatusCode::OK,
+        &json!({ "revision": view.revision.0, "live": view.live, "services": services }),
+    )
+}
+
+fn get<S>(state: &AdminState<S>, name: &str) -> Rsp {
+    let view = Arc::clone(&state.view.borrow());
+    match view.services.get(name) {
+        Some(s) => json_rsp(
+            StatusCode::OK,
+            &json!({
+                "revision": view.revision.0,
+                "name": s.name,
+                "policy": s.policy_toml.as_deref(),
+                "instances": s.instances.values().map(|i| &**i).collect::<Vec<_>>(),
+            }),
+        ),
+        None => error(StatusCode::NOT_FOUND, format!("no service {name:?}")),
+    }
+}
+
+async fn put_policy<S: Store>(state: &AdminState<S>, name: &str, req: Request<Incoming>) -> Rsp {
+    let file = req
+        .headers()
+        .get("weft-file-name")
+        .and_then(|v| v.to_str().ok())
+        .filter(|f| !f.is_empty())
+        .map_or_else(|| format!("<{name}>"), str::to_owned);
+    let body = match Limited::new(req.into_body(), MAX_POLICY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a policy file is at most {MAX_POLICY_BYTES} bytes"),
+            );
+        }
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{file}: the policy is not UTF-8 text"),
+        );
+    };
+    let policy = match weft_config::parse_policy(text, Path::new(&file)) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    if policy.service.as_str() != name {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{file}: the policy is for service {:?}, not {name:?}",
+                policy.service.as_str()
+            ),
+        );
+    }
+    let key = keys::policy_key(name);
+    match state.store.put(&key, body, None).await {
+        Ok(revision) => {
+            tracing::info!(service = name, store.revision = %revision, "policy applied");
+            json_rsp(
+                StatusCode::OK,
+                &json!({ "service": name, "revision": revision.0 }),
+            )
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("writing the policy failed: {}", ErrorChain(&e)),
+        ),
+    }
+}
+
+async fn delete_policy<S: Store>(state: &AdminState<S>, name: &str) -> Rsp {
+    let key = keys::policy_key(name);
+    match state.store.delete(&key).await {
+        Ok(true) => json_rsp(StatusCode::OK, &json!({ "service": name, "deleted": true })),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("service {name:?} has no policy"),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("deleting the policy failed: {}", ErrorChain(&e)),
+        ),
+    }
+}

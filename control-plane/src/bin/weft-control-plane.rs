@@ -1,0 +1,177 @@
+//! `weft-control-plane`: keeps the directory and every service's policy in a
+//! store (etcd, or an embedded in-memory store with `--dev`) and serves them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+use weft_control_plane::admin::{self, AdminState};
+use weft_control_plane::auth::Tokens;
+use weft_control_plane::store::etcd::{
+    ClientCert, EtcdOptions, EtcdStore, EtcdTls, EtcdUser, Password,
+};
+use weft_control_plane::store::memory::{MemoryOptions, MemoryStore};
+use weft_control_plane::store::{AnyStore, DEFAULT_KEY_PREFIX};
+use weft_control_plane::view;
+
+#[derive(Debug, Parser)]
+#[command(name = "weft-control-plane", version, about = "The Weft control plane")]
+struct Args {
+    /// Use an embedded in-memory store instead of etcd. Nothing persists.
+    #[arg(long, conflicts_with = "etcd")]
+    dev: bool,
+    /// etcd endpoints (comma-separated), e.g. https://etcd-0:2379,https://etcd-1:2379.
+    #[arg(long, value_delimiter = ',', required_unless_present = "dev")]
+    etcd: Vec<String>,
+    /// Key prefix in etcd.
+    #[arg(long, default_value = DEFAULT_KEY_PREFIX)]
+    etcd_prefix: String,
+    /// CA certificate (PEM) that signed the etcd members' certificates.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd.
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user; the password is read from --etcd-password-file.
+    #[arg(long, requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    #[arg(long)]
+    etcd_password_file: Option<PathBuf>,
+    /// The admin API (weftctl).
+    #[arg(long, default_value = "127.0.0.1:8444")]
+    admin: SocketAddr,
+    /// Bearer tokens accepted by the admin API, one per line. Required unless --dev.
+    #[arg(long, required_unless_present = "dev")]
+    token_file: Option<PathBuf>,
+    /// Once listening, write the bound addresses (JSON) to this file.
+    #[arg(long)]
+    bound_file: Option<PathBuf>,
+    /// Log format: plain or json.
+    #[arg(long, default_value = "plain")]
+    log_format: String,
+}
+
+async fn store(args: &Args) -> anyhow::Result<AnyStore> {
+    if args.dev {
+        tracing::warn!(
+            "--dev: using the embedded in-memory store; NOTHING PERSISTS, every registration and policy is lost when this process exits"
+        );
+        return Ok(MemoryStore::new(MemoryOptions::default()).into());
+    }
+    let mut options = EtcdOptions::new(args.etcd.clone());
+    options.key_prefix = args.etcd_prefix.clone();
+    if let Some(ca_file) = &args.etcd_ca {
+        options.tls = Some(EtcdTls {
+            ca_file: ca_file.clone(),
+            client_cert: match (&args.etcd_cert, &args.etcd_key) {
+                (Some(cert_file), Some(key_file)) => Some(ClientCert {
+                    cert_file: cert_file.clone(),
+                    key_file: key_file.clone(),
+                }),
+                _ => None,
+            },
+            domain: None,
+        });
+    }
+    if let (Some(name), Some(file)) = (&args.etcd_user, &args.etcd_password_file) {
+        let password = std::fs::read_to_string(file)
+            .with_context(|| format!("reading the etcd password file {}", file.display()))?;
+        options.user = Some(EtcdUser {
+            name: name.clone(),
+            password: Password::new(password.trim_end_matches(['\r', '\n'])),
+        });
+    }
+    let store = EtcdStore::connect(options)
+        .await
+        .context("connecting to etcd")?;
+    Ok(store.into())
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let tokens = match &args.token_file {
+        Some(path) => Some(Tokens::from_file(path)?),
+        None => {
+            tracing::warn!(
+                "--dev without --token-file: the admin API accepts requests without a token"
+            );
+            None
+        }
+    };
+    let store = Arc::new(store(&args).await?);
+    let stop = CancellationToken::new();
+    let (view, view_task) = view::follow(Arc::clone(&store), stop.clone());
+
+    let admin_listener = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("binding the admin listener to {}", args.admin))?;
+    let admin_addr = admin_listener.local_addr()?;
+    if let Some(path) = &args.bound_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(&serde_json::json!({ "admin": admin_addr }))?,
+        )?;
+        std::fs::rename(&tmp, path)?;
+    }
+    tracing::info!(listen.admin = %admin_addr, "weft-control-plane ready");
+    let state = Arc::new(AdminState {
+        store: Arc::clone(&store),
+        view,
+        tokens,
+    });
+    let admin_task = tokio::spawn(weft_control_plane::serve::http(
+        admin_listener,
+        stop.clone(),
+        move |req| admin::handle(Arc::clone(&state), req),
+    ));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    stop.cancel();
+    let _ = admin_task.await;
+    let _ = view_task.await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Weft's control plane: it keeps the service directory and every service's
+//! policy in a store and pushes them to sidecars.
+//!
+//! Replicas are stateless: every piece of state lives in the [`store`], which
+//! is etcd in production or an embedded in-memory store for one machine
+//! (`--dev`). Both implement one [`store::Store`] trait and pass one
+//! conformance suite (`tests/store_conformance.rs`), so everything above the
+//! store is written once.
+//!
+//! # Layout
+//!
+//! - [`store`]: the `Store` trait, its value types and errors, and the lease
+//!   keep-alive helper.
+//! - [`store::memory`]: the embedded store.
+//! - [`store::etcd`]: the etcd store.
+//! - [`keys`]: the key layout (`services/<name>/policy`, `services/<name>/instances/<id>`).
+//! - [`view`]: one watch on the store, kept in memory as the directory every
+//!   subscriber is served from.
+//! - [`admin`]: the admin API `weftctl` uses; [`auth`]: its bearer tokens.
+//! - [`serve`]: the HTTP server loop.
+
+pub mod admin;
+pub mod auth;
+pub mod keys;
+pub mod serve;
+pub mod store;
+pub mod view;

@@ -1,0 +1,330 @@
+//! The control plane's view of the directory: one watch on the store, held in
+//! memory, fanned out to every subscriber.
+//!
+//! A single task lists the services prefix, then watches it from the listed
+//! revision, applying each batch of changes to an immutable [`DirectoryView`]
+//! published through a `watch` channel. However many sidecars subscribe, the store
+//! sees one watch per control-plane replica; subscribers read the latest view
+//! (a `watch` channel only keeps the newest, which coalesces bursts for slow
+//! readers).
+//!
+//! Entries are validated on the way in, with the same rules sidecars apply: a
+//! policy that does not pass `weft-config` validation (written to etcd by hand,
+//! say) or an instance record that does not parse is logged and left out.
+//!
+//! Static stability: when the store is unreachable the last view stays published
+//! and the task retries with jittered backoff; after a compaction it re-lists.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use weft_api::InstanceRecord;
+
+use crate::keys::{self, Key};
+use crate::store::{KeyValue, Revision, Store, StoreError, WatchEvent};
+
+/// Backoff bounds when the store is unreachable.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// One service as the store describes it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceEntry {
+    pub name: String,
+    /// The policy's TOML source, validated.
+    pub policy_toml: Option<Arc<str>>,
+    pub instances: BTreeMap<String, Arc<InstanceRecord>>,
+}
+
+impl ServiceEntry {
+    fn is_empty(&self) -> bool {
+        self.policy_toml.is_none() && self.instances.is_empty()
+    }
+}
+
+/// An immutable snapshot of every service.
+#[derive(Debug, Clone, Default)]
+pub struct DirectoryView {
+    /// The store revision this view reflects.
+    pub revision: Revision,
+    pub services: BTreeMap<String, Arc<ServiceEntry>>,
+    /// Whether the view is currently following the store (false while it is
+    /// unreachable: the view is the last one known).
+    pub live: bool,
+}
+
+impl DirectoryView {
+    fn apply(&mut self, kv: Option<&KeyValue>, key: &str) {
+        let Some(parsed) = keys::parse(key) else {
+            return;
+        };
+        let service = match parsed {
+            Key::Policy { service } | Key::Instance { service, .. } => service,
+        };
+        let mut entry = self
+            .services
+            .get(service)
+            .map(|e| (**e).clone())
+            .unwrap_or_else(|| ServiceEntry {
+                name: service.to_owned(),
+                ..ServiceEntry::default()
+            });
+        match (parsed, kv) {
+            (Key::Policy { .. }, Some(kv)) => match validate_policy(service, &kv.value) {
+                Ok(text) => entry.policy_toml = Some(text.into()),
+                Err(error) => {
+                    tracing::error!(store.key = key, %error, "ignoring an invalid policy in the store");
+                    return;
+                }
+            },
+            (Key::Policy { .. }, None) => entry.policy_toml = None,
+            (Key::Instance { id, .. }, Some(kv)) => {
+                match serde_json::from_slice::<InstanceRecord>(&kv.value) {
+                    Ok(record) if record.service.as_str() == service && record.id == id => {
+                        entry.instances.insert(id.to_owned(), Arc::new(record));
+                    }
+                    Ok(_) => {
+                        tracing::error!(
+                            store.key = key,
+                            "ignoring an instance record whose service or id does not match its key"
+                        );
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::error!(store.key = key, %error, "ignoring an unreadable instance record");
+                        return;
+                    }
+                }
+            }
+            (Key::Instance { id, .. }, None) => {
+                entry.instances.remove(id);
+            }
+        }
+        if entry.is_empty() {
+            self.services.remove(service);
+        } else {
+            self.services.insert(service.to_owned(), Arc::new(entry));
+        }
+    }
+}
+
+/// Validate a stored policy with the sidecars' own rules.
+pub fn validate_policy(service: &str, value: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(value).map_err(|_| "the policy is not UTF-8 text".to_owned())?;
+    let origin = format!("<store:{service}>");
+    let policy = weft_config::parse_policy(text, Path::new(&origin)).map_err(|e| e.to_string())?;
+    if policy.service.as_str() != service {
+        return Err(format!(
+            "the policy is for service {:?} but stored under {service:?}",
+            policy.service.as_str()
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// Start following the store; returns the view's receiver.
+pub fn follow<S: Store + 'static>(
+    store: Arc<S>,
+    stop: CancellationToken,
+) -> (
+    watch::Receiver<Arc<DirectoryView>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = watch::channel(Arc::new(DirectoryView::default()));
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = run(store, tx) => {}
+        }
+    });
+    (rx, task)
+}
+
+async fn run<S: Store>(store: Arc<S>, tx: watch::Sender<Arc<DirectoryView>>) {
+    let mut failures = 0u32;
+    loop {
+        match follow_once(&*store, &tx).await {
+            Ok(()) => failures = 0,
+            Err(StoreError::Compacted { .. }) => {
+                tracing::info!("watch compacted; listing again");
+                continue;
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %crate::store::ErrorChain(&error), "store unreachable; serving the last known directory");
+            }
+        }
+        tx.send_if_modified(|view| {
+            if view.live {
+                Arc::make_mut(view).live = false;
+                true
+            } else {
+                false
+            }
+        });
+        let ceiling = RETRY_MIN
+            .saturating_mul(1u32 << failures.min(6))
+            .min(RETRY_MAX);
+        let wait = rand::rng().random_range(RETRY_MIN..=ceiling.max(RETRY_MIN));
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// List, publish, then apply watch batches until the watch ends.
+async fn follow_once<S: Store>(
+    store: &S,
+    tx: &watch::Sender<Arc<DirectoryView>>,
+) -> Result<(), StoreError> {
+    let (kvs, revision) = store.list(keys::SERVICES).await?;
+    let mut view = DirectoryView {
+        revision,
+        services: BTreeMap::new(),
+        live: true,
+    };
+    for kv in &kvs {
+        view.apply(Some(kv), &kv.key);
+    }
+    tracing::info!(store.revision = %revision, services = view.services.len(), "directory loaded");
+    tx.send_replace(Arc::new(view));
+    let mut watch = store.watch(keys::SERVICES, revision).await?;
+    while let Some(batch) = watch.recv().await {
+        let batch = batch?;
+        tx.send_modify(|view| {
+            let view = Arc::make_mut(view);
+            for event in &batch.events {
+                match event {
+                    WatchEvent::Put(kv) => view.apply(Some(kv), &kv.key),
+                    WatchEvent::Delete { key, .. } => view.apply(None, key),
+                }
+            }
+            view.revision = batch.revision;
+            view.live = true;
+        });
+    }
+    Err(StoreError::unavailable("the watch ended"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::store::memory::{MemoryOptions, MemoryStore};
+    use bytes::Bytes;
+
+    fn instance_json(service: &str, id: &str, port: u16) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"service":"{service}","id":"{id}","address":"127.0.0.1:{port}","metadata":{{"zone":"z1"}}}}"#
+        ))
+    }
+
+    async fn wait_for(
+        rx: &mut watch::Receiver<Arc<DirectoryView>>,
+        what: impl Fn(&DirectoryView) -> bool,
+    ) -> Arc<DirectoryView> {
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| what(v)))
+            .await
+            .expect("the view did not reach the expected state in time")
+            .expect("the view task ended");
+        Arc::clone(&got)
+    }
+
+    #[tokio::test]
+    async fn follows_puts_deletes_and_skips_invalid_entries() {
+        let store = Arc::new(MemoryStore::new(MemoryOptions::default()));
+        store
+            .put(
+                &keys::instance_key("billing", "a"),
+                instance_json("billing", "a", 1000),
+                None,
+            )
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let (mut rx, task) = follow(Arc::clone(&store), stop.clone());
+        let v = wait_for(&mut rx, |v| v.live && v.services.contains_key("billing")).await;
+        assert_eq!(v.services["billing"].instances.len(), 1);
+
+        // A later instance, a valid policy, an invalid policy, a mismatched record.
+        store
+            .put(
+                &keys::instance_key("billing", "b"),
+                instance_json("billing", "b", 1001),
+                None,
+            )
+            .await
+            .unwrap();
+        let policy = "service = \"billing\"\n[outbound]\nload_balancer = \"round-robin\"\n";
+        store
+            .put(&keys::policy_key("billing"), Bytes::from(policy), None)
+            .await
+            .unwrap();
+        store
+            .put(
+                &keys::policy_key("orders"),
+                Bytes::from("service = \"orders\"\nbogus = 1\n"),
+                None,
+            )
+            .await
+            .unwrap();
+        store
+            .put(
+                &keys::instance_key("orders", "x"),
+                instance_json("billing", "x", 1002),
+                None,
+            )
+            .await
+            .unwrap();
+        let rev = store
+            .put("services/marker/ignored", Bytes::from("x"), None)
+            .await
+            .unwrap();
+        let v = wait_for(&mut rx, |v| v.revision >= rev).await;
+        let billing = &v.services["billing"];
+        assert_eq!(billing.instances.len(), 2);
+        assert_eq!(billing.policy_toml.as_deref(), Some(policy));
+        assert!(
+            !v.services.contains_key("orders"),
+            "invalid entries must be left out"
+        );
+
+        // Deleting everything of a service removes it.
+        store
+            .delete(&keys::instance_key("billing", "a"))
+            .await
+            .unwrap();
+        store
+            .delete(&keys::instance_key("billing", "b"))
+            .await
+            .unwrap();
+        store.delete(&keys::policy_key("billing")).await.unwrap();
+        wait_for(&mut rx, |v| !v.services.contains_key("billing")).await;
+
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn lease_expiry_removes_instances() {
+        let store = Arc::new(MemoryStore::new(MemoryOptions::default()));
+        let stop = CancellationToken::new();
+        let (mut rx, _task) = follow(Arc::clone(&store), stop.clone());
+        let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
+        store
+            .put(
+                &keys::instance_key("billing", "a"),
+                instance_json("billing", "a", 1000),
+                Some(lease),
+            )
+            .await
+            .unwrap();
+        wait_for(&mut rx, |v| v.services.contains_key("billing")).await;
+        store.revoke(lease).await.unwrap();
+        wait_for(&mut rx, |v| !v.services.contains_key("billing")).await;
+        stop.cancel();
+    }
+}

@@ -1,0 +1,209 @@
+//! What only the etcd store has, against a real etcd: paged listings, the
+//! key prefix, user/password authentication, TLS with client certificates,
+//! and failing fast (and typed) when etcd is unreachable or goes away. Shared semantics are in
+//! `store_conformance.rs`.
+
+mod support;
+
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use bytes::Bytes;
+use etcd_client::Client;
+use tokio::time::Instant;
+use weft_control_plane::store::etcd::{
+    ClientCert, ConnectError, EtcdOptions, EtcdStore, EtcdTls, EtcdUser, Password,
+};
+use weft_control_plane::store::{Store, StoreError};
+
+use support::etcd::EtcdServer;
+use support::tls::TestPki;
+
+fn bytes(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+#[tokio::test]
+async fn a_list_larger_than_a_page_is_one_snapshot() -> anyhow::Result<()> {
+    let server = EtcdServer::start().await?;
+    let mut options = EtcdOptions::new([server.client_url()]);
+    options.list_page_size = NonZeroU32::new(2).context("page size")?;
+    let store = EtcdStore::connect(options).await?;
+    let mut last = None;
+    for i in 0..7 {
+        last = Some(store.put(&format!("p/{i}"), bytes("v"), None).await?);
+    }
+    store.put("q/after", bytes("v"), None).await?;
+
+    let (kvs, revision) = store.list("p/").await?;
+    let keys: Vec<_> = kvs.iter().map(|kv| kv.key.as_str()).collect();
+    ensure!(
+        keys == ["p/0", "p/1", "p/2", "p/3", "p/4", "p/5", "p/6"],
+        "{keys:?}"
+    );
+    ensure!(
+        Some(revision) > last,
+        "listed at {revision}, last p/ write {last:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn keys_live_under_the_prefix_and_nothing_else_is_seen() -> anyhow::Result<()> {
+    let server = EtcdServer::start().await?;
+    let mut raw = Client::connect([server.client_url()], None).await?;
+    raw.put("/other/x", "outside", None).await?;
+    raw.put("/weftish/y", "a neighbour sharing the first letters", None)
+        .await?;
+
+    let store = EtcdStore::connect(EtcdOptions::new([server.client_url()])).await?;
+    store.put("services/a/policy", bytes("p"), None).await?;
+    let stored = raw.get("/weft/services/a/policy", None).await?;
+    ensure!(
+        stored.kvs().len() == 1,
+        "the key is not stored under /weft/"
+    );
+
+    let (kvs, _) = store.list("").await?;
+    let keys: Vec<_> = kvs.iter().map(|kv| kv.key.as_str()).collect();
+    ensure!(keys == ["services/a/policy"], "{keys:?}");
+
+    let mut options = EtcdOptions::new([server.client_url()]);
+    options.key_prefix = "/mesh".to_owned();
+    let other = EtcdStore::connect(options).await?;
+    ensure!(other.key_prefix() == "/mesh/");
+    ensure!(
+        other.list("").await?.0.is_empty(),
+        "prefixes leak into each other"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn user_and_password_are_used_and_checked() -> anyhow::Result<()> {
+    let server = EtcdServer::start().await?;
+    let mut admin = Client::connect([server.client_url()], None).await?;
+    admin.user_add("root", "s3cret-root", None).await?;
+    admin.user_grant_role("root", "root").await?;
+    admin.auth_enable().await?;
+
+    let with = |password: Option<&str>| {
+        let mut options = EtcdOptions::new([server.client_url()]);
+        options.user = password.map(|password| EtcdUser {
+            name: "root".to_owned(),
+            password: Password::new(password),
+        });
+        options
+    };
+    let store = EtcdStore::connect(with(Some("s3cret-root"))).await?;
+    store.put("a", bytes("1"), None).await?;
+    ensure!(store.get("a").await?.is_some());
+
+    for password in [Some("wrong"), None] {
+        match EtcdStore::connect(with(password)).await {
+            Err(ConnectError::Store {
+                source: StoreError::Rejected { .. },
+                ..
+            }) => {}
+            other => bail!("connecting with password {password:?} gave {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreachable_etcd_fails_fast_and_retryably() -> anyhow::Result<()> {
+    // A port nothing listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut options = EtcdOptions::new([format!("http://127.0.0.1:{port}")]);
+    options.connect_timeout = Duration::from_millis(300);
+    options.request_timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    match EtcdStore::connect(options).await {
+        Err(ConnectError::Store { source, .. }) if source.is_retryable() => {}
+        other => bail!("connecting to nothing gave {other:?}"),
+    }
+    ensure!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_watch_ends_with_an_error_when_etcd_goes_away() -> anyhow::Result<()> {
+    let server = EtcdServer::start().await?;
+    let mut options = EtcdOptions::new([server.client_url()]);
+    options.request_timeout = Duration::from_millis(500);
+    let store = EtcdStore::connect(options).await?;
+    let (_, from) = store.list("").await?;
+    let mut watch = store.watch("", from).await?;
+    drop(server);
+
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.recv())
+        .await
+        .context("the watch hung after etcd died")?;
+    match next {
+        Some(Err(e)) if e.is_retryable() => {}
+        other => bail!("expected a retryable error, got {other:?}"),
+    }
+    match store.get("a").await {
+        Err(e) if e.is_retryable() => Ok(()),
+        other => bail!("a request to a dead etcd gave {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tls_with_a_client_certificate() -> anyhow::Result<()> {
+    let pki = TestPki::generate()?;
+    let server = EtcdServer::start_tls(&pki).await?;
+    let dir = server.tls_dir();
+    let tls = |ca: PathBuf, client: bool| EtcdTls {
+        ca_file: ca,
+        client_cert: client.then(|| ClientCert {
+            cert_file: dir.join("client.pem"),
+            key_file: dir.join("client-key.pem"),
+        }),
+        domain: None,
+    };
+    let with = |url: &str, tls: EtcdTls| {
+        let mut options = EtcdOptions::new([url]);
+        options.tls = Some(tls);
+        options.connect_timeout = Duration::from_secs(1);
+        options.request_timeout = Duration::from_secs(1);
+        options
+    };
+
+    let store =
+        EtcdStore::connect(with(server.client_url(), tls(dir.join("ca.pem"), true))).await?;
+    store.put("a", bytes("over TLS"), None).await?;
+    ensure!(
+        store
+            .get("a")
+            .await?
+            .is_some_and(|kv| kv.value == bytes("over TLS"))
+    );
+
+    // etcd requires a client certificate.
+    let refused =
+        EtcdStore::connect(with(server.client_url(), tls(dir.join("ca.pem"), false))).await;
+    ensure!(refused.is_err(), "connected without a client certificate");
+
+    // A CA that did not sign etcd's certificate.
+    let stranger = dir.join("other-ca.pem");
+    std::fs::write(&stranger, TestPki::generate()?.ca)?;
+    let refused = EtcdStore::connect(with(server.client_url(), tls(stranger, true))).await;
+    ensure!(refused.is_err(), "trusted a certificate from another CA");
+
+    // TLS settings with a plain-HTTP URL are a settings error.
+    let plain = server.client_url().replacen("https://", "http://", 1);
+    match EtcdStore::connect(with(&plain, tls(dir.join("ca.pem"), true))).await {
+        Err(ConnectError::Invalid { .. }) => Ok(()),
+        other => bail!("TLS over an http:// URL gave {other:?}"),
+    }
+}
