@@ -17,11 +17,14 @@
 //! - [`view`]: one watch on the store, kept in memory as the directory every
 //!   subscriber is served from.
 //! - [`admin`]: the admin API `weftctl` uses; [`auth`]: its bearer tokens.
-//! - [`serve`]: the HTTP server loop.
+//! - [`push`]: the sidecar-facing gRPC API: registration with leases, and the
+//!   push of the directory and policies (full snapshot, then coalesced deltas).
+//! - [`serve`]: the HTTP server loops.
 
 pub mod admin;
 pub mod auth;
 pub mod keys;
+pub mod push;
 pub mod serve;
 pub mod store;
 pub mod view;

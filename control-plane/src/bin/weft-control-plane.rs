@@ -12,8 +12,10 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+use weft_api::v1::control_plane_server::ControlPlaneServer;
 use weft_control_plane::admin::{self, AdminState};
 use weft_control_plane::auth::Tokens;
+use weft_control_plane::push::Push;
 use weft_control_plane::store::etcd::{
     ClientCert, EtcdOptions, EtcdStore, EtcdTls, EtcdUser, Password,
 };
@@ -46,6 +48,12 @@ struct Args {
     etcd_user: Option<String>,
     #[arg(long)]
     etcd_password_file: Option<PathBuf>,
+    /// The sidecar-facing gRPC API (registration and push).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// How long a registration outlives its sidecar's stream.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    lease_ttl: std::time::Duration,
     /// The admin API (weftctl).
     #[arg(long, default_value = "127.0.0.1:8444")]
     admin: SocketAddr,
@@ -58,6 +66,12 @@ struct Args {
     /// Log format: plain or json.
     #[arg(long, default_value = "plain")]
     log_format: String,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    s.parse::<weft_config::Duration>()
+        .map(|d| d.get())
+        .map_err(|e| e.to_string())
 }
 
 async fn store(args: &Args) -> anyhow::Result<AnyStore> {
@@ -114,15 +128,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin listener to {}", args.admin))?;
     let admin_addr = admin_listener.local_addr()?;
+    let grpc_listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding the gRPC listener to {}", args.listen))?;
+    let grpc_addr = grpc_listener.local_addr()?;
     if let Some(path) = &args.bound_file {
         let tmp = path.with_extension("tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(&serde_json::json!({ "admin": admin_addr }))?,
-        )?;
+        let bound = serde_json::json!({ "admin": admin_addr, "listen": grpc_addr });
+        std::fs::write(&tmp, serde_json::to_vec(&bound)?)?;
         std::fs::rename(&tmp, path)?;
     }
-    tracing::info!(listen.admin = %admin_addr, "weft-control-plane ready");
+    tracing::info!(listen.grpc = %grpc_addr, listen.admin = %admin_addr, lease_ttl_ms = args.lease_ttl.as_millis() as u64, "weft-control-plane ready");
+    let push = Push::new(
+        Arc::clone(&store),
+        view.clone(),
+        args.lease_ttl,
+        stop.clone(),
+    );
+    let grpc_task = tokio::spawn(weft_control_plane::serve::grpc(
+        grpc_listener,
+        stop.clone(),
+        ControlPlaneServer::new(push),
+    ));
     let state = Arc::new(AdminState {
         store: Arc::clone(&store),
         view,
@@ -142,6 +169,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     stop.cancel();
     let _ = admin_task.await;
+    let _ = grpc_task.await;
     let _ = view_task.await;
     Ok(())
 }

@@ -1,0 +1,378 @@
+//! The sidecar-facing gRPC API: registration with leases, and the push of the
+//! directory and policies.
+//!
+//! **Register**: the first message registers an instance. The control plane
+//! validates it, writes it under `services/<name>/instances/<id>` bound to a lease
+//! of `lease_ttl`, answers with the TTL and revision, and keeps the lease alive for
+//! as long as the stream stays open. `Deregister` revokes the lease at once (the
+//! graceful path, after the sidecar drained); a stream that just ends stops the
+//! keep-alive, so a dead sidecar disappears within the TTL. If the store loses the
+//! lease while the stream is open (etcd unreachable for longer than the TTL), the
+//! instance is registered again: a live sidecar is never dropped for the store's
+//! trouble.
+//!
+//! **Subscribe**: a sidecar names the services it wants; the first response is a
+//! full snapshot of them, later responses carry only the services that changed
+//! (each complete) and those that disappeared. Every response carries the store
+//! revision it reflects, never going backwards on a stream. All subscribers read
+//! one in-memory [`DirectoryView`] (one store watch per replica); a change wakes
+//! each subscriber, which waits [`COALESCE`] for the burst to settle and then sends
+//! one message with the newest state. A slow subscriber only ever gets the newest
+//! state: nothing queues for it beyond one bounded message buffer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use weft_api::InstanceRecord;
+use weft_api::v1::control_plane_server::ControlPlane;
+use weft_api::v1::{
+    self, RegisterRequest, RegisterResponse, ServiceState, SubscribeRequest, SubscribeResponse,
+    register_request,
+};
+
+use crate::keys;
+use crate::store::{ErrorChain, LeaseId, Store, StoreError, keep_lease_alive};
+use crate::view::{DirectoryView, ServiceEntry};
+
+/// How long a subscriber lets a burst of changes settle before sending.
+pub const COALESCE: Duration = Duration::from_millis(20);
+/// Most services one stream may subscribe to.
+const MAX_SUBSCRIPTIONS: usize = 10_000;
+/// Responses buffered per stream.
+const STREAM_BUFFER: usize = 4;
+
+type RspStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The gRPC service.
+#[derive(Debug)]
+pub struct Push<S> {
+    store: Arc<S>,
+    view: watch::Receiver<Arc<DirectoryView>>,
+    lease_ttl: Duration,
+    stop: CancellationToken,
+}
+
+impl<S> Push<S> {
+    pub fn new(
+        store: Arc<S>,
+        view: watch::Receiver<Arc<DirectoryView>>,
+        lease_ttl: Duration,
+        stop: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            view,
+            lease_ttl,
+            stop,
+        }
+    }
+}
+
+fn receiver_stream<T: Send + 'static>(rx: mpsc::Receiver<Result<T, Status>>) -> RspStream<T> {
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+fn unavailable(what: &str, e: &StoreError) -> Status {
+    Status::unavailable(format!("{what}: {}", ErrorChain(e)))
+}
+
+/// Write the registration under a fresh lease.
+async fn write_registration<S: Store>(
+    store: &S,
+    record: &InstanceRecord,
+    ttl: Duration,
+) -> Result<(LeaseId, i64), StoreError> {
+    let lease = store.grant_lease(ttl).await?;
+    let value =
+        serde_json::to_vec(record).map_err(|e| StoreError::Rejected { source: e.into() })?;
+    let key = keys::instance_key(record.service.as_str(), &record.id);
+    let revision = store.put(&key, Bytes::from(value), Some(lease)).await?;
+    Ok((lease, revision.0))
+}
+
+#[tonic::async_trait]
+impl<S: Store + 'static> ControlPlane for Push<S> {
+    type RegisterStream = RspStream<RegisterResponse>;
+    type SubscribeStream = RspStream<SubscribeResponse>;
+
+    async fn register(
+        &self,
+        request: Request<Streaming<RegisterRequest>>,
+    ) -> Result<Response<Self::RegisterStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before a registration"))?;
+        let Some(register_request::Msg::Register(instance)) = first.msg else {
+            return Err(Status::invalid_argument(
+                "the first message must be `register`",
+            ));
+        };
+        let record = InstanceRecord::try_from(&instance)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (lease, revision) = write_registration(&*self.store, &record, self.lease_ttl)
+            .await
+            .map_err(|e| unavailable("writing the registration failed", &e))?;
+        tracing::info!(service = %record.service, instance.id = %record.id, instance.addr = %record.address, "instance registered");
+
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+        let _ = tx
+            .send(Ok(RegisterResponse {
+                lease_ttl_ms: ttl_ms,
+                revision,
+            }))
+            .await;
+        let (store, ttl, stop) = (Arc::clone(&self.store), self.lease_ttl, self.stop.clone());
+        tokio::spawn(async move {
+            let mut lease = lease;
+            loop {
+                let keeper_stop = CancellationToken::new();
+                let keeper = keep_lease_alive(&*store, lease, ttl, &keeper_stop);
+                tokio::pin!(keeper);
+                let outcome = tokio::select! {
+                    () = stop.cancelled() => Outcome::Stop,
+                    msg = inbound.message() => match msg {
+                        Ok(Some(RegisterRequest { msg: Some(register_request::Msg::Deregister(_)) })) => Outcome::Deregister,
+                        Ok(Some(_)) => Outcome::Ignore,
+                        Ok(None) | Err(_) => Outcome::Ended,
+                    },
+                    result = &mut keeper => match result {
+                        Err(StoreError::LeaseNotFound(_)) => Outcome::LeaseLost,
+                        _ => Outcome::Ended,
+                    },
+                };
+                keeper_stop.cancel();
+                match outcome {
+                    Outcome::Ignore => continue,
+                    Outcome::Deregister => {
+                        if let Err(e) = store.revoke(lease).await {
+                            tracing::warn!(error = %ErrorChain(&e), "revoking a lease failed; it expires by itself");
+                        }
+                        tracing::info!(service = %record.service, instance.id = %record.id, "instance deregistered");
+                        let _ = tx
+                            .send(Ok(RegisterResponse {
+                                lease_ttl_ms: 0,
+                                revision: 0,
+                            }))
+                            .await;
+                        return;
+                    }
+                    Outcome::LeaseLost => match write_registration(&*store, &record, ttl).await {
+                        Ok((l, _)) => {
+                            tracing::warn!(service = %record.service, instance.id = %record.id, "lease lost in the store; registered again");
+                            lease = l;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %ErrorChain(&e), "registering again failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    },
+                    Outcome::Ended | Outcome::Stop => {
+                        tracing::info!(service = %record.service, instance.id = %record.id, "registration stream ended; the lease expires unless the sidecar returns");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(receiver_stream(rx)))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let view = self.view.clone();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            if let Err(status) = serve_subscription(inbound, view, &tx, stop).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(receiver_stream(rx)))
+    }
+}
+
+enum Outcome {
+    Ignore,
+    Deregister,
+    LeaseLost,
+    Ended,
+    Stop,
+}
+
+fn service_state(entry: &ServiceEntry) -> ServiceState {
+    ServiceState {
+        name: entry.name.clone(),
+        instances: entry
+            .instances
+            .values()
+            .map(|r| v1::Instance::from(&**r))
+            .collect(),
+        policy_toml: entry.policy_toml.as_deref().unwrap_or_default().to_owned(),
+        live_instances: u32::try_from(entry.instances.len()).unwrap_or(u32::MAX),
+    }
+}
+
+/// What a stream last told its sidecar about each subscribed service.
+#[derive(Default)]
+struct Sent {
+    /// `None`: told it does not exist.
+    services: BTreeMap<String, Option<Arc<ServiceEntry>>>,
+    version: i64,
+}
+
+/// Build the next message: everything (first) or what changed since `sent`.
+fn next_message(
+    view: &DirectoryView,
+    subscribed: &BTreeSet<String>,
+    sent: &mut Sent,
+    full: bool,
+) -> Option<SubscribeResponse> {
+    let mut msg = SubscribeResponse {
+        version: view.revision.0.max(sent.version),
+        full,
+        ..Default::default()
+    };
+    sent.services.retain(|name, _| subscribed.contains(name));
+    for name in subscribed {
+        let current = view.services.get(name);
+        let changed = match sent.services.get(name) {
+            None => true,
+            Some(previous) => match (previous, current) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                (None, None) => false,
+                _ => true,
+            },
+        };
+        if !(full || changed) {
+            continue;
+        }
+        match current {
+            Some(entry) => msg.services.push(service_state(entry)),
+            None => msg.removed.push(name.clone()),
+        }
+        sent.services.insert(name.clone(), current.cloned());
+    }
+    if !full && msg.services.is_empty() && msg.removed.is_empty() {
+        return None;
+    }
+    sent.version = msg.version;
+    Some(msg)
+}
+
+async fn serve_subscription(
+    mut inbound: Streaming<SubscribeRequest>,
+    mut view: watch::Receiver<Arc<DirectoryView>>,
+    tx: &mpsc::Sender<Result<SubscribeResponse, Status>>,
+    stop: CancellationToken,
+) -> Result<(), Status> {
+    let mut subscribed = BTreeSet::new();
+    let mut sent = Sent::default();
+    // Wait for the first request so the first message already holds what the
+    // sidecar asked for.
+    let mut first = true;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            msg = inbound.message() => match msg? {
+                Some(req) => {
+                    for name in req.remove {
+                        subscribed.remove(&name);
+                    }
+                    for name in req.add {
+                        if weft_config::ServiceName::try_from(name.clone()).is_err() {
+                            return Err(Status::invalid_argument(format!("invalid service name {name:?}")));
+                        }
+                        subscribed.insert(name);
+                    }
+                    if subscribed.len() > MAX_SUBSCRIPTIONS {
+                        return Err(Status::resource_exhausted(format!("at most {MAX_SUBSCRIPTIONS} services per stream")));
+                    }
+                }
+                None => return Ok(()),
+            },
+            changed = view.changed(), if !first => {
+                if changed.is_err() {
+                    return Err(Status::unavailable("the control plane is shutting down"));
+                }
+                tokio::time::sleep(COALESCE).await;
+            }
+        }
+        let current = Arc::clone(&view.borrow_and_update());
+        if let Some(msg) = next_message(&current, &subscribed, &mut sent, first)
+            && tx.send(Ok(msg)).await.is_err()
+        {
+            return Ok(());
+        }
+        first = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::Revision;
+
+    fn entry(name: &str, policy: Option<&str>) -> Arc<ServiceEntry> {
+        Arc::new(ServiceEntry {
+            name: name.into(),
+            policy_toml: policy.map(Into::into),
+            instances: BTreeMap::new(),
+        })
+    }
+
+    #[test]
+    fn full_then_deltas_of_changed_services_only() {
+        let mut view = DirectoryView {
+            revision: Revision(5),
+            live: true,
+            ..Default::default()
+        };
+        view.services
+            .insert("billing".into(), entry("billing", Some("a")));
+        view.services.insert("orders".into(), entry("orders", None));
+        let subscribed: BTreeSet<String> = ["billing".to_owned(), "ghost".to_owned()].into();
+        let mut sent = Sent::default();
+        let first = next_message(&view, &subscribed, &mut sent, true).unwrap();
+        assert!(first.full);
+        assert_eq!(first.version, 5);
+        assert_eq!(first.services.len(), 1);
+        assert_eq!(first.removed, ["ghost"]);
+        // Nothing subscribed changed: no message.
+        view.revision = Revision(6);
+        view.services
+            .insert("orders".into(), entry("orders", Some("x")));
+        assert!(next_message(&view, &subscribed, &mut sent, false).is_none());
+        // billing changed: one delta with billing only.
+        view.revision = Revision(7);
+        view.services
+            .insert("billing".into(), entry("billing", Some("b")));
+        let delta = next_message(&view, &subscribed, &mut sent, false).unwrap();
+        assert!(!delta.full);
+        assert_eq!(delta.version, 7);
+        assert_eq!(delta.services[0].policy_toml, "b");
+        assert!(delta.removed.is_empty());
+        // billing disappears.
+        view.services.remove("billing");
+        let delta = next_message(&view, &subscribed, &mut sent, false).unwrap();
+        assert_eq!(delta.removed, ["billing"]);
+        // A new subscription is reported even if it does not exist.
+        let subscribed: BTreeSet<String> = ["orders".to_owned()].into();
+        let delta = next_message(&view, &subscribed, &mut sent, false).unwrap();
+        assert_eq!(delta.services[0].name, "orders");
+    }
+}

@@ -1,0 +1,230 @@
+//! Black-box tests of the sidecar-facing gRPC API of a running
+//! `weft-control-plane --dev`: registration with leases, and subscriptions that
+//! get a full snapshot, then deltas.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use weft_api::v1::control_plane_client::ControlPlaneClient;
+use weft_api::v1::{
+    Deregister, Instance, Metadata, RegisterRequest, SubscribeRequest, SubscribeResponse,
+    register_request,
+};
+
+use support::cp::{TOKEN, start};
+
+fn instance(service: &str, id: &str, port: u16) -> Instance {
+    Instance {
+        service: service.into(),
+        id: id.into(),
+        address: format!("127.0.0.1:{port}"),
+        metadata: Some(Metadata {
+            zone: "z1".into(),
+            weight: 100,
+            weight_set: true,
+            ..Default::default()
+        }),
+        admin_address: String::new(),
+    }
+}
+
+async fn client(grpc: &str) -> ControlPlaneClient<tonic::transport::Channel> {
+    ControlPlaneClient::connect(grpc.to_owned()).await.unwrap()
+}
+
+/// Open a registration; returns the sender that keeps it open.
+async fn register(grpc: &str, inst: Instance) -> mpsc::Sender<RegisterRequest> {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(RegisterRequest {
+        msg: Some(register_request::Msg::Register(inst)),
+    })
+    .await
+    .unwrap();
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut responses = client(grpc)
+        .await
+        .register(stream)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = responses.message().await.unwrap().unwrap();
+    assert!(first.lease_ttl_ms >= 1000, "{first:?}");
+    assert!(first.revision > 0);
+    // Keep reading responses in the background so the stream stays healthy.
+    tokio::spawn(async move { while let Ok(Some(_)) = responses.message().await {} });
+    tx
+}
+
+struct Subscription {
+    _tx: mpsc::Sender<SubscribeRequest>,
+    rx: tonic::Streaming<SubscribeResponse>,
+}
+
+async fn subscribe(grpc: &str, services: &[&str]) -> Subscription {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(SubscribeRequest {
+        add: services.iter().map(|s| (*s).to_owned()).collect(),
+        remove: vec![],
+    })
+    .await
+    .unwrap();
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let rx = client(grpc)
+        .await
+        .subscribe(stream)
+        .await
+        .unwrap()
+        .into_inner();
+    Subscription { _tx: tx, rx }
+}
+
+impl Subscription {
+    async fn next(&mut self) -> SubscribeResponse {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("no push within 5 s")
+            .unwrap()
+            .expect("the stream ended")
+    }
+
+    /// Read pushes until `ok` holds for one; returns it.
+    async fn until(&mut self, ok: impl Fn(&SubscribeResponse) -> bool) -> SubscribeResponse {
+        loop {
+            let msg = self.next().await;
+            if ok(&msg) {
+                return msg;
+            }
+        }
+    }
+}
+
+fn instances_of(msg: &SubscribeResponse, service: &str) -> Option<Vec<String>> {
+    msg.services
+        .iter()
+        .find(|s| s.name == service)
+        .map(|s| s.instances.iter().map(|i| i.id.clone()).collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registration_subscription_deltas_and_deregistration() {
+    let cp = tokio::task::spawn_blocking(|| {
+        start("push", &["--dev".into(), "--lease-ttl".into(), "1s".into()])
+    })
+    .await
+    .unwrap();
+
+    // A subscription to a service that does not exist yet: full snapshot, "removed".
+    let mut sub = subscribe(&cp.grpc, &["billing"]).await;
+    let first = sub.next().await;
+    assert!(first.full);
+    assert_eq!(first.removed, ["billing"]);
+
+    // Registration shows up as a delta with a higher version.
+    let reg_a = register(&cp.grpc, instance("billing", "a", 7001)).await;
+    let msg = sub.until(|m| instances_of(m, "billing").is_some()).await;
+    assert!(!msg.full);
+    assert!(msg.version > first.version);
+    assert_eq!(instances_of(&msg, "billing").unwrap(), ["a"]);
+    assert_eq!(msg.services[0].live_instances, 1);
+
+    // A second instance, then a policy applied through the admin API.
+    let reg_b = register(&cp.grpc, instance("billing", "b", 7002)).await;
+    sub.until(|m| instances_of(m, "billing").is_some_and(|i| i.len() == 2))
+        .await;
+    let policy = "service = \"billing\"\n[outbound]\nload_balancer = \"least-request\"\n";
+    let status = put_policy(&cp.admin, "billing", policy).await;
+    assert_eq!(status, 200);
+    let msg = sub
+        .until(|m| {
+            m.services
+                .iter()
+                .any(|s| s.name == "billing" && s.policy_toml == policy)
+        })
+        .await;
+    assert_eq!(
+        instances_of(&msg, "billing").unwrap().len(),
+        2,
+        "each service state is complete"
+    );
+
+    // A late subscriber gets everything in one full snapshot.
+    let mut late = subscribe(&cp.grpc, &["billing"]).await;
+    let full = late.next().await;
+    assert!(full.full);
+    assert_eq!(instances_of(&full, "billing").unwrap(), ["a", "b"]);
+
+    // Graceful deregistration removes the instance at once.
+    reg_a
+        .send(RegisterRequest {
+            msg: Some(register_request::Msg::Deregister(Deregister {})),
+        })
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    sub.until(|m| instances_of(m, "billing").is_some_and(|i| i == ["b"]))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "deregistration took {:?}",
+        started.elapsed()
+    );
+
+    // A sidecar that vanishes (its stream just ends) disappears within the lease TTL.
+    drop(reg_b);
+    let started = std::time::Instant::now();
+    sub.until(|m| instances_of(m, "billing").is_some_and(|i| i.is_empty()))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "expiry took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_requests_are_refused() {
+    let cp = tokio::task::spawn_blocking(|| start("push-bad", &["--dev".into()]))
+        .await
+        .unwrap();
+    // A registration with a bad address.
+    let (tx, rx) = mpsc::channel(1);
+    let mut bad = instance("billing", "a", 7001);
+    bad.address = "not-an-address".into();
+    tx.send(RegisterRequest {
+        msg: Some(register_request::Msg::Register(bad)),
+    })
+    .await
+    .unwrap();
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let err = client(&cp.grpc).await.register(stream).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("address"), "{err:?}");
+    // A subscription to an invalid name.
+    let mut sub = subscribe(&cp.grpc, &["Not A Name"]).await;
+    let err = tokio::time::timeout(Duration::from_secs(5), sub.rx.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+async fn put_policy(admin: &str, service: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = admin.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "PUT /v1/services/{service}/policy HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
