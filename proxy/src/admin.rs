@@ -105,6 +105,20 @@ impl Admin {
                 })
             })
             .collect();
+        if let Some(remote) = self.shared.remote() {
+            for svc in remote.services() {
+                let set = Arc::clone(&svc.endpoints().borrow());
+                let cap = svc.policy.endpoint_cap();
+                services.push(json!({
+                    "name": svc.name,
+                    "source": "control-plane",
+                    "load_balancer": svc.balancer.strategy(),
+                    "protocol": svc.protocol,
+                    "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, cap, now)).collect::<Vec<_>>(),
+                    "counters": svc.policy.stats.to_json(),
+                }));
+            }
+        }
         for target in directory.dns().targets() {
             let set = Arc::clone(&target.endpoints().borrow());
             let status = match target.status() {

@@ -17,8 +17,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
+use crate::control_plane::{ControlPlaneClient, Registration};
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
+use crate::remote::RemoteServices;
 use crate::server::serve;
 use crate::state::{Bound, Shared};
 
@@ -43,6 +45,44 @@ fn write_bound_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
+}
+
+/// What this sidecar registers with the control plane: its `[service]`, reachable
+/// at `advertise` (default: the bound inbound address, which must then be a
+/// specific IP).
+fn registration(
+    loaded: &weft_config::Loaded,
+    bound: &Bound,
+) -> anyhow::Result<Option<Registration>> {
+    let Some(service) = &loaded.bootstrap.service else {
+        return Ok(None);
+    };
+    let address = service.advertise.unwrap_or(bound.inbound);
+    if address.ip().is_unspecified() {
+        anyhow::bail!(
+            "the inbound listener is bound to {address}; set [service] advertise to the address other sidecars should use"
+        );
+    }
+    let id = match &service.id {
+        Some(id) => id.clone(),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "host".to_owned());
+            format!("{host}-{}", std::process::id())
+        }
+    };
+    weft_api::InstanceRecord::check_id(&id).map_err(|e| anyhow::anyhow!("[service] id: {e}"))?;
+    let admin_address = (!bound.admin.ip().is_unspecified()).then_some(bound.admin);
+    Ok(Some(Registration {
+        record: weft_api::InstanceRecord {
+            service: service.name.clone(),
+            id,
+            address,
+            metadata: service.metadata.clone(),
+            admin_address,
+        },
+    }))
 }
 
 /// Run the sidecar until it is told to stop.
@@ -73,6 +113,29 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         config.path = %shared.path().display(),
         "weft-proxy ready"
     );
+
+    // With a control plane: register this instance and follow pushed services.
+    let loaded = &shared.config().loaded;
+    let control_plane = match &loaded.bootstrap.control_plane {
+        Some(cp) => {
+            let registration = registration(loaded, &bound)?;
+            let client = ControlPlaneClient::start(
+                cp.addresses.clone(),
+                registration,
+                cp.cache.as_ref().map(|c| loaded.resolve(c)),
+                &shared.tasks,
+                shared.shutdown.clone(),
+            );
+            shared.set_remote(RemoteServices::start(
+                client.clone(),
+                loaded,
+                &shared.tasks,
+                shared.shutdown.clone(),
+            ));
+            Some(client)
+        }
+        None => None,
+    };
 
     // Data listeners stop at the start of the drain; admin keeps answering (with
     // /ready = 503) until the process exits.
@@ -136,6 +199,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     match drained {
         Ok(()) => tracing::info!("drained; exiting"),
         Err(_) => tracing::warn!("grace period over with requests still in flight; exiting"),
+    }
+    // Drained: leave the directory at once rather than waiting for the lease.
+    if let Some(client) = &control_plane {
+        client.deregister(Duration::from_secs(2)).await;
     }
     shared.shutdown.cancel();
     admin_stop.cancel();

@@ -42,8 +42,33 @@ pub struct MeshService {
 }
 
 impl MeshService {
+    /// A service whose endpoints are written through `writer`.
+    pub fn new(
+        name: ServiceName,
+        policy: Arc<OutboundPolicy>,
+        protocol: Protocol,
+        balancer: Balancer,
+        client: UpstreamClient,
+        writer: Arc<EndpointsWriter>,
+    ) -> Self {
+        Self {
+            name,
+            policy,
+            protocol,
+            balancer,
+            client,
+            endpoints: writer.subscribe(),
+            writer,
+        }
+    }
+
     pub fn endpoints(&self) -> &EndpointsReader {
         &self.endpoints
+    }
+
+    /// The writer feeding this service's endpoints.
+    pub fn writer(&self) -> &Arc<EndpointsWriter> {
+        &self.writer
     }
 }
 
@@ -74,7 +99,7 @@ pub struct Directory {
     pub caller_zone: Option<String>,
 }
 
-fn client_settings(loaded: &Loaded, policy: Option<&Policy>) -> ClientSettings {
+pub fn client_settings(loaded: &Loaded, policy: Option<&Policy>) -> ClientSettings {
     let pool = &loaded.bootstrap.pool;
     let connect_timeout = policy
         .map(|p| p.outbound.connect_timeout.get())
@@ -96,7 +121,7 @@ fn specs(svc: &StaticService) -> Vec<EndpointSpec> {
         .collect()
 }
 
-fn reuse_client(old: Option<&UpstreamClient>, settings: ClientSettings) -> UpstreamClient {
+pub fn reuse_client(old: Option<&UpstreamClient>, settings: ClientSettings) -> UpstreamClient {
     match old {
         Some(c) if c.settings() == settings => c.clone(),
         _ => UpstreamClient::new(settings),

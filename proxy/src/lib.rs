@@ -12,7 +12,9 @@
 //! | [`admin`] | `/live`, `/ready`, `/config`, `/endpoints`, `POST /reload` |
 //! | [`target`] | a request's logical destination |
 //! | [`directory`] | the services this sidecar can call, rebuilt on reload |
+//! | [`remote`] | services pushed by the control plane, shaped like directory services |
 //! | [`discovery`] | endpoint sets fed by updates; DNS discovery |
+//! | [`control_plane`] | the control-plane client: subscriptions, registration, the pushed snapshot and its cache |
 //! | [`balance`] | endpoints, their load, and the pick strategies |
 //! | [`forward`] | the last hop: request rewriting, sending, upgrades |
 //! | [`client`] | pooled HTTP/1.1 and HTTP/2 connections to endpoints |
@@ -34,6 +36,7 @@ pub mod app;
 pub mod balance;
 pub mod body;
 pub mod client;
+pub mod control_plane;
 pub mod directory;
 pub mod discovery;
 pub mod error;
@@ -43,6 +46,7 @@ pub mod inbound;
 pub mod limits;
 pub mod outbound;
 pub mod policy;
+pub mod remote;
 pub mod retry;
 pub mod route;
 pub mod server;

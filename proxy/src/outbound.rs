@@ -2,8 +2,9 @@
 //!
 //! Stages, in order (each refusal is answered at once, never queued):
 //! 1. destination: the request's authority ([`Destination`]);
-//! 2. discovery: a directory service, an IP literal, or a name resolved through DNS
-//!    (waiting, bounded, for the first answer); this gives the endpoints, the
+//! 2. discovery: a static directory service, a service pushed by the control plane
+//!    (subscribed on first use, waiting at most a second), an IP literal, or a name
+//!    resolved through DNS (waiting, bounded, for the first answer); this gives the endpoints, the
 //!    balancer, the connection pool and the compiled [`OutboundPolicy`];
 //! 3. route: the first matching route of the service's policy, which resolves the
 //!    timeouts and the retry policy;
@@ -53,6 +54,10 @@ use crate::target::Destination;
 
 /// Port assumed for an IP literal without one.
 const DEFAULT_PORT: u16 = 80;
+
+/// How long a request for a name not yet known waits for the control plane
+/// before falling back to DNS.
+const CONTROL_PLANE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The header carrying the calling service's identity to the callee's sidecar.
 pub const WEFT_CALLER: &str = "weft-caller";
@@ -114,7 +119,13 @@ impl Outbound {
         let dest = Destination::from_request(&req)?;
         let directory = self.shared.directory();
         let dns_target;
-        let target = if let Some(svc) = directory.service(&dest.host) {
+        let remote = match (directory.service(&dest.host), self.shared.remote()) {
+            (None, Some(remote)) if dest.ip().is_none() => {
+                remote.get(&dest.host, CONTROL_PLANE_WAIT).await
+            }
+            _ => None,
+        };
+        let target = if let Some(svc) = directory.service(&dest.host).or(remote.as_ref()) {
             Target {
                 service: svc.name.to_string(),
                 endpoints: Arc::clone(&svc.endpoints().borrow()),

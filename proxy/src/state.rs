@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use weft_config::Loaded;
 
 use crate::directory::Directory;
+use crate::remote::RemoteServices;
 
 /// The effective configuration and its version.
 #[derive(Debug, Serialize)]
@@ -57,6 +58,7 @@ pub struct Shared {
     directory: watch::Sender<Arc<Directory>>,
     reload_lock: Mutex<()>,
     bound: OnceLock<Bound>,
+    remote: OnceLock<Arc<RemoteServices>>,
     draining: AtomicBool,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
@@ -86,6 +88,7 @@ impl Shared {
             directory: watch::channel(Arc::new(directory)).0,
             reload_lock: Mutex::new(()),
             bound: OnceLock::new(),
+            remote: OnceLock::new(),
             draining: AtomicBool::new(false),
             tasks,
             shutdown,
@@ -110,6 +113,16 @@ impl Shared {
 
     pub fn bound(&self) -> Option<Bound> {
         self.bound.get().copied()
+    }
+
+    /// Services pushed by the control plane (set once at start when
+    /// `[control_plane]` is configured).
+    pub fn set_remote(&self, remote: Arc<RemoteServices>) {
+        let _ = self.remote.set(remote);
+    }
+
+    pub fn remote(&self) -> Option<&Arc<RemoteServices>> {
+        self.remote.get()
     }
 
     pub fn start_draining(&self) {

@@ -74,6 +74,23 @@ pub struct LocalService {
     /// This instance's metadata, as registered in the directory.
     #[serde(default)]
     pub metadata: Metadata,
+    /// The address other sidecars reach this instance's inbound listener at, as
+    /// registered with the control plane. Default: the inbound listener's
+    /// address, which must then be a specific IP (not `0.0.0.0`).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        default,
+        deserialize_with = "opt_socket_addr"
+    )]
+    pub advertise: Option<SocketAddr>,
+    /// This instance's id in the directory. Default: the host name and the
+    /// process id.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<String>,
+}
+
+fn opt_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    socket_addr(d).map(Some)
 }
 
 impl LocalService {

@@ -1,0 +1,359 @@
+//! The connection to the control plane: connect, keep the streams, reconnect.
+//!
+//! [`run`] is the client's one long-lived task. It tries the configured
+//! addresses in turn, waiting a jittered exponential backoff ([`Backoff`])
+//! between attempts, and on each connection runs one session:
+//!
+//! 1. a `Subscribe` stream whose first request carries the whole
+//!    subscription set (so the control plane answers with a full snapshot),
+//!    then one request per batch of new names;
+//! 2. if there is a registration, a `Register` stream on the same HTTP/2
+//!    connection (see [`super::register`]).
+//!
+//! Every pushed message goes through the [`Tracker`] and each new snapshot is
+//! published. The session ends when the subscribe stream fails or ends; the
+//! task then records the connection as lost and tries the next address. A
+//! failed register stream does not end the session: it is opened again on the
+//! same connection after its own backoff (the control plane may refuse a
+//! registration while its store is down and still serve its cached view). Nothing known is cleared
+//! when a connection drops: the last accepted snapshot stays published until a
+//! new full snapshot replaces it (static stability).
+//!
+//! The backoff starts over after a session that stayed up for
+//! [`HEALTHY_SESSION`], so a control plane restart is followed by a quick
+//! reconnection, while a control plane that accepts and then drops streams
+//! at once is retried at the capped pace.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use weft_api::v1::control_plane_client::ControlPlaneClient as Grpc;
+
+use super::Shared;
+use super::snapshot::Tracker;
+
+/// The first backoff ceiling; it doubles per failed attempt.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The largest backoff ceiling.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A session that lasted this long resets the backoff.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(5);
+/// Time to establish a TCP + HTTP/2 connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time for the control plane to accept the `Subscribe` stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 pings find a dead connection the kernel has not noticed (a
+/// partition, a silent peer).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One configured control-plane address.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub address: String,
+    endpoint: Endpoint,
+}
+
+/// Why an address cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AddressError {
+    #[error("control-plane address {address:?}: {reason}")]
+    Invalid { address: String, reason: String },
+    /// Until the control-plane connection has TLS, an `https` address would be
+    /// spoken to in plaintext; refuse it rather than pretend.
+    #[error(
+        "control-plane address {address:?}: https is not supported yet (the control-plane connection has no TLS); use http://"
+    )]
+    Https { address: String },
+}
+
+impl Target {
+    pub fn parse(address: &str) -> Result<Self, AddressError> {
+        if address.starts_with("https://") {
+            return Err(AddressError::Https {
+                address: address.to_owned(),
+            });
+        }
+        let endpoint =
+            Endpoint::from_shared(address.to_owned()).map_err(|e| AddressError::Invalid {
+                address: address.to_owned(),
+                reason: chain(&e),
+            })?;
+        let endpoint = endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        Ok(Self {
+            address: address.to_owned(),
+            endpoint,
+        })
+    }
+}
+
+/// Why a stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{stream} stream failed: {code:?}: {message}")]
+    Status {
+        stream: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("{stream} stream ended by the control plane")]
+    Ended { stream: &'static str },
+}
+
+impl StreamError {
+    pub fn status(stream: &'static str, status: tonic::Status) -> Self {
+        Self::Status {
+            stream,
+            code: status.code(),
+            message: status.message().to_owned(),
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connecting to {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("connecting to {address}: no connection within {timeout:?}")]
+    ConnectTimeout { address: String, timeout: Duration },
+    #[error("{address}: the subscribe stream was not accepted within {timeout:?}")]
+    OpenTimeout { address: String, timeout: Duration },
+    #[error("{address}: {source}")]
+    Stream {
+        address: String,
+        #[source]
+        source: StreamError,
+    },
+}
+
+/// An error and its sources on one line (tonic's transport errors say little
+/// at the top).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.ends_with(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// Jittered exponential backoff with full jitter: attempt `n` (from 0) waits a
+/// random duration in `[0, min(BACKOFF_MAX, BACKOFF_MIN * 2^n)]`.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    /// The ceiling of the next wait.
+    pub fn ceiling(&self) -> Duration {
+        BACKOFF_MIN
+            .saturating_mul(2u32.saturating_pow(self.attempt.min(16)))
+            .min(BACKOFF_MAX)
+    }
+
+    /// The next wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.attempt = self.attempt.saturating_add(1);
+        rand::rng().random_range(Duration::ZERO..=ceiling)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// The client's task: connect, run sessions, reconnect, until `stop`.
+pub(super) async fn run(
+    shared: &Shared,
+    targets: Vec<Target>,
+    mut tracker: Tracker,
+    stop: CancellationToken,
+) {
+    if targets.is_empty() {
+        shared.disconnected("no usable control-plane address".to_owned());
+        return;
+    }
+    let mut backoff = Backoff::default();
+    for target in targets.iter().cycle() {
+        let started = Instant::now();
+        let ended = tokio::select! {
+            () = stop.cancelled() => return,
+            ended = session(shared, target, &mut tracker) => {
+                let Err(e) = ended;
+                e
+            }
+        };
+        if started.elapsed() >= HEALTHY_SESSION {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tracing::debug!(control_plane.address = %target.address, retry.in_ms = delay.as_millis(), error = %ended, "control-plane session ended");
+        shared.disconnected(ended.to_string());
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One connection: returns only when it fails.
+async fn session(
+    shared: &Shared,
+    target: &Target,
+    tracker: &mut Tracker,
+) -> Result<Infallible, SessionError> {
+    let address = || target.address.clone();
+    let channel: Channel =
+        match tokio::time::timeout(CONNECT_TIMEOUT, target.endpoint.connect()).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                return Err(SessionError::Connect {
+                    address: address(),
+                    reason: chain(&e),
+                });
+            }
+            Err(_) => {
+                return Err(SessionError::ConnectTimeout {
+                    address: address(),
+                    timeout: CONNECT_TIMEOUT,
+                });
+            }
+        };
+    let stream_error = |source| SessionError::Stream {
+        address: address(),
+        source,
+    };
+    let mut client = Grpc::new(channel);
+
+    let (initial, requests) = shared.subscriptions.requests();
+    let subscribed = initial.len();
+    let mut updates = match tokio::time::timeout(OPEN_TIMEOUT, client.subscribe(requests)).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => return Err(stream_error(StreamError::status("subscribe", status))),
+        Err(_) => {
+            return Err(SessionError::OpenTimeout {
+                address: address(),
+                timeout: OPEN_TIMEOUT,
+            });
+        }
+    };
+    tracker.begin_stream(initial);
+    shared.connected(&target.address, subscribed);
+
+    // A failed register stream is opened again on this connection, with its
+    // own backoff, without tearing down the subscription: the control plane
+    // may fail a registration (its store unreachable) while it still serves
+    // its cached view. A lost connection ends the subscription too, and with
+    // it the session.
+    let mut register = shared.registrar.open(client.clone());
+    let mut register_opened = Instant::now();
+    let mut register_backoff = Backoff::default();
+    let mut register_retry: Option<Pin<Box<Sleep>>> = None;
+    loop {
+        tokio::select! {
+            message = updates.message() => match message {
+                Ok(Some(message)) => shared.accept(tracker, &message),
+                Ok(None) => return Err(stream_error(StreamError::Ended { stream: "subscribe" })),
+                Err(status) => return Err(stream_error(StreamError::status("subscribe", status))),
+            },
+            done = drive(&mut register) => {
+                // Dropping the stream ends it: after a deregistration, or to
+                // open it again.
+                register = None;
+                if let Err(error) = done {
+                    if register_opened.elapsed() >= HEALTHY_SESSION {
+                        register_backoff.reset();
+                    }
+                    let delay = register_backoff.next_delay();
+                    tracing::warn!(
+                        control_plane.address = %target.address,
+                        %error,
+                        retry.in_ms = delay.as_millis(),
+                        "registration failed; registering again"
+                    );
+                    register_retry = Some(Box::pin(tokio::time::sleep(delay)));
+                }
+            },
+            () = wait(&mut register_retry) => {
+                register_retry = None;
+                register = shared.registrar.open(client.clone());
+                register_opened = Instant::now();
+            },
+        }
+    }
+}
+
+/// Waits for the timer, if any; never returns without one.
+async fn wait(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer {
+        Some(timer) => timer.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Drives the register stream, if any; never returns without one.
+async fn drive(
+    register: &mut Option<super::register::RegisterStream<'_>>,
+) -> Result<(), StreamError> {
+    match register {
+        Some(stream) => stream.drive().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn backoff_ceiling_doubles_to_the_cap_and_resets() {
+        let mut b = Backoff::default();
+        let mut ceilings = Vec::new();
+        for _ in 0..10 {
+            ceilings.push(b.ceiling().as_millis());
+            let d = b.next_delay();
+            assert!(d <= Duration::from_millis(*ceilings.last().unwrap() as u64));
+        }
+        assert_eq!(
+            ceilings,
+            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
+        );
+        for _ in 0..100 {
+            b.next_delay();
+        }
+        assert_eq!(b.ceiling(), BACKOFF_MAX);
+        b.reset();
+        assert_eq!(b.ceiling(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn addresses_are_checked() {
+        assert!(Target::parse("http://127.0.0.1:8443").is_ok());
+        assert!(Target::parse("http://weft-cp.internal:8443").is_ok());
+        let e = Target::parse("https://weft-cp.internal:8443").unwrap_err();
+        assert!(e.to_string().contains("https is not supported yet"), "{e}");
+        assert!(matches!(
+            Target::parse("http://bad host"),
+            Err(AddressError::Invalid { .. })
+        ));
+    }
+}

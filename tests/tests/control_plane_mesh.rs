@@ -1,0 +1,221 @@
+//! Scenario: a mesh with no fixed links. A `weft-control-plane --dev` keeps the
+//! directory; the `billing` service's sidecar registers its instance; a caller's
+//! sidecar, whose bootstrap file names no services at all, calls `billing` by name
+//! and reaches the app through billing's sidecar. A policy applied to the control
+//! plane reaches the caller; a graceful shutdown of billing's sidecar removes the
+//! instance from the caller's view at once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use weft_tests::backend::Backend;
+use weft_tests::client::{Client, Mode};
+use weft_tests::eventually;
+use weft_tests::process::{Proxy, Signal, TempDir, proxy_bin};
+
+const TOKEN: &str = "mesh-test-token-0123456789";
+
+struct ControlPlane {
+    child: Child,
+    grpc: String,
+    admin: String,
+    _dir: TempDir,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sibling_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let proxy = proxy_bin()?;
+    let bin = proxy.with_file_name(name);
+    ensure!(
+        bin.exists(),
+        "{} does not exist: build the workspace's binaries first",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+async fn start_control_plane() -> anyhow::Result<ControlPlane> {
+    let dir = TempDir::new()?;
+    let tokens = dir.write("tokens", &format!("{TOKEN}\n"))?;
+    let bound = dir.path().join("cp-bound.json");
+    let log = std::fs::File::create(dir.path().join("cp.log"))?;
+    let child = Command::new(sibling_bin("weft-control-plane")?)
+        .args([
+            "--dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--lease-ttl",
+            "2s",
+        ])
+        .arg("--token-file")
+        .arg(&tokens)
+        .arg("--bound-file")
+        .arg(&bound)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let mut cp = ControlPlane {
+        child,
+        grpc: String::new(),
+        admin: String::new(),
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&bound) {
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            cp.grpc = format!("http://{}", v["listen"].as_str().context("listen")?);
+            cp.admin = format!("http://{}", v["admin"].as_str().context("admin")?);
+            return Ok(cp);
+        }
+        ensure!(Instant::now() < deadline, "the control plane did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn weftctl(cp: &ControlPlane, args: &[&str], dir: &TempDir) -> anyhow::Result<String> {
+    let tokens = dir.write("ctl-token", &format!("{TOKEN}\n"))?;
+    let out = Command::new(sibling_bin("weftctl")?)
+        .arg("--control-plane")
+        .arg(&cp.admin)
+        .arg("--token-file")
+        .arg(&tokens)
+        .args(args)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(out.status.success(), "weftctl {args:?} failed: {text}");
+    Ok(text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_find_each_other_through_the_control_plane() -> anyhow::Result<()> {
+    let cp = start_control_plane().await?;
+    let app = Backend::start("billing-app").await?;
+
+    // billing's own sidecar: registers its instance (advertising its inbound listener).
+    let billing = Proxy::start(format!(
+        r#"
+[service]
+name = "billing"
+app = "{app}"
+id = "billing-1"
+metadata = {{ zone = "z1", version = "v1" }}
+[listen]
+outbound = "127.0.0.1:0"
+inbound = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[control_plane]
+addresses = ["{grpc}"]
+[drain]
+grace = "2s"
+"#,
+        app = app.addr(),
+        grpc = cp.grpc
+    ))
+    .await?;
+
+    // The caller's sidecar knows only the control plane.
+    let caller = Proxy::start(format!(
+        r#"
+[listen]
+outbound = "127.0.0.1:0"
+inbound = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[control_plane]
+addresses = ["{grpc}"]
+"#,
+        grpc = cp.grpc
+    ))
+    .await?;
+
+    let client = Client::new(caller.outbound(), Mode::HostHeader);
+    // The registration lands asynchronously: wait (bounded) for the first success.
+    eventually(Duration::from_secs(10), || async {
+        let reply = client.get("http://billing/hello").await?;
+        ensure!(
+            reply.status == 200,
+            "status {} ({:?})",
+            reply.status,
+            reply.text()
+        );
+        ensure!(
+            reply.backend() == Some("billing-app"),
+            "answered by {:?}",
+            reply.backend()
+        );
+        Ok(())
+    })
+    .await?;
+    // It went through billing's inbound listener (which adds x-forwarded-for).
+    let reply = client.get("http://billing/hello").await?;
+    ensure!(
+        reply.header("x-seen-x-forwarded-for").is_some(),
+        "not proxied by billing's sidecar"
+    );
+
+    // The caller's admin API shows the pushed service and its instance.
+    let endpoints = caller.admin_client().endpoints().await?;
+    let svc = endpoints
+        .services()?
+        .iter()
+        .find(|s| s["name"] == "billing")
+        .context("billing in the caller's /endpoints")?;
+    ensure!(svc["source"] == "control-plane", "{svc}");
+    ensure!(
+        svc["endpoints"][0]["address"] == billing.inbound().to_string(),
+        "{svc}"
+    );
+
+    // A policy applied to the control plane reaches the caller: a route timeout
+    // shorter than the app's delay turns into a 504 naming the route.
+    let dir = TempDir::new()?;
+    let policy = dir.write(
+        "billing.toml",
+        "service = \"billing\"\n\n[[routes]]\nname = \"slow\"\nmatch = { path_prefix = \"/slow\" }\ntimeout = \"200ms\"\n",
+    )?;
+    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()], &dir)?;
+    eventually(Duration::from_secs(10), || async {
+        let reply = client.get("http://billing/slow?ms=2000").await?;
+        ensure!(reply.status == 504, "status {}", reply.status);
+        ensure!(
+            reply.header("weft-limit") == Some("routes.slow.timeout"),
+            "{:?}",
+            reply.header("weft-limit")
+        );
+        Ok(())
+    })
+    .await?;
+
+    // Graceful shutdown of billing's sidecar deregisters it at once (the lease TTL
+    // is 2 s; the check below must pass well before a lease could expire).
+    billing.signal(Signal::Term)?;
+    let started = Instant::now();
+    eventually(Duration::from_secs(10), || async {
+        let reply = client.get("http://billing/hello").await?;
+        ensure!(reply.status != 200, "still answered");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        started.elapsed() < Duration::from_millis(1900),
+        "deregistration took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
