@@ -3,7 +3,9 @@
 //! [`run`] loads the bootstrap file, builds the shared state, binds the three
 //! listeners, reports their addresses, and serves until SIGTERM or SIGINT. SIGHUP
 //! reloads the bootstrap file (an invalid one is logged and ignored). On shutdown:
-//! readiness goes false, the outbound and inbound listeners stop accepting,
+//! readiness goes false, the instance deregisters from the control plane (if
+//! any) and waits half a second for that to reach callers, the outbound and
+//! inbound listeners stop accepting,
 //! in-flight requests (and upgraded connections) get up to `[drain] grace` to
 //! finish, and the process exits 0.
 
@@ -23,6 +25,11 @@ use crate::outbound::Outbound;
 use crate::remote::RemoteServices;
 use crate::server::serve;
 use crate::state::{Bound, Shared};
+
+/// Longest wait for the control plane to acknowledge a deregistration.
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time for a deregistration to reach callers before the listeners close.
+const PROPAGATION_DELAY: Duration = Duration::from_millis(500);
 
 /// Options of `weft-proxy run`.
 #[derive(Debug, Clone)]
@@ -186,8 +193,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let grace = shared.config().loaded.bootstrap.drain.grace.get();
     tracing::info!(drain.grace_ms = grace.as_millis() as u64, "draining");
     shared.start_draining();
-    data_stop.cancel();
     let deadline = tokio::time::Instant::now() + grace;
+    // Leave the directory first, so callers stop choosing this instance, and give
+    // the change a moment to reach them before the listeners close: requests
+    // already on their way still find an open listener.
+    if let Some(client) = &control_plane {
+        let deregistered = client.deregister(grace.min(DEREGISTER_TIMEOUT)).await;
+        tracing::info!(?deregistered, "deregistered from the control plane");
+        tokio::time::sleep(grace.min(PROPAGATION_DELAY)).await;
+    }
+    data_stop.cancel();
     let drained = tokio::time::timeout_at(deadline, async {
         let _ = out_task.await;
         let _ = in_task.await;
@@ -199,10 +214,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     match drained {
         Ok(()) => tracing::info!("drained; exiting"),
         Err(_) => tracing::warn!("grace period over with requests still in flight; exiting"),
-    }
-    // Drained: leave the directory at once rather than waiting for the lease.
-    if let Some(client) = &control_plane {
-        client.deregister(Duration::from_secs(2)).await;
     }
     shared.shutdown.cancel();
     admin_stop.cancel();

@@ -1,11 +1,14 @@
-//! `weft-demo`: the README's main job.
+//! `weft-demo`: the README's main job, a local mesh on the embedded store.
 //!
-//! Starts three demo backends (one of them slow), writes a bootstrap file for a
-//! standalone `weft-proxy` that knows them as two logical services (`catalog`,
-//! round-robin; `billing`, p2c-ewma), starts the proxy, and sends demo traffic by
-//! logical name, printing which instance answered. Then it removes an instance with
-//! a live reload, asks for a service that does not exist, and stops the proxy with
-//! SIGTERM. Everything listens on 127.0.0.1 with ports chosen at run time.
+//! Starts `weft-control-plane --dev` (in-memory store), demo app instances with a
+//! `weft-proxy` sidecar each (which registers the instance), and one caller
+//! sidecar whose bootstrap file names no service at all. Then it sends demo
+//! traffic by logical name through the caller's sidecar, applies policies with
+//! `weftctl` while traffic flows, and prints what happened: balancing, a policy
+//! pushed live, retries masking a broken instance and its ejection, a service-wide
+//! rate limit shared by the instances, a graceful shutdown that deregisters an
+//! instance without failing a request, and a fast failure for an unknown name.
+//! Everything listens on 127.0.0.1 with ports chosen at run time.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -28,22 +31,14 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
 #[derive(Debug, Parser)]
-#[command(about = "Run the Weft demo: backends, a standalone sidecar, demo traffic")]
+#[command(about = "Run the Weft demo: a local mesh on the embedded store, with demo traffic")]
 struct Args {
-    /// Path to the weft-proxy binary.
-    #[arg(long, default_value = "target/release/weft-proxy")]
-    proxy: PathBuf,
+    /// Directory holding weft-proxy, weft-control-plane and weftctl.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
     /// Requests per demo round.
     #[arg(long, default_value_t = 300)]
     requests: usize,
-}
-
-struct Backend {
-    name: &'static str,
-    zone: &'static str,
-    version: &'static str,
-    delay: Duration,
-    addr: SocketAddr,
 }
 
 async fn start_backend(
@@ -89,83 +84,37 @@ async fn start_backend(
     Ok(addr)
 }
 
-fn bootstrap(backends: &[Backend], broken: SocketAddr, include_slow: bool) -> String {
-    let endpoints: Vec<String> = backends
-        .iter()
-        .filter(|b| include_slow || b.delay.is_zero())
-        .map(|b| {
-            format!(
-                "  {{ address = \"{}\", metadata = {{ zone = \"{}\", version = \"{}\", labels = {{ instance = \"{}\" }} }} }},",
-                b.addr, b.zone, b.version, b.name
-            )
-        })
-        .collect();
-    let endpoints = endpoints.join("\n");
-    let fast: Vec<String> = backends
-        .iter()
-        .filter(|b| b.delay.is_zero())
-        .map(|b| format!("  {{ address = \"{}\" }},", b.addr))
-        .collect();
-    let fast = fast.join("\n");
-    format!(
-        r#"# Written by weft-demo: a standalone sidecar with two logical services.
-[listen]
-outbound = "127.0.0.1:0"
-inbound = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[drain]
-grace = "5s"
-
-[[directory.services]]
-name = "catalog"
-policy = "catalog.toml"
-endpoints = [
-{endpoints}
-]
-
-[[directory.services]]
-name = "billing"
-policy = "billing.toml"
-endpoints = [
-{endpoints}
-]
-
-[[directory.services]]
-name = "orders"
-policy = "orders.toml"
-endpoints = [
-{fast}
-  {{ address = "{broken}" }},
-]
-
-[[directory.services]]
-name = "search"
-policy = "search.toml"
-endpoints = [
-{fast}
-]
-"#
-    )
-}
-
-struct ProxyProcess {
+/// A child process killed (if still running) when dropped.
+struct Process {
     child: Child,
-    outbound: SocketAddr,
-    admin: SocketAddr,
+    name: String,
 }
 
-impl Drop for ProxyProcess {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
 }
 
-async fn start_proxy(bin: &Path, dir: &Path) -> anyhow::Result<ProxyProcess> {
-    let bound = dir.join("bound.json");
+impl Process {
+    fn pid(&self) -> anyhow::Result<u32> {
+        self.child
+            .id()
+            .with_context(|| format!("{} has exited", self.name))
+    }
+}
+
+/// Start `bin args..` and wait for the JSON it writes to `--bound-file`.
+async fn spawn(
+    name: &str,
+    bin: &Path,
+    args: &[String],
+    dir: &Path,
+) -> anyhow::Result<(Process, serde_json::Value)> {
+    let bound = dir.join(format!("{name}.bound.json"));
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     let child = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(dir.join("weft.toml"))
+        .args(args)
         .arg("--bound-file")
         .arg(&bound)
         .env(
@@ -173,27 +122,88 @@ async fn start_proxy(bin: &Path, dir: &Path) -> anyhow::Result<ProxyProcess> {
             std::env::var("WEFT_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
+    let process = Process {
+        child,
+        name: name.to_owned(),
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(text) = std::fs::read_to_string(&bound) {
-            let v: serde_json::Value = serde_json::from_str(&text)?;
-            let get = |k: &str| -> anyhow::Result<SocketAddr> {
-                Ok(v[k].as_str().context("bound file")?.parse()?)
-            };
-            return Ok(ProxyProcess {
-                child,
-                outbound: get("outbound")?,
-                admin: get("admin")?,
-            });
+            return Ok((process, serde_json::from_str(&text)?));
         }
         if Instant::now() > deadline {
-            bail!("weft-proxy did not start within 10s");
+            let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+            bail!("{name} did not start within 10s:\n{log}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+fn addr(v: &serde_json::Value, key: &str) -> anyhow::Result<SocketAddr> {
+    Ok(v[key].as_str().context("bound file")?.parse()?)
+}
+
+/// A sidecar for one instance of `service` in front of `app`.
+fn instance_bootstrap(
+    service: &str,
+    id: &str,
+    app: SocketAddr,
+    zone: &str,
+    version: &str,
+    cp: SocketAddr,
+) -> String {
+    format!(
+        r#"# weft-demo: the sidecar of {service} instance {id}
+[service]
+name = "{service}"
+app = "{app}"
+id = "{id}"
+instances = 3
+policy = "{service}.toml"
+metadata = {{ zone = "{zone}", version = "{version}" }}
+
+[listen]
+outbound = "127.0.0.1:0"
+inbound = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[control_plane]
+addresses = ["http://{cp}"]
+
+[drain]
+grace = "5s"
+"#
+    )
+}
+
+async fn weftctl(
+    args: &Args,
+    cp_admin: SocketAddr,
+    token: &Path,
+    cmd: &[&str],
+) -> anyhow::Result<String> {
+    let out = Command::new(args.bin_dir.join("weftctl"))
+        .arg("--control-plane")
+        .arg(format!("http://{cp_admin}"))
+        .arg("--token-file")
+        .arg(token)
+        .args(cmd)
+        .output()
+        .await?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("weftctl {cmd:?} failed: {text}");
+    }
+    Ok(text)
 }
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
@@ -278,122 +288,267 @@ fn kill(pid: u32, signal: &str) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut backends = vec![
-        Backend {
-            name: "instance-a",
-            zone: "eu-1",
-            version: "v1",
-            delay: Duration::ZERO,
-            addr: "0.0.0.0:0".parse()?,
-        },
-        Backend {
-            name: "instance-b",
-            zone: "eu-1",
-            version: "v1",
-            delay: Duration::ZERO,
-            addr: "0.0.0.0:0".parse()?,
-        },
-        Backend {
-            name: "instance-c",
-            zone: "eu-2",
-            version: "v2",
-            delay: Duration::from_millis(25),
-            addr: "0.0.0.0:0".parse()?,
-        },
-    ];
-    for b in &mut backends {
-        b.addr = start_backend(b.name, b.delay, StatusCode::OK).await?;
+    let dir = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run(&args, &dir).await;
+    if std::env::var_os("WEFT_DEMO_KEEP").is_some() {
+        println!("(kept {})", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
     }
-    let broken = start_backend("broken", Duration::ZERO, StatusCode::SERVICE_UNAVAILABLE).await?;
-    println!("Weft demo\n=========\n");
+    result
+}
+
+async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     println!(
-        "Three instances of a demo app (instance-c answers 25 ms slower), and one broken instance (always 503) at {broken}:"
+        "Weft demo: a local mesh on the embedded store\n==============================================\n"
     );
-    for b in &backends {
-        println!(
-            "  {:<11} {}  zone={} version={}",
-            b.name, b.addr, b.zone, b.version
+    let token = dir.join("admin-token");
+    std::fs::write(&token, "weft-demo-admin-token-0123456789\n")?;
+
+    let (cp, cp_bound) = spawn(
+        "control-plane",
+        &args.bin_dir.join("weft-control-plane"),
+        &[
+            "--dev".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--lease-ttl".into(),
+            "3s".into(),
+        ],
+        dir,
+    )
+    .await?;
+    let (cp_grpc, cp_admin) = (addr(&cp_bound, "listen")?, addr(&cp_bound, "admin")?);
+    println!(
+        "weft-control-plane --dev (pid {}): gRPC {cp_grpc}, admin {cp_admin}",
+        cp.pid()?
+    );
+
+    // Policies, applied with weftctl before the sidecars start.
+    let policies = [
+        (
+            "billing",
+            "service = \"billing\"\n\n[outbound]\nload_balancer = \"p2c-ewma\"\n",
+        ),
+        (
+            "orders",
+            "service = \"orders\"\n\n[outbound]\nload_balancer = \"round-robin\"\noutlier = { consecutive_failures = 3, ejection = \"30s\" }\nretry = { attempts = 2, on = [\"connect-failure\", \"503\"] }\n",
+        ),
+    ];
+    for (service, text) in policies {
+        let file = dir.join(format!("{service}.toml"));
+        std::fs::write(&file, text)?;
+        print!(
+            "  {}",
+            weftctl(
+                args,
+                cp_admin,
+                &token,
+                &["apply", "-f", &file.display().to_string()]
+            )
+            .await?
         );
     }
 
-    let dir = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("catalog.toml"),
-        "service = \"catalog\"\n\n[outbound]\nload_balancer = \"round-robin\"\n",
-    )?;
-    std::fs::write(
-        dir.join("billing.toml"),
-        "service = \"billing\"\n\n[outbound]\nload_balancer = \"p2c-ewma\"\n",
-    )?;
-    std::fs::write(
-        dir.join("orders.toml"),
-        "service = \"orders\"\n\n[outbound]\nload_balancer = \"round-robin\"\noutlier = { consecutive_failures = 3, ejection = \"30s\" }\nretry = { attempts = 2, on = [\"connect-failure\", \"503\"] }\n",
-    )?;
-    std::fs::write(
-        dir.join("search.toml"),
-        "service = \"search\"\n\n[outbound]\nrate_limit = { per_second = 20, burst = 5 }\n",
-    )?;
-    std::fs::write(dir.join("weft.toml"), bootstrap(&backends, broken, true))?;
-    println!("\nBootstrap file: {}", dir.join("weft.toml").display());
-
-    let proxy = start_proxy(&args.proxy, &dir).await?;
-    let pid = proxy.child.id().context("proxy pid")?;
+    // App instances, each with its own sidecar that registers it.
+    let instances = [
+        (
+            "billing",
+            "billing-a",
+            "eu-1",
+            "v1",
+            Duration::ZERO,
+            StatusCode::OK,
+        ),
+        (
+            "billing",
+            "billing-b",
+            "eu-1",
+            "v1",
+            Duration::ZERO,
+            StatusCode::OK,
+        ),
+        (
+            "billing",
+            "billing-c",
+            "eu-2",
+            "v2",
+            Duration::from_millis(25),
+            StatusCode::OK,
+        ),
+        (
+            "orders",
+            "orders-a",
+            "eu-1",
+            "v1",
+            Duration::ZERO,
+            StatusCode::OK,
+        ),
+        (
+            "orders",
+            "orders-b",
+            "eu-1",
+            "v1",
+            Duration::ZERO,
+            StatusCode::OK,
+        ),
+        (
+            "orders",
+            "orders-broken",
+            "eu-1",
+            "v1",
+            Duration::ZERO,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+    ];
+    let mut sidecars = Vec::new();
     println!(
-        "weft-proxy (pid {pid}) listening: outbound {}, admin {}\n",
-        proxy.outbound, proxy.admin
+        "\nApp instances and their sidecars (billing-c answers 25 ms slower; orders-broken always 503):"
+    );
+    for (service, id, zone, version, delay, status) in instances {
+        let name: &'static str = id;
+        let app = start_backend(name, delay, status).await?;
+        let config = dir.join(format!("{id}.toml"));
+        std::fs::write(
+            &config,
+            instance_bootstrap(service, id, app, zone, version, cp_grpc),
+        )?;
+        let (sidecar, bound) = spawn(
+            id,
+            &args.bin_dir.join("weft-proxy"),
+            &[
+                "run".into(),
+                "--config".into(),
+                config.display().to_string(),
+            ],
+            dir,
+        )
+        .await?;
+        println!(
+            "  {id:<14} app {app}  sidecar inbound {}  zone={zone} version={version}",
+            addr(&bound, "inbound")?
+        );
+        sidecars.push((id, sidecar));
+    }
+
+    // The caller's sidecar knows only the control plane.
+    let caller_config = dir.join("checkout.toml");
+    std::fs::write(
+        &caller_config,
+        format!(
+            "# weft-demo: the caller's sidecar\n[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[control_plane]\naddresses = [\"http://{cp_grpc}\"]\n"
+        ),
+    )?;
+    let (caller, caller_bound) = spawn(
+        "caller",
+        &args.bin_dir.join("weft-proxy"),
+        &[
+            "run".into(),
+            "--config".into(),
+            caller_config.display().to_string(),
+        ],
+        dir,
+    )
+    .await?;
+    let outbound = addr(&caller_bound, "outbound")?;
+    println!("  caller sidecar (no static directory) outbound {outbound}\n");
+    println!(
+        "weftctl list:\n{}",
+        weftctl(args, cp_admin, &token, &["list"]).await?
     );
 
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
     let client: HttpClient = Client::builder(TokioExecutor::new())
         .set_host(false)
-        .build_http();
-    let (_, _, body) = call(&client, proxy.outbound, "catalog", "/hello").await?;
-    print!("GET http://catalog/hello through the sidecar -> {body}");
-
-    println!("\n1. `catalog` balanced round-robin, sequential requests: an even split");
-    round(&client, proxy.outbound, "catalog", args.requests, 1).await?;
-    println!(
-        "\n2. `billing` balanced by p2c + peak-EWMA, 8 concurrent callers: the slow instance gets less"
-    );
-    round(&client, proxy.outbound, "billing", args.requests, 8).await?;
-
-    println!("\n3. Live reload: instance-c removed from the bootstrap file, then SIGHUP");
-    std::fs::write(dir.join("weft.toml"), bootstrap(&backends, broken, false))?;
-    kill(pid, "-HUP")?;
-    let admin: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let deadline = Instant::now() + Duration::from_secs(5);
+        .build(connector);
+    // Registrations land asynchronously: wait until all three billing instances answer.
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let rsp = admin
-            .get(format!("http://{}/config", proxy.admin).parse()?)
-            .await?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&rsp.into_body().collect().await?.to_bytes())?;
-        if v["version"].as_u64() == Some(2) {
-            println!("  config version 2 applied");
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..30 {
+            if let Ok((StatusCode::OK, who, _)) = call(&client, outbound, "billing", "/hello").await
+            {
+                seen.insert(who);
+            }
+        }
+        if seen.len() == 3 {
             break;
         }
         if Instant::now() > deadline {
-            bail!("reload was not applied");
+            bail!("the billing instances did not all become reachable: {seen:?}");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    round(&client, proxy.outbound, "billing", args.requests / 3, 4).await?;
+    let (_, _, body) = call(&client, outbound, "billing", "/hello").await?;
+    print!("GET http://billing/hello through the caller's sidecar -> {body}");
+
+    println!("\n1. billing, p2c + peak-EWMA, 8 concurrent callers: the slow instance gets less");
+    round(&client, outbound, "billing", args.requests, 8).await?;
+
+    println!("\n2. A new billing policy applied with weftctl reaches the caller live: round-robin");
+    let file = dir.join("billing-rr.toml");
+    std::fs::write(
+        &file,
+        "service = \"billing\"\n\n[outbound]\nload_balancer = \"round-robin\"\n",
+    )?;
+    print!(
+        "  {}",
+        weftctl(
+            args,
+            cp_admin,
+            &token,
+            &["apply", "-f", &file.display().to_string()]
+        )
+        .await?
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    round(&client, outbound, "billing", args.requests, 1).await?;
 
     println!(
-        "\n4. `orders` has a broken instance: retries hide its 503s, outlier detection ejects it"
+        "\n3. orders has a broken instance: retries hide its 503s, outlier detection ejects it"
     );
-    round(&client, proxy.outbound, "orders", 60, 1).await?;
+    round(&client, outbound, "orders", 60, 1).await?;
 
-    println!("\n5. `search` allows this caller 20 req/s (burst 5): the excess is refused at once");
-    round(&client, proxy.outbound, "search", 40, 4).await?;
-    let rsp = client
-        .request(
-            Request::get(format!("http://{}/", proxy.outbound))
-                .header(http::header::HOST, "search")
-                .body(Empty::new())?,
+    println!(
+        "\n4. A service-wide inbound limit of 30 req/s (burst 6) for billing, enforced by its 3 instances at 10 req/s each"
+    );
+    let file = dir.join("billing-limit.toml");
+    std::fs::write(
+        &file,
+        "service = \"billing\"\n\n[inbound]\nrate_limit = { per_second = 30, burst = 6 }\n\n[outbound]\nload_balancer = \"round-robin\"\nretry = { attempts = 0 }\n",
+    )?;
+    // Each billing sidecar reads its own policy from its bootstrap; the demo
+    // writes the file and reloads them (SIGHUP), as ops would roll it out.
+    // Replace the file atomically, so a sidecar never reads it half-written.
+    std::fs::copy(&file, dir.join("billing.toml.new"))?;
+    std::fs::rename(dir.join("billing.toml.new"), dir.join("billing.toml"))?;
+    for (id, sidecar) in &sidecars {
+        if id.starts_with("billing") {
+            kill(sidecar.pid()?, "-HUP")?;
+        }
+    }
+    print!(
+        "  {}",
+        weftctl(
+            args,
+            cp_admin,
+            &token,
+            &["apply", "-f", &file.display().to_string()]
         )
-        .await?;
+        .await?
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    round(&client, outbound, "billing", 60, 6).await?;
+    let req = Request::get(format!("http://{outbound}/"))
+        .header(http::header::HOST, "billing")
+        .body(Empty::new())?;
+    let rsp = client.request(req).await?;
     let header = |name: &str| {
         rsp.headers()
             .get(name)
@@ -408,21 +563,63 @@ async fn main() -> anyhow::Result<()> {
         header("weft-limit"),
         header("retry-after")
     );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    println!(
+        "\n5. billing-c shuts down gracefully (SIGTERM) while traffic flows: it deregisters, then drains; nothing fails"
+    );
+    let pid = sidecars
+        .iter()
+        .find(|(id, _)| *id == "billing-c")
+        .map(|(_, s)| s.pid())
+        .context("billing-c")??;
+    let traffic = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut failures = 0;
+            let mut total = 0;
+            let end = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < end {
+                match call(&client, outbound, "billing", "/demo").await {
+                    Ok((StatusCode::OK, _, _)) | Ok((StatusCode::TOO_MANY_REQUESTS, _, _)) => {}
+                    _ => failures += 1,
+                }
+                total += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (total, failures)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kill(pid, "-TERM")?;
+    let (total, failures) = traffic.await?;
+    println!("  {total} requests during the shutdown, {failures} failed");
+    println!(
+        "weftctl get billing:\n{}",
+        weftctl(args, cp_admin, &token, &["get", "billing"])
+            .await?
+            .lines()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     println!("\n6. A name that is neither in the directory nor in DNS fails fast:");
     let started = Instant::now();
-    let (status, reason, _) = call(&client, proxy.outbound, "no-such-service.invalid", "/").await?;
+    let (status, reason, _) = call(&client, outbound, "no-such-service.invalid", "/").await?;
     println!(
         "  GET http://no-such-service.invalid/ -> {status}, weft-reason: {reason} ({:.0?})",
         started.elapsed()
     );
 
+    println!("\n7. What the caller's sidecar sees (GET /endpoints on its admin listener):");
+    let admin: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
     let rsp = admin
-        .get(format!("http://{}/endpoints", proxy.admin).parse()?)
+        .get(format!("http://{}/endpoints", addr(&caller_bound, "admin")?).parse()?)
         .await?;
     let v: serde_json::Value =
         serde_json::from_slice(&rsp.into_body().collect().await?.to_bytes())?;
-    println!("\n7. What the sidecar sees (GET /endpoints on the admin listener):");
     for svc in v["services"].as_array().into_iter().flatten() {
         println!(
             "  {} ({}, {})",
@@ -442,23 +639,26 @@ async fn main() -> anyhow::Result<()> {
         }
         for ep in svc["endpoints"].as_array().into_iter().flatten() {
             println!(
-                "    {:<21} {:<7} requests={:<5} latency_ewma={:.2}ms",
+                "    {:<21} {:<9} requests={:<5} latency_ewma={:.2}ms {}",
                 ep["address"].as_str().unwrap_or("?"),
                 ep["state"].as_str().unwrap_or("?"),
                 ep["requests"],
-                ep["latency_ewma_ms"].as_f64().unwrap_or(0.0)
+                ep["latency_ewma_ms"].as_f64().unwrap_or(0.0),
+                ep["metadata"]["zone"].as_str().unwrap_or("")
             );
         }
     }
 
-    println!("\n8. SIGTERM: drain and exit");
-    let mut proxy = proxy;
-    kill(pid, "-TERM")?;
-    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait()).await??;
-    println!("  weft-proxy exited with {status}");
-    let _ = std::fs::remove_dir_all(&dir);
-    if !status.success() {
-        bail!("weft-proxy exited with {status}");
+    println!("\n8. SIGTERM to every process: drain, deregister, exit");
+    let mut processes: Vec<Process> = sidecars.into_iter().map(|(_, s)| s).collect();
+    processes.push(caller);
+    processes.push(cp);
+    for p in &mut processes {
+        if let Some(pid) = p.child.id() {
+            kill(pid, "-TERM")?;
+        }
+        let status = tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await??;
+        println!("  {:<14} exited with {status}", p.name);
     }
     println!("\nDone. See README.md for the configuration reference.");
     Ok(())

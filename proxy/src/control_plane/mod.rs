@@ -39,10 +39,14 @@
 //! | [`cache`] | the snapshot cache file and its writer task |
 
 pub mod cache;
+#[cfg(test)]
+mod mock;
 pub mod register;
 pub mod session;
 pub mod snapshot;
 pub mod subscriptions;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

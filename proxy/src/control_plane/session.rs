@@ -1,6 +1,6 @@
 //! The connection to the control plane: connect, keep the streams, reconnect.
 //!
-//! [`run`] is the client's one long-lived task. It tries the configured
+//! `run` is the client's one long-lived task. It tries the configured
 //! addresses in turn, waiting a jittered exponential backoff ([`Backoff`])
 //! between attempts, and on each connection runs one session:
 //!

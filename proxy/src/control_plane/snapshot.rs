@@ -104,8 +104,12 @@ impl RemoteSnapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum Rejection {
     /// The service's name is not a valid service name.
-    #[error("{0}")]
-    Name(#[source] InvalidServiceName),
+    #[error("{source}")]
+    Name {
+        name: String,
+        #[source]
+        source: InvalidServiceName,
+    },
     /// An instance does not convert (bad id, address or metadata).
     #[error("service {service}: instance #{index}: {source}")]
     Instance {
@@ -138,8 +142,8 @@ impl Rejection {
     /// The pushed service name the rejection is about.
     pub fn service(&self) -> &str {
         match self {
-            Self::Name(_) => "",
-            Self::Instance { service, .. }
+            Self::Name { name: service, .. }
+            | Self::Instance { service, .. }
             | Self::ForeignInstance { service, .. }
             | Self::Policy { service, .. }
             | Self::PolicyService { service, .. } => service,
@@ -157,7 +161,10 @@ pub struct StaleVersion {
 
 /// Checks one pushed service and builds its typed form.
 pub fn validate(state: &v1::ServiceState) -> Result<RemoteService, Rejection> {
-    let name: ServiceName = state.name.parse().map_err(Rejection::Name)?;
+    let name: ServiceName = state.name.parse().map_err(|source| Rejection::Name {
+        name: state.name.clone(),
+        source,
+    })?;
     let service = || name.to_string();
     let mut instances = Vec::with_capacity(state.instances.len());
     for (index, wire) in state.instances.iter().enumerate() {
@@ -569,7 +576,9 @@ mod tests {
             applied.rejected[1],
             Rejection::ForeignInstance { .. }
         ));
-        assert!(matches!(applied.rejected[2], Rejection::Name(_)));
+        assert!(
+            matches!(&applied.rejected[2], Rejection::Name { name, .. } if name == "Not-A-Name")
+        );
         assert_eq!(ports(&t, "a"), [1]);
         assert_eq!(t.snapshot().lookup("gone"), Lookup::Missing);
         assert_eq!(t.snapshot().lookup("Not-A-Name"), Lookup::Unknown);
