@@ -28,6 +28,14 @@ use weft_proxy::control_plane::{
 /// Generous bound for anything that should take milliseconds.
 const SOON: Duration = Duration::from_secs(10);
 
+/// The client's logs, shown by libtest for failing tests.
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("weft_proxy=debug"))
+        .with_test_writer()
+        .try_init();
+}
+
 fn bin(env: &str, name: &str) -> PathBuf {
     if let Some(bin) = std::env::var_os(env) {
         return PathBuf::from(bin);
@@ -269,6 +277,7 @@ fn connected(state: &ConnectionState) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registered_instance_reaches_subscribers() {
+    logs();
     let dir = TempDir::new();
     let cp = ControlPlane::start(&dir, "127.0.0.1:0".parse().unwrap(), "10s");
     let addresses = [cp.url()];
@@ -326,6 +335,7 @@ async fn a_registered_instance_reaches_subscribers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_applied_policy_is_pushed() {
+    logs();
     let dir = TempDir::new();
     let cp = ControlPlane::start(&dir, "127.0.0.1:0".parse().unwrap(), "10s");
     let addresses = [cp.url()];
@@ -381,6 +391,7 @@ async fn an_applied_policy_is_pushed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_restart_keeps_the_snapshot_then_resyncs() {
+    logs();
     let dir = TempDir::new();
     let mut cp = ControlPlane::start(&dir, "127.0.0.1:0".parse().unwrap(), "10s");
     let listen = cp.grpc;
@@ -465,6 +476,7 @@ async fn a_control_plane_restart_keeps_the_snapshot_then_resyncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deregistering_removes_the_instance_at_once() {
+    logs();
     let dir = TempDir::new();
     // A long TTL: a removal within it can only be the deregistration.
     let cp = ControlPlane::start(&dir, "127.0.0.1:0".parse().unwrap(), "60s");
@@ -530,6 +542,7 @@ async fn deregistering_removes_the_instance_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cache_file_serves_a_cold_start_without_the_control_plane() {
+    logs();
     let dir = TempDir::new();
     let cache = dir.join("cache/snapshot.json");
     let mut cp = ControlPlane::start(&dir, "127.0.0.1:0".parse().unwrap(), "10s");
