@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 
 use crate::balance::Endpoint;
 use crate::body::{self, ProxyBody};
+use crate::control_plane::ConnectionState;
 use crate::discovery::dns::Status;
 use crate::state::Shared;
 
@@ -158,6 +159,25 @@ impl Admin {
                 "local": local,
                 "services": services,
                 "dns_counters": directory.default_policy.stats.to_json(),
+                "control_plane": self.shared.remote().map(|r| {
+                    let client = r.client();
+                    let (rejected, last_rejection) = client.rejected();
+                    let state = match client.state() {
+                        ConnectionState::Connecting => json!({ "state": "connecting" }),
+                        ConnectionState::Connected { address } => json!({ "state": "connected", "address": address }),
+                        ConnectionState::Disconnected { since, error } => json!({
+                            "state": "disconnected",
+                            "for_ms": since.elapsed().as_millis() as u64,
+                            "error": error,
+                        }),
+                    };
+                    json!({
+                        "connection": state,
+                        "version": client.snapshot().borrow().version,
+                        "rejected": rejected,
+                        "last_rejection": last_rejection,
+                    })
+                }),
             }),
         )
     }

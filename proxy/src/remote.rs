@@ -22,7 +22,7 @@ use weft_config::{LoadBalancer, Loaded, Protocol, ServiceName};
 
 use crate::balance::Balancer;
 use crate::client::ClientSettings;
-use crate::control_plane::{ControlPlaneClient, RemoteSnapshot};
+use crate::control_plane::{ConnectionState, ControlPlaneClient, RemoteSnapshot};
 use crate::directory::{MeshService, client_settings, reuse_client};
 use crate::discovery::{EndpointsWriter, Update};
 use crate::policy::OutboundPolicy;
@@ -76,6 +76,12 @@ impl RemoteServices {
             return Some(Arc::clone(svc));
         }
         ServiceName::try_from(name.to_owned()).ok()?;
+        // While the control plane is unreachable, a name it never described is
+        // not worth waiting for: go straight to the fallback (DNS).
+        let wait = match self.client.state() {
+            ConnectionState::Disconnected { .. } => Duration::ZERO,
+            _ => wait,
+        };
         let deadline = tokio::time::Instant::now() + wait;
         self.client.service(name, wait).await?;
         let mut rx = self.services.clone();

@@ -177,6 +177,10 @@ addresses = ["{grpc}"]
         .find(|s| s["name"] == "billing")
         .context("billing in the caller's /endpoints")?;
     ensure!(svc["source"] == "control-plane", "{svc}");
+    let cp_state = &endpoints.0["control_plane"];
+    ensure!(cp_state["connection"]["state"] == "connected", "{cp_state}");
+    ensure!(cp_state["version"].as_i64().unwrap_or(0) > 0, "{cp_state}");
+    ensure!(cp_state["rejected"] == 0, "{cp_state}");
     ensure!(
         svc["endpoints"][0]["address"] == billing.inbound().to_string(),
         "{svc}"
