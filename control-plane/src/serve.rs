@@ -21,30 +21,14 @@ where
     Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
     let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        let Ok((stream, peer)) = accepted else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            continue;
-        };
-        let handler = handler.clone();
-        let service = hyper::service::service_fn(handler);
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(error) = conn.await {
-                tracing::debug!(client.addr = %peer, %error, "admin connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
+    accept_loop(
+        "admin",
+        listener,
+        stop,
+        builder,
+        hyper::service::service_fn(handler),
+    )
+    .await;
 }
 
 /// Serve a gRPC service (HTTP/2 only) on `listener` until `stop`.
@@ -61,6 +45,27 @@ where
 {
     let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    let service = hyper_util::service::TowerToHyperService::new(service);
+    accept_loop("gRPC", listener, stop, builder, service).await;
+}
+
+/// Accept until `stop`, serving each connection with `service`; then let open
+/// connections finish (at most 5 s).
+async fn accept_loop<S, B>(
+    name: &'static str,
+    listener: TcpListener,
+    stop: CancellationToken,
+    builder: auto::Builder<TokioExecutor>,
+    service: S,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -72,14 +77,13 @@ where
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let svc = hyper_util::service::TowerToHyperService::new(service.clone());
         let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
+            .serve_connection(TokioIo::new(stream), service.clone())
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(error) = conn.await {
-                tracing::debug!(client.addr = %peer, %error, "gRPC connection ended with an error");
+                tracing::debug!(listener = name, client.addr = %peer, %error, "connection ended with an error");
             }
         });
     }

@@ -63,9 +63,6 @@ pub enum ProxyError {
     #[error("this sidecar fronts no local service: the bootstrap file has no [service] section")]
     NoLocalService,
 
-    #[error("the proxy is shutting down")]
-    ShuttingDown,
-
     #[error(transparent)]
     RateLimited(#[from] RateLimited),
 
@@ -113,7 +110,7 @@ impl ProxyError {
             Self::Dns { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            Self::ShuttingDown | Self::NoLocalService => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoLocalService => StatusCode::SERVICE_UNAVAILABLE,
             Self::Loop { .. } => StatusCode::LOOP_DETECTED,
         }
     }
@@ -132,7 +129,6 @@ impl ProxyError {
             Self::NoEndpoints { .. } => "no-endpoints",
             Self::Connect { .. } => "connect-failure",
             Self::Upstream { .. } => "upstream-failure",
-            Self::ShuttingDown => "shutting-down",
             Self::NoLocalService => "no-local-service",
             Self::Loop { .. } => "loop-detected",
         }

@@ -22,6 +22,7 @@
 //! any stage become responses in one place ([`error_response`]); this service never
 //! fails, so hyper always has something to send.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -71,7 +72,9 @@ pub struct Outbound {
 
 /// Where one request goes: discovery's answer.
 struct Target<'a> {
-    service: String,
+    /// The name refusals and logs use (borrowed on the common paths: no
+    /// allocation per request).
+    service: Cow<'a, str>,
     endpoints: Arc<EndpointSet>,
     balancer: &'a Balancer,
     client: &'a UpstreamClient,
@@ -119,15 +122,16 @@ impl Outbound {
         let dest = Destination::from_request(&req)?;
         let directory = self.shared.directory();
         let dns_target;
-        let remote = match (directory.service(&dest.host), self.shared.remote()) {
+        let static_service = directory.service(&dest.host);
+        let remote = match (static_service, self.shared.remote()) {
             (None, Some(remote)) if dest.ip().is_none() => {
                 remote.get(&dest.host, CONTROL_PLANE_WAIT).await
             }
             _ => None,
         };
-        let target = if let Some(svc) = directory.service(&dest.host).or(remote.as_ref()) {
+        let target = if let Some(svc) = static_service.or(remote.as_ref()) {
             Target {
-                service: svc.name.to_string(),
+                service: Cow::Borrowed(svc.name.as_str()),
                 endpoints: Arc::clone(&svc.endpoints().borrow()),
                 balancer: &svc.balancer,
                 client: &svc.client,
@@ -137,7 +141,7 @@ impl Outbound {
         } else if let Some(ip) = dest.ip() {
             let addr = SocketAddr::new(ip, dest.port.unwrap_or(DEFAULT_PORT));
             Target {
-                service: addr.to_string(),
+                service: Cow::Owned(addr.to_string()),
                 endpoints: Arc::new(EndpointSet::from_endpoints(vec![Arc::new(Endpoint::new(
                     addr,
                     Default::default(),
@@ -150,7 +154,7 @@ impl Outbound {
         } else {
             dns_target = directory.dns().resolve(&dest.host, dest.port).await?;
             Target {
-                service: dest.host.clone(),
+                service: Cow::Borrowed(dest.host.as_str()),
                 endpoints: Arc::clone(&dns_target.endpoints().borrow()),
                 balancer: &directory.dns_balancer,
                 client: &directory.default_client,
@@ -233,7 +237,6 @@ impl Outbound {
         loop {
             let in_flight = next;
             let endpoint = Arc::clone(in_flight.endpoint());
-            tried.push(endpoint.addr());
 
             let attempt_body = match &mut body {
                 Prepared::Replayable(replay) => replay.body(),
@@ -279,6 +282,7 @@ impl Outbound {
             }
             // Choose where the retry goes before letting go of this failure: if no
             // endpoint can take it now, the client gets this failure, not a refusal.
+            tried.push(endpoint.addr());
             next = match select_next(&tried) {
                 Ok(next) => next,
                 Err(_) => return result.map(|rsp| self.finish(policy, rsp, in_flight)),

@@ -342,7 +342,17 @@ impl RegisterStream<'_> {
 
 impl Drop for RegisterStream<'_> {
     fn drop(&mut self) {
+        // A stream that ends after `deregister` was asked for ends the
+        // registration for good (unconfirmed); otherwise the next session
+        // registers again.
+        let deregistering = self.registrar.deregister.is_cancelled();
         self.registrar.phase.send_if_modified(|p| match p {
+            Phase::Open if deregistering => {
+                *p = Phase::Done {
+                    acknowledged: false,
+                };
+                true
+            }
             Phase::Open => {
                 *p = Phase::Idle;
                 true
