@@ -142,6 +142,8 @@ impl Admin {
             json!({
                 "name": l.name,
                 "app": l.addr,
+                "policy_source": l.policy_source,
+                "share": l.share.get(),
                 "in_flight": p.concurrency.as_ref().map(|c| c.in_flight()),
                 "queued": p.concurrency.as_ref().map(|c| c.waiting()),
                 "max_concurrency": p.concurrency.as_ref().map(|c| c.max()),

@@ -133,6 +133,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 &shared.tasks,
                 shared.shutdown.clone(),
             );
+            if let Some(service) = &loaded.bootstrap.service {
+                shared.follow_own_service(&client, service.name.to_string());
+            }
             shared.set_remote(RemoteServices::start(
                 client.clone(),
                 loaded,

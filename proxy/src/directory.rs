@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -79,6 +80,74 @@ pub struct LocalApp {
     pub addr: SocketAddr,
     pub client: UpstreamClient,
     pub policy: Arc<InboundPolicy>,
+    pub policy_source: PolicySource,
+    /// The instance count service-wide limits are divided among.
+    pub share: Share,
+}
+
+/// What the control plane says about the local service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnService {
+    /// The policy its owner applied, if any.
+    pub policy: Option<Arc<Policy>>,
+    /// How many of its instances are registered now (this one included).
+    pub live_instances: u32,
+}
+
+/// Where the local app's policy came from, for the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicySource {
+    ControlPlane,
+    File,
+    None,
+}
+
+/// The local app, its policy compiled for `own` when the control plane has
+/// described the service, else for the bootstrap file. The pushed policy wins
+/// over `[service] policy` (which remains the fallback until one is applied);
+/// the live instance count wins over `[service] instances`.
+fn build_local(
+    loaded: &Loaded,
+    previous: Option<&LocalApp>,
+    own: Option<&OwnService>,
+) -> Option<LocalApp> {
+    let s = loaded.bootstrap.service.as_ref()?;
+    let pushed = own.and_then(|o| o.policy.as_deref());
+    let file = loaded.policies.get(&s.name);
+    let (source, policy_source) = match (pushed, file) {
+        (Some(p), _) => (Some(p), PolicySource::ControlPlane),
+        (None, Some(p)) => (Some(p), PolicySource::File),
+        (None, None) => (None, PolicySource::None),
+    };
+    let instances = own
+        .map(|o| NonZeroU32::new(o.live_instances).unwrap_or(NonZeroU32::MIN))
+        .unwrap_or(s.instances);
+    let share = Share::new(instances);
+    let settings = client_settings(loaded, source);
+    let policy = match previous {
+        Some(l) if l.policy.compiled_from(source, share) => Arc::clone(&l.policy),
+        Some(l) => Arc::new(InboundPolicy::new(
+            source,
+            share,
+            Arc::clone(&l.policy.stats),
+            Some(&l.policy),
+        )),
+        None => Arc::new(InboundPolicy::new(
+            source,
+            share,
+            Arc::new(Stats::default()),
+            None,
+        )),
+    };
+    Some(LocalApp {
+        name: s.name.clone(),
+        addr: s.app,
+        client: reuse_client(previous.map(|l| &l.client), settings),
+        policy,
+        policy_source,
+        share,
+    })
 }
 
 /// One snapshot of everything the request path needs to route a request.
@@ -135,13 +204,31 @@ impl Directory {
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> Result<Self, String> {
-        Self::rebuild(None, loaded, tasks, stop)
+        Self::rebuild(None, loaded, None, tasks, stop)
     }
 
-    /// Build the snapshot for `loaded`, carrying state over from `old`.
+    /// This snapshot with the local app's policy recompiled for `own` (a
+    /// control-plane update about the local service); everything else is
+    /// shared with `self`.
+    pub fn with_own(&self, loaded: &Loaded, own: Option<&OwnService>) -> Self {
+        Self {
+            services: self.services.clone(),
+            dns: Arc::clone(&self.dns),
+            dns_balancer: self.dns_balancer.clone(),
+            default_client: self.default_client.clone(),
+            default_policy: Arc::clone(&self.default_policy),
+            local: build_local(loaded, self.local.as_ref(), own),
+            caller: self.caller.clone(),
+            caller_zone: self.caller_zone.clone(),
+        }
+    }
+
+    /// Build the snapshot for `loaded`, carrying state over from `old`; `own`
+    /// is what the control plane says about the local service, if anything.
     pub fn rebuild(
         old: Option<&Directory>,
         loaded: &Loaded,
+        own: Option<&OwnService>,
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> Result<Self, String> {
@@ -195,31 +282,7 @@ impl Directory {
             Some(d) => Arc::clone(&d.default_policy),
             None => Arc::new(OutboundPolicy::new(None, Arc::new(Stats::default()))),
         };
-        let local = loaded.bootstrap.service.as_ref().map(|s| {
-            let source = loaded.policies.get(&s.name);
-            let settings = client_settings(loaded, source);
-            let previous = old.and_then(|d| d.local.as_ref());
-            let share = Share::new(s.instances);
-            let policy = match previous {
-                Some(l) if l.policy.compiled_from(source, share) => Arc::clone(&l.policy),
-                Some(l) => Arc::new(InboundPolicy::new(
-                    source,
-                    share,
-                    Arc::clone(&l.policy.stats),
-                )),
-                None => Arc::new(InboundPolicy::new(
-                    source,
-                    share,
-                    Arc::new(Stats::default()),
-                )),
-            };
-            LocalApp {
-                name: s.name.clone(),
-                addr: s.app,
-                client: reuse_client(previous.map(|l| &l.client), settings),
-                policy,
-            }
-        });
+        let local = build_local(loaded, old.and_then(|d| d.local.as_ref()), own);
         let caller = loaded.bootstrap.service.as_ref().map(|s| s.name.clone());
         let caller_zone = loaded
             .bootstrap

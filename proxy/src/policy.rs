@@ -202,24 +202,39 @@ pub struct InboundPolicy {
 
 impl InboundPolicy {
     /// Compile the local service's policy; `share` is the number of instances a
-    /// service-wide limit is divided among.
-    pub fn new(policy: Option<&Policy>, share: Share, stats: Arc<Stats>) -> Self {
+    /// service-wide limit is divided among. Concurrency caps whose settings are
+    /// unchanged from `previous` are carried over with their in-flight count and
+    /// queue (a cap is per instance, whatever the share); rate limiters are new,
+    /// starting with a full burst.
+    pub fn new(
+        policy: Option<&Policy>,
+        share: Share,
+        stats: Arc<Stats>,
+        previous: Option<&InboundPolicy>,
+    ) -> Self {
         let inbound = policy.map(|p| p.inbound.clone()).unwrap_or_default();
         let routes: &[Route] = policy.map_or(&[], |p| &p.routes);
         let route_limits = routes
             .iter()
-            .map(|r| InboundRoute {
-                rate_limit: r
-                    .rate_limit
-                    .as_ref()
-                    .map(|rl| RateLimit::new(format!("routes.{}.rate_limit", r.name), rl, share)),
-                concurrency: r.max_concurrency.map(|max| {
-                    ConcurrencyLimit::new(
-                        format!("routes.{}.max_concurrency", r.name),
-                        max,
-                        r.queue.as_ref(),
-                    )
-                }),
+            .map(|r| {
+                let previous_cap = previous.and_then(|p| {
+                    let (source, _) = p.source.as_ref()?;
+                    let i = source.routes.iter().position(|q| q.name == r.name)?;
+                    p.route_limits.get(i)?.concurrency.as_ref()
+                });
+                InboundRoute {
+                    rate_limit: r.rate_limit.as_ref().map(|rl| {
+                        RateLimit::new(format!("routes.{}.rate_limit", r.name), rl, share)
+                    }),
+                    concurrency: r.max_concurrency.map(|max| {
+                        ConcurrencyLimit::reuse_or_new(
+                            previous_cap,
+                            &format!("routes.{}.max_concurrency", r.name),
+                            max,
+                            r.queue.as_ref(),
+                        )
+                    }),
+                }
             })
             .collect();
         Self {
@@ -235,7 +250,12 @@ impl InboundPolicy {
                 .as_ref()
                 .map(|rl| CallerRateLimit::new("inbound.caller_rate_limit", rl, share)),
             concurrency: inbound.max_concurrency.map(|max| {
-                ConcurrencyLimit::new("inbound.max_concurrency", max, inbound.queue.as_ref())
+                ConcurrencyLimit::reuse_or_new(
+                    previous.and_then(|p| p.concurrency.as_ref()),
+                    "inbound.max_concurrency",
+                    max,
+                    inbound.queue.as_ref(),
+                )
             }),
             timeout: named(inbound.timeout, "inbound.timeout".into()),
             stats,

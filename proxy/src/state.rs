@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_config::Loaded;
 
-use crate::directory::Directory;
+use crate::control_plane::ControlPlaneClient;
+use crate::directory::{Directory, OwnService};
 use crate::remote::RemoteServices;
 
 /// The effective configuration and its version.
@@ -59,6 +60,8 @@ pub struct Shared {
     reload_lock: Mutex<()>,
     bound: OnceLock<Bound>,
     remote: OnceLock<Arc<RemoteServices>>,
+    /// What the control plane last said about the local service.
+    own: std::sync::Mutex<Option<OwnService>>,
     draining: AtomicBool,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
@@ -89,6 +92,7 @@ impl Shared {
             reload_lock: Mutex::new(()),
             bound: OnceLock::new(),
             remote: OnceLock::new(),
+            own: std::sync::Mutex::new(None),
             draining: AtomicBool::new(false),
             tasks,
             shutdown,
@@ -155,8 +159,15 @@ impl Shared {
             )));
         }
         let old = self.directory();
-        let directory = Directory::rebuild(Some(&old), &loaded, &self.tasks, &self.shutdown)
-            .map_err(ReloadError::Rejected)?;
+        let own = self.own();
+        let directory = Directory::rebuild(
+            Some(&old),
+            &loaded,
+            own.as_ref(),
+            &self.tasks,
+            &self.shutdown,
+        )
+        .map_err(ReloadError::Rejected)?;
         let version = current.version + 1;
         self.directory.send_replace(Arc::new(directory));
         self.config.send_replace(Arc::new(ConfigSnapshot {
@@ -165,5 +176,68 @@ impl Shared {
             loaded,
         }));
         Ok(version)
+    }
+
+    fn own(&self) -> Option<OwnService> {
+        self.own
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Follows what `client` learns about the local service `name` (its
+    /// applied policy, its live instance count) and recompiles the local
+    /// app's policy when that changes. Stops with the shutdown token, and
+    /// ignores updates once draining (the instance has deregistered itself).
+    pub fn follow_own_service(self: &Arc<Self>, client: &ControlPlaneClient, name: String) {
+        let mut snapshots = client.snapshot();
+        let shared = Arc::clone(self);
+        let stop = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let own = snapshots
+                    .borrow_and_update()
+                    .services
+                    .get(&name)
+                    .map(|s| OwnService {
+                        policy: s.policy.clone(),
+                        live_instances: s.live_instances,
+                    });
+                if !shared.is_draining() {
+                    shared.set_own(own).await;
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    changed = snapshots.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+    }
+
+    /// Recompiles the local app's policy for `own` unless it is what the
+    /// current directory was built for.
+    async fn set_own(&self, own: Option<OwnService>) {
+        let _serial = self.reload_lock.lock().await;
+        {
+            let mut current = self
+                .own
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *current == own {
+                return;
+            }
+            current.clone_from(&own);
+        }
+        let config = self.config();
+        let directory = self.directory().with_own(&config.loaded, own.as_ref());
+        if let Some(local) = &directory.local {
+            tracing::info!(
+                service.name = %local.name,
+                policy.source = ?local.policy_source,
+                share = local.share.get(),
+                "local policy updated from the control plane"
+            );
+        }
+        self.directory.send_replace(Arc::new(directory));
     }
 }

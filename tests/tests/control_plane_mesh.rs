@@ -223,3 +223,103 @@ addresses = ["{grpc}"]
     );
     Ok(())
 }
+
+fn billing_sidecar(id: &str, app: std::net::SocketAddr, grpc: &str) -> String {
+    format!(
+        r#"
+[service]
+name = "billing"
+app = "{app}"
+id = "{id}"
+policy = "billing-local.toml"
+[listen]
+outbound = "127.0.0.1:0"
+inbound = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[control_plane]
+addresses = ["{grpc}"]
+[drain]
+grace = "2s"
+"#
+    )
+}
+
+/// Waits until `proxy`'s local app shows `source`, `share` and the effective
+/// inbound rate limit `rate` (per second, burst), or `None` for no limit.
+async fn expect_local(
+    proxy: &Proxy,
+    source: &str,
+    share: u64,
+    rate: Option<(f64, u64)>,
+) -> anyhow::Result<()> {
+    let admin = proxy.admin_client();
+    eventually(Duration::from_secs(10), || async {
+        let endpoints = admin.endpoints().await?;
+        let local = &endpoints.0["local"];
+        ensure!(local["policy_source"] == source, "{local}");
+        ensure!(local["share"] == share, "{local}");
+        match rate {
+            Some((per_second, burst)) => {
+                ensure!(
+                    local["rate_limit"]["per_second"].as_f64() == Some(per_second),
+                    "{local}"
+                );
+                ensure!(local["rate_limit"]["burst"] == burst, "{local}");
+            }
+            None => ensure!(local["rate_limit"].is_null(), "{local}"),
+        }
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow::Result<()> {
+    let cp = start_control_plane().await?;
+    let app = Backend::start("billing-app").await?;
+    // The bootstrap's own policy file: the fallback until the owner applies one.
+    let local_policy = "service = \"billing\"\n\n[inbound]\nmax_concurrency = 7\n";
+    let one = Proxy::builder(billing_sidecar("billing-1", app.addr(), &cp.grpc))
+        .file("billing-local.toml", local_policy)
+        .start()
+        .await?;
+    expect_local(&one, "file", 1, None).await?;
+    let two = Proxy::builder(billing_sidecar("billing-2", app.addr(), &cp.grpc))
+        .file("billing-local.toml", local_policy)
+        .start()
+        .await?;
+    // Two live instances: each sidecar's share is now 2, with the file's policy.
+    expect_local(&one, "file", 2, None).await?;
+    expect_local(&two, "file", 2, None).await?;
+
+    // The owner applies a policy: both instances enforce half of the service-wide limit.
+    let dir = TempDir::new()?;
+    let policy = dir.write(
+        "billing.toml",
+        "service = \"billing\"\n\n[inbound]\nrate_limit = { per_second = 40, burst = 4 }\n",
+    )?;
+    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()], &dir)?;
+    expect_local(&one, "control-plane", 2, Some((20.0, 2))).await?;
+    expect_local(&two, "control-plane", 2, Some((20.0, 2))).await?;
+
+    // The limit is enforced at that share on billing-1's inbound listener: a
+    // burst of 2, then 429 naming the key.
+    let inbound = Client::new(one.inbound(), Mode::HostHeader);
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let reply = inbound.get("http://billing/hello").await?;
+        statuses.push((reply.status, reply.header("weft-limit").map(str::to_owned)));
+    }
+    ensure!(statuses[0].0 == 200 && statuses[1].0 == 200, "{statuses:?}");
+    ensure!(
+        statuses
+            .iter()
+            .any(|(s, l)| *s == 429 && l.as_deref() == Some("inbound.rate_limit")),
+        "{statuses:?}"
+    );
+
+    // One instance leaves: the other now enforces the whole limit.
+    two.signal(Signal::Term)?;
+    expect_local(&one, "control-plane", 1, Some((40.0, 4))).await?;
+    Ok(())
+}

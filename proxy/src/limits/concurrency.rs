@@ -77,6 +77,30 @@ impl ConcurrencyLimit {
         })
     }
 
+    /// `previous` when it enforces exactly these settings (so its in-flight
+    /// count and queue carry over a policy change), else a new limit.
+    pub fn reuse_or_new(
+        previous: Option<&Arc<Self>>,
+        name: &str,
+        max: NonZeroU32,
+        queue: Option<&weft_config::Queue>,
+    ) -> Arc<Self> {
+        match previous {
+            Some(p)
+                if &*p.name == name
+                    && p.max
+                        == max
+                            .get()
+                            .min(u32::try_from(Semaphore::MAX_PERMITS).unwrap_or(u32::MAX))
+                    && p.queue.map(|q| (q.depth, q.timeout))
+                        == queue.map(|q| (q.depth.get(), q.timeout.get())) =>
+            {
+                Arc::clone(p)
+            }
+            _ => Self::new(name, max, queue),
+        }
+    }
+
     /// Admit now if under the cap; else, with a queue configured and fewer
     /// than `depth` waiting, wait up to `timeout` for a slot; else refuse at
     /// once.
@@ -179,6 +203,35 @@ mod tests {
     }
 
     const TIMEOUT: Duration = Duration::from_millis(100);
+
+    #[tokio::test]
+    async fn unchanged_settings_carry_the_cap_and_its_in_flight_count_over() {
+        let q = queue(2, TIMEOUT);
+        let old = ConcurrencyLimit::new("inbound.max_concurrency", nz(1), Some(&q));
+        let _held = old.acquire().await.unwrap();
+
+        let same =
+            ConcurrencyLimit::reuse_or_new(Some(&old), "inbound.max_concurrency", nz(1), Some(&q));
+        assert!(Arc::ptr_eq(&old, &same));
+        assert_eq!(same.in_flight(), 1);
+
+        let changes = [
+            ConcurrencyLimit::reuse_or_new(Some(&old), "inbound.max_concurrency", nz(2), Some(&q)),
+            ConcurrencyLimit::reuse_or_new(Some(&old), "inbound.max_concurrency", nz(1), None),
+            ConcurrencyLimit::reuse_or_new(
+                Some(&old),
+                "inbound.max_concurrency",
+                nz(1),
+                Some(&queue(3, TIMEOUT)),
+            ),
+            ConcurrencyLimit::reuse_or_new(Some(&old), "routes.a.max_concurrency", nz(1), Some(&q)),
+            ConcurrencyLimit::reuse_or_new(None, "inbound.max_concurrency", nz(1), Some(&q)),
+        ];
+        for new in &changes {
+            assert!(!Arc::ptr_eq(&old, new), "{new:?}");
+            assert_eq!(new.in_flight(), 0);
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn refuses_at_once_without_a_queue() {
