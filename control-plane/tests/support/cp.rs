@@ -86,3 +86,25 @@ pub fn start(tag: &str, store_args: &[String]) -> ControlPlane {
     }
     panic!("weft-control-plane did not start");
 }
+
+impl ControlPlane {
+    /// The status of `GET path` on the admin API (no token).
+    pub async fn admin_status(&self, path: &str) -> anyhow::Result<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.admin.trim_start_matches("http://");
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nhost: cp\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        let status = out.split_whitespace().nth(1).unwrap_or_default();
+        Ok(status.parse()?)
+    }
+}
+
+impl ControlPlane {
+    /// True while the process has not exited.
+    pub fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}

@@ -13,6 +13,7 @@
 //! certificates, with a [`TestPki`] whose files it writes to
 //! [`EtcdServer::tls_dir`] (`ca.pem`, `client.pem`, `client-key.pem`).
 
+use std::ffi::OsString;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,6 +37,11 @@ pub struct EtcdServer {
     child: Child,
     client_url: String,
     dir: TempDir,
+    /// What a restart needs: the command and how to check health.
+    binary: PathBuf,
+    args: Vec<OsString>,
+    log_path: PathBuf,
+    tls: Option<TlsOptions>,
 }
 
 impl EtcdServer {
@@ -86,8 +92,7 @@ impl EtcdServer {
         let client_url = format!("{scheme}://127.0.0.1:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let log_path = dir.path().join("etcd.log");
-        let log = std::fs::File::create(&log_path).context("creating etcd's log file")?;
-        let mut command = Command::new(binary);
+        let mut args: Vec<OsString> = Vec::new();
         let mut client_tls = None;
         if let Some(pki) = pki {
             let write = |name: &str, pem: &str| -> anyhow::Result<PathBuf> {
@@ -95,14 +100,13 @@ impl EtcdServer {
                 std::fs::write(&path, pem).with_context(|| format!("writing {name}"))?;
                 Ok(path)
             };
-            command
-                .arg("--trusted-ca-file")
-                .arg(write("ca.pem", &pki.ca)?)
-                .arg("--cert-file")
-                .arg(write("server.pem", &pki.server_cert)?)
-                .arg("--key-file")
-                .arg(write("server-key.pem", &pki.server_key)?)
-                .arg("--client-cert-auth");
+            args.push("--trusted-ca-file".into());
+            args.push(write("ca.pem", &pki.ca)?.into());
+            args.push("--cert-file".into());
+            args.push(write("server.pem", &pki.server_cert)?.into());
+            args.push("--key-file".into());
+            args.push(write("server-key.pem", &pki.server_key)?.into());
+            args.push("--client-cert-auth".into());
             write("client.pem", &pki.client_cert)?;
             write("client-key.pem", &pki.client_key)?;
             client_tls = Some(
@@ -111,28 +115,57 @@ impl EtcdServer {
                     .identity(Identity::from_pem(&pki.client_cert, &pki.client_key)),
             );
         }
-        let child = command
-            .args(["--name", "n0", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("n0={peer_url}")])
-            .args(["--initial-cluster-state", "new"])
-            .args(["--heartbeat-interval=10", "--election-timeout=100"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("duplicating etcd's log file")?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
+        args.extend(["--name".into(), "n0".into(), "--data-dir".into()]);
+        args.push(dir.path().join("data").into());
+        for (flag, value) in [
+            ("--listen-client-urls", &client_url),
+            ("--advertise-client-urls", &client_url),
+            ("--listen-peer-urls", &peer_url),
+            ("--initial-advertise-peer-urls", &peer_url),
+            ("--initial-cluster", &format!("n0={peer_url}")),
+            ("--initial-cluster-state", &"new".to_owned()),
+        ] {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        args.extend([
+            "--heartbeat-interval=10".into(),
+            "--election-timeout=100".into(),
+        ]);
+        let child = spawn(binary, &args, &log_path)?;
         let mut server = EtcdServer {
             child,
             client_url,
             dir,
+            binary: binary.to_owned(),
+            args,
+            log_path: log_path.clone(),
+            tls: client_tls.clone(),
         };
         server.wait_healthy(&log_path, client_tls).await?;
         Ok(server)
+    }
+
+    /// Kills etcd (SIGKILL: a crash, not a shutdown) and waits for it to
+    /// exit; its data directory stays for [`EtcdServer::restart`].
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().context("killing etcd")?;
+        self.child.wait().context("waiting for etcd to exit")?;
+        Ok(())
+    }
+
+    /// Starts etcd again with the same ports and data, and waits until it is
+    /// healthy.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = spawn(&self.binary, &self.args, &self.log_path)?;
+        let (log_path, tls) = (self.log_path.clone(), self.tls.clone());
+        match self.wait_healthy(&log_path, tls).await {
+            Ok(()) => Ok(()),
+            Err(Start::PortTaken(log)) => {
+                bail!("etcd's ports were taken while it was down:\n{log}")
+            }
+            Err(Start::Failed(e)) => Err(e),
+        }
     }
 
     /// Waits until etcd answers a linearizable read (so it has a leader), or
@@ -175,6 +208,22 @@ impl EtcdServer {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Runs etcd with `args`, appending its output to `log_path`.
+fn spawn(binary: &Path, args: &[OsString], log_path: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .context("opening etcd's log file")?;
+    Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("duplicating etcd's log file")?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))
 }
 
 impl Drop for EtcdServer {

@@ -6,6 +6,7 @@
 
 pub mod cp;
 pub mod etcd;
+pub mod grpc;
 pub mod tls;
 
 use std::future::Future;
