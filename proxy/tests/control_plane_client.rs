@@ -334,6 +334,30 @@ async fn a_registered_instance_reaches_subscribers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_and_a_dead_address_fail_over_to_the_live_one() {
+    logs();
+    let dir = TempDir::new();
+    let cp = ControlPlane::start(&dir, "127.0.0.1:0".parse().unwrap(), "10s");
+    // A dead address first in the list, then the live one by name: whichever
+    // the client starts with, it ends up connected through the name.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let by_name = format!("http://localhost:{}", cp.grpc.port());
+    let client = Client::start(
+        &[dead_url, by_name.clone()],
+        Some(registration("billing", "billing-1", 5001)),
+        None,
+    );
+    registered(&client, "billing", 5001).await;
+    assert_eq!(
+        client.client.state(),
+        ConnectionState::Connected { address: by_name }
+    );
+    client.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_applied_policy_is_pushed() {
     logs();
     let dir = TempDir::new();

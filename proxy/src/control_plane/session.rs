@@ -1,8 +1,11 @@
 //! The connection to the control plane: connect, keep the streams, reconnect.
 //!
 //! `run` is the client's one long-lived task. It tries the configured
-//! addresses in turn, waiting a jittered exponential backoff ([`Backoff`])
-//! between attempts, and on each connection runs one session:
+//! addresses in turn, from a random first one, waiting a jittered exponential
+//! backoff ([`Backoff`]) between attempts; an address with a host name is
+//! resolved on every attempt and its addresses are tried in random order
+//! (a name resolving to every replica spreads sidecars over them and fails
+//! over from a dead one). On each connection it runs one session:
 //!
 //! 1. a `Subscribe` stream whose first request carries the whole
 //!    subscription set (so the control plane answers with a full snapshot),
@@ -25,10 +28,12 @@
 //! at once is retried at the capped pace.
 
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::Duration;
 
 use rand::Rng;
+use rand::seq::SliceRandom;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
@@ -84,16 +89,95 @@ impl Target {
                 address: address.to_owned(),
                 reason: chain(&e),
             })?;
-        let endpoint = endpoint
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
+        if endpoint.uri().host().is_none() {
+            return Err(AddressError::Invalid {
+                address: address.to_owned(),
+                reason: "no host".to_owned(),
+            });
+        }
         Ok(Self {
             address: address.to_owned(),
-            endpoint,
+            endpoint: configure(endpoint),
         })
+    }
+
+    /// The host when it is a name (not an IP literal), with the port.
+    fn name(&self) -> Option<(&str, u16)> {
+        let uri = self.endpoint.uri();
+        let host = uri.host()?;
+        let literal = host.trim_start_matches('[').trim_end_matches(']');
+        if literal.parse::<IpAddr>().is_ok() {
+            return None;
+        }
+        Some((host, uri.port_u16().unwrap_or(80)))
+    }
+
+    /// Connects to the control plane at this address. A name is resolved on
+    /// every attempt and its addresses are tried in random order: the
+    /// sidecars behind one name spread over the replicas it resolves to, and
+    /// an attempt fails over from a dead replica to the next.
+    async fn connect(&self) -> Result<Channel, SessionError> {
+        let Some((host, port)) = self.name() else {
+            return connect_to(&self.endpoint, &self.address).await;
+        };
+        let resolved = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| SessionError::ConnectTimeout {
+                address: self.address.clone(),
+                timeout: CONNECT_TIMEOUT,
+            })?
+            .map_err(|e| SessionError::Connect {
+                address: self.address.clone(),
+                reason: format!("resolving {host}: {e}"),
+            })?;
+        let mut addrs: Vec<SocketAddr> = resolved.collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        addrs.shuffle(&mut rand::rng());
+        let mut last = SessionError::Connect {
+            address: self.address.clone(),
+            reason: format!("{host} resolved to no address"),
+        };
+        for addr in addrs {
+            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                .map(|e| configure(e).origin(self.endpoint.uri().clone()))
+                .map_err(|e| SessionError::Connect {
+                    address: self.address.clone(),
+                    reason: chain(&e),
+                })?;
+            match connect_to(&endpoint, &format!("{} ({addr})", self.address)).await {
+                Ok(channel) => return Ok(channel),
+                Err(e) => {
+                    tracing::debug!(control_plane.address = %self.address, %addr, error = %e, "control-plane replica unreachable");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// The connection settings of every control-plane endpoint.
+fn configure(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+}
+
+async fn connect_to(endpoint: &Endpoint, address: &str) -> Result<Channel, SessionError> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(SessionError::Connect {
+            address: address.to_owned(),
+            reason: chain(&e),
+        }),
+        Err(_) => Err(SessionError::ConnectTimeout {
+            address: address.to_owned(),
+            timeout: CONNECT_TIMEOUT,
+        }),
     }
 }
 
@@ -192,7 +276,9 @@ pub(super) async fn run(
         return;
     }
     let mut backoff = Backoff::default();
-    for target in targets.iter().cycle() {
+    // Start at a random address, so sidecars spread over the listed replicas.
+    let first = rand::rng().random_range(0..targets.len());
+    for target in targets.iter().cycle().skip(first) {
         let started = Instant::now();
         let ended = tokio::select! {
             () = stop.cancelled() => return,
@@ -221,22 +307,7 @@ async fn session(
     tracker: &mut Tracker,
 ) -> Result<Infallible, SessionError> {
     let address = || target.address.clone();
-    let channel: Channel =
-        match tokio::time::timeout(CONNECT_TIMEOUT, target.endpoint.connect()).await {
-            Ok(Ok(channel)) => channel,
-            Ok(Err(e)) => {
-                return Err(SessionError::Connect {
-                    address: address(),
-                    reason: chain(&e),
-                });
-            }
-            Err(_) => {
-                return Err(SessionError::ConnectTimeout {
-                    address: address(),
-                    timeout: CONNECT_TIMEOUT,
-                });
-            }
-        };
+    let channel = target.connect().await?;
     let stream_error = |source| SessionError::Stream {
         address: address(),
         source,
@@ -355,5 +426,18 @@ mod tests {
             Target::parse("http://bad host"),
             Err(AddressError::Invalid { .. })
         ));
+        assert!(Target::parse("http://[::1]:8443").unwrap().name().is_none());
+        assert!(
+            Target::parse("http://10.0.0.1:8443")
+                .unwrap()
+                .name()
+                .is_none()
+        );
+        assert_eq!(
+            Target::parse("http://weft-cp.internal:8443")
+                .unwrap()
+                .name(),
+            Some(("weft-cp.internal", 8443))
+        );
     }
 }
