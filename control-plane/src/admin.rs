@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `GET /v1/services` | every service: name, whether it has a policy, live instances |
 //! | `GET /v1/services/<name>` | the service's policy (TOML source) and instances |
+//! | `GET /v1/services/<name>/policy` | the policy exactly as stored, read from the store (so a write is seen at once); 404 if there is none |
 //! | `PUT /v1/services/<name>/policy` | validate the body (TOML) with `weft-config` and store it; 400 with the same message `weft-proxy check` gives, nothing written, if it is invalid |
 //! | `DELETE /v1/services/<name>/policy` | remove the policy |
 //! | `GET /live`, `GET /ready` | liveness; readiness (the directory view follows the store) |
@@ -94,6 +95,7 @@ pub async fn handle<S: Store>(
     let rsp = match (req.method().clone(), segments.as_slice()) {
         (Method::GET, ["v1", "services"]) => list(&state),
         (Method::GET, ["v1", "services", name]) => get(&state, name),
+        (Method::GET, ["v1", "services", name, "policy"]) => get_policy(&state, name).await,
         (Method::PUT, ["v1", "services", name, "policy"]) => {
             let name = (*name).to_owned();
             put_policy(&state, &name, req).await
@@ -133,6 +135,31 @@ fn get<S>(state: &AdminState<S>, name: &str) -> Rsp {
             }),
         ),
         None => error(StatusCode::NOT_FOUND, format!("no service {name:?}")),
+    }
+}
+
+/// Read from the store, not the view: `weftctl apply` and `diff` compare with
+/// it right after a write, before the watch has brought the write to the view.
+async fn get_policy<S: Store>(state: &AdminState<S>, name: &str) -> Rsp {
+    match state.store.get(&keys::policy_key(name)).await {
+        Ok(Some(kv)) => match std::str::from_utf8(&kv.value) {
+            Ok(text) => json_rsp(
+                StatusCode::OK,
+                &json!({ "service": name, "policy": text, "revision": kv.mod_revision.0 }),
+            ),
+            Err(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the stored policy of {name:?} is not UTF-8 text"),
+            ),
+        },
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("service {name:?} has no policy"),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("reading the policy failed: {}", ErrorChain(&e)),
+        ),
     }
 }
 

@@ -59,15 +59,15 @@ fn exercise(cp: &ControlPlane) {
     )
     .unwrap();
 
-    // Apply, then read back through get and list.
+    // Apply, then read back the policy, the service and its instances.
     let out = weftctl(cp, Some(&token), &["apply", "-f", policy.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("applied"), "{}", text(&out));
-    let got = eventually(cp, &token, &["get", "billing"], |t| {
-        t.contains("round-robin")
-    });
-    assert!(got.contains("instances: 0"), "{got}");
-    eventually(cp, &token, &["list"], |t| {
+    assert!(text(&out).contains("created"), "{}", text(&out));
+    let out = weftctl(cp, Some(&token), &["get", "policy", "billing"]);
+    assert!(text(&out).contains("round-robin"), "{}", text(&out));
+    let got = eventually(cp, &token, &["get", "instances", "billing"], |_| true);
+    assert_eq!(got.lines().count(), 1, "only the header: {got}");
+    eventually(cp, &token, &["get", "services"], |t| {
         t.lines()
             .any(|l| l.starts_with("billing") && l.trim_end().ends_with("yes"))
     });
@@ -84,9 +84,8 @@ fn exercise(cp: &ControlPlane) {
     assert!(!out.status.success());
     let t = text(&out);
     assert!(t.contains("bad.toml:4:17: outbound.load_balancer:"), "{t}");
-    eventually(cp, &token, &["get", "billing"], |t| {
-        t.contains("round-robin")
-    });
+    let out = weftctl(cp, Some(&token), &["get", "policy", "billing"]);
+    assert!(text(&out).contains("round-robin"), "{}", text(&out));
 
     // The control plane validates on its own too: a raw PUT without weftctl's
     // local check gets the same located message, naming the file it was sent as.
@@ -109,7 +108,7 @@ fn exercise(cp: &ControlPlane) {
     let wrong = cp.dir.join("wrong");
     std::fs::write(&wrong, "not-the-right-token-at-all\n").unwrap();
     for t in [None, Some(wrong.as_path())] {
-        let out = weftctl(cp, t, &["list"]);
+        let out = weftctl(cp, t, &["get", "services"]);
         assert!(!out.status.success());
         assert!(text(&out).contains("401"), "{}", text(&out));
         assert!(!text(&out).contains(TOKEN));
@@ -118,10 +117,10 @@ fn exercise(cp: &ControlPlane) {
     assert!(rsp.contains("401"), "{rsp}");
 
     // Delete.
-    let out = weftctl(cp, Some(&token), &["delete", "billing"]);
+    let out = weftctl(cp, Some(&token), &["delete", "policy", "billing"]);
     assert!(out.status.success(), "{}", text(&out));
-    eventually(cp, &token, &["list"], |t| !t.contains("billing"));
-    let out = weftctl(cp, Some(&token), &["get", "billing"]);
+    eventually(cp, &token, &["get", "services"], |t| !t.contains("billing"));
+    let out = weftctl(cp, Some(&token), &["get", "instances", "billing"]);
     assert!(!out.status.success());
     assert!(text(&out).contains("404"), "{}", text(&out));
 }

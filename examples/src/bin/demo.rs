@@ -458,8 +458,8 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     let outbound = addr(&caller_bound, "outbound")?;
     println!("  caller sidecar (no static directory) outbound {outbound}\n");
     println!(
-        "weftctl list:\n{}",
-        weftctl(args, cp_admin, &token, &["list"]).await?
+        "weftctl get services:\n{}",
+        weftctl(args, cp_admin, &token, &["get", "services"]).await?
     );
 
     let mut connector = HttpConnector::new();
@@ -594,14 +594,9 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     kill(pid, "-TERM")?;
     let (total, failures) = traffic.await?;
     println!("  {total} requests during the shutdown, {failures} failed");
-    println!(
-        "weftctl get billing:\n{}",
-        weftctl(args, cp_admin, &token, &["get", "billing"])
-            .await?
-            .lines()
-            .take(5)
-            .collect::<Vec<_>>()
-            .join("\n")
+    print!(
+        "weftctl get instances billing:\n{}",
+        weftctl(args, cp_admin, &token, &["get", "instances", "billing"]).await?
     );
 
     println!("\n6. A name that is neither in the directory nor in DNS fails fast:");

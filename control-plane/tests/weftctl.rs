@@ -1,0 +1,436 @@
+//! Black-box tests of the `weftctl` binary: each runs the real binary, against
+//! a `weft-control-plane --dev` process on loopback ports where it needs one,
+//! and checks what it prints and its exit code.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use weft_api::v1::control_plane_client::ControlPlaneClient;
+use weft_api::v1::{Instance, Metadata, RegisterRequest, register_request};
+
+use support::cp::{ControlPlane, TOKEN, start, temp_dir};
+
+/// `weftctl --control-plane URL [--token-file FILE] ARGS`, with nothing taken
+/// from the environment.
+fn weftctl(url: &str, token: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weftctl"));
+    cmd.arg("--control-plane").arg(url);
+    if let Some(t) = token {
+        cmd.arg("--token-file").arg(t);
+    }
+    cmd.env_remove("WEFT_TOKEN_FILE")
+        .env_remove("WEFT_CONTROL_PLANE");
+    cmd.args(args).output().unwrap()
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+fn run(url: &str, token: Option<&Path>, args: &[&str]) -> Run {
+    let out = weftctl(url, token, args);
+    Run {
+        code: out.status.code().expect("weftctl was killed"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A dev control plane and its token file.
+struct Cp {
+    cp: ControlPlane,
+    token: PathBuf,
+}
+
+impl Cp {
+    fn start(tag: &str) -> Self {
+        let cp = start(tag, &["--dev".to_owned()]);
+        let token = cp.dir.join("tokens");
+        Self { cp, token }
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        run(&self.cp.admin, Some(&self.token), args)
+    }
+
+    /// Polls a read that goes through the control plane's view (which follows
+    /// the store asynchronously) until its output satisfies `ok`.
+    fn eventually(&self, args: &[&str], ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = self.run(args);
+            if r.code == 0 && ok(&r.stdout) {
+                return r.stdout;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "weftctl {args:?} never gave the expected output; last (exit {}): {}",
+                r.code,
+                r.all()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) -> String {
+        let path = self.cp.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    }
+}
+
+/// The line of `text` whose columns are `cells` (separated by any spaces).
+fn has_row(text: &str, cells: &[&str]) -> bool {
+    text.lines()
+        .any(|l| l.split_whitespace().collect::<Vec<_>>() == cells)
+}
+
+const RR: &str = "service = \"billing\"\n\n[outbound]\nload_balancer = \"round-robin\"\n";
+const LR: &str = "service = \"billing\"\n\n[outbound]\nload_balancer = \"least-request\"\n";
+const BAD: &str = "service = \"billing\"\n\n[outbound]\nload_balancer = \"random\"\n";
+
+#[test]
+fn check_validates_offline_with_located_messages() {
+    let dir = temp_dir("weftctl-check");
+    let good = dir.join("good.toml");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&good, RR).unwrap();
+    std::fs::write(&bad, BAD).unwrap();
+    let (good, bad) = (good.to_str().unwrap(), bad.to_str().unwrap());
+    // Nothing listens on port 1: check must not need the control plane.
+    let offline = "http://127.0.0.1:1";
+
+    let r = run(offline, None, &["check", "-f", good]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(
+        r.stdout,
+        format!("{good}: ok (policy for service billing)\n")
+    );
+
+    let r = run(offline, None, &["check", "-f", good, "-f", bad]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stdout.contains(&format!("{good}: ok")), "{}", r.all());
+    // weft-config's message: file:line:col: key: what, then the line quoted.
+    assert!(
+        r.stderr.starts_with(&format!(
+            "{bad}:4:17: outbound.load_balancer: unknown value \"random\""
+        )),
+        "{}",
+        r.all()
+    );
+    assert!(
+        r.stderr.contains("  4 | load_balancer = \"random\""),
+        "{}",
+        r.all()
+    );
+
+    let missing = dir.join("missing.toml");
+    let r = run(offline, None, &["check", "-f", missing.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr
+            .contains(&format!("cannot read {}", missing.display())),
+        "{}",
+        r.all()
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn apply_reports_created_unchanged_and_updated_lines() {
+    let cp = Cp::start("weftctl-apply");
+    let file = cp.write("billing.toml", RR);
+
+    let r = cp.run(&["apply", "-f", &file]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout
+            .starts_with(&format!("policy billing created from {file} (revision ")),
+        "{}",
+        r.all()
+    );
+
+    // The same file again: nothing is written.
+    let r = cp.run(&["apply", "-f", &file]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(r.stdout, format!("policy billing unchanged ({file})\n"));
+
+    // A change: the changed lines only.
+    cp.write("billing.toml", LR);
+    let r = cp.run(&["apply", "-f", &file]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!("policy billing updated from {file} (revision ")),
+        "{}",
+        r.all()
+    );
+    assert_eq!(
+        lines[1..],
+        [
+            "  -load_balancer = \"round-robin\"",
+            "  +load_balancer = \"least-request\""
+        ],
+        "{}",
+        r.all()
+    );
+    let r = cp.run(&["get", "policy", "billing"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, LR), "{}", r.all());
+
+    // One invalid file among valid ones: its message, and nothing written.
+    let other = cp.write("billing-rr.toml", RR);
+    let bad = cp.write("bad.toml", BAD);
+    let r = cp.run(&["apply", "-f", &other, "-f", &bad]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr
+            .contains(&format!("{bad}:4:17: outbound.load_balancer:")),
+        "{}",
+        r.all()
+    );
+    assert!(r.stderr.contains("nothing applied"), "{}", r.all());
+    let r = cp.run(&["get", "policy", "billing"]);
+    assert_eq!(r.stdout, LR, "{}", r.all());
+}
+
+#[test]
+fn diff_exits_0_when_identical_and_1_with_the_changed_lines() {
+    let cp = Cp::start("weftctl-diff");
+    let file = cp.write("billing.toml", RR);
+
+    // No stored policy: every line is new.
+    let r = cp.run(&["diff", "-f", &file]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "--- stored (service billing has no policy)",
+            &format!("+++ {file}"),
+            "@@ -0,0 +1,4 @@",
+            "+service = \"billing\"",
+            "+",
+            "+[outbound]",
+            "+load_balancer = \"round-robin\"",
+        ]
+    );
+
+    assert_eq!(cp.run(&["apply", "-f", &file]).code, 0);
+    let r = cp.run(&["diff", "-f", &file]);
+    assert_eq!((r.code, r.all().as_str()), (0, ""));
+
+    cp.write("billing.toml", LR);
+    let r = cp.run(&["diff", "-f", &file]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "--- stored",
+            &format!("+++ {file}"),
+            "@@ -1,4 +1,4 @@",
+            " service = \"billing\"",
+            " ",
+            " [outbound]",
+            "-load_balancer = \"round-robin\"",
+            "+load_balancer = \"least-request\"",
+        ]
+    );
+
+    // Errors are 2: an invalid file, an unreachable control plane.
+    let bad = cp.write("bad.toml", BAD);
+    let r = cp.run(&["diff", "-f", &bad]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains(&format!("{bad}:4:17:")), "{}", r.all());
+    let r = run(&refused_url(), Some(&cp.token), &["diff", "-f", &file]);
+    assert_eq!(r.code, 2, "{}", r.all());
+}
+
+fn instance(id: &str, port: u16) -> Instance {
+    Instance {
+        service: "billing".into(),
+        id: id.into(),
+        address: format!("127.0.0.1:{port}"),
+        metadata: Some(Metadata {
+            zone: "z1".into(),
+            version: "v2".into(),
+            weight: 50,
+            weight_set: true,
+            ..Default::default()
+        }),
+        admin_address: "127.0.0.1:9901".into(),
+    }
+}
+
+/// Open a registration and wait until it is confirmed; returns the sender
+/// that keeps it open.
+async fn register(grpc: String, inst: Instance) -> mpsc::Sender<RegisterRequest> {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(RegisterRequest {
+        msg: Some(register_request::Msg::Register(inst)),
+    })
+    .await
+    .unwrap();
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut responses = ControlPlaneClient::connect(grpc)
+        .await
+        .unwrap()
+        .register(stream)
+        .await
+        .unwrap()
+        .into_inner();
+    responses.message().await.unwrap().unwrap();
+    tokio::spawn(async move { while let Ok(Some(_)) = responses.message().await {} });
+    tx
+}
+
+#[test]
+fn get_services_instances_policy_and_delete_policy() {
+    let cp = Cp::start("weftctl-get");
+    let file = cp.write("billing.toml", RR);
+    assert_eq!(cp.run(&["apply", "-f", &file]).code, 0);
+    cp.eventually(&["get", "services"], |t| {
+        has_row(t, &["SERVICE", "INSTANCES", "POLICY"]) && has_row(t, &["billing", "0", "yes"])
+    });
+    let r = cp.run(&["get", "policy", "billing"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, RR), "{}", r.all());
+
+    // Two registered instances (the runtime keeps their streams open).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _a = rt.block_on(register(cp.cp.grpc.clone(), instance("a", 7001)));
+    let mut plain = instance("b", 7002);
+    plain.metadata = None;
+    plain.admin_address = String::new();
+    let _b = rt.block_on(register(cp.cp.grpc.clone(), plain));
+    let t = cp.eventually(&["get", "instances", "billing"], |t| t.lines().count() == 3);
+    assert!(
+        has_row(&t, &["ID", "ADDRESS", "ZONE", "VERSION", "WEIGHT", "ADMIN"]),
+        "{t}"
+    );
+    assert!(
+        has_row(
+            &t,
+            &["a", "127.0.0.1:7001", "z1", "v2", "50", "127.0.0.1:9901"]
+        ),
+        "{t}"
+    );
+    assert!(
+        has_row(&t, &["b", "127.0.0.1:7002", "-", "-", "100", "-"]),
+        "{t}"
+    );
+    cp.eventually(&["get", "services"], |t| {
+        has_row(t, &["billing", "2", "yes"])
+    });
+
+    // Delete the policy: the instances stay.
+    let r = cp.run(&["delete", "policy", "billing"]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "policy billing deleted\n"),
+        "{}",
+        r.all()
+    );
+    let r = cp.run(&["get", "policy", "billing"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains("service \"billing\" has no policy"),
+        "{}",
+        r.all()
+    );
+    let r = cp.run(&["delete", "policy", "billing"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("404"), "{}", r.all());
+    cp.eventually(&["get", "services"], |t| {
+        has_row(t, &["billing", "2", "no"])
+    });
+
+    // An unknown service, and a name that is not a service name.
+    let r = cp.run(&["get", "instances", "nope"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("no service \"nope\""), "{}", r.all());
+    let r = cp.run(&["get", "policy", "Not/A/Name"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+    assert!(r.stderr.contains("invalid service name"), "{}", r.all());
+}
+
+#[test]
+fn a_missing_or_wrong_token_is_one_clear_line() {
+    let cp = Cp::start("weftctl-auth");
+    let file = cp.write("billing.toml", RR);
+    let wrong = cp.cp.dir.join("wrong");
+    std::fs::write(&wrong, "not-the-right-token-at-all\n").unwrap();
+    let admin = &cp.cp.admin;
+    for (args, code) in [
+        (&["get", "services"][..], 1),
+        (&["apply", "-f", &file][..], 1),
+        (&["diff", "-f", &file][..], 2),
+    ] {
+        let r = run(admin, None, args);
+        assert_eq!(r.code, code, "{args:?}: {}", r.all());
+        assert!(
+            r.stderr.ends_with(&format!(
+                "the control plane at {admin} requires a token (401 Unauthorized): pass --token-file FILE or set WEFT_TOKEN_FILE\n"
+            )),
+            "{args:?}: {}",
+            r.all()
+        );
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.all());
+        let r = run(admin, Some(&wrong), args);
+        assert_eq!(r.code, code, "{args:?}: {}", r.all());
+        assert!(
+            r.stderr.ends_with(&format!(
+                "the control plane at {admin} refused the token in {} (401 Unauthorized)\n",
+                wrong.display()
+            )),
+            "{args:?}: {}",
+            r.all()
+        );
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.all());
+        assert!(!r.all().contains(TOKEN));
+    }
+    // Nothing was written without a valid token.
+    let r = cp.run(&["get", "policy", "billing"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+}
+
+/// A loopback URL nothing listens on.
+fn refused_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}")
+}
+
+#[test]
+fn connection_refused_names_the_address() {
+    let url = refused_url();
+    let r = run(&url, None, &["get", "services"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr
+            .starts_with(&format!("error: cannot reach the control plane at {url}: ")),
+        "{}",
+        r.all()
+    );
+    assert!(
+        r.stderr.to_lowercase().contains("connection refused"),
+        "{}",
+        r.all()
+    );
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.all());
+}
