@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub config: PathBuf,
     /// Write the bound listener addresses here (JSON) once listening.
     pub bound_file: Option<PathBuf>,
+    /// Overrides `[service] advertise`.
+    pub advertise: Option<std::net::SocketAddr>,
 }
 
 async fn bind(what: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
@@ -60,14 +62,15 @@ fn write_bound_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
 fn registration(
     loaded: &weft_config::Loaded,
     bound: &Bound,
+    advertise: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Option<Registration>> {
     let Some(service) = &loaded.bootstrap.service else {
         return Ok(None);
     };
-    let address = service.advertise.unwrap_or(bound.inbound);
+    let address = advertise.or(service.advertise).unwrap_or(bound.inbound);
     if address.ip().is_unspecified() {
         anyhow::bail!(
-            "the inbound listener is bound to {address}; set [service] advertise to the address other sidecars should use"
+            "the advertised address is {address}; set [service] advertise (or --advertise, WEFT_ADVERTISE) to the address other sidecars should use"
         );
     }
     let id = match &service.id {
@@ -125,7 +128,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let loaded = &shared.config().loaded;
     let control_plane = match &loaded.bootstrap.control_plane {
         Some(cp) => {
-            let registration = registration(loaded, &bound)?;
+            let registration = registration(loaded, &bound, opts.advertise)?;
             let client = ControlPlaneClient::start(
                 cp.addresses.clone(),
                 registration,

@@ -35,6 +35,10 @@ enum Command {
         /// Once listening, write the bound addresses (JSON) to this file.
         #[arg(long, value_name = "FILE")]
         bound_file: Option<PathBuf>,
+        /// Where other sidecars reach this instance (IP:port); overrides
+        /// `[service] advertise`, for addresses only known at start (a pod IP).
+        #[arg(long, value_name = "IP:PORT", env = "WEFT_ADVERTISE")]
+        advertise: Option<std::net::SocketAddr>,
     },
     /// Validate a bootstrap file (with the policy files it names) or a policy file.
     Check {
@@ -91,7 +95,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config, policy } => check(config, policy),
-        Command::Run { config, bound_file } => {
+        Command::Run {
+            config,
+            bound_file,
+            advertise,
+        } => {
             init_logs(cli.log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -103,7 +111,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let opts = weft_proxy::app::RunOptions { config, bound_file };
+            let opts = weft_proxy::app::RunOptions {
+                config,
+                bound_file,
+                advertise,
+            };
             match runtime.block_on(weft_proxy::app::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {

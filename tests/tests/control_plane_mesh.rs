@@ -284,16 +284,26 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
         .start()
         .await?;
     expect_local(&one, "file", 1, None).await?;
+    // billing-2 says where it is reached on the command line (as a pod would,
+    // with its IP); nothing listens there, and nothing in this test calls it.
     let two = Proxy::builder(billing_sidecar("billing-2", app.addr(), &cp.grpc))
         .file("billing-local.toml", local_policy)
+        .arg("--advertise")
+        .arg("127.0.0.1:9")
         .start()
         .await?;
     // Two live instances: each sidecar's share is now 2, with the file's policy.
     expect_local(&one, "file", 2, None).await?;
     expect_local(&two, "file", 2, None).await?;
+    let dir = TempDir::new()?;
+    let instances = weftctl(&cp, &["get", "instances", "billing"], &dir)?;
+    let two_line = instances
+        .lines()
+        .find(|l| l.contains("billing-2"))
+        .context("billing-2 in `weftctl get instances`")?;
+    ensure!(two_line.contains("127.0.0.1:9 "), "{instances}");
 
     // The owner applies a policy: both instances enforce half of the service-wide limit.
-    let dir = TempDir::new()?;
     let policy = dir.write(
         "billing.toml",
         "service = \"billing\"\n\n[inbound]\nrate_limit = { per_second = 40, burst = 4 }\n",
