@@ -9,6 +9,7 @@
 //! | `PUT /v1/services/<name>/policy` | validate the body (TOML) with `weft-config` and store it; 400 with the same message `weft-proxy check` gives, nothing written, if it is invalid |
 //! | `DELETE /v1/services/<name>/policy` | remove the policy |
 //! | `GET /live`, `GET /ready` | liveness; readiness (the directory view follows the store) |
+//! | `GET /metrics` | Prometheus metrics (see [`crate::metrics`]); no token, like `/live` and `/ready` |
 //!
 //! Reads come from the in-memory view (the same one sidecars are served from);
 //! writes go to the store and show up in the view through the watch. The file name
@@ -27,6 +28,7 @@ use tokio::sync::watch;
 
 use crate::auth::Tokens;
 use crate::keys;
+use crate::metrics::{self, Metrics};
 use crate::store::{ErrorChain, Store};
 use crate::view::DirectoryView;
 
@@ -40,6 +42,7 @@ pub struct AdminState<S> {
     pub view: watch::Receiver<Arc<DirectoryView>>,
     /// `None` only in `--dev` mode.
     pub tokens: Option<Tokens>,
+    pub metrics: Arc<Metrics>,
 }
 
 type Rsp = Response<Full<Bytes>>;
@@ -76,6 +79,7 @@ pub async fn handle<S: Store>(
                 error(StatusCode::SERVICE_UNAVAILABLE, "not following the store")
             });
         }
+        (&Method::GET, "/metrics") => return Ok(metrics::respond(&state.metrics, &state.view)),
         _ => {}
     }
     if let Some(tokens) = &state.tokens {

@@ -20,10 +20,13 @@
 //! - [`push`]: the sidecar-facing gRPC API: registration with leases, and the
 //!   push of the directory and policies (full snapshot, then coalesced deltas).
 //! - [`serve`]: the HTTP server loops.
+//! - [`metrics`]: the Prometheus metrics on the admin listener's `/metrics`,
+//!   and the store wrapper that counts store errors.
 
 pub mod admin;
 pub mod auth;
 pub mod keys;
+pub mod metrics;
 pub mod push;
 pub mod serve;
 pub mod store;

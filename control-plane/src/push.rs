@@ -28,6 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use weft_api::InstanceRecord;
@@ -38,7 +39,8 @@ use weft_api::v1::{
 };
 
 use crate::keys;
-use crate::store::{ErrorChain, LeaseId, Store, StoreError, keep_lease_alive};
+use crate::metrics::{Metrics, Rejection};
+use crate::store::{ErrorChain, LeaseId, Store, StoreError, keep_lease_alive, lease_ttl_secs};
 use crate::view::{DirectoryView, ServiceEntry};
 
 /// How long a subscriber lets a burst of changes settle before sending.
@@ -56,6 +58,7 @@ pub struct Push<S> {
     store: Arc<S>,
     view: watch::Receiver<Arc<DirectoryView>>,
     lease_ttl: Duration,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 }
 
@@ -64,12 +67,14 @@ impl<S> Push<S> {
         store: Arc<S>,
         view: watch::Receiver<Arc<DirectoryView>>,
         lease_ttl: Duration,
+        metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> Self {
         Self {
             store,
             view,
             lease_ttl,
+            metrics,
             stop,
         }
     }
@@ -108,22 +113,43 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
         &self,
         request: Request<Streaming<RegisterRequest>>,
     ) -> Result<Response<Self::RegisterStream>, Status> {
+        let reject = |reason, status| {
+            self.metrics.registration_rejected(reason);
+            status
+        };
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("the stream ended before a registration"))?;
+            .await
+            .map_err(|status| reject(Rejection::NoRegistration, status))?
+            .ok_or_else(|| {
+                reject(
+                    Rejection::NoRegistration,
+                    Status::invalid_argument("the stream ended before a registration"),
+                )
+            })?;
         let Some(register_request::Msg::Register(instance)) = first.msg else {
-            return Err(Status::invalid_argument(
-                "the first message must be `register`",
+            return Err(reject(
+                Rejection::NoRegistration,
+                Status::invalid_argument("the first message must be `register`"),
             ));
         };
-        let record = InstanceRecord::try_from(&instance)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let record = InstanceRecord::try_from(&instance).map_err(|e| {
+            reject(
+                Rejection::InvalidInstance,
+                Status::invalid_argument(e.to_string()),
+            )
+        })?;
         let (lease, revision) = write_registration(&*self.store, &record, self.lease_ttl)
             .await
-            .map_err(|e| unavailable("writing the registration failed", &e))?;
+            .map_err(|e| {
+                reject(
+                    Rejection::StoreError,
+                    unavailable("writing the registration failed", &e),
+                )
+            })?;
         tracing::info!(service = %record.service, instance.id = %record.id, instance.addr = %record.address, "instance registered");
+        let open = self.metrics.registration_accepted();
 
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
@@ -134,8 +160,13 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
             }))
             .await;
         let (store, ttl, stop) = (Arc::clone(&self.store), self.lease_ttl, self.stop.clone());
+        let metrics = Arc::clone(&self.metrics);
         tokio::spawn(async move {
+            let _open = open;
             let mut lease = lease;
+            // The lost lease already counted as expired (re-registering may
+            // take several attempts).
+            let mut lost = None;
             loop {
                 let keeper_stop = CancellationToken::new();
                 let keeper = keep_lease_alive(&*store, lease, ttl, &keeper_stop);
@@ -159,6 +190,7 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
                         if let Err(e) = store.revoke(lease).await {
                             tracing::warn!(error = %ErrorChain(&e), "revoking a lease failed; it expires by itself");
                         }
+                        metrics.deregistered();
                         tracing::info!(service = %record.service, instance.id = %record.id, "instance deregistered");
                         let _ = tx
                             .send(Ok(RegisterResponse {
@@ -168,20 +200,33 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
                             .await;
                         return;
                     }
-                    Outcome::LeaseLost => match write_registration(&*store, &record, ttl).await {
-                        Ok((l, _)) => {
-                            tracing::warn!(service = %record.service, instance.id = %record.id, "lease lost in the store; registered again");
-                            lease = l;
+                    Outcome::LeaseLost => {
+                        if lost != Some(lease) {
+                            lost = Some(lease);
+                            metrics.lease_expired();
                         }
-                        Err(e) => {
-                            tracing::warn!(error = %ErrorChain(&e), "registering again failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        match write_registration(&*store, &record, ttl).await {
+                            Ok((l, _)) => {
+                                tracing::warn!(service = %record.service, instance.id = %record.id, "lease lost in the store; registered again");
+                                lease = l;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %ErrorChain(&e), "registering again failed; retrying");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
                         }
-                    },
-                    Outcome::Ended | Outcome::Stop => {
+                    }
+                    Outcome::Ended => {
                         tracing::info!(service = %record.service, instance.id = %record.id, "registration stream ended; the lease expires unless the sidecar returns");
+                        let key = keys::instance_key(record.service.as_str(), &record.id);
+                        let (store, metrics, stop) =
+                            (Arc::clone(&store), Arc::clone(&metrics), stop.clone());
+                        tokio::spawn(async move {
+                            count_expiry(&*store, &key, lease, ttl, &metrics, &stop).await;
+                        });
                         return;
                     }
+                    Outcome::Stop => return,
                 }
             }
         });
@@ -196,12 +241,47 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let view = self.view.clone();
         let stop = self.stop.clone();
+        let metrics = Arc::clone(&self.metrics);
+        let connected = metrics.subscriber_connected();
         tokio::spawn(async move {
-            if let Err(status) = serve_subscription(inbound, view, &tx, stop).await {
+            let _connected = connected;
+            if let Err(status) = serve_subscription(inbound, view, &tx, &metrics, stop).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
         Ok(Response::new(receiver_stream(rx)))
+    }
+}
+
+/// After a Register stream ended without a deregistration, its lease is left
+/// to expire: once the TTL (plus a second) has passed, and up to twice more
+/// while the key is still bound to that lease, check the instance key, and
+/// count an expiry if it is gone. A key bound to another lease means the
+/// sidecar registered again (here or with another replica): nothing expired.
+async fn count_expiry<S: Store>(
+    store: &S,
+    key: &str,
+    lease: LeaseId,
+    ttl: Duration,
+    metrics: &Metrics,
+    stop: &CancellationToken,
+) {
+    let wait = Duration::from_secs(lease_ttl_secs(ttl).unsigned_abs()) + Duration::from_secs(1);
+    for _ in 0..3 {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        match store.get(key).await {
+            Ok(None) => {
+                metrics.lease_expired();
+                return;
+            }
+            Ok(Some(kv)) if kv.lease != Some(lease) => return,
+            // Not expired yet (etcd may extend a lease across a leader
+            // change), or the store is unreachable: look again.
+            Ok(Some(_)) | Err(_) => {}
+        }
     }
 }
 
@@ -277,6 +357,7 @@ async fn serve_subscription(
     mut inbound: Streaming<SubscribeRequest>,
     mut view: watch::Receiver<Arc<DirectoryView>>,
     tx: &mpsc::Sender<Result<SubscribeResponse, Status>>,
+    metrics: &Metrics,
     stop: CancellationToken,
 ) -> Result<(), Status> {
     let mut subscribed = BTreeSet::new();
@@ -285,6 +366,8 @@ async fn serve_subscription(
     // sidecar asked for.
     let mut first = true;
     loop {
+        // When the view applied the store change that woke this stream.
+        let mut woken_at: Option<Instant> = None;
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             msg = inbound.message() => match msg? {
@@ -308,14 +391,21 @@ async fn serve_subscription(
                 if changed.is_err() {
                     return Err(Status::unavailable("the control plane is shutting down"));
                 }
+                woken_at = view.borrow().observed_at;
                 tokio::time::sleep(COALESCE).await;
             }
         }
+        if woken_at.is_none() && view.has_changed().unwrap_or(false) {
+            // A subscription change, but a store change is pending too.
+            woken_at = view.borrow().observed_at;
+        }
         let current = Arc::clone(&view.borrow_and_update());
-        if let Some(msg) = next_message(&current, &subscribed, &mut sent, first)
-            && tx.send(Ok(msg)).await.is_err()
-        {
-            return Ok(());
+        if let Some(msg) = next_message(&current, &subscribed, &mut sent, first) {
+            let full = msg.full;
+            if tx.send(Ok(msg)).await.is_err() {
+                return Ok(());
+            }
+            metrics.pushed(full, woken_at);
         }
         first = false;
     }

@@ -22,10 +22,12 @@ use std::time::Duration;
 
 use rand::Rng;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use weft_api::InstanceRecord;
 
 use crate::keys::{self, Key};
+use crate::metrics::Metrics;
 use crate::store::{KeyValue, Revision, Store, StoreError, WatchEvent};
 
 /// Backoff bounds when the store is unreachable.
@@ -56,6 +58,9 @@ pub struct DirectoryView {
     /// Whether the view is currently following the store (false while it is
     /// unreachable: the view is the last one known).
     pub live: bool,
+    /// When this replica applied the store change the view reflects (the
+    /// listing or the last watch batch); `None` before the first listing.
+    pub observed_at: Option<Instant>,
 }
 
 impl DirectoryView {
@@ -130,6 +135,7 @@ pub fn validate_policy(service: &str, value: &[u8]) -> Result<String, String> {
 /// Start following the store; returns the view's receiver.
 pub fn follow<S: Store + 'static>(
     store: Arc<S>,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> (
     watch::Receiver<Arc<DirectoryView>>,
@@ -139,16 +145,20 @@ pub fn follow<S: Store + 'static>(
     let task = tokio::spawn(async move {
         tokio::select! {
             () = stop.cancelled() => {}
-            () = run(store, tx) => {}
+            () = run(store, metrics, tx) => {}
         }
     });
     (rx, task)
 }
 
-async fn run<S: Store>(store: Arc<S>, tx: watch::Sender<Arc<DirectoryView>>) {
+async fn run<S: Store>(
+    store: Arc<S>,
+    metrics: Arc<Metrics>,
+    tx: watch::Sender<Arc<DirectoryView>>,
+) {
     let mut failures = 0u32;
     loop {
-        match follow_once(&*store, &tx).await {
+        match follow_once(&*store, &metrics, &tx).await {
             Ok(()) => failures = 0,
             Err(StoreError::Compacted { .. }) => {
                 tracing::info!("watch compacted; listing again");
@@ -175,9 +185,11 @@ async fn run<S: Store>(store: Arc<S>, tx: watch::Sender<Arc<DirectoryView>>) {
     }
 }
 
-/// List, publish, then apply watch batches until the watch ends.
+/// List, publish, then apply watch batches until the watch ends. Errors the
+/// watch stream yields are counted here (the store wrapper counts the calls).
 async fn follow_once<S: Store>(
     store: &S,
+    metrics: &Metrics,
     tx: &watch::Sender<Arc<DirectoryView>>,
 ) -> Result<(), StoreError> {
     let (kvs, revision) = store.list(keys::SERVICES).await?;
@@ -185,15 +197,17 @@ async fn follow_once<S: Store>(
         revision,
         services: BTreeMap::new(),
         live: true,
+        observed_at: Some(Instant::now()),
     };
     for kv in &kvs {
         view.apply(Some(kv), &kv.key);
     }
     tracing::info!(store.revision = %revision, services = view.services.len(), "directory loaded");
     tx.send_replace(Arc::new(view));
+    metrics.view_applied(revision);
     let mut watch = store.watch(keys::SERVICES, revision).await?;
     while let Some(batch) = watch.recv().await {
-        let batch = batch?;
+        let batch = batch.inspect_err(|e| metrics.store_error("watch", e))?;
         tx.send_modify(|view| {
             let view = Arc::make_mut(view);
             for event in &batch.events {
@@ -204,9 +218,13 @@ async fn follow_once<S: Store>(
             }
             view.revision = batch.revision;
             view.live = true;
+            view.observed_at = Some(Instant::now());
         });
+        metrics.view_applied(batch.revision);
     }
-    Err(StoreError::unavailable("the watch ended"))
+    let ended = StoreError::unavailable("the watch ended");
+    metrics.store_error("watch", &ended);
+    Err(ended)
 }
 
 #[cfg(test)]
@@ -245,7 +263,7 @@ mod tests {
             .await
             .unwrap();
         let stop = CancellationToken::new();
-        let (mut rx, task) = follow(Arc::clone(&store), stop.clone());
+        let (mut rx, task) = follow(Arc::clone(&store), Arc::new(Metrics::new()), stop.clone());
         let v = wait_for(&mut rx, |v| v.live && v.services.contains_key("billing")).await;
         assert_eq!(v.services["billing"].instances.len(), 1);
 
@@ -312,7 +330,7 @@ mod tests {
     async fn lease_expiry_removes_instances() {
         let store = Arc::new(MemoryStore::new(MemoryOptions::default()));
         let stop = CancellationToken::new();
-        let (mut rx, _task) = follow(Arc::clone(&store), stop.clone());
+        let (mut rx, _task) = follow(Arc::clone(&store), Arc::new(Metrics::new()), stop.clone());
         let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
         store
             .put(

@@ -11,8 +11,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use weft_api::v1::{Deregister, RegisterRequest, register_request};
 
-use support::cp::{TOKEN, start};
-use support::grpc::{client, instance, instances_of, register, subscribe};
+use support::cp::start;
+use support::grpc::{client, instance, instances_of, put_policy, register, subscribe};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn registration_subscription_deltas_and_deregistration() {
@@ -116,18 +116,4 @@ async fn invalid_requests_are_refused() {
         .unwrap()
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-}
-
-async fn put_policy(admin: &str, service: &str, body: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = admin.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "PUT /v1/services/{service}/policy HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

@@ -15,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 use weft_api::v1::control_plane_server::ControlPlaneServer;
 use weft_control_plane::admin::{self, AdminState};
 use weft_control_plane::auth::Tokens;
+use weft_control_plane::metrics::{self, MeteredStore, Metrics};
 use weft_control_plane::push::Push;
 use weft_control_plane::store::etcd::{
     ClientCert, EtcdOptions, EtcdStore, EtcdTls, EtcdUser, Password,
@@ -120,9 +121,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None
         }
     };
-    let store = Arc::new(store(&args).await?);
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(MeteredStore::new(store(&args).await?, Arc::clone(&metrics)));
     let stop = CancellationToken::new();
-    let (view, view_task) = view::follow(Arc::clone(&store), stop.clone());
+    let (view, view_task) = view::follow(Arc::clone(&store), Arc::clone(&metrics), stop.clone());
 
     let admin_listener = TcpListener::bind(args.admin)
         .await
@@ -143,6 +145,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(&store),
         view.clone(),
         args.lease_ttl,
+        Arc::clone(&metrics),
         stop.clone(),
     );
     let grpc_task = tokio::spawn(weft_control_plane::serve::grpc(
@@ -154,11 +157,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         store: Arc::clone(&store),
         view,
         tokens,
+        metrics: Arc::clone(&metrics),
     });
     let admin_task = tokio::spawn(weft_control_plane::serve::http(
         admin_listener,
         stop.clone(),
-        move |req| admin::handle(Arc::clone(&state), req),
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let (method, route) = (req.method().clone(), metrics::admin_route(req.uri().path()));
+            let (state, metrics) = (Arc::clone(&state), Arc::clone(&metrics));
+            async move {
+                let rsp = admin::handle(state, req).await;
+                if let Ok(rsp) = &rsp {
+                    metrics.admin_request(&method, route, rsp.status());
+                }
+                rsp
+            }
+        },
     ));
 
     let mut term = signal(SignalKind::terminate())?;

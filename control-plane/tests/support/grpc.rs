@@ -1,5 +1,5 @@
-//! gRPC clients of the sidecar-facing API for black-box tests: a registration
-//! kept open by its sender, a subscription read with bounded waits.
+//! gRPC and admin-API clients for black-box tests of a running
+//! `weft-control-plane`: registrations, subscriptions and policy writes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,6 +10,8 @@ use weft_api::v1::control_plane_client::ControlPlaneClient;
 use weft_api::v1::{
     Instance, Metadata, RegisterRequest, SubscribeRequest, SubscribeResponse, register_request,
 };
+
+use super::cp::TOKEN;
 
 pub fn instance(service: &str, id: &str, port: u16) -> Instance {
     Instance {
@@ -55,7 +57,7 @@ pub async fn register(grpc: &str, inst: Instance) -> mpsc::Sender<RegisterReques
 }
 
 pub struct Subscription {
-    _tx: mpsc::Sender<SubscribeRequest>,
+    pub _tx: mpsc::Sender<SubscribeRequest>,
     pub rx: tonic::Streaming<SubscribeResponse>,
 }
 
@@ -103,4 +105,19 @@ pub fn instances_of(msg: &SubscribeResponse, service: &str) -> Option<Vec<String
         .iter()
         .find(|s| s.name == service)
         .map(|s| s.instances.iter().map(|i| i.id.clone()).collect())
+}
+
+/// `PUT /v1/services/<service>/policy` with the test token; the status code.
+pub async fn put_policy(admin: &str, service: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = admin.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "PUT /v1/services/{service}/policy HTTP/1.1\r\nhost: cp\r\nauthorization: Bearer {TOKEN}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

@@ -1,4 +1,5 @@
-//! Test support shared by the control plane's black-box tests: a real etcd
+//! Test support shared by the control plane's black-box tests: a running
+//! control plane (`cp`), gRPC and admin clients for it (`grpc`), a real etcd
 //! on free loopback ports (`etcd`), certificates for TLS tests (`tls`) and
 //! bounded polling.
 
