@@ -7,6 +7,7 @@
 //! | `GET /ready` | 200 when listeners are bound and the directory is loaded, 503 otherwise (and while draining) |
 //! | `GET /config` | the effective configuration and its version, JSON |
 //! | `GET /endpoints` | every service's endpoints and their state, JSON |
+//! | `GET /metrics` | Prometheus text (`docs/telemetry.md`) |
 //! | `POST /reload` | re-read the bootstrap file: 200 `{"version": N}`, or 400 with the error (the old config stays) |
 
 use std::convert::Infallible;
@@ -49,6 +50,7 @@ impl Admin {
                 }
             }
             (&Method::GET, "/config") => self.config(),
+            (&Method::GET, "/metrics") => self.metrics(),
             (&Method::GET, "/endpoints") => self.endpoints(),
             (&Method::POST, "/reload") => match self.shared.reload().await {
                 Ok(version) => {
@@ -63,13 +65,30 @@ impl Admin {
                     text(StatusCode::BAD_REQUEST, &format!("{error}\n"))
                 }
             },
-            (_, "/live" | "/ready" | "/config" | "/endpoints" | "/reload") => {
+            (_, "/live" | "/ready" | "/config" | "/endpoints" | "/metrics" | "/reload") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
             }
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /live, /ready, /config, /endpoints or POST /reload\n",
+                "not found: try /live, /ready, /config, /endpoints, /metrics or POST /reload\n",
             ),
+        }
+    }
+
+    fn metrics(&self) -> Response<ProxyBody> {
+        match self.shared.metrics.render(&self.shared) {
+            Ok(text) => {
+                let mut rsp = Response::new(body::full(text));
+                rsp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(weft_telemetry::CONTENT_TYPE),
+                );
+                rsp
+            }
+            Err(error) => {
+                tracing::error!(%error, "/metrics");
+                text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{error}\n"))
+            }
         }
     }
 

@@ -25,6 +25,8 @@ use crate::outbound::Outbound;
 use crate::remote::RemoteServices;
 use crate::server::serve;
 use crate::state::{Bound, Shared};
+use crate::telemetry::Direction;
+use crate::telemetry::metrics::ConnectionMetrics;
 
 /// Longest wait for the control plane to acknowledge a deregistration.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -161,6 +163,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let s = Arc::clone(&shared);
             move |peer| Outbound::new(Arc::clone(&s), peer)
         },
+        shared.metrics.connections(Direction::Outbound).clone(),
         data_stop.clone(),
     ));
     let in_task = tokio::spawn(serve(
@@ -170,6 +173,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let s = Arc::clone(&shared);
             move |peer| Inbound::new(Arc::clone(&s), peer)
         },
+        shared.metrics.connections(Direction::Inbound).clone(),
         data_stop.clone(),
     ));
     let admin_task = tokio::spawn(serve(
@@ -179,6 +183,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let s = Arc::clone(&shared);
             move |_| Admin::new(Arc::clone(&s))
         },
+        ConnectionMetrics::default(),
         admin_stop.clone(),
     ));
 

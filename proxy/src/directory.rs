@@ -34,6 +34,8 @@ use crate::discovery::{EndpointSpec, EndpointsReader, EndpointsWriter, Update};
 #[derive(Debug)]
 pub struct MeshService {
     pub name: ServiceName,
+    /// The name as a metric label.
+    pub label: Arc<str>,
     pub policy: Arc<OutboundPolicy>,
     pub protocol: Protocol,
     pub balancer: Balancer,
@@ -53,6 +55,7 @@ impl MeshService {
         writer: Arc<EndpointsWriter>,
     ) -> Self {
         Self {
+            label: Arc::from(name.as_str()),
             name,
             policy,
             protocol,
@@ -77,6 +80,8 @@ impl MeshService {
 #[derive(Debug)]
 pub struct LocalApp {
     pub name: ServiceName,
+    /// The name as a metric label.
+    pub label: Arc<str>,
     pub addr: SocketAddr,
     pub client: UpstreamClient,
     pub policy: Arc<InboundPolicy>,
@@ -141,6 +146,9 @@ fn build_local(
         )),
     };
     Some(LocalApp {
+        label: previous
+            .filter(|l| l.name == s.name)
+            .map_or_else(|| Arc::from(s.name.as_str()), |l| Arc::clone(&l.label)),
         name: s.name.clone(),
         addr: s.app,
         client: reuse_client(previous.map(|l| &l.client), settings),
@@ -266,6 +274,7 @@ impl Directory {
                 _ => Balancer::new(strategy),
             };
             let service = MeshService {
+                label: Arc::from(svc.name.as_str()),
                 name: svc.name.clone(),
                 protocol: svc.protocol,
                 balancer,

@@ -31,6 +31,7 @@ use crate::forward::{Hop, forward};
 use crate::headers;
 use crate::outbound::WEFT_CALLER;
 use crate::state::Shared;
+use crate::telemetry::{Direction, Observation};
 
 /// The caller identity of requests that carry none.
 pub const ANONYMOUS: &str = "anonymous";
@@ -59,14 +60,16 @@ impl Inbound {
         if let Some(stats) = &stats {
             stats.request();
         }
-        match self.proxy(&directory, req).await {
-            Ok(rsp) => rsp,
+        let mut observation = Observation::start(&self.shared.metrics, Direction::Inbound);
+        match self.proxy(&directory, req, &mut observation).await {
+            Ok(rsp) => observation.respond(rsp),
             Err(error) => {
                 if let Some(stats) = &stats {
                     stats.refusal(error.reason());
                 }
+                observation.refused(&error);
                 tracing::info!(client.addr = %self.client_addr, reason = error.reason(), error = %error, "inbound request refused");
-                error_response(&error)
+                observation.respond(error_response(&error))
             }
         }
     }
@@ -75,12 +78,15 @@ impl Inbound {
         &self,
         directory: &Directory,
         mut req: Request<Incoming>,
+        observation: &mut Observation,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let local = directory.local.as_ref().ok_or(ProxyError::NoLocalService)?;
+        observation.set_service(&local.label);
         let policy = &local.policy;
         let index = policy
             .routes()
             .find(req.method(), req.uri().path(), req.headers());
+        observation.set_route(policy.routes().label(index));
         let route = policy.route(index);
         if let Some(limit) = route.and_then(|r| r.rate_limit.as_ref()) {
             limit.check()?;

@@ -25,7 +25,8 @@
 //! | [`route`] | route matching |
 //! | [`limits`] | rate limits (governor) and concurrency caps |
 //! | [`retry`] | retry classification, backoff, replayable bodies |
-//! | [`stats`] | counters of requests, retries, ejections and refusals |
+//! | [`stats`] | counters of requests, retries, ejections and refusals (for `/endpoints`) |
+//! | [`telemetry`] | `/metrics`, and the observation every finished request is reported through |
 //!
 //! Requests flow `server -> outbound|inbound -> (directory, discovery, balance) ->
 //! forward -> client`. Live state reaches the request path as `Arc` snapshots read
@@ -53,3 +54,4 @@ pub mod server;
 pub mod state;
 pub mod stats;
 pub mod target;
+pub mod telemetry;

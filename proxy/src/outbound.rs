@@ -52,6 +52,7 @@ use crate::retry::replay::{self, Prepared};
 use crate::state::Shared;
 use crate::stats::Stats;
 use crate::target::Destination;
+use crate::telemetry::{Direction, EXTERNAL, Observation, RetrySkipped};
 
 /// Port assumed for an IP literal without one.
 const DEFAULT_PORT: u16 = 80;
@@ -94,12 +95,14 @@ impl Outbound {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let mut stats = None;
-        match self.proxy(req, &mut stats).await {
-            Ok(rsp) => rsp,
+        let mut observation = Observation::start(&self.shared.metrics, Direction::Outbound);
+        match self.proxy(req, &mut stats, &mut observation).await {
+            Ok(rsp) => observation.respond(rsp),
             Err(error) => {
                 if let Some(stats) = &stats {
                     stats.refusal(error.reason());
                 }
+                observation.refused(&error);
                 tracing::info!(
                     client.addr = %self.client_addr,
                     http.method = %method,
@@ -109,7 +112,7 @@ impl Outbound {
                     error = %error,
                     "outbound request refused"
                 );
-                error_response(&error)
+                observation.respond(error_response(&error))
             }
         }
     }
@@ -118,6 +121,7 @@ impl Outbound {
         &self,
         mut req: Request<Incoming>,
         stats: &mut Option<Arc<Stats>>,
+        observation: &mut Observation,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let dest = Destination::from_request(&req)?;
         let directory = self.shared.directory();
@@ -130,6 +134,7 @@ impl Outbound {
             _ => None,
         };
         let target = if let Some(svc) = static_service.or(remote.as_ref()) {
+            observation.set_service(&svc.label);
             Target {
                 service: Cow::Borrowed(svc.name.as_str()),
                 endpoints: Arc::clone(&svc.endpoints().borrow()),
@@ -139,6 +144,7 @@ impl Outbound {
                 policy: Arc::clone(&svc.policy),
             }
         } else if let Some(ip) = dest.ip() {
+            observation.set_service(&EXTERNAL);
             let addr = SocketAddr::new(ip, dest.port.unwrap_or(DEFAULT_PORT));
             Target {
                 service: Cow::Owned(addr.to_string()),
@@ -152,6 +158,7 @@ impl Outbound {
                 policy: Arc::clone(&directory.default_policy),
             }
         } else {
+            observation.set_service(&EXTERNAL);
             dns_target = directory.dns().resolve(&dest.host, dest.port).await?;
             Target {
                 service: Cow::Borrowed(dest.host.as_str()),
@@ -170,6 +177,7 @@ impl Outbound {
             .routes()
             .find(req.method(), req.uri().path(), req.headers());
         let plan = policy.plan(route);
+        observation.set_route(policy.routes().label(route));
         if let Some(limit) = &policy.rate_limit {
             limit.check()?;
         }
@@ -183,7 +191,7 @@ impl Outbound {
             req.headers_mut().insert(WEFT_CALLER, caller);
         }
 
-        let attempts = self.attempts(&directory, &target, &plan, req);
+        let attempts = self.attempts(&directory, &target, &plan, req, observation);
         let rsp = match &plan.timeout {
             Some(t) => tokio::time::timeout(t.after, attempts)
                 .await
@@ -203,6 +211,7 @@ impl Outbound {
         target: &Target<'_>,
         plan: &RoutePlan<'_>,
         req: Request<Incoming>,
+        observation: &Observation,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let policy = &target.policy;
         let retry = &plan.retry;
@@ -255,21 +264,26 @@ impl Outbound {
                 Err(ProxyError::Timeout { .. }) => Outcome::Timeout,
                 Err(_) => return result.map(|rsp| self.finish(policy, rsp, in_flight)),
             };
-            self.record_outcome(policy, &target.endpoints, &endpoint, outcome);
+            self.record_outcome(policy, &target.endpoints, &endpoint, outcome, observation);
             if result.is_ok() {
                 in_flight.observe_response();
             }
 
             let replayable = matches!(body, Prepared::Replayable(_));
-            if attempt >= retry.attempts || !replayable || !retryable(retry, &head.method, outcome)
-            {
+            if attempt >= retry.attempts || !retryable(retry, &head.method, outcome) {
+                return result.map(|rsp| self.finish(policy, rsp, in_flight));
+            }
+            if !replayable {
+                observation.retry_skipped(RetrySkipped::NotReplayable);
                 return result.map(|rsp| self.finish(policy, rsp, in_flight));
             }
             if !plan.budget.withdraw() {
                 tracing::debug!(service = %target.service, endpoint.addr = %endpoint.addr(), "retry budget spent");
                 policy.stats.refusal("budget-exhausted");
+                observation.retry_skipped(RetrySkipped::BudgetExhausted);
                 return match result {
                     Ok(rsp) => {
+                        observation.refused_for("budget-exhausted", None);
                         let mut rsp = self.finish(policy, rsp, in_flight);
                         rsp.headers_mut()
                             .insert(WEFT_REASON, HeaderValue::from_static("budget-exhausted"));
@@ -285,12 +299,16 @@ impl Outbound {
             tried.push(endpoint.addr());
             next = match select_next(&tried) {
                 Ok(next) => next,
-                Err(_) => return result.map(|rsp| self.finish(policy, rsp, in_flight)),
+                Err(_) => {
+                    observation.retry_skipped(RetrySkipped::NoEndpoint);
+                    return result.map(|rsp| self.finish(policy, rsp, in_flight));
+                }
             };
             drop(result);
             drop(in_flight);
             attempt += 1;
             policy.stats.retry();
+            observation.retry();
             let wait = backoff(&retry.backoff, attempt);
             tracing::debug!(service = %target.service, endpoint.addr = %endpoint.addr(), attempt, ?outcome, backoff_ms = wait.as_millis() as u64, "retrying");
             tokio::time::sleep(wait).await;
@@ -343,6 +361,7 @@ impl Outbound {
         set: &EndpointSet,
         endpoint: &Endpoint,
         outcome: Outcome,
+        observation: &Observation,
     ) {
         let now = Instant::now();
         if !is_failure(outcome) {
@@ -361,6 +380,7 @@ impl Outbound {
         };
         if let Some(time) = endpoint.outlier().failure(settings, now, may_eject) {
             policy.stats.ejection();
+            observation.ejection();
             tracing::warn!(endpoint.addr = %endpoint.addr(), ejection_ms = time.as_millis() as u64, "endpoint ejected after consecutive failures");
         }
     }

@@ -28,6 +28,8 @@
 //! panicking. [`RouteTable::find`] always answers with the index into the policy's
 //! `routes`, so skipped routes do not shift the others.
 
+use std::sync::{Arc, LazyLock};
+
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 /// A service's routes compiled for matching. First match wins; no match means the
@@ -35,7 +37,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<Compiled>,
+    /// Every route's name, by index: the `route` label of metrics.
+    names: Vec<Arc<str>>,
 }
+
+/// The `route` label of a request that matched no route.
+static NO_ROUTE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
 
 /// One route's `match`, in the types requests are compared with.
 #[derive(Debug, Clone)]
@@ -52,12 +59,23 @@ struct Compiled {
 impl RouteTable {
     /// Compile `routes` (a policy's `routes`, in file order).
     pub fn new(routes: &[weft_config::Route]) -> Self {
+        let names = routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
         let routes = routes
             .iter()
             .enumerate()
             .filter_map(|(index, route)| Compiled::new(index, route))
             .collect();
-        Self { routes }
+        Self { routes, names }
+    }
+
+    /// The `route` label of a request that matched no route.
+    pub fn no_route() -> &'static Arc<str> {
+        &NO_ROUTE
+    }
+
+    /// The name of route `index` (empty for no route), as a metric label.
+    pub fn label(&self, index: Option<usize>) -> &Arc<str> {
+        index.and_then(|i| self.names.get(i)).unwrap_or(&NO_ROUTE)
     }
 
     /// Index (into the policy's `routes`) of the first route matching the request.

@@ -21,15 +21,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::body::ProxyBody;
+use crate::telemetry::io::Counted;
+use crate::telemetry::metrics::ConnectionMetrics;
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Serve `listener` until `stop`, building one service per connection with `make`.
+/// Serve `listener` until `stop`, building one service per connection with `make`
+/// and counting connections and bytes into `connections`.
 pub async fn serve<F, S>(
     name: &'static str,
     listener: TcpListener,
     make: F,
+    connections: ConnectionMetrics,
     stop: CancellationToken,
 ) where
     F: Fn(SocketAddr) -> S,
@@ -59,7 +63,10 @@ pub async fn serve<F, S>(
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(make(peer));
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(
+                TokioIo::new(Counted::new(stream, &connections)),
+                service,
+            )
             .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

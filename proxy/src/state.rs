@@ -22,6 +22,7 @@ use weft_config::Loaded;
 use crate::control_plane::ControlPlaneClient;
 use crate::directory::{Directory, OwnService};
 use crate::remote::RemoteServices;
+use crate::telemetry::Metrics;
 
 /// The effective configuration and its version.
 #[derive(Debug, Serialize)]
@@ -65,6 +66,7 @@ pub struct Shared {
     draining: AtomicBool,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
+    pub metrics: Arc<Metrics>,
 }
 
 fn now_secs() -> u64 {
@@ -80,6 +82,7 @@ impl Shared {
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
         let directory = Directory::build(&loaded, &tasks, &shutdown)?;
+        let metrics = Arc::new(Metrics::new(loaded.bootstrap.control_plane.is_some()));
         let snapshot = ConfigSnapshot {
             version: 1,
             loaded_at: now_secs(),
@@ -96,6 +99,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             tasks,
             shutdown,
+            metrics,
         }))
     }
 
@@ -142,8 +146,14 @@ impl Shared {
         self.bound.get().is_some() && !self.is_draining()
     }
 
-    /// Re-read the bootstrap file and swap it in if it is valid.
+    /// Re-read the bootstrap file and swap it in if it is valid (counted).
     pub async fn reload(&self) -> Result<u64, ReloadError> {
+        let result = self.try_reload().await;
+        self.metrics.reload(result.is_ok());
+        result
+    }
+
+    async fn try_reload(&self) -> Result<u64, ReloadError> {
         let _serial = self.reload_lock.lock().await;
         let path = self.path.clone();
         let loaded = tokio::task::spawn_blocking(move || weft_config::load_bootstrap(&path))

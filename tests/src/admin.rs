@@ -80,6 +80,13 @@ impl Admin {
             .ok_or_else(|| anyhow!("/config has no numeric version: {config}"))
     }
 
+    /// `GET /metrics`, parsed.
+    pub async fn metrics(&self) -> anyhow::Result<crate::metrics::Scrape> {
+        let reply = self.get("/metrics").await?;
+        anyhow::ensure!(reply.status == 200, "/metrics: {}", reply.status);
+        crate::metrics::Scrape::parse(&reply.text())
+    }
+
     /// `GET /endpoints`.
     pub async fn endpoints(&self) -> anyhow::Result<Endpoints> {
         Ok(Endpoints(self.json("/endpoints").await?))

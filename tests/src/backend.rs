@@ -11,7 +11,7 @@
 //! | `/slow?ms=N` | answers after N ms |
 //! | `/drip?chunks=N&ms=M` | streams N chunks, M ms apart |
 //! | `/pattern?len=N` | streams N bytes of [`crate::pattern`] |
-//! | `/grpc` | echoes the body, then trailers `grpc-status: 0`, `grpc-message: ok` and `x-seen-trailer-<name>` for each request trailer |
+//! | `/grpc` | echoes the body, then trailers `grpc-status: 0` (or the request's `x-grpc-status`), `grpc-message: ok` and `x-seen-trailer-<name>` for each request trailer |
 //! | `/ws` | `Upgrade: websocket` -> 101, then echoes raw bytes |
 //! | `/status?code=N` | answers N |
 //! | `/hold` | answers 200 once the test calls [`Backend::release`] (at most [`HOLD_LIMIT`]) |
@@ -417,6 +417,11 @@ fn drip(chunks: u64, ms: u64) -> Response<Body> {
 }
 
 async fn grpc(request: Request<Incoming>) -> Response<Body> {
+    let status = request
+        .headers()
+        .get("x-grpc-status")
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("0"));
     let collected = match request.into_body().collect().await {
         Ok(collected) => collected,
         Err(error) => {
@@ -426,7 +431,7 @@ async fn grpc(request: Request<Incoming>) -> Response<Body> {
         }
     };
     let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers.insert("grpc-status", status);
     trailers.insert("grpc-message", HeaderValue::from_static("ok"));
     if let Some(seen) = collected.trailers() {
         for (name, value) in seen {

@@ -17,6 +17,8 @@
 //!   test can change at run time.
 //! - [`mesh`]: one-call setups for the two sides of a policy: a caller's
 //!   sidecar (outbound keys) and a service's own sidecar (inbound keys).
+//! - [`metrics`]: a `/metrics` scrape read by name and labels, and
+//!   `promtool check metrics`.
 //! - [`client`]: HTTP clients that send through the proxy in absolute form,
 //!   with a Host header, or as HTTP/2 prior knowledge, plus a raw TCP client
 //!   for byte-exact requests and upgrades.
@@ -41,6 +43,7 @@ pub mod client;
 pub mod config;
 pub mod dns;
 pub mod mesh;
+pub mod metrics;
 pub mod process;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,436 @@
+//! The sidecar's Prometheus metrics (names and labels: `docs/telemetry.md`).
+//!
+//! Request-path metrics are recorded as they happen ([`Metrics::record`],
+//! [`Metrics::retry`], ...): label sets are made of `Arc<str>` names the
+//! directory already holds and static strings, so recording clones two `Arc`s
+//! and takes the family's read lock. State that already lives elsewhere
+//! (endpoint states, the control-plane connection, the config version) is
+//! copied into gauges when `/metrics` is scraped ([`Metrics::refresh`]), so the
+//! request path never pays for it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::control_plane::ConnectionState;
+use crate::directory::MeshService;
+use crate::state::Shared;
+
+/// Latency buckets, in seconds: 0.5 ms to 10 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Which listener a request or connection came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// How a request ended, for `classification`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Classification {
+    Success,
+    Failure,
+}
+
+impl Classification {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failure => "failure",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    direction: &'static str,
+    service: Arc<str>,
+    route: Arc<str>,
+    status_code: u16,
+    classification: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RefusalLabels {
+    direction: &'static str,
+    service: Arc<str>,
+    route: Arc<str>,
+    reason: &'static str,
+    limit: Arc<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    service: Arc<str>,
+    route: Arc<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SkipLabels {
+    service: Arc<str>,
+    route: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceLabels {
+    service: Arc<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointLabels {
+    service: Arc<str>,
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Why a retry the route allowed was not sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetrySkipped {
+    BudgetExhausted,
+    NotReplayable,
+    NoEndpoint,
+}
+
+impl RetrySkipped {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::BudgetExhausted => "budget-exhausted",
+            Self::NotReplayable => "not-replayable",
+            Self::NoEndpoint => "no-endpoint",
+        }
+    }
+}
+
+/// One finished request, as [`Metrics::record`] takes it.
+#[derive(Debug)]
+pub struct Finished<'a> {
+    pub direction: Direction,
+    pub service: &'a Arc<str>,
+    pub route: &'a Arc<str>,
+    pub status_code: u16,
+    pub classification: Classification,
+    pub duration: Duration,
+}
+
+/// Counters of one listener's client connections (the default: counted nowhere).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    pub open: Gauge,
+    pub accepted: Counter,
+    pub read_bytes: Counter,
+    pub written_bytes: Counter,
+}
+
+/// Every metric of the sidecar, and the registry that exposes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    refusals: Family<RefusalLabels, Counter>,
+    retries: Family<RouteLabels, Counter>,
+    retries_skipped: Family<SkipLabels, Counter>,
+    ejections: Family<ServiceLabels, Counter>,
+    endpoints: Family<EndpointLabels, Gauge>,
+    inbound_connections: ConnectionMetrics,
+    outbound_connections: ConnectionMetrics,
+    config_version: Gauge,
+    reloads: Family<ResultLabels, Counter>,
+    control_plane_connected: Gauge,
+    control_plane_version: Gauge,
+    control_plane_rejected: Counter,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+impl Metrics {
+    /// The sidecar's metrics; the control-plane ones only `with_control_plane`.
+    pub fn new(with_control_plane: bool) -> Self {
+        let mut root = weft_telemetry::registry();
+        let registry = root.sub_registry_with_prefix("weft");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Requests completed (response ended, failed or abandoned), including refusals",
+            requests.clone(),
+        );
+        let durations = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's arrival to the end of its response body",
+            durations.clone(),
+        );
+        let refusals = Family::default();
+        registry.register(
+            "refusals",
+            "Responses the proxy produced itself, by weft-reason and the policy key that refused",
+            refusals.clone(),
+        );
+        let retries = Family::default();
+        registry.register("retries", "Retry attempts sent", retries.clone());
+        let retries_skipped = Family::default();
+        registry.register(
+            "retries_skipped",
+            "Retries the route allowed that were not sent, by reason",
+            retries_skipped.clone(),
+        );
+        let ejections = Family::default();
+        registry.register(
+            "ejections",
+            "Endpoints ejected by outlier detection",
+            ejections.clone(),
+        );
+        let endpoints = Family::default();
+        registry.register(
+            "endpoints",
+            "Outbound endpoints by state (active, ejected, saturated)",
+            endpoints.clone(),
+        );
+
+        let open = Family::<DirectionLabels, Gauge>::default();
+        let accepted = Family::<DirectionLabels, Counter>::default();
+        let read = Family::<DirectionLabels, Counter>::default();
+        let written = Family::<DirectionLabels, Counter>::default();
+        let bind = |direction: Direction| {
+            let labels = DirectionLabels {
+                direction: direction.as_str(),
+            };
+            ConnectionMetrics {
+                open: open.get_or_create_owned(&labels),
+                accepted: accepted.get_or_create_owned(&labels),
+                read_bytes: read.get_or_create_owned(&labels),
+                written_bytes: written.get_or_create_owned(&labels),
+            }
+        };
+        let inbound_connections = bind(Direction::Inbound);
+        let outbound_connections = bind(Direction::Outbound);
+        registry.register(
+            "tcp_open_connections",
+            "Client connections open on the listener",
+            open,
+        );
+        registry.register("tcp_connections", "Client connections accepted", accepted);
+        registry.register("tcp_read_bytes", "Bytes read from client connections", read);
+        registry.register(
+            "tcp_written_bytes",
+            "Bytes written to client connections",
+            written,
+        );
+
+        let config_version = Gauge::default();
+        registry.register(
+            "config_version",
+            "Version of the bootstrap configuration in effect",
+            config_version.clone(),
+        );
+        let reloads = Family::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result (applied, rejected)",
+            reloads.clone(),
+        );
+        let control_plane_connected = Gauge::default();
+        let control_plane_version = Gauge::default();
+        let control_plane_rejected = Counter::default();
+        if with_control_plane {
+            registry.register(
+                "proxy_control_plane_connected",
+                "1 while a session with the control plane is up",
+                control_plane_connected.clone(),
+            );
+            registry.register(
+                "proxy_control_plane_version",
+                "Version (store revision) of the last control-plane snapshot applied",
+                control_plane_version.clone(),
+            );
+            registry.register(
+                "proxy_control_plane_rejected",
+                "Pushed services refused by validation",
+                control_plane_rejected.clone(),
+            );
+        }
+        Self {
+            registry: root,
+            requests,
+            durations,
+            refusals,
+            retries,
+            retries_skipped,
+            ejections,
+            endpoints,
+            inbound_connections,
+            outbound_connections,
+            config_version,
+            reloads,
+            control_plane_connected,
+            control_plane_version,
+            control_plane_rejected,
+        }
+    }
+
+    /// A finished request.
+    pub fn record(&self, f: &Finished<'_>) {
+        let labels = RequestLabels {
+            direction: f.direction.as_str(),
+            service: Arc::clone(f.service),
+            route: Arc::clone(f.route),
+            status_code: f.status_code,
+            classification: f.classification.as_str(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.durations
+            .get_or_create(&labels)
+            .observe(f.duration.as_secs_f64());
+    }
+
+    /// A response the proxy produced itself.
+    pub fn refusal(
+        &self,
+        direction: Direction,
+        service: &Arc<str>,
+        route: &Arc<str>,
+        reason: &'static str,
+        limit: &Arc<str>,
+    ) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                direction: direction.as_str(),
+                service: Arc::clone(service),
+                route: Arc::clone(route),
+                reason,
+                limit: Arc::clone(limit),
+            })
+            .inc();
+    }
+
+    /// A retry attempt sent.
+    pub fn retry(&self, service: &Arc<str>, route: &Arc<str>) {
+        self.retries
+            .get_or_create(&RouteLabels {
+                service: Arc::clone(service),
+                route: Arc::clone(route),
+            })
+            .inc();
+    }
+
+    /// A retry the route allowed, not sent.
+    pub fn retry_skipped(&self, service: &Arc<str>, route: &Arc<str>, why: RetrySkipped) {
+        self.retries_skipped
+            .get_or_create(&SkipLabels {
+                service: Arc::clone(service),
+                route: Arc::clone(route),
+                reason: why.as_str(),
+            })
+            .inc();
+    }
+
+    /// An endpoint of `service` ejected.
+    pub fn ejection(&self, service: &Arc<str>) {
+        self.ejections
+            .get_or_create(&ServiceLabels {
+                service: Arc::clone(service),
+            })
+            .inc();
+    }
+
+    /// A reload, applied or rejected.
+    pub fn reload(&self, applied: bool) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+
+    /// The counters of a listener's connections.
+    pub fn connections(&self, direction: Direction) -> &ConnectionMetrics {
+        match direction {
+            Direction::Inbound => &self.inbound_connections,
+            Direction::Outbound => &self.outbound_connections,
+        }
+    }
+
+    /// Copies the state kept elsewhere into gauges, then encodes everything.
+    pub fn render(&self, shared: &Shared) -> Result<String, weft_telemetry::EncodeError> {
+        self.refresh(shared);
+        weft_telemetry::encode(&self.registry)
+    }
+
+    fn refresh(&self, shared: &Shared) {
+        self.config_version
+            .set(i64::try_from(shared.config().version).unwrap_or(i64::MAX));
+        let now = Instant::now();
+        self.endpoints.clear();
+        let directory = shared.directory();
+        let count = |svc: &MeshService| {
+            let cap = svc.policy.endpoint_cap();
+            let set = Arc::clone(&svc.endpoints().borrow());
+            let mut states = [0i64; 3];
+            for e in set.endpoints() {
+                let i = if e.outlier().ejected_for(now).is_some() {
+                    1
+                } else if cap.is_some_and(|c| e.in_flight() >= c) {
+                    2
+                } else {
+                    0
+                };
+                states[i] += 1;
+            }
+            for (state, n) in ["active", "ejected", "saturated"].into_iter().zip(states) {
+                self.endpoints
+                    .get_or_create(&EndpointLabels {
+                        service: Arc::clone(&svc.label),
+                        state,
+                    })
+                    .set(n);
+            }
+        };
+        for svc in directory.services() {
+            count(svc);
+        }
+        if let Some(remote) = shared.remote() {
+            for svc in remote.services() {
+                if directory.service(svc.name.as_str()).is_none() {
+                    count(&svc);
+                }
+            }
+            let client = remote.client();
+            let connected = matches!(client.state(), ConnectionState::Connected { .. });
+            self.control_plane_connected.set(i64::from(connected));
+            let version = client.snapshot().borrow().version;
+            self.control_plane_version.set(version);
+            let (rejected, _) = client.rejected();
+            let seen = self.control_plane_rejected.get();
+            if rejected > seen {
+                self.control_plane_rejected.inc_by(rejected - seen);
+            }
+        }
+    }
+}
