@@ -20,11 +20,14 @@
 //! - [`push`]: the sidecar-facing gRPC API: registration with leases, and the
 //!   push of the directory and policies (full snapshot, then coalesced deltas).
 //! - [`serve`]: the HTTP server loops.
+//! - [`stat`]: what `weftctl stat` computes from the sidecars' metrics: the
+//!   exposition parser, counter increases, rates and latency quantiles.
 
 pub mod admin;
 pub mod auth;
 pub mod keys;
 pub mod push;
 pub mod serve;
+pub mod stat;
 pub mod store;
 pub mod view;
