@@ -221,7 +221,12 @@ impl Mesh {
 
     fn register(&mut self, service: &str, id: &str, admin: Option<SocketAddr>) {
         let port = 7000 + u16::try_from(self.registrations.len()).unwrap();
-        let mut instance = grpc::instance(service, id, port);
+        self.register_at(service, id, &format!("127.0.0.1:{port}"), admin);
+    }
+
+    fn register_at(&mut self, service: &str, id: &str, address: &str, admin: Option<SocketAddr>) {
+        let mut instance = grpc::instance(service, id, 0);
+        instance.address = address.to_owned();
         instance.admin_address = admin.map(|a| a.to_string()).unwrap_or_default();
         let tx = self.rt.block_on(grpc::register(&self.cp.grpc, instance));
         self.registrations.push(tx);
@@ -317,10 +322,24 @@ fn stat_reports_rates_success_latency_and_refusals_from_every_sidecar() {
     let w1 = metrics_server(&mesh.rt, growing(w1));
     mesh.register("billing", "b-1", Some(b1));
     mesh.register("billing", "b-2", Some(b2));
-    mesh.register("billing", "b-3", Some(closed_port()));
+    let b3 = closed_port();
+    mesh.register("billing", "b-3", Some(b3));
     mesh.register("web", "w-1", Some(w1));
     mesh.register("web", "w-2", None);
-    mesh.wait_for_services(&[&["billing", "3", "no"], &["web", "2", "no"]]);
+    // Left out too: an admin address another instance registered (one
+    // sidecar's metrics, not to be counted twice), and a loopback admin
+    // address of a sidecar on another host.
+    mesh.register("billing", "b-4", Some(b1));
+    mesh.register_at(
+        "web",
+        "w-3",
+        "10.0.0.9:7000",
+        Some("127.0.0.1:4191".parse().unwrap()),
+    );
+    mesh.wait_for_services(&[&["billing", "4", "no"], &["web", "3", "no"]]);
+    let left_out = format!(
+        "billing/b-3 (connection refused), billing/b-4 (admin address {b1} is also billing/b-1's)"
+    );
 
     // Every service, as its own sidecars see it; each scrape is 0.5 s of
     // traffic. billing: 20 requests, 18 successes; buckets summed over b-1
@@ -332,11 +351,22 @@ fn stat_reports_rates_success_latency_and_refusals_from_every_sidecar() {
         cells(&r.stdout),
         [
             vec!["SERVICE", "RPS", "SUCCESS", "P50", "P99", "REFUSED"],
-            vec!["billing", "40.0", "90.00%", "7.50ms", "96.7ms", "rate-limit=6.0/s", "timeout=2.0/s"],
+            vec![
+                "billing",
+                "40.0",
+                "90.00%",
+                "7.50ms",
+                "96.7ms",
+                "rate-limit=6.0/s",
+                "timeout=2.0/s"
+            ],
             vec!["web", "8.0", "100.00%", "75.0ms", "99.5ms", "-"],
-            "2 of 5 sidecars unreachable: billing/b-3 (connection refused), web/w-2 (no admin address)"
-                .split_whitespace()
-                .collect(),
+            format!(
+                "4 of 7 sidecars unreachable: {left_out}, web/w-2 (no admin address), \
+                 web/w-3 (admin address 127.0.0.1:4191 is loopback, the sidecar is at 10.0.0.9)"
+            )
+            .split_whitespace()
+            .collect(),
         ],
         "{}",
         r.all()
@@ -350,7 +380,7 @@ fn stat_reports_rates_success_latency_and_refusals_from_every_sidecar() {
     assert_eq!(v["direction"], "inbound");
     assert_eq!(v["interval_seconds"], 0.5);
     assert_eq!(v["service"], serde_json::Value::Null);
-    assert_eq!(v["sidecars"], 5);
+    assert_eq!(v["sidecars"], 7);
     let billing = &v["rows"][0];
     assert_eq!(billing["service"], "billing");
     assert!(billing.get("route").is_none(), "{billing}");
@@ -371,15 +401,19 @@ fn stat_reports_rates_success_latency_and_refusals_from_every_sidecar() {
     assert_eq!(v["rows"][1]["service"], "web");
     assert_eq!(v["rows"].as_array().unwrap().len(), 2);
     let unreachable = v["unreachable"].as_array().unwrap();
-    assert_eq!(unreachable.len(), 2, "{v}");
+    assert_eq!(unreachable.len(), 4, "{v}");
     assert_eq!(
         (&unreachable[0]["service"], &unreachable[0]["id"]),
         (&"billing".into(), &"b-3".into())
     );
     assert_eq!(unreachable[0]["error"], "connection refused");
-    assert_eq!(unreachable[1]["id"], "w-2");
-    assert_eq!(unreachable[1]["admin_address"], serde_json::Value::Null);
-    assert_eq!(unreachable[1]["error"], "no admin address");
+    assert_eq!(unreachable[0]["admin_address"], b3.to_string());
+    assert_eq!(unreachable[1]["id"], "b-4");
+    assert_eq!(unreachable[1]["admin_address"], b1.to_string());
+    assert_eq!(unreachable[2]["id"], "w-2");
+    assert_eq!(unreachable[2]["admin_address"], serde_json::Value::Null);
+    assert_eq!(unreachable[2]["error"], "no admin address");
+    assert_eq!(unreachable[3]["admin_address"], "127.0.0.1:4191");
 
     // One service's routes: only its own sidecars are scraped.
     // (none): b-2's buckets 4, 8, 8, 8, 10, 10: p50 = 5 + 5 * 1/4 ms,
@@ -408,7 +442,7 @@ fn stat_reports_rates_success_latency_and_refusals_from_every_sidecar() {
                 "95.0ms",
                 "rate-limit=4.0/s"
             ],
-            "1 of 3 sidecars unreachable: billing/b-3 (connection refused)"
+            format!("2 of 4 sidecars unreachable: {left_out}")
                 .split_whitespace()
                 .collect(),
         ],

@@ -8,7 +8,7 @@
 //! admin address, or whose scrape fails, are named in a footer line and left
 //! out; they never make the command fail.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -83,8 +83,10 @@ enum Format {
 struct Sidecar {
     service: String,
     id: String,
-    /// `None`: registered without an admin address.
-    admin: Option<SocketAddr>,
+    /// The admin address as registered.
+    admin_address: Option<String>,
+    /// Where to scrape it, or why it is not scraped.
+    admin: Result<SocketAddr, String>,
 }
 
 impl Sidecar {
@@ -203,6 +205,18 @@ async fn mesh(api: &Api, args: &StatArgs) -> anyhow::Result<Mesh> {
             sidecars.push(sidecar(name, instance));
         }
     }
+    // Two instances with one admin address (the default `127.0.0.1:4191` of
+    // sidecars on one host, say) are one sidecar's metrics: scrape it once.
+    let mut seen: HashMap<SocketAddr, String> = HashMap::new();
+    for s in &mut sidecars {
+        if let Ok(admin) = s.admin {
+            if let Some(first) = seen.get(&admin) {
+                s.admin = Err(format!("admin address {admin} is also {first}'s"));
+            } else {
+                seen.insert(admin, s.name());
+            }
+        }
+    }
     Ok(Mesh {
         sidecars,
         services: names,
@@ -210,12 +224,31 @@ async fn mesh(api: &Api, args: &StatArgs) -> anyhow::Result<Mesh> {
 }
 
 fn sidecar(service: &str, instance: &Value) -> Sidecar {
+    let admin_address = instance["admin_address"].as_str().map(str::to_owned);
+    let address: Option<SocketAddr> = instance["address"].as_str().and_then(|a| a.parse().ok());
+    let admin = match admin_address.as_deref().map(str::parse::<SocketAddr>) {
+        None => Err("no admin address".to_owned()),
+        Some(Err(_)) => Err(format!(
+            "admin address {:?} is not IP:PORT",
+            admin_address.as_deref().unwrap_or_default()
+        )),
+        // A loopback admin address of a sidecar elsewhere names a port on
+        // this host, not that sidecar.
+        Some(Ok(admin))
+            if admin.ip().is_loopback() && address.is_some_and(|a| !a.ip().is_loopback()) =>
+        {
+            Err(format!(
+                "admin address {admin} is loopback, the sidecar is at {}",
+                address.map(|a| a.ip().to_string()).unwrap_or_default()
+            ))
+        }
+        Some(Ok(admin)) => Ok(admin),
+    };
     Sidecar {
         service: service.to_owned(),
         id: instance["id"].as_str().unwrap_or("?").to_owned(),
-        admin: instance["admin_address"]
-            .as_str()
-            .and_then(|a| a.parse().ok()),
+        admin_address,
+        admin,
     }
 }
 
@@ -236,9 +269,9 @@ impl Scraper {
     /// Scrape every sidecar at once.
     async fn round(&self, mesh: &Mesh) -> Round {
         let scrapes = mesh.sidecars.iter().map(|s| async move {
-            let result = match s.admin {
-                Some(admin) => self.scrape(admin).await,
-                None => Err("no admin address".to_owned()),
+            let result = match &s.admin {
+                Ok(admin) => self.scrape(*admin).await,
+                Err(reason) => Err(reason.clone()),
             };
             ((s.service.clone(), s.id.clone()), (s.clone(), result))
         });
@@ -397,7 +430,7 @@ fn json(
             json!({
                 "service": s.service,
                 "id": s.id,
-                "admin_address": s.admin.map(|a| a.to_string()),
+                "admin_address": s.admin_address,
                 "error": e,
             })
         })
