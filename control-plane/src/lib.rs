@@ -22,6 +22,8 @@
 //! - [`serve`]: the HTTP server loops.
 //! - [`metrics`]: the Prometheus metrics on the admin listener's `/metrics`,
 //!   and the store wrapper that counts store errors.
+//! - [`stat`]: what `weftctl stat` computes from the sidecars' metrics: the
+//!   exposition parser, counter increases, rates and latency quantiles.
 
 pub mod admin;
 pub mod auth;
@@ -29,5 +31,6 @@ pub mod keys;
 pub mod metrics;
 pub mod push;
 pub mod serve;
+pub mod stat;
 pub mod store;
 pub mod view;

@@ -1,5 +1,6 @@
-//! `weftctl`: check, apply, diff, get and delete service policies, and list
-//! services and instances, through the control plane's admin API.
+//! `weftctl`: check, apply, diff, get and delete service policies, list
+//! services and instances, through the control plane's admin API; and `stat`,
+//! live traffic numbers from the sidecars' metrics.
 //!
 //! A policy file is validated locally first with `weft-config` (the same check
 //! and message as the control plane and `weft-proxy check --policy`); the control
@@ -25,6 +26,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use similar::{ChangeTag, TextDiff};
 use weft_config::{ConfigError, ServiceName};
+
+mod stat;
 
 /// How long connecting to the control plane may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,6 +81,10 @@ enum Command {
     /// Delete a service's policy.
     #[command(subcommand)]
     Delete(Delete),
+    /// Live request rate, success rate, p50/p99 latency and refusals per
+    /// service (per route with SERVICE), from the sidecars' metrics.
+    #[command(long_about = stat::LONG_ABOUT)]
+    Stat(stat::StatArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -292,8 +299,9 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// Print rows as columns separated by three spaces; the first row is the header.
-fn print_table(rows: &[Vec<String>]) {
+/// Rows as columns separated by three spaces, one line each; the first row
+/// is the header.
+fn format_table(rows: &[Vec<String>]) -> String {
     let columns = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -303,18 +311,24 @@ fn print_table(rows: &[Vec<String>]) {
                 .unwrap_or(0)
         })
         .collect();
+    let mut out = String::new();
     for row in rows {
-        let mut line = String::new();
         for (c, cell) in row.iter().enumerate() {
             if c + 1 == row.len() {
-                line.push_str(cell);
+                out.push_str(cell);
             } else {
                 let width = widths.get(c).copied().unwrap_or(0);
-                line.push_str(&format!("{cell:<width$}   "));
+                out.push_str(&format!("{cell:<width$}   "));
             }
         }
-        println!("{line}");
+        out.push('\n');
     }
+    out
+}
+
+/// Print rows as columns separated by three spaces; the first row is the header.
+fn print_table(rows: &[Vec<String>]) {
+    print!("{}", format_table(rows));
 }
 
 /// A JSON string field, or `-`.
@@ -518,6 +532,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await?;
             println!("policy {service} deleted");
         }
+        Command::Stat(args) => stat::run(&api()?, args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,450 @@
+//! `weftctl stat [SERVICE]`: request rate, success rate, latency and
+//! refusals per service (or per route of one service), from the sidecars'
+//! Prometheus metrics.
+//!
+//! The control plane lists the sidecars and their admin addresses; each is
+//! scraped (`GET http://ADMIN/metrics`) twice, `--interval` apart, and the
+//! increases are summed by `weft_control_plane::stat`. Sidecars without an
+//! admin address, or whose scrape fails, are named in a footer line and left
+//! out; they never make the command fail.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use weft_config::ServiceName;
+use weft_control_plane::stat::{self, Direction, Row, Scrape, View};
+
+use super::{Api, format_table, root_cause};
+
+/// How long one scrape may take, connection included.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest exposition read from one sidecar.
+const MAX_METRICS_BYTES: usize = 32 * 1024 * 1024;
+
+/// The long help of `weftctl stat --help`.
+pub const LONG_ABOUT: &str = "\
+Request rate, success rate, p50/p99 latency and refusals by reason, per service (or, with \
+SERVICE, per route of that service), from the Prometheus metrics of every sidecar the control \
+plane knows.
+
+Each sidecar's admin address (GET /metrics) is scraped twice, --interval apart; rates are the \
+increases over that interval summed over the sidecars, and the latency quantiles come from the \
+summed histogram buckets.
+
+By default a service's numbers are its own sidecars' view: the requests they received \
+(direction=\"inbound\"), which also counts callers that have no sidecar. --outbound shows the \
+callers' view instead: what every sidecar's local app sent to the service, refusals by the \
+callers' sidecars included.
+
+Sidecars without an admin address, or that cannot be scraped, are named in a footer line and \
+left out.";
+
+#[derive(Debug, Args)]
+pub struct StatArgs {
+    /// Show this service's routes (`(none)`: requests no route matched).
+    service: Option<ServiceName>,
+    /// Time between the two scrapes the rates come from (e.g. 500ms, 2s, 1m);
+    /// with --watch, between redraws.
+    #[arg(long, default_value = "2s", value_parser = stat::parse_interval)]
+    interval: Duration,
+    /// Keep redrawing every interval until interrupted (Ctrl-C).
+    #[arg(long)]
+    watch: bool,
+    /// The callers' view: what sidecars sent to each service, instead of
+    /// what the service's own sidecars received.
+    #[arg(long)]
+    outbound: bool,
+    /// Output format; `json` prints the same rows for scripts (one document
+    /// per line with --watch).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+/// One sidecar the control plane knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sidecar {
+    service: String,
+    id: String,
+    /// The admin address as registered.
+    admin_address: Option<String>,
+    /// Where to scrape it, or why it is not scraped.
+    admin: Result<SocketAddr, String>,
+}
+
+impl Sidecar {
+    fn name(&self) -> String {
+        format!("{}/{}", self.service, self.id)
+    }
+}
+
+/// What the control plane says there is to scrape.
+#[derive(Debug, Clone, Default)]
+struct Mesh {
+    sidecars: Vec<Sidecar>,
+    /// Services shown even without traffic (the per-service view).
+    services: Vec<String>,
+}
+
+/// One scrape of every sidecar, by (service, id).
+type Round = BTreeMap<(String, String), (Sidecar, Result<Scrape, String>)>;
+
+pub async fn run(api: &Api, args: StatArgs) -> anyhow::Result<()> {
+    if args.watch {
+        tokio::select! {
+            result = watch(api, &args) => result,
+            signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C"),
+        }
+    } else {
+        let scraper = Scraper::new();
+        let mesh = mesh(api, &args).await?;
+        let start = Instant::now();
+        let first = scraper.round(&mesh).await;
+        let end = tick(start, args.interval).await;
+        let second = scraper.round(&mesh).await;
+        let frame = render(&args, &mesh, &first, &second, end - start, None)?;
+        print!("{frame}");
+        Ok(())
+    }
+}
+
+async fn watch(api: &Api, args: &StatArgs) -> anyhow::Result<()> {
+    let scraper = Scraper::new();
+    let clear = args.output == Format::Table && std::io::stdout().is_terminal();
+    let mut mesh = mesh(api, args).await?;
+    let mut at = Instant::now();
+    let mut previous = scraper.round(&mesh).await;
+    let mut note = None;
+    let mut first = true;
+    loop {
+        let now = tick(at, args.interval).await;
+        let current = scraper.round(&mesh).await;
+        let frame = render(args, &mesh, &previous, &current, now - at, note.take())?;
+        let mut out = std::io::stdout().lock();
+        if clear {
+            write!(out, "\x1b[H\x1b[2J")?;
+        } else if !first && args.output == Format::Table {
+            writeln!(out)?;
+        }
+        write!(out, "{frame}")?;
+        out.flush()?;
+        drop(out);
+        // The directory changes as sidecars come and go (it is read after the
+        // round, so scrapes stay an interval apart); a control plane that
+        // stops answering leaves the last list in use.
+        match self::mesh(api, args).await {
+            Ok(m) => mesh = m,
+            Err(e) => note = Some(format!("{e:#}; showing the sidecars it listed last")),
+        }
+        (previous, at, first) = (current, now, false);
+    }
+}
+
+/// Wait until `interval` after `start` and return that instant (now, if it
+/// has passed: a slow round stretches the interval rather than skewing rates).
+async fn tick(start: Instant, interval: Duration) -> Instant {
+    let target = start + interval;
+    if Instant::now() < target {
+        tokio::time::sleep_until(target).await;
+        target
+    } else {
+        Instant::now()
+    }
+}
+
+/// The sidecars to scrape: every instance of every service, or only
+/// SERVICE's own for its inbound view.
+async fn mesh(api: &Api, args: &StatArgs) -> anyhow::Result<Mesh> {
+    let names: Vec<String> = match (&args.service, args.outbound) {
+        (Some(service), false) => vec![service.as_str().to_owned()],
+        _ => {
+            let value = api.ok(Method::GET, "/v1/services", None).await?;
+            value["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| s["instances"].as_u64().unwrap_or(0) > 0)
+                .filter_map(|s| s["name"].as_str().map(str::to_owned))
+                .collect()
+        }
+    };
+    let mut sidecars = Vec::new();
+    for name in &names {
+        let path = format!("/v1/services/{name}");
+        let value = if args.service.is_some() && !args.outbound {
+            // The one service asked for: it must exist.
+            api.ok(Method::GET, &path, None).await?
+        } else {
+            match api.call(Method::GET, &path, None).await? {
+                // Gone since it was listed.
+                (StatusCode::NOT_FOUND, _) => continue,
+                (status, value) if !status.is_success() => {
+                    return Err(api.refused(status, &value));
+                }
+                (_, value) => value,
+            }
+        };
+        for instance in value["instances"].as_array().into_iter().flatten() {
+            sidecars.push(sidecar(name, instance));
+        }
+    }
+    // Two instances with one admin address (the default `127.0.0.1:4191` of
+    // sidecars on one host, say) are one sidecar's metrics: scrape it once.
+    let mut seen: HashMap<SocketAddr, String> = HashMap::new();
+    for s in &mut sidecars {
+        if let Ok(admin) = s.admin {
+            if let Some(first) = seen.get(&admin) {
+                s.admin = Err(format!("admin address {admin} is also {first}'s"));
+            } else {
+                seen.insert(admin, s.name());
+            }
+        }
+    }
+    Ok(Mesh {
+        sidecars,
+        services: names,
+    })
+}
+
+fn sidecar(service: &str, instance: &Value) -> Sidecar {
+    let admin_address = instance["admin_address"].as_str().map(str::to_owned);
+    let address: Option<SocketAddr> = instance["address"].as_str().and_then(|a| a.parse().ok());
+    let admin = match admin_address.as_deref().map(str::parse::<SocketAddr>) {
+        None => Err("no admin address".to_owned()),
+        Some(Err(_)) => Err(format!(
+            "admin address {:?} is not IP:PORT",
+            admin_address.as_deref().unwrap_or_default()
+        )),
+        // A loopback admin address of a sidecar elsewhere names a port on
+        // this host, not that sidecar.
+        Some(Ok(admin))
+            if admin.ip().is_loopback() && address.is_some_and(|a| !a.ip().is_loopback()) =>
+        {
+            Err(format!(
+                "admin address {admin} is loopback, the sidecar is at {}",
+                address.map(|a| a.ip().to_string()).unwrap_or_default()
+            ))
+        }
+        Some(Ok(admin)) => Ok(admin),
+    };
+    Sidecar {
+        service: service.to_owned(),
+        id: instance["id"].as_str().unwrap_or("?").to_owned(),
+        admin_address,
+        admin,
+    }
+}
+
+struct Scraper {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Scraper {
+    fn new() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(SCRAPE_TIMEOUT));
+        connector.set_nodelay(true);
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    /// Scrape every sidecar at once.
+    async fn round(&self, mesh: &Mesh) -> Round {
+        let scrapes = mesh.sidecars.iter().map(|s| async move {
+            let result = match &s.admin {
+                Ok(admin) => self.scrape(*admin).await,
+                Err(reason) => Err(reason.clone()),
+            };
+            ((s.service.clone(), s.id.clone()), (s.clone(), result))
+        });
+        futures_util::future::join_all(scrapes)
+            .await
+            .into_iter()
+            .collect()
+    }
+
+    /// `GET http://ADMIN/metrics`, parsed; the error is a few words for the
+    /// footer.
+    async fn scrape(&self, admin: SocketAddr) -> Result<Scrape, String> {
+        let req = Request::builder()
+            .uri(format!("http://{admin}/metrics"))
+            .header(
+                header::ACCEPT,
+                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            )
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let rsp = self.client.request(req).await.map_err(|e| reason(&e))?;
+            let status = rsp.status();
+            if status != StatusCode::OK {
+                return Err(format!("GET /metrics: {status}"));
+            }
+            let body = Limited::new(rsp.into_body(), MAX_METRICS_BYTES)
+                .collect()
+                .await
+                .map_err(|e| format!("reading /metrics: {e}"))?
+                .to_bytes();
+            let text =
+                std::str::from_utf8(&body).map_err(|_| "/metrics is not UTF-8 text".to_owned())?;
+            Scrape::from_text(text).map_err(|e| format!("/metrics {e}"))
+        };
+        tokio::time::timeout(SCRAPE_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "no answer within {}s",
+                    SCRAPE_TIMEOUT.as_secs_f64()
+                ))
+            })
+    }
+}
+
+/// "connection refused", "timed out", ...: the innermost cause, short.
+fn reason(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => return "connection refused".to_owned(),
+                std::io::ErrorKind::TimedOut => return "connect timed out".to_owned(),
+                _ => {}
+            }
+        }
+        cause = c.source();
+    }
+    root_cause(e)
+}
+
+/// The table (or JSON) for the increases from `before` to `after`, and the
+/// footer naming the sidecars left out.
+fn render(
+    args: &StatArgs,
+    mesh: &Mesh,
+    before: &Round,
+    after: &Round,
+    interval: Duration,
+    note: Option<String>,
+) -> anyhow::Result<String> {
+    let mut increases = Vec::new();
+    let mut left_out: Vec<(Sidecar, String)> = Vec::new();
+    for (key, (sidecar, result)) in after {
+        match (result, before.get(key)) {
+            (Err(e), _) => left_out.push((sidecar.clone(), e.clone())),
+            (Ok(_), Some((_, Err(e)))) => left_out.push((sidecar.clone(), e.clone())),
+            (Ok(now), Some((earlier, Ok(then)))) if earlier.admin == sidecar.admin => {
+                increases.push(now.increase_since(then));
+            }
+            // New since the last round (or moved): counted from the next.
+            (Ok(_), _) => {}
+        }
+    }
+    let direction = if args.outbound {
+        Direction::Outbound
+    } else {
+        Direction::Inbound
+    };
+    let (view, known) = match &args.service {
+        Some(service) => (
+            View::Routes {
+                service: service.as_str(),
+            },
+            &[][..],
+        ),
+        None => (View::Services, &mesh.services[..]),
+    };
+    let rows = stat::aggregate(&increases, direction, view, known, interval);
+    match args.output {
+        Format::Json => {
+            let value = json(
+                args,
+                direction,
+                interval,
+                &rows,
+                after.len(),
+                &left_out,
+                note,
+            );
+            let mut out = if args.watch {
+                serde_json::to_string(&value)?
+            } else {
+                serde_json::to_string_pretty(&value)?
+            };
+            out.push('\n');
+            Ok(out)
+        }
+        Format::Table => {
+            let mut out = format_table(&stat::table(&rows));
+            if after.is_empty() {
+                out.push_str("no sidecars registered\n");
+            } else if !left_out.is_empty() {
+                let names: Vec<String> = left_out
+                    .iter()
+                    .map(|(s, e)| format!("{} ({e})", s.name()))
+                    .collect();
+                out.push_str(&format!(
+                    "{} of {} sidecars unreachable: {}\n",
+                    left_out.len(),
+                    after.len(),
+                    names.join(", ")
+                ));
+            }
+            if let Some(note) = note {
+                out.push_str(&format!("note: {note}\n"));
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn json(
+    args: &StatArgs,
+    direction: Direction,
+    interval: Duration,
+    rows: &[Row],
+    sidecars: usize,
+    left_out: &[(Sidecar, String)],
+    note: Option<String>,
+) -> Value {
+    let unreachable: Vec<Value> = left_out
+        .iter()
+        .map(|(s, e)| {
+            json!({
+                "service": s.service,
+                "id": s.id,
+                "admin_address": s.admin_address,
+                "error": e,
+            })
+        })
+        .collect();
+    let mut value = json!({
+        "direction": direction,
+        "interval_seconds": interval.as_secs_f64(),
+        "service": args.service.as_ref().map(ServiceName::as_str),
+        "rows": rows,
+        "sidecars": sidecars,
+        "unreachable": unreachable,
+    });
+    if let Some(note) = note {
+        value["note"] = Value::String(note);
+    }
+    value
+}
