@@ -15,7 +15,7 @@
 //! | `watch_lag_seconds` | histogram | | for each put this replica made: from issuing it to the directory view applying its revision |
 //! | `store_errors_total` | counter | `operation`, `error` | store calls that failed |
 //! | `registrations_total` | counter | | Register streams accepted (instance written to the store; re-registrations after a lost lease are not counted) |
-//! | `registrations_rejected_total` | counter | `reason` = `no_registration`, `invalid_instance`, `store_error` | Register streams refused |
+//! | `registrations_rejected_total` | counter | `reason` = `no-registration`, `invalid-instance`, `store-error` | Register streams refused |
 //! | `deregistrations_total` | counter | | graceful deregistrations |
 //! | `lease_expiries_total` | counter | | registrations held by this replica whose lease expired (see [`Metrics::lease_expired`]) |
 //! | `directory_services`, `directory_instances` | gauge | | services and live instances in the view |
