@@ -98,9 +98,9 @@ impl Rejection {
 
     fn as_str(self) -> &'static str {
         match self {
-            Rejection::NoRegistration => "no_registration",
-            Rejection::InvalidInstance => "invalid_instance",
-            Rejection::StoreError => "store_error",
+            Rejection::NoRegistration => "no-registration",
+            Rejection::InvalidInstance => "invalid-instance",
+            Rejection::StoreError => "store-error",
         }
     }
 }
@@ -312,8 +312,8 @@ impl Metrics {
         let error = match error {
             StoreError::Unavailable { .. } => "unavailable",
             StoreError::Compacted { .. } => "compacted",
-            StoreError::LeaseNotFound(_) => "lease_not_found",
-            StoreError::TooLarge { .. } => "too_large",
+            StoreError::LeaseNotFound(_) => "lease-not-found",
+            StoreError::TooLarge { .. } => "too-large",
             StoreError::Rejected { .. } => "rejected",
             StoreError::Malformed { .. } => "malformed",
         };

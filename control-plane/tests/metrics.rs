@@ -157,7 +157,7 @@ async fn metrics_follow_a_known_sequence() {
         "push_latency_seconds_count",
         "watch_lag_seconds_count",
         "registrations_total",
-        "registrations_rejected_total{reason=\"invalid_instance\"}",
+        "registrations_rejected_total{reason=\"invalid-instance\"}",
         "deregistrations_total",
         "lease_expiries_total",
         "directory_services",
@@ -228,15 +228,15 @@ async fn metrics_follow_a_known_sequence() {
     assert_eq!(m.get("connected_sidecars"), 2.0);
     assert_eq!(m.get("registrations_total"), 1.0);
     assert_eq!(
-        m.get("registrations_rejected_total{reason=\"invalid_instance\"}"),
+        m.get("registrations_rejected_total{reason=\"invalid-instance\"}"),
         1.0
     );
     assert_eq!(
-        m.get("registrations_rejected_total{reason=\"no_registration\"}"),
+        m.get("registrations_rejected_total{reason=\"no-registration\"}"),
         0.0
     );
     assert_eq!(
-        m.get("registrations_rejected_total{reason=\"store_error\"}"),
+        m.get("registrations_rejected_total{reason=\"store-error\"}"),
         0.0
     );
     assert_eq!(m.get("deregistrations_total"), 1.0);

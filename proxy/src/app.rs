@@ -87,14 +87,19 @@ fn registration(
         }
     };
     weft_api::InstanceRecord::check_id(&id).map_err(|e| anyhow::anyhow!("[service] id: {e}"))?;
-    let admin_address = (!bound.admin.ip().is_unspecified()).then_some(bound.admin);
+    // An admin listener on every interface is reached at the advertised IP.
+    let admin_address = if bound.admin.ip().is_unspecified() {
+        std::net::SocketAddr::new(address.ip(), bound.admin.port())
+    } else {
+        bound.admin
+    };
     Ok(Some(Registration {
         record: weft_api::InstanceRecord {
             service: service.name.clone(),
             id,
             address,
             metadata: service.metadata.clone(),
-            admin_address,
+            admin_address: Some(admin_address),
         },
     }))
 }

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(name = "weft-proxy", version, about = "The Weft service-mesh sidecar")]
@@ -57,14 +56,10 @@ enum Command {
 }
 
 fn init_logs(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    weft_telemetry::init_logs(match format {
+        LogFormat::Plain => weft_telemetry::LogFormat::Plain,
+        LogFormat::Json => weft_telemetry::LogFormat::Json,
+    });
 }
 
 fn check(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {

@@ -176,6 +176,16 @@ impl OutboundPolicy {
         }
     }
 
+    /// Every retry budget with its `route` label: the service's (empty route)
+    /// and those of routes with their own `retry.budget`.
+    pub fn budgets(&self) -> impl Iterator<Item = (&Arc<str>, &TpsBudget)> {
+        std::iter::once((self.routes.label(None), &*self.budget)).chain(
+            self.route_plans.iter().enumerate().filter_map(|(i, plan)| {
+                Some((self.routes.label(Some(i)), plan.budget.as_deref()?))
+            }),
+        )
+    }
+
     pub fn endpoint_cap(&self) -> Option<u32> {
         self.outbound.endpoint_max_concurrency.map(NonZeroU32::get)
     }

@@ -1,5 +1,5 @@
 //! Weft's shared telemetry: what the sidecar and the control plane both need
-//! to serve `GET /metrics`.
+//! to serve `GET /metrics`, and their log set-up ([`init_logs`]).
 //!
 //! - [`process::ProcessCollector`]: the standard Prometheus process metrics
 //!   (`process_cpu_seconds_total`, `process_resident_memory_bytes`, ...),
@@ -25,6 +25,7 @@
 //! `x_info` and `unknown` becomes `untyped`. Exemplars are not supported
 //! (Weft records none).
 
+pub mod logs;
 pub mod process;
 
 use std::fmt::Write as _;
@@ -32,6 +33,7 @@ use std::fmt::Write as _;
 pub use prometheus_client;
 use prometheus_client::registry::Registry;
 
+pub use logs::{LogFormat, init_logs};
 pub use process::ProcessCollector;
 
 /// The `Content-Type` of what [`encode`] returns: Prometheus text format 0.0.4.

@@ -186,9 +186,33 @@ addresses = ["{grpc}"]
         "{svc}"
     );
 
+    // `weftctl stat` finds billing's sidecar through the control plane and
+    // reports the traffic it serves (inbound view) while requests flow.
+    let traffic = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < until {
+                let _ = client.get("http://billing/hello").await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let dir = TempDir::new()?;
+    let stat = weftctl(&cp, &["stat", "--interval", "800ms", "-o", "json"], &dir)?;
+    traffic.await?;
+    let stat: serde_json::Value = serde_json::from_str(&stat).context(stat.clone())?;
+    let row = stat["rows"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["service"] == "billing"))
+        .with_context(|| format!("billing in weftctl stat: {stat}"))?;
+    ensure!(row["rps"].as_f64().unwrap_or(0.0) > 10.0, "{stat}");
+    ensure!(row["success_rate"].as_f64() == Some(1.0), "{stat}");
+    ensure!(row["p99_seconds"].as_f64().is_some(), "{stat}");
+    ensure!(stat["unreachable"] == serde_json::json!([]), "{stat}");
+
     // A policy applied to the control plane reaches the caller: a route timeout
     // shorter than the app's delay turns into a 504 naming the route.
-    let dir = TempDir::new()?;
     let policy = dir.write(
         "billing.toml",
         "service = \"billing\"\n\n[[routes]]\nname = \"slow\"\nmatch = { path_prefix = \"/slow\" }\ntimeout = \"200ms\"\n",

@@ -199,6 +199,16 @@ async fn known_traffic_gives_exact_counts() -> anyhow::Result<()> {
     ensure!(skipped("flaky", "not-replayable")? == 1.0);
     ensure!(skipped("stingy", "budget-exhausted")? == 1.0);
     ensure!(m.sum("weft_retries_skipped_total", &[]) == 3.0);
+    let budget = |service: &str| {
+        m.value(
+            "weft_retry_budget_available_retries",
+            &[("service", service), ("route", "")],
+        )
+    };
+    // The default budget: 10/s for 10 s in reserve, plus 20% of billing's 7
+    // requests, in retries: (500 + 7) / 5.
+    ensure!(budget("billing")? == 101.0, "{}", m.text);
+    ensure!(budget("stingy")? == 0.0);
 
     // Endpoint states, connections and bytes, the config version, the process.
     let endpoints = |service: &str, state: &str| {

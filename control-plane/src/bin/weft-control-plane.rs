@@ -11,7 +11,6 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 use weft_api::v1::control_plane_server::ControlPlaneServer;
 use weft_control_plane::admin::{self, AdminState};
 use weft_control_plane::auth::Tokens;
@@ -65,7 +64,7 @@ struct Args {
     #[arg(long)]
     bound_file: Option<PathBuf>,
     /// Log format: plain or json.
-    #[arg(long, default_value = "plain")]
+    #[arg(long, default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
 }
 
@@ -190,15 +189,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_env("WEFT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        builder.json().flatten_event(true).init();
+    weft_telemetry::init_logs(if args.log_format == "json" {
+        weft_telemetry::LogFormat::Json
     } else {
-        builder.init();
-    }
+        weft_telemetry::LogFormat::Plain
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

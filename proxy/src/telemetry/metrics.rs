@@ -17,6 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tower::retry::budget::TpsBudget;
 
 use crate::control_plane::ConnectionState;
 use crate::directory::MeshService;
@@ -177,6 +178,7 @@ pub struct Metrics {
     retries_skipped: Family<SkipLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     endpoints: Family<EndpointLabels, Gauge>,
+    budgets: Family<RouteLabels, Gauge>,
     inbound_connections: ConnectionMetrics,
     outbound_connections: ConnectionMetrics,
     config_version: Gauge,
@@ -233,6 +235,13 @@ impl Metrics {
             "endpoints",
             "Outbound endpoints by state (active, ejected, saturated)",
             endpoints.clone(),
+        );
+
+        let budgets = Family::default();
+        registry.register(
+            "retry_budget_available_retries",
+            "Retries the retry budget allows now",
+            budgets.clone(),
         );
 
         let open = Family::<DirectionLabels, Gauge>::default();
@@ -328,6 +337,7 @@ impl Metrics {
             retries_skipped,
             ejections,
             endpoints,
+            budgets,
             inbound_connections,
             outbound_connections,
             config_version,
@@ -434,6 +444,7 @@ impl Metrics {
             .set(i64::try_from(shared.config().version).unwrap_or(i64::MAX));
         let now = Instant::now();
         self.endpoints.clear();
+        self.budgets.clear();
         let directory = shared.directory();
         let count = |svc: &MeshService| {
             let cap = svc.policy.endpoint_cap();
@@ -448,6 +459,16 @@ impl Metrics {
                     0
                 };
                 states[i] += 1;
+            }
+            for (route, budget) in svc.policy.budgets() {
+                if let Some(retries) = available_retries(budget) {
+                    self.budgets
+                        .get_or_create(&RouteLabels {
+                            service: Arc::clone(&svc.label),
+                            route: Arc::clone(route),
+                        })
+                        .set(retries);
+                }
             }
             for (state, n) in ["active", "ejected", "saturated"].into_iter().zip(states) {
                 self.endpoints
@@ -478,5 +499,44 @@ impl Metrics {
                 self.control_plane_rejected.inc_by(rejected - seen);
             }
         }
+    }
+}
+
+/// The retries `budget` allows now. tower's `TpsBudget` keeps its balance
+/// private and shows it only in its `Debug` output (`Budget { deposit: D,
+/// withdraw: W, balance: B }`, in units where a retry costs W); a unit test
+/// pins that format, so a tower upgrade that changes it fails loudly here
+/// instead of exporting nonsense. `None` when it cannot be read.
+fn available_retries(budget: &TpsBudget) -> Option<i64> {
+    let debug = format!("{budget:?}");
+    let field = |name: &str| -> Option<i64> {
+        let start = debug.find(&format!("{name}: "))? + name.len() + 2;
+        let rest = &debug[start..];
+        let end = rest.find([',', ' ', '}']).unwrap_or(rest.len());
+        rest[..end].parse().ok()
+    };
+    let withdraw = field("withdraw")?.max(1);
+    Some(field("balance")?.max(0) / withdraw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::retry::budget::Budget as _;
+
+    #[test]
+    fn the_budget_balance_is_read_in_retries() {
+        // 10 per second for 1 s in reserve, 20% of requests: a retry costs 5.
+        let budget = TpsBudget::new(Duration::from_secs(1), 10, 0.2);
+        assert_eq!(available_retries(&budget), Some(10));
+        for _ in 0..10 {
+            budget.deposit();
+        }
+        assert_eq!(available_retries(&budget), Some(12));
+        for _ in 0..12 {
+            assert!(budget.withdraw());
+        }
+        assert_eq!(available_retries(&budget), Some(0));
+        assert!(!budget.withdraw());
     }
 }
