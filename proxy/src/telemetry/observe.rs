@@ -75,6 +75,7 @@ impl Observation {
         direction: Direction,
         req: &mut Request<B>,
     ) -> Self {
+        let start = Instant::now();
         let detail = reporters.detailed().then(|| {
             let method = req.method().clone();
             let path = req.uri().path().to_owned();
@@ -108,7 +109,7 @@ impl Observation {
         Self {
             reporters: Arc::clone(reporters),
             direction,
-            start: Instant::now(),
+            start,
             service: Arc::clone(&UNKNOWN),
             route: Arc::clone(super::no_route()),
             status: 0,
