@@ -38,7 +38,7 @@ use std::path::Path;
 
 pub use bootstrap::{
     Bootstrap, ControlPlane, Directory, Dns, Drain, Listen, LocalService, Metadata, Pool, Protocol,
-    StaticEndpoint, StaticService,
+    StaticEndpoint, StaticService, Telemetry,
 };
 pub use duration::{Duration, DurationRange};
 pub use error::ConfigError;

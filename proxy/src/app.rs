@@ -32,6 +32,8 @@ use crate::telemetry::metrics::ConnectionMetrics;
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time for a deregistration to reach callers before the listeners close.
 const PROPAGATION_DELAY: Duration = Duration::from_millis(500);
+/// Longest wait, at exit, for the spans still queued to be exported.
+const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options of `weft-proxy run`.
 #[derive(Debug, Clone)]
@@ -230,6 +232,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     match drained {
         Ok(()) => tracing::info!("drained; exiting"),
         Err(_) => tracing::warn!("grace period over with requests still in flight; exiting"),
+    }
+    if let Some(traces) = &shared.reporters.traces {
+        traces.shutdown(SPAN_FLUSH_TIMEOUT).await;
     }
     shared.shutdown.cancel();
     admin_stop.cancel();

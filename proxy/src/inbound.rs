@@ -51,7 +51,7 @@ impl Inbound {
         }
     }
 
-    async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let directory = self.shared.directory();
         let stats = directory
             .local
@@ -60,7 +60,8 @@ impl Inbound {
         if let Some(stats) = &stats {
             stats.request();
         }
-        let mut observation = Observation::start(&self.shared.metrics, Direction::Inbound);
+        let mut observation =
+            Observation::start(&self.shared.reporters, Direction::Inbound, &mut req);
         match self.proxy(&directory, req, &mut observation).await {
             Ok(rsp) => observation.respond(rsp),
             Err(error) => {
@@ -118,6 +119,7 @@ impl Inbound {
             .map(str::to_owned)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
         headers::add_forwarded(req.headers_mut(), self.client_addr, host.as_deref());
+        observation.set_endpoint(local.addr);
         let hop = Hop {
             client: &local.client,
             endpoint: local.addr,

@@ -26,7 +26,7 @@
 //! | [`limits`] | rate limits (governor) and concurrency caps |
 //! | [`retry`] | retry classification, backoff, replayable bodies |
 //! | [`stats`] | counters of requests, retries, ejections and refusals (for `/endpoints`) |
-//! | [`telemetry`] | `/metrics`, and the observation every finished request is reported through |
+//! | [`telemetry`] | `/metrics`, request spans (OTLP), the access log, and the observation every finished request is reported through |
 //!
 //! Requests flow `server -> outbound|inbound -> (directory, discovery, balance) ->
 //! forward -> client`. Live state reaches the request path as `Arc` snapshots read

@@ -91,11 +91,12 @@ impl Outbound {
         }
     }
 
-    async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let mut stats = None;
-        let mut observation = Observation::start(&self.shared.metrics, Direction::Outbound);
+        let mut observation =
+            Observation::start(&self.shared.reporters, Direction::Outbound, &mut req);
         match self.proxy(req, &mut stats, &mut observation).await {
             Ok(rsp) => observation.respond(rsp),
             Err(error) => {
@@ -211,7 +212,7 @@ impl Outbound {
         target: &Target<'_>,
         plan: &RoutePlan<'_>,
         req: Request<Incoming>,
-        observation: &Observation,
+        observation: &mut Observation,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let policy = &target.policy;
         let retry = &plan.retry;
@@ -251,6 +252,7 @@ impl Outbound {
                 Prepared::Replayable(replay) => replay.body(),
                 Prepared::Streaming(streaming) => std::mem::replace(streaming, body::empty()),
             };
+            observation.set_endpoint(endpoint.addr());
             let result = self
                 .send_once(target, plan, &mut head, attempt_body, endpoint.addr())
                 .await;

@@ -22,7 +22,7 @@ use weft_config::Loaded;
 use crate::control_plane::ControlPlaneClient;
 use crate::directory::{Directory, OwnService};
 use crate::remote::RemoteServices;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, Reporters};
 
 /// The effective configuration and its version.
 #[derive(Debug, Serialize)]
@@ -67,6 +67,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
+    /// Metrics, spans and the access log: what every request reports to.
+    pub reporters: Arc<Reporters>,
 }
 
 fn now_secs() -> u64 {
@@ -77,12 +79,15 @@ fn now_secs() -> u64 {
 }
 
 impl Shared {
-    /// Build the state from a loaded configuration.
+    /// Build the state from a loaded configuration (inside a Tokio runtime:
+    /// with traces on, this starts the span export task).
     pub fn new(loaded: Loaded) -> Result<Arc<Self>, String> {
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
         let directory = Directory::build(&loaded, &tasks, &shutdown)?;
         let metrics = Arc::new(Metrics::new(loaded.bootstrap.control_plane.is_some()));
+        let reporters =
+            Reporters::start(&loaded.bootstrap, Arc::clone(&metrics)).map_err(|e| e.to_string())?;
         let snapshot = ConfigSnapshot {
             version: 1,
             loaded_at: now_secs(),
@@ -100,6 +105,7 @@ impl Shared {
             tasks,
             shutdown,
             metrics,
+            reporters: Arc::new(reporters),
         }))
     }
 
@@ -165,6 +171,12 @@ impl Shared {
         if loaded.bootstrap.listen != current.loaded.bootstrap.listen {
             return Err(ReloadError::Rejected(format!(
                 "{}: [listen] changed; listener addresses only change on restart, nothing was applied",
+                self.path.display()
+            )));
+        }
+        if loaded.bootstrap.telemetry != current.loaded.bootstrap.telemetry {
+            return Err(ReloadError::Rejected(format!(
+                "{}: [telemetry] changed; traces and the access log are set up at start and only change on restart, nothing was applied",
                 self.path.display()
             )));
         }

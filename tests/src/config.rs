@@ -2,7 +2,7 @@
 //!
 //! [`Bootstrap`] renders a standalone-mode bootstrap in which every listener
 //! binds `127.0.0.1:0` (the proxy reports the real ports in its bound file),
-//! with optional `[service]`, `[dns]`, `[drain]` and static
+//! with optional `[service]`, `[dns]`, `[drain]`, `[telemetry]` and static
 //! `[[directory.services]]` entries. Scenarios that test parsing itself write
 //! their TOML by hand instead, so that line and column numbers are visible in
 //! the test.
@@ -85,6 +85,7 @@ pub struct Bootstrap {
     app: Option<LocalApp>,
     dns: Option<SocketAddr>,
     grace: String,
+    telemetry: Option<String>,
     services: Vec<DirService>,
 }
 
@@ -101,8 +102,16 @@ impl Bootstrap {
             app: None,
             dns: None,
             grace: "5s".to_owned(),
+            telemetry: None,
             services: Vec::new(),
         }
+    }
+
+    /// Adds `[telemetry]` with `body` as its keys (TOML written by the test,
+    /// e.g. `otlp_endpoint = "http://127.0.0.1:4317"\naccess_log = true`).
+    pub fn telemetry(mut self, body: &str) -> Self {
+        self.telemetry = Some(body.to_owned());
+        self
     }
 
     /// Adds `[service]` with this name and local app address.
@@ -195,6 +204,9 @@ impl Bootstrap {
             .unwrap();
         }
         writeln!(out, "[drain]\ngrace = {:?}\n", self.grace).unwrap();
+        if let Some(body) = &self.telemetry {
+            writeln!(out, "[telemetry]\n{body}\n").unwrap();
+        }
         for service in &self.services {
             writeln!(out, "[[directory.services]]\nname = {:?}", service.name).unwrap();
             if let Some(policy) = &service.policy {

@@ -19,6 +19,7 @@
 //!   sidecar (outbound keys) and a service's own sidecar (inbound keys).
 //! - [`metrics`]: a `/metrics` scrape read by name and labels, and
 //!   `promtool check metrics`.
+//! - [`otlp`]: an OTLP/gRPC trace receiver that keeps the spans proxies export.
 //! - [`client`]: HTTP clients that send through the proxy in absolute form,
 //!   with a Host header, or as HTTP/2 prior knowledge, plus a raw TCP client
 //!   for byte-exact requests and upgrades.
@@ -44,6 +45,7 @@ pub mod config;
 pub mod dns;
 pub mod mesh;
 pub mod metrics;
+pub mod otlp;
 pub mod process;
 
 use std::collections::BTreeMap;

@@ -42,8 +42,19 @@ pub async fn callee(
     instances: u32,
     policy_body: &str,
 ) -> anyhow::Result<Proxy> {
+    callee_with(Bootstrap::new(), name, app, instances, policy_body).await
+}
+
+/// Like [`callee`], on top of `bootstrap` (e.g. one with `[telemetry]`).
+pub async fn callee_with(
+    bootstrap: Bootstrap,
+    name: &str,
+    app: SocketAddr,
+    instances: u32,
+    policy_body: &str,
+) -> anyhow::Result<Proxy> {
     let file = format!("{name}.toml");
-    let bootstrap = Bootstrap::new()
+    let bootstrap = bootstrap
         .app(name, app)
         .app_policy(&file)
         .instances(instances);

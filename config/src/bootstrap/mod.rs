@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::duration::{self, Duration};
 use crate::name::ServiceName;
-use crate::number::{self, Weight};
+use crate::number::{self, Ratio, Weight};
 use crate::text::{socket_addr, socket_addrs};
 
 /// A whole bootstrap file.
@@ -50,6 +50,9 @@ pub struct Bootstrap {
     /// Static service entries, for standalone mode.
     #[serde(default)]
     pub directory: Directory,
+    /// Traces and the access log.
+    #[serde(default)]
+    pub telemetry: Telemetry,
 }
 
 /// `[service]`: the service instance behind this sidecar.
@@ -341,5 +344,143 @@ fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D
             "label {key:?} is reserved; set metadata.{key} instead"
         ))),
         None => Ok(labels),
+    }
+}
+
+/// `[telemetry]`: request traces (OpenTelemetry, OTLP/gRPC) and the access
+/// log. Restart-only: a reload that changes it is rejected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Telemetry {
+    /// The OTLP/gRPC collector, `http://host:port`; no spans without it.
+    /// `https` is refused until the sidecar has TLS. Default none.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "otlp_endpoint"
+    )]
+    pub otlp_endpoint: Option<String>,
+    /// The fraction of new traces (requests arriving without a
+    /// `traceparent`) that are sampled, 0.0 to 1.0; a request with a parent
+    /// follows its parent's decision. Default 1.0.
+    pub sampling_ratio: Ratio,
+    /// The `service.name` of exported spans. Default: `[service] name`, else
+    /// `weft-proxy`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "telemetry_name"
+    )]
+    pub service_name: Option<String>,
+    /// One log line (target `weft_access`, level info) per finished request.
+    /// Default false.
+    pub access_log: bool,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampling_ratio: Ratio::clamped(1.0),
+            service_name: None,
+            access_log: false,
+        }
+    }
+}
+
+impl Telemetry {
+    /// `service_name` when there is no `service_name` nor `[service]`.
+    pub const DEFAULT_SERVICE_NAME: &'static str = "weft-proxy";
+}
+
+impl Bootstrap {
+    /// The `service.name` spans are exported under: `[telemetry]
+    /// service_name`, else `[service] name`, else `weft-proxy`.
+    pub fn telemetry_service_name(&self) -> &str {
+        match (&self.telemetry.service_name, &self.service) {
+            (Some(name), _) => name,
+            (None, Some(service)) => service.name.as_str(),
+            (None, None) => Telemetry::DEFAULT_SERVICE_NAME,
+        }
+    }
+}
+
+/// An OTLP/gRPC endpoint: `http://host:port` (a trailing `/` is allowed).
+fn otlp_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let url = String::deserialize(d)?;
+    check_otlp_endpoint(&url).map_err(de::Error::custom)?;
+    Ok(Some(url))
+}
+
+fn check_otlp_endpoint(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Err(format!(
+            "OTLP endpoint {url:?}: https is not supported yet (the sidecar has no TLS client \
+             until mTLS lands); use http:// to a collector on a trusted network, \
+             e.g. a node-local agent"
+        ));
+    }
+    let invalid = || {
+        format!(
+            "invalid OTLP endpoint {url:?}: expected an OTLP/gRPC URL like \"http://otel-collector:4317\""
+        )
+    };
+    let rest = url.strip_prefix("http://").ok_or_else(invalid)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(invalid)?;
+    let host_ok = !host.is_empty()
+        && !host.contains(['/', '?', '#', '@'])
+        && !host.contains(char::is_whitespace);
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    if host_ok && port_ok {
+        Ok(())
+    } else {
+        Err(invalid())
+    }
+}
+
+/// A `service.name`: not empty, at most 255 characters, no control characters.
+fn telemetry_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let name = String::deserialize(d)?;
+    if name.trim().is_empty() || name.chars().count() > 255 || name.contains(char::is_control) {
+        return Err(de::Error::custom(format!(
+            "invalid service name {name:?}: expected 1 to 255 printable characters, e.g. \"checkout\""
+        )));
+    }
+    Ok(Some(name))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::check_otlp_endpoint;
+
+    #[test]
+    fn otlp_endpoints() {
+        for ok in [
+            "http://127.0.0.1:4317",
+            "http://otel-collector:4317",
+            "http://[::1]:4317/",
+        ] {
+            assert_eq!(check_otlp_endpoint(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "127.0.0.1:4317",
+            "http://collector",
+            "http://:4317",
+            "http://collector:0",
+            "http://collector:4317/v1/traces",
+            "grpc://collector:4317",
+        ] {
+            assert!(
+                check_otlp_endpoint(bad)
+                    .unwrap_err()
+                    .starts_with("invalid OTLP endpoint"),
+                "{bad}"
+            );
+        }
+        assert!(
+            check_otlp_endpoint("https://collector:4317")
+                .unwrap_err()
+                .contains("https is not supported yet")
+        );
     }
 }

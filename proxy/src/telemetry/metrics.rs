@@ -112,6 +112,11 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 /// Why a retry the route allowed was not sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetrySkipped {
@@ -150,6 +155,18 @@ pub struct ConnectionMetrics {
     pub written_bytes: Counter,
 }
 
+/// Counters of the span pipeline ([`super::trace`]); zero without
+/// `[telemetry] otlp_endpoint`.
+#[derive(Debug, Clone, Default)]
+pub struct SpanMetrics {
+    /// Spans the collector accepted.
+    pub exported: Counter,
+    /// Spans dropped because the export queue was full (or closed).
+    pub queue_full: Counter,
+    /// Spans dropped because their batch could not be exported.
+    pub export_failed: Counter,
+}
+
 /// Every metric of the sidecar, and the registry that exposes them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -169,6 +186,7 @@ pub struct Metrics {
     control_plane_connected: Gauge,
     control_plane_version: Gauge,
     control_plane_rejected: Counter,
+    spans: SpanMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -268,6 +286,28 @@ impl Metrics {
             "Configuration reloads, by result (applied, rejected)",
             reloads.clone(),
         );
+        let spans_exported = Counter::default();
+        registry.register(
+            "spans_exported",
+            "Request spans accepted by the OTLP collector",
+            spans_exported.clone(),
+        );
+        let spans_dropped = Family::<ReasonLabels, Counter>::default();
+        let spans = SpanMetrics {
+            exported: spans_exported,
+            queue_full: spans_dropped.get_or_create_owned(&ReasonLabels {
+                reason: "queue-full",
+            }),
+            export_failed: spans_dropped.get_or_create_owned(&ReasonLabels {
+                reason: "export-failed",
+            }),
+        };
+        registry.register(
+            "spans_dropped",
+            "Request spans not exported, by reason (queue-full, export-failed)",
+            spans_dropped,
+        );
+
         let control_plane_connected = Gauge::default();
         let control_plane_version = Gauge::default();
         let control_plane_rejected = Counter::default();
@@ -305,7 +345,13 @@ impl Metrics {
             control_plane_connected,
             control_plane_version,
             control_plane_rejected,
+            spans,
         }
+    }
+
+    /// The span pipeline's counters.
+    pub fn spans(&self) -> &SpanMetrics {
+        &self.spans
     }
 
     /// A finished request.
