@@ -46,6 +46,7 @@ fn design_bootstrap_example_loads_with_its_policy() {
     assert_eq!(b.drain.grace.get(), std::time::Duration::from_secs(20));
     assert_eq!(b.dns.attempts, 2, "defaults fill the tables left out");
     assert_eq!(b.pool.max_idle_per_endpoint, 32);
+    assert_eq!(b.limits, weft_config::Limits::default());
 
     let billing = &b.directory.services[0];
     assert_eq!(billing.protocol, Protocol::Auto);
@@ -114,6 +115,9 @@ fn every_key_example_loads() {
     assert_eq!(b.dns.timeout.to_string(), "500ms");
     assert_eq!(b.directory.services[0].protocol, Protocol::Http2);
     assert!(b.control_plane.is_none());
+    assert_eq!(b.limits.max_connections, 5000);
+    assert_eq!(b.limits.max_uri_length.get(), 4096);
+    assert_eq!(b.limits.http2_keep_alive_interval.to_string(), "30s");
 
     let checkout = &loaded.policies[&name("checkout")];
     assert_eq!(checkout.outbound.load_balancer, LoadBalancer::LeastRequest);
