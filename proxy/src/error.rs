@@ -91,6 +91,15 @@ pub enum ProxyError {
 
     #[error("the request would loop back into this proxy's own listener {listener}")]
     Loop { listener: SocketAddr },
+
+    #[error("the request target is {length} bytes, over limits.max_uri_length ({max})")]
+    UriTooLong { length: usize, max: usize },
+
+    #[error("ambiguous request framing: {problem}")]
+    BadFraming { problem: &'static str },
+
+    #[error("the inbound listener only serves the local service; {authority:?} is another host")]
+    ForeignAuthority { authority: String },
 }
 
 impl ProxyError {
@@ -112,6 +121,9 @@ impl ProxyError {
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::NoLocalService => StatusCode::SERVICE_UNAVAILABLE,
             Self::Loop { .. } => StatusCode::LOOP_DETECTED,
+            Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Self::BadFraming { .. } => StatusCode::BAD_REQUEST,
+            Self::ForeignAuthority { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -131,6 +143,9 @@ impl ProxyError {
             Self::Upstream { .. } => "upstream-failure",
             Self::NoLocalService => "no-local-service",
             Self::Loop { .. } => "loop-detected",
+            Self::UriTooLong { .. } => "uri-too-long",
+            Self::BadFraming { .. } => "bad-framing",
+            Self::ForeignAuthority { .. } => "foreign-authority",
         }
     }
 }
@@ -144,6 +159,7 @@ impl ProxyError {
             Self::EndpointsSaturated { .. } => Some("outbound.endpoint_max_concurrency"),
             Self::Timeout { limit, .. } => Some(limit),
             Self::BudgetExhausted { last } => last.limit(),
+            Self::UriTooLong { .. } => Some("limits.max_uri_length"),
             _ => None,
         }
     }

@@ -49,6 +49,7 @@ use crate::policy::{OutboundPolicy, RoutePlan};
 use crate::retry::backoff::backoff;
 use crate::retry::classify::{Outcome, classify_error, grpc_status, is_failure, retryable};
 use crate::retry::replay::{self, Prepared};
+use crate::screen;
 use crate::state::Shared;
 use crate::stats::Stats;
 use crate::target::Destination;
@@ -69,6 +70,8 @@ pub const WEFT_CALLER: &str = "weft-caller";
 pub struct Outbound {
     shared: Arc<Shared>,
     client_addr: SocketAddr,
+    /// `[limits] max_uri_length` (fixed at start).
+    max_uri_length: usize,
 }
 
 /// Where one request goes: discovery's answer.
@@ -85,9 +88,11 @@ struct Target<'a> {
 
 impl Outbound {
     pub fn new(shared: Arc<Shared>, client_addr: SocketAddr) -> Self {
+        let max_uri_length = max_uri_length(&shared);
         Self {
             shared,
             client_addr,
+            max_uri_length,
         }
     }
 
@@ -123,6 +128,7 @@ impl Outbound {
         stats: &mut Option<Arc<Stats>>,
         observation: &mut Observation,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        screen::request(&req, self.max_uri_length)?;
         let dest = Destination::from_request(&req)?;
         let directory = self.shared.directory();
         let dns_target;
@@ -399,6 +405,12 @@ impl Outbound {
             None => body::boxed(Tracked::new(b, in_flight)),
         })
     }
+}
+
+/// `[limits] max_uri_length` in bytes.
+pub(crate) fn max_uri_length(shared: &Shared) -> usize {
+    let limit = shared.config().loaded.bootstrap.limits.max_uri_length.get();
+    usize::try_from(limit).unwrap_or(usize::MAX)
 }
 
 fn select_error(error: SelectError, service: &str) -> ProxyError {
