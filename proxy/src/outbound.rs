@@ -98,7 +98,8 @@ impl Outbound {
 
     async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // Logged on refusal: bounded, whatever length the client sent.
+        let path = truncated(req.uri().path(), LOGGED_PATH_MAX).to_owned();
         let mut stats = None;
         let mut observation = Observation::start(&self.shared.metrics, Direction::Outbound);
         match self.proxy(req, &mut stats, &mut observation).await {
@@ -405,6 +406,18 @@ impl Outbound {
             None => body::boxed(Tracked::new(b, in_flight)),
         })
     }
+}
+
+/// The longest path a refusal log line repeats.
+const LOGGED_PATH_MAX: usize = 256;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn truncated(text: &str, max: usize) -> &str {
+    let end = (0..=max.min(text.len()))
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    &text[..end]
 }
 
 /// `[limits] max_uri_length` in bytes.

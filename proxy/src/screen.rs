@@ -3,7 +3,8 @@
 //! the README's "Hardening defaults").
 //!
 //! - the request target is at most `[limits] max_uri_length` (414);
-//! - HTTP/1 framing is unambiguous: `Transfer-Encoding` is exactly `chunked`
+//! - an HTTP/1 request has at most one `Host` (RFC 9112 §3.2: 400), and its
+//!   framing is unambiguous: `Transfer-Encoding` is exactly `chunked`
 //!   (400). hyper already refuses differing `Content-Length`s, a
 //!   `Transfer-Encoding` whose last coding is not `chunked`, and any
 //!   `Transfer-Encoding` in HTTP/1.0; with both `Content-Length` and
@@ -41,6 +42,12 @@ pub fn request<B>(req: &Request<B>, max_uri_length: usize) -> Result<(), ProxyEr
     }
     if req.version() <= Version::HTTP_11 {
         framing(req.headers())?;
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        if hosts.next().is_some() && hosts.next().is_some() {
+            return Err(ProxyError::AmbiguousRequest {
+                problem: "more than one Host header",
+            });
+        }
     }
     Ok(())
 }
@@ -57,7 +64,7 @@ fn framing(headers: &HeaderMap) -> Result<(), ProxyError> {
             .trim_ascii()
             .eq_ignore_ascii_case(b"chunked")
     {
-        return Err(ProxyError::BadFraming {
+        return Err(ProxyError::AmbiguousRequest {
             problem: "Transfer-Encoding must be exactly \"chunked\"",
         });
     }

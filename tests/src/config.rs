@@ -2,7 +2,7 @@
 //!
 //! [`Bootstrap`] renders a standalone-mode bootstrap in which every listener
 //! binds `127.0.0.1:0` (the proxy reports the real ports in its bound file),
-//! with optional `[service]`, `[dns]`, `[drain]` and static
+//! with optional `[service]`, `[dns]`, `[drain]`, `[limits]` and static
 //! `[[directory.services]]` entries. Scenarios that test parsing itself write
 //! their TOML by hand instead, so that line and column numbers are visible in
 //! the test.
@@ -85,6 +85,7 @@ pub struct Bootstrap {
     app: Option<LocalApp>,
     dns: Option<SocketAddr>,
     grace: String,
+    limits: Vec<String>,
     services: Vec<DirService>,
 }
 
@@ -101,6 +102,7 @@ impl Bootstrap {
             app: None,
             dns: None,
             grace: "5s".to_owned(),
+            limits: Vec::new(),
             services: Vec::new(),
         }
     }
@@ -156,6 +158,12 @@ impl Bootstrap {
         self
     }
 
+    /// Adds `key = value` (TOML, written as given) to `[limits]`.
+    pub fn limit(mut self, key: &str, value: &str) -> Self {
+        self.limits.push(format!("{key} = {value}"));
+        self
+    }
+
     /// Adds a directory service.
     pub fn service(mut self, service: DirService) -> Self {
         self.services.push(service);
@@ -195,6 +203,9 @@ impl Bootstrap {
             .unwrap();
         }
         writeln!(out, "[drain]\ngrace = {:?}\n", self.grace).unwrap();
+        if !self.limits.is_empty() {
+            writeln!(out, "[limits]\n{}\n", self.limits.join("\n")).unwrap();
+        }
         for service in &self.services {
             writeln!(out, "[[directory.services]]\nname = {:?}", service.name).unwrap();
             if let Some(policy) = &service.policy {
