@@ -37,8 +37,8 @@ mod text;
 use std::path::Path;
 
 pub use bootstrap::{
-    Bootstrap, ControlPlane, Directory, Dns, Drain, Listen, LocalService, Metadata, Pool, Protocol,
-    StaticEndpoint, StaticService, Telemetry,
+    Bootstrap, ControlPlane, Directory, Dns, Drain, Limits, Listen, LocalService, Metadata, Pool,
+    Protocol, StaticEndpoint, StaticService, Telemetry,
 };
 pub use duration::{Duration, DurationRange};
 pub use error::ConfigError;

@@ -71,6 +71,11 @@ struct StoreErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct AdminLabels {
     method: &'static str,
     route: &'static str,
@@ -132,6 +137,7 @@ pub struct Metrics {
     directory_revision: Gauge,
     store_ready: Gauge,
     admin_requests: Family<AdminLabels, Counter>,
+    connections_refused: Family<ListenerLabels, Counter>,
     pending_writes: Mutex<PendingWrites>,
 }
 
@@ -161,8 +167,16 @@ impl Metrics {
             directory_revision: Gauge::default(),
             store_ready: Gauge::default(),
             admin_requests: Family::default(),
+            connections_refused: Family::default(),
             pending_writes: Mutex::default(),
         };
+        for listener in ["grpc", "admin"] {
+            drop(
+                metrics
+                    .connections_refused
+                    .get_or_create(&ListenerLabels { listener }),
+            );
+        }
         // Label values known in advance show up at 0 from the start.
         for kind in ["full", "delta"] {
             drop(metrics.pushes.get_or_create(&KindLabels { kind }));
@@ -251,7 +265,18 @@ impl Metrics {
             "Admin API requests answered, by method, route and status",
             m.admin_requests.clone(),
         );
+        r.register(
+            "connections_refused",
+            "Client connections closed at accept because the listener was at its connection limit, by listener",
+            m.connections_refused.clone(),
+        );
         metrics
+    }
+
+    /// The counter of connections `listener` (`grpc` or `admin`) refused.
+    pub fn connections_refused(&self, listener: &'static str) -> Counter {
+        self.connections_refused
+            .get_or_create_owned(&ListenerLabels { listener })
     }
 
     /// The exposition, with the directory gauges taken from `view`.

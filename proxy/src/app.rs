@@ -23,10 +23,9 @@ use crate::control_plane::{ControlPlaneClient, Registration};
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
 use crate::remote::RemoteServices;
-use crate::server::serve;
+use crate::server::{Hardening, serve};
 use crate::state::{Bound, Shared};
 use crate::telemetry::Direction;
-use crate::telemetry::metrics::ConnectionMetrics;
 
 /// Longest wait for the control plane to acknowledge a deregistration.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -161,6 +160,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     // Data listeners stop at the start of the drain; admin keeps answering (with
     // /ready = 503) until the process exits.
+    let limits = shared.config().loaded.bootstrap.limits.clone();
     let data_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
     let out_task = tokio::spawn(serve(
@@ -171,6 +171,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             move |peer| Outbound::new(Arc::clone(&s), peer)
         },
         shared.metrics.connections(Direction::Outbound).clone(),
+        Hardening::data(&limits),
         data_stop.clone(),
     ));
     let in_task = tokio::spawn(serve(
@@ -181,6 +182,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             move |peer| Inbound::new(Arc::clone(&s), peer)
         },
         shared.metrics.connections(Direction::Inbound).clone(),
+        Hardening::data(&limits),
         data_stop.clone(),
     ));
     let admin_task = tokio::spawn(serve(
@@ -190,7 +192,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let s = Arc::clone(&shared);
             move |_| Admin::new(Arc::clone(&s))
         },
-        ConnectionMetrics::default(),
+        shared.metrics.admin_connections().clone(),
+        Hardening::admin(&limits),
         admin_stop.clone(),
     ));
 

@@ -180,6 +180,12 @@ impl Shared {
                 self.path.display()
             )));
         }
+        if loaded.bootstrap.limits != current.loaded.bootstrap.limits {
+            return Err(ReloadError::Rejected(format!(
+                "{}: [limits] changed; listener limits only change on restart, nothing was applied",
+                self.path.display()
+            )));
+        }
         let old = self.directory();
         let own = self.own();
         let directory = Directory::rebuild(

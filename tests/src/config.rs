@@ -2,7 +2,7 @@
 //!
 //! [`Bootstrap`] renders a standalone-mode bootstrap in which every listener
 //! binds `127.0.0.1:0` (the proxy reports the real ports in its bound file),
-//! with optional `[service]`, `[dns]`, `[drain]`, `[telemetry]` and static
+//! with optional `[service]`, `[dns]`, `[drain]`, `[telemetry]`, `[limits]` and static
 //! `[[directory.services]]` entries. Scenarios that test parsing itself write
 //! their TOML by hand instead, so that line and column numbers are visible in
 //! the test.
@@ -86,6 +86,7 @@ pub struct Bootstrap {
     dns: Option<SocketAddr>,
     grace: String,
     telemetry: Option<String>,
+    limits: Vec<String>,
     services: Vec<DirService>,
 }
 
@@ -103,6 +104,7 @@ impl Bootstrap {
             dns: None,
             grace: "5s".to_owned(),
             telemetry: None,
+            limits: Vec::new(),
             services: Vec::new(),
         }
     }
@@ -165,6 +167,12 @@ impl Bootstrap {
         self
     }
 
+    /// Adds `key = value` (TOML, written as given) to `[limits]`.
+    pub fn limit(mut self, key: &str, value: &str) -> Self {
+        self.limits.push(format!("{key} = {value}"));
+        self
+    }
+
     /// Adds a directory service.
     pub fn service(mut self, service: DirService) -> Self {
         self.services.push(service);
@@ -206,6 +214,9 @@ impl Bootstrap {
         writeln!(out, "[drain]\ngrace = {:?}\n", self.grace).unwrap();
         if let Some(body) = &self.telemetry {
             writeln!(out, "[telemetry]\n{body}\n").unwrap();
+        }
+        if !self.limits.is_empty() {
+            writeln!(out, "[limits]\n{}\n", self.limits.join("\n")).unwrap();
         }
         for service in &self.services {
             writeln!(out, "[[directory.services]]\nname = {:?}", service.name).unwrap();

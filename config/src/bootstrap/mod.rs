@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::duration::{self, Duration};
 use crate::name::ServiceName;
 use crate::number::{self, Ratio, Weight};
+use crate::size::{self, ByteSize};
 use crate::text::{socket_addr, socket_addrs};
 
 /// A whole bootstrap file.
@@ -53,6 +54,10 @@ pub struct Bootstrap {
     /// Traces and the access log.
     #[serde(default)]
     pub telemetry: Telemetry,
+    /// What every listener accepts from clients (hardening against hostile
+    /// input).
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 /// `[service]`: the service instance behind this sidecar.
@@ -245,6 +250,125 @@ impl Default for Pool {
             max_idle_per_endpoint: 32,
         }
     }
+}
+
+/// `[limits]`: what the listeners accept from clients. Read at start (a
+/// reload that changes them is refused); every key has a default a careful
+/// operator would choose, so the table is usually left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Limits {
+    /// Client connections open at once on each of the outbound and inbound
+    /// listeners; past it a new connection is accepted and closed at once.
+    /// 1 to 1 000 000. Default 10 000.
+    #[serde(deserialize_with = "max_connections")]
+    pub max_connections: u32,
+    /// The same for the admin listener. 1 to 1 000 000. Default 64.
+    #[serde(deserialize_with = "max_connections")]
+    pub admin_max_connections: u32,
+    /// Largest HTTP/1 request head (request line and headers) and HTTP/2
+    /// header list; larger is refused with 431. 8KiB to 1MiB. Default 64KiB.
+    #[serde(deserialize_with = "header_size")]
+    pub max_header_size: ByteSize,
+    /// Most header fields in an HTTP/1 request; more is refused with 431.
+    /// 1 to 1000. Default 100.
+    #[serde(deserialize_with = "max_headers")]
+    pub max_headers: u32,
+    /// Longest request target (the URI); longer is refused with 414. At
+    /// least 256B, at most `max_header_size`. Default 8KiB.
+    #[serde(deserialize_with = "uri_length")]
+    pub max_uri_length: ByteSize,
+    /// An HTTP/1 request head must arrive whole within this of its first
+    /// byte, and a new connection must show its protocol within this; else
+    /// the connection is closed (slowloris). Longer than 0. Default 10s.
+    #[serde(deserialize_with = "duration::positive")]
+    pub header_read_timeout: Duration,
+    /// An HTTP/1 keep-alive connection waiting this long for its next request
+    /// is closed. At least `header_read_timeout`. Default 2m (longer than a
+    /// calling sidecar's `[pool] idle_timeout`, so callers close first).
+    #[serde(deserialize_with = "duration::positive")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams a client may have open at once per connection. 1 to
+    /// 10 000. Default 256.
+    #[serde(deserialize_with = "http2_streams")]
+    pub http2_max_concurrent_streams: u32,
+    /// Largest HTTP/2 frame payload a client may send. 16KiB to 16MiB - 1.
+    /// Default 16KiB.
+    #[serde(deserialize_with = "http2_frame_size")]
+    pub http2_max_frame_size: ByteSize,
+    /// HTTP/2 flow-control window of each stream a client opens. 64KiB - 1
+    /// to 2GiB - 1. Default 1MiB.
+    #[serde(deserialize_with = "http2_window")]
+    pub http2_initial_stream_window: ByteSize,
+    /// HTTP/2 flow-control window of a whole client connection. 64KiB - 1 to
+    /// 2GiB - 1. Default 2MiB.
+    #[serde(deserialize_with = "http2_window")]
+    pub http2_initial_connection_window: ByteSize,
+    /// Streams a client may reset before the proxy accepted them; more and
+    /// the connection gets GOAWAY (HTTP/2 rapid reset). 1 to 10 000. Default 20.
+    #[serde(deserialize_with = "http2_resets")]
+    pub http2_max_pending_accept_reset_streams: u32,
+    /// Streams the proxy may reset because the client broke the protocol;
+    /// more and the connection gets GOAWAY. 1 to 10 000. Default 256.
+    #[serde(deserialize_with = "http2_resets")]
+    pub http2_max_local_error_reset_streams: u32,
+    /// Ping an HTTP/2 client after this long without a frame from it; one that
+    /// does not answer within 20s is disconnected. Longer than 0. Default 1m.
+    #[serde(deserialize_with = "duration::positive")]
+    pub http2_keep_alive_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            admin_max_connections: 64,
+            max_header_size: ByteSize::kib(64),
+            max_headers: 100,
+            max_uri_length: ByteSize::kib(8),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            http2_max_concurrent_streams: 256,
+            http2_max_frame_size: ByteSize::kib(16),
+            http2_initial_stream_window: ByteSize::mib(1),
+            http2_initial_connection_window: ByteSize::mib(2),
+            http2_max_pending_accept_reset_streams: 20,
+            http2_max_local_error_reset_streams: 256,
+            http2_keep_alive_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+fn max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    number::int(d, 1, 1_000_000)
+}
+
+fn max_headers<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    number::int(d, 1, 1000)
+}
+
+fn http2_streams<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    number::int(d, 1, 10_000)
+}
+
+fn http2_resets<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    number::int(d, 1, 10_000)
+}
+
+fn header_size<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    size::within(d, ByteSize::kib(8), ByteSize::mib(1))
+}
+
+fn uri_length<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    size::within(d, ByteSize::b(256), ByteSize::mib(1))
+}
+
+fn http2_frame_size<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    size::within(d, ByteSize::kib(16), ByteSize::b((1 << 24) - 1))
+}
+
+fn http2_window<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    size::within(d, ByteSize::b(65_535), ByteSize::b((1 << 31) - 1))
 }
 
 /// `[directory]`: static service entries for standalone mode.

@@ -153,6 +153,8 @@ pub struct ConnectionMetrics {
     pub accepted: Counter,
     pub read_bytes: Counter,
     pub written_bytes: Counter,
+    /// Connections closed at accept: the listener was at `[limits]` max_connections.
+    pub refused: Counter,
 }
 
 /// Counters of the span pipeline ([`super::trace`]); zero without
@@ -181,6 +183,7 @@ pub struct Metrics {
     budgets: Family<RouteLabels, Gauge>,
     inbound_connections: ConnectionMetrics,
     outbound_connections: ConnectionMetrics,
+    admin_connections: ConnectionMetrics,
     config_version: Gauge,
     reloads: Family<ResultLabels, Counter>,
     control_plane_connected: Gauge,
@@ -248,6 +251,7 @@ impl Metrics {
         let accepted = Family::<DirectionLabels, Counter>::default();
         let read = Family::<DirectionLabels, Counter>::default();
         let written = Family::<DirectionLabels, Counter>::default();
+        let refused = Family::<DirectionLabels, Counter>::default();
         let bind = |direction: Direction| {
             let labels = DirectionLabels {
                 direction: direction.as_str(),
@@ -257,10 +261,16 @@ impl Metrics {
                 accepted: accepted.get_or_create_owned(&labels),
                 read_bytes: read.get_or_create_owned(&labels),
                 written_bytes: written.get_or_create_owned(&labels),
+                refused: refused.get_or_create_owned(&labels),
             }
         };
         let inbound_connections = bind(Direction::Inbound);
         let outbound_connections = bind(Direction::Outbound);
+        // The admin listener's connections are only counted when refused.
+        let admin_connections = ConnectionMetrics {
+            refused: refused.get_or_create_owned(&DirectionLabels { direction: "admin" }),
+            ..ConnectionMetrics::default()
+        };
         registry.register(
             "tcp_open_connections",
             "Client connections open on the listener",
@@ -272,6 +282,11 @@ impl Metrics {
             "tcp_written_bytes",
             "Bytes written to client connections",
             written,
+        );
+        registry.register(
+            "tcp_connections_refused",
+            "Client connections closed at accept because the listener was at [limits] max_connections",
+            refused,
         );
 
         let config_version = Gauge::default();
@@ -340,6 +355,7 @@ impl Metrics {
             budgets,
             inbound_connections,
             outbound_connections,
+            admin_connections,
             config_version,
             reloads,
             control_plane_connected,
@@ -431,6 +447,11 @@ impl Metrics {
             Direction::Inbound => &self.inbound_connections,
             Direction::Outbound => &self.outbound_connections,
         }
+    }
+
+    /// The admin listener's counters (only refusals are exported).
+    pub fn admin_connections(&self) -> &ConnectionMetrics {
+        &self.admin_connections
     }
 
     /// Copies the state kept elsewhere into gauges, then encodes everything.
