@@ -48,6 +48,8 @@ fn design_bootstrap_example_loads_with_its_policy() {
     assert_eq!(b.pool.max_idle_per_endpoint, 32);
     assert_eq!(b.telemetry, weft_config::Telemetry::default());
     assert_eq!(b.telemetry.sampling_ratio.get(), 1.0);
+    assert!(!b.telemetry.otlp_metrics);
+    assert_eq!(b.telemetry.otlp_metrics_interval.to_string(), "15s");
     assert_eq!(b.telemetry_service_name(), "checkout", "[service] name");
     assert_eq!(b.limits, weft_config::Limits::default());
 
@@ -128,6 +130,8 @@ fn every_key_example_loads() {
     assert_eq!(b.limits.max_connections, 5000);
     assert_eq!(b.limits.max_uri_length.get(), 4096);
     assert_eq!(b.limits.http2_keep_alive_interval.to_string(), "30s");
+    assert!(b.telemetry.otlp_metrics);
+    assert_eq!(b.telemetry.otlp_metrics_interval.to_string(), "30s");
 
     let checkout = &loaded.policies[&name("checkout")];
     assert_eq!(checkout.outbound.load_balancer, LoadBalancer::LeastRequest);

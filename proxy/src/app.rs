@@ -25,7 +25,7 @@ use crate::outbound::Outbound;
 use crate::remote::RemoteServices;
 use crate::server::{Hardening, serve};
 use crate::state::{Bound, Shared};
-use crate::telemetry::Direction;
+use crate::telemetry::{Direction, otlp_metrics};
 
 /// Longest wait for the control plane to acknowledge a deregistration.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -59,6 +59,19 @@ fn write_bound_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This instance's id: `[service] id`, else the host name and the process id.
+fn instance_id(service: &weft_config::LocalService) -> String {
+    match &service.id {
+        Some(id) => id.clone(),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "host".to_owned());
+            format!("{host}-{}", std::process::id())
+        }
+    }
+}
+
 /// What this sidecar registers with the control plane: its `[service]`, reachable
 /// at `advertise` (default: the bound inbound address, which must then be a
 /// specific IP).
@@ -76,15 +89,7 @@ fn registration(
             "the advertised address is {address}; set [service] advertise (or --advertise, WEFT_ADVERTISE) to the address other sidecars should use"
         );
     }
-    let id = match &service.id {
-        Some(id) => id.clone(),
-        None => {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "host".to_owned());
-            format!("{host}-{}", std::process::id())
-        }
-    };
+    let id = instance_id(service);
     weft_api::InstanceRecord::check_id(&id).map_err(|e| anyhow::anyhow!("[service] id: {e}"))?;
     // An admin listener on every interface is reached at the advertised IP.
     let admin_address = if bound.admin.ip().is_unspecified() {
@@ -111,6 +116,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .context("loading the configuration")??;
     let listen = loaded.bootstrap.listen.clone();
     let shared = Shared::new(loaded).map_err(anyhow::Error::msg)?;
+    let config = shared.config();
+    let instance = config.loaded.bootstrap.service.as_ref().map(instance_id);
+    if let Some(settings) =
+        otlp_metrics::ExportSettings::from_bootstrap(&config.loaded.bootstrap, instance)
+    {
+        otlp_metrics::start(&settings, &shared)?;
+    }
 
     let outbound = bind("outbound", listen.outbound).await?;
     let inbound = bind("inbound", listen.inbound).await?;

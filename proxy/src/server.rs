@@ -166,15 +166,24 @@ pub async fn serve<F, S>(
         });
         let watcher = graceful.watcher();
         let connections = connections.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             // hyper-util's auto builder waits for the bytes that tell HTTP/1 from
-            // HTTP/2 with no timer of its own (hyperium/hyper#3756).
-            if tokio::time::timeout(header_timeout, sniff(&stream))
-                .await
-                .is_err()
-            {
-                tracing::debug!(listener = name, client.addr = %peer, "no request within the header read timeout; closing");
-                return;
+            // HTTP/2 with no timer of its own (hyperium/hyper#3756). A connection
+            // that has sent nothing yet (a client's spare, pre-opened one) holds no
+            // request, so shutdown closes it instead of waiting for the timer.
+            tokio::select! {
+                biased;
+                sniffed = tokio::time::timeout(header_timeout, sniff(&stream)) => {
+                    if sniffed.is_err() {
+                        tracing::debug!(listener = name, client.addr = %peer, "no request within the header read timeout; closing");
+                        return;
+                    }
+                }
+                () = stop.cancelled() => {
+                    tracing::debug!(listener = name, client.addr = %peer, "shutting down before the first request; closing");
+                    return;
+                }
             }
             let io = Guarded {
                 inner: Counted::new(stream, &connections),

@@ -176,7 +176,7 @@ impl Shared {
         }
         if loaded.bootstrap.telemetry != current.loaded.bootstrap.telemetry {
             return Err(ReloadError::Rejected(format!(
-                "{}: [telemetry] changed; traces and the access log are set up at start and only change on restart, nothing was applied",
+                "{}: [telemetry] changed; traces, OTLP metrics and the access log are set up at start and only change on restart, nothing was applied",
                 self.path.display()
             )));
         }

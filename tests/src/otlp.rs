@@ -1,9 +1,12 @@
-//! An OTLP/gRPC trace receiver: what a collector would get from the proxies.
+//! An OTLP/gRPC receiver: what a collector would get from the proxies.
 //!
 //! [`Collector::start`] listens on `127.0.0.1:0` and serves the OTLP
-//! `TraceService` (the tonic server generated in `opentelemetry-proto`) over
-//! HTTP/2; every span of every export request is kept as a [`ReceivedSpan`],
-//! with its resource's `service.name`. Dropping the collector stops it.
+//! `TraceService` and `MetricsService` (the tonic servers generated in
+//! `opentelemetry-proto`) over HTTP/2, on one port as a collector does. Every
+//! span of every trace export is kept as a [`ReceivedSpan`], with its
+//! resource's `service.name`; every metrics export is kept whole
+//! ([`Collector::metric_exports`], [`Collector::metric`]). Dropping the
+//! collector stops it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -14,6 +17,12 @@ use std::time::Duration;
 use anyhow::bail;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -21,10 +30,12 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::Metric;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tower::Service as _;
 
 /// An attribute value, as far as the tests need to tell them apart.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +90,30 @@ impl ReceivedSpan {
 struct Received {
     spans: Mutex<Vec<ReceivedSpan>>,
     requests: Mutex<usize>,
+    metrics: Mutex<Vec<ExportMetricsServiceRequest>>,
+}
+
+/// One metric of a metrics export, with its resource's attributes.
+#[derive(Debug, Clone)]
+pub struct ReceivedMetric {
+    /// The exporting resource's attributes (`service.name`, ...).
+    pub resource: BTreeMap<String, Attr>,
+    pub metric: Metric,
+}
+
+impl ReceivedMetric {
+    /// A string attribute of the resource.
+    pub fn resource_str(&self, key: &str) -> Option<&str> {
+        match self.resource.get(key) {
+            Some(Attr::Str(s)) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// `kvs` as a map, for comparing attributes.
+pub fn attributes(kvs: &[KeyValue]) -> BTreeMap<String, Attr> {
+    kvs.iter().map(|kv| (kv.key.clone(), attr(kv))).collect()
 }
 
 #[derive(Debug)]
@@ -130,6 +165,22 @@ impl TraceService for Receiver {
     }
 }
 
+#[derive(Debug)]
+struct MetricsReceiver(Arc<Received>);
+
+#[tonic::async_trait]
+impl MetricsService for MetricsReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.metrics.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
 fn attr(kv: &KeyValue) -> Attr {
     match kv.value.as_ref().and_then(|v: &AnyValue| v.value.as_ref()) {
         Some(any_value::Value::StringValue(s)) => Attr::Str(s.clone()),
@@ -156,7 +207,23 @@ impl Collector {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let received = Arc::new(Received::default());
-        let service = TraceServiceServer::new(Receiver(Arc::clone(&received)));
+        let traces = TraceServiceServer::new(Receiver(Arc::clone(&received)));
+        let metrics = MetricsServiceServer::new(MetricsReceiver(Arc::clone(&received)));
+        // One port for both, routed by gRPC path, as a collector serves them.
+        let service = tower::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let (mut traces, mut metrics) = (traces.clone(), metrics.clone());
+            async move {
+                if request
+                    .uri()
+                    .path()
+                    .starts_with("/opentelemetry.proto.collector.metrics.")
+                {
+                    metrics.call(request).await
+                } else {
+                    traces.call(request).await
+                }
+            }
+        });
         let task = tokio::spawn(async move {
             let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
             builder.http2().timer(hyper_util::rt::TokioTimer::new());
@@ -199,6 +266,33 @@ impl Collector {
     /// Export requests received so far.
     pub fn requests(&self) -> usize {
         *self.received.requests.lock().unwrap()
+    }
+
+    /// Every metrics export request received so far, oldest first.
+    pub fn metric_exports(&self) -> Vec<ExportMetricsServiceRequest> {
+        self.received.metrics.lock().unwrap().clone()
+    }
+
+    /// The metric `name` in the latest metrics export that has it.
+    pub fn metric(&self, name: &str) -> Option<ReceivedMetric> {
+        let exports = self.received.metrics.lock().unwrap();
+        exports.iter().rev().find_map(|export| {
+            export.resource_metrics.iter().find_map(|rm| {
+                let metric = rm
+                    .scope_metrics
+                    .iter()
+                    .flat_map(|sm| &sm.metrics)
+                    .find(|m| m.name == name)?;
+                Some(ReceivedMetric {
+                    resource: rm
+                        .resource
+                        .as_ref()
+                        .map(|r| attributes(&r.attributes))
+                        .unwrap_or_default(),
+                    metric: metric.clone(),
+                })
+            })
+        })
     }
 
     /// Waits until at least `n` spans were received; returns them all.

@@ -468,9 +468,9 @@ async fn a_reload_that_changes_telemetry_is_rejected() -> anyhow::Result<()> {
     let reply = admin.reload().await?;
     ensure!(reply.status == 400, "answered {}", reply.status);
     ensure!(
-        reply
-            .text()
-            .contains("[telemetry] changed; traces and the access log are set up at start"),
+        reply.text().contains(
+            "[telemetry] changed; traces, OTLP metrics and the access log are set up at start"
+        ),
         "{}",
         reply.text()
     );

@@ -471,7 +471,7 @@ fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D
     }
 }
 
-/// `[telemetry]`: request traces (OpenTelemetry, OTLP/gRPC) and the access
+/// `[telemetry]`: request traces and metrics over OTLP/gRPC, and the access
 /// log. Restart-only: a reload that changes it is rejected.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a table")]
@@ -497,6 +497,13 @@ pub struct Telemetry {
     /// One log line (target `weft_access`, level info) per finished request.
     /// Default false.
     pub access_log: bool,
+    /// Export the metrics of `/metrics` over OTLP too, to `otlp_endpoint`
+    /// (which it needs). Default false.
+    pub otlp_metrics: bool,
+    /// How often the metrics are exported with `otlp_metrics`, 1s to 10m.
+    /// Default `15s`.
+    #[serde(deserialize_with = "otlp_metrics_interval")]
+    pub otlp_metrics_interval: Duration,
 }
 
 impl Default for Telemetry {
@@ -506,6 +513,8 @@ impl Default for Telemetry {
             sampling_ratio: Ratio::clamped(1.0),
             service_name: None,
             access_log: false,
+            otlp_metrics: false,
+            otlp_metrics_interval: Duration::from_secs(15),
         }
     }
 }
@@ -513,6 +522,10 @@ impl Default for Telemetry {
 impl Telemetry {
     /// `service_name` when there is no `service_name` nor `[service]`.
     pub const DEFAULT_SERVICE_NAME: &'static str = "weft-proxy";
+    /// The shortest `otlp_metrics_interval`.
+    pub const MIN_METRICS_INTERVAL: Duration = Duration::from_secs(1);
+    /// The longest `otlp_metrics_interval`.
+    pub const MAX_METRICS_INTERVAL: Duration = Duration::from_secs(10 * 60);
 }
 
 impl Bootstrap {
@@ -559,6 +572,22 @@ fn check_otlp_endpoint(url: &str) -> Result<(), String> {
     } else {
         Err(invalid())
     }
+}
+
+/// `otlp_metrics_interval`: from [`Telemetry::MIN_METRICS_INTERVAL`] to
+/// [`Telemetry::MAX_METRICS_INTERVAL`].
+fn otlp_metrics_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let interval = Duration::deserialize(d)?;
+    let (min, max) = (
+        Telemetry::MIN_METRICS_INTERVAL,
+        Telemetry::MAX_METRICS_INTERVAL,
+    );
+    if interval < min || interval > max {
+        return Err(de::Error::custom(format!(
+            "must be from {min} to {max}, found {interval}"
+        )));
+    }
+    Ok(interval)
 }
 
 /// A `service.name`: not empty, at most 255 characters, no control characters.

@@ -17,6 +17,7 @@ impl Bootstrap {
         self.check_listeners()?;
         self.check_dns()?;
         self.check_limits()?;
+        self.check_telemetry()?;
         self.check_directory()?;
         self.check_policies()
     }
@@ -104,6 +105,18 @@ impl Bootstrap {
                 ),
             )
             .or_at(at("header_read_timeout")));
+        }
+        Ok(())
+    }
+
+    fn check_telemetry(&self) -> Result<(), Problem> {
+        let telemetry = &self.telemetry;
+        if telemetry.otlp_metrics && telemetry.otlp_endpoint.is_none() {
+            return Err(Problem::new(
+                KeyPath::new(["telemetry", "otlp_metrics"]),
+                "telemetry.otlp_metrics needs telemetry.otlp_endpoint, the OTLP/gRPC collector \
+                 the metrics are sent to, e.g. otlp_endpoint = \"http://otel-collector:4317\"",
+            ));
         }
         Ok(())
     }
@@ -281,6 +294,26 @@ mod tests {
         );
         let ok = "[limits]\nmax_header_size = \"16KiB\"\nmax_uri_length = \"16KiB\"\nidle_timeout = \"10s\"";
         assert!(crate::parse_bootstrap(ok, Path::new("b.toml")).is_ok());
+    }
+
+    #[test]
+    fn otlp_metrics_need_an_endpoint() {
+        assert!(
+            error("[telemetry]\notlp_metrics = true").starts_with(
+                "b.toml:2:16: telemetry.otlp_metrics: telemetry.otlp_metrics needs telemetry.otlp_endpoint"
+            )
+        );
+        let ok = "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\notlp_metrics = true";
+        let b = crate::parse_bootstrap(ok, Path::new("b.toml")).unwrap();
+        assert!(b.telemetry.otlp_metrics);
+        // Without otlp_metrics, the interval is allowed (and unused).
+        assert!(
+            crate::parse_bootstrap(
+                "[telemetry]\notlp_metrics_interval = \"1m\"",
+                Path::new("b.toml")
+            )
+            .is_ok()
+        );
     }
 
     #[test]

@@ -5,13 +5,14 @@
 //! directory already holds and static strings, so recording clones two `Arc`s
 //! and takes the family's read lock. State that already lives elsewhere
 //! (endpoint states, the control-plane connection, the config version) is
-//! copied into gauges when `/metrics` is scraped ([`Metrics::refresh`]), so the
-//! request path never pays for it.
+//! copied into gauges when `/metrics` is scraped or the metrics are exported
+//! over OTLP ([`Metrics::refresh`]), so the request path never pays for it.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::prometheus_protobuf::{self, prometheus_data_model::MetricFamily};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -169,10 +170,25 @@ pub struct SpanMetrics {
     pub export_failed: Counter,
 }
 
+/// Counters of the OTLP metrics export ([`super::otlp_metrics`]); zero
+/// without `[telemetry] otlp_metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct OtlpExportMetrics {
+    /// Export requests the collector accepted.
+    pub success: Counter,
+    /// Export requests that failed, timed out, or were (partly) rejected.
+    pub failure: Counter,
+}
+
 /// Every metric of the sidecar, and the registry that exposes them.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// When the counters started (for OTLP's cumulative start time).
+    created: SystemTime,
+    /// One refresh-and-encode at a time (a scrape and an OTLP export would
+    /// otherwise clear each other's refreshed gauges).
+    refresh: Mutex<()>,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     refusals: Family<RefusalLabels, Counter>,
@@ -190,6 +206,7 @@ pub struct Metrics {
     control_plane_version: Gauge,
     control_plane_rejected: Counter,
     spans: SpanMetrics,
+    otlp_exports: OtlpExportMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -322,6 +339,16 @@ impl Metrics {
             "Request spans not exported, by reason (queue-full, export-failed)",
             spans_dropped,
         );
+        let exports = Family::<ResultLabels, Counter>::default();
+        let otlp_exports = OtlpExportMetrics {
+            success: exports.get_or_create_owned(&ResultLabels { result: "success" }),
+            failure: exports.get_or_create_owned(&ResultLabels { result: "failure" }),
+        };
+        registry.register(
+            "otlp_metrics_exports",
+            "OTLP metrics export requests, by result (success, failure)",
+            exports,
+        );
 
         let control_plane_connected = Gauge::default();
         let control_plane_version = Gauge::default();
@@ -345,6 +372,8 @@ impl Metrics {
         }
         Self {
             registry: root,
+            created: SystemTime::now(),
+            refresh: Mutex::new(()),
             requests,
             durations,
             refusals,
@@ -362,7 +391,18 @@ impl Metrics {
             control_plane_version,
             control_plane_rejected,
             spans,
+            otlp_exports,
         }
+    }
+
+    /// When the metrics were created: the start of every cumulative value.
+    pub fn created(&self) -> SystemTime {
+        self.created
+    }
+
+    /// The OTLP metrics export's counters.
+    pub fn otlp_exports(&self) -> &OtlpExportMetrics {
+        &self.otlp_exports
     }
 
     /// The span pipeline's counters.
@@ -456,8 +496,21 @@ impl Metrics {
 
     /// Copies the state kept elsewhere into gauges, then encodes everything.
     pub fn render(&self, shared: &Shared) -> Result<String, weft_telemetry::EncodeError> {
+        let _one = self.refresh.lock().unwrap_or_else(PoisonError::into_inner);
         self.refresh(shared);
         weft_telemetry::encode(&self.registry)
+    }
+
+    /// Copies the state kept elsewhere into gauges, then collects every
+    /// value as structured data: the same metrics as [`Metrics::render`],
+    /// for the OTLP export.
+    pub fn collect(
+        &self,
+        shared: &Shared,
+    ) -> Result<Vec<MetricFamily>, weft_telemetry::EncodeError> {
+        let _one = self.refresh.lock().unwrap_or_else(PoisonError::into_inner);
+        self.refresh(shared);
+        Ok(prometheus_protobuf::encode(&self.registry)?)
     }
 
     fn refresh(&self, shared: &Shared) {

@@ -1,10 +1,11 @@
-//! What the sidecar tells operators: metrics (`/metrics`), request spans
-//! (OTLP), the access log, and the one place a finished request is reported
-//! to all three ([`observe`]).
+//! What the sidecar tells operators: metrics (`/metrics`, and OTLP with
+//! `otlp_metrics`), request spans (OTLP), the access log, and the one place a
+//! finished request is reported to all three ([`observe`]).
 //!
 //! | module | responsibility |
 //! |---|---|
 //! | [`metrics`] | the Prometheus registry and every metric (names: `docs/telemetry.md`) |
+//! | [`otlp_metrics`] | the registry's values, exported over OTLP every interval |
 //! | [`observe`] | one request's observation, finished when its response body ends: metrics, span, access log |
 //! | [`trace`] | the tracer, W3C trace-context propagation, and the bounded span export queue |
 //! | [`io`] | byte and connection counting on the listeners' client connections |
@@ -12,6 +13,7 @@
 pub mod io;
 pub mod metrics;
 pub mod observe;
+pub mod otlp_metrics;
 pub mod trace;
 
 use std::sync::{Arc, LazyLock};
