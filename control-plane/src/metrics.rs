@@ -564,7 +564,7 @@ mod tests {
             sample(
                 &text,
                 &format!(
-                    "{p}store_errors_total{{operation=\"keep_alive\",error=\"lease_not_found\"}}"
+                    "{p}store_errors_total{{operation=\"keep_alive\",error=\"lease-not-found\"}}"
                 )
             ),
             Some(1.0)
