@@ -18,8 +18,8 @@ use weft_control_plane::store::etcd::{
 };
 use weft_control_plane::store::{Store, StoreError};
 
-use support::etcd::EtcdServer;
-use support::tls::TestPki;
+use support::tls;
+use weft_tests::etcd::EtcdServer;
 
 fn bytes(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
@@ -160,7 +160,7 @@ async fn a_watch_ends_with_an_error_when_etcd_goes_away() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn tls_with_a_client_certificate() -> anyhow::Result<()> {
-    let pki = TestPki::generate()?;
+    let pki = tls::generate()?;
     let server = EtcdServer::start_tls(&pki).await?;
     let dir = server.tls_dir();
     let tls = |ca: PathBuf, client: bool| EtcdTls {
@@ -196,7 +196,7 @@ async fn tls_with_a_client_certificate() -> anyhow::Result<()> {
 
     // A CA that did not sign etcd's certificate.
     let stranger = dir.join("other-ca.pem");
-    std::fs::write(&stranger, TestPki::generate()?.ca)?;
+    std::fs::write(&stranger, tls::generate()?.ca)?;
     let refused = EtcdStore::connect(with(server.client_url(), tls(stranger, true))).await;
     ensure!(refused.is_err(), "trusted a certificate from another CA");
 

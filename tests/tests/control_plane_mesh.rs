@@ -6,101 +6,24 @@
 //! instance from the caller's view at once.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use weft_tests::backend::Backend;
 use weft_tests::client::{Client, Mode};
+use weft_tests::control_plane::ControlPlane;
 use weft_tests::eventually;
-use weft_tests::process::{Proxy, Signal, TempDir, proxy_bin};
+use weft_tests::process::{Proxy, Signal, TempDir};
 
-const TOKEN: &str = "mesh-test-token-0123456789";
-
-struct ControlPlane {
-    child: Child,
-    grpc: String,
-    admin: String,
-    _dir: TempDir,
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sibling_bin(name: &str) -> anyhow::Result<PathBuf> {
-    let proxy = proxy_bin()?;
-    let bin = proxy.with_file_name(name);
-    ensure!(
-        bin.exists(),
-        "{} does not exist: build the workspace's binaries first",
-        bin.display()
-    );
-    Ok(bin)
+/// `weftctl ARGS` against `cp`, which must exit 0; stdout and stderr.
+async fn weftctl(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
+    let out = cp.weftctl(args).await?;
+    out.ok()?;
+    Ok(out.all())
 }
 
 async fn start_control_plane() -> anyhow::Result<ControlPlane> {
-    let dir = TempDir::new()?;
-    let tokens = dir.write("tokens", &format!("{TOKEN}\n"))?;
-    let bound = dir.path().join("cp-bound.json");
-    let log = std::fs::File::create(dir.path().join("cp.log"))?;
-    let child = Command::new(sibling_bin("weft-control-plane")?)
-        .args([
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--lease-ttl",
-            "2s",
-        ])
-        .arg("--token-file")
-        .arg(&tokens)
-        .arg("--bound-file")
-        .arg(&bound)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let mut cp = ControlPlane {
-        child,
-        grpc: String::new(),
-        admin: String::new(),
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&bound) {
-            let v: serde_json::Value = serde_json::from_str(&text)?;
-            cp.grpc = format!("http://{}", v["listen"].as_str().context("listen")?);
-            cp.admin = format!("http://{}", v["admin"].as_str().context("admin")?);
-            return Ok(cp);
-        }
-        ensure!(Instant::now() < deadline, "the control plane did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn weftctl(cp: &ControlPlane, args: &[&str], dir: &TempDir) -> anyhow::Result<String> {
-    let tokens = dir.write("ctl-token", &format!("{TOKEN}\n"))?;
-    let out = Command::new(sibling_bin("weftctl")?)
-        .arg("--control-plane")
-        .arg(&cp.admin)
-        .arg("--token-file")
-        .arg(&tokens)
-        .args(args)
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure!(out.status.success(), "weftctl {args:?} failed: {text}");
-    Ok(text)
+    ControlPlane::dev().lease_ttl("2s").start().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,7 +49,7 @@ addresses = ["{grpc}"]
 grace = "2s"
 "#,
         app = app.addr(),
-        grpc = cp.grpc
+        grpc = cp.grpc_url()
     ))
     .await?;
 
@@ -140,7 +63,7 @@ admin = "127.0.0.1:0"
 [control_plane]
 addresses = ["{grpc}"]
 "#,
-        grpc = cp.grpc
+        grpc = cp.grpc_url()
     ))
     .await?;
 
@@ -199,7 +122,7 @@ addresses = ["{grpc}"]
         })
     };
     let dir = TempDir::new()?;
-    let stat = weftctl(&cp, &["stat", "--interval", "800ms", "-o", "json"], &dir)?;
+    let stat = weftctl(&cp, &["stat", "--interval", "800ms", "-o", "json"]).await?;
     traffic.await?;
     let stat: serde_json::Value = serde_json::from_str(&stat).context(stat.clone())?;
     let row = stat["rows"]
@@ -217,7 +140,7 @@ addresses = ["{grpc}"]
         "billing.toml",
         "service = \"billing\"\n\n[[routes]]\nname = \"slow\"\nmatch = { path_prefix = \"/slow\" }\ntimeout = \"200ms\"\n",
     )?;
-    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()], &dir)?;
+    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()]).await?;
     eventually(Duration::from_secs(10), || async {
         let reply = client.get("http://billing/slow?ms=2000").await?;
         ensure!(reply.status == 504, "status {}", reply.status);
@@ -303,14 +226,14 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
     let app = Backend::start("billing-app").await?;
     // The bootstrap's own policy file: the fallback until the owner applies one.
     let local_policy = "service = \"billing\"\n\n[inbound]\nmax_concurrency = 7\n";
-    let one = Proxy::builder(billing_sidecar("billing-1", app.addr(), &cp.grpc))
+    let one = Proxy::builder(billing_sidecar("billing-1", app.addr(), &cp.grpc_url()))
         .file("billing-local.toml", local_policy)
         .start()
         .await?;
     expect_local(&one, "file", 1, None).await?;
     // billing-2 says where it is reached on the command line (as a pod would,
     // with its IP); nothing listens there, and nothing in this test calls it.
-    let two = Proxy::builder(billing_sidecar("billing-2", app.addr(), &cp.grpc))
+    let two = Proxy::builder(billing_sidecar("billing-2", app.addr(), &cp.grpc_url()))
         .file("billing-local.toml", local_policy)
         .arg("--advertise")
         .arg("127.0.0.1:9")
@@ -320,7 +243,7 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
     expect_local(&one, "file", 2, None).await?;
     expect_local(&two, "file", 2, None).await?;
     let dir = TempDir::new()?;
-    let instances = weftctl(&cp, &["get", "instances", "billing"], &dir)?;
+    let instances = weftctl(&cp, &["get", "instances", "billing"]).await?;
     let two_line = instances
         .lines()
         .find(|l| l.contains("billing-2"))
@@ -332,7 +255,7 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
         "billing.toml",
         "service = \"billing\"\n\n[inbound]\nrate_limit = { per_second = 40, burst = 4 }\n",
     )?;
-    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()], &dir)?;
+    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()]).await?;
     expect_local(&one, "control-plane", 2, Some((20.0, 2))).await?;
     expect_local(&two, "control-plane", 2, Some((20.0, 2))).await?;
 
