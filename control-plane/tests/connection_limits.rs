@@ -13,8 +13,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::cp::start;
 use support::wait_for;
+use weft_tests::control_plane::ControlPlane;
 
 /// Whether the peer closes `stream` (EOF or reset) within a second.
 async fn closed(stream: &mut TcpStream) -> bool {
@@ -27,17 +27,15 @@ async fn closed(stream: &mut TcpStream) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_are_closed_and_counted() -> anyhow::Result<()> {
-    let args = [
-        "--dev",
-        "--max-connections",
-        "2",
-        "--admin-max-connections",
-        "2",
-    ]
-    .map(String::from);
-    let cp = start("limits", &args);
-    let admin = cp.admin.trim_start_matches("http://").to_owned();
-    let grpc = cp.grpc.trim_start_matches("http://").to_owned();
+    let cp = ControlPlane::dev()
+        .arg("--max-connections")
+        .arg("2")
+        .arg("--admin-max-connections")
+        .arg("2")
+        .start()
+        .await?;
+    let admin = cp.admin().to_string();
+    let grpc = cp.grpc().to_string();
 
     for (listener, addr, opening) in [
         ("grpc", &grpc, &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..]),
@@ -98,7 +96,7 @@ async fn connections_past_the_cap_are_closed_and_counted() -> anyhow::Result<()>
             .parse()?;
         anyhow::ensure!(value >= 1.0, "{listener}: {value}");
     }
-    let log = std::fs::read_to_string(cp.dir.join("cp.log"))?;
+    let log = cp.logs();
     anyhow::ensure!(
         log.contains("connection refused"),
         "no refusal logged:\n{log}"

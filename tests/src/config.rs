@@ -77,6 +77,7 @@ struct LocalApp {
     policy: Option<String>,
     instances: Option<u32>,
     metadata: Vec<(String, String)>,
+    id: Option<String>,
 }
 
 /// A bootstrap file for a standalone sidecar on loopback.
@@ -88,6 +89,7 @@ pub struct Bootstrap {
     telemetry: Option<String>,
     limits: Vec<String>,
     services: Vec<DirService>,
+    control_plane: Vec<String>,
 }
 
 impl Default for Bootstrap {
@@ -106,6 +108,7 @@ impl Bootstrap {
             telemetry: None,
             limits: Vec::new(),
             services: Vec::new(),
+            control_plane: Vec::new(),
         }
     }
 
@@ -124,6 +127,7 @@ impl Bootstrap {
             policy: None,
             instances: None,
             metadata: Vec::new(),
+            id: None,
         });
         self
     }
@@ -143,6 +147,21 @@ impl Bootstrap {
     /// Sets `[service] instances` (the share of service-wide limits).
     pub fn instances(mut self, instances: u32) -> Self {
         self.local_app().instances = Some(instances);
+        self
+    }
+
+    /// Sets `[service] id` (the instance id it registers with a control plane).
+    pub fn app_id(mut self, id: &str) -> Self {
+        self.local_app().id = Some(id.to_owned());
+        self
+    }
+
+    /// Adds `[control_plane] addresses` (each `http://HOST:PORT`).
+    pub fn control_plane<S: Into<String>>(
+        mut self,
+        addresses: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.control_plane = addresses.into_iter().map(Into::into).collect();
         self
     }
 
@@ -192,6 +211,9 @@ impl Bootstrap {
             if let Some(policy) = &app.policy {
                 writeln!(out, "policy = {policy:?}").unwrap();
             }
+            if let Some(id) = &app.id {
+                writeln!(out, "id = {id:?}").unwrap();
+            }
             if let Some(instances) = app.instances {
                 writeln!(out, "instances = {instances}").unwrap();
             }
@@ -217,6 +239,15 @@ impl Bootstrap {
         }
         if !self.limits.is_empty() {
             writeln!(out, "[limits]\n{}\n", self.limits.join("\n")).unwrap();
+        }
+        if !self.control_plane.is_empty() {
+            let addresses = self
+                .control_plane
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            writeln!(out, "[control_plane]\naddresses = [{addresses}]\n").unwrap();
         }
         for service in &self.services {
             writeln!(out, "[[directory.services]]\nname = {:?}", service.name).unwrap();

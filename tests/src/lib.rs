@@ -23,11 +23,20 @@
 //! - [`client`]: HTTP clients that send through the proxy in absolute form,
 //!   with a Host header, or as HTTP/2 prior knowledge, plus a raw TCP client
 //!   for byte-exact requests and upgrades.
+//! - [`traffic`]: steady background traffic through a client, every outcome
+//!   recorded and counted (errors, 5xx, statuses, backends, time windows).
+//! - [`etcd`]: a real etcd, one node or a cluster on loopback, that a test can
+//!   kill and restart member by member.
+//! - [`control_plane`]: a `weft-control-plane` process (`--dev` or on etcd)
+//!   with its token file, kill and restart on the same addresses, and a
+//!   `weftctl` runner.
 //!
-//! Running: build the proxy into the same target directory, then run the
-//! tests (`cargo build -p weft-proxy && cargo nextest run -p weft-tests`, or
-//! plain `cargo test -p weft-tests`). `WEFT_PROXY_BIN` points the tests at
-//! another binary; `WEFT_TEST_LOG` sets the proxies' `WEFT_LOG` (default
+//! Running: build the binaries into the same target directory, then run the
+//! tests (`cargo build -p weft-proxy -p weft-control-plane --bins && cargo
+//! nextest run -p weft-tests`, or plain `cargo test -p weft-tests`); the
+//! control-plane scenarios need etcd (`scripts/setup`). `WEFT_PROXY_BIN`,
+//! `WEFT_CONTROL_PLANE_BIN` and `WEFTCTL_BIN` point the tests at other
+//! binaries; `WEFT_TEST_LOG` sets the proxies' `WEFT_LOG` (default
 //! `info`). A proxy's stderr is printed when its guard drops, and the test
 //! runner shows it for failing tests only.
 //!
@@ -42,11 +51,14 @@ pub mod admin;
 pub mod backend;
 pub mod client;
 pub mod config;
+pub mod control_plane;
 pub mod dns;
+pub mod etcd;
 pub mod mesh;
 pub mod metrics;
 pub mod otlp;
 pub mod process;
+pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::future::Future;
