@@ -44,6 +44,14 @@
 //!   sidecars.
 //! - **Shares.** `live_instances` lets each instance take its share of a
 //!   service-wide limit.
+//! - **Warm-up.** A control plane that started less than its warm-up ago (a
+//!   lease TTL plus the sidecars' longest reconnect backoff) may lack live
+//!   instances whose registrations expired while no control plane was up, and
+//!   whose sidecars have not reconnected yet. Its messages say `warming`; a
+//!   sidecar then keeps the instances it knew before the stream that the
+//!   stream has not mentioned, and drops them only when a message without
+//!   `warming` arrives (the control plane sends a full one when its warm-up
+//!   ends).
 //!
 //! A sidecar validates what it receives (instances through [`InstanceRecord`]'s
 //! conversion, policies through `weft-config`) and keeps its previous state

@@ -43,6 +43,9 @@ use crate::metrics::{Metrics, Rejection};
 use crate::store::{ErrorChain, LeaseId, Store, StoreError, keep_lease_alive, lease_ttl_secs};
 use crate::view::{DirectoryView, ServiceEntry};
 
+/// The sidecars' longest reconnect backoff (weft-proxy's `BACKOFF_MAX`): the
+/// warm-up adds it to the lease TTL.
+pub const SIDECAR_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How long a subscriber lets a burst of changes settle before sending.
 pub const COALESCE: Duration = Duration::from_millis(20);
 /// Most services one stream may subscribe to.
@@ -58,15 +61,24 @@ pub struct Push<S> {
     store: Arc<S>,
     view: watch::Receiver<Arc<DirectoryView>>,
     lease_ttl: Duration,
+    /// Until when messages say `warming` (see [`Push::new`]).
+    warm_until: Instant,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 }
 
 impl<S> Push<S> {
+    /// `warm_up` is how long after this call the control plane's view may
+    /// still lack live instances: ones whose registrations expired while no
+    /// control plane was up, and whose sidecars have not reconnected yet. Until
+    /// then every message says `warming`, so sidecars keep what they knew;
+    /// when it ends, each stream that was told so gets a full message. A lease
+    /// TTL plus [`SIDECAR_BACKOFF_MAX`] covers a sidecar that was backing off.
     pub fn new(
         store: Arc<S>,
         view: watch::Receiver<Arc<DirectoryView>>,
         lease_ttl: Duration,
+        warm_up: Duration,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> Self {
@@ -74,6 +86,7 @@ impl<S> Push<S> {
             store,
             view,
             lease_ttl,
+            warm_until: Instant::now() + warm_up,
             metrics,
             stop,
         }
@@ -243,9 +256,12 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
         let stop = self.stop.clone();
         let metrics = Arc::clone(&self.metrics);
         let connected = metrics.subscriber_connected();
+        let warm_until = self.warm_until;
         tokio::spawn(async move {
             let _connected = connected;
-            if let Err(status) = serve_subscription(inbound, view, &tx, &metrics, stop).await {
+            if let Err(status) =
+                serve_subscription(inbound, view, &tx, &metrics, warm_until, stop).await
+            {
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -314,16 +330,19 @@ struct Sent {
     version: i64,
 }
 
-/// Build the next message: everything (first) or what changed since `sent`.
+/// Build the next message: everything (first, and when the warm-up ends) or
+/// what changed since `sent`.
 fn next_message(
     view: &DirectoryView,
     subscribed: &BTreeSet<String>,
     sent: &mut Sent,
     full: bool,
+    warming: bool,
 ) -> Option<SubscribeResponse> {
     let mut msg = SubscribeResponse {
         version: view.revision.0.max(sent.version),
         full,
+        warming,
         ..Default::default()
     };
     sent.services.retain(|name, _| subscribed.contains(name));
@@ -358,6 +377,7 @@ async fn serve_subscription(
     mut view: watch::Receiver<Arc<DirectoryView>>,
     tx: &mpsc::Sender<Result<SubscribeResponse, Status>>,
     metrics: &Metrics,
+    warm_until: Instant,
     stop: CancellationToken,
 ) -> Result<(), Status> {
     let mut subscribed = BTreeSet::new();
@@ -365,11 +385,16 @@ async fn serve_subscription(
     // Wait for the first request so the first message already holds what the
     // sidecar asked for.
     let mut first = true;
+    // Whether this stream was told `warming` and not yet that it ended.
+    let mut told_warming = false;
     loop {
         // When the view applied the store change that woke this stream.
         let mut woken_at: Option<Instant> = None;
+        // The warm-up ended: say so with a full message.
+        let mut warmed = false;
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep_until(warm_until), if told_warming => warmed = true,
             msg = inbound.message() => match msg? {
                 Some(req) => {
                     for name in req.remove {
@@ -400,8 +425,10 @@ async fn serve_subscription(
             woken_at = view.borrow().observed_at;
         }
         let current = Arc::clone(&view.borrow_and_update());
-        if let Some(msg) = next_message(&current, &subscribed, &mut sent, first) {
-            let full = msg.full;
+        let warming = Instant::now() < warm_until;
+        let full = first || (warmed && !warming);
+        if let Some(msg) = next_message(&current, &subscribed, &mut sent, full, warming) {
+            told_warming = warming;
             if tx.send(Ok(msg)).await.is_err() {
                 return Ok(());
             }
@@ -437,7 +464,7 @@ mod tests {
         view.services.insert("orders".into(), entry("orders", None));
         let subscribed: BTreeSet<String> = ["billing".to_owned(), "ghost".to_owned()].into();
         let mut sent = Sent::default();
-        let first = next_message(&view, &subscribed, &mut sent, true).unwrap();
+        let first = next_message(&view, &subscribed, &mut sent, true, false).unwrap();
         assert!(first.full);
         assert_eq!(first.version, 5);
         assert_eq!(first.services.len(), 1);
@@ -446,23 +473,23 @@ mod tests {
         view.revision = Revision(6);
         view.services
             .insert("orders".into(), entry("orders", Some("x")));
-        assert!(next_message(&view, &subscribed, &mut sent, false).is_none());
+        assert!(next_message(&view, &subscribed, &mut sent, false, false).is_none());
         // billing changed: one delta with billing only.
         view.revision = Revision(7);
         view.services
             .insert("billing".into(), entry("billing", Some("b")));
-        let delta = next_message(&view, &subscribed, &mut sent, false).unwrap();
+        let delta = next_message(&view, &subscribed, &mut sent, false, false).unwrap();
         assert!(!delta.full);
         assert_eq!(delta.version, 7);
         assert_eq!(delta.services[0].policy_toml, "b");
         assert!(delta.removed.is_empty());
         // billing disappears.
         view.services.remove("billing");
-        let delta = next_message(&view, &subscribed, &mut sent, false).unwrap();
+        let delta = next_message(&view, &subscribed, &mut sent, false, false).unwrap();
         assert_eq!(delta.removed, ["billing"]);
         // A new subscription is reported even if it does not exist.
         let subscribed: BTreeSet<String> = ["orders".to_owned()].into();
-        let delta = next_message(&view, &subscribed, &mut sent, false).unwrap();
+        let delta = next_message(&view, &subscribed, &mut sent, false, false).unwrap();
         assert_eq!(delta.services[0].name, "orders");
     }
 }

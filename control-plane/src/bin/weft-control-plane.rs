@@ -55,6 +55,12 @@ struct Args {
     /// How long a registration outlives its sidecar's stream.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     lease_ttl: std::time::Duration,
+    /// How long after start pushed snapshots say the control plane is still
+    /// warming up, so sidecars keep instances it has not heard from again yet
+    /// (registrations that expired while no control plane was up). Default:
+    /// the lease TTL plus 10s, the sidecars' longest reconnect backoff.
+    #[arg(long, value_parser = parse_duration)]
+    warm_up: Option<std::time::Duration>,
     /// The admin API (weftctl).
     #[arg(long, default_value = "127.0.0.1:8444")]
     admin: SocketAddr,
@@ -152,6 +158,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Arc::clone(&store),
         view.clone(),
         args.lease_ttl,
+        args.warm_up
+            .unwrap_or(args.lease_ttl + weft_control_plane::push::SIDECAR_BACKOFF_MAX),
         Arc::clone(&metrics),
         stop.clone(),
     );

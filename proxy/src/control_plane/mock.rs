@@ -153,6 +153,7 @@ impl ControlPlane for Mock {
                             full,
                             services: Vec::new(),
                             removed: r.add.clone(),
+                            warming: false,
                         };
                         record(r);
                         full = false;

@@ -128,15 +128,29 @@ impl Shared {
     /// Applies a pushed message; publishes the new snapshot, counts and logs
     /// refusals.
     fn accept(&self, tracker: &mut Tracker, message: &v1::SubscribeResponse) {
+        let held_before = tracker.held_instances();
         match tracker.apply(message) {
             Ok(applied) => {
                 tracing::debug!(
                     snapshot.version = message.version,
                     snapshot.full = message.full,
+                    snapshot.warming = message.warming,
                     snapshot.services = message.services.len(),
                     snapshot.removed = message.removed.len(),
                     "control-plane update"
                 );
+                let held = tracker.held_instances();
+                if message.warming && held > 0 && message.full {
+                    tracing::info!(
+                        instances = held,
+                        "the control plane is warming up; keeping the instances it has not heard from again yet"
+                    );
+                } else if !message.warming && held_before > 0 {
+                    tracing::info!(
+                        instances = held_before,
+                        "the control plane's warm-up is over; dropping the instances it did not hear from again"
+                    );
+                }
                 self.publish(applied);
             }
             Err(stale) => tracing::warn!(error = %stale, "control-plane update ignored"),

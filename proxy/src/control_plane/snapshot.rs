@@ -22,6 +22,13 @@
 //!   the message still apply.
 //! - Gone services are recorded in [`RemoteSnapshot::missing`], so a lookup
 //!   can tell "does not exist" from "not known yet".
+//! - **Warm-up**: while a stream's messages say `warming` (a control plane
+//!   that started less than a lease TTL and a reconnect backoff ago, whose
+//!   view may lack live instances that have not registered again yet), the
+//!   instances known before the stream began that the stream has not
+//!   mentioned are kept, beside what the control plane says. Once the stream
+//!   has carried an instance, its word about it counts (a deregistration
+//!   removes it at once); the first message without `warming` drops the rest.
 //!
 //! Nothing here does I/O or takes a lock; the session task owns the tracker
 //! and publishes each new snapshot through a `watch` channel.
@@ -233,7 +240,15 @@ pub struct Applied {
 /// The state machine: the current snapshot and the current stream's position.
 #[derive(Debug, Default)]
 pub struct Tracker {
+    /// What this sidecar uses: `truth`, plus what `held` keeps while warming.
     current: Arc<RemoteSnapshot>,
+    /// What the control plane said, messages applied in turn.
+    truth: Arc<RemoteSnapshot>,
+    /// While the current stream's control plane is warming up: what was known
+    /// when the stream began, less the instances the stream has carried.
+    held: Option<Held>,
+    /// Whether the current stream's last message said `warming`.
+    stream_warming: bool,
     /// The last version accepted on the current stream; `None` before its
     /// first message.
     stream_version: Option<i64>,
@@ -252,6 +267,18 @@ impl Tracker {
     pub fn begin_stream(&mut self, initial: BTreeSet<String>) {
         self.stream_version = None;
         self.stream_initial = initial;
+        // What is in use now is what a warming control plane's view may lack.
+        self.held = Some(Held::new(&self.current));
+        self.stream_warming = false;
+    }
+
+    /// How many instances are kept only because the control plane is warming
+    /// up (0 when it is not).
+    pub fn held_instances(&self) -> usize {
+        match &self.held {
+            Some(held) if self.stream_warming => held.len(),
+            _ => 0,
+        }
     }
 
     /// Starts from a saved snapshot (the cache), validated like a full
@@ -262,7 +289,9 @@ impl Tracker {
             full: true,
             services: services.to_vec(),
             removed: Vec::new(),
+            warming: false,
         };
+        self.held = None;
         let applied = self.apply_unchecked(&message);
         // Whatever the cache said, the first stream starts its versions afresh.
         self.stream_version = None;
@@ -284,7 +313,50 @@ impl Tracker {
 
     fn apply_unchecked(&mut self, message: &v1::SubscribeResponse) -> Applied {
         self.stream_version = Some(message.version);
+        self.stream_warming = message.warming;
+        let (truth, rejected) = self.next_truth(message);
+        self.truth = Arc::new(truth);
+        if message.warming {
+            if let Some(held) = &mut self.held {
+                held.forget_carried(message);
+            }
+        } else {
+            self.held = None;
+        }
+        let mut next = match &self.held {
+            Some(held) if !held.is_empty() => held.merge(&self.truth),
+            _ => (*self.truth).clone(),
+        };
+        // Keep the `Arc`s of services whose state did not change, so readers
+        // can compare by pointer.
+        for (name, service) in &mut next.services {
+            if let Some(previous) = self.current.services.get(name)
+                && previous.same_state(service)
+            {
+                *service = Arc::clone(previous);
+            }
+        }
         let old = &self.current;
+        let same_services = next.services.len() == old.services.len()
+            && next
+                .services
+                .iter()
+                .zip(&old.services)
+                .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y));
+        let snapshot =
+            if same_services && next.missing == old.missing && next.version == old.version {
+                None
+            } else {
+                let next = Arc::new(next);
+                self.current = Arc::clone(&next);
+                Some(next)
+            };
+        Applied { snapshot, rejected }
+    }
+
+    /// The control plane's state after `message`, and what validation refused.
+    fn next_truth(&self, message: &v1::SubscribeResponse) -> (RemoteSnapshot, Vec<Rejection>) {
+        let old = &self.truth;
         let (mut services, mut missing) = if message.full {
             (BTreeMap::new(), BTreeSet::new())
         } else {
@@ -328,6 +400,7 @@ impl Tracker {
             let covered = old
                 .services
                 .keys()
+                .chain(self.current.services.keys())
                 .chain(&old.missing)
                 .chain(&self.stream_initial);
             for name in covered {
@@ -336,24 +409,91 @@ impl Tracker {
                 }
             }
         }
-        let same_services = services.len() == old.services.len()
-            && services
-                .iter()
-                .zip(&old.services)
-                .all(|((a, x), (b, y))| a == b && Arc::ptr_eq(x, y));
-        let snapshot = if same_services && missing == old.missing && message.version == old.version
-        {
-            None
-        } else {
-            let next = Arc::new(RemoteSnapshot {
-                version: message.version,
-                services,
-                missing,
-            });
-            self.current = Arc::clone(&next);
-            Some(next)
+        let truth = RemoteSnapshot {
+            version: message.version,
+            services,
+            missing,
         };
-        Applied { snapshot, rejected }
+        (truth, rejected)
+    }
+}
+
+/// What a warming control plane may not know yet: the instances of each
+/// service known when the stream began, less those the stream has carried.
+#[derive(Debug, Default)]
+struct Held {
+    services: BTreeMap<String, Arc<RemoteService>>,
+}
+
+impl Held {
+    fn new(known: &RemoteSnapshot) -> Self {
+        Self {
+            services: known.services.clone(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.services.values().map(|s| s.instances.len()).sum()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Drops the instances `message` carries: the control plane knows them,
+    /// and its word about them counts from now on.
+    fn forget_carried(&mut self, message: &v1::SubscribeResponse) {
+        for state in &message.services {
+            let Some(held) = self.services.get_mut(&state.name) else {
+                continue;
+            };
+            let carried: BTreeSet<&str> = state.instances.iter().map(|i| i.id.as_str()).collect();
+            if held
+                .instances
+                .iter()
+                .any(|r| carried.contains(r.id.as_str()))
+            {
+                let mut kept = (**held).clone();
+                let (instances, endpoints) = kept
+                    .instances
+                    .into_iter()
+                    .zip(kept.endpoints)
+                    .filter(|(r, _)| !carried.contains(r.id.as_str()))
+                    .unzip();
+                kept.instances = instances;
+                kept.endpoints = endpoints;
+                *held = Arc::new(kept);
+            }
+        }
+        self.services.retain(|_, s| !s.instances.is_empty());
+    }
+
+    /// `truth` with the held instances added: to a service the control plane
+    /// describes (its policy and count stand, the count at least the instances
+    /// in use), or as the service was known, for one it says nothing or
+    /// "missing" about.
+    fn merge(&self, truth: &RemoteSnapshot) -> RemoteSnapshot {
+        let mut next = truth.clone();
+        for (name, held) in &self.services {
+            let service = match truth.services.get(name) {
+                Some(told) => {
+                    let mut merged = (**told).clone();
+                    for (record, endpoint) in held.instances.iter().zip(&held.endpoints) {
+                        if !merged.instances.iter().any(|r| r.id == record.id) {
+                            merged.instances.push(record.clone());
+                            merged.endpoints.push(endpoint.clone());
+                        }
+                    }
+                    let count = u32::try_from(merged.instances.len()).unwrap_or(u32::MAX);
+                    merged.live_instances = merged.live_instances.max(count);
+                    Arc::new(merged)
+                }
+                None => Arc::clone(held),
+            };
+            next.missing.remove(name);
+            next.services.insert(name.clone(), service);
+        }
+        next
     }
 }
 
@@ -400,6 +540,7 @@ mod tests {
             full,
             services,
             removed: removed.iter().map(|s| (*s).to_owned()).collect(),
+            warming: false,
         }
     }
 
@@ -650,5 +791,96 @@ mod tests {
         t.begin_stream(["a"].map(String::from).into());
         t.apply(&msg(3, true, vec![state("a", &[4])], &[])).unwrap();
         assert_eq!(ports(&t, "a"), [4]);
+    }
+
+    fn warming(mut m: v1::SubscribeResponse) -> v1::SubscribeResponse {
+        m.warming = true;
+        m
+    }
+
+    /// A tracker that knows billing on ports 1 and 2 and orders on 3, then
+    /// reconnects.
+    fn reconnected() -> Tracker {
+        let mut t = Tracker::default();
+        t.begin_stream(["billing", "orders"].map(String::from).into());
+        t.apply(&msg(
+            10,
+            true,
+            vec![state("billing", &[1, 2]), state("orders", &[3])],
+            &[],
+        ))
+        .unwrap();
+        t.begin_stream(["billing", "orders"].map(String::from).into());
+        t
+    }
+
+    #[test]
+    fn a_warming_control_plane_does_not_take_away_instances_it_has_not_heard_from() {
+        let mut t = reconnected();
+        // Restarted with an empty view but for billing on port 2 (its sidecar
+        // already registered again); orders has not registered again at all.
+        let applied = t
+            .apply(&warming(msg(2, true, vec![state("billing", &[2])], &[])))
+            .unwrap();
+        assert!(applied.rejected.is_empty());
+        assert_eq!(ports(&t, "billing"), [2, 1]);
+        assert_eq!(ports(&t, "orders"), [3]);
+        assert!(t.snapshot().missing.is_empty());
+        assert_eq!(t.snapshot().services["billing"].live_instances, 2);
+        assert_eq!(t.held_instances(), 2, "billing on 1 and orders on 3");
+
+        // billing on 1 registers again: now the control plane's word counts,
+        // and when it deregisters it goes at once, warm-up or not.
+        t.apply(&warming(msg(
+            3,
+            false,
+            vec![state("billing", &[1, 2])],
+            &[],
+        )))
+        .unwrap();
+        assert_eq!(ports(&t, "billing"), [1, 2]);
+        assert_eq!(t.held_instances(), 1);
+        t.apply(&warming(msg(4, false, vec![state("billing", &[2])], &[])))
+            .unwrap();
+        assert_eq!(ports(&t, "billing"), [2]);
+
+        // The warm-up ends: orders was not heard from again, and goes.
+        let applied = t
+            .apply(&msg(5, true, vec![state("billing", &[2])], &[]))
+            .unwrap();
+        assert!(applied.snapshot.is_some());
+        assert_eq!(ports(&t, "billing"), [2]);
+        assert_eq!(names(&t.snapshot().missing), ["orders"]);
+        assert_eq!(t.held_instances(), 0);
+    }
+
+    #[test]
+    fn a_control_plane_that_is_not_warming_up_is_believed_at_once() {
+        let mut t = reconnected();
+        t.apply(&msg(2, true, vec![state("billing", &[2])], &[]))
+            .unwrap();
+        assert_eq!(ports(&t, "billing"), [2]);
+        assert_eq!(names(&t.snapshot().missing), ["orders"]);
+        assert_eq!(t.held_instances(), 0);
+    }
+
+    #[test]
+    fn held_services_keep_their_arcs_while_nothing_changes() {
+        let mut t = reconnected();
+        let orders = Arc::clone(&t.snapshot().services["orders"]);
+        t.apply(&warming(msg(2, true, vec![state("billing", &[1, 2])], &[])))
+            .unwrap();
+        assert!(Arc::ptr_eq(&t.snapshot().services["orders"], &orders));
+        let applied = t
+            .apply(&warming(msg(
+                3,
+                false,
+                vec![state("billing", &[1, 2])],
+                &[],
+            )))
+            .unwrap();
+        assert!(
+            applied.snapshot.is_none() || Arc::ptr_eq(&t.snapshot().services["orders"], &orders)
+        );
     }
 }

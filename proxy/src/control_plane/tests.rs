@@ -145,6 +145,7 @@ async fn invalid_and_stale_pushes_are_refused_and_counted() {
         full,
         services,
         removed: Vec::new(),
+        warming: false,
     };
     script
         .send(push(5, true, vec![service("billing", 7001)]))
