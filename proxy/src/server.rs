@@ -6,9 +6,16 @@
 //! to finish gracefully (HTTP/1.1: close after the in-flight response; HTTP/2:
 //! GOAWAY), returning once all of them have. The caller bounds that wait with the
 //! drain grace period.
+//!
+//! With `tls` (the inbound listener of a sidecar with `[tls]`), each accepted
+//! connection first goes through [`InboundTls::accept`] on its own task (a
+//! slow handshake never holds up the accept loop); a refused one is closed,
+//! and the caller's identity of an mTLS connection is put into every request's
+//! extensions ([`crate::tls::CallerIdentity`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -19,19 +26,23 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 
 use crate::body::ProxyBody;
 use crate::telemetry::io::Counted;
 use crate::telemetry::metrics::ConnectionMetrics;
+use crate::tls::accept::InboundTls;
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Serve `listener` until `stop`, building one service per connection with `make`
-/// and counting connections and bytes into `connections`.
+/// and counting connections and bytes into `connections`; with `tls`, every
+/// connection is handshaken first.
 pub async fn serve<F, S>(
     name: &'static str,
     listener: TcpListener,
+    tls: Option<Arc<InboundTls>>,
     make: F,
     connections: ConnectionMetrics,
     stop: CancellationToken,
@@ -61,6 +72,33 @@ pub async fn serve<F, S>(
             }
         };
         let _ = stream.set_nodelay(true);
+        if let Some(tls) = &tls {
+            let (tls, builder, watcher) = (Arc::clone(tls), builder.clone(), graceful.watcher());
+            let (service, stream) = (make(peer), Counted::new(stream, &connections));
+            tokio::spawn(async move {
+                let (io, caller) = match tls.accept(stream).await {
+                    Ok(accepted) => accepted,
+                    Err(failure) => {
+                        tracing::info!(listener = name, client.addr = %peer, error = %failure, "connection refused");
+                        return;
+                    }
+                };
+                let service = service.map_request(move |mut req: Request<Incoming>| {
+                    if let Some(caller) = &caller {
+                        req.extensions_mut().insert(caller.clone());
+                    }
+                    req
+                });
+                let conn = builder.serve_connection_with_upgrades(
+                    TokioIo::new(io),
+                    TowerToHyperService::new(service),
+                );
+                if let Err(error) = watcher.watch(conn.into_owned()).await {
+                    tracing::debug!(listener = name, client.addr = %peer, %error, "connection ended with an error");
+                }
+            });
+            continue;
+        }
         let service = TowerToHyperService::new(make(peer));
         let conn = builder
             .serve_connection_with_upgrades(

@@ -108,6 +108,12 @@ struct DirectionLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TlsFailureLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -169,6 +175,7 @@ pub struct Metrics {
     control_plane_connected: Gauge,
     control_plane_version: Gauge,
     control_plane_rejected: Counter,
+    tls_handshake_failures: Family<TlsFailureLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -268,6 +275,12 @@ impl Metrics {
             "Configuration reloads, by result (applied, rejected)",
             reloads.clone(),
         );
+        let tls_handshake_failures = Family::default();
+        registry.register(
+            "tls_handshake_failures",
+            "mTLS handshakes between sidecars that failed, by direction and reason",
+            tls_handshake_failures.clone(),
+        );
         let control_plane_connected = Gauge::default();
         let control_plane_version = Gauge::default();
         let control_plane_rejected = Counter::default();
@@ -305,7 +318,19 @@ impl Metrics {
             control_plane_connected,
             control_plane_version,
             control_plane_rejected,
+            tls_handshake_failures,
         }
+    }
+
+    /// A failed mTLS handshake; `reason` is one of a fixed set (see
+    /// `docs/telemetry.md`).
+    pub fn tls_handshake_failure(&self, direction: Direction, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&TlsFailureLabels {
+                direction: direction.as_str(),
+                reason,
+            })
+            .inc();
     }
 
     /// A finished request.
