@@ -22,6 +22,9 @@
 //! - [`client`]: HTTP clients that send through the proxy in absolute form,
 //!   with a Host header, or as HTTP/2 prior knowledge, plus a raw TCP client
 //!   for byte-exact requests and upgrades.
+//! - [`tls`]: a mesh CA and service certificates (`weft-certs`, as `weftctl
+//!   certs` makes them) for sidecars with `[tls]`, and a TLS client that shows
+//!   what a listener negotiates and which certificate it presents.
 //!
 //! Running: build the proxy into the same target directory, then run the
 //! tests (`cargo build -p weft-proxy && cargo nextest run -p weft-tests`, or
@@ -45,6 +48,7 @@ pub mod dns;
 pub mod mesh;
 pub mod metrics;
 pub mod process;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::future::Future;
