@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context as _, ensure};
 use weft_certs::Issued;
 use weft_tests::backend::Backend;
-use weft_tests::client::Client;
+use weft_tests::client::{Client, RawConn};
 use weft_tests::config::{Bootstrap, DirService, policy_file};
 use weft_tests::process::Proxy;
 use weft_tests::tls::{Pki, connect};
@@ -401,5 +401,40 @@ async fn a_certificate_for_another_service_stops_the_sidecar_at_start() -> anyho
         logs.contains("the certificate is spiffe://weft.local/service/orders, but this sidecar must be spiffe://weft.local/service/billing"),
         "{logs}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_crosses_the_mtls_hop() -> anyhow::Result<()> {
+    let pki = Pki::new();
+    let app = Backend::start("billing-app").await?;
+    let billing = callee(&pki, "billing", app.addr(), &pki.issue("billing"), "", None).await?;
+    let web = caller(
+        &pki,
+        "web",
+        false,
+        &pki.issue("web"),
+        DirService::new("billing")
+            .tls("mesh")
+            .endpoint(billing.inbound()),
+    )
+    .await?;
+    let mut conn = RawConn::connect(web.outbound()).await?;
+    conn.write(
+        b"GET /ws HTTP/1.1\r\n\
+          Host: billing\r\n\
+          Connection: Upgrade\r\n\
+          Upgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await?;
+    let head = conn.read_head().await?;
+    ensure!(head.status == 101, "status {} ({head:?})", head.status);
+    let message = weft_tests::pattern(0, 64 * 1024);
+    conn.write(&message).await?;
+    ensure!(conn.read_exact(message.len()).await? == message);
+    let forwarded = head.header("x-seen-forwarded").unwrap_or_default();
+    ensure!(forwarded.contains("proto=https"), "forwarded: {forwarded}");
     Ok(())
 }
