@@ -175,6 +175,7 @@ impl Shared {
         let _serial = self.reload_lock.lock().await;
         if let Some(tls) = &self.tls {
             let tls = Arc::clone(tls);
+            // Files still refused fail the reload again, with the reason.
             tokio::task::spawn_blocking(move || tls.refresh(true))
                 .await
                 .map_err(|e| {

@@ -373,10 +373,24 @@ async fn a_rotated_certificate_is_used_for_new_connections_without_a_restart() -
         .get("http://billing/still")
         .await?
         .expect_status(200)?;
+    // A reload while the file is still broken says so, and changes nothing.
+    let reload = billing.admin_client().reload().await?;
+    ensure!(
+        reload.status == 400,
+        "reload: {} {}",
+        reload.status,
+        reload.text()
+    );
+    ensure!(
+        reload.text().contains("the [tls] files were refused"),
+        "{}",
+        reload.text()
+    );
+    ensure!(presented().await? == second.cert_der());
     ensure!(billing.try_status()?.is_none(), "billing's sidecar exited");
     ensure!(
         billing.admin_client().config_version().await? == 1,
-        "no reload"
+        "nothing was reloaded"
     );
     Ok(())
 }

@@ -22,7 +22,8 @@
 //! (its callees see it as that service). Rotations must keep the identity.
 //!
 //! Rotation ([`MeshTls::refresh`]): the three files are checked every
-//! `[tls] watch_interval` (and on SIGHUP or `POST /reload`); when any changed
+//! `[tls] watch_interval` (and on SIGHUP or `POST /reload`, which also report
+//! files still refused); when any changed
 //! they are loaded together ([`Material::load`]) and, if consistent, swapped
 //! into the [`Store`] that the resolvers and verifiers read on every handshake.
 //! New handshakes use the new material; established connections are not
@@ -191,18 +192,22 @@ impl MeshTls {
         Arc::new(config)
     }
 
-    /// Re-reads the files if they changed since the last look (or always,
-    /// with `force`), swapping the new material in if it is consistent.
-    /// `Ok(true)`: new material is in force; `Ok(false)`: nothing changed (or
-    /// the change was already refused); `Err`: refused now, the current
-    /// material stays. Blocking file I/O: call it off the runtime's workers.
-    pub fn refresh(&self, force: bool) -> Result<bool, MaterialError> {
+    /// Re-reads the files if they changed since they were applied, swapping
+    /// the new material in if it is consistent. Files already refused are
+    /// not read again (so the watcher reports a bad file once) unless
+    /// `recheck_refused` (a reload asked for: it fails again, loudly).
+    /// `Ok(true)`: new material is in force; `Ok(false)`: nothing to do;
+    /// `Err`: refused, the current material stays. Blocking file I/O: call it
+    /// off the runtime's workers.
+    pub fn refresh(&self, recheck_refused: bool) -> Result<bool, MaterialError> {
         let mut watched = self
             .watched
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let stamps = Stamps::read(&self.paths);
-        if !force && (stamps == watched.applied || watched.rejected.as_ref() == Some(&stamps)) {
+        if stamps == watched.applied
+            || (!recheck_refused && watched.rejected.as_ref() == Some(&stamps))
+        {
             return Ok(false);
         }
         match Material::load(&self.paths, &self.expected, &self.provider) {
@@ -380,11 +385,13 @@ mod tests {
             }
         }
 
-        // Fixed files are picked up; a forced refresh re-reads unchanged ones.
+        // A reload re-checks refused files and fails again.
+        assert!(tls.refresh(true).is_err());
+        // Fixed files are picked up; applied files are not read again.
         install(d, &third);
         assert!(tls.refresh(false).unwrap());
         assert_eq!(leaf(&tls), third.cert_der());
-        assert!(tls.refresh(true).unwrap());
+        assert!(!tls.refresh(true).unwrap());
     }
 
     #[test]
