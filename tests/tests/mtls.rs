@@ -141,6 +141,15 @@ async fn sidecars_talk_mtls_over_http2_and_each_app_keeps_its_protocol() -> anyh
         inbound_connections(&billing).await?
     );
 
+    // The admin API shows the identity in force and the meshed service.
+    let endpoints = web.admin_client().endpoints().await?;
+    ensure!(
+        endpoints.0["tls"]["identity"] == "spiffe://weft.local/service/web",
+        "{}",
+        endpoints.0["tls"]
+    );
+    ensure!(endpoints.service("billing")?["tls"] == "mesh");
+
     // What a peer sidecar negotiates: TLS 1.3, ALPN h2, billing's certificate.
     let tls = connect(billing.inbound(), pki.ca_pem(), Some(&pki.issue("web"))).await?;
     ensure!(tls.version == Some(rustls::ProtocolVersion::TLSv1_3));

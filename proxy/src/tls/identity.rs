@@ -7,6 +7,7 @@
 //! ([`service_identity`]); anything else is refused in the handshake.
 
 use std::fmt;
+use std::sync::Arc;
 
 use weft_config::{ServiceName, SpiffeId, TrustDomain};
 use x509_parser::extensions::GeneralName;
@@ -71,7 +72,7 @@ pub fn service_identity(
         });
     }
     match id.service() {
-        Some(service) => Ok(CallerIdentity { id, service }),
+        Some(service) => Ok(CallerIdentity(Arc::new((id, service)))),
         None => Err(IdentityError::NotAService(id)),
     }
 }
@@ -79,28 +80,26 @@ pub fn service_identity(
 /// The authenticated identity of the sidecar that sent an inbound request,
 /// from its client certificate. The inbound listener puts it in the request's
 /// extensions for every request of an mTLS connection; a plaintext request
-/// (allowed by `inbound.allow_plaintext`) has none.
+/// (allowed by `inbound.allow_plaintext`) has none. Cheap to clone (one
+/// per request).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CallerIdentity {
-    id: SpiffeId,
-    service: ServiceName,
-}
+pub struct CallerIdentity(Arc<(SpiffeId, ServiceName)>);
 
 impl CallerIdentity {
     /// `spiffe://<trust-domain>/service/<name>`.
     pub fn spiffe_id(&self) -> &SpiffeId {
-        &self.id
+        &self.0.0
     }
 
     /// The calling service's name.
     pub fn service(&self) -> &ServiceName {
-        &self.service
+        &self.0.1
     }
 }
 
 impl fmt::Display for CallerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.id.fmt(f)
+        self.spiffe_id().fmt(f)
     }
 }
 
