@@ -38,8 +38,8 @@ mod text;
 use std::path::Path;
 
 pub use bootstrap::{
-    Bootstrap, ControlPlane, Directory, Dns, Drain, Listen, LocalService, Metadata, Pool, Protocol,
-    StaticEndpoint, StaticService, Tls, TlsMode,
+    Bootstrap, ControlPlane, Directory, Dns, Drain, Limits, Listen, LocalService, Metadata, Pool,
+    Protocol, StaticEndpoint, StaticService, Telemetry, Tls, TlsMode,
 };
 pub use duration::{Duration, DurationRange};
 pub use error::ConfigError;

@@ -124,6 +124,22 @@ impl Visitor<'_> for SizeVisitor {
     }
 }
 
+/// Deserializes a size in `min..=max`, with the crate's range wording
+/// (`must be from 8KiB to 1MiB, found 4KiB`).
+pub(crate) fn within<'de, D: Deserializer<'de>>(
+    d: D,
+    min: ByteSize,
+    max: ByteSize,
+) -> Result<ByteSize, D::Error> {
+    let value = ByteSize::deserialize(d)?;
+    if value < min || value > max {
+        return Err(de::Error::custom(format!(
+            "must be from {min} to {max}, found {value}"
+        )));
+    }
+    Ok(value)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

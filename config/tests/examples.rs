@@ -46,6 +46,12 @@ fn design_bootstrap_example_loads_with_its_policy() {
     assert_eq!(b.drain.grace.get(), std::time::Duration::from_secs(20));
     assert_eq!(b.dns.attempts, 2, "defaults fill the tables left out");
     assert_eq!(b.pool.max_idle_per_endpoint, 32);
+    assert_eq!(b.telemetry, weft_config::Telemetry::default());
+    assert_eq!(b.telemetry.sampling_ratio.get(), 1.0);
+    assert!(!b.telemetry.otlp_metrics);
+    assert_eq!(b.telemetry.otlp_metrics_interval.to_string(), "15s");
+    assert_eq!(b.telemetry_service_name(), "checkout", "[service] name");
+    assert_eq!(b.limits, weft_config::Limits::default());
 
     let billing = &b.directory.services[0];
     assert_eq!(billing.protocol, Protocol::Auto);
@@ -123,6 +129,18 @@ fn every_key_example_loads() {
         loaded.path.with_file_name("tls/checkout-key.pem")
     );
     assert!(b.control_plane.is_none());
+    assert_eq!(
+        b.telemetry.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4317")
+    );
+    assert_eq!(b.telemetry.sampling_ratio.get(), 0.25);
+    assert_eq!(b.telemetry_service_name(), "checkout-eu");
+    assert!(b.telemetry.access_log);
+    assert_eq!(b.limits.max_connections, 5000);
+    assert_eq!(b.limits.max_uri_length.get(), 4096);
+    assert_eq!(b.limits.http2_keep_alive_interval.to_string(), "30s");
+    assert!(b.telemetry.otlp_metrics);
+    assert_eq!(b.telemetry.otlp_metrics_interval.to_string(), "30s");
 
     let checkout = &loaded.policies[&name("checkout")];
     assert_eq!(checkout.outbound.load_balancer, LoadBalancer::LeastRequest);

@@ -15,7 +15,7 @@
 //! | `watch_lag_seconds` | histogram | | for each put this replica made: from issuing it to the directory view applying its revision |
 //! | `store_errors_total` | counter | `operation`, `error` | store calls that failed |
 //! | `registrations_total` | counter | | Register streams accepted (instance written to the store; re-registrations after a lost lease are not counted) |
-//! | `registrations_rejected_total` | counter | `reason` = `no_registration`, `invalid_instance`, `store_error` | Register streams refused |
+//! | `registrations_rejected_total` | counter | `reason` = `no-registration`, `invalid-instance`, `store-error` | Register streams refused |
 //! | `deregistrations_total` | counter | | graceful deregistrations |
 //! | `lease_expiries_total` | counter | | registrations held by this replica whose lease expired (see [`Metrics::lease_expired`]) |
 //! | `directory_services`, `directory_instances` | gauge | | services and live instances in the view |
@@ -68,6 +68,11 @@ struct ReasonLabels {
 struct StoreErrorLabels {
     operation: &'static str,
     error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,6 +137,7 @@ pub struct Metrics {
     directory_revision: Gauge,
     store_ready: Gauge,
     admin_requests: Family<AdminLabels, Counter>,
+    connections_refused: Family<ListenerLabels, Counter>,
     pending_writes: Mutex<PendingWrites>,
 }
 
@@ -161,8 +167,16 @@ impl Metrics {
             directory_revision: Gauge::default(),
             store_ready: Gauge::default(),
             admin_requests: Family::default(),
+            connections_refused: Family::default(),
             pending_writes: Mutex::default(),
         };
+        for listener in ["grpc", "admin"] {
+            drop(
+                metrics
+                    .connections_refused
+                    .get_or_create(&ListenerLabels { listener }),
+            );
+        }
         // Label values known in advance show up at 0 from the start.
         for kind in ["full", "delta"] {
             drop(metrics.pushes.get_or_create(&KindLabels { kind }));
@@ -251,7 +265,18 @@ impl Metrics {
             "Admin API requests answered, by method, route and status",
             m.admin_requests.clone(),
         );
+        r.register(
+            "connections_refused",
+            "Client connections closed at accept because the listener was at its connection limit, by listener",
+            m.connections_refused.clone(),
+        );
         metrics
+    }
+
+    /// The counter of connections `listener` (`grpc` or `admin`) refused.
+    pub fn connections_refused(&self, listener: &'static str) -> Counter {
+        self.connections_refused
+            .get_or_create_owned(&ListenerLabels { listener })
     }
 
     /// The exposition, with the directory gauges taken from `view`.
@@ -564,7 +589,7 @@ mod tests {
             sample(
                 &text,
                 &format!(
-                    "{p}store_errors_total{{operation=\"keep_alive\",error=\"lease_not_found\"}}"
+                    "{p}store_errors_total{{operation=\"keep_alive\",error=\"lease-not-found\"}}"
                 )
             ),
             Some(1.0)

@@ -1,29 +1,95 @@
 //! A small HTTP/1.1 + HTTP/2 server loop for the control plane's HTTP listeners,
 //! stopping (gracefully, letting in-flight requests finish) on cancellation.
+//!
+//! Hardened like the sidecar's listeners (README, "Hardening defaults"): at most
+//! [`Limits::max_connections`] open at once (past it a connection is accepted
+//! and closed at once, counted in `weft_control_plane_connections_refused_total`
+//! and logged at most once a second); a new connection must show its protocol
+//! within [`HEADER_READ_TIMEOUT`]; HTTP/1 heads are bounded in bytes and fields
+//! and must arrive within that timeout (hyper's timer, which also closes an
+//! HTTP/1 connection idle that long); HTTP/2 streams, header lists, reset
+//! floods and dead peers are bounded explicitly.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+/// An HTTP/1 request head, and a new connection's first bytes, must arrive
+/// within this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest HTTP/1 request head and HTTP/2 header list.
+const MAX_HEADER_SIZE: u32 = 64 * 1024;
+/// Most fields in an HTTP/1 request head.
+const MAX_HEADERS: usize = 100;
+/// HTTP/2 streams a client may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Streams a client may reset before they were accepted (rapid reset).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams reset because the client broke the protocol, before GOAWAY.
+const MAX_LOCAL_ERROR_RESETS: usize = 256;
+/// Ping an HTTP/2 client silent this long; drop it if the ping is unanswered
+/// for `H2_PING_TIMEOUT`.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(60);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// Refused connections are logged at most this often per listener.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One listener's connection cap and the counter of connections it refused.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: u32,
+    pub refused: Counter,
+}
+
+fn harden(builder: &mut auto::Builder<TokioExecutor>) {
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEADER_SIZE as usize)
+        .max_headers(MAX_HEADERS)
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_SIZE)
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
+        .keep_alive_interval(H2_PING_INTERVAL)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
+}
+
 /// Serve `handler` on `listener` until `stop`.
-pub async fn http<F, Fut>(listener: TcpListener, stop: CancellationToken, handler: F)
-where
+pub async fn http<F, Fut>(
+    listener: TcpListener,
+    limits: Limits,
+    stop: CancellationToken,
+    handler: F,
+) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    harden(&mut builder);
     accept_loop(
         "admin",
         listener,
+        limits,
         stop,
         builder,
         hyper::service::service_fn(handler),
@@ -32,7 +98,7 @@ where
 }
 
 /// Serve a gRPC service (HTTP/2 only) on `listener` until `stop`.
-pub async fn grpc<S>(listener: TcpListener, stop: CancellationToken, service: S)
+pub async fn grpc<S>(listener: TcpListener, limits: Limits, stop: CancellationToken, service: S)
 where
     S: tower::Service<
             Request<Incoming>,
@@ -43,10 +109,11 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http2_only();
-    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    harden(&mut builder);
+    let builder = builder.http2_only();
     let service = hyper_util::service::TowerToHyperService::new(service);
-    accept_loop("gRPC", listener, stop, builder, service).await;
+    accept_loop("gRPC", listener, limits, stop, builder, service).await;
 }
 
 /// Accept until `stop`, serving each connection with `service`; then let open
@@ -54,6 +121,7 @@ where
 async fn accept_loop<S, B>(
     name: &'static str,
     listener: TcpListener,
+    limits: Limits,
     stop: CancellationToken,
     builder: auto::Builder<TokioExecutor>,
     service: S,
@@ -67,6 +135,9 @@ async fn accept_loop<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
+    let mut last_log: Option<Instant> = None;
+    let mut unlogged = 0u64;
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -76,17 +147,60 @@ async fn accept_loop<S, B>(
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             continue;
         };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            drop(stream);
+            limits.refused.inc();
+            let now = Instant::now();
+            if last_log.is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_INTERVAL) {
+                unlogged += 1;
+            } else {
+                tracing::warn!(
+                    listener = name,
+                    max_connections = limits.max_connections,
+                    also_refused = unlogged,
+                    "connection refused: the listener is at its connection limit"
+                );
+                last_log = Some(now);
+                unlogged = 0;
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service.clone())
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let service = service.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(error) = conn.await {
+            let _permit = permit;
+            // hyper-util's auto builder waits for the HTTP/2 preface without a
+            // timer of its own (hyperium/hyper#3756).
+            if tokio::time::timeout(HEADER_READ_TIMEOUT, sniff(&stream))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned();
+            if let Err(error) = watcher.watch(conn).await {
                 tracing::debug!(listener = name, client.addr = %peer, %error, "connection ended with an error");
             }
         });
     }
     drop(listener);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+/// Waits until the first bytes of `stream` tell HTTP/1 from HTTP/2 (without
+/// consuming them), or the peer closes.
+async fn sniff(stream: &TcpStream) -> std::io::Result<()> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        let seen = buf.get(..n).unwrap_or_default();
+        if n == 0 || n == buf.len() || !H2_PREFACE.starts_with(seen) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

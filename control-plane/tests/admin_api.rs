@@ -10,12 +10,13 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use support::cp::{ControlPlane, TOKEN, start};
-use support::etcd::EtcdServer;
+use support::start;
+use weft_tests::control_plane::{ControlPlane, TOKEN};
+use weft_tests::etcd::EtcdServer;
 
 fn weftctl(cp: &ControlPlane, token: Option<&Path>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_weftctl"));
-    cmd.arg("--control-plane").arg(&cp.admin);
+    cmd.arg("--control-plane").arg(cp.admin_url());
     if let Some(t) = token {
         cmd.arg("--token-file").arg(t);
     }
@@ -51,8 +52,8 @@ fn eventually(cp: &ControlPlane, token: &Path, args: &[&str], ok: impl Fn(&str) 
 }
 
 fn exercise(cp: &ControlPlane) {
-    let token = cp.dir.join("tokens");
-    let policy = cp.dir.join("billing.toml");
+    let token = cp.token_file().to_owned();
+    let policy = cp.dir().path().join("billing.toml");
     std::fs::write(
         &policy,
         "service = \"billing\"\n\n[outbound]\nload_balancer = \"round-robin\"\n",
@@ -74,7 +75,7 @@ fn exercise(cp: &ControlPlane) {
 
     // An invalid policy is refused with the file, line, column and key, and
     // nothing changes.
-    let bad = cp.dir.join("bad.toml");
+    let bad = cp.dir().path().join("bad.toml");
     std::fs::write(
         &bad,
         "service = \"billing\"\n\n[outbound]\nload_balancer = \"random\"\n",
@@ -105,7 +106,7 @@ fn exercise(cp: &ControlPlane) {
     );
 
     // No token, or a wrong one: 401, nothing leaks.
-    let wrong = cp.dir.join("wrong");
+    let wrong = cp.dir().path().join("wrong");
     std::fs::write(&wrong, "not-the-right-token-at-all\n").unwrap();
     for t in [None, Some(wrong.as_path())] {
         let out = weftctl(cp, t, &["get", "services"]);
@@ -128,7 +129,7 @@ fn exercise(cp: &ControlPlane) {
 /// A PUT of a policy over a raw socket; returns the whole response text.
 fn raw_put(cp: &ControlPlane, service: &str, body: &str, token: Option<&str>) -> String {
     use std::io::{Read, Write};
-    let addr = cp.admin.trim_start_matches("http://");
+    let addr = cp.admin();
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let auth = token
@@ -147,7 +148,7 @@ fn raw_put(cp: &ControlPlane, service: &str, body: &str, token: Option<&str>) ->
 
 #[test]
 fn admin_api_on_the_embedded_store() {
-    let cp = start("dev", &["--dev".to_owned()]);
+    let cp = start(ControlPlane::dev());
     exercise(&cp);
 }
 
@@ -155,7 +156,7 @@ fn admin_api_on_the_embedded_store() {
 async fn admin_api_on_etcd() {
     let etcd = EtcdServer::start().await.expect("etcd (run scripts/setup)");
     let url = etcd.client_url().to_owned();
-    let cp = tokio::task::spawn_blocking(move || start("etcd", &["--etcd".to_owned(), url]))
+    let cp = tokio::task::spawn_blocking(move || start(ControlPlane::etcd(url)))
         .await
         .unwrap();
     tokio::task::spawn_blocking(move || exercise(&cp))

@@ -10,10 +10,11 @@ mod support;
 
 use std::time::Duration;
 
-use support::cp::start;
-use support::etcd::EtcdServer;
 use support::grpc::{Subscription, instance, instances_of, register, subscribe};
+use support::start;
 use support::wait_for;
+use weft_tests::control_plane::ControlPlane;
+use weft_tests::etcd::EtcdServer;
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 
@@ -26,7 +27,7 @@ async fn drain(sub: &mut Subscription, quiet: Duration) -> Vec<weft_api::v1::Sub
     seen
 }
 
-async fn wait_ready(cp: &support::cp::ControlPlane, status: u16) -> anyhow::Result<()> {
+async fn wait_ready(cp: &ControlPlane, status: u16) -> anyhow::Result<()> {
     wait_for(
         &format!("/ready {status}"),
         Duration::from_secs(15),
@@ -39,15 +40,10 @@ async fn wait_ready(cp: &support::cp::ControlPlane, status: u16) -> anyhow::Resu
 async fn an_etcd_outage_drops_no_registration_and_no_subscriber() -> anyhow::Result<()> {
     let mut etcd = EtcdServer::start().await?;
     let url = etcd.client_url().to_owned();
-    let mut cp = tokio::task::spawn_blocking(move || {
-        start(
-            "outage",
-            &["--etcd".into(), url, "--lease-ttl".into(), "2s".into()],
-        )
-    })
-    .await?;
-    let _registration = register(&cp.grpc, instance("billing", "a", 7001)).await;
-    let mut sub = subscribe(&cp.grpc, &["billing"]).await;
+    let cp =
+        tokio::task::spawn_blocking(move || start(ControlPlane::etcd(url).lease_ttl("2s"))).await?;
+    let _registration = register(&cp.grpc_url(), instance("billing", "a", 7001)).await;
+    let mut sub = subscribe(&cp.grpc_url(), &["billing"]).await;
     sub.until(|m| instances_of(m, "billing").is_some_and(|i| i == ["a"]))
         .await;
     wait_ready(&cp, 200).await?;
@@ -55,14 +51,14 @@ async fn an_etcd_outage_drops_no_registration_and_no_subscriber() -> anyhow::Res
     etcd.kill()?;
     wait_ready(&cp, 503).await?;
     // The cached view is still served, to a new subscriber too.
-    let mut during = subscribe(&cp.grpc, &["billing"]).await;
+    let mut during = subscribe(&cp.grpc_url(), &["billing"]).await;
     let full = during.next().await;
     assert!(full.full);
     assert_eq!(instances_of(&full, "billing").unwrap(), ["a"]);
     // Down for longer than the lease TTL.
     tokio::time::sleep(LEASE_TTL + Duration::from_secs(1)).await;
     assert!(
-        cp.child_running(),
+        cp.is_running(),
         "the control plane exited while etcd was down"
     );
 
@@ -70,7 +66,7 @@ async fn an_etcd_outage_drops_no_registration_and_no_subscriber() -> anyhow::Res
     wait_ready(&cp, 200).await?;
     // Past another lease TTL with etcd back: the registration is still there.
     tokio::time::sleep(LEASE_TTL + Duration::from_secs(1)).await;
-    let mut after = subscribe(&cp.grpc, &["billing"]).await;
+    let mut after = subscribe(&cp.grpc_url(), &["billing"]).await;
     let full = after.next().await;
     assert!(full.full);
     assert_eq!(instances_of(&full, "billing").unwrap(), ["a"]);

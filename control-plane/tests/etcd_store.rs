@@ -18,8 +18,8 @@ use weft_control_plane::store::etcd::{
 };
 use weft_control_plane::store::{Store, StoreError};
 
-use support::etcd::EtcdServer;
-use support::tls::TestPki;
+use support::tls;
+use weft_tests::etcd::{EtcdCluster, EtcdServer};
 
 fn bytes(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
@@ -160,7 +160,7 @@ async fn a_watch_ends_with_an_error_when_etcd_goes_away() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn tls_with_a_client_certificate() -> anyhow::Result<()> {
-    let pki = TestPki::generate()?;
+    let pki = tls::generate()?;
     let server = EtcdServer::start_tls(&pki).await?;
     let dir = server.tls_dir();
     let tls = |ca: PathBuf, client: bool| EtcdTls {
@@ -196,7 +196,7 @@ async fn tls_with_a_client_certificate() -> anyhow::Result<()> {
 
     // A CA that did not sign etcd's certificate.
     let stranger = dir.join("other-ca.pem");
-    std::fs::write(&stranger, TestPki::generate()?.ca)?;
+    std::fs::write(&stranger, tls::generate()?.ca)?;
     let refused = EtcdStore::connect(with(server.client_url(), tls(stranger, true))).await;
     ensure!(refused.is_err(), "trusted a certificate from another CA");
 
@@ -206,4 +206,52 @@ async fn tls_with_a_client_certificate() -> anyhow::Result<()> {
         Err(ConnectError::Invalid { .. }) => Ok(()),
         other => bail!("TLS over an http:// URL gave {other:?}"),
     }
+}
+
+/// A three-member cluster loses the member the store talks to (and then a
+/// second one is restarted and the first comes back): requests move to the
+/// next member within the request timeout, reads and writes keep working,
+/// a watch started afterwards works, and nothing written is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn losing_a_cluster_member_costs_a_retry_not_an_outage() -> anyhow::Result<()> {
+    let mut cluster = EtcdCluster::start(3).await?;
+    let mut options = EtcdOptions::new(cluster.client_urls());
+    options.request_timeout = Duration::from_secs(2);
+    let store = EtcdStore::connect(options).await?;
+    store.put("before", bytes("1"), None).await?;
+
+    // The store starts with the first member: kill it.
+    cluster.kill(0)?;
+    for i in 0..20 {
+        let started = Instant::now();
+        store
+            .put(&format!("during/{i}"), bytes("x"), None)
+            .await
+            .with_context(|| format!("put {i} with member 0 dead"))?;
+        ensure!(
+            started.elapsed() < Duration::from_secs(3),
+            "put {i} took {:?}",
+            started.elapsed()
+        );
+    }
+    let lease = store.grant_lease(Duration::from_secs(5)).await?;
+    store.put("leased", bytes("l"), Some(lease)).await?;
+    store.keep_alive(lease).await?;
+    let (listed, revision) = store.list("during/").await?;
+    ensure!(listed.len() == 20, "{} keys under during/", listed.len());
+    let mut watch = store.watch("after/", revision).await?;
+    store.put("after/a", bytes("2"), None).await?;
+    let batch = tokio::time::timeout(Duration::from_secs(5), watch.recv())
+        .await
+        .context("no watch event within 5 s")?
+        .context("the watch ended")??;
+    ensure!(!batch.events.is_empty(), "{batch:?}");
+
+    // The first member comes back and the current one goes: still working.
+    cluster.restart(0).await?;
+    cluster.kill(1)?;
+    store.put("later", bytes("3"), None).await?;
+    ensure!(store.get("before").await?.is_some());
+    ensure!(store.get("later").await?.is_some());
+    Ok(())
 }

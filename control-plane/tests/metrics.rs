@@ -19,10 +19,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use weft_api::v1::{Deregister, RegisterRequest, register_request};
 
-use support::cp::{TOKEN, start};
-use support::etcd::EtcdServer;
 use support::grpc::{client, instance, instances_of, put_policy, register, subscribe};
+use support::start;
 use support::wait_for;
+use weft_tests::control_plane::{ControlPlane, TOKEN};
+use weft_tests::etcd::EtcdServer;
 
 const P: &str = "weft_control_plane_";
 
@@ -133,22 +134,17 @@ fn promtool_accepts(text: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_follow_a_known_sequence() {
-    let cp = tokio::task::spawn_blocking(|| {
-        start(
-            "metrics",
-            &["--dev".into(), "--lease-ttl".into(), "1s".into()],
-        )
-    })
-    .await
-    .unwrap();
+    let cp = tokio::task::spawn_blocking(|| start(ControlPlane::dev().lease_ttl("1s")))
+        .await
+        .unwrap();
     wait_for("/ready", Duration::from_secs(10), || async {
-        Ok((http(&cp.admin, "GET", "/ready").await.0 == 200).then_some(()))
+        Ok((http(&cp.admin_url(), "GET", "/ready").await.0 == 200).then_some(()))
     })
     .await
     .unwrap();
 
     // At start: everything at zero, the store followed, process metrics present.
-    let m = scrape(&cp.admin).await;
+    let m = scrape(&cp.admin_url()).await;
     for series in [
         "connected_sidecars",
         "register_streams",
@@ -173,13 +169,13 @@ async fn metrics_follow_a_known_sequence() {
 
     // Two subscribers: one full snapshot each.
     let mut subs = [
-        subscribe(&cp.grpc, &["billing"]).await,
-        subscribe(&cp.grpc, &["billing"]).await,
+        subscribe(&cp.grpc_url(), &["billing"]).await,
+        subscribe(&cp.grpc_url(), &["billing"]).await,
     ];
     for sub in &mut subs {
         assert!(sub.next().await.full);
     }
-    scrape_until(&cp.admin, "2 subscribers", |m| {
+    scrape_until(&cp.admin_url(), "2 subscribers", |m| {
         m.get("connected_sidecars") == 2.0 && m.get("pushes_total{kind=\"full\"}") == 2.0
     })
     .await;
@@ -195,18 +191,22 @@ async fn metrics_follow_a_known_sequence() {
     .unwrap();
     let stream =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let err = client(&cp.grpc).await.register(stream).await.unwrap_err();
+    let err = client(&cp.grpc_url())
+        .await
+        .register(stream)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 
     // One registration, one policy, one deregistration: one delta each per
     // subscriber.
-    let reg_a = register(&cp.grpc, instance("billing", "a", 7001)).await;
+    let reg_a = register(&cp.grpc_url(), instance("billing", "a", 7001)).await;
     for sub in &mut subs {
         sub.until(|m| instances_of(m, "billing").is_some_and(|i| i == ["a"]))
             .await;
     }
     let policy = "service = \"billing\"\n[outbound]\nload_balancer = \"round-robin\"\n";
-    assert_eq!(put_policy(&cp.admin, "billing", policy).await, 200);
+    assert_eq!(put_policy(&cp.admin_url(), "billing", policy).await, 200);
     for sub in &mut subs {
         sub.until(|m| m.services.iter().any(|s| s.policy_toml == policy))
             .await;
@@ -221,7 +221,7 @@ async fn metrics_follow_a_known_sequence() {
         sub.until(|m| instances_of(m, "billing").is_some_and(|i| i.is_empty()))
             .await;
     }
-    let m = scrape_until(&cp.admin, "the register stream to close", |m| {
+    let m = scrape_until(&cp.admin_url(), "the register stream to close", |m| {
         m.get("register_streams") == 0.0
     })
     .await;
@@ -249,7 +249,7 @@ async fn metrics_follow_a_known_sequence() {
     assert_eq!(m.get("watch_lag_seconds_count"), 2.0);
     assert_eq!(m.get("directory_services"), 1.0, "billing keeps its policy");
     assert_eq!(m.get("directory_instances"), 0.0);
-    let (_, _, list) = http(&cp.admin, "GET", "/v1/services").await;
+    let (_, _, list) = http(&cp.admin_url(), "GET", "/v1/services").await;
     let list: serde_json::Value = serde_json::from_str(&list).unwrap();
     assert_eq!(
         m.get("directory_revision"),
@@ -272,7 +272,7 @@ async fn metrics_follow_a_known_sequence() {
 
     // A sidecar that vanishes: its lease expires, which is counted once the
     // TTL has passed (1 s, plus 1 s).
-    let reg_c = register(&cp.grpc, instance("billing", "c", 7003)).await;
+    let reg_c = register(&cp.grpc_url(), instance("billing", "c", 7003)).await;
     for sub in &mut subs {
         sub.until(|m| instances_of(m, "billing").is_some_and(|i| i == ["c"]))
             .await;
@@ -282,7 +282,7 @@ async fn metrics_follow_a_known_sequence() {
         sub.until(|m| instances_of(m, "billing").is_some_and(|i| i.is_empty()))
             .await;
     }
-    let m = scrape_until(&cp.admin, "the lease expiry", |m| {
+    let m = scrape_until(&cp.admin_url(), "the lease expiry", |m| {
         m.get("lease_expiries_total") == 1.0
     })
     .await;
@@ -295,7 +295,7 @@ async fn metrics_follow_a_known_sequence() {
 
     // The subscribers leave.
     drop(subs);
-    let m = scrape_until(&cp.admin, "the subscribers to leave", |m| {
+    let m = scrape_until(&cp.admin_url(), "the subscribers to leave", |m| {
         m.get("connected_sidecars") == 0.0
     })
     .await;
@@ -309,18 +309,17 @@ async fn metrics_follow_a_known_sequence() {
 async fn store_errors_are_counted_when_etcd_goes_away() {
     let etcd = EtcdServer::start().await.expect("etcd (run scripts/setup)");
     let url = etcd.client_url().to_owned();
-    let cp =
-        tokio::task::spawn_blocking(move || start("metrics-etcd", &["--etcd".to_owned(), url]))
-            .await
-            .unwrap();
-    let m = scrape_until(&cp.admin, "the view to follow etcd", |m| {
+    let cp = tokio::task::spawn_blocking(move || start(ControlPlane::etcd(url)))
+        .await
+        .unwrap();
+    let m = scrape_until(&cp.admin_url(), "the view to follow etcd", |m| {
         m.get("store_ready") == 1.0
     })
     .await;
     assert!(!m.text.contains("store_errors_total{"), "{}", m.text);
 
     drop(etcd);
-    let m = scrape_until(&cp.admin, "the view to lose etcd", |m| {
+    let m = scrape_until(&cp.admin_url(), "the view to lose etcd", |m| {
         m.get("store_ready") == 0.0
     })
     .await;
@@ -336,8 +335,8 @@ async fn store_errors_are_counted_when_etcd_goes_away() {
     assert!(watch_or_list >= 1.0, "{}", m.text);
 
     let policy = "service = \"billing\"\n[outbound]\nload_balancer = \"round-robin\"\n";
-    assert_eq!(put_policy(&cp.admin, "billing", policy).await, 503);
-    let m = scrape(&cp.admin).await;
+    assert_eq!(put_policy(&cp.admin_url(), "billing", policy).await, 503);
+    let m = scrape(&cp.admin_url()).await;
     assert_eq!(
         m.get("store_errors_total{operation=\"put\",error=\"unavailable\"}"),
         1.0

@@ -11,25 +11,24 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use weft_api::v1::{Deregister, RegisterRequest, register_request};
 
-use support::cp::start;
 use support::grpc::{client, instance, instances_of, put_policy, register, subscribe};
+use support::start;
+use weft_tests::control_plane::ControlPlane;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn registration_subscription_deltas_and_deregistration() {
-    let cp = tokio::task::spawn_blocking(|| {
-        start("push", &["--dev".into(), "--lease-ttl".into(), "1s".into()])
-    })
-    .await
-    .unwrap();
+    let cp = tokio::task::spawn_blocking(|| start(ControlPlane::dev().lease_ttl("1s")))
+        .await
+        .unwrap();
 
     // A subscription to a service that does not exist yet: full snapshot, "removed".
-    let mut sub = subscribe(&cp.grpc, &["billing"]).await;
+    let mut sub = subscribe(&cp.grpc_url(), &["billing"]).await;
     let first = sub.next().await;
     assert!(first.full);
     assert_eq!(first.removed, ["billing"]);
 
     // Registration shows up as a delta with a higher version.
-    let reg_a = register(&cp.grpc, instance("billing", "a", 7001)).await;
+    let reg_a = register(&cp.grpc_url(), instance("billing", "a", 7001)).await;
     let msg = sub.until(|m| instances_of(m, "billing").is_some()).await;
     assert!(!msg.full);
     assert!(msg.version > first.version);
@@ -37,11 +36,11 @@ async fn registration_subscription_deltas_and_deregistration() {
     assert_eq!(msg.services[0].live_instances, 1);
 
     // A second instance, then a policy applied through the admin API.
-    let reg_b = register(&cp.grpc, instance("billing", "b", 7002)).await;
+    let reg_b = register(&cp.grpc_url(), instance("billing", "b", 7002)).await;
     sub.until(|m| instances_of(m, "billing").is_some_and(|i| i.len() == 2))
         .await;
     let policy = "service = \"billing\"\n[outbound]\nload_balancer = \"least-request\"\n";
-    let status = put_policy(&cp.admin, "billing", policy).await;
+    let status = put_policy(&cp.admin_url(), "billing", policy).await;
     assert_eq!(status, 200);
     let msg = sub
         .until(|m| {
@@ -57,7 +56,7 @@ async fn registration_subscription_deltas_and_deregistration() {
     );
 
     // A late subscriber gets everything in one full snapshot.
-    let mut late = subscribe(&cp.grpc, &["billing"]).await;
+    let mut late = subscribe(&cp.grpc_url(), &["billing"]).await;
     let full = late.next().await;
     assert!(full.full);
     assert_eq!(instances_of(&full, "billing").unwrap(), ["a", "b"]);
@@ -92,7 +91,7 @@ async fn registration_subscription_deltas_and_deregistration() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_requests_are_refused() {
-    let cp = tokio::task::spawn_blocking(|| start("push-bad", &["--dev".into()]))
+    let cp = tokio::task::spawn_blocking(|| start(ControlPlane::dev()))
         .await
         .unwrap();
     // A registration with a bad address.
@@ -106,11 +105,15 @@ async fn invalid_requests_are_refused() {
     .unwrap();
     let stream =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let err = client(&cp.grpc).await.register(stream).await.unwrap_err();
+    let err = client(&cp.grpc_url())
+        .await
+        .register(stream)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("address"), "{err:?}");
     // A subscription to an invalid name.
-    let mut sub = subscribe(&cp.grpc, &["Not A Name"]).await;
+    let mut sub = subscribe(&cp.grpc_url(), &["Not A Name"]).await;
     let err = tokio::time::timeout(Duration::from_secs(5), sub.rx.message())
         .await
         .unwrap()

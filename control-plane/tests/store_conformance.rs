@@ -14,7 +14,7 @@ mod support;
 
 use weft_control_plane::store::etcd::{EtcdOptions, EtcdStore};
 
-use support::etcd::EtcdServer;
+use weft_tests::etcd::EtcdServer;
 
 /// A fresh etcd and a store connected to it; the server stops when dropped.
 async fn etcd_store() -> anyhow::Result<(EtcdServer, EtcdStore)> {

@@ -14,7 +14,9 @@ use tokio::sync::mpsc;
 use weft_api::v1::control_plane_client::ControlPlaneClient;
 use weft_api::v1::{Instance, Metadata, RegisterRequest, register_request};
 
-use support::cp::{ControlPlane, TOKEN, start, temp_dir};
+use support::start;
+use weft_tests::control_plane::{ControlPlane, TOKEN};
+use weft_tests::process::TempDir;
 
 /// `weftctl --control-plane URL [--token-file FILE] ARGS`, with nothing taken
 /// from the environment.
@@ -57,14 +59,14 @@ struct Cp {
 }
 
 impl Cp {
-    fn start(tag: &str) -> Self {
-        let cp = start(tag, &["--dev".to_owned()]);
-        let token = cp.dir.join("tokens");
+    fn start() -> Self {
+        let cp = start(ControlPlane::dev());
+        let token = cp.token_file().to_owned();
         Self { cp, token }
     }
 
     fn run(&self, args: &[&str]) -> Run {
-        run(&self.cp.admin, Some(&self.token), args)
+        run(&self.cp.admin_url(), Some(&self.token), args)
     }
 
     /// Polls a read that goes through the control plane's view (which follows
@@ -87,7 +89,7 @@ impl Cp {
     }
 
     fn write(&self, name: &str, text: &str) -> String {
-        let path = self.cp.dir.join(name);
+        let path = self.cp.dir().path().join(name);
         std::fs::write(&path, text).unwrap();
         path.to_str().unwrap().to_owned()
     }
@@ -105,9 +107,9 @@ const BAD: &str = "service = \"billing\"\n\n[outbound]\nload_balancer = \"random
 
 #[test]
 fn check_validates_offline_with_located_messages() {
-    let dir = temp_dir("weftctl-check");
-    let good = dir.join("good.toml");
-    let bad = dir.join("bad.toml");
+    let dir = TempDir::new().unwrap();
+    let good = dir.path().join("good.toml");
+    let bad = dir.path().join("bad.toml");
     std::fs::write(&good, RR).unwrap();
     std::fs::write(&bad, BAD).unwrap();
     let (good, bad) = (good.to_str().unwrap(), bad.to_str().unwrap());
@@ -138,7 +140,7 @@ fn check_validates_offline_with_located_messages() {
         r.all()
     );
 
-    let missing = dir.join("missing.toml");
+    let missing = dir.path().join("missing.toml");
     let r = run(offline, None, &["check", "-f", missing.to_str().unwrap()]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(
@@ -147,12 +149,11 @@ fn check_validates_offline_with_located_messages() {
         "{}",
         r.all()
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn apply_reports_created_unchanged_and_updated_lines() {
-    let cp = Cp::start("weftctl-apply");
+    let cp = Cp::start();
     let file = cp.write("billing.toml", RR);
 
     let r = cp.run(&["apply", "-f", &file]);
@@ -209,7 +210,7 @@ fn apply_reports_created_unchanged_and_updated_lines() {
 
 #[test]
 fn diff_exits_0_when_identical_and_1_with_the_changed_lines() {
-    let cp = Cp::start("weftctl-diff");
+    let cp = Cp::start();
     let file = cp.write("billing.toml", RR);
 
     // No stored policy: every line is new.
@@ -301,7 +302,7 @@ async fn register(grpc: String, inst: Instance) -> mpsc::Sender<RegisterRequest>
 
 #[test]
 fn get_services_instances_policy_and_delete_policy() {
-    let cp = Cp::start("weftctl-get");
+    let cp = Cp::start();
     let file = cp.write("billing.toml", RR);
     assert_eq!(cp.run(&["apply", "-f", &file]).code, 0);
     cp.eventually(&["get", "services"], |t| {
@@ -312,11 +313,11 @@ fn get_services_instances_policy_and_delete_policy() {
 
     // Two registered instances (the runtime keeps their streams open).
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let _a = rt.block_on(register(cp.cp.grpc.clone(), instance("a", 7001)));
+    let _a = rt.block_on(register(cp.cp.grpc_url(), instance("a", 7001)));
     let mut plain = instance("b", 7002);
     plain.metadata = None;
     plain.admin_address = String::new();
-    let _b = rt.block_on(register(cp.cp.grpc.clone(), plain));
+    let _b = rt.block_on(register(cp.cp.grpc_url(), plain));
     let t = cp.eventually(&["get", "instances", "billing"], |t| t.lines().count() == 3);
     assert!(
         has_row(&t, &["ID", "ADDRESS", "ZONE", "VERSION", "WEIGHT", "ADMIN"]),
@@ -370,11 +371,11 @@ fn get_services_instances_policy_and_delete_policy() {
 
 #[test]
 fn a_missing_or_wrong_token_is_one_clear_line() {
-    let cp = Cp::start("weftctl-auth");
+    let cp = Cp::start();
     let file = cp.write("billing.toml", RR);
-    let wrong = cp.cp.dir.join("wrong");
+    let wrong = cp.cp.dir().path().join("wrong");
     std::fs::write(&wrong, "not-the-right-token-at-all\n").unwrap();
-    let admin = &cp.cp.admin;
+    let admin = &cp.cp.admin_url();
     for (args, code) in [
         (&["get", "services"][..], 1),
         (&["apply", "-f", &file][..], 1),
@@ -437,7 +438,8 @@ fn connection_refused_names_the_address() {
 
 #[test]
 fn certs_makes_a_ca_and_service_certificates_offline() {
-    let dir = temp_dir("weftctl-certs");
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
     let out = dir.display().to_string();
     let nowhere = refused_url();
     let r = run(

@@ -20,8 +20,9 @@ use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 use weft_api::v1::RegisterRequest;
 
-use support::cp::{ControlPlane, start};
 use support::grpc;
+use support::start;
+use weft_tests::control_plane::ControlPlane;
 
 /// The duration histogram's bucket bounds in these expositions.
 const LES: [&str; 6] = ["0.005", "0.01", "0.025", "0.05", "0.1", "+Inf"];
@@ -208,9 +209,9 @@ struct Mesh {
 }
 
 impl Mesh {
-    fn start(tag: &str) -> Self {
-        let cp = start(tag, &["--dev".to_owned()]);
-        let token = cp.dir.join("tokens");
+    fn start() -> Self {
+        let cp = start(ControlPlane::dev());
+        let token = cp.token_file().to_owned();
         Self {
             cp,
             token,
@@ -228,12 +229,14 @@ impl Mesh {
         let mut instance = grpc::instance(service, id, 0);
         instance.address = address.to_owned();
         instance.admin_address = admin.map(|a| a.to_string()).unwrap_or_default();
-        let tx = self.rt.block_on(grpc::register(&self.cp.grpc, instance));
+        let tx = self
+            .rt
+            .block_on(grpc::register(&self.cp.grpc_url(), instance));
         self.registrations.push(tx);
     }
 
     fn run(&self, args: &[&str]) -> Run {
-        run(&self.cp.admin, Some(&self.token), args)
+        run(&self.cp.admin_url(), Some(&self.token), args)
     }
 
     /// Wait until `get services` lists `rows` (SERVICE INSTANCES POLICY).
@@ -257,7 +260,7 @@ impl Mesh {
 
 #[test]
 fn stat_reports_rates_success_latency_and_refusals_from_every_sidecar() {
-    let mut mesh = Mesh::start("weftctl-stat");
+    let mut mesh = Mesh::start();
     let charge = labels("inbound", "billing", "charge");
     let no_route = labels("inbound", "billing", "");
     let home = labels("inbound", "web", "home");
@@ -495,8 +498,8 @@ fn stat_errors_are_one_line() {
     );
     assert_eq!((r.stderr.lines().count(), r.stdout.as_str()), (1, ""));
 
-    let mesh = Mesh::start("weftctl-stat-auth");
-    let admin = &mesh.cp.admin;
+    let mesh = Mesh::start();
+    let admin = &mesh.cp.admin_url();
     let r = run(admin, None, &["stat", "--interval", "100ms"]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert_eq!(
@@ -519,7 +522,7 @@ fn stat_errors_are_one_line() {
 
 #[test]
 fn watch_redraws_every_interval_until_interrupted() {
-    let mut mesh = Mesh::start("weftctl-stat-watch");
+    let mut mesh = Mesh::start();
     let charge = labels("inbound", "billing", "charge");
     let server = metrics_server(
         &mesh.rt,
@@ -528,7 +531,7 @@ fn watch_redraws_every_interval_until_interrupted() {
     mesh.register("billing", "b-1", Some(server));
     mesh.wait_for_services(&[&["billing", "1", "no"]]);
 
-    let child = weftctl(&mesh.cp.admin, Some(&mesh.token))
+    let child = weftctl(&mesh.cp.admin_url(), Some(&mesh.token))
         .args(["stat", "--watch", "--interval", "200ms"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -4,6 +4,9 @@
 //!   observation, label it, finish it (counter + histogram);
 //! - `telemetry/observe_refused`: the same for a refused request (plus the
 //!   refusal counter);
+//! - `telemetry/observe_traced`: `observe` with traces on: the span started
+//!   (trace context extracted and injected), ended and queued for export (to
+//!   an exporter that discards), and the access log line (filtered out);
 //! - `route/match`: the first matching route among 8 (path prefix, method,
 //!   header), and no match;
 //! - `rate_limit/check`: one GCRA check that admits;
@@ -19,21 +22,40 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use http::{HeaderMap, HeaderValue, Method, Response};
+use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use weft_proxy::body;
 use weft_proxy::error::ProxyError;
 use weft_proxy::headers;
 use weft_proxy::limits::{RateLimit, Share};
 use weft_proxy::route::RouteTable;
-use weft_proxy::telemetry::{Direction, Metrics, Observation};
+use weft_proxy::telemetry::{Direction, Metrics, Observation, Reporters, TraceSettings, Traces};
+
+/// An exporter that accepts and discards every batch.
+#[derive(Debug)]
+struct Discard;
+
+impl opentelemetry_sdk::trace::SpanExporter for Discard {
+    async fn export(
+        &self,
+        _batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        Ok(())
+    }
+}
 
 fn telemetry(c: &mut Criterion) {
     let metrics = Arc::new(Metrics::new(false));
+    let reporters = Arc::new(Reporters {
+        metrics: Arc::clone(&metrics),
+        traces: None,
+        access_log: false,
+    });
+    let mut req = Request::new(());
     let service: Arc<str> = Arc::from("billing");
     let route: Arc<str> = Arc::from("charge");
     c.bench_function("telemetry/observe", |b| {
         b.iter(|| {
-            let mut obs = Observation::start(&metrics, Direction::Outbound);
+            let mut obs = Observation::start(&reporters, Direction::Outbound, &mut req);
             obs.set_service(&service);
             obs.set_route(&route);
             black_box(obs.respond(Response::new(body::empty())));
@@ -44,10 +66,35 @@ fn telemetry(c: &mut Criterion) {
             service: "billing".into(),
         };
         b.iter(|| {
-            let mut obs = Observation::start(&metrics, Direction::Outbound);
+            let mut obs = Observation::start(&reporters, Direction::Outbound, &mut req);
             obs.set_service(&service);
             obs.set_route(&route);
             obs.refused(&error);
+            black_box(obs.respond(Response::new(body::empty())));
+        });
+    });
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _entered = runtime.enter();
+    let settings = TraceSettings {
+        endpoint: "http://127.0.0.1:4317".to_owned(),
+        sampling_ratio: 1.0,
+        service_name: "bench".to_owned(),
+    };
+    let traced = Arc::new(Reporters {
+        metrics: Arc::clone(&metrics),
+        traces: Some(Traces::with_exporter(&settings, Discard, metrics.spans())),
+        access_log: true,
+    });
+    let mut req = Request::builder()
+        .uri("http://billing/charge/1")
+        .body(())
+        .unwrap();
+    c.bench_function("telemetry/observe_traced", |b| {
+        b.iter(|| {
+            let mut obs = Observation::start(&traced, Direction::Outbound, &mut req);
+            obs.set_service(&service);
+            obs.set_route(&route);
             black_box(obs.respond(Response::new(body::empty())));
         });
     });

@@ -23,16 +23,17 @@ use crate::control_plane::{ControlPlaneClient, Registration};
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
 use crate::remote::RemoteServices;
-use crate::server::serve;
+use crate::server::{Hardening, serve};
 use crate::state::{Bound, Shared};
-use crate::telemetry::Direction;
-use crate::telemetry::metrics::ConnectionMetrics;
+use crate::telemetry::{Direction, otlp_metrics};
 use crate::tls::accept::InboundTls;
 
 /// Longest wait for the control plane to acknowledge a deregistration.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time for a deregistration to reach callers before the listeners close.
 const PROPAGATION_DELAY: Duration = Duration::from_millis(500);
+/// Longest wait, at exit, for the spans still queued to be exported.
+const SPAN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options of `weft-proxy run`.
 #[derive(Debug, Clone)]
@@ -59,6 +60,19 @@ fn write_bound_file(path: &Path, bound: &Bound) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This instance's id: `[service] id`, else the host name and the process id.
+fn instance_id(service: &weft_config::LocalService) -> String {
+    match &service.id {
+        Some(id) => id.clone(),
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "host".to_owned());
+            format!("{host}-{}", std::process::id())
+        }
+    }
+}
+
 /// What this sidecar registers with the control plane: its `[service]`, reachable
 /// at `advertise` (default: the bound inbound address, which must then be a
 /// specific IP).
@@ -76,15 +90,7 @@ fn registration(
             "the advertised address is {address}; set [service] advertise (or --advertise, WEFT_ADVERTISE) to the address other sidecars should use"
         );
     }
-    let id = match &service.id {
-        Some(id) => id.clone(),
-        None => {
-            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_owned())
-                .unwrap_or_else(|_| "host".to_owned());
-            format!("{host}-{}", std::process::id())
-        }
-    };
+    let id = instance_id(service);
     weft_api::InstanceRecord::check_id(&id).map_err(|e| anyhow::anyhow!("[service] id: {e}"))?;
     // An admin listener on every interface is reached at the advertised IP.
     let admin_address = if bound.admin.ip().is_unspecified() {
@@ -111,6 +117,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         .context("loading the configuration")??;
     let listen = loaded.bootstrap.listen.clone();
     let shared = Shared::new(loaded).map_err(anyhow::Error::msg)?;
+    let config = shared.config();
+    let instance = config.loaded.bootstrap.service.as_ref().map(instance_id);
+    if let Some(settings) =
+        otlp_metrics::ExportSettings::from_bootstrap(&config.loaded.bootstrap, instance)
+    {
+        otlp_metrics::start(&settings, &shared)?;
+    }
 
     let outbound = bind("outbound", listen.outbound).await?;
     let inbound = bind("inbound", listen.inbound).await?;
@@ -161,6 +174,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
     // Data listeners stop at the start of the drain; admin keeps answering (with
     // /ready = 503) until the process exits.
+    let limits = shared.config().loaded.bootstrap.limits.clone();
     let data_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
     let out_task = tokio::spawn(serve(
@@ -172,6 +186,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             move |peer| Outbound::new(Arc::clone(&s), peer)
         },
         shared.metrics.connections(Direction::Outbound).clone(),
+        Hardening::data(&limits),
         data_stop.clone(),
     ));
     let inbound_tls = shared.tls.as_ref().map(|tls| {
@@ -199,6 +214,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             move |peer| Inbound::new(Arc::clone(&s), peer)
         },
         shared.metrics.connections(Direction::Inbound).clone(),
+        Hardening::data(&limits),
         data_stop.clone(),
     ));
     let admin_task = tokio::spawn(serve(
@@ -209,7 +225,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let s = Arc::clone(&shared);
             move |_| Admin::new(Arc::clone(&s))
         },
-        ConnectionMetrics::default(),
+        shared.metrics.admin_connections().clone(),
+        Hardening::admin(&limits),
         admin_stop.clone(),
     ));
 
@@ -251,6 +268,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     match drained {
         Ok(()) => tracing::info!("drained; exiting"),
         Err(_) => tracing::warn!("grace period over with requests still in flight; exiting"),
+    }
+    if let Some(traces) = &shared.reporters.traces {
+        traces.shutdown(SPAN_FLUSH_TIMEOUT).await;
     }
     shared.shutdown.cancel();
     admin_stop.cancel();

@@ -91,6 +91,15 @@ pub enum ProxyError {
 
     #[error("the request would loop back into this proxy's own listener {listener}")]
     Loop { listener: SocketAddr },
+
+    #[error("the request target is {length} bytes, over limits.max_uri_length ({max})")]
+    UriTooLong { length: usize, max: usize },
+
+    #[error("ambiguous request: {problem}")]
+    AmbiguousRequest { problem: &'static str },
+
+    #[error("the inbound listener only serves the local service; {authority:?} is another host")]
+    ForeignAuthority { authority: String },
 }
 
 impl ProxyError {
@@ -112,6 +121,9 @@ impl ProxyError {
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::NoLocalService => StatusCode::SERVICE_UNAVAILABLE,
             Self::Loop { .. } => StatusCode::LOOP_DETECTED,
+            Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            Self::AmbiguousRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::ForeignAuthority { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -131,6 +143,9 @@ impl ProxyError {
             Self::Upstream { .. } => "upstream-failure",
             Self::NoLocalService => "no-local-service",
             Self::Loop { .. } => "loop-detected",
+            Self::UriTooLong { .. } => "uri-too-long",
+            Self::AmbiguousRequest { .. } => "ambiguous-request",
+            Self::ForeignAuthority { .. } => "foreign-authority",
         }
     }
 }
@@ -144,6 +159,7 @@ impl ProxyError {
             Self::EndpointsSaturated { .. } => Some("outbound.endpoint_max_concurrency"),
             Self::Timeout { limit, .. } => Some(limit),
             Self::BudgetExhausted { last } => last.limit(),
+            Self::UriTooLong { .. } => Some("limits.max_uri_length"),
             _ => None,
         }
     }
@@ -187,6 +203,11 @@ pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     headers.insert(WEFT_REASON, HeaderValue::from_static(err.reason()));
     if let Some(limit) = err.limit().and_then(|l| HeaderValue::from_str(l).ok()) {
         headers.insert(WEFT_LIMIT, limit);
+    }
+    // The client's framing cannot be trusted: whatever follows this request on
+    // the connection is not read as another request.
+    if matches!(err, ProxyError::AmbiguousRequest { .. }) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if let Some(wait) = err.retry_after() {
         headers.insert(header::RETRY_AFTER, retry_after_value(wait));

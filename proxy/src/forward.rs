@@ -31,6 +31,7 @@ use crate::body::{self, ProxyBody};
 use crate::client::UpstreamClient;
 use crate::error::ProxyError;
 use crate::headers;
+use crate::retry::replay::BodyError;
 
 /// Between sidecars: the HTTP version the callee's sidecar speaks to its app
 /// (`http1` or `http2`).
@@ -152,6 +153,10 @@ pub async fn send(
                 endpoint: hop.endpoint,
                 source,
             }
+        } else if request_body_failed(&source) {
+            // The client's own body broke (e.g. a bad chunk size): its fault, not
+            // the endpoint's.
+            ProxyError::RequestBody(BodyError(Box::new(source)))
         } else {
             ProxyError::Upstream {
                 endpoint: hop.endpoint,
@@ -183,6 +188,22 @@ pub async fn send(
         });
     }
     Ok(rsp)
+}
+
+/// Whether sending failed because the request body (read from the client)
+/// failed: hyper reports that as a user error somewhere in the chain.
+fn request_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = error.source();
+    while let Some(cause) = next {
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 fn endpoint_uri(endpoint: SocketAddr, path: &PathAndQuery, tls: bool) -> Result<Uri, ProxyError> {

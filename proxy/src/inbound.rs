@@ -1,7 +1,9 @@
 //! The inbound path: other sidecars call the local app.
 //!
 //! Every request goes to the `[service] app` address, whatever its authority says
-//! (the inbound listener is never an open proxy to other hosts). Before that, the
+//! (the inbound listener is never an open proxy to other hosts), and an HTTP/1
+//! absolute-form request naming another host is refused outright (403,
+//! `foreign-authority`: see [`crate::screen`]). Before that, the
 //! local service's policy protects this instance, most specific limit first:
 //! 1. the matched route's `rate_limit` (this instance's share of it);
 //! 2. `inbound.rate_limit` (this instance's share of the service-wide limit);
@@ -36,6 +38,7 @@ use crate::error::{ProxyError, error_response};
 use crate::forward::{Hop, forward, take_protocol};
 use crate::headers;
 use crate::outbound::WEFT_CALLER;
+use crate::screen::{self, LocalNames};
 use crate::state::Shared;
 use crate::telemetry::{Direction, Observation};
 use crate::tls::CallerIdentity;
@@ -48,17 +51,31 @@ pub const ANONYMOUS: &str = "anonymous";
 pub struct Inbound {
     shared: Arc<Shared>,
     client_addr: SocketAddr,
+    /// `[limits] max_uri_length` (fixed at start).
+    max_uri_length: usize,
+    /// `[service] advertise`, which absolute-form requests may name.
+    advertise: Option<SocketAddr>,
 }
 
 impl Inbound {
     pub fn new(shared: Arc<Shared>, client_addr: SocketAddr) -> Self {
+        let max_uri_length = crate::outbound::max_uri_length(&shared);
+        let advertise = shared
+            .config()
+            .loaded
+            .bootstrap
+            .service
+            .as_ref()
+            .and_then(|s| s.advertise);
         Self {
             shared,
             client_addr,
+            max_uri_length,
+            advertise,
         }
     }
 
-    async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let directory = self.shared.directory();
         let stats = directory
             .local
@@ -67,7 +84,8 @@ impl Inbound {
         if let Some(stats) = &stats {
             stats.request();
         }
-        let mut observation = Observation::start(&self.shared.metrics, Direction::Inbound);
+        let mut observation =
+            Observation::start(&self.shared.reporters, Direction::Inbound, &mut req);
         match self.proxy(&directory, req, &mut observation).await {
             Ok(rsp) => observation.respond(rsp),
             Err(error) => {
@@ -89,6 +107,15 @@ impl Inbound {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let local = directory.local.as_ref().ok_or(ProxyError::NoLocalService)?;
         observation.set_service(&local.label);
+        screen::request(&req, self.max_uri_length)?;
+        screen::inbound_authority(
+            &req,
+            LocalNames {
+                service: local.name.as_str(),
+                listener: self.shared.bound().map(|b| b.inbound),
+                advertise: self.advertise,
+            },
+        )?;
         let policy = &local.policy;
         let index = policy
             .routes()
@@ -139,6 +166,7 @@ impl Inbound {
         };
         headers::add_forwarded_proto(req.headers_mut(), self.client_addr, host.as_deref(), proto);
         let protocol = take_protocol(req.headers_mut());
+        observation.set_endpoint(local.addr);
         let hop = Hop {
             client: &local.client,
             endpoint: local.addr,

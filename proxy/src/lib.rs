@@ -6,10 +6,11 @@
 //! |---|---|
 //! | [`app`] | start-up, signals, reload, drain and exit |
 //! | [`state`] | the effective config and directory snapshots, readiness, reload |
-//! | [`server`] | accept loop and HTTP/1.1 + HTTP/2 serving with graceful shutdown |
+//! | [`server`] | accept loop, connection caps and hyper's limits, HTTP/1.1 + HTTP/2 serving with graceful shutdown |
 //! | [`outbound`] | the app's calls to other services: destination, discovery, balancing |
 //! | [`inbound`] | other sidecars' calls to the local app |
 //! | [`admin`] | `/live`, `/ready`, `/config`, `/endpoints`, `POST /reload` |
+//! | [`screen`] | checks every request passes first: URI length, HTTP/1 framing, inbound authority |
 //! | [`target`] | a request's logical destination |
 //! | [`directory`] | the services this sidecar can call, rebuilt on reload |
 //! | [`remote`] | services pushed by the control plane, shaped like directory services |
@@ -27,9 +28,9 @@
 //! | [`limits`] | rate limits (governor) and concurrency caps |
 //! | [`retry`] | retry classification, backoff, replayable bodies |
 //! | [`stats`] | counters of requests, retries, ejections and refusals (for `/endpoints`) |
-//! | [`telemetry`] | `/metrics`, and the observation every finished request is reported through |
+//! | [`telemetry`] | `/metrics`, request spans (OTLP), the access log, and the observation every finished request is reported through |
 //!
-//! Requests flow `server -> outbound|inbound -> (directory, discovery, balance) ->
+//! Requests flow `server -> outbound|inbound -> screen -> (directory, discovery, balance) ->
 //! forward -> client`. Live state reaches the request path as `Arc` snapshots read
 //! from `watch` channels; nothing on the request path holds a lock across an await.
 
@@ -51,6 +52,7 @@ pub mod policy;
 pub mod remote;
 pub mod retry;
 pub mod route;
+pub mod screen;
 pub mod server;
 pub mod state;
 pub mod stats;

@@ -49,6 +49,7 @@ use crate::policy::{OutboundPolicy, RoutePlan};
 use crate::retry::backoff::backoff;
 use crate::retry::classify::{Outcome, classify_error, grpc_status, is_failure, retryable};
 use crate::retry::replay::{self, Prepared};
+use crate::screen;
 use crate::state::Shared;
 use crate::stats::Stats;
 use crate::target::Destination;
@@ -69,6 +70,8 @@ pub const WEFT_CALLER: &str = "weft-caller";
 pub struct Outbound {
     shared: Arc<Shared>,
     client_addr: SocketAddr,
+    /// `[limits] max_uri_length` (fixed at start).
+    max_uri_length: usize,
 }
 
 /// Where one request goes: discovery's answer.
@@ -85,17 +88,21 @@ struct Target<'a> {
 
 impl Outbound {
     pub fn new(shared: Arc<Shared>, client_addr: SocketAddr) -> Self {
+        let max_uri_length = max_uri_length(&shared);
         Self {
             shared,
             client_addr,
+            max_uri_length,
         }
     }
 
-    async fn handle(self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // Logged on refusal: bounded, whatever length the client sent.
+        let path = truncated(req.uri().path(), LOGGED_PATH_MAX).to_owned();
         let mut stats = None;
-        let mut observation = Observation::start(&self.shared.metrics, Direction::Outbound);
+        let mut observation =
+            Observation::start(&self.shared.reporters, Direction::Outbound, &mut req);
         match self.proxy(req, &mut stats, &mut observation).await {
             Ok(rsp) => observation.respond(rsp),
             Err(error) => {
@@ -123,6 +130,7 @@ impl Outbound {
         stats: &mut Option<Arc<Stats>>,
         observation: &mut Observation,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        screen::request(&req, self.max_uri_length)?;
         let dest = Destination::from_request(&req)?;
         let directory = self.shared.directory();
         let dns_target;
@@ -213,7 +221,7 @@ impl Outbound {
         target: &Target<'_>,
         plan: &RoutePlan<'_>,
         req: Request<Incoming>,
-        observation: &Observation,
+        observation: &mut Observation,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let policy = &target.policy;
         let retry = &plan.retry;
@@ -253,6 +261,7 @@ impl Outbound {
                 Prepared::Replayable(replay) => replay.body(),
                 Prepared::Streaming(streaming) => std::mem::replace(streaming, body::empty()),
             };
+            observation.set_endpoint(endpoint.addr());
             let result = self
                 .send_once(target, plan, &mut head, attempt_body, endpoint.addr())
                 .await;
@@ -401,6 +410,24 @@ impl Outbound {
             None => body::boxed(Tracked::new(b, in_flight)),
         })
     }
+}
+
+/// The longest path a refusal log line repeats.
+const LOGGED_PATH_MAX: usize = 256;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn truncated(text: &str, max: usize) -> &str {
+    let end = (0..=max.min(text.len()))
+        .rev()
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(0);
+    &text[..end]
+}
+
+/// `[limits] max_uri_length` in bytes.
+pub(crate) fn max_uri_length(shared: &Shared) -> usize {
+    let limit = shared.config().loaded.bootstrap.limits.max_uri_length.get();
+    usize::try_from(limit).unwrap_or(usize::MAX)
 }
 
 fn select_error(error: SelectError, service: &str) -> ProxyError {

@@ -22,7 +22,7 @@ use weft_config::Loaded;
 use crate::control_plane::ControlPlaneClient;
 use crate::directory::{Directory, OwnService};
 use crate::remote::RemoteServices;
-use crate::telemetry::{Direction, Metrics};
+use crate::telemetry::{Direction, Metrics, Reporters};
 use crate::tls::MeshTls;
 
 /// The effective configuration and its version.
@@ -72,6 +72,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// This sidecar's mTLS identity, with `[tls]`.
     pub tls: Option<Arc<MeshTls>>,
+    /// Metrics, spans and the access log: what every request reports to.
+    pub reporters: Arc<Reporters>,
 }
 
 fn now_secs() -> u64 {
@@ -82,8 +84,9 @@ fn now_secs() -> u64 {
 }
 
 impl Shared {
-    /// Build the state from a loaded configuration (reading the `[tls]`
-    /// files, whose identity must fit `[service]`).
+    /// Build the state from a loaded configuration (inside a Tokio runtime:
+    /// with traces on, this starts the span export task), reading the `[tls]`
+    /// files, whose identity must fit `[service]`.
     pub fn new(loaded: Loaded) -> Result<Arc<Self>, String> {
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -99,6 +102,8 @@ impl Shared {
         )
         .map_err(|e| format!("[tls]: {e}"))?;
         let directory = Directory::build(&loaded, tls.as_deref(), &tasks, &shutdown)?;
+        let reporters =
+            Reporters::start(&loaded.bootstrap, Arc::clone(&metrics)).map_err(|e| e.to_string())?;
         let snapshot = ConfigSnapshot {
             version: 1,
             loaded_at: now_secs(),
@@ -117,6 +122,7 @@ impl Shared {
             shutdown,
             metrics,
             tls,
+            reporters: Arc::new(reporters),
         }))
     }
 
@@ -198,6 +204,18 @@ impl Shared {
         if loaded.bootstrap.tls != current.loaded.bootstrap.tls {
             return Err(ReloadError::Rejected(format!(
                 "{}: [tls] changed; it only changes on restart (the files it names are re-read on change), nothing was applied",
+                self.path.display()
+            )));
+        }
+        if loaded.bootstrap.telemetry != current.loaded.bootstrap.telemetry {
+            return Err(ReloadError::Rejected(format!(
+                "{}: [telemetry] changed; traces, OTLP metrics and the access log are set up at start and only change on restart, nothing was applied",
+                self.path.display()
+            )));
+        }
+        if loaded.bootstrap.limits != current.loaded.bootstrap.limits {
+            return Err(ReloadError::Rejected(format!(
+                "{}: [limits] changed; listener limits only change on restart, nothing was applied",
                 self.path.display()
             )));
         }

@@ -2,7 +2,7 @@
 //!
 //! [`Bootstrap`] renders a standalone-mode bootstrap in which every listener
 //! binds `127.0.0.1:0` (the proxy reports the real ports in its bound file),
-//! with optional `[service]`, `[dns]`, `[drain]` and static
+//! with optional `[service]`, `[dns]`, `[drain]`, `[telemetry]`, `[limits]` and static
 //! `[[directory.services]]` entries. Scenarios that test parsing itself write
 //! their TOML by hand instead, so that line and column numbers are visible in
 //! the test.
@@ -85,6 +85,7 @@ struct LocalApp {
     policy: Option<String>,
     instances: Option<u32>,
     metadata: Vec<(String, String)>,
+    id: Option<String>,
 }
 
 /// A bootstrap file for a standalone sidecar on loopback.
@@ -93,8 +94,11 @@ pub struct Bootstrap {
     app: Option<LocalApp>,
     dns: Option<SocketAddr>,
     grace: String,
+    telemetry: Option<String>,
+    limits: Vec<String>,
     services: Vec<DirService>,
     tls: Option<(String, Option<String>)>,
+    control_plane: Vec<String>,
 }
 
 impl Default for Bootstrap {
@@ -110,8 +114,11 @@ impl Bootstrap {
             app: None,
             dns: None,
             grace: "5s".to_owned(),
+            telemetry: None,
+            limits: Vec::new(),
             services: Vec::new(),
             tls: None,
+            control_plane: Vec::new(),
         }
     }
 
@@ -123,6 +130,13 @@ impl Bootstrap {
         self
     }
 
+    /// Adds `[telemetry]` with `body` as its keys (TOML written by the test,
+    /// e.g. `otlp_endpoint = "http://127.0.0.1:4317"\naccess_log = true`).
+    pub fn telemetry(mut self, body: &str) -> Self {
+        self.telemetry = Some(body.to_owned());
+        self
+    }
+
     /// Adds `[service]` with this name and local app address.
     pub fn app(mut self, name: &str, addr: SocketAddr) -> Self {
         self.app = Some(LocalApp {
@@ -131,6 +145,7 @@ impl Bootstrap {
             policy: None,
             instances: None,
             metadata: Vec::new(),
+            id: None,
         });
         self
     }
@@ -150,6 +165,21 @@ impl Bootstrap {
     /// Sets `[service] instances` (the share of service-wide limits).
     pub fn instances(mut self, instances: u32) -> Self {
         self.local_app().instances = Some(instances);
+        self
+    }
+
+    /// Sets `[service] id` (the instance id it registers with a control plane).
+    pub fn app_id(mut self, id: &str) -> Self {
+        self.local_app().id = Some(id.to_owned());
+        self
+    }
+
+    /// Adds `[control_plane] addresses` (each `http://HOST:PORT`).
+    pub fn control_plane<S: Into<String>>(
+        mut self,
+        addresses: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.control_plane = addresses.into_iter().map(Into::into).collect();
         self
     }
 
@@ -174,6 +204,12 @@ impl Bootstrap {
         self
     }
 
+    /// Adds `key = value` (TOML, written as given) to `[limits]`.
+    pub fn limit(mut self, key: &str, value: &str) -> Self {
+        self.limits.push(format!("{key} = {value}"));
+        self
+    }
+
     /// Adds a directory service.
     pub fn service(mut self, service: DirService) -> Self {
         self.services.push(service);
@@ -192,6 +228,9 @@ impl Bootstrap {
             .unwrap();
             if let Some(policy) = &app.policy {
                 writeln!(out, "policy = {policy:?}").unwrap();
+            }
+            if let Some(id) = &app.id {
+                writeln!(out, "id = {id:?}").unwrap();
             }
             if let Some(instances) = app.instances {
                 writeln!(out, "instances = {instances}").unwrap();
@@ -223,6 +262,21 @@ impl Bootstrap {
                 writeln!(out, "watch_interval = {watch:?}").unwrap();
             }
             out.push('\n');
+        }
+        if let Some(body) = &self.telemetry {
+            writeln!(out, "[telemetry]\n{body}\n").unwrap();
+        }
+        if !self.limits.is_empty() {
+            writeln!(out, "[limits]\n{}\n", self.limits.join("\n")).unwrap();
+        }
+        if !self.control_plane.is_empty() {
+            let addresses = self
+                .control_plane
+                .iter()
+                .map(|a| format!("{a:?}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            writeln!(out, "[control_plane]\naddresses = [{addresses}]\n").unwrap();
         }
         for service in &self.services {
             writeln!(out, "[[directory.services]]\nname = {:?}", service.name).unwrap();

@@ -19,17 +19,27 @@
 //!   sidecar (outbound keys) and a service's own sidecar (inbound keys).
 //! - [`metrics`]: a `/metrics` scrape read by name and labels, and
 //!   `promtool check metrics`.
+//! - [`otlp`]: an OTLP/gRPC trace receiver that keeps the spans proxies export.
 //! - [`client`]: HTTP clients that send through the proxy in absolute form,
 //!   with a Host header, or as HTTP/2 prior knowledge, plus a raw TCP client
 //!   for byte-exact requests and upgrades.
 //! - [`tls`]: a mesh CA and service certificates (`weft-certs`, as `weftctl
 //!   certs` makes them) for sidecars with `[tls]`, and a TLS client that shows
 //!   what a listener negotiates and which certificate it presents.
+//! - [`traffic`]: steady background traffic through a client, every outcome
+//!   recorded and counted (errors, 5xx, statuses, backends, time windows).
+//! - [`etcd`]: a real etcd, one node or a cluster on loopback, that a test can
+//!   kill and restart member by member.
+//! - [`control_plane`]: a `weft-control-plane` process (`--dev` or on etcd)
+//!   with its token file, kill and restart on the same addresses, and a
+//!   `weftctl` runner.
 //!
-//! Running: build the proxy into the same target directory, then run the
-//! tests (`cargo build -p weft-proxy && cargo nextest run -p weft-tests`, or
-//! plain `cargo test -p weft-tests`). `WEFT_PROXY_BIN` points the tests at
-//! another binary; `WEFT_TEST_LOG` sets the proxies' `WEFT_LOG` (default
+//! Running: build the binaries into the same target directory, then run the
+//! tests (`cargo build -p weft-proxy -p weft-control-plane --bins && cargo
+//! nextest run -p weft-tests`, or plain `cargo test -p weft-tests`); the
+//! control-plane scenarios need etcd (`scripts/setup`). `WEFT_PROXY_BIN`,
+//! `WEFT_CONTROL_PLANE_BIN` and `WEFTCTL_BIN` point the tests at other
+//! binaries; `WEFT_TEST_LOG` sets the proxies' `WEFT_LOG` (default
 //! `info`). A proxy's stderr is printed when its guard drops, and the test
 //! runner shows it for failing tests only.
 //!
@@ -44,11 +54,15 @@ pub mod admin;
 pub mod backend;
 pub mod client;
 pub mod config;
+pub mod control_plane;
 pub mod dns;
+pub mod etcd;
 pub mod mesh;
 pub mod metrics;
+pub mod otlp;
 pub mod process;
 pub mod tls;
+pub mod traffic;
 
 use std::collections::BTreeMap;
 use std::future::Future;

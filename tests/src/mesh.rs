@@ -1,4 +1,8 @@
-//! The two sidecars a service policy is enforced by, each started in one call.
+//! The two sidecars a service policy is enforced by, each started in one call;
+//! and, for meshes run by a control plane, an instance's sidecar that
+//! registers ([`registered`]), a caller that names no address at all
+//! ([`mesh_caller`]), and what their `/endpoints` says ([`endpoint_addrs`],
+//! [`control_plane_state`]).
 //!
 //! A policy file has two audiences: the sidecar of each *caller* enforces the
 //! `[outbound]` keys, routes' timeouts and retries and `[[splits]]` when it
@@ -42,8 +46,19 @@ pub async fn callee(
     instances: u32,
     policy_body: &str,
 ) -> anyhow::Result<Proxy> {
+    callee_with(Bootstrap::new(), name, app, instances, policy_body).await
+}
+
+/// Like [`callee`], on top of `bootstrap` (e.g. one with `[telemetry]`).
+pub async fn callee_with(
+    bootstrap: Bootstrap,
+    name: &str,
+    app: SocketAddr,
+    instances: u32,
+    policy_body: &str,
+) -> anyhow::Result<Proxy> {
     let file = format!("{name}.toml");
-    let bootstrap = Bootstrap::new()
+    let bootstrap = bootstrap
         .app(name, app)
         .app_policy(&file)
         .instances(instances);
@@ -51,4 +66,71 @@ pub async fn callee(
         .file(&file, policy_file(name, policy_body))
         .start()
         .await
+}
+
+/// The sidecar of instance `id` of service `name` in front of `app`,
+/// registering with the control plane at `addresses` (no static directory).
+pub async fn registered(
+    name: &str,
+    id: &str,
+    app: SocketAddr,
+    addresses: &[String],
+) -> anyhow::Result<Proxy> {
+    Proxy::start(
+        Bootstrap::new()
+            .app(name, app)
+            .app_id(id)
+            .control_plane(addresses.iter().cloned())
+            .render(),
+    )
+    .await
+}
+
+/// A caller-only sidecar whose bootstrap names no service at all: it learns
+/// every destination from the control plane at `addresses`.
+pub async fn mesh_caller(addresses: &[String]) -> anyhow::Result<Proxy> {
+    Proxy::start(
+        Bootstrap::new()
+            .control_plane(addresses.iter().cloned())
+            .render(),
+    )
+    .await
+}
+
+/// Every endpoint address (whatever its state) the sidecar behind `admin`
+/// lists for `service` in `/endpoints`; empty when it lists no such service.
+pub async fn endpoint_addrs(
+    admin: &crate::admin::Admin,
+    service: &str,
+) -> anyhow::Result<std::collections::BTreeSet<SocketAddr>> {
+    let endpoints = admin.endpoints().await?;
+    let Ok(entry) = endpoints.service(service) else {
+        return Ok(Default::default());
+    };
+    let mut out = std::collections::BTreeSet::new();
+    for endpoint in entry["endpoints"].as_array().into_iter().flatten() {
+        if let Some(addr) = endpoint["address"].as_str() {
+            out.insert(addr.parse()?);
+        }
+    }
+    Ok(out)
+}
+
+/// The sidecar's control-plane connection as `/endpoints` shows it:
+/// `("connected", Some(address))`, `("disconnected", None)`, ...
+pub async fn control_plane_state(
+    admin: &crate::admin::Admin,
+) -> anyhow::Result<(String, Option<String>)> {
+    let endpoints = admin.endpoints().await?;
+    let connection = &endpoints.0["control_plane"]["connection"];
+    let state = connection["state"]
+        .as_str()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "/endpoints has no control_plane connection: {}",
+                endpoints.0
+            )
+        })?
+        .to_owned();
+    Ok((state, connection["address"].as_str().map(str::to_owned)))
 }

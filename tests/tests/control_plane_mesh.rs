@@ -4,104 +4,37 @@
 //! and reaches the app through billing's sidecar. A policy applied to the control
 //! plane reaches the caller; a graceful shutdown of billing's sidecar removes the
 //! instance from the caller's view at once.
+//!
+//! Under steady traffic through the caller (100 requests per second, every
+//! outcome counted): a third instance gets traffic within a second of starting,
+//! a SIGKILLed one leaves the caller's view within the lease TTL + 1 s, a
+//! SIGTERMed one leaves at once and its drain fails no request; a new rate limit
+//! applied with `weftctl apply` takes effect (429 `inbound.rate_limit`) with no
+//! connection error and no 5xx, and an invalid policy is refused with its
+//! location and changes nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use weft_tests::backend::Backend;
 use weft_tests::client::{Client, Mode};
+use weft_tests::control_plane::ControlPlane;
 use weft_tests::eventually;
-use weft_tests::process::{Proxy, Signal, TempDir, proxy_bin};
+use weft_tests::mesh::{endpoint_addrs, mesh_caller, registered};
+use weft_tests::process::{Proxy, Signal, TempDir};
 use weft_tests::tls::Pki;
+use weft_tests::traffic::Traffic;
 
-const TOKEN: &str = "mesh-test-token-0123456789";
-
-struct ControlPlane {
-    child: Child,
-    grpc: String,
-    admin: String,
-    _dir: TempDir,
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn sibling_bin(name: &str) -> anyhow::Result<PathBuf> {
-    let proxy = proxy_bin()?;
-    let bin = proxy.with_file_name(name);
-    ensure!(
-        bin.exists(),
-        "{} does not exist: build the workspace's binaries first",
-        bin.display()
-    );
-    Ok(bin)
+/// `weftctl ARGS` against `cp`, which must exit 0; stdout and stderr.
+async fn weftctl(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
+    let out = cp.weftctl(args).await?;
+    out.ok()?;
+    Ok(out.all())
 }
 
 async fn start_control_plane() -> anyhow::Result<ControlPlane> {
-    let dir = TempDir::new()?;
-    let tokens = dir.write("tokens", &format!("{TOKEN}\n"))?;
-    let bound = dir.path().join("cp-bound.json");
-    let log = std::fs::File::create(dir.path().join("cp.log"))?;
-    let child = Command::new(sibling_bin("weft-control-plane")?)
-        .args([
-            "--dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--lease-ttl",
-            "2s",
-        ])
-        .arg("--token-file")
-        .arg(&tokens)
-        .arg("--bound-file")
-        .arg(&bound)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let mut cp = ControlPlane {
-        child,
-        grpc: String::new(),
-        admin: String::new(),
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&bound) {
-            let v: serde_json::Value = serde_json::from_str(&text)?;
-            cp.grpc = format!("http://{}", v["listen"].as_str().context("listen")?);
-            cp.admin = format!("http://{}", v["admin"].as_str().context("admin")?);
-            return Ok(cp);
-        }
-        ensure!(Instant::now() < deadline, "the control plane did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn weftctl(cp: &ControlPlane, args: &[&str], dir: &TempDir) -> anyhow::Result<String> {
-    let tokens = dir.write("ctl-token", &format!("{TOKEN}\n"))?;
-    let out = Command::new(sibling_bin("weftctl")?)
-        .arg("--control-plane")
-        .arg(&cp.admin)
-        .arg("--token-file")
-        .arg(&tokens)
-        .args(args)
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure!(out.status.success(), "weftctl {args:?} failed: {text}");
-    Ok(text)
+    ControlPlane::dev().lease_ttl("2s").start().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,7 +60,7 @@ addresses = ["{grpc}"]
 grace = "2s"
 "#,
         app = app.addr(),
-        grpc = cp.grpc
+        grpc = cp.grpc_url()
     ))
     .await?;
 
@@ -141,7 +74,7 @@ admin = "127.0.0.1:0"
 [control_plane]
 addresses = ["{grpc}"]
 "#,
-        grpc = cp.grpc
+        grpc = cp.grpc_url()
     ))
     .await?;
 
@@ -200,7 +133,7 @@ addresses = ["{grpc}"]
         })
     };
     let dir = TempDir::new()?;
-    let stat = weftctl(&cp, &["stat", "--interval", "800ms", "-o", "json"], &dir)?;
+    let stat = weftctl(&cp, &["stat", "--interval", "800ms", "-o", "json"]).await?;
     traffic.await?;
     let stat: serde_json::Value = serde_json::from_str(&stat).context(stat.clone())?;
     let row = stat["rows"]
@@ -218,7 +151,7 @@ addresses = ["{grpc}"]
         "billing.toml",
         "service = \"billing\"\n\n[[routes]]\nname = \"slow\"\nmatch = { path_prefix = \"/slow\" }\ntimeout = \"200ms\"\n",
     )?;
-    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()], &dir)?;
+    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()]).await?;
     eventually(Duration::from_secs(10), || async {
         let reply = client.get("http://billing/slow?ms=2000").await?;
         ensure!(reply.status == 504, "status {}", reply.status);
@@ -304,14 +237,14 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
     let app = Backend::start("billing-app").await?;
     // The bootstrap's own policy file: the fallback until the owner applies one.
     let local_policy = "service = \"billing\"\n\n[inbound]\nmax_concurrency = 7\n";
-    let one = Proxy::builder(billing_sidecar("billing-1", app.addr(), &cp.grpc))
+    let one = Proxy::builder(billing_sidecar("billing-1", app.addr(), &cp.grpc_url()))
         .file("billing-local.toml", local_policy)
         .start()
         .await?;
     expect_local(&one, "file", 1, None).await?;
     // billing-2 says where it is reached on the command line (as a pod would,
     // with its IP); nothing listens there, and nothing in this test calls it.
-    let two = Proxy::builder(billing_sidecar("billing-2", app.addr(), &cp.grpc))
+    let two = Proxy::builder(billing_sidecar("billing-2", app.addr(), &cp.grpc_url()))
         .file("billing-local.toml", local_policy)
         .arg("--advertise")
         .arg("127.0.0.1:9")
@@ -321,7 +254,7 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
     expect_local(&one, "file", 2, None).await?;
     expect_local(&two, "file", 2, None).await?;
     let dir = TempDir::new()?;
-    let instances = weftctl(&cp, &["get", "instances", "billing"], &dir)?;
+    let instances = weftctl(&cp, &["get", "instances", "billing"]).await?;
     let two_line = instances
         .lines()
         .find(|l| l.contains("billing-2"))
@@ -333,7 +266,7 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
         "billing.toml",
         "service = \"billing\"\n\n[inbound]\nrate_limit = { per_second = 40, burst = 4 }\n",
     )?;
-    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()], &dir)?;
+    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()]).await?;
     expect_local(&one, "control-plane", 2, Some((20.0, 2))).await?;
     expect_local(&two, "control-plane", 2, Some((20.0, 2))).await?;
 
@@ -380,7 +313,7 @@ async fn pushed_services_are_called_over_mtls() -> anyhow::Result<()> {
              [listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [control_plane]\naddresses = [\"{grpc}\"]\n{tls}",
             app = app.addr(),
-            grpc = cp.grpc
+            grpc = cp.grpc_url()
         ),
         "billing",
     )
@@ -391,7 +324,7 @@ async fn pushed_services_are_called_over_mtls() -> anyhow::Result<()> {
         format!(
             "[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
              [control_plane]\naddresses = [\"{grpc}\"]\n{tls}",
-            grpc = cp.grpc
+            grpc = cp.grpc_url()
         ),
         "web",
     )
@@ -409,5 +342,339 @@ async fn pushed_services_are_called_over_mtls() -> anyhow::Result<()> {
     ensure!(forwarded.contains("proto=https"), "forwarded: {forwarded}");
     ensure!(reply.header("x-seen-version") == Some("HTTP/1.1"));
     ensure!(app.seen_with("weft-caller", "web") >= 1);
+    Ok(())
+}
+
+/// How often the background traffic sends a request (100 per second).
+const PACE: Duration = Duration::from_millis(10);
+
+/// Waits until `caller` lists exactly `want` as `service`'s endpoints; returns
+/// how long that took.
+async fn until_endpoints(
+    caller: &Proxy,
+    service: &str,
+    want: &[std::net::SocketAddr],
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let admin = caller.admin_client();
+    let want: std::collections::BTreeSet<_> = want.iter().copied().collect();
+    let started = Instant::now();
+    eventually(timeout, || async {
+        let have = endpoint_addrs(&admin, service).await?;
+        ensure!(have == want, "{service}: {have:?}, want {want:?}");
+        Ok(())
+    })
+    .await?;
+    Ok(started.elapsed())
+}
+
+/// Two instances of billing and a caller that names no address find each
+/// other through the control plane; a third instance gets traffic within a
+/// second of starting; a SIGKILLed instance leaves every caller's view within
+/// the lease TTL + 1 s; a SIGTERMed one leaves at once, and its drain fails no
+/// request of the steady traffic the caller sends meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_join_and_leave_under_steady_traffic() -> anyhow::Result<()> {
+    const LEASE_TTL: Duration = Duration::from_secs(2);
+    let cp = ControlPlane::dev().lease_ttl("2s").start().await?;
+    let addresses = [cp.grpc_url()];
+    let apps = [
+        Backend::start("billing-1").await?,
+        Backend::start("billing-2").await?,
+        Backend::start("billing-3").await?,
+    ];
+    let one = registered("billing", "billing-1", apps[0].addr(), &addresses).await?;
+    let two = registered("billing", "billing-2", apps[1].addr(), &addresses).await?;
+    let caller = mesh_caller(&addresses).await?;
+    let client = Client::host_header(caller.outbound());
+
+    // The caller learns both instances (it subscribes on the first call).
+    eventually(Duration::from_secs(10), || async {
+        client
+            .get("http://billing/hello")
+            .await?
+            .expect_status(200)?;
+        Ok(())
+    })
+    .await?;
+    until_endpoints(
+        &caller,
+        "billing",
+        &[one.inbound(), two.inbound()],
+        Duration::from_secs(10),
+    )
+    .await?;
+
+    let traffic = Traffic::start(client.clone(), "http://billing/hello", PACE);
+    traffic.wait_for_more(20, Duration::from_secs(5)).await?;
+
+    // A third instance: traffic reaches its app within a second of its sidecar
+    // being ready (registration and push included).
+    let three = registered("billing", "billing-3", apps[2].addr(), &addresses).await?;
+    let ready = Instant::now();
+    let listed_after = until_endpoints(
+        &caller,
+        "billing",
+        &[one.inbound(), two.inbound(), three.inbound()],
+        Duration::from_secs(5),
+    )
+    .await?;
+    let first_request = eventually(Duration::from_secs(5), || async {
+        ensure!(apps[2].requests() > 0, "billing-3 has had no request");
+        Ok(ready.elapsed())
+    })
+    .await;
+    eprintln!(
+        "billing-3 listed by the caller {listed_after:?} and got its first request {first_request:?} \
+         after its sidecar was ready; caller's view: {}",
+        caller
+            .admin_client()
+            .endpoints()
+            .await?
+            .service("billing")?
+    );
+    let joined_after = first_request?;
+    ensure!(
+        joined_after < Duration::from_secs(1),
+        "billing-3 got traffic only {joined_after:?} after starting"
+    );
+
+    // SIGKILL: no deregistration; the lease expires. The caller drops the
+    // instance within TTL + 1 s, and after that no request fails.
+    let killed = traffic.now();
+    two.signal(Signal::Kill)?;
+    let gone_after = until_endpoints(
+        &caller,
+        "billing",
+        &[one.inbound(), three.inbound()],
+        LEASE_TTL + Duration::from_secs(5),
+    )
+    .await?;
+    let gone = traffic.now();
+    eprintln!("SIGKILLed billing-2 left the caller's view after {gone_after:?}");
+    ensure!(
+        gone_after <= LEASE_TTL + Duration::from_secs(1),
+        "billing-2 stayed in the caller's view {gone_after:?} after SIGKILL (lease TTL {LEASE_TTL:?})"
+    );
+    let app2_requests = apps[1].requests();
+    traffic.wait_for_more(50, Duration::from_secs(5)).await?;
+    ensure!(
+        apps[1].requests() == app2_requests,
+        "billing-2's app still got requests"
+    );
+
+    // Round-robin from here on (p2c-ewma may leave a slightly slower instance
+    // idle at this load), so billing-3 is certainly serving when it is told
+    // to stop.
+    let dir = TempDir::new()?;
+    let policy = dir.write(
+        "billing.toml",
+        "service = \"billing\"\n\n[outbound]\nload_balancer = \"round-robin\"\n",
+    )?;
+    weftctl(&cp, &["apply", "-f", policy.to_str().context("path")?]).await?;
+    let admin = caller.admin_client();
+    eventually(Duration::from_secs(5), || async {
+        let endpoints = admin.endpoints().await?;
+        let billing = endpoints.service("billing")?;
+        ensure!(billing["load_balancer"] == "round-robin", "{billing}");
+        Ok(())
+    })
+    .await?;
+    let three_before = apps[2].requests();
+    traffic.wait_for_more(20, Duration::from_secs(5)).await?;
+    ensure!(
+        apps[2].requests() >= three_before + 5,
+        "billing-3 is not serving its share: {} requests",
+        apps[2].requests() - three_before
+    );
+
+    // SIGTERM: deregistered at once, then drained; no request fails.
+    let terminated = traffic.now();
+    let started = Instant::now();
+    three.signal(Signal::Term)?;
+    let left_after =
+        until_endpoints(&caller, "billing", &[one.inbound()], Duration::from_secs(5)).await?;
+    eprintln!("SIGTERMed billing-3 left the caller's view after {left_after:?}");
+    ensure!(
+        left_after < Duration::from_secs(1),
+        "billing-3 left the caller's view only {left_after:?} after SIGTERM"
+    );
+    let status = three.wait_exit(Duration::from_secs(10)).await?;
+    ensure!(status.success(), "billing-3's sidecar exited with {status}");
+    eprintln!(
+        "billing-3's sidecar exited {:?} after SIGTERM",
+        started.elapsed()
+    );
+    traffic.wait_for_more(50, Duration::from_secs(5)).await?;
+
+    let summary = traffic.stop().await?;
+    eprintln!(
+        "traffic: {:?}, by backend {:?}; between SIGKILL and removal: {:?}",
+        summary.counts(),
+        summary.by_backend(),
+        summary.window(killed, gone).counts()
+    );
+    summary
+        .window(Duration::ZERO, killed)
+        .expect_all(200, 20, "before the SIGKILL")?;
+    summary
+        .window(gone, terminated)
+        .expect_all(200, 40, "after the SIGKILLed instance left")?;
+    summary
+        .since(terminated)
+        .expect_all(200, 50, "while billing-3 drained after SIGTERM")?;
+    let last_three = summary
+        .last_from("billing-3")
+        .context("billing-3 answered nothing")?;
+    eprintln!(
+        "billing-3's last answer: {last_three}; SIGTERM at {terminated:?}; it answered {} requests sent after SIGTERM",
+        summary
+            .since(terminated)
+            .records
+            .iter()
+            .filter(|r| r.outcome.backend() == Some("billing-3"))
+            .count()
+    );
+    ensure!(
+        last_three.sent + Duration::from_millis(100) >= terminated,
+        "billing-3 was not serving when SIGTERM came: {last_three}"
+    );
+    Ok(())
+}
+
+/// `weftctl apply` of a new rate limit reaches billing's running sidecar under
+/// steady traffic: 429s naming `inbound.rate_limit` appear, and no request
+/// fails (no connection error, no 5xx) across the change. An invalid policy
+/// is refused with its file:line:col message and changes nothing: the old
+/// limit still applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_reaches_sidecars_without_dropping_requests() -> anyhow::Result<()> {
+    let cp = ControlPlane::dev().lease_ttl("2s").start().await?;
+    let addresses = [cp.grpc_url()];
+    let app = Backend::start("billing-1").await?;
+    let billing = registered("billing", "billing-1", app.addr(), &addresses).await?;
+    let caller = mesh_caller(&addresses).await?;
+    let client = Client::host_header(caller.outbound());
+    eventually(Duration::from_secs(10), || async {
+        client
+            .get("http://billing/hello")
+            .await?
+            .expect_status(200)?;
+        Ok(())
+    })
+    .await?;
+
+    let traffic = Traffic::start(client.clone(), "http://billing/hello", PACE);
+    traffic.wait_for_more(30, Duration::from_secs(5)).await?;
+
+    // A rate limit of 20/s (burst 5) for a service receiving 100/s.
+    let dir = TempDir::new()?;
+    let good = dir.write(
+        "billing.toml",
+        "service = \"billing\"\n\n[inbound]\nrate_limit = { per_second = 20, burst = 5 }\n",
+    )?;
+    let good = good.to_str().context("path")?;
+    let before_apply = traffic.now();
+    weftctl(&cp, &["apply", "-f", good]).await?;
+    let applied = traffic.now();
+    let admin = billing.admin_client();
+    eventually(Duration::from_secs(5), || async {
+        let summary = traffic.summary().since(applied);
+        ensure!(
+            summary
+                .records
+                .iter()
+                .any(|r| r.outcome.status() == Some(429)
+                    && r.outcome.limit() == Some("inbound.rate_limit")),
+            "no 429 from inbound.rate_limit yet: {:?}",
+            summary.counts()
+        );
+        Ok(())
+    })
+    .await?;
+    let first_429 = traffic
+        .summary()
+        .since(before_apply)
+        .records
+        .into_iter()
+        .find(|r| r.outcome.status() == Some(429))
+        .context("a 429")?;
+    eprintln!(
+        "first 429 sent {:?} after weftctl apply returned",
+        first_429.sent.saturating_sub(applied)
+    );
+    let local = admin.endpoints().await?.0["local"].clone();
+    ensure!(local["policy_source"] == "control-plane", "{local}");
+    ensure!(
+        local["rate_limit"]["per_second"].as_f64() == Some(20.0),
+        "{local}"
+    );
+
+    // An invalid policy: refused with its location; nothing changes.
+    let bad = dir.write(
+        "billing-bad.toml",
+        "service = \"billing\"\n\n[inbound]\nrate_limit = { per_second = 1000, burst = 5 }\nmax_concurrency = \"many\"\n",
+    )?;
+    let bad = bad.to_str().context("path")?;
+    let refused = cp.weftctl(&["apply", "-f", bad]).await?;
+    ensure!(refused.code() == 1, "{}", refused.all());
+    ensure!(
+        refused.stderr.contains(&format!("{bad}:5:"))
+            && refused.stderr.contains("inbound.max_concurrency"),
+        "weftctl apply of an invalid file: {}",
+        refused.all()
+    );
+    ensure!(
+        refused.stderr.contains("5 | max_concurrency = \"many\""),
+        "{}",
+        refused.all()
+    );
+    let stored = cp.weftctl_ok(&["get", "policy", "billing"]).await?;
+    ensure!(
+        stored.contains("per_second = 20"),
+        "stored policy: {stored}"
+    );
+
+    let refused_at = traffic.now();
+    traffic.wait_for_more(150, Duration::from_secs(10)).await?;
+    let local = admin.endpoints().await?.0["local"].clone();
+    ensure!(
+        local["rate_limit"]["per_second"].as_f64() == Some(20.0),
+        "{local}"
+    );
+
+    let summary = traffic.stop().await?;
+    eprintln!(
+        "traffic: {:?}; after the apply: {:?}; after the refused apply: {:?}",
+        summary.counts(),
+        summary.since(applied).counts(),
+        summary.since(refused_at).counts()
+    );
+    summary.expect_no_failures("across both applies")?;
+    for record in &summary.records {
+        match record.outcome.status() {
+            Some(200) => {}
+            Some(429) if record.outcome.limit() == Some("inbound.rate_limit") => {}
+            _ => anyhow::bail!("unexpected answer {record}"),
+        }
+    }
+    summary
+        .window(Duration::ZERO, before_apply)
+        .expect_all(200, 30, "before the apply")?;
+    // The old limit still applies after the refused apply: 429s go on, and
+    // the successes stay near 20/s (burst 5, plus the window's slack).
+    let after = summary.since(refused_at);
+    let span = after
+        .records
+        .last()
+        .map(|r| r.sent - refused_at)
+        .context("requests after the refused apply")?;
+    let ok = after.count_status(200) as f64;
+    let allowed = 20.0 * span.as_secs_f64() + 5.0 + 3.0;
+    ensure!(after.count_status(429) > 0, "{:?}", after.counts());
+    ensure!(
+        ok <= allowed,
+        "{ok} successes in {span:?} after the refused apply: more than the 20/s limit allows ({allowed})"
+    );
     Ok(())
 }

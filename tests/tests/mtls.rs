@@ -461,3 +461,133 @@ async fn a_websocket_upgrade_crosses_the_mtls_hop() -> anyhow::Result<()> {
     ensure!(forwarded.contains("proto=https"), "forwarded: {forwarded}");
     Ok(())
 }
+
+/// billing's sidecar with `[tls]` and `limits` (`(key, TOML value)`), in front
+/// of `app`, with a long drain grace.
+async fn hardened_callee(
+    pki: &Pki,
+    app: SocketAddr,
+    limits: &[(&str, &str)],
+) -> anyhow::Result<Proxy> {
+    let mut bootstrap = Bootstrap::new()
+        .app("billing", app)
+        .tls("billing", None)
+        .grace("30s");
+    for (key, value) in limits {
+        bootstrap = bootstrap.limit(key, value);
+    }
+    pki.files(
+        Proxy::builder(bootstrap.render()),
+        "billing",
+        &pki.issue("billing"),
+    )
+    .start()
+    .await
+}
+
+/// How long until the server closes `stream` (EOF or an error), at most 10 s.
+async fn closed_after<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> anyhow::Result<Duration> {
+    use tokio::io::AsyncReadExt as _;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    weft_tests::within(Duration::from_secs(10), "the server closing", async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await?;
+    Ok(started.elapsed())
+}
+
+/// `[limits]` holds on the mTLS inbound listener as on a plaintext one: a
+/// connection that sends nothing, an mTLS connection that sends no request
+/// and a dribbled HTTP/1 head over mTLS are all closed at
+/// `header_read_timeout`; the silent one counts as a handshake `timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mtls_inbound_listener_applies_the_header_read_timeout() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let pki = Pki::new();
+    let app = Backend::start("billing-app").await?;
+    let billing = hardened_callee(&pki, app.addr(), &[("header_read_timeout", "\"1s\"")]).await?;
+    let web = pki.issue("web");
+
+    let mut silent = tokio::net::TcpStream::connect(billing.inbound()).await?;
+    let quiet = connect(billing.inbound(), pki.ca_pem(), Some(&web)).await?;
+    let mut dribble = connect(billing.inbound(), pki.ca_pem(), Some(&web)).await?;
+    dribble
+        .stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: bil")
+        .await?;
+    let mut quiet = quiet.stream;
+    let (silent, quiet, dribble) = tokio::join!(
+        closed_after(&mut silent),
+        closed_after(&mut quiet),
+        closed_after(&mut dribble.stream),
+    );
+    for (what, after) in [
+        ("a silent connection", silent?),
+        ("an mTLS connection with no request", quiet?),
+        ("a dribbled head over mTLS", dribble?),
+    ] {
+        ensure!(
+            after >= Duration::from_millis(700) && after < Duration::from_secs(4),
+            "{what} was closed after {after:?} (header_read_timeout 1s)"
+        );
+    }
+    ensure!(handshake_failures(&billing, "inbound", "timeout").await? >= 1.0);
+    ensure!(app.requests() == 0);
+    // And the listener still serves.
+    let tls = connect(billing.inbound(), pki.ca_pem(), Some(&web)).await?;
+    ensure!(tls.get("billing", "/after").await? == 200);
+    Ok(())
+}
+
+/// The mTLS inbound listener has the connection cap (a connection past it is
+/// closed before any handshake, and counted), and connections that have sent
+/// no request, mid-handshake or after it, do not hold shutdown for the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mtls_inbound_listener_caps_connections_and_closes_idle_ones_at_shutdown()
+-> anyhow::Result<()> {
+    let pki = Pki::new();
+    let app = Backend::start("billing-app").await?;
+    let billing = hardened_callee(&pki, app.addr(), &[("max_connections", "2")]).await?;
+    let web = pki.issue("web");
+
+    // Two silent connections fill the listener: one handshaken, one raw.
+    let held = connect(billing.inbound(), pki.ca_pem(), Some(&web)).await?;
+    let raw = tokio::net::TcpStream::connect(billing.inbound()).await?;
+    let third = match connect(billing.inbound(), pki.ca_pem(), Some(&web)).await {
+        Err(_) => true,
+        Ok(conn) => conn.get("billing", "/").await.is_err(),
+    };
+    ensure!(
+        third,
+        "a third connection was served past max_connections = 2"
+    );
+    let scrape = billing.admin_client().metrics().await?;
+    ensure!(
+        scrape.value(
+            "weft_tcp_connections_refused_total",
+            &[("direction", "inbound")]
+        )? >= 1.0,
+        "{}",
+        scrape.text
+    );
+    ensure!(app.requests() == 0);
+
+    // SIGTERM with a 30 s grace: neither connection holds a request.
+    let signalled = std::time::Instant::now();
+    billing.signal(weft_tests::process::Signal::Term)?;
+    let status = billing.wait_exit(Duration::from_secs(20)).await?;
+    ensure!(status.code() == Some(0), "exit status {status}");
+    ensure!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?} with connections that sent no request",
+        signalled.elapsed()
+    );
+    drop((held, raw));
+    Ok(())
+}

@@ -94,11 +94,22 @@ async fn idle_keep_alive_connections_do_not_hold_shutdown_for_the_grace() -> any
     h1.get("http://billing/").await?.expect_status(200)?;
     h2.get("http://billing/").await?.expect_status(200)?;
     proxy.admin_client().ready_status().await?;
+    // And a connection that has sent nothing yet, like the spare one a pooling
+    // client opens while it reuses another: it must not wait out the header
+    // read timeout either.
+    let silent = TcpStream::connect(proxy.outbound()).await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
 
+    let signalled = Instant::now();
     proxy.signal(Signal::Term)?;
-    let status = proxy.wait_exit(Duration::from_secs(5)).await?;
+    let status = proxy.wait_exit(Duration::from_secs(9)).await?;
     ensure!(status.code() == Some(0), "exit status {status}");
-    drop((h1, h2));
+    ensure!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?} with idle connections open",
+        signalled.elapsed()
+    );
+    drop((h1, h2, silent));
     Ok(())
 }
 

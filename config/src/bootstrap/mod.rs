@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::duration::{self, Duration};
 use crate::identity::TrustDomain;
 use crate::name::ServiceName;
-use crate::number::{self, Weight};
+use crate::number::{self, Ratio, Weight};
+use crate::size::{self, ByteSize};
 use crate::text::{socket_addr, socket_addrs};
 
 /// A whole bootstrap file.
@@ -51,6 +52,13 @@ pub struct Bootstrap {
     /// Static service entries, for standalone mode.
     #[serde(default)]
     pub directory: Directory,
+    /// Traces and the access log.
+    #[serde(default)]
+    pub telemetry: Telemetry,
+    /// What every listener accepts from clients (hardening against hostile
+    /// input).
+    #[serde(default)]
+    pub limits: Limits,
     /// This sidecar's mesh identity; `None`: no mTLS (plaintext between sidecars).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tls: Option<Tls>,
@@ -283,6 +291,125 @@ impl Default for Pool {
     }
 }
 
+/// `[limits]`: what the listeners accept from clients. Read at start (a
+/// reload that changes them is refused); every key has a default a careful
+/// operator would choose, so the table is usually left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Limits {
+    /// Client connections open at once on each of the outbound and inbound
+    /// listeners; past it a new connection is accepted and closed at once.
+    /// 1 to 1 000 000. Default 10 000.
+    #[serde(deserialize_with = "max_connections")]
+    pub max_connections: u32,
+    /// The same for the admin listener. 1 to 1 000 000. Default 64.
+    #[serde(deserialize_with = "max_connections")]
+    pub admin_max_connections: u32,
+    /// Largest HTTP/1 request head (request line and headers) and HTTP/2
+    /// header list; larger is refused with 431. 8KiB to 1MiB. Default 64KiB.
+    #[serde(deserialize_with = "header_size")]
+    pub max_header_size: ByteSize,
+    /// Most header fields in an HTTP/1 request; more is refused with 431.
+    /// 1 to 1000. Default 100.
+    #[serde(deserialize_with = "max_headers")]
+    pub max_headers: u32,
+    /// Longest request target (the URI); longer is refused with 414. At
+    /// least 256B, at most `max_header_size`. Default 8KiB.
+    #[serde(deserialize_with = "uri_length")]
+    pub max_uri_length: ByteSize,
+    /// An HTTP/1 request head must arrive whole within this of its first
+    /// byte, and a new connection must show its protocol within this; else
+    /// the connection is closed (slowloris). Longer than 0. Default 10s.
+    #[serde(deserialize_with = "duration::positive")]
+    pub header_read_timeout: Duration,
+    /// An HTTP/1 keep-alive connection waiting this long for its next request
+    /// is closed. At least `header_read_timeout`. Default 2m (longer than a
+    /// calling sidecar's `[pool] idle_timeout`, so callers close first).
+    #[serde(deserialize_with = "duration::positive")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams a client may have open at once per connection. 1 to
+    /// 10 000. Default 256.
+    #[serde(deserialize_with = "http2_streams")]
+    pub http2_max_concurrent_streams: u32,
+    /// Largest HTTP/2 frame payload a client may send. 16KiB to 16MiB - 1.
+    /// Default 16KiB.
+    #[serde(deserialize_with = "http2_frame_size")]
+    pub http2_max_frame_size: ByteSize,
+    /// HTTP/2 flow-control window of each stream a client opens. 64KiB - 1
+    /// to 2GiB - 1. Default 1MiB.
+    #[serde(deserialize_with = "http2_window")]
+    pub http2_initial_stream_window: ByteSize,
+    /// HTTP/2 flow-control window of a whole client connection. 64KiB - 1 to
+    /// 2GiB - 1. Default 2MiB.
+    #[serde(deserialize_with = "http2_window")]
+    pub http2_initial_connection_window: ByteSize,
+    /// Streams a client may reset before the proxy accepted them; more and
+    /// the connection gets GOAWAY (HTTP/2 rapid reset). 1 to 10 000. Default 20.
+    #[serde(deserialize_with = "http2_resets")]
+    pub http2_max_pending_accept_reset_streams: u32,
+    /// Streams the proxy may reset because the client broke the protocol;
+    /// more and the connection gets GOAWAY. 1 to 10 000. Default 256.
+    #[serde(deserialize_with = "http2_resets")]
+    pub http2_max_local_error_reset_streams: u32,
+    /// Ping an HTTP/2 client after this long without a frame from it; one that
+    /// does not answer within 20s is disconnected. Longer than 0. Default 1m.
+    #[serde(deserialize_with = "duration::positive")]
+    pub http2_keep_alive_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            admin_max_connections: 64,
+            max_header_size: ByteSize::kib(64),
+            max_headers: 100,
+            max_uri_length: ByteSize::kib(8),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            http2_max_concurrent_streams: 256,
+            http2_max_frame_size: ByteSize::kib(16),
+            http2_initial_stream_window: ByteSize::mib(1),
+            http2_initial_connection_window: ByteSize::mib(2),
+            http2_max_pending_accept_reset_streams: 20,
+            http2_max_local_error_reset_streams: 256,
+            http2_keep_alive_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+fn max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    number::int(d, 1, 1_000_000)
+}
+
+fn max_headers<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    number::int(d, 1, 1000)
+}
+
+fn http2_streams<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    number::int(d, 1, 10_000)
+}
+
+fn http2_resets<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    number::int(d, 1, 10_000)
+}
+
+fn header_size<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    size::within(d, ByteSize::kib(8), ByteSize::mib(1))
+}
+
+fn uri_length<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    size::within(d, ByteSize::b(256), ByteSize::mib(1))
+}
+
+fn http2_frame_size<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    size::within(d, ByteSize::kib(16), ByteSize::b((1 << 24) - 1))
+}
+
+fn http2_window<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    size::within(d, ByteSize::b(65_535), ByteSize::b((1 << 31) - 1))
+}
+
 /// `[directory]`: static service entries for standalone mode.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, expecting = "a table")]
@@ -397,5 +524,172 @@ fn labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D
             "label {key:?} is reserved; set metadata.{key} instead"
         ))),
         None => Ok(labels),
+    }
+}
+
+/// `[telemetry]`: request traces and metrics over OTLP/gRPC, and the access
+/// log. Restart-only: a reload that changes it is rejected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a table")]
+pub struct Telemetry {
+    /// The OTLP/gRPC collector, `http://host:port`; no spans without it.
+    /// `https` is refused until the sidecar has TLS. Default none.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "otlp_endpoint"
+    )]
+    pub otlp_endpoint: Option<String>,
+    /// The fraction of new traces (requests arriving without a
+    /// `traceparent`) that are sampled, 0.0 to 1.0; a request with a parent
+    /// follows its parent's decision. Default 1.0.
+    pub sampling_ratio: Ratio,
+    /// The `service.name` of exported spans. Default: `[service] name`, else
+    /// `weft-proxy`.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "telemetry_name"
+    )]
+    pub service_name: Option<String>,
+    /// One log line (target `weft_access`, level info) per finished request.
+    /// Default false.
+    pub access_log: bool,
+    /// Export the metrics of `/metrics` over OTLP too, to `otlp_endpoint`
+    /// (which it needs). Default false.
+    pub otlp_metrics: bool,
+    /// How often the metrics are exported with `otlp_metrics`, 1s to 10m.
+    /// Default `15s`.
+    #[serde(deserialize_with = "otlp_metrics_interval")]
+    pub otlp_metrics_interval: Duration,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            sampling_ratio: Ratio::clamped(1.0),
+            service_name: None,
+            access_log: false,
+            otlp_metrics: false,
+            otlp_metrics_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+impl Telemetry {
+    /// `service_name` when there is no `service_name` nor `[service]`.
+    pub const DEFAULT_SERVICE_NAME: &'static str = "weft-proxy";
+    /// The shortest `otlp_metrics_interval`.
+    pub const MIN_METRICS_INTERVAL: Duration = Duration::from_secs(1);
+    /// The longest `otlp_metrics_interval`.
+    pub const MAX_METRICS_INTERVAL: Duration = Duration::from_secs(10 * 60);
+}
+
+impl Bootstrap {
+    /// The `service.name` spans are exported under: `[telemetry]
+    /// service_name`, else `[service] name`, else `weft-proxy`.
+    pub fn telemetry_service_name(&self) -> &str {
+        match (&self.telemetry.service_name, &self.service) {
+            (Some(name), _) => name,
+            (None, Some(service)) => service.name.as_str(),
+            (None, None) => Telemetry::DEFAULT_SERVICE_NAME,
+        }
+    }
+}
+
+/// An OTLP/gRPC endpoint: `http://host:port` (a trailing `/` is allowed).
+fn otlp_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let url = String::deserialize(d)?;
+    check_otlp_endpoint(&url).map_err(de::Error::custom)?;
+    Ok(Some(url))
+}
+
+fn check_otlp_endpoint(url: &str) -> Result<(), String> {
+    if url.starts_with("https://") {
+        return Err(format!(
+            "OTLP endpoint {url:?}: https is not supported yet (the sidecar has no TLS client \
+             until mTLS lands); use http:// to a collector on a trusted network, \
+             e.g. a node-local agent"
+        ));
+    }
+    let invalid = || {
+        format!(
+            "invalid OTLP endpoint {url:?}: expected an OTLP/gRPC URL like \"http://otel-collector:4317\""
+        )
+    };
+    let rest = url.strip_prefix("http://").ok_or_else(invalid)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(invalid)?;
+    let host_ok = !host.is_empty()
+        && !host.contains(['/', '?', '#', '@'])
+        && !host.contains(char::is_whitespace);
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    if host_ok && port_ok {
+        Ok(())
+    } else {
+        Err(invalid())
+    }
+}
+
+/// `otlp_metrics_interval`: from [`Telemetry::MIN_METRICS_INTERVAL`] to
+/// [`Telemetry::MAX_METRICS_INTERVAL`].
+fn otlp_metrics_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let interval = Duration::deserialize(d)?;
+    let (min, max) = (
+        Telemetry::MIN_METRICS_INTERVAL,
+        Telemetry::MAX_METRICS_INTERVAL,
+    );
+    if interval < min || interval > max {
+        return Err(de::Error::custom(format!(
+            "must be from {min} to {max}, found {interval}"
+        )));
+    }
+    Ok(interval)
+}
+
+/// A `service.name`: not empty, at most 255 characters, no control characters.
+fn telemetry_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let name = String::deserialize(d)?;
+    if name.trim().is_empty() || name.chars().count() > 255 || name.contains(char::is_control) {
+        return Err(de::Error::custom(format!(
+            "invalid service name {name:?}: expected 1 to 255 printable characters, e.g. \"checkout\""
+        )));
+    }
+    Ok(Some(name))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::check_otlp_endpoint;
+
+    #[test]
+    fn otlp_endpoints() {
+        for ok in [
+            "http://127.0.0.1:4317",
+            "http://otel-collector:4317",
+            "http://[::1]:4317/",
+        ] {
+            assert_eq!(check_otlp_endpoint(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "127.0.0.1:4317",
+            "http://collector",
+            "http://:4317",
+            "http://collector:0",
+            "http://collector:4317/v1/traces",
+            "grpc://collector:4317",
+        ] {
+            assert!(
+                check_otlp_endpoint(bad)
+                    .unwrap_err()
+                    .starts_with("invalid OTLP endpoint"),
+                "{bad}"
+            );
+        }
+        assert!(
+            check_otlp_endpoint("https://collector:4317")
+                .unwrap_err()
+                .contains("https is not supported yet")
+        );
     }
 }

@@ -16,6 +16,8 @@ impl Bootstrap {
     pub(crate) fn validate(&self) -> Result<(), Problem> {
         self.check_listeners()?;
         self.check_dns()?;
+        self.check_limits()?;
+        self.check_telemetry()?;
         self.check_directory()?;
         self.check_policies()?;
         self.check_tls()
@@ -96,6 +98,45 @@ impl Bootstrap {
                 ),
             )
             .or_at(KeyPath::new(["dns", "min_ttl"])));
+        }
+        Ok(())
+    }
+
+    fn check_limits(&self) -> Result<(), Problem> {
+        let limits = &self.limits;
+        let at = |key: &str| KeyPath::new(["limits", key]);
+        if limits.max_uri_length > limits.max_header_size {
+            return Err(Problem::new(
+                at("max_uri_length"),
+                format!(
+                    "limits.max_uri_length ({}) is longer than limits.max_header_size ({}), \
+                     which already bounds the request line",
+                    limits.max_uri_length, limits.max_header_size
+                ),
+            )
+            .or_at(at("max_header_size")));
+        }
+        if limits.idle_timeout < limits.header_read_timeout {
+            return Err(Problem::new(
+                at("idle_timeout"),
+                format!(
+                    "limits.idle_timeout ({}) is shorter than limits.header_read_timeout ({})",
+                    limits.idle_timeout, limits.header_read_timeout
+                ),
+            )
+            .or_at(at("header_read_timeout")));
+        }
+        Ok(())
+    }
+
+    fn check_telemetry(&self) -> Result<(), Problem> {
+        let telemetry = &self.telemetry;
+        if telemetry.otlp_metrics && telemetry.otlp_endpoint.is_none() {
+            return Err(Problem::new(
+                KeyPath::new(["telemetry", "otlp_metrics"]),
+                "telemetry.otlp_metrics needs telemetry.otlp_endpoint, the OTLP/gRPC collector \
+                 the metrics are sent to, e.g. otlp_endpoint = \"http://otel-collector:4317\"",
+            ));
         }
         Ok(())
     }
@@ -252,6 +293,46 @@ mod tests {
         assert_eq!(
             error("[dns]\nmin_ttl = \"10m\""),
             "b.toml:2:11: dns.min_ttl: dns.max_ttl (5m) is shorter than dns.min_ttl (10m)"
+        );
+    }
+
+    #[test]
+    fn limits_must_be_consistent() {
+        assert_eq!(
+            error("[limits]\nmax_uri_length = \"128KiB\""),
+            "b.toml:2:18: limits.max_uri_length: limits.max_uri_length (128KiB) is longer than \
+             limits.max_header_size (64KiB), which already bounds the request line"
+        );
+        assert_eq!(
+            error("[limits]\nheader_read_timeout = \"5m\""),
+            "b.toml:2:23: limits.header_read_timeout: limits.idle_timeout (2m) is shorter than \
+             limits.header_read_timeout (5m)"
+        );
+        assert_eq!(
+            error("[limits]\nmax_header_size = \"4KiB\""),
+            "b.toml:2:19: limits.max_header_size: must be from 8KiB to 1MiB, found 4KiB"
+        );
+        let ok = "[limits]\nmax_header_size = \"16KiB\"\nmax_uri_length = \"16KiB\"\nidle_timeout = \"10s\"";
+        assert!(crate::parse_bootstrap(ok, Path::new("b.toml")).is_ok());
+    }
+
+    #[test]
+    fn otlp_metrics_need_an_endpoint() {
+        assert!(
+            error("[telemetry]\notlp_metrics = true").starts_with(
+                "b.toml:2:16: telemetry.otlp_metrics: telemetry.otlp_metrics needs telemetry.otlp_endpoint"
+            )
+        );
+        let ok = "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\notlp_metrics = true";
+        let b = crate::parse_bootstrap(ok, Path::new("b.toml")).unwrap();
+        assert!(b.telemetry.otlp_metrics);
+        // Without otlp_metrics, the interval is allowed (and unused).
+        assert!(
+            crate::parse_bootstrap(
+                "[telemetry]\notlp_metrics_interval = \"1m\"",
+                Path::new("b.toml")
+            )
+            .is_ok()
         );
     }
 

@@ -16,6 +16,7 @@ use weft_control_plane::admin::{self, AdminState};
 use weft_control_plane::auth::Tokens;
 use weft_control_plane::metrics::{self, MeteredStore, Metrics};
 use weft_control_plane::push::Push;
+use weft_control_plane::serve;
 use weft_control_plane::store::etcd::{
     ClientCert, EtcdOptions, EtcdStore, EtcdTls, EtcdUser, Password,
 };
@@ -63,6 +64,13 @@ struct Args {
     /// Once listening, write the bound addresses (JSON) to this file.
     #[arg(long)]
     bound_file: Option<PathBuf>,
+    /// Client connections open at once on the gRPC listener; past it a new
+    /// connection is accepted and closed at once.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Client connections open at once on the admin listener.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    admin_max_connections: u32,
     /// Log format: plain or json.
     #[arg(long, default_value = "plain", value_parser = ["plain", "json"])]
     log_format: String,
@@ -149,6 +157,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let grpc_task = tokio::spawn(weft_control_plane::serve::grpc(
         grpc_listener,
+        serve::Limits {
+            max_connections: args.max_connections,
+            refused: metrics.connections_refused("grpc"),
+        },
         stop.clone(),
         ControlPlaneServer::new(push),
     ));
@@ -160,6 +172,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let admin_task = tokio::spawn(weft_control_plane::serve::http(
         admin_listener,
+        serve::Limits {
+            max_connections: args.admin_max_connections,
+            refused: metrics.connections_refused("admin"),
+        },
         stop.clone(),
         move |req: hyper::Request<hyper::body::Incoming>| {
             let (method, route) = (req.method().clone(), metrics::admin_route(req.uri().path()));

@@ -11,7 +11,7 @@ use weft_api::v1::{
     Instance, Metadata, RegisterRequest, SubscribeRequest, SubscribeResponse, register_request,
 };
 
-use super::cp::TOKEN;
+use weft_tests::control_plane::TOKEN;
 
 pub fn instance(service: &str, id: &str, port: u16) -> Instance {
     Instance {

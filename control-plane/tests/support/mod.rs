@@ -1,12 +1,11 @@
-//! Test support shared by the control plane's black-box tests: a running
-//! control plane (`cp`), gRPC and admin clients for it (`grpc`), a real etcd
-//! on free loopback ports (`etcd`), certificates for TLS tests (`tls`) and
-//! bounded polling.
+//! Test support shared by the control plane's black-box tests: gRPC and
+//! admin clients for a running control plane (`grpc`), certificates for TLS
+//! tests (`tls`) and bounded polling. The control-plane process and etcd
+//! harnesses are weft-tests' (`weft_tests::control_plane`, `weft_tests::etcd`),
+//! shared with the mesh scenarios.
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
-pub mod cp;
-pub mod etcd;
 pub mod grpc;
 pub mod tls;
 
@@ -14,6 +13,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use weft_tests::control_plane::{ControlPlane, ControlPlaneBuilder};
+
+/// Starts a control plane from `builder`, blocking (for plain `#[test]`s
+/// and `spawn_blocking`); panics with its log if it does not start.
+#[allow(clippy::expect_used)]
+pub fn start(builder: ControlPlaneBuilder) -> ControlPlane {
+    builder
+        .start_blocking()
+        .expect("weft-control-plane did not start")
+}
 
 /// Polls `check` every 50 ms until it yields `Some`, for at most `within`;
 /// the error names `what` was being waited for.

@@ -80,8 +80,19 @@ impl Endpoint {
     /// Peak-EWMA cost: estimated latency times the requests that would be in flight
     /// with one more, divided by the weight. Lower is better.
     pub fn ewma_cost(&self, now: Instant) -> f64 {
+        self.ewma_cost_at(self.latency.estimate_nanos(now))
+    }
+
+    /// The peak-EWMA cost with `estimate_nanos` as the latency estimate.
+    pub fn ewma_cost_at(&self, estimate_nanos: f64) -> f64 {
         let pending = f64::from(self.in_flight()) + 1.0;
-        self.latency.estimate_nanos(now) * pending / self.weight_factor()
+        estimate_nanos * pending / self.weight_factor()
+    }
+
+    /// The latency estimate in nanoseconds, and whether it is measured (false
+    /// until the endpoint's first response: it is then the default guess).
+    pub fn latency_nanos(&self, now: Instant) -> (f64, bool) {
+        (self.latency.estimate_nanos(now), self.latency.is_sampled())
     }
 
     /// Least-request cost: in-flight requests, divided by the weight.

@@ -1,10 +1,13 @@
 //! Peak-EWMA latency estimate (as in Finagle and tower's `PeakEwma`).
 //!
-//! A sample above the estimate replaces it at once (the "peak": an endpoint that
-//! turns slow is avoided immediately); a sample below it is blended in with a weight
-//! that grows with the time since the last update. Between samples the estimate
-//! decays towards zero with time constant `DECAY`, so an endpoint avoided for being
-//! slow is eventually tried again instead of starving forever.
+//! An endpoint starts with a default estimate; its first response replaces it (a
+//! measurement beats a guess). After that, a sample above the estimate replaces it
+//! at once (the "peak": an endpoint that turns slow is avoided immediately); a
+//! sample below it is blended in with a weight that grows with the time since the
+//! last update. Between samples the estimate decays towards zero with time constant
+//! `DECAY`, so an endpoint avoided for being slow is eventually tried again instead
+//! of starving forever. Until its first response an endpoint is [`PeakEwma::is_sampled`]
+//! false, and the balancer prices it at its rival's estimate (see `balance::p2c`).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -26,6 +29,8 @@ pub struct PeakEwma {
 struct State {
     rtt_nanos: f64,
     updated: Instant,
+    /// Whether a response has been observed (else `rtt_nanos` is the default).
+    sampled: bool,
 }
 
 impl Default for PeakEwma {
@@ -40,6 +45,7 @@ impl PeakEwma {
             state: Mutex::new(State {
                 rtt_nanos: initial.as_nanos() as f64,
                 updated: now,
+                sampled: false,
             }),
         }
     }
@@ -63,12 +69,18 @@ impl PeakEwma {
         Duration::from_nanos(self.estimate_nanos(now) as u64)
     }
 
+    /// True once a response has been observed.
+    pub fn is_sampled(&self) -> bool {
+        self.with_state(|s| s.sampled)
+    }
+
     /// Fold in one observed latency.
     pub fn observe(&self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
         self.with_state(|s| {
             let elapsed = now.saturating_duration_since(s.updated).as_secs_f64();
-            if rtt > s.rtt_nanos {
+            if !s.sampled || rtt > s.rtt_nanos {
+                s.sampled = true;
                 s.rtt_nanos = rtt;
             } else {
                 let w = (-elapsed / DECAY.as_secs_f64()).exp();
@@ -89,6 +101,19 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_sample_replaces_the_default() {
+        let t0 = Instant::now();
+        let e = PeakEwma::new(Duration::from_millis(30), t0);
+        assert!(!e.is_sampled());
+        e.observe(Duration::from_millis(1), t0 + Duration::from_millis(100));
+        assert!(e.is_sampled());
+        assert_eq!(
+            e.estimate(t0 + Duration::from_millis(100)),
+            Duration::from_millis(1)
+        );
+    }
 
     #[test]
     fn peak_replaces_and_low_samples_blend() {

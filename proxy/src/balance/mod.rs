@@ -5,7 +5,10 @@
 //! - `p2c-ewma` (default): power of two choices over peak-EWMA cost (latency
 //!   estimate x in-flight requests / weight). Two endpoints are sampled at random and
 //!   the cheaper one wins: O(1) per pick, no global ordering, and a slow or busy
-//!   endpoint quickly gets less traffic.
+//!   endpoint quickly gets less traffic. An endpoint that has not answered yet (a
+//!   new instance) is priced at its rival's latency estimate, so only in-flight
+//!   requests and weight decide: it gets its share at once instead of waiting for a
+//!   default guess to decay below its measured peers, and is never flooded.
 //! - `least-request`: power of two choices over in-flight requests / weight.
 //! - `round-robin`: each eligible endpoint in turn.
 //!
@@ -64,9 +67,11 @@ impl Balancer {
             LoadBalancer::RoundRobin => self.round_robin(endpoints, ok),
             LoadBalancer::P2cEwma => {
                 let now = Instant::now();
-                p2c(endpoints, ok, |e| e.ewma_cost(now))
+                p2c(endpoints, ok, |a, b| ewma_cheaper(a, b, now))
             }
-            LoadBalancer::LeastRequest => p2c(endpoints, ok, Endpoint::request_cost),
+            LoadBalancer::LeastRequest => {
+                p2c(endpoints, ok, |a, b| b.request_cost() < a.request_cost())
+            }
         }
     }
 
@@ -95,11 +100,24 @@ impl Balancer {
     }
 }
 
-/// Power of two choices: sample two distinct eligible endpoints, keep the cheaper.
+/// True when `b` is cheaper than `a` by peak-EWMA cost. An endpoint without a
+/// latency sample yet takes its rival's estimate (when the rival has one).
+fn ewma_cheaper(a: &Endpoint, b: &Endpoint, now: Instant) -> bool {
+    let ((la, sa), (lb, sb)) = (a.latency_nanos(now), b.latency_nanos(now));
+    let (la, lb) = match (sa, sb) {
+        (true, false) => (la, la),
+        (false, true) => (lb, lb),
+        _ => (la, lb),
+    };
+    b.ewma_cost_at(lb) < a.ewma_cost_at(la)
+}
+
+/// Power of two choices: sample two distinct eligible endpoints, keep the
+/// cheaper (`cheaper(a, b)`: b costs less than a; a tie keeps a).
 fn p2c(
     endpoints: &[Arc<Endpoint>],
     ok: impl Fn(&Endpoint) -> bool,
-    cost: impl Fn(&Endpoint) -> f64,
+    cheaper: impl Fn(&Endpoint, &Endpoint) -> bool,
 ) -> Option<Arc<Endpoint>> {
     let mut rng = rand::rng();
     let n = endpoints.len();
@@ -114,7 +132,7 @@ fn p2c(
     let (ea, eb) = (&endpoints[a], &endpoints[b]);
     let (oka, okb) = (ok(ea), ok(eb));
     if oka && okb {
-        return Some(Arc::clone(if cost(eb) < cost(ea) { eb } else { ea }));
+        return Some(Arc::clone(if cheaper(ea, eb) { eb } else { ea }));
     }
     // Slow path: some endpoints are filtered out; sample among the eligible ones.
     let eligible: Vec<&Arc<Endpoint>> = endpoints.iter().filter(|e| ok(e)).collect();
@@ -125,7 +143,7 @@ fn p2c(
             let a = rng.random_range(0..m);
             let b = (a + rng.random_range(1..m)) % m;
             let (ea, eb) = (eligible[a], eligible[b]);
-            Some(Arc::clone(if cost(eb) < cost(ea) { eb } else { ea }))
+            Some(Arc::clone(if cheaper(ea, eb) { eb } else { ea }))
         }
     }
 }
@@ -187,9 +205,8 @@ mod tests {
     fn p2c_ewma_prefers_fast_endpoint() {
         let b = Balancer::new(LoadBalancer::P2cEwma);
         let e = eps(2);
-        let now = Instant::now();
         e[0].start().observe_response();
-        e[1].latency_estimate(now);
+        e[1].start().observe_response();
         // Make endpoint 1 look slow.
         {
             let g = e[0].start();
@@ -198,6 +215,24 @@ mod tests {
         }
         let c = counts(&b, &e, 100);
         assert_eq!(c.get(&2).copied().unwrap_or(0), 100, "{c:?}");
+    }
+
+    #[test]
+    fn p2c_ewma_tries_a_new_endpoint_at_once() {
+        let b = Balancer::new(LoadBalancer::P2cEwma);
+        let e = eps(3);
+        // Endpoints 1 and 2 answered (fast, on loopback); 3 just joined. It is
+        // priced at its rival's estimate, not at the default guess, so it gets
+        // its share (a third of the picks here, with nothing in flight) at once.
+        for endpoint in &e[..2] {
+            endpoint.start().observe_response();
+        }
+        let c = counts(&b, &e, 300);
+        assert!(c.get(&3).copied().unwrap_or(0) > 50, "{c:?}");
+        // Requests in flight to it, unanswered, make it costlier, as for any other.
+        let _pending: Vec<_> = (0..3).map(|_| e[2].start()).collect();
+        let c = counts(&b, &e, 300);
+        assert_eq!(c.get(&3).copied().unwrap_or(0), 0, "{c:?}");
     }
 
     #[test]

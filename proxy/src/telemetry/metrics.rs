@@ -5,13 +5,14 @@
 //! directory already holds and static strings, so recording clones two `Arc`s
 //! and takes the family's read lock. State that already lives elsewhere
 //! (endpoint states, the control-plane connection, the config version) is
-//! copied into gauges when `/metrics` is scraped ([`Metrics::refresh`]), so the
-//! request path never pays for it.
+//! copied into gauges when `/metrics` is scraped or the metrics are exported
+//! over OTLP ([`Metrics::refresh`]), so the request path never pays for it.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::prometheus_protobuf::{self, prometheus_data_model::MetricFamily};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -118,6 +119,11 @@ struct ResultLabels {
     result: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 /// Why a retry the route allowed was not sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetrySkipped {
@@ -154,12 +160,41 @@ pub struct ConnectionMetrics {
     pub accepted: Counter,
     pub read_bytes: Counter,
     pub written_bytes: Counter,
+    /// Connections closed at accept: the listener was at `[limits]` max_connections.
+    pub refused: Counter,
+}
+
+/// Counters of the span pipeline ([`super::trace`]); zero without
+/// `[telemetry] otlp_endpoint`.
+#[derive(Debug, Clone, Default)]
+pub struct SpanMetrics {
+    /// Spans the collector accepted.
+    pub exported: Counter,
+    /// Spans dropped because the export queue was full (or closed).
+    pub queue_full: Counter,
+    /// Spans dropped because their batch could not be exported.
+    pub export_failed: Counter,
+}
+
+/// Counters of the OTLP metrics export ([`super::otlp_metrics`]); zero
+/// without `[telemetry] otlp_metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct OtlpExportMetrics {
+    /// Export requests the collector accepted.
+    pub success: Counter,
+    /// Export requests that failed, timed out, or were (partly) rejected.
+    pub failure: Counter,
 }
 
 /// Every metric of the sidecar, and the registry that exposes them.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// When the counters started (for OTLP's cumulative start time).
+    created: SystemTime,
+    /// One refresh-and-encode at a time (a scrape and an OTLP export would
+    /// otherwise clear each other's refreshed gauges).
+    refresh: Mutex<()>,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     refusals: Family<RefusalLabels, Counter>,
@@ -170,12 +205,15 @@ pub struct Metrics {
     budgets: Family<RouteLabels, Gauge>,
     inbound_connections: ConnectionMetrics,
     outbound_connections: ConnectionMetrics,
+    admin_connections: ConnectionMetrics,
     config_version: Gauge,
     reloads: Family<ResultLabels, Counter>,
     control_plane_connected: Gauge,
     control_plane_version: Gauge,
     control_plane_rejected: Counter,
     tls_handshake_failures: Family<TlsFailureLabels, Counter>,
+    spans: SpanMetrics,
+    otlp_exports: OtlpExportMetrics,
 }
 
 fn latency_histogram() -> Histogram {
@@ -237,6 +275,7 @@ impl Metrics {
         let accepted = Family::<DirectionLabels, Counter>::default();
         let read = Family::<DirectionLabels, Counter>::default();
         let written = Family::<DirectionLabels, Counter>::default();
+        let refused = Family::<DirectionLabels, Counter>::default();
         let bind = |direction: Direction| {
             let labels = DirectionLabels {
                 direction: direction.as_str(),
@@ -246,10 +285,16 @@ impl Metrics {
                 accepted: accepted.get_or_create_owned(&labels),
                 read_bytes: read.get_or_create_owned(&labels),
                 written_bytes: written.get_or_create_owned(&labels),
+                refused: refused.get_or_create_owned(&labels),
             }
         };
         let inbound_connections = bind(Direction::Inbound);
         let outbound_connections = bind(Direction::Outbound);
+        // The admin listener's connections are only counted when refused.
+        let admin_connections = ConnectionMetrics {
+            refused: refused.get_or_create_owned(&DirectionLabels { direction: "admin" }),
+            ..ConnectionMetrics::default()
+        };
         registry.register(
             "tcp_open_connections",
             "Client connections open on the listener",
@@ -261,6 +306,11 @@ impl Metrics {
             "tcp_written_bytes",
             "Bytes written to client connections",
             written,
+        );
+        registry.register(
+            "tcp_connections_refused",
+            "Client connections closed at accept because the listener was at [limits] max_connections",
+            refused,
         );
 
         let config_version = Gauge::default();
@@ -281,6 +331,38 @@ impl Metrics {
             "mTLS handshakes between sidecars that failed, by direction and reason",
             tls_handshake_failures.clone(),
         );
+        let spans_exported = Counter::default();
+        registry.register(
+            "spans_exported",
+            "Request spans accepted by the OTLP collector",
+            spans_exported.clone(),
+        );
+        let spans_dropped = Family::<ReasonLabels, Counter>::default();
+        let spans = SpanMetrics {
+            exported: spans_exported,
+            queue_full: spans_dropped.get_or_create_owned(&ReasonLabels {
+                reason: "queue-full",
+            }),
+            export_failed: spans_dropped.get_or_create_owned(&ReasonLabels {
+                reason: "export-failed",
+            }),
+        };
+        registry.register(
+            "spans_dropped",
+            "Request spans not exported, by reason (queue-full, export-failed)",
+            spans_dropped,
+        );
+        let exports = Family::<ResultLabels, Counter>::default();
+        let otlp_exports = OtlpExportMetrics {
+            success: exports.get_or_create_owned(&ResultLabels { result: "success" }),
+            failure: exports.get_or_create_owned(&ResultLabels { result: "failure" }),
+        };
+        registry.register(
+            "otlp_metrics_exports",
+            "OTLP metrics export requests, by result (success, failure)",
+            exports,
+        );
+
         let control_plane_connected = Gauge::default();
         let control_plane_version = Gauge::default();
         let control_plane_rejected = Counter::default();
@@ -303,6 +385,8 @@ impl Metrics {
         }
         Self {
             registry: root,
+            created: SystemTime::now(),
+            refresh: Mutex::new(()),
             requests,
             durations,
             refusals,
@@ -313,12 +397,15 @@ impl Metrics {
             budgets,
             inbound_connections,
             outbound_connections,
+            admin_connections,
             config_version,
             reloads,
             control_plane_connected,
             control_plane_version,
             control_plane_rejected,
             tls_handshake_failures,
+            spans,
+            otlp_exports,
         }
     }
 
@@ -331,6 +418,21 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    /// When the metrics were created: the start of every cumulative value.
+    pub fn created(&self) -> SystemTime {
+        self.created
+    }
+
+    /// The OTLP metrics export's counters.
+    pub fn otlp_exports(&self) -> &OtlpExportMetrics {
+        &self.otlp_exports
+    }
+
+    /// The span pipeline's counters.
+    pub fn spans(&self) -> &SpanMetrics {
+        &self.spans
     }
 
     /// A finished request.
@@ -412,10 +514,28 @@ impl Metrics {
         }
     }
 
+    /// The admin listener's counters (only refusals are exported).
+    pub fn admin_connections(&self) -> &ConnectionMetrics {
+        &self.admin_connections
+    }
+
     /// Copies the state kept elsewhere into gauges, then encodes everything.
     pub fn render(&self, shared: &Shared) -> Result<String, weft_telemetry::EncodeError> {
+        let _one = self.refresh.lock().unwrap_or_else(PoisonError::into_inner);
         self.refresh(shared);
         weft_telemetry::encode(&self.registry)
+    }
+
+    /// Copies the state kept elsewhere into gauges, then collects every
+    /// value as structured data: the same metrics as [`Metrics::render`],
+    /// for the OTLP export.
+    pub fn collect(
+        &self,
+        shared: &Shared,
+    ) -> Result<Vec<MetricFamily>, weft_telemetry::EncodeError> {
+        let _one = self.refresh.lock().unwrap_or_else(PoisonError::into_inner);
+        self.refresh(shared);
+        Ok(prometheus_protobuf::encode(&self.registry)?)
     }
 
     fn refresh(&self, shared: &Shared) {

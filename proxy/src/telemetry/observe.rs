@@ -10,27 +10,33 @@
 //! with status 0.
 //!
 //! Everything that reports a finished request hangs off [`Observation::finish`]
-//! (today: the metrics), so it is one place for every export.
+//! (the metrics, the request's span, the access log line), so it is one place
+//! for every export. The span and the request details the span and the log
+//! need are only kept when `[telemetry]` asks for them ([`Reporters`]).
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::Response;
+use http::{HeaderMap, Method, Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, SpanKind, Status};
 use pin_project_lite::pin_project;
 
-use super::metrics::{Classification, Direction, Finished, Metrics, RetrySkipped};
+use super::Reporters;
+use super::metrics::{Classification, Direction, Finished, RetrySkipped};
 use super::{NO_LIMIT, UNKNOWN};
 use crate::body::{self, BoxError, ProxyBody};
-use crate::error::ProxyError;
+use crate::error::{ProxyError, WEFT_LIMIT, WEFT_REASON};
 use crate::retry::classify::grpc_status;
 
 /// One request, from arrival to the end of its response.
 #[derive(Debug)]
 pub struct Observation {
-    metrics: Arc<Metrics>,
+    reporters: Arc<Reporters>,
     direction: Direction,
     start: Instant,
     service: Arc<str>,
@@ -39,19 +45,84 @@ pub struct Observation {
     status: u16,
     grpc_failed: bool,
     finished: bool,
+    /// Only with traces or the access log on.
+    detail: Option<Box<Detail>>,
+}
+
+/// What the span and the access log say beyond the metrics.
+#[derive(Debug)]
+struct Detail {
+    method: Method,
+    authority: Option<String>,
+    /// The path, without the query.
+    path: String,
+    /// The last endpoint the request was sent to.
+    endpoint: Option<SocketAddr>,
+    /// Retry attempts sent.
+    retries: u32,
+    /// `weft-reason` and `weft-limit` of the response sent.
+    reason: Option<String>,
+    limit: Option<String>,
+    span: Option<opentelemetry_sdk::trace::Span>,
 }
 
 impl Observation {
-    pub fn start(metrics: &Arc<Metrics>, direction: Direction) -> Self {
+    /// A request arrives: with traces on, its span starts here, as a child
+    /// of the trace context `req` carries, and `req` then carries the span's
+    /// context to the next hop.
+    pub fn start<B>(
+        reporters: &Arc<Reporters>,
+        direction: Direction,
+        req: &mut Request<B>,
+    ) -> Self {
+        let start = Instant::now();
+        let detail = reporters.detailed().then(|| {
+            let method = req.method().clone();
+            let path = req.uri().path().to_owned();
+            let authority = authority(req);
+            let span = reporters.traces.as_ref().map(|traces| {
+                let kind = match direction {
+                    Direction::Inbound => SpanKind::Server,
+                    Direction::Outbound => SpanKind::Client,
+                };
+                let mut attributes = vec![
+                    KeyValue::new("weft.direction", direction.as_str()),
+                    KeyValue::new("http.request.method", method.as_str().to_owned()),
+                    KeyValue::new("url.path", path.clone()),
+                ];
+                if let Some(authority) = &authority {
+                    attributes.push(KeyValue::new("server.address", authority.clone()));
+                }
+                traces.start_span(kind, method_name(&method), req.headers_mut(), attributes)
+            });
+            Box::new(Detail {
+                method,
+                authority,
+                path,
+                endpoint: None,
+                retries: 0,
+                reason: None,
+                limit: None,
+                span,
+            })
+        });
         Self {
-            metrics: Arc::clone(metrics),
+            reporters: Arc::clone(reporters),
             direction,
-            start: Instant::now(),
+            start,
             service: Arc::clone(&UNKNOWN),
             route: Arc::clone(super::no_route()),
             status: 0,
             grpc_failed: false,
             finished: false,
+            detail,
+        }
+    }
+
+    /// The request is sent to `endpoint` (the last one sent to is reported).
+    pub fn set_endpoint(&mut self, endpoint: SocketAddr) {
+        if let Some(detail) = &mut self.detail {
+            detail.endpoint = Some(endpoint);
         }
     }
 
@@ -75,26 +146,43 @@ impl Observation {
     /// The proxy marks the response with `reason` (and `limit`).
     pub fn refused_for(&self, reason: &'static str, limit: Option<&str>) {
         let limit = limit.map_or_else(|| Arc::clone(&NO_LIMIT), Arc::from);
-        self.metrics
+        self.reporters
+            .metrics
             .refusal(self.direction, &self.service, &self.route, reason, &limit);
     }
 
-    pub fn retry(&self) {
-        self.metrics.retry(&self.service, &self.route);
+    /// A retry attempt is sent.
+    pub fn retry(&mut self) {
+        self.reporters.metrics.retry(&self.service, &self.route);
+        if let Some(detail) = &mut self.detail {
+            detail.retries += 1;
+        }
     }
 
     pub fn retry_skipped(&self, why: RetrySkipped) {
-        self.metrics.retry_skipped(&self.service, &self.route, why);
+        self.reporters
+            .metrics
+            .retry_skipped(&self.service, &self.route, why);
     }
 
     pub fn ejection(&self) {
-        self.metrics.ejection(&self.service);
+        self.reporters.metrics.ejection(&self.service);
     }
 
     /// The response goes out: the observation finishes when its body ends.
     pub fn respond(mut self, rsp: Response<ProxyBody>) -> Response<ProxyBody> {
         self.status = rsp.status().as_u16();
         self.grpc_failed = grpc_status(rsp.headers()).is_some_and(|s| s != 0);
+        if let Some(detail) = &mut self.detail {
+            let text = |name| {
+                rsp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            detail.reason = text(WEFT_REASON);
+            detail.limit = text(WEFT_LIMIT);
+        }
         if rsp.body().is_end_stream() {
             self.finish(false);
             return rsp;
@@ -118,15 +206,133 @@ impl Observation {
         } else {
             Classification::Success
         };
-        self.metrics.record(&Finished {
+        let finished = Finished {
             direction: self.direction,
             service: &self.service,
             route: &self.route,
             status_code: self.status,
             classification,
             duration: self.start.elapsed(),
+        };
+        self.reporters.metrics.record(&finished);
+        let Some(detail) = self.detail.as_deref_mut() else {
+            return;
+        };
+        let trace_id = detail.span.as_ref().map(|span| {
+            let sc = span.span_context();
+            sc.trace_id().to_string()
         });
+        if let Some(mut span) = detail.span.take() {
+            let why = failure_description(&finished, detail, self.grpc_failed);
+            end_span(&mut span, &finished, detail, why);
+        }
+        if self.reporters.access_log {
+            access_log(&finished, detail, trace_id.as_deref());
+        }
     }
+}
+
+/// Why a failed request failed, for the span status.
+fn failure_description(f: &Finished<'_>, detail: &Detail, grpc_failed: bool) -> Option<String> {
+    if f.classification == Classification::Success {
+        return None;
+    }
+    Some(match (&detail.reason, f.status_code) {
+        (Some(reason), _) => reason.clone(),
+        (None, 0) => "no response: the client went away first".to_owned(),
+        (None, status) if status >= 500 => format!("HTTP status {status}"),
+        (None, _) if grpc_failed => "gRPC status other than 0".to_owned(),
+        (None, _) => "the response body failed or was abandoned".to_owned(),
+    })
+}
+
+/// The span's final attributes, name and status; then it ends (and is
+/// queued for export when sampled).
+fn end_span(
+    span: &mut opentelemetry_sdk::trace::Span,
+    f: &Finished<'_>,
+    detail: &Detail,
+    failure: Option<String>,
+) {
+    if span.is_recording() {
+        if !f.route.is_empty() {
+            span.update_name(format!("{} {}", method_name(&detail.method), f.route));
+        }
+        let mut attributes = vec![
+            KeyValue::new("weft.service", f.service.to_string()),
+            KeyValue::new("weft.route", f.route.to_string()),
+            KeyValue::new("weft.retries", i64::from(detail.retries)),
+            KeyValue::new("http.response.status_code", i64::from(f.status_code)),
+        ];
+        if let Some(endpoint) = detail.endpoint {
+            attributes.push(KeyValue::new("weft.endpoint", endpoint.to_string()));
+        }
+        if let Some(reason) = &detail.reason {
+            attributes.push(KeyValue::new("weft.reason", reason.clone()));
+        }
+        if let Some(limit) = &detail.limit {
+            attributes.push(KeyValue::new("weft.limit", limit.clone()));
+        }
+        span.set_attributes(attributes);
+        if let Some(description) = failure {
+            span.set_status(Status::error(description));
+        }
+    }
+    span.end();
+}
+
+/// The access log line (target `weft_access`).
+fn access_log(f: &Finished<'_>, detail: &Detail, trace_id: Option<&str>) {
+    tracing::info!(
+        target: "weft_access",
+        direction = f.direction.as_str(),
+        method = %detail.method,
+        authority = detail.authority.as_deref(),
+        path = %detail.path,
+        service = %f.service,
+        route = %f.route,
+        status = f.status_code,
+        classification = f.classification.as_str(),
+        duration_ms = f.duration.as_micros() as f64 / 1000.0,
+        endpoint = detail.endpoint.map(tracing::field::display),
+        reason = detail.reason.as_deref(),
+        limit = detail.limit.as_deref(),
+        retries = detail.retries,
+        trace_id,
+        "request"
+    );
+}
+
+/// The span name of a method: standard methods by name, any other `HTTP`
+/// (OpenTelemetry's HTTP conventions; the method itself is an attribute).
+fn method_name(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "HTTP",
+    }
+}
+
+/// The authority the request names: its URI's, else its `Host` header.
+fn authority<B>(req: &Request<B>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| host(req.headers()))
+}
+
+fn host(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 impl Drop for Observation {

@@ -1,10 +1,17 @@
 //! The etcd store: production's, through etcd-client.
 //!
-//! One [`EtcdStore`] holds one gRPC channel balanced over the configured
-//! endpoints; clones share it. Every key is stored under the key prefix
-//! (`/weft/` by default), which callers never see. Each request is bounded
-//! by `request_timeout`; a request that runs out of time, like any transport
-//! failure, is [`StoreError::Unavailable`] and may be retried.
+//! One [`EtcdStore`] holds one client per configured endpoint (cluster
+//! member); clones share them. Requests go to one member, the current one,
+//! while it answers; a request that fails with [`StoreError::Unavailable`]
+//! (refused connection, broken stream, no leader, timeout) moves the store
+//! to the next member and is sent again there, within the same
+//! `request_timeout`, so losing one member of a cluster costs a retry, not
+//! an outage. (etcd-client's own balanced channel keeps sending a share of
+//! the requests to a dead member: etcdv3/etcd-client#39.) A member's client
+//! is connected when first needed, so a member down at start-up is only
+//! skipped. Every key is stored under the key prefix (`/weft/` by default),
+//! which callers never see. A request that runs out of time, like any
+//! transport failure, is [`StoreError::Unavailable`] and may be retried.
 //!
 //! Listing a prefix reads pages of `list_page_size` keys, every page at the
 //! revision of the first, so the listing is one consistent snapshot however
@@ -22,14 +29,16 @@ mod watch;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_client::{
-    Client, CompactionOptions, GetOptions, KvClient, LeaseClient, PutOptions, ResponseHeader,
-    WatchClient,
+    Client, CompactionOptions, ConnectOptions, GetOptions, KvClient, LeaseClient, PutOptions,
+    ResponseHeader, WatchClient,
 };
+use tokio::time::Instant;
 
 use self::convert::{Op, key_value, map_error, prefix_range_end};
 pub use self::options::{ClientCert, ConnectError, EtcdOptions, EtcdTls, EtcdUser, Password};
@@ -53,16 +62,55 @@ pub struct EtcdStore {
 
 /// etcd-client's clients are large (kilobytes each): share them.
 struct Inner {
-    /// Owns the sender that manages the balanced channel's endpoints; kept
-    /// so the channel outlives `connect`.
-    _client: Client,
-    kv: KvClient,
-    watch: WatchClient,
-    lease: LeaseClient,
+    /// One per endpoint, in the configured order.
+    members: Box<[Member]>,
+    /// The index (modulo the count) of the member requests go to.
+    current: AtomicUsize,
+    connect_options: ConnectOptions,
     prefix: Arc<str>,
     endpoints: Arc<[String]>,
     request_timeout: Duration,
     page_size: i64,
+}
+
+/// One endpoint and its clients, connected when needed.
+struct Member {
+    url: String,
+    clients: Mutex<Option<Arc<Clients>>>,
+}
+
+impl Member {
+    fn slot(&self) -> MutexGuard<'_, Option<Arc<Clients>>> {
+        // Only ever held to read or swap an `Option`: a panic cannot leave
+        // it half-written.
+        self.clients.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The clients of one member (each request clones the one it uses: they
+/// share one channel).
+struct Clients {
+    /// Owns the sender that manages the member's channel; kept so the
+    /// channel outlives `connect`.
+    _client: Client,
+    kv: KvClient,
+    watch: WatchClient,
+    lease: LeaseClient,
+}
+
+impl Clients {
+    fn new(client: Client) -> Self {
+        Self {
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            watch: client
+                .watch_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            lease: client.lease_client(),
+            _client: client,
+        }
+    }
 }
 
 impl fmt::Debug for EtcdStore {
@@ -86,28 +134,45 @@ impl EtcdStore {
             endpoints: options.endpoints.join(","),
             source,
         };
-        let connect = Client::connect(&options.endpoints, Some(options.connect_options()?));
+        let connect_options = options.connect_options()?;
+        let members: Box<[Member]> = options
+            .endpoints
+            .iter()
+            .map(|url| Member {
+                url: url.clone(),
+                clients: Mutex::new(None),
+            })
+            .collect();
         let budget = options.connect_timeout + options.request_timeout;
-        let client = match tokio::time::timeout(budget, connect).await {
-            Err(_) => return Err(unreachable(timed_out(budget))),
-            // Bad URLs and TLS settings fail before anything is sent.
-            Ok(Err(
-                e @ (etcd_client::Error::InvalidArgs(_)
-                | etcd_client::Error::InvalidUri(_)
-                | etcd_client::Error::TransportError(_)),
-            )) => return Err(ConnectError::Invalid { source: e.into() }),
-            Ok(Err(e)) => return Err(unreachable(map_error(e, Op::Other))),
-            Ok(Ok(client)) => client,
-        };
+        for member in &members {
+            let connect = Client::connect([&member.url], Some(connect_options.clone()));
+            match tokio::time::timeout(budget, connect).await {
+                // Bad URLs and TLS settings fail before anything is sent.
+                Ok(Err(
+                    e @ (etcd_client::Error::InvalidArgs(_)
+                    | etcd_client::Error::InvalidUri(_)
+                    | etcd_client::Error::TransportError(_)),
+                )) => return Err(ConnectError::Invalid { source: e.into() }),
+                Ok(Err(e)) => match map_error(e, Op::Other) {
+                    // A refused password is refused by every member.
+                    e @ StoreError::Rejected { .. } => return Err(unreachable(e)),
+                    // This member is down: it is connected when first needed.
+                    e => {
+                        tracing::warn!(etcd.endpoint = %member.url, error = %e, "etcd member unreachable")
+                    }
+                },
+                Err(_) => tracing::warn!(
+                    etcd.endpoint = %member.url,
+                    error = %timed_out(budget),
+                    "etcd member unreachable"
+                ),
+                Ok(Ok(client)) => *member.slot() = Some(Arc::new(Clients::new(client))),
+            }
+        }
         let inner = Inner {
-            _client: client.clone(),
-            kv: client
-                .kv_client()
-                .max_decoding_message_size(MAX_RESPONSE_BYTES),
-            watch: client
-                .watch_client()
-                .max_decoding_message_size(MAX_RESPONSE_BYTES),
-            lease: client.lease_client(),
+            members,
+            current: AtomicUsize::new(0),
+            connect_options,
             prefix: options.normalized_prefix().into(),
             endpoints: options.endpoints.clone().into(),
             request_timeout: options.request_timeout,
@@ -124,13 +189,13 @@ impl EtcdStore {
     /// Checks that etcd answers reads under the prefix; returns its current
     /// revision.
     pub async fn ping(&self) -> Result<Revision, StoreError> {
-        let mut kv = self.inner.kv.clone();
         let options = GetOptions::new().with_prefix().with_count_only();
         let response = self
-            .call(
-                Op::Other,
-                kv.get(self.inner.prefix.as_bytes(), Some(options)),
-            )
+            .call(Op::Other, |c| {
+                let (mut kv, options) = (c.kv.clone(), options.clone());
+                let key = self.inner.prefix.as_bytes().to_vec();
+                async move { kv.get(key, Some(options)).await }
+            })
             .await?;
         header_revision(response.header())
     }
@@ -144,15 +209,95 @@ impl EtcdStore {
         format!("{}{key}", self.inner.prefix)
     }
 
-    /// Runs one request within the request timeout, mapping its error.
-    async fn call<T>(
-        &self,
-        op: Op<'_>,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.inner.request_timeout, request).await {
-            Ok(result) => result.map_err(|e| map_error(e, op)),
-            Err(_) => Err(timed_out(self.inner.request_timeout)),
+    /// Runs one request (`request` makes it for a member's clients) within
+    /// the request timeout, mapping its error. When the current member fails
+    /// it with [`StoreError::Unavailable`] (or does not answer within its
+    /// share of the time: what is left divided by the members not tried
+    /// yet), the next member becomes current, the failed member's channel is
+    /// dropped (it is connected afresh when next needed), and the request is
+    /// sent to the next member. Every Weft request is safe to send twice
+    /// (puts and deletes of whole values, lease refreshes and revocations; a
+    /// lease granted twice expires unused).
+    async fn call<T, F, Fut>(&self, op: Op<'_>, mut request: F) -> Result<T, StoreError>
+    where
+        F: FnMut(&Clients) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.inner.request_timeout;
+        let count = self.inner.members.len();
+        let mut last = None;
+        for tried in 0..count {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let share = (deadline - now) / u32::try_from(count - tried).unwrap_or(1);
+            let until = now + share;
+            let index = self.inner.current.load(Ordering::Relaxed) % count;
+            let error = match tokio::time::timeout_at(until, self.member(index)).await {
+                Err(_) => timed_out(share),
+                Ok(Err(error)) => error,
+                Ok(Ok(clients)) => match tokio::time::timeout_at(until, request(&clients)).await {
+                    Ok(Ok(value)) => return Ok(value),
+                    Ok(Err(error)) => {
+                        let error = map_error(error, op);
+                        if matches!(error, StoreError::Unavailable { .. }) {
+                            self.forget(index, &clients);
+                        }
+                        error
+                    }
+                    Err(_) => {
+                        self.forget(index, &clients);
+                        timed_out(share)
+                    }
+                },
+            };
+            if !matches!(error, StoreError::Unavailable { .. }) {
+                return Err(error);
+            }
+            if count > 1 {
+                // Move on from this member, unless another request did already.
+                let next = (index + 1) % count;
+                if self
+                    .inner
+                    .current
+                    .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    tracing::warn!(
+                        etcd.endpoint = %self.inner.members[index].url,
+                        etcd.next = %self.inner.members[next].url,
+                        %error,
+                        "etcd member failed a request; moving to the next one"
+                    );
+                }
+            }
+            last = Some(error);
+        }
+        Err(last.unwrap_or_else(|| timed_out(self.inner.request_timeout)))
+    }
+
+    /// Member `index`'s clients, connecting them if needed.
+    async fn member(&self, index: usize) -> Result<Arc<Clients>, StoreError> {
+        let member = &self.inner.members[index];
+        if let Some(clients) = member.slot().as_ref() {
+            return Ok(Arc::clone(clients));
+        }
+        let client = Client::connect([&member.url], Some(self.inner.connect_options.clone()))
+            .await
+            .map_err(|e| map_error(e, Op::Other))?;
+        let clients = Arc::new(Clients::new(client));
+        *member.slot() = Some(Arc::clone(&clients));
+        Ok(clients)
+    }
+
+    /// Drops member `index`'s channel if it is still `clients`, so the next
+    /// request connects afresh (a channel to a member that went away may
+    /// never recover by itself).
+    fn forget(&self, index: usize, clients: &Arc<Clients>) {
+        let mut slot = self.inner.members[index].slot();
+        if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, clients)) {
+            *slot = None;
         }
     }
 
@@ -160,7 +305,6 @@ impl EtcdStore {
     async fn list_once(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let first = self.full_key(prefix);
         let end = prefix_range_end(first.as_bytes());
-        let mut kv = self.inner.kv.clone();
         let mut start = first.into_bytes();
         let mut revision = None;
         let mut kvs = Vec::new();
@@ -172,7 +316,10 @@ impl EtcdStore {
                 options = options.with_revision(revision);
             }
             let response = self
-                .call(Op::Other, kv.get(start.clone(), Some(options)))
+                .call(Op::Other, |c| {
+                    let (mut kv, key, options) = (c.kv.clone(), start.clone(), options.clone());
+                    async move { kv.get(key, Some(options)).await }
+                })
                 .await?;
             let at = *revision.get_or_insert(header_revision(response.header())?);
             for item in response.kvs() {
@@ -214,17 +361,24 @@ impl Store for EtcdStore {
             lease,
         };
         let options = lease.map(|lease| PutOptions::new().with_lease(lease.0));
-        let mut kv = self.inner.kv.clone();
+        let full_key = self.full_key(key);
         let response = self
-            .call(op, kv.put(self.full_key(key), Vec::from(value), options))
+            .call(op, |c| {
+                let (mut kv, key) = (c.kv.clone(), full_key.clone());
+                let (value, options) = (Vec::from(value.clone()), options.clone());
+                async move { kv.put(key, value, options).await }
+            })
             .await?;
         header_revision(response.header())
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let mut kv = self.inner.kv.clone();
+        let full_key = self.full_key(key);
         let response = self
-            .call(Op::Other, kv.get(self.full_key(key), None))
+            .call(Op::Other, |c| {
+                let (mut kv, key) = (c.kv.clone(), full_key.clone());
+                async move { kv.get(key, None).await }
+            })
             .await?;
         response
             .kvs()
@@ -234,9 +388,12 @@ impl Store for EtcdStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let mut kv = self.inner.kv.clone();
+        let full_key = self.full_key(key);
         let response = self
-            .call(Op::Other, kv.delete(self.full_key(key), None))
+            .call(Op::Other, |c| {
+                let (mut kv, key) = (c.kv.clone(), full_key.clone());
+                async move { kv.delete(key, None).await }
+            })
             .await?;
         Ok(response.deleted() > 0)
     }
@@ -256,9 +413,11 @@ impl Store for EtcdStore {
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        let mut lease = self.inner.lease.clone();
         let response = self
-            .call(Op::Other, lease.grant(lease_ttl_secs(ttl), None))
+            .call(Op::Other, |c| {
+                let mut lease = c.lease.clone();
+                async move { lease.grant(lease_ttl_secs(ttl), None).await }
+            })
             .await?;
         if !response.error().is_empty() {
             return Err(StoreError::rejected(response.error().to_owned()));
@@ -269,24 +428,32 @@ impl Store for EtcdStore {
     async fn keep_alive(&self, id: LeaseId) -> Result<(), StoreError> {
         // etcd-client sends one refresh and checks its answer; dropping the
         // keeper and its stream ends the gRPC stream.
-        let mut lease = self.inner.lease.clone();
-        self.call(Op::Lease(id), lease.keep_alive(id.0)).await?;
+        self.call(Op::Lease(id), |c| {
+            let mut lease = c.lease.clone();
+            async move { lease.keep_alive(id.0).await }
+        })
+        .await?;
         Ok(())
     }
 
     async fn revoke(&self, id: LeaseId) -> Result<(), StoreError> {
-        let mut lease = self.inner.lease.clone();
-        self.call(Op::Lease(id), lease.revoke(id.0)).await?;
+        self.call(Op::Lease(id), |c| {
+            let mut lease = c.lease.clone();
+            async move { lease.revoke(id.0).await }
+        })
+        .await?;
         Ok(())
     }
 
     async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
-        let mut kv = self.inner.kv.clone();
         // Physical: return once the history is really gone, so a watch from
         // before `revision` is refused from then on.
-        let options = CompactionOptions::new().with_physical();
         match self
-            .call(Op::Other, kv.compact(revision.0, Some(options)))
+            .call(Op::Other, |c| {
+                let mut kv = c.kv.clone();
+                let options = CompactionOptions::new().with_physical();
+                async move { kv.compact(revision.0, Some(options)).await }
+            })
             .await
         {
             Ok(_) | Err(StoreError::Compacted { .. }) => Ok(()),

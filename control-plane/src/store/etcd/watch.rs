@@ -37,13 +37,15 @@ pub(super) async fn start(
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(from.0.saturating_add(1));
-    let mut client = store.inner.watch.clone();
     let key = store.full_key(prefix);
     let (etcd, first) = store
-        .call(Op::Other, async move {
-            let mut etcd = client.watch(key, Some(options)).await?;
-            let first = etcd.message().await?;
-            Ok((etcd, first))
+        .call(Op::Other, |clients| {
+            let (mut client, key, options) = (clients.watch.clone(), key.clone(), options.clone());
+            async move {
+                let mut etcd = client.watch(key, Some(options)).await?;
+                let first = etcd.message().await?;
+                Ok((etcd, first))
+            }
         })
         .await?;
     let (tx, stream) = WatchStream::channel();
