@@ -14,8 +14,8 @@
 //!
 //! # Layout
 //!
-//! - [`name`], [`duration`], [`size`], [`number`]: value types, each
-//!   validated in its `Deserialize`.
+//! - [`name`], [`identity`], [`duration`], [`size`], [`number`]: value
+//!   types, each validated in its `Deserialize`.
 //! - [`bootstrap`]: the bootstrap schema, defaults and cross-key rules.
 //! - [`policy`]: the policy schema, defaults and cross-key rules.
 //! - [`error`]: [`ConfigError`] and how it is displayed.
@@ -27,6 +27,7 @@ pub mod bootstrap;
 mod diag;
 pub mod duration;
 pub mod error;
+pub mod identity;
 mod load;
 pub mod name;
 pub mod number;
@@ -38,10 +39,11 @@ use std::path::Path;
 
 pub use bootstrap::{
     Bootstrap, ControlPlane, Directory, Dns, Drain, Limits, Listen, LocalService, Metadata, Pool,
-    Protocol, StaticEndpoint, StaticService, Telemetry,
+    Protocol, StaticEndpoint, StaticService, Telemetry, Tls, TlsMode,
 };
 pub use duration::{Duration, DurationRange};
 pub use error::ConfigError;
+pub use identity::{InvalidIdentity, SpiffeId, TrustDomain};
 pub use load::{Loaded, load_bootstrap, load_policy};
 pub use name::ServiceName;
 pub use number::{Percent, Ratio, Weight};

@@ -6,6 +6,10 @@
 //! a config directory can be moved as a whole. Each policy must declare the
 //! service it is attached to; a policy for `orders` attached to `billing` is a
 //! mistake that would otherwise apply the wrong limits silently.
+//!
+//! The `[tls]` files are only checked to be readable here (so a wrong path is
+//! reported like a missing policy file); their content is the proxy's to
+//! parse, and it re-reads them when they change.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -89,6 +93,16 @@ pub fn load_bootstrap(path: &Path) -> Result<Loaded, ConfigError> {
             return Err(Problem::new(KeyPath::new(["service"]), message).into_error(&text, &file));
         }
         policies.insert(service.clone(), policy);
+    }
+    if let Some(tls) = &bootstrap.tls {
+        for (key, relative) in [("ca", &tls.ca), ("cert", &tls.cert), ("key", &tls.key)] {
+            let file = dir.join(relative);
+            std::fs::File::open(&file).map_err(|source| ConfigError::Io {
+                file,
+                context: Some(format!("tls.{key} in {}", path.display())),
+                source,
+            })?;
+        }
     }
     Ok(Loaded {
         path: path.to_owned(),

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use weft_config::{
-    Bootstrap, LoadBalancer, Loaded, Policy, Protocol, RetryOn, ServiceName, load_bootstrap,
-    load_policy,
+    Bootstrap, LoadBalancer, Loaded, Policy, Protocol, RetryOn, ServiceName, TlsMode,
+    load_bootstrap, load_policy,
 };
 
 fn load(name: &str) -> Loaded {
@@ -119,6 +119,15 @@ fn every_key_example_loads() {
     assert_eq!(b.dns.servers[1], addr("[::1]:53"));
     assert_eq!(b.dns.timeout.to_string(), "500ms");
     assert_eq!(b.directory.services[0].protocol, Protocol::Http2);
+    assert_eq!(b.directory.services[0].tls, TlsMode::Mesh);
+    assert_eq!(b.directory.services[1].tls, TlsMode::None, "default");
+    let tls = b.tls.as_ref().unwrap();
+    assert_eq!(tls.trust_domain.as_str(), "example.org");
+    assert_eq!(tls.watch_interval.to_string(), "2s");
+    assert_eq!(
+        loaded.resolve(&tls.key),
+        loaded.path.with_file_name("tls/checkout-key.pem")
+    );
     assert!(b.control_plane.is_none());
     assert_eq!(
         b.telemetry.otlp_endpoint.as_deref(),
@@ -140,6 +149,7 @@ fn every_key_example_loads() {
         1001,
         "burst = ceil(per_second)"
     );
+    assert!(checkout.inbound.allow_plaintext);
     let callers = checkout.inbound.caller_rate_limit.as_ref().unwrap();
     assert_eq!(callers.limit_for("orders").per_second, 200.0);
     assert_eq!(callers.limit_for("web").burst.get(), 10);

@@ -435,3 +435,80 @@ fn connection_refused_names_the_address() {
     );
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.all());
 }
+
+#[test]
+fn certs_makes_a_ca_and_service_certificates_offline() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
+    let out = dir.display().to_string();
+    let nowhere = refused_url();
+    let r = run(
+        &nowhere,
+        None,
+        &[
+            "certs",
+            "ca",
+            "--out",
+            &out,
+            "--trust-domain",
+            "example.org",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout.contains("for development and tests"),
+        "{}",
+        r.all()
+    );
+    let ca_pem = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+
+    let r = run(&nowhere, None, &["certs", "ca", "--out", &out]);
+    assert_eq!(r.code, 1, "an existing CA is kept: {}", r.all());
+    assert!(r.stderr.contains("--force"), "{}", r.all());
+    assert_eq!(std::fs::read_to_string(dir.join("ca.pem")).unwrap(), ca_pem);
+
+    let svc = dir.join("billing");
+    let r = run(
+        &nowhere,
+        None,
+        &[
+            "certs",
+            "issue",
+            "billing",
+            "--ca",
+            &out,
+            "--out",
+            &svc.display().to_string(),
+            "--days",
+            "7",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout
+            .contains("spiffe://example.org/service/billing valid for 7 days"),
+        "{}",
+        r.all()
+    );
+    assert!(svc.join("billing.pem").is_file() && svc.join("billing-key.pem").is_file());
+
+    let r = run(
+        &nowhere,
+        None,
+        &[
+            "certs",
+            "issue",
+            "billing",
+            "--ca",
+            "/nonexistent",
+            "--out",
+            &out,
+        ],
+    );
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("loading the CA") && r.stderr.contains("/nonexistent/ca.pem"),
+        "{}",
+        r.all()
+    );
+}

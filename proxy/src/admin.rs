@@ -120,6 +120,7 @@ impl Admin {
                     "source": "static",
                     "load_balancer": svc.balancer.strategy(),
                     "protocol": svc.protocol,
+                    "tls": if svc.client.is_mesh() { "mesh" } else { "none" },
                     "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, cap, now)).collect::<Vec<_>>(),
                     "counters": svc.policy.stats.to_json(),
                 })
@@ -134,6 +135,7 @@ impl Admin {
                     "source": "control-plane",
                     "load_balancer": svc.balancer.strategy(),
                     "protocol": svc.protocol,
+                    "tls": if svc.client.is_mesh() { "mesh" } else { "none" },
                     "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, cap, now)).collect::<Vec<_>>(),
                     "counters": svc.policy.stats.to_json(),
                 }));
@@ -170,13 +172,20 @@ impl Admin {
                     let (per_second, burst) = r.effective();
                     json!({ "per_second": per_second, "burst": burst })
                 }),
+                "allow_plaintext": p.allow_plaintext,
                 "counters": p.stats.to_json(),
             })
+        });
+        // The certificate in force (never the key).
+        let tls = self.shared.tls.as_ref().map(|tls| {
+            let m = tls.current();
+            json!({ "identity": m.identity, "serial": m.serial, "not_after": m.not_after })
         });
         json_response(
             StatusCode::OK,
             &json!({
                 "version": version,
+                "tls": tls,
                 "local": local,
                 "services": services,
                 "dns_counters": directory.default_policy.stats.to_json(),

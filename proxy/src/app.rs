@@ -26,6 +26,7 @@ use crate::remote::RemoteServices;
 use crate::server::{Hardening, serve};
 use crate::state::{Bound, Shared};
 use crate::telemetry::{Direction, otlp_metrics};
+use crate::tls::accept::InboundTls;
 
 /// Longest wait for the control plane to acknowledge a deregistration.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -162,6 +163,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             shared.set_remote(RemoteServices::start(
                 client.clone(),
                 loaded,
+                shared.tls.clone(),
                 &shared.tasks,
                 shared.shutdown.clone(),
             ));
@@ -178,6 +180,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let out_task = tokio::spawn(serve(
         "outbound",
         outbound,
+        None,
         {
             let s = Arc::clone(&shared);
             move |peer| Outbound::new(Arc::clone(&s), peer)
@@ -186,9 +189,26 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         Hardening::data(&limits),
         data_stop.clone(),
     ));
+    let inbound_tls = shared.tls.as_ref().map(|tls| {
+        let s = Arc::clone(&shared);
+        Arc::new(InboundTls::new(
+            Arc::clone(tls),
+            Box::new(move || {
+                s.directory()
+                    .local
+                    .as_ref()
+                    .is_some_and(|l| l.policy.allow_plaintext)
+            }),
+            Arc::clone(&shared.metrics),
+        ))
+    });
+    if let Some(tls) = &shared.tls {
+        tls.watch(&shared.tasks, shared.shutdown.clone());
+    }
     let in_task = tokio::spawn(serve(
         "inbound",
         inbound,
+        inbound_tls,
         {
             let s = Arc::clone(&shared);
             move |peer| Inbound::new(Arc::clone(&s), peer)
@@ -200,6 +220,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let admin_task = tokio::spawn(serve(
         "admin",
         admin,
+        None,
         {
             let s = Arc::clone(&shared);
             move |_| Admin::new(Arc::clone(&s))

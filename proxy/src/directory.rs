@@ -11,6 +11,9 @@
 //! (endpoint state and in-flight requests are untouched, its endpoints are updated
 //! with a `Reset`), its upstream client and pooled connections when the connection
 //! settings did not change, and the DNS resolver when `[dns]` did not change.
+//!
+//! With `[tls]`, a static service marked `tls = "mesh"` gets an mTLS client
+//! that expects the service's identity; every other client is plaintext.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,16 +22,17 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use weft_config::{LoadBalancer, Loaded, Policy, Protocol, ServiceName, StaticService};
+use weft_config::{LoadBalancer, Loaded, Policy, Protocol, ServiceName, StaticService, TlsMode};
 
 use crate::limits::Share;
 use crate::policy::{InboundPolicy, OutboundPolicy};
 use crate::stats::Stats;
 
 use crate::balance::Balancer;
-use crate::client::{ClientSettings, UpstreamClient};
+use crate::client::{ClientSettings, MeshPeer, UpstreamClient};
 use crate::discovery::dns::DnsDiscovery;
 use crate::discovery::{EndpointSpec, EndpointsReader, EndpointsWriter, Update};
+use crate::tls::MeshTls;
 
 /// A service in the directory.
 #[derive(Debug)]
@@ -151,7 +155,7 @@ fn build_local(
             .map_or_else(|| Arc::from(s.name.as_str()), |l| Arc::clone(&l.label)),
         name: s.name.clone(),
         addr: s.app,
-        client: reuse_client(previous.map(|l| &l.client), settings),
+        client: reuse_client(previous.map(|l| &l.client), settings, None),
         policy,
         policy_source,
         share,
@@ -185,6 +189,7 @@ pub fn client_settings(loaded: &Loaded, policy: Option<&Policy>) -> ClientSettin
         connect_timeout,
         idle_timeout: pool.idle_timeout.get(),
         max_idle_per_endpoint: usize::try_from(pool.max_idle_per_endpoint).unwrap_or(usize::MAX),
+        mesh: false,
     }
 }
 
@@ -198,10 +203,16 @@ fn specs(svc: &StaticService) -> Vec<EndpointSpec> {
         .collect()
 }
 
-pub fn reuse_client(old: Option<&UpstreamClient>, settings: ClientSettings) -> UpstreamClient {
+/// `old` if it was made with `settings`, else a new client (mTLS to `mesh`
+/// when `settings.mesh`).
+pub fn reuse_client(
+    old: Option<&UpstreamClient>,
+    settings: ClientSettings,
+    mesh: Option<MeshPeer<'_>>,
+) -> UpstreamClient {
     match old {
         Some(c) if c.settings() == settings => c.clone(),
-        _ => UpstreamClient::new(settings),
+        _ => UpstreamClient::new(settings, mesh),
     }
 }
 
@@ -209,10 +220,11 @@ impl Directory {
     /// Build the first snapshot.
     pub fn build(
         loaded: &Loaded,
+        tls: Option<&MeshTls>,
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> Result<Self, String> {
-        Self::rebuild(None, loaded, None, tasks, stop)
+        Self::rebuild(None, loaded, None, tls, tasks, stop)
     }
 
     /// This snapshot with the local app's policy recompiled for `own` (a
@@ -232,11 +244,13 @@ impl Directory {
     }
 
     /// Build the snapshot for `loaded`, carrying state over from `old`; `own`
-    /// is what the control plane says about the local service, if anything.
+    /// is what the control plane says about the local service, if anything;
+    /// `tls` is this sidecar's mTLS, if `[tls]` is configured.
     pub fn rebuild(
         old: Option<&Directory>,
         loaded: &Loaded,
         own: Option<&OwnService>,
+        tls: Option<&MeshTls>,
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> Result<Self, String> {
@@ -267,8 +281,15 @@ impl Directory {
                 }
                 None => Arc::new(EndpointsWriter::new(specs(svc)).0),
             };
-            let settings = client_settings(loaded, source);
-            let client = reuse_client(previous.map(|p| &p.client), settings);
+            let settings = ClientSettings {
+                mesh: tls.is_some() && svc.tls == TlsMode::Mesh,
+                ..client_settings(loaded, source)
+            };
+            let mesh = tls.map(|tls| MeshPeer {
+                tls,
+                service: &svc.name,
+            });
+            let client = reuse_client(previous.map(|p| &p.client), settings, mesh);
             let balancer = match previous {
                 Some(p) if p.balancer.strategy() == strategy => p.balancer.clone(),
                 _ => Balancer::new(strategy),
@@ -286,7 +307,7 @@ impl Directory {
             services.insert(svc.name.as_str().to_owned(), Arc::new(service));
         }
         let default_settings = client_settings(loaded, None);
-        let default_client = reuse_client(old.map(|d| &d.default_client), default_settings);
+        let default_client = reuse_client(old.map(|d| &d.default_client), default_settings, None);
         let default_policy = match old {
             Some(d) => Arc::clone(&d.default_policy),
             None => Arc::new(OutboundPolicy::new(None, Arc::new(Stats::default()))),

@@ -179,16 +179,23 @@ pub fn retry_after_value(wait: Duration) -> HeaderValue {
     HeaderValue::from(secs.max(1))
 }
 
-/// Build the response for a failure: status, `weft-reason`, and a one-line text body
-/// naming the cause (never secrets: errors carry names and addresses only).
-pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
+/// `err` and its causes, `: `-separated (e.g. a connect failure and the TLS
+/// reason behind it), for the response body and logs.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
+    let mut source = err.source();
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());
         source = cause.source();
     }
+    text
+}
+
+/// Build the response for a failure: status, `weft-reason`, and a one-line text body
+/// naming the cause (never secrets: errors carry names and addresses only).
+pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
+    let mut text = chain(err);
     text.push('\n');
     let mut rsp = Response::new(body::full(text));
     *rsp.status_mut() = err.status();

@@ -6,6 +6,12 @@
 //! chosen for the hop), sends it over the pooled client, and cleans the response.
 //! Bodies are passed through frame by frame, trailers included.
 //!
+//! A hop to a sidecar over mTLS ([`UpstreamClient::is_mesh`]) is always HTTP/2
+//! (HTTP/1.1 for upgrades), with an `https` URI; the version the callee's
+//! sidecar should speak to its app (the one the app used, or the service's
+//! `protocol`) travels in the [`WEFT_PROTOCOL`] header, which the callee's
+//! inbound listener removes.
+//!
 //! HTTP/1.1 upgrades (WebSocket): the `Upgrade`/`Connection` headers are kept, and
 //! when the endpoint answers `101 Switching Protocols` a tracked task joins the two
 //! upgraded connections and copies bytes both ways until either side closes.
@@ -26,6 +32,24 @@ use crate::client::UpstreamClient;
 use crate::error::ProxyError;
 use crate::headers;
 use crate::retry::replay::BodyError;
+
+/// Between sidecars: the HTTP version the callee's sidecar speaks to its app
+/// (`http1` or `http2`).
+pub const WEFT_PROTOCOL: &str = "weft-protocol";
+
+/// The app-side protocol a caller's sidecar asked for in [`WEFT_PROTOCOL`],
+/// removed from `headers`; `Auto` when absent or unknown.
+pub fn take_protocol(headers: &mut HeaderMap) -> Protocol {
+    match headers
+        .remove(WEFT_PROTOCOL)
+        .as_ref()
+        .map(HeaderValue::as_bytes)
+    {
+        Some(b"http1") => Protocol::Http1,
+        Some(b"http2") => Protocol::Http2,
+        _ => Protocol::Auto,
+    }
+}
 
 /// Everything the last stage needs besides the request.
 #[derive(Debug, Clone, Copy)]
@@ -100,21 +124,28 @@ pub async fn send(
 ) -> Result<Response<Incoming>, ProxyError> {
     let downstream = head.upgrade.take();
     let upgrade = downstream.is_some();
-    let http2 = !upgrade
+    let app_http2 = !upgrade
         && match hop.protocol {
             Protocol::Http2 => true,
             Protocol::Http1 => false,
             Protocol::Auto => head.version == Version::HTTP_2,
         };
+    let mesh = hop.client.is_mesh();
+    let http2 = app_http2 || (mesh && !upgrade);
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
-    *req.uri_mut() = endpoint_uri(hop.endpoint, &head.path)?;
+    *req.uri_mut() = endpoint_uri(hop.endpoint, &head.path, mesh)?;
     *req.version_mut() = if http2 {
         Version::HTTP_2
     } else {
         Version::HTTP_11
     };
     *req.headers_mut() = head.headers.clone();
+    if mesh {
+        let app = if app_http2 { "http2" } else { "http1" };
+        req.headers_mut()
+            .insert(WEFT_PROTOCOL, HeaderValue::from_static(app));
+    }
 
     let mut rsp = hop.client.send(req, http2).await.map_err(|source| {
         if source.is_connect() {
@@ -175,9 +206,9 @@ fn request_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn endpoint_uri(endpoint: SocketAddr, path: &PathAndQuery) -> Result<Uri, ProxyError> {
+fn endpoint_uri(endpoint: SocketAddr, path: &PathAndQuery, tls: bool) -> Result<Uri, ProxyError> {
     Uri::builder()
-        .scheme(Scheme::HTTP)
+        .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })
         .authority(endpoint.to_string())
         .path_and_query(path.clone())
         .build()

@@ -85,6 +85,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// and add an RFC 7239 `forwarded` element naming the client, the protocol and
 /// the host the client asked for.
 pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: Option<&str>) {
+    add_forwarded_proto(headers, client, host, "http");
+}
+
+/// [`add_forwarded`] for a request that arrived over `proto` (`http`, or
+/// `https` on an mTLS connection between sidecars).
+pub fn add_forwarded_proto(
+    headers: &mut HeaderMap,
+    client: SocketAddr,
+    host: Option<&str>,
+    proto: &str,
+) {
     let ip = client.ip();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
@@ -97,7 +108,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, host: Option<&
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
-    let mut element = format!("for={node};proto=http");
+    let mut element = format!("for={node};proto={proto}");
     if let Some(host) = host.filter(|h| is_token_or_host(h)) {
         element.push_str(";host=");
         element.push_str(host);

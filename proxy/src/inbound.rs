@@ -7,13 +7,20 @@
 //! local service's policy protects this instance, most specific limit first:
 //! 1. the matched route's `rate_limit` (this instance's share of it);
 //! 2. `inbound.rate_limit` (this instance's share of the service-wide limit);
-//! 3. `inbound.caller_rate_limit`, keyed by the caller identity (`weft-caller`,
-//!    `anonymous` when absent);
+//! 3. `inbound.caller_rate_limit`, keyed by the caller identity: the service
+//!    named by the client certificate of an mTLS connection
+//!    ([`CallerIdentity`], in the request's extensions), else (plaintext: no
+//!    `[tls]`, or `inbound.allow_plaintext`) the `weft-caller` header,
+//!    `anonymous` when absent;
 //! 4. the route's `max_concurrency`, then `inbound.max_concurrency` (each with its
 //!    bounded queue), whose permits are held until the response body ends;
 //! 5. `inbound.timeout` to the response headers.
 //!
-//! The client is recorded in `x-forwarded-for` and `forwarded`; `Host` is kept.
+//! The client is recorded in `x-forwarded-for` and `forwarded` (`proto=https`
+//! over mTLS); `Host` is kept. Over mTLS, `weft-caller` is set to the
+//! authenticated caller's name, so the app can trust it. The HTTP version
+//! towards the app is the one the caller's sidecar asked for
+//! ([`crate::forward::WEFT_PROTOCOL`]: the app's own), else the request's.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,19 +29,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response, header};
+use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
-use weft_config::Protocol;
 
 use crate::body::{self, ProxyBody, Tracked};
 use crate::directory::Directory;
 use crate::error::{ProxyError, error_response};
-use crate::forward::{Hop, forward};
+use crate::forward::{Hop, forward, take_protocol};
 use crate::headers;
 use crate::outbound::WEFT_CALLER;
 use crate::screen::{self, LocalNames};
 use crate::state::Shared;
 use crate::telemetry::{Direction, Observation};
+use crate::tls::CallerIdentity;
 
 /// The caller identity of requests that carry none.
 pub const ANONYMOUS: &str = "anonymous";
@@ -86,7 +93,7 @@ impl Inbound {
                     stats.refusal(error.reason());
                 }
                 observation.refused(&error);
-                tracing::info!(client.addr = %self.client_addr, reason = error.reason(), error = %error, "inbound request refused");
+                tracing::info!(client.addr = %self.client_addr, reason = error.reason(), error = %crate::error::chain(&error), "inbound request refused");
                 observation.respond(error_response(&error))
             }
         }
@@ -121,13 +128,17 @@ impl Inbound {
         if let Some(limit) = &policy.rate_limit {
             limit.check()?;
         }
+        let identity = req.extensions().get::<CallerIdentity>().cloned();
         if let Some(limit) = &policy.caller_rate_limit {
-            let caller = req
-                .headers()
-                .get(WEFT_CALLER)
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty())
-                .unwrap_or(ANONYMOUS);
+            let caller = match &identity {
+                Some(identity) => identity.service().as_str(),
+                None => req
+                    .headers()
+                    .get(WEFT_CALLER)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or(ANONYMOUS),
+            };
             limit.check(caller)?;
         }
         let route_permit = match route.and_then(|r| r.concurrency.as_ref()) {
@@ -144,12 +155,22 @@ impl Inbound {
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        headers::add_forwarded(req.headers_mut(), self.client_addr, host.as_deref());
+        let proto = match &identity {
+            Some(identity) => {
+                if let Ok(name) = HeaderValue::from_str(identity.service().as_str()) {
+                    req.headers_mut().insert(WEFT_CALLER, name);
+                }
+                "https"
+            }
+            None => "http",
+        };
+        headers::add_forwarded_proto(req.headers_mut(), self.client_addr, host.as_deref(), proto);
+        let protocol = take_protocol(req.headers_mut());
         observation.set_endpoint(local.addr);
         let hop = Hop {
             client: &local.client,
             endpoint: local.addr,
-            protocol: Protocol::Auto,
+            protocol,
             tasks: &self.shared.tasks,
         };
         let rsp = match &policy.timeout {

@@ -18,7 +18,8 @@
 //! | [`control_plane`] | the control-plane client: subscriptions, registration, the pushed snapshot and its cache |
 //! | [`balance`] | endpoints, their load, and the pick strategies |
 //! | [`forward`] | the last hop: request rewriting, sending, upgrades |
-//! | [`client`] | pooled HTTP/1.1 and HTTP/2 connections to endpoints |
+//! | [`client`] | pooled HTTP/1.1 and HTTP/2 connections to endpoints, plaintext or mTLS |
+//! | [`tls`] | mTLS between sidecars: identity, rotation, handshakes on both sides, [`tls::CallerIdentity`] |
 //! | [`headers`] | hop-by-hop removal and forwarding headers |
 //! | [`body`] | streaming body types and body-lifetime guards |
 //! | [`error`] | proxy failures and their mapping to status + `weft-reason` |
@@ -57,3 +58,4 @@ pub mod state;
 pub mod stats;
 pub mod target;
 pub mod telemetry;
+pub mod tls;

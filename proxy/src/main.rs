@@ -1,7 +1,8 @@
 //! `weft-proxy`: the Weft sidecar.
 //!
 //! `weft-proxy run --config FILE` runs the sidecar; `weft-proxy check --config FILE`
-//! or `--policy FILE` validates a file and exits non-zero with the error.
+//! or `--policy FILE` validates a file (a bootstrap file's `[tls]` files too)
+//! and exits non-zero with the error.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,7 +40,7 @@ enum Command {
         #[arg(long, value_name = "IP:PORT", env = "WEFT_ADVERTISE")]
         advertise: Option<std::net::SocketAddr>,
     },
-    /// Validate a bootstrap file (with the policy files it names) or a policy file.
+    /// Validate a bootstrap file (with the policy and TLS files it names) or a policy file.
     Check {
         /// A bootstrap file.
         #[arg(
@@ -65,11 +66,18 @@ fn init_logs(format: LogFormat) {
 fn check(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
     let (path, result) = match (config, policy) {
         (Some(path), _) => {
-            let r = weft_config::load_bootstrap(&path).map(drop);
+            let r = weft_config::load_bootstrap(&path).map_err(|e| e.to_string());
+            let r = r.and_then(|loaded| {
+                weft_proxy::tls::MeshTls::load(&loaded, std::sync::Arc::new(|_| {}))
+                    .map(drop)
+                    .map_err(|e| format!("{}: [tls]: {e}", path.display()))
+            });
             (path, r)
         }
         (None, Some(path)) => {
-            let r = weft_config::load_policy(&path).map(drop);
+            let r = weft_config::load_policy(&path)
+                .map(drop)
+                .map_err(|e| e.to_string());
             (path, r)
         }
         (None, None) => return ExitCode::from(2),
@@ -88,6 +96,9 @@ fn check(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One crypto provider for every rustls user in the process (mTLS between
+    // sidecars, and any library that asks for the default).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match cli.command {
         Command::Check { config, policy } => check(config, policy),
         Command::Run {

@@ -116,7 +116,7 @@ impl Outbound {
                     http.path = %path,
                     reason = error.reason(),
                     limit = error.limit(),
-                    error = %error,
+                    error = %crate::error::chain(&error),
                     "outbound request refused"
                 );
                 observation.respond(error_response(&error))
@@ -189,8 +189,10 @@ impl Outbound {
         if let Some(limit) = &policy.rate_limit {
             limit.check()?;
         }
-        // The callee's sidecar keys per-caller limits on this; the app cannot set it.
+        // The callee's sidecar keys per-caller limits on this; the app cannot
+        // set it, nor the protocol sidecars agree on between themselves.
         req.headers_mut().remove(WEFT_CALLER);
+        req.headers_mut().remove(crate::forward::WEFT_PROTOCOL);
         if let Some(caller) = directory
             .caller
             .as_ref()

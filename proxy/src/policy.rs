@@ -207,6 +207,8 @@ pub struct InboundPolicy {
     pub caller_rate_limit: Option<CallerRateLimit>,
     pub concurrency: Option<Arc<ConcurrencyLimit>>,
     pub timeout: Option<NamedTimeout>,
+    /// `inbound.allow_plaintext`: with mTLS on, plaintext callers are served too.
+    pub allow_plaintext: bool,
     pub stats: Arc<Stats>,
 }
 
@@ -268,6 +270,7 @@ impl InboundPolicy {
                 )
             }),
             timeout: named(inbound.timeout, "inbound.timeout".into()),
+            allow_plaintext: inbound.allow_plaintext,
             stats,
         }
     }

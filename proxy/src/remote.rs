@@ -8,6 +8,10 @@
 //! while the policy is unchanged (limiter state survives), its counters always,
 //! and its connection pool.
 //!
+//! Pushed services are meshed: their endpoints are sidecars' inbound
+//! listeners, so with `[tls]` their clients speak mTLS and expect the
+//! service's identity.
+//!
 //! A name is subscribed lazily, on the first request for it: [`RemoteServices::get`]
 //! asks the client to subscribe and waits, bounded, for the first state.
 
@@ -21,12 +25,13 @@ use tokio_util::task::TaskTracker;
 use weft_config::{LoadBalancer, Loaded, Protocol, ServiceName};
 
 use crate::balance::Balancer;
-use crate::client::ClientSettings;
+use crate::client::{ClientSettings, MeshPeer};
 use crate::control_plane::{ConnectionState, ControlPlaneClient, RemoteSnapshot};
 use crate::directory::{MeshService, client_settings, reuse_client};
 use crate::discovery::{EndpointsWriter, Update};
 use crate::policy::OutboundPolicy;
 use crate::stats::Stats;
+use crate::tls::MeshTls;
 
 type Services = Arc<HashMap<String, Arc<MeshService>>>;
 
@@ -38,20 +43,25 @@ pub struct RemoteServices {
 }
 
 impl RemoteServices {
-    /// Follow `client`'s snapshots; `loaded` gives the connection-pool settings.
+    /// Follow `client`'s snapshots; `loaded` gives the connection-pool
+    /// settings, `tls` this sidecar's mTLS (if `[tls]` is configured).
     pub fn start(
         client: ControlPlaneClient,
         loaded: &Loaded,
+        tls: Option<Arc<MeshTls>>,
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Arc<Self> {
         let (tx, rx) = watch::channel(Services::default());
         let mut snapshots = client.snapshot();
-        let pool = client_settings(loaded, None);
+        let pool = ClientSettings {
+            mesh: tls.is_some(),
+            ..client_settings(loaded, None)
+        };
         tasks.spawn(async move {
             loop {
                 let snapshot = Arc::clone(&snapshots.borrow_and_update());
-                let next = rebuild(&tx.borrow(), &snapshot, pool);
+                let next = rebuild(&tx.borrow(), &snapshot, pool, tls.as_deref());
                 tx.send_replace(Arc::new(next));
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -105,6 +115,7 @@ fn rebuild(
     old: &HashMap<String, Arc<MeshService>>,
     snapshot: &RemoteSnapshot,
     pool: ClientSettings,
+    tls: Option<&MeshTls>,
 ) -> HashMap<String, Arc<MeshService>> {
     let mut next = HashMap::with_capacity(snapshot.services.len());
     for (name, remote) in &snapshot.services {
@@ -133,13 +144,18 @@ fn rebuild(
             ),
             ..pool
         };
-        let client = reuse_client(previous.map(|p| &p.client), settings);
+        let mesh = tls.map(|tls| MeshPeer {
+            tls,
+            service: &service_name,
+        });
+        let client = reuse_client(previous.map(|p| &p.client), settings, mesh);
         let balancer = match previous {
             Some(p) if p.balancer.strategy() == strategy => p.balancer.clone(),
             _ => Balancer::new(strategy),
         };
-        // Sidecars speak HTTP/2 to each other once mTLS + ALPN lands; until then
-        // the app's protocol is kept.
+        // With mTLS, sidecars speak HTTP/2 to each other and the callee's
+        // sidecar speaks the app's own protocol to its app; without, the app's
+        // protocol is kept on the hop.
         let service = MeshService::new(
             service_name,
             policy,

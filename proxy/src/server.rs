@@ -20,6 +20,16 @@
 //!   otherwise also runs while a connection is idle);
 //! - HTTP/2: streams, header list, frame size, windows, rapid-reset and
 //!   protocol-error reset caps, keep-alive pings.
+//!
+//! With `tls` (the inbound listener of a sidecar with `[tls]`), the same
+//! protocol detection reads the connection's first byte: 0x16 (a TLS
+//! handshake record) goes through [`InboundTls::accept`] (bounded by its own
+//! handshake timeout, and closed at shutdown like a connection that has sent
+//! nothing), anything else is plaintext, served only while the local policy
+//! says `inbound.allow_plaintext`. Over TLS, the decrypted stream is then
+//! sniffed for HTTP/2 the same way (within `header_read_timeout`, closed at
+//! shutdown) and served with the same limits; the caller's identity is put
+//! into every request's extensions ([`crate::tls::CallerIdentity`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -35,18 +45,20 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
 use weft_config::Limits;
 
 use crate::body::ProxyBody;
 use crate::telemetry::io::Counted;
 use crate::telemetry::metrics::ConnectionMetrics;
+use crate::tls::accept::{Accepted, InboundTls};
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -114,10 +126,12 @@ impl Hardening {
 }
 
 /// Serve `listener` until `stop`, building one service per connection with `make`
-/// and counting connections and bytes into `connections`.
+/// and counting connections and bytes into `connections`; with `tls`, every
+/// connection is handshaken first.
 pub async fn serve<F, S>(
     name: &'static str,
     listener: TcpListener,
+    tls: Option<Arc<InboundTls>>,
     make: F,
     connections: ConnectionMetrics,
     hardening: Hardening,
@@ -156,7 +170,7 @@ pub async fn serve<F, S>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(make(peer));
+        let service = make(peer);
         let activity = Arc::new(Activity::new());
         let mut builder = builder.clone();
         builder.http1().timer(HeadTimer {
@@ -164,37 +178,46 @@ pub async fn serve<F, S>(
             header: header_timeout,
             idle: idle_timeout,
         });
-        let watcher = graceful.watcher();
+        let conn = Conn {
+            name,
+            peer,
+            builder,
+            watcher: graceful.watcher(),
+            activity,
+            permit,
+            header_timeout,
+            stop: stop.clone(),
+        };
         let connections = connections.clone();
-        let stop = stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             // hyper-util's auto builder waits for the bytes that tell HTTP/1 from
             // HTTP/2 with no timer of its own (hyperium/hyper#3756). A connection
             // that has sent nothing yet (a client's spare, pre-opened one) holds no
             // request, so shutdown closes it instead of waiting for the timer.
-            tokio::select! {
+            let sniffed = tokio::select! {
                 biased;
-                sniffed = tokio::time::timeout(header_timeout, sniff(&stream)) => {
-                    if sniffed.is_err() {
-                        tracing::debug!(listener = name, client.addr = %peer, "no request within the header read timeout; closing");
-                        return;
-                    }
-                }
-                () = stop.cancelled() => {
+                sniffed = tokio::time::timeout(header_timeout, sniff(&stream)) => sniffed,
+                () = conn.stop.cancelled() => {
                     tracing::debug!(listener = name, client.addr = %peer, "shutting down before the first request; closing");
                     return;
                 }
-            }
-            let io = Guarded {
-                inner: Counted::new(stream, &connections),
-                activity,
-                _permit: permit,
             };
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service)
-                .into_owned();
-            if let Err(error) = watcher.watch(conn).await {
-                tracing::debug!(listener = name, client.addr = %peer, %error, "connection ended with an error");
+            let first = match sniffed {
+                Ok(Ok(Some(first))) => first,
+                Ok(Ok(None) | Err(_)) => return,
+                Err(_) => {
+                    if let Some(tls) = &tls {
+                        tls.silent();
+                    }
+                    tracing::debug!(listener = name, client.addr = %peer, "no request within the header read timeout; closing");
+                    return;
+                }
+            };
+            let stream = Counted::new(stream, &connections);
+            match tls {
+                None => conn.serve(stream, service.map_request(no_caller)).await,
+                Some(tls) => conn.serve_tls(&tls, stream, first, service).await,
             }
         });
     }
@@ -237,18 +260,202 @@ impl RefusalLog {
 
 /// Waits until the first bytes of `stream` tell HTTP/1 from HTTP/2, as
 /// hyper-util's auto builder will look for them (without consuming anything),
-/// or until the peer closes.
-async fn sniff(stream: &TcpStream) -> io::Result<()> {
+/// and returns the first byte (which also tells TLS from plaintext); `None`
+/// when the peer closes before sending anything.
+async fn sniff(stream: &TcpStream) -> io::Result<Option<u8>> {
     let mut buf = [0u8; H2_PREFACE.len()];
     loop {
         let n = stream.peek(&mut buf).await?;
         let seen = buf.get(..n).unwrap_or_default();
         if n == 0 || n == buf.len() || !H2_PREFACE.starts_with(seen) {
-            return Ok(());
+            return Ok(seen.first().copied());
         }
         // Part of the HTTP/2 preface: peek returns at once while those bytes
         // wait, so look again shortly.
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// [`sniff`] for a stream that cannot peek (the decrypted side of a TLS
+/// connection): reads until the bytes tell HTTP/1 from HTTP/2 and returns
+/// them, to be read again first ([`Rewind`]); empty when the peer closed.
+async fn sniff_read<T: AsyncRead + Unpin>(stream: &mut T) -> io::Result<Vec<u8>> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut n = 0;
+    while let Some(free) = buf.get_mut(n..) {
+        let read = stream.read(free).await?;
+        n += read;
+        let seen = buf.get(..n).unwrap_or_default();
+        if read == 0 || n == buf.len() || !H2_PREFACE.starts_with(seen) {
+            break;
+        }
+    }
+    Ok(buf.get(..n).unwrap_or_default().to_vec())
+}
+
+/// `make`'s service on a plaintext connection: requests carry no caller.
+fn no_caller(req: Request<Incoming>) -> Request<Incoming> {
+    req
+}
+
+/// One accepted connection, past the connection cap, to be served.
+struct Conn {
+    name: &'static str,
+    peer: SocketAddr,
+    /// The listener's builder with this connection's [`HeadTimer`].
+    builder: auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    activity: Arc<Activity>,
+    permit: OwnedSemaphorePermit,
+    header_timeout: Duration,
+    stop: CancellationToken,
+}
+
+impl Conn {
+    /// Serves HTTP on `io` (its protocol already sniffed) until it closes,
+    /// or finishes gracefully at shutdown.
+    async fn serve<T, S>(self, io: T, service: S)
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        S: tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let io = Guarded {
+            inner: io,
+            activity: self.activity,
+            _permit: self.permit,
+        };
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
+            .into_owned();
+        if let Err(error) = self.watcher.watch(conn).await {
+            tracing::debug!(listener = self.name, client.addr = %self.peer, %error, "connection ended with an error");
+        }
+    }
+
+    /// The inbound listener with `[tls]`: a connection whose first byte is
+    /// `first` is handshaken (or, not TLS, served in plaintext if the policy
+    /// allows it), then sniffed again on its decrypted side.
+    async fn serve_tls<S>(self, tls: &InboundTls, stream: Counted<TcpStream>, first: u8, service: S)
+    where
+        S: tower::Service<Request<Incoming>, Response = Response<ProxyBody>, Error = Infallible>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let (name, peer) = (self.name, self.peer);
+        let accepted = tokio::select! {
+            biased;
+            accepted = tls.accept(stream, first) => accepted,
+            () = self.stop.cancelled() => {
+                tracing::debug!(listener = name, client.addr = %peer, "shutting down during the TLS handshake; closing");
+                return;
+            }
+        };
+        let (mut stream, caller) = match accepted {
+            Ok(Accepted::Plaintext(stream)) => {
+                return self.serve(stream, service.map_request(no_caller)).await;
+            }
+            Ok(Accepted::Tls(stream, caller)) => (stream, caller),
+            Err(failure) => {
+                tracing::info!(listener = name, client.addr = %peer, error = %failure, "connection refused");
+                return;
+            }
+        };
+        let sniffed = tokio::select! {
+            biased;
+            sniffed = tokio::time::timeout(self.header_timeout, sniff_read(&mut *stream)) => sniffed,
+            () = self.stop.cancelled() => {
+                tracing::debug!(listener = name, client.addr = %peer, "shutting down before the first request; closing");
+                return;
+            }
+        };
+        let seen = match sniffed {
+            Ok(Ok(seen)) if !seen.is_empty() => seen,
+            Ok(_) => return,
+            Err(_) => {
+                tracing::debug!(listener = name, client.addr = %peer, "no request within the header read timeout after the TLS handshake; closing");
+                return;
+            }
+        };
+        let service = service.map_request(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(caller.clone());
+            req
+        });
+        self.serve(Rewind::new(stream, seen), service).await;
+    }
+}
+
+pin_project! {
+    /// A stream whose first bytes were read to choose the protocol, and are
+    /// read again first.
+    #[derive(Debug)]
+    pub struct Rewind<T> {
+        seen: Vec<u8>,
+        at: usize,
+        #[pin]
+        inner: T,
+    }
+}
+
+impl<T> Rewind<T> {
+    pub fn new(inner: T, seen: Vec<u8>) -> Self {
+        Self { seen, at: 0, inner }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if let Some(rest) = this.seen.get(*this.at..)
+            && !rest.is_empty()
+            && buf.remaining() > 0
+        {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(rest.get(..n).unwrap_or_default());
+            *this.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 
@@ -453,5 +660,61 @@ impl hyper::rt::Sleep for HeadSleep {}
 impl Drop for HeadSleep {
     fn drop(&mut self) {
         self.activity.waiting.store(false, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn rewind_reads_the_seen_bytes_again_then_the_rest() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b"LO").await.unwrap();
+        drop(a);
+        let mut r = Rewind::new(b, b"HEL".to_vec());
+        let mut one = [0u8; 2];
+        r.read_exact(&mut one).await.unwrap();
+        assert_eq!(&one, b"HE");
+        let mut out = String::new();
+        r.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "LLO");
+    }
+
+    #[tokio::test]
+    async fn sniff_read_stops_at_the_first_byte_that_is_not_the_h2_preface() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let seen = sniff_read(&mut b).await.unwrap();
+        assert!(!seen.is_empty() && b"GET / HTTP/1.1\r\n".starts_with(&seen));
+    }
+
+    #[tokio::test]
+    async fn sniff_read_waits_for_the_whole_h2_preface() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let task = tokio::spawn(async move {
+            for chunk in H2_PREFACE.chunks(5) {
+                a.write_all(chunk).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            a
+        });
+        let seen = sniff_read(&mut b).await.unwrap();
+        assert_eq!(seen, H2_PREFACE);
+        drop(task.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn sniff_read_returns_what_came_before_the_peer_closed() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(b"PRI").await.unwrap();
+        drop(a);
+        assert_eq!(sniff_read(&mut b).await.unwrap(), b"PRI");
+        let (a, mut b) = tokio::io::duplex(64);
+        drop(a);
+        assert!(sniff_read(&mut b).await.unwrap().is_empty());
     }
 }

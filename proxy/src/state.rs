@@ -22,7 +22,8 @@ use weft_config::Loaded;
 use crate::control_plane::ControlPlaneClient;
 use crate::directory::{Directory, OwnService};
 use crate::remote::RemoteServices;
-use crate::telemetry::{Metrics, Reporters};
+use crate::telemetry::{Direction, Metrics, Reporters};
+use crate::tls::MeshTls;
 
 /// The effective configuration and its version.
 #[derive(Debug, Serialize)]
@@ -50,6 +51,8 @@ pub enum ReloadError {
     Config(#[from] weft_config::ConfigError),
     #[error("{0}")]
     Rejected(String),
+    #[error("the [tls] files were refused (the current certificate stays): {0}")]
+    Tls(#[from] crate::tls::MaterialError),
 }
 
 /// State shared by every listener and task.
@@ -67,6 +70,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
+    /// This sidecar's mTLS identity, with `[tls]`.
+    pub tls: Option<Arc<MeshTls>>,
     /// Metrics, spans and the access log: what every request reports to.
     pub reporters: Arc<Reporters>,
 }
@@ -80,12 +85,23 @@ fn now_secs() -> u64 {
 
 impl Shared {
     /// Build the state from a loaded configuration (inside a Tokio runtime:
-    /// with traces on, this starts the span export task).
+    /// with traces on, this starts the span export task), reading the `[tls]`
+    /// files, whose identity must fit `[service]`.
     pub fn new(loaded: Loaded) -> Result<Arc<Self>, String> {
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let directory = Directory::build(&loaded, &tasks, &shutdown)?;
         let metrics = Arc::new(Metrics::new(loaded.bootstrap.control_plane.is_some()));
+        let failures = Arc::clone(&metrics);
+        let tls = MeshTls::load(
+            &loaded,
+            Arc::new(move |e: &crate::tls::connect::MeshConnectError| {
+                if let Some(reason) = e.handshake_reason() {
+                    failures.tls_handshake_failure(Direction::Outbound, reason);
+                }
+            }),
+        )
+        .map_err(|e| format!("[tls]: {e}"))?;
+        let directory = Directory::build(&loaded, tls.as_deref(), &tasks, &shutdown)?;
         let reporters =
             Reporters::start(&loaded.bootstrap, Arc::clone(&metrics)).map_err(|e| e.to_string())?;
         let snapshot = ConfigSnapshot {
@@ -105,6 +121,7 @@ impl Shared {
             tasks,
             shutdown,
             metrics,
+            tls,
             reporters: Arc::new(reporters),
         }))
     }
@@ -152,7 +169,8 @@ impl Shared {
         self.bound.get().is_some() && !self.is_draining()
     }
 
-    /// Re-read the bootstrap file and swap it in if it is valid (counted).
+    /// Re-read the `[tls]` files and the bootstrap file, and swap them in if
+    /// they are valid (counted). Refused `[tls]` files refuse the whole reload.
     pub async fn reload(&self) -> Result<u64, ReloadError> {
         let result = self.try_reload().await;
         self.metrics.reload(result.is_ok());
@@ -161,6 +179,15 @@ impl Shared {
 
     async fn try_reload(&self) -> Result<u64, ReloadError> {
         let _serial = self.reload_lock.lock().await;
+        if let Some(tls) = &self.tls {
+            let tls = Arc::clone(tls);
+            // Files still refused fail the reload again, with the reason.
+            tokio::task::spawn_blocking(move || tls.refresh(true))
+                .await
+                .map_err(|e| {
+                    ReloadError::Rejected(format!("reading the TLS files failed: {e}"))
+                })??;
+        }
         let path = self.path.clone();
         let loaded = tokio::task::spawn_blocking(move || weft_config::load_bootstrap(&path))
             .await
@@ -171,6 +198,12 @@ impl Shared {
         if loaded.bootstrap.listen != current.loaded.bootstrap.listen {
             return Err(ReloadError::Rejected(format!(
                 "{}: [listen] changed; listener addresses only change on restart, nothing was applied",
+                self.path.display()
+            )));
+        }
+        if loaded.bootstrap.tls != current.loaded.bootstrap.tls {
+            return Err(ReloadError::Rejected(format!(
+                "{}: [tls] changed; it only changes on restart (the files it names are re-read on change), nothing was applied",
                 self.path.display()
             )));
         }
@@ -192,6 +225,7 @@ impl Shared {
             Some(&old),
             &loaded,
             own.as_ref(),
+            self.tls.as_deref(),
             &self.tasks,
             &self.shutdown,
         )

@@ -17,6 +17,7 @@ pub struct DirService {
     name: String,
     policy: Option<String>,
     protocol: Option<String>,
+    tls: Option<String>,
     endpoints: Vec<(SocketAddr, Vec<(String, String)>)>,
 }
 
@@ -27,6 +28,7 @@ impl DirService {
             name: name.to_owned(),
             policy: None,
             protocol: None,
+            tls: None,
             endpoints: Vec::new(),
         }
     }
@@ -45,6 +47,12 @@ impl DirService {
     /// Sets `protocol` (`auto`, `http1`, `http2`).
     pub fn protocol(mut self, protocol: &str) -> Self {
         self.protocol = Some(protocol.to_owned());
+        self
+    }
+
+    /// Sets `tls` (`none`, `mesh`).
+    pub fn tls(mut self, mode: &str) -> Self {
+        self.tls = Some(mode.to_owned());
         self
     }
 
@@ -89,6 +97,7 @@ pub struct Bootstrap {
     telemetry: Option<String>,
     limits: Vec<String>,
     services: Vec<DirService>,
+    tls: Option<(String, Option<String>)>,
     control_plane: Vec<String>,
 }
 
@@ -108,8 +117,17 @@ impl Bootstrap {
             telemetry: None,
             limits: Vec::new(),
             services: Vec::new(),
+            tls: None,
             control_plane: Vec::new(),
         }
+    }
+
+    /// Adds `[tls]` with `ca = "ca.pem"`, `cert = "<identity>.pem"`, `key =
+    /// "<identity>-key.pem"` (the file names `weftctl certs` writes), and
+    /// `watch_interval` if given.
+    pub fn tls(mut self, identity: &str, watch_interval: Option<&str>) -> Self {
+        self.tls = Some((identity.to_owned(), watch_interval.map(str::to_owned)));
+        self
     }
 
     /// Adds `[telemetry]` with `body` as its keys (TOML written by the test,
@@ -234,6 +252,17 @@ impl Bootstrap {
             .unwrap();
         }
         writeln!(out, "[drain]\ngrace = {:?}\n", self.grace).unwrap();
+        if let Some((identity, watch)) = &self.tls {
+            writeln!(
+                out,
+                "[tls]\nca = \"ca.pem\"\ncert = \"{identity}.pem\"\nkey = \"{identity}-key.pem\""
+            )
+            .unwrap();
+            if let Some(watch) = watch {
+                writeln!(out, "watch_interval = {watch:?}").unwrap();
+            }
+            out.push('\n');
+        }
         if let Some(body) = &self.telemetry {
             writeln!(out, "[telemetry]\n{body}\n").unwrap();
         }
@@ -256,6 +285,9 @@ impl Bootstrap {
             }
             if let Some(protocol) = &service.protocol {
                 writeln!(out, "protocol = {protocol:?}").unwrap();
+            }
+            if let Some(tls) = &service.tls {
+                writeln!(out, "tls = {tls:?}").unwrap();
             }
             out.push_str("endpoints = [\n");
             for (addr, metadata) in &service.endpoints {

@@ -23,6 +23,9 @@
 //! - [`client`]: HTTP clients that send through the proxy in absolute form,
 //!   with a Host header, or as HTTP/2 prior knowledge, plus a raw TCP client
 //!   for byte-exact requests and upgrades.
+//! - [`tls`]: a mesh CA and service certificates (`weft-certs`, as `weftctl
+//!   certs` makes them) for sidecars with `[tls]`, and a TLS client that shows
+//!   what a listener negotiates and which certificate it presents.
 //! - [`traffic`]: steady background traffic through a client, every outcome
 //!   recorded and counted (errors, 5xx, statuses, backends, time windows).
 //! - [`etcd`]: a real etcd, one node or a cluster on loopback, that a test can
@@ -58,6 +61,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod otlp;
 pub mod process;
+pub mod tls;
 pub mod traffic;
 
 use std::collections::BTreeMap;

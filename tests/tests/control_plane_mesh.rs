@@ -23,6 +23,7 @@ use weft_tests::control_plane::ControlPlane;
 use weft_tests::eventually;
 use weft_tests::mesh::{endpoint_addrs, mesh_caller, registered};
 use weft_tests::process::{Proxy, Signal, TempDir};
+use weft_tests::tls::Pki;
 use weft_tests::traffic::Traffic;
 
 /// `weftctl ARGS` against `cp`, which must exit 0; stdout and stderr.
@@ -288,6 +289,59 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
     // One instance leaves: the other now enforces the whole limit.
     two.signal(Signal::Term)?;
     expect_local(&one, "control-plane", 1, Some((40.0, 4))).await?;
+    Ok(())
+}
+
+/// With `[tls]`, services pushed by the control plane are meshed: the caller
+/// reaches billing's sidecar over mTLS and billing's app hears who called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_services_are_called_over_mtls() -> anyhow::Result<()> {
+    let cp = start_control_plane().await?;
+    let pki = Pki::new();
+    let app = Backend::start("billing-app").await?;
+    let tls = "[tls]\nca = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n";
+    let with_cert = |bootstrap: String, service: &str| {
+        let issued = pki.issue(service);
+        Proxy::builder(bootstrap)
+            .file("ca.pem", pki.ca_pem())
+            .file("cert.pem", issued.cert_pem())
+            .file("key.pem", issued.key_pem())
+    };
+    let _billing = with_cert(
+        format!(
+            "[service]\nname = \"billing\"\napp = \"{app}\"\nid = \"billing-1\"\n\
+             [listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [control_plane]\naddresses = [\"{grpc}\"]\n{tls}",
+            app = app.addr(),
+            grpc = cp.grpc_url()
+        ),
+        "billing",
+    )
+    .start()
+    .await?;
+    // A caller-only sidecar: its identity is its certificate's, web.
+    let caller = with_cert(
+        format!(
+            "[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
+             [control_plane]\naddresses = [\"{grpc}\"]\n{tls}",
+            grpc = cp.grpc_url()
+        ),
+        "web",
+    )
+    .start()
+    .await?;
+
+    let client = Client::new(caller.outbound(), Mode::HostHeader);
+    let reply = eventually(Duration::from_secs(10), || async {
+        let reply = client.get("http://billing/hello").await?;
+        ensure!(reply.status == 200, "{} {}", reply.status, reply.text());
+        Ok(reply)
+    })
+    .await?;
+    let forwarded = reply.header("x-seen-forwarded").unwrap_or_default();
+    ensure!(forwarded.contains("proto=https"), "forwarded: {forwarded}");
+    ensure!(reply.header("x-seen-version") == Some("HTTP/1.1"));
+    ensure!(app.seen_with("weft-caller", "web") >= 1);
     Ok(())
 }
 

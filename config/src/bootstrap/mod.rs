@@ -21,6 +21,7 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
 use crate::duration::{self, Duration};
+use crate::identity::TrustDomain;
 use crate::name::ServiceName;
 use crate::number::{self, Ratio, Weight};
 use crate::size::{self, ByteSize};
@@ -58,6 +59,44 @@ pub struct Bootstrap {
     /// input).
     #[serde(default)]
     pub limits: Limits,
+    /// This sidecar's mesh identity; `None`: no mTLS (plaintext between sidecars).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tls: Option<Tls>,
+}
+
+/// `[tls]`: the sidecar's identity certificate and the mesh CA, for mTLS
+/// between sidecars. The files are PEM, relative to the bootstrap file's
+/// directory (see [`crate::Loaded::resolve`]); the sidecar re-reads them when
+/// they change. Only the paths appear here (and in `/config`), never the
+/// content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a table")]
+pub struct Tls {
+    /// The mesh CA certificate(s): peers' certificates must chain to one.
+    pub ca: PathBuf,
+    /// This sidecar's certificate (then any intermediates).
+    pub cert: PathBuf,
+    /// The certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The SPIFFE trust domain of the mesh. Default `weft.local`.
+    #[serde(default)]
+    pub trust_domain: TrustDomain,
+    /// How often the files' modification times are checked; longer than 0.
+    /// Default `5s`.
+    #[serde(
+        default = "Tls::default_watch_interval",
+        deserialize_with = "duration::positive"
+    )]
+    pub watch_interval: Duration,
+}
+
+impl Tls {
+    /// `watch_interval` when the key is absent.
+    pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(5);
+
+    fn default_watch_interval() -> Duration {
+        Self::DEFAULT_WATCH_INTERVAL
+    }
 }
 
 /// `[service]`: the service instance behind this sidecar.
@@ -388,9 +427,14 @@ pub struct StaticService {
     /// The owner's policy file, relative to the bootstrap file's directory.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub policy: Option<PathBuf>,
-    /// The HTTP version used towards the endpoints. Default `auto`.
+    /// The HTTP version used towards the endpoints. Default `auto`. With
+    /// `tls = "mesh"`, the version the peer sidecar uses towards its app
+    /// (sidecars speak HTTP/2 to each other).
     #[serde(default)]
     pub protocol: Protocol,
+    /// Whether the endpoints are sidecars reached with mTLS. Default `none`.
+    #[serde(default)]
+    pub tls: TlsMode,
     /// The instances, at least one, with distinct addresses.
     #[serde(default)]
     pub endpoints: Vec<StaticEndpoint>,
@@ -407,6 +451,18 @@ pub enum Protocol {
     Http1,
     /// HTTP/2 (prior knowledge).
     Http2,
+}
+
+/// How a sidecar connects to a static service's endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plaintext: the endpoints may be plain apps.
+    #[default]
+    None,
+    /// The endpoints are sidecars' inbound listeners: mTLS with this sidecar's
+    /// `[tls]` certificate, and the peer must present the service's identity.
+    Mesh,
 }
 
 /// One endpoint of a static service.

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use super::{Bootstrap, StaticService};
+use super::{Bootstrap, StaticService, TlsMode};
 use crate::diag::{KeyPath, Problem};
 
 impl Bootstrap {
@@ -19,7 +19,27 @@ impl Bootstrap {
         self.check_limits()?;
         self.check_telemetry()?;
         self.check_directory()?;
-        self.check_policies()
+        self.check_policies()?;
+        self.check_tls()
+    }
+
+    /// A static service reached with mTLS needs this sidecar's own identity.
+    fn check_tls(&self) -> Result<(), Problem> {
+        if self.tls.is_some() {
+            return Ok(());
+        }
+        let mut services = self.directory.services.iter().enumerate();
+        if let Some((i, service)) = services.find(|(_, s)| s.tls == TlsMode::Mesh) {
+            return Err(Problem::new(
+                KeyPath::new(["directory", "services"]).index(i).key("tls"),
+                format!(
+                    "service {:?} is reached with mTLS, but this sidecar has no certificate: \
+                     add a [tls] section (ca, cert, key) or remove tls = \"mesh\"",
+                    service.name.as_str()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check_listeners(&self) -> Result<(), Problem> {
@@ -327,6 +347,22 @@ mod tests {
         let src =
             "[[directory.services]]\nname = \"a\"\nendpoints = [{ address = \"10.0.0.1:0\" }]";
         assert!(error(src).ends_with("port 0 cannot be connected to; give the endpoint's port"));
+    }
+
+    #[test]
+    fn mesh_tls_needs_a_tls_section() {
+        let src = "[[directory.services]]\nname = \"a\"\ntls = \"mesh\"\nendpoints = [{ address = \"10.0.0.1:1\" }]";
+        assert_eq!(
+            error(src),
+            "b.toml:3:7: directory.services[0].tls: service \"a\" is reached with mTLS, but this \
+             sidecar has no certificate: add a [tls] section (ca, cert, key) or remove tls = \"mesh\""
+        );
+        let with_tls =
+            format!("[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a-key.pem\"\n{src}");
+        let b = crate::parse_bootstrap(&with_tls, Path::new("b.toml")).unwrap();
+        let tls = b.tls.unwrap();
+        assert_eq!(tls.trust_domain.as_str(), "weft.local");
+        assert_eq!(tls.watch_interval.to_string(), "5s");
     }
 
     #[test]

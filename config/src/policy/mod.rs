@@ -73,6 +73,11 @@ pub struct Inbound {
     /// Caller identities allowed; none means any meshed caller.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allow: Option<Vec<ServiceName>>,
+    /// With mTLS on (`[tls]` in the sidecar's bootstrap), also accept
+    /// plaintext connections on the inbound listener, for a migration.
+    /// Default `false`; without `[tls]` everything is plaintext anyway.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plaintext: bool,
     /// Whole-request timeout for inbound requests.
     #[serde(
         skip_serializing_if = "Option::is_none",

@@ -9,6 +9,11 @@
 //! rate limit shared by the instances, a graceful shutdown that deregisters an
 //! instance without failing a request, and a fast failure for an unknown name.
 //! Everything listens on 127.0.0.1 with ports chosen at run time.
+//!
+//! The mesh runs with mTLS on: at start the demo makes a development CA and
+//! one certificate per service with `weft-certs` (what `weftctl certs` uses),
+//! and every sidecar's bootstrap has `[tls]`, so sidecars talk TLS 1.3 +
+//! HTTP/2 to each other, verify each other's identity, and refuse plaintext.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -58,14 +63,22 @@ async fn start_backend(
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
                     }
-                    let host = req
-                        .headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .unwrap_or("-")
-                        .to_owned();
+                    let header = |name: &str| {
+                        req.headers()
+                            .get(name)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned()
+                    };
+                    let host = header("host");
+                    let caller = header("weft-caller");
+                    let proto = if header("forwarded").contains("proto=https") {
+                        "mTLS"
+                    } else {
+                        "plaintext"
+                    };
                     let body = format!(
-                        "{name} answered {} {} (Host: {host})\n",
+                        "{name} answered {} {} (Host: {host}; caller {caller}, over {proto})\n",
                         req.method(),
                         req.uri().path()
                     );
@@ -177,8 +190,31 @@ addresses = ["http://{cp}"]
 
 [drain]
 grace = "5s"
-"#
+
+{tls}"#,
+        tls = tls_section(service)
     )
+}
+
+/// `[tls]` with the certificate of `identity` made by [`make_certs`].
+fn tls_section(identity: &str) -> String {
+    format!(
+        "[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/{identity}.pem\"\nkey = \"certs/{identity}-key.pem\"\n"
+    )
+}
+
+/// A development CA and a certificate for each of `services`, in DIR/certs,
+/// made with weft-certs (what `weftctl certs ca` / `certs issue` run).
+fn make_certs(dir: &Path, services: &[&str]) -> anyhow::Result<weft_config::TrustDomain> {
+    let certs = dir.join("certs");
+    let trust_domain = weft_config::TrustDomain::default();
+    let ca = weft_certs::Ca::generate(&trust_domain)?;
+    ca.write(&certs)?;
+    for service in services {
+        ca.issue(&service.parse()?, weft_certs::DEFAULT_VALIDITY)?
+            .write(&certs)?;
+    }
+    Ok(trust_domain)
 }
 
 async fn weftctl(
@@ -275,6 +311,12 @@ async fn round(
     Ok(())
 }
 
+/// The inbound listener of the sidecar `id` (from its bound file).
+fn sidecar_inbound(dir: &Path, id: &str) -> anyhow::Result<SocketAddr> {
+    let text = std::fs::read_to_string(dir.join(format!("{id}.bound.json")))?;
+    addr(&serde_json::from_str(&text)?, "inbound")
+}
+
 fn kill(pid: u32, signal: &str) -> anyhow::Result<()> {
     let status = std::process::Command::new("kill")
         .args([signal, &pid.to_string()])
@@ -305,6 +347,13 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     );
     let token = dir.join("admin-token");
     std::fs::write(&token, "weft-demo-admin-token-0123456789\n")?;
+
+    // mTLS between every sidecar: a development CA and one certificate per service.
+    let trust_domain = make_certs(dir, &["billing", "orders", "checkout"])?;
+    println!(
+        "mTLS on: a development CA for trust domain {trust_domain} and certificates for billing, orders and checkout\n  \
+         (weft-certs, as `weftctl certs`); every sidecar has [tls] and proves spiffe://{trust_domain}/service/<name>\n"
+    );
 
     let (cp, cp_bound) = spawn(
         "control-plane",
@@ -430,7 +479,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
         )
         .await?;
         println!(
-            "  {id:<14} app {app}  sidecar inbound {}  zone={zone} version={version}",
+            "  {id:<14} app {app}  sidecar inbound {} (mTLS)  zone={zone} version={version}",
             addr(&bound, "inbound")?
         );
         sidecars.push((id, sidecar));
@@ -441,7 +490,8 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     std::fs::write(
         &caller_config,
         format!(
-            "# weft-demo: the caller's sidecar\n[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[control_plane]\naddresses = [\"http://{cp_grpc}\"]\n"
+            "# weft-demo: the caller's sidecar (no [service]: its identity is its certificate's, checkout)\n[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[control_plane]\naddresses = [\"http://{cp_grpc}\"]\n\n{}",
+            tls_section("checkout")
         ),
     )?;
     let (caller, caller_bound) = spawn(
@@ -456,7 +506,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     )
     .await?;
     let outbound = addr(&caller_bound, "outbound")?;
-    println!("  caller sidecar (no static directory) outbound {outbound}\n");
+    println!("  caller sidecar (no static directory, identity checkout) outbound {outbound}\n");
     println!(
         "weftctl get services:\n{}",
         weftctl(args, cp_admin, &token, &["get", "services"]).await?
@@ -487,6 +537,15 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     }
     let (_, _, body) = call(&client, outbound, "billing", "/hello").await?;
     print!("GET http://billing/hello through the caller's sidecar -> {body}");
+    let billing_inbound = sidecar_inbound(dir, "billing-a")?;
+    let plaintext = call(&client, billing_inbound, "billing", "/hello").await;
+    println!(
+        "GET straight to billing-a's inbound listener {billing_inbound} without a certificate -> {}",
+        match plaintext {
+            Ok((status, _, _)) => format!("{status} (unexpected: plaintext was served)"),
+            Err(_) => "refused: the connection is closed (mTLS required)".to_owned(),
+        }
+    );
 
     println!("\n1. billing, p2c + peak-EWMA, 8 concurrent callers: the slow instance gets less");
     round(&client, outbound, "billing", args.requests, 8).await?;

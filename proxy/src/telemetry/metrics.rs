@@ -109,6 +109,12 @@ struct DirectionLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TlsFailureLabels {
+    direction: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -205,6 +211,7 @@ pub struct Metrics {
     control_plane_connected: Gauge,
     control_plane_version: Gauge,
     control_plane_rejected: Counter,
+    tls_handshake_failures: Family<TlsFailureLabels, Counter>,
     spans: SpanMetrics,
     otlp_exports: OtlpExportMetrics,
 }
@@ -318,6 +325,12 @@ impl Metrics {
             "Configuration reloads, by result (applied, rejected)",
             reloads.clone(),
         );
+        let tls_handshake_failures = Family::default();
+        registry.register(
+            "tls_handshake_failures",
+            "mTLS handshakes between sidecars that failed, by direction and reason",
+            tls_handshake_failures.clone(),
+        );
         let spans_exported = Counter::default();
         registry.register(
             "spans_exported",
@@ -390,9 +403,21 @@ impl Metrics {
             control_plane_connected,
             control_plane_version,
             control_plane_rejected,
+            tls_handshake_failures,
             spans,
             otlp_exports,
         }
+    }
+
+    /// A failed mTLS handshake; `reason` is one of a fixed set (see
+    /// `docs/telemetry.md`).
+    pub fn tls_handshake_failure(&self, direction: Direction, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&TlsFailureLabels {
+                direction: direction.as_str(),
+                reason,
+            })
+            .inc();
     }
 
     /// When the metrics were created: the start of every cumulative value.

@@ -1,6 +1,7 @@
 //! `weftctl`: check, apply, diff, get and delete service policies, list
-//! services and instances, through the control plane's admin API; and `stat`,
-//! live traffic numbers from the sidecars' metrics.
+//! services and instances, through the control plane's admin API; `stat`,
+//! live traffic numbers from the sidecars' metrics; and `certs`, development
+//! certificates for mTLS between sidecars (offline, with `weft-certs`).
 //!
 //! A policy file is validated locally first with `weft-config` (the same check
 //! and message as the control plane and `weft-proxy check --policy`); the control
@@ -27,6 +28,7 @@ use serde_json::Value;
 use similar::{ChangeTag, TextDiff};
 use weft_config::{ConfigError, ServiceName};
 
+mod certs;
 mod stat;
 
 /// How long connecting to the control plane may take.
@@ -85,6 +87,10 @@ enum Command {
     /// service (per route with SERVICE), from the sidecars' metrics.
     #[command(long_about = stat::LONG_ABOUT)]
     Stat(stat::StatArgs),
+    /// Development certificates for mTLS between sidecars: a mesh CA and
+    /// service certificates (offline; for development and tests).
+    #[command(subcommand, long_about = certs::LONG_ABOUT)]
+    Certs(certs::Certs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -519,6 +525,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let api = || Api::new(&cli.control_plane, cli.token_file.as_deref());
     match cli.command {
         Command::Check { files } => return Ok(check(&files)),
+        Command::Certs(what) => certs::run(what)?,
         Command::Apply { files } => apply(&api()?, &files).await?,
         Command::Diff { file } => return diff(&api()?, &file).await,
         Command::Get(what) => get(&api()?, what).await?,

@@ -1,0 +1,167 @@
+//! Identities in certificates: the SPIFFE ID a certificate carries, and the
+//! authenticated caller of an inbound request.
+//!
+//! An X.509 SVID carries exactly one URI subject alternative name, its SPIFFE
+//! ID ([`identity_of`]). A peer sidecar's ID must also name a Weft service
+//! (`spiffe://<trust-domain>/service/<name>`) of this mesh's trust domain
+//! ([`service_identity`]); anything else is refused in the handshake.
+
+use std::fmt;
+use std::sync::Arc;
+
+use weft_config::{ServiceName, SpiffeId, TrustDomain};
+use x509_parser::extensions::GeneralName;
+
+/// Why a certificate's identity is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("the certificate cannot be parsed")]
+    Unparsable,
+    #[error("the certificate has no URI SAN (a SPIFFE ID like spiffe://weft.local/service/NAME)")]
+    NoSpiffeId,
+    #[error("the certificate has {0} URI SANs; an X.509 SVID has exactly one")]
+    SeveralUris(usize),
+    #[error("{0}")]
+    Invalid(#[from] weft_config::InvalidIdentity),
+    #[error("{found} is not in trust domain {expected}")]
+    ForeignTrustDomain {
+        found: SpiffeId,
+        expected: TrustDomain,
+    },
+    #[error("{0} names no service (expected spiffe://<trust-domain>/service/<name>)")]
+    NotAService(SpiffeId),
+    #[error("the peer is {found}, expected {expected}")]
+    Mismatch { found: SpiffeId, expected: SpiffeId },
+}
+
+/// The SPIFFE ID in a DER certificate: its one URI SAN.
+pub fn identity_of(der: &[u8]) -> Result<SpiffeId, IdentityError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparsable)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| IdentityError::Unparsable)?
+        .ok_or(IdentityError::NoSpiffeId)?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        })
+        .collect();
+    match uris[..] {
+        [] => Err(IdentityError::NoSpiffeId),
+        [uri] => Ok(SpiffeId::parse(uri)?),
+        _ => Err(IdentityError::SeveralUris(uris.len())),
+    }
+}
+
+/// The Weft service a peer's certificate authenticates, which must be in
+/// `trust_domain`.
+pub fn service_identity(
+    der: &[u8],
+    trust_domain: &TrustDomain,
+) -> Result<CallerIdentity, IdentityError> {
+    let id = identity_of(der)?;
+    if id.trust_domain() != trust_domain {
+        return Err(IdentityError::ForeignTrustDomain {
+            found: id,
+            expected: trust_domain.clone(),
+        });
+    }
+    match id.service() {
+        Some(service) => Ok(CallerIdentity(Arc::new((id, service)))),
+        None => Err(IdentityError::NotAService(id)),
+    }
+}
+
+/// The authenticated identity of the sidecar that sent an inbound request,
+/// from its client certificate. The inbound listener puts it in the request's
+/// extensions for every request of an mTLS connection; a plaintext request
+/// (allowed by `inbound.allow_plaintext`) has none. Cheap to clone (one
+/// per request).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CallerIdentity(Arc<(SpiffeId, ServiceName)>);
+
+impl CallerIdentity {
+    /// `spiffe://<trust-domain>/service/<name>`.
+    pub fn spiffe_id(&self) -> &SpiffeId {
+        &self.0.0
+    }
+
+    /// The calling service's name.
+    pub fn service(&self) -> &ServiceName {
+        &self.0.1
+    }
+}
+
+impl fmt::Display for CallerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.spiffe_id().fmt(f)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_service_certificate_carries_its_identity() {
+        let td: TrustDomain = "weft.local".parse().unwrap();
+        let ca = weft_certs::Ca::generate(&td).unwrap();
+        let issued = ca
+            .issue(&"billing".parse().unwrap(), Duration::from_secs(3600))
+            .unwrap();
+        let id = identity_of(issued.cert_der()).unwrap();
+        assert_eq!(id.to_string(), "spiffe://weft.local/service/billing");
+        let caller = service_identity(issued.cert_der(), &td).unwrap();
+        assert_eq!(caller.service().as_str(), "billing");
+        assert_eq!(caller.to_string(), "spiffe://weft.local/service/billing");
+
+        let other: TrustDomain = "example.org".parse().unwrap();
+        assert_eq!(
+            service_identity(issued.cert_der(), &other)
+                .unwrap_err()
+                .to_string(),
+            "spiffe://weft.local/service/billing is not in trust domain example.org"
+        );
+        assert_eq!(identity_of(b"junk"), Err(IdentityError::Unparsable));
+    }
+
+    #[test]
+    fn certificates_without_exactly_one_spiffe_uri_are_refused() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let make = |sans: Vec<rcgen::SanType>| {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = sans;
+            params.self_signed(&key).unwrap().der().to_vec()
+        };
+        let uri = |s: &str| rcgen::SanType::URI(s.try_into().unwrap());
+        let dns = rcgen::SanType::DnsName("billing".try_into().unwrap());
+        assert_eq!(
+            identity_of(&make(vec![dns])),
+            Err(IdentityError::NoSpiffeId)
+        );
+        assert_eq!(
+            identity_of(&make(vec![
+                uri("spiffe://weft.local/service/a"),
+                uri("spiffe://weft.local/service/b")
+            ])),
+            Err(IdentityError::SeveralUris(2))
+        );
+        assert!(matches!(
+            identity_of(&make(vec![uri("https://billing.example/")])),
+            Err(IdentityError::Invalid(_))
+        ));
+        let td: TrustDomain = "weft.local".parse().unwrap();
+        assert!(matches!(
+            service_identity(&make(vec![uri("spiffe://weft.local/ns/x")]), &td),
+            Err(IdentityError::NotAService(_))
+        ));
+    }
+}
