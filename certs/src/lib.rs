@@ -32,6 +32,9 @@ use rcgen::{
 use time::OffsetDateTime;
 use weft_config::{ServiceName, SpiffeId, TrustDomain};
 
+mod identity;
+pub use identity::{CertIdentityError, spiffe_id_of};
+
 /// The CA certificate's file name in a CA directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// The CA key's file name in a CA directory.
@@ -42,6 +45,8 @@ pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Certificates are valid from this long before they are made (clock skew).
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// The file stem of the control plane's certificate files.
+pub const CONTROL_PLANE_FILE_STEM: &str = "control-plane";
 
 /// What went wrong making, reading or writing certificates.
 #[derive(Debug, thiserror::Error)]
@@ -168,20 +173,50 @@ impl Ca {
 
     /// A certificate for `service`, valid for `valid_for` from now.
     pub fn issue(&self, service: &ServiceName, valid_for: Duration) -> Result<Issued, CertError> {
-        let identity = SpiffeId::for_service(&self.trust_domain, service);
+        self.issue_for(
+            SpiffeId::for_service(&self.trust_domain, service),
+            service.as_str(),
+            &[service.as_str()],
+            valid_for,
+        )
+    }
+
+    /// A certificate for the control plane
+    /// (`spiffe://<trust-domain>/control-plane`), valid for `valid_for` from
+    /// now; `hosts` (DNS names) are added as subject alternative names for
+    /// clients that check them (sidecars check the SPIFFE ID).
+    pub fn issue_control_plane(
+        &self,
+        hosts: &[&str],
+        valid_for: Duration,
+    ) -> Result<Issued, CertError> {
+        self.issue_for(
+            SpiffeId::for_control_plane(&self.trust_domain),
+            CONTROL_PLANE_FILE_STEM,
+            hosts,
+            valid_for,
+        )
+    }
+
+    fn issue_for(
+        &self,
+        identity: SpiffeId,
+        name: &str,
+        hosts: &[&str],
+        valid_for: Duration,
+    ) -> Result<Issued, CertError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, service.as_str());
+        params.distinguished_name.push(DnType::CommonName, name);
         params
             .distinguished_name
             .push(DnType::OrganizationName, "Weft");
-        params.subject_alt_names = vec![
-            SanType::URI(identity.to_string().try_into()?),
-            SanType::DnsName(service.as_str().try_into()?),
-            SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        ];
+        let mut sans = vec![SanType::URI(identity.to_string().try_into()?)];
+        for host in hosts {
+            sans.push(SanType::DnsName((*host).try_into()?));
+        }
+        sans.push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        params.subject_alt_names = sans;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -193,7 +228,7 @@ impl Ca {
         params.not_after = validity(now, valid_for)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
-            service: service.clone(),
+            file_stem: name.to_owned(),
             identity,
             cert_pem: cert.pem(),
             cert_der: cert.der().to_vec(),
@@ -204,7 +239,8 @@ impl Ca {
 
 /// A service certificate and its key.
 pub struct Issued {
-    service: ServiceName,
+    /// `<name>` of the file names.
+    file_stem: String,
     identity: SpiffeId,
     cert_pem: String,
     cert_der: Vec<u8>,
@@ -241,21 +277,27 @@ impl Issued {
         &self.key_pem
     }
 
-    /// The file names [`Issued::write`] uses: `<name>.pem`, `<name>-key.pem`.
+    /// The file names [`Issued::write`] uses for a service: `<name>.pem`,
+    /// `<name>-key.pem` (the control plane's: `control-plane.pem`,
+    /// `control-plane-key.pem`).
     pub fn file_names(service: &ServiceName) -> (String, String) {
-        (format!("{service}.pem"), format!("{service}-key.pem"))
+        file_names(service.as_str())
     }
 
     /// Writes `<name>.pem` and `<name>-key.pem` (mode 0600) into `dir`,
     /// creating it. Each file is replaced atomically (written beside it, then
     /// renamed), so a sidecar watching them never reads half a file.
     pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>, CertError> {
-        let (cert_name, key_name) = Self::file_names(&self.service);
+        let (cert_name, key_name) = file_names(&self.file_stem);
         let (cert, key) = (dir.join(cert_name), dir.join(key_name));
         write(&key, &self.key_pem, true)?;
         write(&cert, &self.cert_pem, false)?;
         Ok(vec![cert, key])
     }
+}
+
+fn file_names(stem: &str) -> (String, String) {
+    (format!("{stem}.pem"), format!("{stem}-key.pem"))
 }
 
 fn read(path: &Path) -> Result<String, CertError> {

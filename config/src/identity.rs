@@ -155,6 +155,15 @@ impl SpiffeId {
         }
     }
 
+    /// `spiffe://<trust_domain>/control-plane`: the control plane's identity
+    /// (every replica's).
+    pub fn for_control_plane(trust_domain: &TrustDomain) -> Self {
+        Self {
+            trust_domain: trust_domain.clone(),
+            path: "/control-plane".to_owned(),
+        }
+    }
+
     /// `spiffe://<trust_domain>`: the trust domain's own ID (a CA carries it).
     pub fn for_trust_domain(trust_domain: &TrustDomain) -> Self {
         Self {

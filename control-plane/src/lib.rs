@@ -19,7 +19,8 @@
 //! - [`admin`]: the admin API `weftctl` uses; [`auth`]: its bearer tokens.
 //! - [`push`]: the sidecar-facing gRPC API: registration with leases, and the
 //!   push of the directory and policies (full snapshot, then coalesced deltas).
-//! - [`serve`]: the HTTP server loops.
+//! - [`serve`]: the HTTP server loops; [`tls`]: mTLS on the gRPC listener
+//!   (the mesh CA, the client's service, reloading the files).
 //! - [`metrics`]: the Prometheus metrics on the admin listener's `/metrics`,
 //!   and the store wrapper that counts store errors.
 //! - [`stat`]: what `weftctl stat` computes from the sidecars' metrics: the
@@ -33,4 +34,5 @@ pub mod push;
 pub mod serve;
 pub mod stat;
 pub mod store;
+pub mod tls;
 pub mod view;

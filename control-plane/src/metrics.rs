@@ -92,13 +92,16 @@ pub enum Rejection {
     InvalidInstance,
     /// Writing the registration to the store failed.
     StoreError,
+    /// The sidecar's certificate names another service than the instance's.
+    IdentityMismatch,
 }
 
 impl Rejection {
-    const ALL: [Rejection; 3] = [
+    const ALL: [Rejection; 4] = [
         Rejection::NoRegistration,
         Rejection::InvalidInstance,
         Rejection::StoreError,
+        Rejection::IdentityMismatch,
     ];
 
     fn as_str(self) -> &'static str {
@@ -106,6 +109,7 @@ impl Rejection {
             Rejection::NoRegistration => "no-registration",
             Rejection::InvalidInstance => "invalid-instance",
             Rejection::StoreError => "store-error",
+            Rejection::IdentityMismatch => "identity-mismatch",
         }
     }
 }
@@ -138,6 +142,7 @@ pub struct Metrics {
     store_ready: Gauge,
     admin_requests: Family<AdminLabels, Counter>,
     connections_refused: Family<ListenerLabels, Counter>,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
     pending_writes: Mutex<PendingWrites>,
 }
 
@@ -168,6 +173,7 @@ impl Metrics {
             store_ready: Gauge::default(),
             admin_requests: Family::default(),
             connections_refused: Family::default(),
+            tls_handshake_failures: Family::default(),
             pending_writes: Mutex::default(),
         };
         for listener in ["grpc", "admin"] {
@@ -270,10 +276,23 @@ impl Metrics {
             "Client connections closed at accept because the listener was at its connection limit, by listener",
             m.connections_refused.clone(),
         );
+        r.register(
+            "tls_handshake_failures",
+            "Connections to the gRPC listener closed because the TLS handshake failed or the client certificate names no service of the trust domain, by reason",
+            m.tls_handshake_failures.clone(),
+        );
         metrics
     }
 
     /// The counter of connections `listener` (`grpc` or `admin`) refused.
+    /// Counts a connection refused in the TLS handshake for `reason`
+    /// (`handshake`, `timeout`, `identity`).
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
     pub fn connections_refused(&self, listener: &'static str) -> Counter {
         self.connections_refused
             .get_or_create_owned(&ListenerLabels { listener })

@@ -2,7 +2,8 @@
 //! directory and policies.
 //!
 //! **Register**: the first message registers an instance. The control plane
-//! validates it, writes it under `services/<name>/instances/<id>` bound to a lease
+//! validates it (over mTLS, the instance must be of the service the sidecar's
+//! certificate names), writes it under `services/<name>/instances/<id>` bound to a lease
 //! of `lease_ttl`, answers with the TTL and revision, and keeps the lease alive for
 //! as long as the stream stays open. `Deregister` revokes the lease at once (the
 //! graceful path, after the sidecar drained); a stream that just ends stops the
@@ -41,6 +42,7 @@ use weft_api::v1::{
 use crate::keys;
 use crate::metrics::{Metrics, Rejection};
 use crate::store::{ErrorChain, LeaseId, Store, StoreError, keep_lease_alive, lease_ttl_secs};
+use crate::tls::PeerService;
 use crate::view::{DirectoryView, ServiceEntry};
 
 /// The sidecars' longest reconnect backoff (weft-proxy's `BACKOFF_MAX`): the
@@ -130,6 +132,7 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
             self.metrics.registration_rejected(reason);
             status
         };
+        let peer = request.extensions().get::<PeerService>().cloned();
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -153,6 +156,23 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
                 Status::invalid_argument(e.to_string()),
             )
         })?;
+        if let Some(PeerService(peer)) = &peer
+            && *peer != record.service
+        {
+            tracing::warn!(
+                peer.service = %peer,
+                service = %record.service,
+                instance.id = %record.id,
+                "registration refused: the sidecar's certificate names another service"
+            );
+            return Err(reject(
+                Rejection::IdentityMismatch,
+                Status::permission_denied(format!(
+                    "this sidecar's certificate is for service {peer:?}; it cannot register an instance of {:?}",
+                    record.service.as_str()
+                )),
+            ));
+        }
         let (lease, revision) = write_registration(&*self.store, &record, self.lease_ttl)
             .await
             .map_err(|e| {

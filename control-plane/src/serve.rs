@@ -25,7 +25,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::tls::{PeerService, ServerTls};
 
 /// An HTTP/1 request head, and a new connection's first bytes, must arrive
 /// within this.
@@ -90,6 +96,7 @@ pub async fn http<F, Fut>(
         "admin",
         listener,
         limits,
+        None,
         stop,
         builder,
         hyper::service::service_fn(handler),
@@ -97,9 +104,22 @@ pub async fn http<F, Fut>(
     .await;
 }
 
-/// Serve a gRPC service (HTTP/2 only) on `listener` until `stop`.
-pub async fn grpc<S>(listener: TcpListener, limits: Limits, stop: CancellationToken, service: S)
-where
+/// mTLS on a listener: the configuration, and where handshake failures count.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub server: Arc<ServerTls>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serve a gRPC service (HTTP/2 only) on `listener` until `stop`; with `tls`,
+/// over mTLS, each request carrying the client's [`PeerService`].
+pub async fn grpc<S>(
+    listener: TcpListener,
+    limits: Limits,
+    tls: Option<Tls>,
+    stop: CancellationToken,
+    service: S,
+) where
     S: tower::Service<
             Request<Incoming>,
             Response = Response<tonic::body::Body>,
@@ -113,7 +133,7 @@ where
     harden(&mut builder);
     let builder = builder.http2_only();
     let service = hyper_util::service::TowerToHyperService::new(service);
-    accept_loop("gRPC", listener, limits, stop, builder, service).await;
+    accept_loop("gRPC", listener, limits, tls, stop, builder, service).await;
 }
 
 /// Accept until `stop`, serving each connection with `service`; then let open
@@ -122,6 +142,7 @@ async fn accept_loop<S, B>(
     name: &'static str,
     listener: TcpListener,
     limits: Limits,
+    tls: Option<Tls>,
     stop: CancellationToken,
     builder: auto::Builder<TokioExecutor>,
     service: S,
@@ -169,18 +190,39 @@ async fn accept_loop<S, B>(
         let builder = builder.clone();
         let service = service.clone();
         let watcher = graceful.watcher();
+        let tls = tls.clone();
+        let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
             // hyper-util's auto builder waits for the HTTP/2 preface without a
-            // timer of its own (hyperium/hyper#3756).
-            if tokio::time::timeout(HEADER_READ_TIMEOUT, sniff(&stream))
-                .await
-                .is_err()
-            {
-                return;
+            // timer of its own (hyperium/hyper#3756). A connection that has
+            // sent nothing by shutdown holds no request: close it.
+            tokio::select! {
+                biased;
+                sniffed = tokio::time::timeout(HEADER_READ_TIMEOUT, sniff(&stream)) => {
+                    if sniffed.is_err() {
+                        return;
+                    }
+                }
+                () = stop.cancelled() => return,
             }
+            let (io, peer_service) = match tls {
+                None => (Either::Left(stream), None),
+                Some(tls) => match handshake(&tls, stream).await {
+                    Ok((stream, service)) => (Either::Right(stream), Some(service)),
+                    Err((reason, error)) => {
+                        tls.metrics.tls_handshake_failed(reason);
+                        tracing::debug!(listener = name, client.addr = %peer, reason, %error, "TLS handshake refused");
+                        return;
+                    }
+                },
+            };
+            let service = WithPeer {
+                inner: service,
+                peer: peer_service,
+            };
             let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(io), service)
                 .into_owned();
             if let Err(error) = watcher.watch(conn).await {
                 tracing::debug!(listener = name, client.addr = %peer, %error, "connection ended with an error");
@@ -189,6 +231,55 @@ async fn accept_loop<S, B>(
     }
     drop(listener);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+/// The TLS handshake (bounded by [`HEADER_READ_TIMEOUT`]) and the client's
+/// service; on failure, the refusal's reason label and what went wrong.
+async fn handshake(
+    tls: &Tls,
+    stream: TcpStream,
+) -> Result<(TlsStream<TcpStream>, PeerService), (&'static str, String)> {
+    let acceptor = TlsAcceptor::from(tls.server.config());
+    let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+        Err(_) => return Err(("timeout", "no TLS handshake within the timeout".to_owned())),
+        Ok(Err(error)) => return Err(("handshake", error.to_string())),
+        Ok(Ok(stream)) => stream,
+    };
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(<[_]>::first)
+        .ok_or(("identity", "no client certificate".to_owned()))?;
+    let service = tls
+        .server
+        .peer_service(cert)
+        .map_err(|error| ("identity", error))?;
+    Ok((stream, service))
+}
+
+/// A service that puts the connection's [`PeerService`] (if any) into each
+/// request's extensions.
+#[derive(Clone)]
+struct WithPeer<S> {
+    inner: S,
+    peer: Option<PeerService>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for WithPeer<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+{
+    type Response = Response<B>;
+    type Error = Infallible;
+    type Future = S::Future;
+
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
+        if let Some(peer) = &self.peer {
+            request.extensions_mut().insert(peer.clone());
+        }
+        self.inner.call(request)
+    }
 }
 
 /// Waits until the first bytes of `stream` tell HTTP/1 from HTTP/2 (without

@@ -154,6 +154,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 cp.addresses.clone(),
                 registration,
                 cp.cache.as_ref().map(|c| loaded.resolve(c)),
+                shared.tls.as_deref(),
                 &shared.tasks,
                 shared.shutdown.clone(),
             );

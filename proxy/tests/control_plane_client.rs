@@ -191,6 +191,7 @@ impl Client {
             addresses.to_vec(),
             registration,
             cache,
+            None,
             &tasks,
             stop.clone(),
         );

@@ -26,7 +26,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use weft_certs::{Ca, Issued};
 
-use crate::process::ProxyBuilder;
+use crate::process::{ProxyBuilder, TempDir};
 
 /// Certificates in tests live a day.
 const VALIDITY: Duration = Duration::from_secs(24 * 3600);
@@ -59,6 +59,28 @@ impl Pki {
     /// A new certificate (and key) for `service`.
     pub fn issue(&self, service: &str) -> Issued {
         self.ca.issue(&service.parse().unwrap(), VALIDITY).unwrap()
+    }
+
+    /// A new certificate (and key) for the control plane
+    /// (`spiffe://weft.local/control-plane`).
+    pub fn issue_control_plane(&self) -> Issued {
+        self.ca.issue_control_plane(&[], VALIDITY).unwrap()
+    }
+
+    /// `ca.pem`, `control-plane.pem` and `control-plane-key.pem` (a new
+    /// control-plane certificate) in `dir`, and the `weft-control-plane`
+    /// arguments that turn mTLS on with them.
+    pub fn control_plane_args(&self, dir: &TempDir) -> anyhow::Result<Vec<String>> {
+        let issued = self.issue_control_plane();
+        let path = |p: std::path::PathBuf| p.display().to_string();
+        Ok(vec![
+            "--tls-ca".to_owned(),
+            path(dir.write("ca.pem", self.ca_pem())?),
+            "--tls-cert".to_owned(),
+            path(dir.write("control-plane.pem", issued.cert_pem())?),
+            "--tls-key".to_owned(),
+            path(dir.write("control-plane-key.pem", issued.key_pem())?),
+        ])
     }
 
     /// `builder` with `ca.pem` and `issued`'s `<name>.pem`, `<name>-key.pem`.
@@ -129,6 +151,54 @@ pub async fn connect(
         server_cert,
         stream,
     })
+}
+
+/// A gRPC channel to `addr` over TLS 1.3 (ALPN `h2`), trusting `ca_pem` and
+/// presenting `client` (if any), the way a sidecar reaches an `https`
+/// control plane (the server's name is not checked).
+pub async fn grpc_channel(
+    addr: SocketAddr,
+    ca_pem: &str,
+    client: Option<&Issued>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert?)?;
+    }
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some(issued) => {
+            let chain = vec![CertificateDer::from_pem_slice(
+                issued.cert_pem().as_bytes(),
+            )?];
+            let key = PrivateKeyDer::from_pem_slice(issued.key_pem().as_bytes())?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let config = Arc::new(config);
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let config = Arc::clone(&config);
+        async move {
+            let tcp = TcpStream::connect(addr).await?;
+            // The test certificates carry the IP SAN 127.0.0.1.
+            let name = ServerName::IpAddress(addr.ip().into());
+            let tls = TlsConnector::from(config).connect(name, tcp).await?;
+            std::io::Result::Ok(TokioIo::new(tls))
+        }
+    });
+    let channel = crate::within(
+        Duration::from_secs(10),
+        "a gRPC connection over TLS",
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_with_connector(connector),
+    )
+    .await??;
+    Ok(channel)
 }
 
 impl Connected {

@@ -23,10 +23,26 @@ impl Bootstrap {
         self.check_tls()
     }
 
-    /// A static service reached with mTLS needs this sidecar's own identity.
+    /// A static service reached with mTLS, and an `https` control plane, need
+    /// this sidecar's own identity.
     fn check_tls(&self) -> Result<(), Problem> {
         if self.tls.is_some() {
             return Ok(());
+        }
+        if let Some(cp) = &self.control_plane
+            && let Some((i, address)) = cp
+                .addresses
+                .iter()
+                .enumerate()
+                .find(|(_, a)| a.starts_with("https://"))
+        {
+            return Err(Problem::new(
+                KeyPath::new(["control_plane", "addresses"]).index(i),
+                format!(
+                    "control plane {address:?} is reached over mTLS, but this sidecar has no \
+                     certificate: add a [tls] section (ca, cert, key) or use http://"
+                ),
+            ));
         }
         let mut services = self.directory.services.iter().enumerate();
         if let Some((i, service)) = services.find(|(_, s)| s.tls == TlsMode::Mesh) {

@@ -22,6 +22,7 @@ use weft_control_plane::store::etcd::{
 };
 use weft_control_plane::store::memory::{MemoryOptions, MemoryStore};
 use weft_control_plane::store::{AnyStore, DEFAULT_KEY_PREFIX};
+use weft_control_plane::tls::{ServerTls, TlsPaths};
 use weft_control_plane::view;
 
 #[derive(Debug, Parser)]
@@ -61,6 +62,24 @@ struct Args {
     /// the lease TTL plus 10s, the sidecars' longest reconnect backoff.
     #[arg(long, value_parser = parse_duration)]
     warm_up: Option<std::time::Duration>,
+    /// mTLS on the gRPC listener: the mesh CA (PEM). With --tls-cert and
+    /// --tls-key, sidecars must connect over TLS 1.3 with a certificate from
+    /// this CA naming their service, and may only register that service.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// The control plane's certificate (PEM), identity
+    /// spiffe://<trust-domain>/control-plane (`weftctl certs control-plane`).
+    #[arg(long, requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, requires = "tls_ca")]
+    tls_key: Option<PathBuf>,
+    /// The mesh's SPIFFE trust domain.
+    #[arg(long, default_value = weft_config::TrustDomain::DEFAULT)]
+    trust_domain: weft_config::TrustDomain,
+    /// How often the TLS files are checked for a new certificate.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    tls_watch_interval: std::time::Duration,
     /// The admin API (weftctl).
     #[arg(long, default_value = "127.0.0.1:8444")]
     admin: SocketAddr,
@@ -139,6 +158,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let (view, view_task) = view::follow(Arc::clone(&store), Arc::clone(&metrics), stop.clone());
 
+    let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let server = ServerTls::load(
+                TlsPaths {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                args.trust_domain.clone(),
+            )
+            .context("setting up mTLS on the gRPC listener")?;
+            server.watch(args.tls_watch_interval, stop.clone());
+            Some(serve::Tls {
+                server,
+                metrics: Arc::clone(&metrics),
+            })
+        }
+        _ => {
+            if !args.dev {
+                tracing::warn!(
+                    "no --tls-ca/--tls-cert/--tls-key: sidecars connect in plaintext and any of them may register any service"
+                );
+            }
+            None
+        }
+    };
     let admin_listener = TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("binding the admin listener to {}", args.admin))?;
@@ -169,6 +214,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_connections: args.max_connections,
             refused: metrics.connections_refused("grpc"),
         },
+        tls,
         stop.clone(),
         ControlPlaneServer::new(push),
     ));

@@ -67,6 +67,8 @@ use session::Target;
 use snapshot::{Applied, Tracker};
 use subscriptions::Subscriptions;
 
+use crate::tls::MeshTls;
+
 /// The connection to the control plane, as the admin API and metrics show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionState {
@@ -193,7 +195,7 @@ pub struct ControlPlaneClient {
 impl ControlPlaneClient {
     /// Starts the client (must be called within a Tokio runtime).
     ///
-    /// Connects to each of `addresses` (`http://host:port`) in turn, with a
+    /// Connects to each of `addresses` (`http://` or `https://host:port`) in turn, with a
     /// jittered exponential backoff (full jitter, 100 ms doubling up to 10 s)
     /// between attempts; keeps one `Subscribe` stream (re-sending the whole
     /// subscription set on every reconnection) and, with a `registration`,
@@ -202,19 +204,22 @@ impl ControlPlaneClient {
     /// keeps it written (atomically, at most once a second, from a background
     /// task). Tasks are tracked by `tasks` and stop with `stop`.
     ///
-    /// An address that cannot be used (not a URL; `https`, until the
-    /// connection has TLS) is logged and skipped; with none left, the client
+    /// `https` addresses are reached over mTLS with `tls` (this sidecar's
+    /// certificate; the server must be the control plane of its trust
+    /// domain). An address that cannot be used (not a URL; `https` without
+    /// `tls`) is logged and skipped; with none left, the client
     /// serves the cached snapshot (if any) and stays disconnected.
     pub fn start(
         addresses: Vec<String>,
         registration: Option<Registration>,
         cache: Option<PathBuf>,
+        tls: Option<&MeshTls>,
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Self {
         let mut targets = Vec::with_capacity(addresses.len());
         for address in &addresses {
-            match Target::parse(address) {
+            match Target::parse(address, tls) {
                 Ok(target) => targets.push(target),
                 Err(error) => tracing::error!(%error, "control-plane address skipped"),
             }

@@ -28,9 +28,19 @@
 //! at once is retried at the capped pace.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -41,6 +51,7 @@ use weft_api::v1::control_plane_client::ControlPlaneClient as Grpc;
 
 use super::Shared;
 use super::snapshot::Tracker;
+use crate::tls::MeshTls;
 
 /// The first backoff ceiling; it doubles per failed attempt.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -58,10 +69,22 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One configured control-plane address.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Target {
     pub address: String,
     endpoint: Endpoint,
+    /// For an `https` address: mTLS with this sidecar's certificate, the
+    /// server being the control plane of the mesh's trust domain.
+    tls: Option<Arc<ClientConfig>>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("address", &self.address)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why an address cannot be used.
@@ -69,26 +92,34 @@ pub struct Target {
 pub enum AddressError {
     #[error("control-plane address {address:?}: {reason}")]
     Invalid { address: String, reason: String },
-    /// Until the control-plane connection has TLS, an `https` address would be
-    /// spoken to in plaintext; refuse it rather than pretend.
+    /// An `https` address needs this sidecar's certificate (`[tls]`).
     #[error(
-        "control-plane address {address:?}: https is not supported yet (the control-plane connection has no TLS); use http://"
+        "control-plane address {address:?}: https needs this sidecar's certificate; add a [tls] section or use http://"
     )]
-    Https { address: String },
+    HttpsWithoutTls { address: String },
 }
 
 impl Target {
-    pub fn parse(address: &str) -> Result<Self, AddressError> {
-        if address.starts_with("https://") {
-            return Err(AddressError::Https {
-                address: address.to_owned(),
-            });
-        }
-        let endpoint =
-            Endpoint::from_shared(address.to_owned()).map_err(|e| AddressError::Invalid {
-                address: address.to_owned(),
-                reason: chain(&e),
-            })?;
+    /// `http://host:port`, or `https://host:port` (mTLS, with `tls`).
+    pub fn parse(address: &str, tls: Option<&MeshTls>) -> Result<Self, AddressError> {
+        let (plain, tls) = match address.strip_prefix("https://") {
+            Some(rest) => {
+                let tls = tls.ok_or_else(|| AddressError::HttpsWithoutTls {
+                    address: address.to_owned(),
+                })?;
+                // tonic speaks TLS only with its own TLS stack; the connector
+                // does it instead, so the endpoint itself is plain.
+                (
+                    format!("http://{rest}"),
+                    Some(tls.control_plane_client_config()),
+                )
+            }
+            None => (address.to_owned(), None),
+        };
+        let endpoint = Endpoint::from_shared(plain).map_err(|e| AddressError::Invalid {
+            address: address.to_owned(),
+            reason: chain(&e),
+        })?;
         if endpoint.uri().host().is_none() {
             return Err(AddressError::Invalid {
                 address: address.to_owned(),
@@ -98,6 +129,7 @@ impl Target {
         Ok(Self {
             address: address.to_owned(),
             endpoint: configure(endpoint),
+            tls,
         })
     }
 
@@ -118,7 +150,7 @@ impl Target {
     /// an attempt fails over from a dead replica to the next.
     async fn connect(&self) -> Result<Channel, SessionError> {
         let Some((host, port)) = self.name() else {
-            return connect_to(&self.endpoint, &self.address).await;
+            return connect_to(&self.endpoint, self.tls.as_ref(), &self.address).await;
         };
         let resolved = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::lookup_host((host, port)))
             .await
@@ -145,7 +177,8 @@ impl Target {
                     address: self.address.clone(),
                     reason: chain(&e),
                 })?;
-            match connect_to(&endpoint, &format!("{} ({addr})", self.address)).await {
+            let address = format!("{} ({addr})", self.address);
+            match connect_to(&endpoint, self.tls.as_ref(), &address).await {
                 Ok(channel) => return Ok(channel),
                 Err(e) => {
                     tracing::debug!(control_plane.address = %self.address, %addr, error = %e, "control-plane replica unreachable");
@@ -167,8 +200,22 @@ fn configure(endpoint: Endpoint) -> Endpoint {
         .keep_alive_while_idle(true)
 }
 
-async fn connect_to(endpoint: &Endpoint, address: &str) -> Result<Channel, SessionError> {
-    match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+async fn connect_to(
+    endpoint: &Endpoint,
+    tls: Option<&Arc<ClientConfig>>,
+    address: &str,
+) -> Result<Channel, SessionError> {
+    let connecting = async {
+        match tls {
+            None => endpoint.connect().await,
+            Some(config) => {
+                endpoint
+                    .connect_with_connector(TlsConnector(Arc::clone(config)))
+                    .await
+            }
+        }
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(e)) => Err(SessionError::Connect {
             address: address.to_owned(),
@@ -178,6 +225,40 @@ async fn connect_to(endpoint: &Endpoint, address: &str) -> Result<Channel, Sessi
             address: address.to_owned(),
             timeout: CONNECT_TIMEOUT,
         }),
+    }
+}
+
+/// Connects over TCP to the endpoint's address, then TLS with `.0`.
+#[derive(Clone)]
+struct TlsConnector(Arc<ClientConfig>);
+
+impl tower::Service<Uri> for TlsConnector {
+    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let config = Arc::clone(&self.0);
+        Box::pin(async move {
+            let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
+            let host = uri.host().ok_or_else(|| invalid("no host"))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = TcpStream::connect((host, port)).await?;
+            let _ = tcp.set_nodelay(true);
+            // The verifier checks the SPIFFE ID, not this name (SNI is off).
+            let name =
+                ServerName::try_from("weft-control-plane").map_err(|_| invalid("server name"))?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok(TokioIo::new(tls))
+        })
     }
 }
 
@@ -418,23 +499,32 @@ mod tests {
 
     #[test]
     fn addresses_are_checked() {
-        assert!(Target::parse("http://127.0.0.1:8443").is_ok());
-        assert!(Target::parse("http://weft-cp.internal:8443").is_ok());
-        let e = Target::parse("https://weft-cp.internal:8443").unwrap_err();
-        assert!(e.to_string().contains("https is not supported yet"), "{e}");
+        assert!(Target::parse("http://127.0.0.1:8443", None).is_ok());
+        assert!(Target::parse("http://weft-cp.internal:8443", None).is_ok());
+        let e = Target::parse("https://weft-cp.internal:8443", None).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("https needs this sidecar's certificate"),
+            "{e}"
+        );
         assert!(matches!(
-            Target::parse("http://bad host"),
+            Target::parse("http://bad host", None),
             Err(AddressError::Invalid { .. })
         ));
-        assert!(Target::parse("http://[::1]:8443").unwrap().name().is_none());
         assert!(
-            Target::parse("http://10.0.0.1:8443")
+            Target::parse("http://[::1]:8443", None)
+                .unwrap()
+                .name()
+                .is_none()
+        );
+        assert!(
+            Target::parse("http://10.0.0.1:8443", None)
                 .unwrap()
                 .name()
                 .is_none()
         );
         assert_eq!(
-            Target::parse("http://weft-cp.internal:8443")
+            Target::parse("http://weft-cp.internal:8443", None)
                 .unwrap()
                 .name(),
             Some(("weft-cp.internal", 8443))

@@ -36,6 +36,7 @@ fn start(
         addresses,
         registration,
         None,
+        None,
         &TaskTracker::new(),
         stop.clone(),
     );

@@ -173,7 +173,11 @@ impl InboundTls {
         let leaf = conn
             .peer_certificates()
             .and_then(|c| c.first())
-            .ok_or_else(|| HandshakeFailure::Certificate(IdentityError::NoSpiffeId.to_string()))?;
+            .ok_or_else(|| {
+                HandshakeFailure::Certificate(
+                    IdentityError::from(weft_certs::CertIdentityError::NoSpiffeId).to_string(),
+                )
+            })?;
         let caller = service_identity(leaf, self.mesh.store.trust_domain())
             .map_err(|e| HandshakeFailure::Certificate(e.to_string()))?;
         Ok(Accepted::Tls(Box::new(stream), caller))

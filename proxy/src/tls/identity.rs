@@ -10,19 +10,12 @@ use std::fmt;
 use std::sync::Arc;
 
 use weft_config::{ServiceName, SpiffeId, TrustDomain};
-use x509_parser::extensions::GeneralName;
 
 /// Why a certificate's identity is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
-    #[error("the certificate cannot be parsed")]
-    Unparsable,
-    #[error("the certificate has no URI SAN (a SPIFFE ID like spiffe://weft.local/service/NAME)")]
-    NoSpiffeId,
-    #[error("the certificate has {0} URI SANs; an X.509 SVID has exactly one")]
-    SeveralUris(usize),
-    #[error("{0}")]
-    Invalid(#[from] weft_config::InvalidIdentity),
+    #[error(transparent)]
+    Certificate(#[from] weft_certs::CertIdentityError),
     #[error("{found} is not in trust domain {expected}")]
     ForeignTrustDomain {
         found: SpiffeId,
@@ -36,26 +29,7 @@ pub enum IdentityError {
 
 /// The SPIFFE ID in a DER certificate: its one URI SAN.
 pub fn identity_of(der: &[u8]) -> Result<SpiffeId, IdentityError> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparsable)?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|_| IdentityError::Unparsable)?
-        .ok_or(IdentityError::NoSpiffeId)?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        })
-        .collect();
-    match uris[..] {
-        [] => Err(IdentityError::NoSpiffeId),
-        [uri] => Ok(SpiffeId::parse(uri)?),
-        _ => Err(IdentityError::SeveralUris(uris.len())),
-    }
+    Ok(weft_certs::spiffe_id_of(der)?)
 }
 
 /// The Weft service a peer's certificate authenticates, which must be in
@@ -130,7 +104,12 @@ mod tests {
                 .to_string(),
             "spiffe://weft.local/service/billing is not in trust domain example.org"
         );
-        assert_eq!(identity_of(b"junk"), Err(IdentityError::Unparsable));
+        assert_eq!(
+            identity_of(b"junk"),
+            Err(IdentityError::Certificate(
+                weft_certs::CertIdentityError::Unparsable
+            ))
+        );
     }
 
     #[test]
@@ -145,18 +124,24 @@ mod tests {
         let dns = rcgen::SanType::DnsName("billing".try_into().unwrap());
         assert_eq!(
             identity_of(&make(vec![dns])),
-            Err(IdentityError::NoSpiffeId)
+            Err(IdentityError::Certificate(
+                weft_certs::CertIdentityError::NoSpiffeId
+            ))
         );
         assert_eq!(
             identity_of(&make(vec![
                 uri("spiffe://weft.local/service/a"),
                 uri("spiffe://weft.local/service/b")
             ])),
-            Err(IdentityError::SeveralUris(2))
+            Err(IdentityError::Certificate(
+                weft_certs::CertIdentityError::SeveralUris(2)
+            ))
         );
         assert!(matches!(
             identity_of(&make(vec![uri("https://billing.example/")])),
-            Err(IdentityError::Invalid(_))
+            Err(IdentityError::Certificate(
+                weft_certs::CertIdentityError::Invalid(_)
+            ))
         ));
         let td: TrustDomain = "weft.local".parse().unwrap();
         assert!(matches!(

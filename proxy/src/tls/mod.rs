@@ -175,6 +175,17 @@ impl MeshTls {
     /// offering `alpn`: the server must be `spiffe://<td>/service/<service>`.
     pub fn client_config(&self, service: &ServiceName, alpn: &[u8]) -> Arc<ClientConfig> {
         let expected = SpiffeId::for_service(self.store.trust_domain(), service);
+        self.client_config_for(expected, alpn)
+    }
+
+    /// A client configuration for the control plane (`https://` addresses):
+    /// HTTP/2, and the server must be `spiffe://<td>/control-plane`.
+    pub fn control_plane_client_config(&self) -> Arc<ClientConfig> {
+        let expected = SpiffeId::for_control_plane(self.store.trust_domain());
+        self.client_config_for(expected, ALPN_H2)
+    }
+
+    fn client_config_for(&self, expected: SpiffeId, alpn: &[u8]) -> Arc<ClientConfig> {
         let builder: ConfigBuilder<ClientConfig, WantsClientCert> = self
             .client
             .clone()

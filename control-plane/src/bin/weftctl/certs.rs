@@ -2,7 +2,10 @@
 //!
 //! `certs ca` makes a mesh CA (`ca.pem`, `ca-key.pem`), `certs issue` a
 //! service certificate signed by it (`SERVICE.pem`, `SERVICE-key.pem`) with the
-//! identity `spiffe://<trust-domain>/service/SERVICE`. Both work offline with
+//! identity `spiffe://<trust-domain>/service/SERVICE`, and `certs
+//! control-plane` the control plane's (`control-plane.pem`,
+//! `control-plane-key.pem`, `spiffe://<trust-domain>/control-plane`). All work
+//! offline with
 //! `weft-certs`; neither needs a control plane or a token.
 
 use std::path::PathBuf;
@@ -23,6 +26,8 @@ spiffe://<trust-domain>/service/<name>, with its key ([tls] ca, cert, key).
   weftctl certs ca --out certs/                  # certs/ca.pem, certs/ca-key.pem
   weftctl certs issue billing --ca certs/ --out certs/billing/
                                                  # billing.pem, billing-key.pem
+  weftctl certs control-plane --ca certs/ --out certs/cp/ --host weft-cp.internal
+                                                 # control-plane.pem, control-plane-key.pem
 
 Issuing again makes a new key and certificate: write them over the sidecar's
 files and it picks them up within [tls] watch_interval, no restart.";
@@ -51,6 +56,25 @@ pub enum Certs {
         /// Directory to write into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, value_name = "N", default_value_t = 30,
+              value_parser = clap::value_parser!(u32).range(1..=3650))]
+        days: u32,
+    },
+    /// Issue the control plane's certificate (identity
+    /// spiffe://<trust-domain>/control-plane): DIR/control-plane.pem and
+    /// DIR/control-plane-key.pem (0600).
+    ControlPlane {
+        /// The CA directory (ca.pem, ca-key.pem from `weftctl certs ca`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// A DNS name the replicas answer on (repeatable); sidecars check the
+        /// SPIFFE ID, other clients may check these.
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
         /// Days the certificate is valid.
         #[arg(long, value_name = "N", default_value_t = 30,
               value_parser = clap::value_parser!(u32).range(1..=3650))]
@@ -86,6 +110,21 @@ pub fn run(what: Certs) -> anyhow::Result<()> {
         } => {
             let ca = Ca::load(&ca).context("loading the CA")?;
             let issued = ca.issue(&service, Duration::from_secs(u64::from(days) * 24 * 3600))?;
+            for file in issued.write(&out)? {
+                println!("wrote {}", file.display());
+            }
+            println!("{} valid for {days} days", issued.identity());
+        }
+        Certs::ControlPlane {
+            ca,
+            out,
+            hosts,
+            days,
+        } => {
+            let ca = Ca::load(&ca).context("loading the CA")?;
+            let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+            let issued =
+                ca.issue_control_plane(&hosts, Duration::from_secs(u64::from(days) * 24 * 3600))?;
             for file in issued.write(&out)? {
                 println!("wrote {}", file.display());
             }

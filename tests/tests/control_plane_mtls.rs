@@ -1,0 +1,263 @@
+//! Scenario: the control plane over mTLS.
+//!
+//! With `--tls-ca/--tls-cert/--tls-key`, sidecars reach the control plane at
+//! `https://` addresses with their mesh certificate and check it is the
+//! control plane of their trust domain; the control plane accepts a
+//! registration for service X only from a sidecar whose certificate names X
+//! (refused, logged, counted otherwise), and refuses plaintext and foreign-CA
+//! clients in the handshake (counted).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::ensure;
+use tokio::sync::mpsc;
+use weft_api::v1::control_plane_client::ControlPlaneClient;
+use weft_api::v1::{Instance, RegisterRequest, register_request};
+use weft_tests::admin::Admin;
+use weft_tests::backend::Backend;
+use weft_tests::client::Client;
+use weft_tests::config::Bootstrap;
+use weft_tests::control_plane::ControlPlane;
+use weft_tests::eventually;
+use weft_tests::process::{Proxy, TempDir};
+use weft_tests::tls::{Pki, grpc_channel};
+
+/// A dev control plane with mTLS on from `pki`; the directory holding its
+/// files must outlive it.
+async fn control_plane(pki: &Pki) -> anyhow::Result<(ControlPlane, TempDir)> {
+    let dir = TempDir::new()?;
+    let mut builder = ControlPlane::dev();
+    for arg in pki.control_plane_args(&dir)? {
+        builder = builder.arg(&arg);
+    }
+    Ok((builder.start().await?, dir))
+}
+
+/// A sidecar with `[tls]` from `pki` (identity `name`), reaching the control
+/// plane at `https://<grpc>`; with an app, it registers as `name`.
+async fn sidecar(
+    pki: &Pki,
+    name: &str,
+    app: Option<SocketAddr>,
+    cp: &ControlPlane,
+) -> anyhow::Result<Proxy> {
+    let mut bootstrap = Bootstrap::new()
+        .tls(name, None)
+        .control_plane([format!("https://{}", cp.grpc())]);
+    if let Some(app) = app {
+        bootstrap = bootstrap.app(name, app).app_id(&format!("{name}-1"));
+    }
+    let issued = pki.issue(name);
+    pki.files(Proxy::builder(bootstrap.render()), name, &issued)
+        .start()
+        .await
+}
+
+fn instance(service: &str, id: &str) -> Instance {
+    Instance {
+        service: service.into(),
+        id: id.into(),
+        address: "127.0.0.1:4143".into(),
+        metadata: None,
+        admin_address: String::new(),
+    }
+}
+
+/// Registers `inst` over `channel`: the first response, or the refusal.
+async fn register(
+    channel: tonic::transport::Channel,
+    inst: Instance,
+) -> Result<mpsc::Sender<RegisterRequest>, tonic::Status> {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(RegisterRequest {
+        msg: Some(register_request::Msg::Register(inst)),
+    })
+    .await
+    .unwrap();
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let mut responses = ControlPlaneClient::new(channel)
+        .register(stream)
+        .await?
+        .into_inner();
+    responses.message().await?;
+    Ok(tx)
+}
+
+async fn metric(cp: &ControlPlane, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
+    Admin::new(cp.admin()).metrics().await?.value(name, labels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_register_and_find_each_other_over_mtls() -> anyhow::Result<()> {
+    let pki = Pki::new();
+    let (cp, _files) = control_plane(&pki).await?;
+    let app = Backend::start("billing-1").await?;
+    let billing = sidecar(&pki, "billing", Some(app.addr()), &cp).await?;
+    let caller = sidecar(&pki, "checkout", None, &cp).await?;
+    let client = Client::host_header(caller.outbound());
+    eventually(Duration::from_secs(10), || async {
+        let reply = client.get("http://billing/hello").await?;
+        reply.expect_status(200)?;
+        ensure!(
+            reply.backend() == Some("billing-1"),
+            "{:?}",
+            reply.backend()
+        );
+        Ok(())
+    })
+    .await?;
+    for sidecar in [&billing, &caller] {
+        let (state, address) =
+            weft_tests::mesh::control_plane_state(&sidecar.admin_client()).await?;
+        ensure!(state == "connected", "{state}");
+        ensure!(
+            address
+                .as_deref()
+                .is_some_and(|a| a.starts_with("https://")),
+            "{address:?}"
+        );
+    }
+    ensure!(metric(&cp, "weft_control_plane_registrations_total", &[]).await? == 1.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_cannot_register_an_instance_of_another_service() -> anyhow::Result<()> {
+    let pki = Pki::new();
+    let (cp, _files) = control_plane(&pki).await?;
+    let orders = pki.issue("orders");
+    let channel = grpc_channel(cp.grpc(), pki.ca_pem(), Some(&orders)).await?;
+    let refused = register(channel.clone(), instance("billing", "billing-1"))
+        .await
+        .expect_err("orders registered an instance of billing");
+    ensure!(
+        refused.code() == tonic::Code::PermissionDenied,
+        "{refused:?}"
+    );
+    ensure!(
+        refused.message().contains("\"orders\"") && refused.message().contains("\"billing\""),
+        "{}",
+        refused.message()
+    );
+    ensure!(
+        metric(
+            &cp,
+            "weft_control_plane_registrations_rejected_total",
+            &[("reason", "identity-mismatch")]
+        )
+        .await?
+            == 1.0
+    );
+    ensure!(
+        cp.logs().contains("registration refused"),
+        "not logged:\n{}",
+        cp.logs()
+    );
+    // The same certificate registers its own service.
+    let _open = register(channel, instance("orders", "orders-1"))
+        .await
+        .map_err(|s| anyhow::anyhow!("orders could not register itself: {s:?}"))?;
+    let out = cp.weftctl_ok(&["get", "instances", "orders"]).await?;
+    ensure!(out.contains("orders-1"), "{out}");
+    let out = cp.weftctl(&["get", "instances", "billing"]).await?;
+    ensure!(!out.stdout.contains("billing-1"), "{}", out.stdout);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_and_foreign_clients_are_refused_in_the_handshake() -> anyhow::Result<()> {
+    let pki = Pki::new();
+    let (cp, _files) = control_plane(&pki).await?;
+
+    // Plaintext gRPC to the TLS listener.
+    let plain = tonic::transport::Endpoint::from_shared(cp.grpc_url())?
+        .connect()
+        .await;
+    if let Ok(channel) = plain {
+        ensure!(
+            register(channel, instance("billing", "billing-1"))
+                .await
+                .is_err(),
+            "a plaintext client registered"
+        );
+    }
+    // A certificate from another CA.
+    let other = Pki::new();
+    let foreign = other.issue("billing");
+    let refused = match grpc_channel(cp.grpc(), pki.ca_pem(), Some(&foreign)).await {
+        Err(_) => true,
+        Ok(channel) => register(channel, instance("billing", "billing-1"))
+            .await
+            .is_err(),
+    };
+    ensure!(refused, "a foreign-CA client registered");
+    // No client certificate at all.
+    let refused = match grpc_channel(cp.grpc(), pki.ca_pem(), None).await {
+        Err(_) => true,
+        Ok(channel) => register(channel, instance("billing", "billing-1"))
+            .await
+            .is_err(),
+    };
+    ensure!(refused, "a client without a certificate registered");
+    eventually(Duration::from_secs(5), || async {
+        let failures = metric(
+            &cp,
+            "weft_control_plane_tls_handshake_failures_total",
+            &[("reason", "handshake")],
+        )
+        .await?;
+        ensure!(failures >= 3.0, "handshake failures: {failures}");
+        Ok(())
+    })
+    .await?;
+    ensure!(metric(&cp, "weft_control_plane_registrations_total", &[]).await? == 0.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_with_a_service_certificate_does_not_start() -> anyhow::Result<()> {
+    let pki = Pki::new();
+    let dir = TempDir::new()?;
+    let billing = pki.issue("billing");
+    let args = [
+        "--tls-ca".to_owned(),
+        dir.write("ca.pem", pki.ca_pem())?.display().to_string(),
+        "--tls-cert".to_owned(),
+        dir.write("billing.pem", billing.cert_pem())?
+            .display()
+            .to_string(),
+        "--tls-key".to_owned(),
+        dir.write("billing-key.pem", billing.key_pem())?
+            .display()
+            .to_string(),
+    ];
+    let mut builder = ControlPlane::dev();
+    for arg in &args {
+        builder = builder.arg(arg);
+    }
+    let cp = builder.spawn()?;
+    let status = weft_tests::within(
+        Duration::from_secs(10),
+        "the control plane to exit",
+        async {
+            loop {
+                if let Some(status) = cp.try_status()? {
+                    return anyhow::Ok(status);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await??;
+    ensure!(!status.success(), "{status}");
+    ensure!(
+        cp.logs()
+            .contains("the control plane's certificate must be spiffe://weft.local/control-plane"),
+        "{}",
+        cp.logs()
+    );
+    Ok(())
+}
