@@ -195,7 +195,7 @@ async fn bad_reload_is_refused_and_keeps_the_old_config() -> anyhow::Result<()> 
     let logged = || proxy.logs().matches("bogus_reload_key").count();
     let before = logged();
     proxy.signal(Signal::Hup)?;
-    eventually(Duration::from_secs(3), || async {
+    eventually(Duration::from_secs(10), || async {
         ensure!(
             logged() > before,
             "the rejected SIGHUP reload was not logged"
