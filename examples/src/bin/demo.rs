@@ -186,7 +186,7 @@ inbound = "127.0.0.1:0"
 admin = "127.0.0.1:0"
 
 [control_plane]
-addresses = ["http://{cp}"]
+addresses = ["https://{cp}"]
 
 [drain]
 grace = "5s"
@@ -203,8 +203,9 @@ fn tls_section(identity: &str) -> String {
     )
 }
 
-/// A development CA and a certificate for each of `services`, in DIR/certs,
-/// made with weft-certs (what `weftctl certs ca` / `certs issue` run).
+/// A development CA, a certificate for each of `services` and one for the
+/// control plane, in DIR/certs, made with weft-certs (what `weftctl certs ca`,
+/// `certs issue` and `certs control-plane` run).
 fn make_certs(dir: &Path, services: &[&str]) -> anyhow::Result<weft_config::TrustDomain> {
     let certs = dir.join("certs");
     let trust_domain = weft_config::TrustDomain::default();
@@ -214,6 +215,8 @@ fn make_certs(dir: &Path, services: &[&str]) -> anyhow::Result<weft_config::Trus
         ca.issue(&service.parse()?, weft_certs::DEFAULT_VALIDITY)?
             .write(&certs)?;
     }
+    ca.issue_control_plane(&[], weft_certs::DEFAULT_VALIDITY)?
+        .write(&certs)?;
     Ok(trust_domain)
 }
 
@@ -351,8 +354,9 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     // mTLS between every sidecar: a development CA and one certificate per service.
     let trust_domain = make_certs(dir, &["billing", "orders", "checkout"])?;
     println!(
-        "mTLS on: a development CA for trust domain {trust_domain} and certificates for billing, orders and checkout\n  \
-         (weft-certs, as `weftctl certs`); every sidecar has [tls] and proves spiffe://{trust_domain}/service/<name>\n"
+        "mTLS on: a development CA for trust domain {trust_domain} and certificates for billing, orders, checkout\n  \
+         and the control plane (weft-certs, as `weftctl certs`); every sidecar has [tls] and proves\n  \
+         spiffe://{trust_domain}/service/<name> to its peers and to the control plane (https://)\n"
     );
 
     let (cp, cp_bound) = spawn(
@@ -368,13 +372,21 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
             token.display().to_string(),
             "--lease-ttl".into(),
             "3s".into(),
+            "--tls-ca".into(),
+            dir.join("certs/ca.pem").display().to_string(),
+            "--tls-cert".into(),
+            dir.join("certs/control-plane.pem").display().to_string(),
+            "--tls-key".into(),
+            dir.join("certs/control-plane-key.pem")
+                .display()
+                .to_string(),
         ],
         dir,
     )
     .await?;
     let (cp_grpc, cp_admin) = (addr(&cp_bound, "listen")?, addr(&cp_bound, "admin")?);
     println!(
-        "weft-control-plane --dev (pid {}): gRPC {cp_grpc}, admin {cp_admin}",
+        "weft-control-plane --dev (pid {}): gRPC over mTLS {cp_grpc}, admin {cp_admin}",
         cp.pid()?
     );
 
@@ -490,7 +502,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     std::fs::write(
         &caller_config,
         format!(
-            "# weft-demo: the caller's sidecar (no [service]: its identity is its certificate's, checkout)\n[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[control_plane]\naddresses = [\"http://{cp_grpc}\"]\n\n{}",
+            "# weft-demo: the caller's sidecar (no [service]: its identity is its certificate's, checkout)\n[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[control_plane]\naddresses = [\"https://{cp_grpc}\"]\n\n{}",
             tls_section("checkout")
         ),
     )?;
