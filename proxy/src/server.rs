@@ -19,7 +19,12 @@
 //!   for its next request is closed ([`HeadTimer`]: hyper's header timer, which
 //!   otherwise also runs while a connection is idle);
 //! - HTTP/2: streams, header list, frame size, windows, rapid-reset and
-//!   protocol-error reset caps, keep-alive pings.
+//!   protocol-error reset caps, keep-alive pings; a connection on which no
+//!   request has started for `idle_timeout` is asked to finish (GOAWAY: streams
+//!   still open complete, no new ones), so idle HTTP/2 clients, which answer
+//!   pings, do not hold listener slots forever (HTTP/1 gets the same, on top
+//!   of its [`HeadTimer`]: an in-flight request's response completes, then the
+//!   connection closes).
 //!
 //! With `tls` (the inbound listener of a sidecar with `[tls]`), the same
 //! protocol detection reads the connection's first byte: 0x16 (a TLS
@@ -45,13 +50,13 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 use weft_config::Limits;
 
@@ -149,7 +154,7 @@ pub async fn serve<F, S>(
     let idle_timeout = hardening.limits.idle_timeout.get();
     let slots = Arc::new(Semaphore::new(hardening.max_connections as usize));
     let mut refusals = RefusalLog::default();
-    let graceful = GracefulShutdown::new();
+    let open = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -182,15 +187,15 @@ pub async fn serve<F, S>(
             name,
             peer,
             builder,
-            watcher: graceful.watcher(),
             activity,
             permit,
             header_timeout,
+            idle_timeout,
             stop: stop.clone(),
         };
         let connections = connections.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        open.spawn(async move {
             // hyper-util's auto builder waits for the bytes that tell HTTP/1 from
             // HTTP/2 with no timer of its own (hyperium/hyper#3756). A connection
             // that has sent nothing yet (a client's spare, pre-opened one) holds no
@@ -224,10 +229,11 @@ pub async fn serve<F, S>(
     drop(listener);
     tracing::debug!(
         listener = name,
-        connections = graceful.count(),
+        connections = open.len(),
         "listener closed; draining connections"
     );
-    graceful.shutdown().await;
+    open.close();
+    open.wait().await;
 }
 
 /// Rate-limited logging of refused connections (the accept loop's own state).
@@ -304,16 +310,17 @@ struct Conn {
     peer: SocketAddr,
     /// The listener's builder with this connection's [`HeadTimer`].
     builder: auto::Builder<TokioExecutor>,
-    watcher: Watcher,
     activity: Arc<Activity>,
     permit: OwnedSemaphorePermit,
     header_timeout: Duration,
+    idle_timeout: Duration,
     stop: CancellationToken,
 }
 
 impl Conn {
-    /// Serves HTTP on `io` (its protocol already sniffed) until it closes,
-    /// or finishes gracefully at shutdown.
+    /// Serves HTTP on `io` (its protocol already sniffed) until it closes;
+    /// finishes gracefully at shutdown, and once no request has started for
+    /// `idle_timeout`.
     async fn serve<T, S>(self, io: T, service: S)
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -323,16 +330,41 @@ impl Conn {
             + 'static,
         S::Future: Send + 'static,
     {
+        let activity = Arc::clone(&self.activity);
         let io = Guarded {
             inner: io,
             activity: self.activity,
             _permit: self.permit,
         };
+        let requests = Arc::clone(&activity);
+        let service = service.map_request(move |req: Request<Incoming>| {
+            requests.request_started();
+            req
+        });
         let conn = self
             .builder
             .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
             .into_owned();
-        if let Err(error) = self.watcher.watch(conn).await {
+        let mut conn = std::pin::pin!(conn);
+        let mut finishing = false;
+        let ended = loop {
+            let idle_at = activity.last_request() + self.idle_timeout;
+            tokio::select! {
+                ended = conn.as_mut() => break ended,
+                () = self.stop.cancelled(), if !finishing => {
+                    conn.as_mut().graceful_shutdown();
+                    finishing = true;
+                }
+                () = tokio::time::sleep_until(idle_at.into()), if !finishing => {
+                    if activity.last_request() + self.idle_timeout <= Instant::now() {
+                        tracing::debug!(listener = self.name, client.addr = %self.peer, idle_timeout = ?self.idle_timeout, "no request for the idle timeout; closing the connection");
+                        conn.as_mut().graceful_shutdown();
+                        finishing = true;
+                    }
+                }
+            }
+        };
+        if let Err(error) = ended {
             tracing::debug!(listener = self.name, client.addr = %self.peer, %error, "connection ended with an error");
         }
     }
@@ -470,6 +502,9 @@ struct Activity {
     first_byte: AtomicU64,
     /// Whether hyper has started waiting for a head at least once.
     started: AtomicBool,
+    /// Milliseconds after `epoch` when the last request started (0: none yet,
+    /// the connection's start counts).
+    last_request: AtomicU64,
 }
 
 impl Activity {
@@ -481,7 +516,18 @@ impl Activity {
             waiting: AtomicBool::new(true),
             first_byte: AtomicU64::new(Self::NONE),
             started: AtomicBool::new(false),
+            last_request: AtomicU64::new(0),
         }
+    }
+
+    fn request_started(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(Self::NONE - 1);
+        self.last_request.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the last request started (the connection's start before any).
+    fn last_request(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_request.load(Ordering::Relaxed))
     }
 
     fn read(&self) {

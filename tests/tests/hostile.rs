@@ -451,6 +451,11 @@ async fn hostile_battery_is_refused_and_the_sidecar_keeps_serving() -> anyhow::R
     }
     setup.still_serves("slowloris").await?;
 
+    // An idle HTTP/2 connection (it answers the keep-alive pings) is asked to
+    // finish once no request has started for the idle timeout.
+    idle_h2(out).await?;
+    setup.still_serves("an idle HTTP/2 connection").await?;
+
     // HTTP/2 rapid reset: open and cancel streams as fast as the client can;
     // the connection gets GOAWAY, other clients are still served.
     rapid_reset(out).await?;
@@ -539,6 +544,43 @@ async fn read_one(stream: &mut TcpStream) -> anyhow::Result<u16> {
             String::from_utf8_lossy(&buf)
         );
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One request over HTTP/2, then nothing: the proxy ends the connection
+/// after `IDLE_TIMEOUT` (GOAWAY, then close), not before.
+async fn idle_h2(addr: SocketAddr) -> anyhow::Result<()> {
+    let tcp = TcpStream::connect(addr).await?;
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    let mut driver = tokio::spawn(connection);
+    let mut client = within(VERDICT_WAIT, "h2 ready", client.ready()).await??;
+    let (response, _) = client.send_request(Request::get("http://backend/ok").body(())?, true)?;
+    let response = within(VERDICT_WAIT, "an h2 response", response).await??;
+    ensure!(response.status() == 200, "{}", response.status());
+    drop(response);
+    let idle_from = Instant::now();
+    // Alive past the header read timeout: idle is its own limit.
+    ensure!(
+        tokio::time::timeout(HEADER_TIMEOUT + Duration::from_millis(500), &mut driver)
+            .await
+            .is_err(),
+        "the idle HTTP/2 connection ended before idle_timeout"
+    );
+    let ended = within(
+        IDLE_TIMEOUT + MARGIN,
+        "the idle h2 connection to end",
+        driver,
+    )
+    .await??;
+    let waited = idle_from.elapsed();
+    ensure!(
+        waited + Duration::from_millis(200) >= IDLE_TIMEOUT,
+        "closed after {waited:?}, before idle_timeout"
+    );
+    match ended {
+        Ok(()) => Ok(()),
+        Err(error) if error.is_go_away() && error.reason() == Some(h2::Reason::NO_ERROR) => Ok(()),
+        Err(error) => bail!("the idle h2 connection ended with {error:?}"),
     }
 }
 

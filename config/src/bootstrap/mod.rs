@@ -322,8 +322,9 @@ pub struct Limits {
     /// the connection is closed (slowloris). Longer than 0. Default 10s.
     #[serde(deserialize_with = "duration::positive")]
     pub header_read_timeout: Duration,
-    /// An HTTP/1 keep-alive connection waiting this long for its next request
-    /// is closed. At least `header_read_timeout`. Default 2m (longer than a
+    /// A client connection on which no request has started for this long is
+    /// closed (HTTP/1: after a response in flight; HTTP/2: GOAWAY, open streams
+    /// complete). At least `header_read_timeout`. Default 2m (longer than a
     /// calling sidecar's `[pool] idle_timeout`, so callers close first).
     #[serde(deserialize_with = "duration::positive")]
     pub idle_timeout: Duration,
