@@ -208,6 +208,82 @@ impl Serialize for SpiffeId {
     }
 }
 
+/// One entry of an `allow` list (`inbound.allow`, `routes[].allow`): a caller
+/// by its service name (in the sidecar's own trust domain), or by its whole
+/// SPIFFE ID (`spiffe://<trust-domain>/service/<name>`, compared exactly).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CallerId {
+    /// `"checkout"`: the service of that name in this mesh's trust domain.
+    Service(ServiceName),
+    /// `"spiffe://weft.local/service/checkout"`: exactly that identity.
+    Spiffe(SpiffeId),
+}
+
+/// Why a string is not a caller identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidCaller {
+    #[error(transparent)]
+    Name(#[from] crate::name::InvalidServiceName),
+    #[error(transparent)]
+    Id(#[from] InvalidIdentity),
+    #[error(
+        "{0} names no service: callers are authenticated as spiffe://<trust-domain>/service/<name>"
+    )]
+    NotAService(SpiffeId),
+}
+
+impl CallerId {
+    /// Whether the authenticated caller `id` is this entry, for a sidecar of
+    /// `trust_domain`.
+    pub fn matches(&self, id: &SpiffeId, trust_domain: &TrustDomain) -> bool {
+        match self {
+            Self::Service(name) => {
+                id.trust_domain() == trust_domain
+                    && id.path().strip_prefix("/service/") == Some(name.as_str())
+            }
+            Self::Spiffe(expected) => expected == id,
+        }
+    }
+}
+
+impl FromStr for CallerId {
+    type Err = InvalidCaller;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.starts_with(SCHEME) {
+            let id = SpiffeId::parse(s)?;
+            if id.service().is_none() {
+                return Err(InvalidCaller::NotAService(id));
+            }
+            return Ok(Self::Spiffe(id));
+        }
+        Ok(Self::Service(s.parse()?))
+    }
+}
+
+impl fmt::Display for CallerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Service(name) => f.write_str(name.as_str()),
+            Self::Spiffe(id) => id.fmt(f),
+        }
+    }
+}
+
+impl Serialize for CallerId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for CallerId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(ParseVisitor::new(
+            "a caller: a service name like \"checkout\" or a SPIFFE ID like \"spiffe://weft.local/service/checkout\"",
+        ))
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -277,6 +353,51 @@ mod tests {
         assert!(err(&long).contains("longer than 2048 bytes"));
         let long_domain = format!("spiffe://{}", "a".repeat(256));
         assert!(err(&long_domain).contains("longer than 255"));
+    }
+
+    #[test]
+    fn callers_are_service_names_or_service_spiffe_ids() {
+        let td: TrustDomain = "weft.local".parse().unwrap();
+        let other: TrustDomain = "other.mesh".parse().unwrap();
+        let web = SpiffeId::parse("spiffe://weft.local/service/web").unwrap();
+        let foreign_web = SpiffeId::parse("spiffe://other.mesh/service/web").unwrap();
+
+        let by_name: CallerId = "web".parse().unwrap();
+        assert_eq!(by_name, CallerId::Service("web".parse().unwrap()));
+        assert!(by_name.matches(&web, &td));
+        assert!(!by_name.matches(&foreign_web, &td), "another trust domain");
+        assert!(by_name.matches(&foreign_web, &other));
+        assert!(!"webx".parse::<CallerId>().unwrap().matches(&web, &td));
+
+        let by_id: CallerId = "spiffe://weft.local/service/web".parse().unwrap();
+        assert!(by_id.matches(&web, &td));
+        assert!(by_id.matches(&web, &other), "a whole ID is compared as is");
+        assert!(!by_id.matches(&foreign_web, &other));
+        assert_eq!(by_id.to_string(), "spiffe://weft.local/service/web");
+        assert_eq!(by_name.to_string(), "web");
+
+        let err = |s: &str| s.parse::<CallerId>().unwrap_err().to_string();
+        assert!(
+            err("Web").contains("invalid service name \"Web\""),
+            "{}",
+            err("Web")
+        );
+        assert!(err("spiffe://weft.local/service/").contains("empty segment"));
+        assert_eq!(
+            err("spiffe://weft.local/ns/default/sa/web"),
+            "spiffe://weft.local/ns/default/sa/web names no service: callers are \
+             authenticated as spiffe://<trust-domain>/service/<name>"
+        );
+        assert!(err("").contains("invalid service name"));
+
+        #[derive(Debug, Deserialize)]
+        struct Doc {
+            allow: Vec<CallerId>,
+        }
+        let doc: Doc =
+            toml::from_str("allow = [\"web\", \"spiffe://weft.local/service/orders\"]").unwrap();
+        assert_eq!(doc.allow.len(), 2);
+        assert!(toml::from_str::<Doc>("allow = [1]").is_err());
     }
 
     #[test]

@@ -38,12 +38,12 @@ mod text;
 use std::path::Path;
 
 pub use bootstrap::{
-    Bootstrap, ControlPlane, Directory, Dns, Drain, Limits, Listen, LocalService, Metadata, Pool,
-    Protocol, StaticEndpoint, StaticService, Telemetry, Tls, TlsMode,
+    Bootstrap, ControlPlane, DefaultInbound, Directory, Dns, Drain, Limits, Listen, LocalService,
+    Metadata, Pool, Protocol, StaticEndpoint, StaticService, Telemetry, Tls, TlsMode,
 };
 pub use duration::{Duration, DurationRange};
 pub use error::ConfigError;
-pub use identity::{InvalidIdentity, SpiffeId, TrustDomain};
+pub use identity::{CallerId, InvalidCaller, InvalidIdentity, SpiffeId, TrustDomain};
 pub use load::{Loaded, load_bootstrap, load_policy};
 pub use name::ServiceName;
 pub use number::{Percent, Ratio, Weight};

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use weft_config::{
-    Bootstrap, LoadBalancer, Loaded, Policy, Protocol, RetryOn, ServiceName, TlsMode,
-    load_bootstrap, load_policy,
+    Bootstrap, CallerId, DefaultInbound, LoadBalancer, Loaded, Policy, Protocol, RetryOn,
+    ServiceName, SpiffeId, TlsMode, load_bootstrap, load_policy,
 };
 
 fn load(name: &str) -> Loaded {
@@ -77,7 +77,10 @@ fn design_policy_example_parses() {
     assert_eq!((rate.per_second, rate.burst.get()), (500.0, 50));
     assert_eq!(
         policy.inbound.allow.as_ref().unwrap(),
-        &[name("checkout"), name("orders")]
+        &[
+            CallerId::Service(name("checkout")),
+            CallerId::Service(name("orders"))
+        ]
     );
     assert_eq!(
         policy.outbound.outlier.max_ejection.to_string(),
@@ -124,6 +127,7 @@ fn every_key_example_loads() {
     let tls = b.tls.as_ref().unwrap();
     assert_eq!(tls.trust_domain.as_str(), "example.org");
     assert_eq!(tls.watch_interval.to_string(), "2s");
+    assert_eq!(tls.default_inbound, DefaultInbound::Deny);
     assert_eq!(
         loaded.resolve(&tls.key),
         loaded.path.with_file_name("tls/checkout-key.pem")
@@ -150,6 +154,12 @@ fn every_key_example_loads() {
         "burst = ceil(per_second)"
     );
     assert!(checkout.inbound.allow_plaintext);
+    let allow = checkout.inbound.allow.as_ref().unwrap();
+    assert_eq!(allow[1], CallerId::Service(name("orders")));
+    assert_eq!(
+        allow[2],
+        CallerId::Spiffe(SpiffeId::parse("spiffe://example.org/service/batch").unwrap())
+    );
     let callers = checkout.inbound.caller_rate_limit.as_ref().unwrap();
     assert_eq!(callers.limit_for("orders").per_second, 200.0);
     assert_eq!(callers.limit_for("web").burst.get(), 10);
@@ -159,6 +169,11 @@ fn every_key_example_loads() {
     let pay = &checkout.routes[0];
     assert_eq!(pay.r#match.headers[0].name.as_str(), "x-canary");
     assert_eq!(pay.r#match.headers[1].value, None);
+    assert_eq!(
+        pay.allow.as_deref(),
+        Some(&[CallerId::Service(name("web"))][..])
+    );
+    assert_eq!(checkout.routes[1].allow, None);
     let settings = checkout.outbound.settings_for(Some(&checkout.routes[1]));
     assert_eq!(
         settings.timeout.map(|t| t.to_string()).as_deref(),
@@ -193,4 +208,8 @@ fn everything_round_trips_through_json() {
     assert_eq!(retry["backoff"], "10ms..1s");
     assert_eq!(retry["max_replay_body"], 1 << 20);
     assert_eq!(retry["on"][3], "grpc-unavailable");
+    assert_eq!(
+        json["checkout"]["inbound"]["allow"][2],
+        "spiffe://example.org/service/batch"
+    );
 }

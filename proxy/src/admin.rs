@@ -172,14 +172,28 @@ impl Admin {
                     let (per_second, burst) = r.effective();
                     json!({ "per_second": per_second, "burst": burst })
                 }),
+                "allow": p.allow.as_ref().map(|a| a.callers().iter().map(ToString::to_string).collect::<Vec<_>>()),
                 "allow_plaintext": p.allow_plaintext,
                 "counters": p.stats.to_json(),
             })
         });
         // The certificate in force (never the key).
+        let default_inbound = self
+            .shared
+            .config()
+            .loaded
+            .bootstrap
+            .tls
+            .as_ref()
+            .map(|t| t.default_inbound);
         let tls = self.shared.tls.as_ref().map(|tls| {
             let m = tls.current();
-            json!({ "identity": m.identity, "serial": m.serial, "not_after": m.not_after })
+            json!({
+                "identity": m.identity,
+                "serial": m.serial,
+                "not_after": m.not_after,
+                "default_inbound": default_inbound,
+            })
         });
         json_response(
             StatusCode::OK,

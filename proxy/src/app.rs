@@ -19,6 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
+use crate::authz::MeshRule;
 use crate::control_plane::{ControlPlaneClient, Registration};
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
@@ -212,7 +213,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         inbound_tls,
         {
             let s = Arc::clone(&shared);
-            move |peer| Inbound::new(Arc::clone(&s), peer)
+            let rule = Arc::new(MeshRule::new(s.config().loaded.bootstrap.tls.as_ref()));
+            move |peer| Inbound::new(Arc::clone(&s), peer, Arc::clone(&rule))
         },
         shared.metrics.connections(Direction::Inbound).clone(),
         Hardening::data(&limits),

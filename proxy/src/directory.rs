@@ -134,6 +134,14 @@ fn build_local(
         .unwrap_or(s.instances);
     let share = Share::new(instances);
     let settings = client_settings(loaded, source);
+    let recompiled = !previous.is_some_and(|l| l.policy.compiled_from(source, share));
+    if recompiled && loaded.bootstrap.tls.is_none() && source.is_some_and(has_allow_list) {
+        tracing::warn!(
+            service = %s.name,
+            "the policy has allow lists but this sidecar has no [tls]: no caller has an identity, \
+             so every request they cover is denied"
+        );
+    }
     let policy = match previous {
         Some(l) if l.policy.compiled_from(source, share) => Arc::clone(&l.policy),
         Some(l) => Arc::new(InboundPolicy::new(
@@ -160,6 +168,11 @@ fn build_local(
         policy_source,
         share,
     })
+}
+
+/// Whether `policy` says who may call (`inbound.allow` or a route's `allow`).
+fn has_allow_list(policy: &weft_config::Policy) -> bool {
+    policy.inbound.allow.is_some() || policy.routes.iter().any(|r| r.allow.is_some())
 }
 
 /// One snapshot of everything the request path needs to route a request.

@@ -100,6 +100,13 @@ pub enum ProxyError {
 
     #[error("the inbound listener only serves the local service; {authority:?} is another host")]
     ForeignAuthority { authority: String },
+
+    #[error("{caller} may not call {service} ({limit})")]
+    Denied {
+        caller: String,
+        service: String,
+        limit: Arc<str>,
+    },
 }
 
 impl ProxyError {
@@ -123,7 +130,7 @@ impl ProxyError {
             Self::Loop { .. } => StatusCode::LOOP_DETECTED,
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::AmbiguousRequest { .. } => StatusCode::BAD_REQUEST,
-            Self::ForeignAuthority { .. } => StatusCode::FORBIDDEN,
+            Self::ForeignAuthority { .. } | Self::Denied { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -146,6 +153,7 @@ impl ProxyError {
             Self::UriTooLong { .. } => "uri-too-long",
             Self::AmbiguousRequest { .. } => "ambiguous-request",
             Self::ForeignAuthority { .. } => "foreign-authority",
+            Self::Denied { .. } => "denied",
         }
     }
 }
@@ -160,6 +168,7 @@ impl ProxyError {
             Self::Timeout { limit, .. } => Some(limit),
             Self::BudgetExhausted { last } => last.limit(),
             Self::UriTooLong { .. } => Some("limits.max_uri_length"),
+            Self::Denied { limit, .. } => Some(limit),
             _ => None,
         }
     }
@@ -236,5 +245,14 @@ mod tests {
         });
         assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(rsp.headers()[WEFT_REASON], "unknown-service");
+        let rsp = error_response(&ProxyError::Denied {
+            caller: "spiffe://weft.local/service/web".into(),
+            service: "billing".into(),
+            limit: "routes.admin.allow".into(),
+        });
+        assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(rsp.headers()[WEFT_REASON], "denied");
+        assert_eq!(rsp.headers()[WEFT_LIMIT], "routes.admin.allow");
+        assert!(!rsp.headers().contains_key(header::RETRY_AFTER));
     }
 }

@@ -3,8 +3,11 @@
 //! Every request goes to the `[service] app` address, whatever its authority says
 //! (the inbound listener is never an open proxy to other hosts), and an HTTP/1
 //! absolute-form request naming another host is refused outright (403,
-//! `foreign-authority`: see [`crate::screen`]). Before that, the
-//! local service's policy protects this instance, most specific limit first:
+//! `foreign-authority`: see [`crate::screen`]). Then the caller must be
+//! allowed to call the service: the matched route's `allow`, else
+//! `inbound.allow`, else `[tls] default_inbound` ([`crate::authz`]; 403
+//! `denied` otherwise), before it spends any limit. Then the local service's
+//! policy protects this instance, most specific limit first:
 //! 1. the matched route's `rate_limit` (this instance's share of it);
 //! 2. `inbound.rate_limit` (this instance's share of the service-wide limit);
 //! 3. `inbound.caller_rate_limit`, keyed by the caller identity: the service
@@ -32,6 +35,7 @@ use std::task::{Context, Poll};
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Incoming;
 
+use crate::authz::MeshRule;
 use crate::body::{self, ProxyBody, Tracked};
 use crate::directory::Directory;
 use crate::error::{ProxyError, error_response};
@@ -55,10 +59,12 @@ pub struct Inbound {
     max_uri_length: usize,
     /// `[service] advertise`, which absolute-form requests may name.
     advertise: Option<SocketAddr>,
+    /// `[tls]`'s authorization default and trust domain (fixed at start).
+    mesh_rule: Arc<MeshRule>,
 }
 
 impl Inbound {
-    pub fn new(shared: Arc<Shared>, client_addr: SocketAddr) -> Self {
+    pub fn new(shared: Arc<Shared>, client_addr: SocketAddr, mesh_rule: Arc<MeshRule>) -> Self {
         let max_uri_length = crate::outbound::max_uri_length(&shared);
         let advertise = shared
             .config()
@@ -72,6 +78,7 @@ impl Inbound {
             client_addr,
             max_uri_length,
             advertise,
+            mesh_rule,
         }
     }
 
@@ -93,7 +100,11 @@ impl Inbound {
                     stats.refusal(error.reason());
                 }
                 observation.refused(&error);
-                tracing::info!(client.addr = %self.client_addr, reason = error.reason(), error = %crate::error::chain(&error), "inbound request refused");
+                if matches!(error, ProxyError::Denied { .. }) {
+                    tracing::debug!(client.addr = %self.client_addr, reason = error.reason(), limit = error.limit(), error = %error, "inbound request denied");
+                } else {
+                    tracing::info!(client.addr = %self.client_addr, reason = error.reason(), error = %crate::error::chain(&error), "inbound request refused");
+                }
                 observation.respond(error_response(&error))
             }
         }
@@ -122,13 +133,19 @@ impl Inbound {
             .find(req.method(), req.uri().path(), req.headers());
         observation.set_route(policy.routes().label(index));
         let route = policy.route(index);
+        let identity = req.extensions().get::<CallerIdentity>().cloned();
+        self.mesh_rule.check(
+            local.name.as_str(),
+            identity.as_ref(),
+            route.and_then(|r| r.allow.as_ref()),
+            policy.allow.as_ref(),
+        )?;
         if let Some(limit) = route.and_then(|r| r.rate_limit.as_ref()) {
             limit.check()?;
         }
         if let Some(limit) = &policy.rate_limit {
             limit.check()?;
         }
-        let identity = req.extensions().get::<CallerIdentity>().cloned();
         if let Some(limit) = &policy.caller_rate_limit {
             let caller = match &identity {
                 Some(identity) => identity.service().as_str(),

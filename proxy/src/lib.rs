@@ -9,6 +9,7 @@
 //! | [`server`] | accept loop, connection caps and hyper's limits, HTTP/1.1 + HTTP/2 serving with graceful shutdown |
 //! | [`outbound`] | the app's calls to other services: destination, discovery, balancing |
 //! | [`inbound`] | other sidecars' calls to the local app |
+//! | [`authz`] | who may call the local service: `allow` lists and `[tls] default_inbound` |
 //! | [`admin`] | `/live`, `/ready`, `/config`, `/endpoints`, `POST /reload` |
 //! | [`screen`] | checks every request passes first: URI length, HTTP/1 framing, inbound authority |
 //! | [`target`] | a request's logical destination |
@@ -36,6 +37,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod client;

@@ -12,8 +12,9 @@
 //!   `per_try_timeout` and `retry` (with `[outbound]` defaults).
 //! - [`InboundPolicy`], in the service's own sidecar: `inbound.*` (service-wide rate
 //!   limit at this instance's share, per-caller limits, per-instance concurrency cap
-//!   with its queue, timeout) and per route `rate_limit` (a service-wide share too),
-//!   `max_concurrency` and `queue` (per instance).
+//!   with its queue, timeout, who may call: `allow`) and per route `rate_limit` (a
+//!   service-wide share too), `max_concurrency` and `queue` (per instance) and
+//!   `allow` (see [`crate::authz`]).
 //!
 //! Limiter state survives a reload that leaves the policy (and share) unchanged:
 //! the directory keeps the compiled policy instead of rebuilding it. Counters
@@ -27,6 +28,7 @@ use std::time::Duration;
 use tower::retry::budget::TpsBudget;
 use weft_config::{Outbound, Policy, Retry, Route, Split};
 
+use crate::authz::Allow;
 use crate::limits::{CallerRateLimit, ConcurrencyLimit, RateLimit, Share};
 use crate::route::RouteTable;
 use crate::stats::Stats;
@@ -195,6 +197,8 @@ impl OutboundPolicy {
 pub struct InboundRoute {
     pub rate_limit: Option<RateLimit>,
     pub concurrency: Option<Arc<ConcurrencyLimit>>,
+    /// `routes.<name>.allow`: replaces `inbound.allow` for this route.
+    pub allow: Option<Allow>,
 }
 
 /// How the local service protects each of its instances.
@@ -207,6 +211,8 @@ pub struct InboundPolicy {
     pub caller_rate_limit: Option<CallerRateLimit>,
     pub concurrency: Option<Arc<ConcurrencyLimit>>,
     pub timeout: Option<NamedTimeout>,
+    /// `inbound.allow`: the callers allowed (routes may replace it).
+    pub allow: Option<Allow>,
     /// `inbound.allow_plaintext`: with mTLS on, plaintext callers are served too.
     pub allow_plaintext: bool,
     pub stats: Arc<Stats>,
@@ -246,6 +252,10 @@ impl InboundPolicy {
                             r.queue.as_ref(),
                         )
                     }),
+                    allow: r
+                        .allow
+                        .as_ref()
+                        .map(|list| Allow::new(format!("routes.{}.allow", r.name), list)),
                 }
             })
             .collect();
@@ -270,6 +280,10 @@ impl InboundPolicy {
                 )
             }),
             timeout: named(inbound.timeout, "inbound.timeout".into()),
+            allow: inbound
+                .allow
+                .as_ref()
+                .map(|list| Allow::new("inbound.allow", list)),
             allow_plaintext: inbound.allow_plaintext,
             stats,
         }

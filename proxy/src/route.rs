@@ -180,6 +180,7 @@ mod tests {
             rate_limit: None,
             max_concurrency: None,
             queue: None,
+            allow: None,
         }
     }
 

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde_json::{Value, json};
 
 /// Refusal reasons that are counted (the `weft-reason` values of limits).
-pub const REFUSALS: [&str; 5] = [
+pub const REFUSALS: [&str; 6] = [
+    "denied",
     "rate-limit",
     "concurrency-cap",
     "timeout",
@@ -80,10 +81,12 @@ mod tests {
         s.refusal("rate-limit");
         s.refusal("rate-limit");
         s.refusal("connect-failure");
+        s.refusal("denied");
         s.request();
         let j = s.to_json();
         assert_eq!(j["refusals"]["rate-limit"], 2);
         assert_eq!(j["refusals"]["timeout"], 0);
+        assert_eq!(j["refusals"]["denied"], 1);
         assert_eq!(j["other_failures"], 1);
         assert_eq!(j["requests"], 1);
     }

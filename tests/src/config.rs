@@ -98,6 +98,7 @@ pub struct Bootstrap {
     limits: Vec<String>,
     services: Vec<DirService>,
     tls: Option<(String, Option<String>)>,
+    tls_keys: Vec<String>,
     control_plane: Vec<String>,
 }
 
@@ -118,6 +119,7 @@ impl Bootstrap {
             limits: Vec::new(),
             services: Vec::new(),
             tls: None,
+            tls_keys: Vec::new(),
             control_plane: Vec::new(),
         }
     }
@@ -127,6 +129,12 @@ impl Bootstrap {
     /// `watch_interval` if given.
     pub fn tls(mut self, identity: &str, watch_interval: Option<&str>) -> Self {
         self.tls = Some((identity.to_owned(), watch_interval.map(str::to_owned)));
+        self
+    }
+
+    /// Adds `key = value` (TOML, written as given) to `[tls]` (see [`Self::tls`]).
+    pub fn tls_key(mut self, key: &str, value: &str) -> Self {
+        self.tls_keys.push(format!("{key} = {value}"));
         self
     }
 
@@ -260,6 +268,9 @@ impl Bootstrap {
             .unwrap();
             if let Some(watch) = watch {
                 writeln!(out, "watch_interval = {watch:?}").unwrap();
+            }
+            for line in &self.tls_keys {
+                writeln!(out, "{line}").unwrap();
             }
             out.push('\n');
         }

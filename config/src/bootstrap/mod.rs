@@ -88,6 +88,29 @@ pub struct Tls {
         deserialize_with = "duration::positive"
     )]
     pub watch_interval: Duration,
+    /// Who may call this sidecar's service when its policy (and the matched
+    /// route) has no `allow` list. Default `allow-meshed`.
+    #[serde(default, skip_serializing_if = "DefaultInbound::is_default")]
+    pub default_inbound: DefaultInbound,
+}
+
+/// `[tls] default_inbound`: the mesh-wide authorization rule for services
+/// whose policy says nothing (no `inbound.allow`, no route `allow`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultInbound {
+    /// Any caller with a certificate of the mesh (and, with
+    /// `inbound.allow_plaintext`, plaintext callers).
+    #[default]
+    AllowMeshed,
+    /// No caller: a service is called only by those its policy lists.
+    Deny,
+}
+
+impl DefaultInbound {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Tls {

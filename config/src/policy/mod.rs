@@ -27,6 +27,7 @@ pub use self::limits::{CallerRateLimit, Locality, Outlier, Queue, RateLimit, Ret
 pub use self::retry::{ParseRetryOnError, Retry, RetryOn};
 pub use self::route::{HeaderMatch, HeaderName, Method, Route, RouteMatch, Split};
 use crate::duration::{self, Duration};
+use crate::identity::CallerId;
 use crate::name::ServiceName;
 use crate::number;
 
@@ -70,9 +71,13 @@ pub struct Inbound {
     /// A rate limit per caller identity.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caller_rate_limit: Option<CallerRateLimit>,
-    /// Caller identities allowed; none means any meshed caller.
+    /// Caller identities allowed to call the service (service names of the
+    /// sidecar's trust domain, or whole SPIFFE IDs); an empty list allows no
+    /// caller. `None`: the bootstrap's `[tls] default_inbound` decides (by
+    /// default any meshed caller). A route's own `allow` replaces this one
+    /// for its requests.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub allow: Option<Vec<ServiceName>>,
+    pub allow: Option<Vec<CallerId>>,
     /// With mTLS on (`[tls]` in the sidecar's bootstrap), also accept
     /// plaintext connections on the inbound listener, for a migration.
     /// Default `false`; without `[tls]` everything is plaintext anyway.

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Queue, RateLimit, Retry};
 use crate::duration::{self, Duration};
+use crate::identity::CallerId;
 use crate::number::{self, Percent};
 use crate::text::ParseVisitor;
 
@@ -60,6 +61,10 @@ pub struct Route {
     /// A bounded wait when `max_concurrency` is reached.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub queue: Option<Queue>,
+    /// Callers allowed on this route; replaces `inbound.allow` for the
+    /// requests the route matches (narrower or wider). Default: `inbound.allow`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub allow: Option<Vec<CallerId>>,
 }
 
 fn route_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

@@ -11,11 +11,13 @@ use std::num::NonZeroU32;
 use super::{Policy, Queue};
 use crate::diag::{KeyPath, Problem};
 use crate::duration::Duration;
+use crate::identity::CallerId;
 
 impl Policy {
     /// Checks every cross-key rule of the policy file.
     pub(crate) fn validate(&self) -> Result<(), Problem> {
         let inbound = KeyPath::new(["inbound"]);
+        check_allow(&inbound, self.inbound.allow.as_deref())?;
         check_queue(
             &inbound,
             self.inbound.max_concurrency,
@@ -81,6 +83,7 @@ impl Policy {
             }
             check_timeouts(&at, "the route", route.timeout, route.per_try_timeout)?;
             check_queue(&at, route.max_concurrency, route.queue.as_ref())?;
+            check_allow(&at, route.allow.as_deref())?;
         }
         Ok(())
     }
@@ -101,6 +104,23 @@ impl Policy {
         }
         Ok(())
     }
+}
+
+/// A caller listed twice is a slip (an edit that meant another name).
+fn check_allow(at: &KeyPath, allow: Option<&[CallerId]>) -> Result<(), Problem> {
+    let mut seen = HashMap::new();
+    for (i, caller) in allow.unwrap_or_default().iter().enumerate() {
+        if let Some(first) = seen.insert(caller, i) {
+            return Err(Problem::new(
+                at.key("allow").index(i),
+                format!(
+                    "caller {:?} is already listed (allow[{first}])",
+                    caller.to_string()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A queue only makes sense in front of a concurrency cap.
@@ -169,6 +189,23 @@ mod tests {
         );
         let ok = "[inbound]\nmax_concurrency = 1\nqueue = { depth = 1, timeout = \"1s\" }";
         assert!(crate::parse_policy(&format!("service = \"b\"\n{ok}"), Path::new("p")).is_ok());
+    }
+
+    #[test]
+    fn allow_lists_name_each_caller_once() {
+        assert_eq!(
+            error(
+                "[[routes]]\nname = \"a\"\nallow = [\"web\", \"spiffe://weft.local/service/web\", \"web\"]"
+            ),
+            "p.toml:4:52: routes[0].allow[2]: caller \"web\" is already listed (allow[0])"
+        );
+        // A name and a whole ID are different entries (the ID may be of
+        // another trust domain than the sidecar's); an empty list is allowed.
+        let ok = "[inbound]\nallow = []\n[[routes]]\nname = \"a\"\nallow = [\"web\", \"spiffe://weft.local/service/web\"]";
+        let policy =
+            crate::parse_policy(&format!("service = \"b\"\n{ok}"), Path::new("p")).unwrap();
+        assert_eq!(policy.inbound.allow.as_deref(), Some(&[][..]));
+        assert_eq!(policy.routes[0].allow.as_ref().map(Vec::len), Some(2));
     }
 
     #[test]
