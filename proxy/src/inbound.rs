@@ -149,6 +149,7 @@ impl Inbound {
         let hop = Hop {
             client: &local.client,
             endpoint: local.addr,
+            authority: local.authority.as_ref(),
             protocol: Protocol::Auto,
             tasks: &self.shared.tasks,
         };
