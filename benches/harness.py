@@ -167,7 +167,7 @@ def round_robin_policy(work, name="bench"):
     return f"{name}.toml"
 
 
-def start_weft(procs, bindir, work, tag, toml_body):
+def start_weft(procs, bindir, work, tag, toml_body, exe=None):
     """One weft-proxy on CPU 0; returns (Popen, bound addresses, config path)."""
     cfg = os.path.join(work, f"{tag}.toml")
     bound = os.path.join(work, f"{tag}.bound.json")
@@ -176,7 +176,7 @@ def start_weft(procs, bindir, work, tag, toml_body):
     env = dict(os.environ, WEFT_LOG="warn")
     errlog = open(os.path.join(work, f"{tag}.log"), "w")
     p = procs.start(
-        [f"{bindir}/weft-proxy", "run", "--config", cfg, "--bound-file", bound],
+        [exe or f"{bindir}/weft-proxy", "run", "--config", cfg, "--bound-file", bound],
         cpu=PROXY_CPU,
         env=env,
         stdout=errlog,
@@ -213,10 +213,10 @@ def server_toml(app):
     return f'[service]\nname = "bench"\napp = "{app}"\n\n' + LISTEN_LOCAL
 
 
-def weft_one_hop(procs, bindir, work, backends):
+def weft_one_hop(procs, bindir, work, backends, exe=None, name="weft", title="Weft, one sidecar hop"):
     round_robin_policy(work)
-    p, bound, _ = start_weft(procs, bindir, work, "one-hop", caller_toml(backends))
-    t = Target("weft", "Weft, one sidecar hop", [bound["outbound"]])
+    p, bound, _ = start_weft(procs, bindir, work, name, caller_toml(backends), exe=exe)
+    t = Target(name, title, [bound["outbound"]])
     t.roots.append(("sidecar", p))
     return t
 
@@ -416,11 +416,16 @@ def data_plane(args):
             nginx(procs, work, backends),
             haproxy(procs, work, backends),
         ]
+        baseline = os.environ.get("WEFT_PROXY_BASELINE")
+        if baseline:
+            # Another weft-proxy build (e.g. before a change), one hop, for before/after.
+            targets.insert(2, weft_one_hop(procs, bindir, work, backends, exe=baseline, name="weft-baseline",
+                                           title=f"Weft one hop, baseline build ({os.path.basename(baseline)})"))
         only = set(args.targets.split(",")) if args.targets else None
         if only:
             targets = [t for t in targets if t.name in only]
         rates = [int(r) for r in args.rates.split(",") if r]
-        log(f"backends {backends}; {args.rounds} rounds x {len(targets)} targets; "
+        log(f"backends {backends}; {args.rounds} rounds x {len(targets)} targets ({' '.join(t.name for t in targets)}); "
             f"closed loop {args.connections} connections {args.seconds}s, open loop {rates} req/s {args.seconds}s")
         runs = []
         for rnd in range(1, args.rounds + 1):
@@ -602,6 +607,15 @@ def markdown(rep):
                 a, b = get(T[w]), get(T[r])
                 row += f" {ratio(a and a['median'], b and b['median'])} |"
             lines.append(row)
+    if "weft-baseline" in T and "weft" in T:
+        a, b = T["weft"], T["weft-baseline"]
+        last = str(rates[-1])
+        lines.append("")
+        lines.append("This build / the baseline build, one hop: max req/s "
+                     f"{ratio(a['max_rps']['median'], b['max_rps']['median'])}, req/s per proxy core "
+                     f"{ratio((a['rps_per_core'] or {}).get('median'), (b['rps_per_core'] or {}).get('median'))}, CPU per request at "
+                     f"{rates[-1]:,} req/s {ratio((a['rates'][last]['cpu_ms_per_10k'] or {}).get('median'), (b['rates'][last]['cpu_ms_per_10k'] or {}).get('median'))}, "
+                     + ", ".join(f"p99 at {r:,} req/s {ratio(a['rates'][str(r)]['p99_ms']['median'], b['rates'][str(r)]['p99_ms']['median'])}" for r in rates) + ".")
     idle = rep.get("idle_rss")
     if idle:
         lines.append("")
