@@ -87,6 +87,8 @@ pub struct LocalApp {
     /// The name as a metric label.
     pub label: Arc<str>,
     pub addr: SocketAddr,
+    /// `addr` as a URI authority, made once.
+    pub authority: Option<http::uri::Authority>,
     pub client: UpstreamClient,
     pub policy: Arc<InboundPolicy>,
     pub policy_source: PolicySource,
@@ -163,6 +165,7 @@ fn build_local(
             .map_or_else(|| Arc::from(s.name.as_str()), |l| Arc::clone(&l.label)),
         name: s.name.clone(),
         addr: s.app,
+        authority: crate::forward::authority_of(s.app),
         client: reuse_client(previous.map(|l| &l.client), settings, None),
         policy,
         policy_source,

@@ -19,7 +19,7 @@
 use std::net::SocketAddr;
 
 use http::header::{self, HeaderMap, HeaderValue};
-use http::uri::{PathAndQuery, Scheme, Uri};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -56,6 +56,8 @@ pub fn take_protocol(headers: &mut HeaderMap) -> Protocol {
 pub struct Hop<'a> {
     pub client: &'a UpstreamClient,
     pub endpoint: SocketAddr,
+    /// `endpoint` as a URI authority ([`authority_of`]), when made up front.
+    pub authority: Option<&'a Authority>,
     pub protocol: Protocol,
     pub tasks: &'a TaskTracker,
 }
@@ -134,7 +136,7 @@ pub async fn send(
     let http2 = app_http2 || (mesh && !upgrade);
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
-    *req.uri_mut() = endpoint_uri(hop.endpoint, &head.path, mesh)?;
+    *req.uri_mut() = endpoint_uri(hop.endpoint, hop.authority, &head.path, mesh)?;
     *req.version_mut() = if http2 {
         Version::HTTP_2
     } else {
@@ -206,14 +208,48 @@ fn request_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn endpoint_uri(endpoint: SocketAddr, path: &PathAndQuery, tls: bool) -> Result<Uri, ProxyError> {
-    Uri::builder()
-        .scheme(if tls { Scheme::HTTPS } else { Scheme::HTTP })
-        .authority(endpoint.to_string())
-        .path_and_query(path.clone())
-        .build()
-        .map_err(|_| ProxyError::BadAuthority {
-            authority: endpoint.to_string(),
-            problem: "the endpoint address does not form a valid URI",
-        })
+/// `endpoint` as a URI authority (`IP:port`, `[IPv6]:port`).
+pub fn authority_of(endpoint: SocketAddr) -> Option<Authority> {
+    Authority::try_from(endpoint.to_string()).ok()
+}
+
+fn endpoint_uri(
+    endpoint: SocketAddr,
+    authority: Option<&Authority>,
+    path: &PathAndQuery,
+    tls: bool,
+) -> Result<Uri, ProxyError> {
+    let bad = || ProxyError::BadAuthority {
+        authority: endpoint.to_string(),
+        problem: "the endpoint address does not form a valid URI",
+    };
+    let authority = match authority {
+        Some(authority) => authority.clone(),
+        None => authority_of(endpoint).ok_or_else(bad)?,
+    };
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(if tls { Scheme::HTTPS } else { Scheme::HTTP });
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path.clone());
+    Uri::from_parts(parts).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn endpoint_uris() {
+        let path = PathAndQuery::from_static("/a/b?c=d");
+        for addr in ["10.0.0.5:4143", "[::1]:8080", "[fe80::1]:1"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let made = authority_of(addr).unwrap();
+            let uri = endpoint_uri(addr, Some(&made), &path, false).unwrap();
+            assert_eq!(uri, endpoint_uri(addr, None, &path, false).unwrap());
+            assert_eq!(uri.to_string(), format!("http://{addr}/a/b?c=d"));
+            let tls = endpoint_uri(addr, Some(&made), &path, true).unwrap();
+            assert_eq!(tls.to_string(), format!("https://{addr}/a/b?c=d"));
+        }
+    }
 }

@@ -26,6 +26,13 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
 ];
 
+/// Whether `name` is one of the hop-by-hop headers removed (or rewritten) by
+/// [`strip_hop_by_hop`]; other headers only become hop-by-hop by being named
+/// in `Connection`, which is one of them.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TE || HOP_BY_HOP.iter().any(|h| h == name)
+}
+
 /// `x-forwarded-for`, appended to on the inbound side.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
@@ -50,6 +57,12 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// `101 Switching Protocols` response), `Upgrade` is kept and `Connection` is reduced
 /// to `upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names present
+    // (standard names compare as integers) is much cheaper than looking up
+    // every hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named by Connection are hop-by-hop too; collect before removing it.
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
@@ -159,6 +172,32 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["host", "x-keep"]);
+    }
+
+    #[test]
+    fn leaves_end_to_end_headers_alone() {
+        let mut h = map(&[("host", "billing"), ("x-keep", "1"), ("accept", "*/*")]);
+        let before = h.clone();
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn removes_a_lone_hop_by_hop_header() {
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "trailer",
+            "te",
+        ] {
+            let mut h = map(&[("host", "billing"), (name, "x")]);
+            strip_hop_by_hop(&mut h, false);
+            assert!(!h.contains_key(name), "{name} kept");
+            assert!(h.contains_key("host"));
+        }
     }
 
     #[test]

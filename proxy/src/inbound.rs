@@ -187,6 +187,7 @@ impl Inbound {
         let hop = Hop {
             client: &local.client,
             endpoint: local.addr,
+            authority: local.authority.as_ref(),
             protocol,
             tasks: &self.shared.tasks,
         };

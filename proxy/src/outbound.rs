@@ -263,7 +263,7 @@ impl Outbound {
             };
             observation.set_endpoint(endpoint.addr());
             let result = self
-                .send_once(target, plan, &mut head, attempt_body, endpoint.addr())
+                .send_once(target, plan, &mut head, attempt_body, &endpoint)
                 .await;
             let outcome = match &result {
                 Ok(rsp) => Outcome::Response {
@@ -333,8 +333,9 @@ impl Outbound {
         plan: &RoutePlan<'_>,
         head: &mut RequestHead,
         body: ProxyBody,
-        endpoint: SocketAddr,
+        endpoint: &Endpoint,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let (authority, endpoint) = (endpoint.authority(), endpoint.addr());
         if let Some(b) = self.shared.bound()
             && (b.outbound == endpoint
                 || (b.outbound.ip().is_unspecified()
@@ -348,6 +349,7 @@ impl Outbound {
         let hop = Hop {
             client: target.client,
             endpoint,
+            authority,
             protocol: target.protocol,
             tasks: &self.shared.tasks,
         };

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use http::uri::Authority;
 use weft_config::Metadata;
 
 use super::ewma::PeakEwma;
@@ -25,6 +26,8 @@ use super::outlier::OutlierState;
 #[derive(Debug)]
 pub struct Endpoint {
     addr: SocketAddr,
+    /// `addr` as a URI authority, made once rather than per request.
+    authority: Option<Authority>,
     metadata: Metadata,
     in_flight: AtomicU32,
     requests: AtomicU64,
@@ -36,6 +39,7 @@ impl Endpoint {
     pub fn new(addr: SocketAddr, metadata: Metadata) -> Self {
         Self {
             addr,
+            authority: crate::forward::authority_of(addr),
             metadata,
             in_flight: AtomicU32::new(0),
             requests: AtomicU64::new(0),
@@ -51,6 +55,11 @@ impl Endpoint {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address as a URI authority.
+    pub fn authority(&self) -> Option<&Authority> {
+        self.authority.as_ref()
     }
 
     pub fn metadata(&self) -> &Metadata {

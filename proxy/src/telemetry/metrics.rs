@@ -61,13 +61,37 @@ impl Classification {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+#[derive(Debug, Clone, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     direction: &'static str,
     service: Arc<str>,
     route: Arc<str>,
     status_code: u16,
     classification: &'static str,
+}
+
+/// Every finished request looks its labels up twice (counter and histogram),
+/// in maps hashed with SipHash, whose cost grows with each write: the labels
+/// are folded into one word first (FNV-1a). Equal labels fold to equal words,
+/// as `Hash` requires; a collision only costs a comparison.
+impl std::hash::Hash for RequestLabels {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut eat = |bytes: &[u8]| {
+            for &b in bytes {
+                h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+            }
+            // A separator, so that ("ab", "c") and ("a", "bc") differ.
+            h = (h ^ 0xff).wrapping_mul(PRIME);
+        };
+        eat(self.direction.as_bytes());
+        eat(self.service.as_bytes());
+        eat(self.route.as_bytes());
+        eat(&self.status_code.to_le_bytes());
+        eat(self.classification.as_bytes());
+        state.write_u64(h);
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
