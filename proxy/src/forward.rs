@@ -175,7 +175,7 @@ fn request_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn endpoint_uri(endpoint: SocketAddr, path: &PathAndQuery) -> Result<Uri, ProxyError> {
+pub(crate) fn endpoint_uri(endpoint: SocketAddr, path: &PathAndQuery) -> Result<Uri, ProxyError> {
     Uri::builder()
         .scheme(Scheme::HTTP)
         .authority(endpoint.to_string())
