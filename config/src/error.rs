@@ -121,14 +121,18 @@ pub(crate) fn invalid(
     }
     let line_start = src[..start].rfind('\n').map_or(0, |i| i + 1);
     let line_end = src[start..].find('\n').map_or(src.len(), |i| start + i);
-    let end = floor_char_boundary(src, span.end.clamp(start, line_end));
+    // The quote leaves out the `\r` of a CRLF line; so do the column and the
+    // caret, which would otherwise stand one past the quoted text.
+    let text_end = line_start + src[line_start..line_end].trim_end_matches('\r').len();
+    let start = start.min(text_end);
+    let end = floor_char_boundary(src, span.end.clamp(start, text_end));
     ConfigError::Invalid {
         file: file.to_owned(),
         line: src[..start].matches('\n').count() + 1,
         column: src[line_start..start].chars().count() + 1,
         key,
         message,
-        source_line: src[line_start..line_end].trim_end_matches('\r').to_owned(),
+        source_line: src[line_start..text_end].to_owned(),
         width: src[start..end].chars().count().max(1),
     }
 }
@@ -168,6 +172,26 @@ mod tests {
         let err = invalid("\tk = 1", Path::new("f"), 5..6, "k".into(), "m".into());
         assert!(
             err.to_string().ends_with("  1 | \tk = 1\n    | \t    ^"),
+            "{err}"
+        );
+        // A CRLF file: the column and caret are those of the same LF file
+        // (found by the `bootstrap` fuzz target: a syntax error at the end of a
+        // CRLF file was reported one column past the end of its last line).
+        let err = invalid(
+            "x = \r\n",
+            Path::new("f"),
+            6..6,
+            "<root>".into(),
+            "m".into(),
+        );
+        assert!(err.to_string().starts_with("f:1:5: <root>: m\n"), "{err}");
+        assert!(
+            err.to_string().ends_with("  1 | x = \n    |     ^"),
+            "{err}"
+        );
+        let err = invalid("k = 1\r\n", Path::new("f"), 4..7, "k".into(), "m".into());
+        assert!(
+            err.to_string().ends_with("  1 | k = 1\n    |     ^"),
             "{err}"
         );
         let src = "\n".repeat(1200) + "k = 1";

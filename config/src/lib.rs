@@ -22,11 +22,14 @@
 //! - `diag` (private): turns serde errors and broken rules into located errors.
 //! - `text` (private): string-typed values such as socket addresses.
 //! - `load` (private): reading files; [`Loaded`].
+//! - `fuzzing` (hidden): what the fuzz targets in `fuzz/` run on each input.
 
 pub mod bootstrap;
 mod diag;
 pub mod duration;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod identity;
 mod load;
 pub mod name;

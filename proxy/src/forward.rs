@@ -213,7 +213,7 @@ pub fn authority_of(endpoint: SocketAddr) -> Option<Authority> {
     Authority::try_from(endpoint.to_string()).ok()
 }
 
-fn endpoint_uri(
+pub(crate) fn endpoint_uri(
     endpoint: SocketAddr,
     authority: Option<&Authority>,
     path: &PathAndQuery,

@@ -8,6 +8,11 @@
 //!   `Connection: upgrade` are kept so the next hop can agree to the switch.
 //! - `TE: trailers` survives because gRPC needs it end to end.
 //! - The inbound side records the client in `x-forwarded-for` and `forwarded`.
+//! - A `Connection` option never removes a header the sidecar sets or relies on end
+//!   to end ([`PROTECTED`]: `Host`, `weft-caller`, `x-forwarded-for`, `forwarded`,
+//!   `traceparent`, `tracestate`): those are not hop-by-hop, and honouring such an
+//!   option would let a client strip what the sidecar added (its caller identity,
+//!   the client address, the trace context).
 //!
 //! `Host` is never touched here: the upstream sees the logical name the app used.
 
@@ -36,6 +41,16 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// `x-forwarded-for`, appended to on the inbound side.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
+/// Headers that a `Connection` option does not remove (see the module docs).
+pub static PROTECTED: [HeaderName; 6] = [
+    header::HOST,
+    HeaderName::from_static(crate::outbound::WEFT_CALLER),
+    HeaderName::from_static("x-forwarded-for"),
+    header::FORWARDED,
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+];
+
 /// Whether `headers` ask for an HTTP/1.1 protocol upgrade (`Connection: upgrade` and
 /// an `Upgrade` header).
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
@@ -63,12 +78,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    // Read before anything is removed: a client that sends `TE` also names it in
+    // `Connection` (RFC 9110 §10.1.4).
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     // Headers named by Connection are hop-by-hop too; collect before removing it.
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for name in named {
-        if keep_upgrade && name == header::UPGRADE {
+        if (keep_upgrade && name == header::UPGRADE) || PROTECTED.contains(&name) {
             continue;
         }
         headers.remove(&name);
@@ -79,12 +102,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         }
         headers.remove(name);
     }
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -205,6 +222,45 @@ mod tests {
         let mut h = map(&[("te", "trailers, deflate")]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn te_trailers_survives_being_named_in_connection() {
+        // What a conforming HTTP/1.1 client sends with TE.
+        let mut h = map(&[("connection", "TE"), ("te", "trailers")]);
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["te"]);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn connection_cannot_remove_what_the_sidecar_sets() {
+        // Found by the `request` fuzz target's checks: `Connection: weft-caller`
+        // from the app removed the caller identity the outbound side had just
+        // set, and `Connection: x-forwarded-for, forwarded` from a client removed
+        // the inbound side's record of it.
+        let protected = [
+            ("host", "billing"),
+            ("weft-caller", "checkout"),
+            ("x-forwarded-for", "192.0.2.7"),
+            ("forwarded", "for=192.0.2.7;proto=http"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            ("tracestate", "v=1"),
+        ];
+        let connection = "Host, weft-caller, X-Forwarded-For, forwarded, traceparent, \
+             tracestate, x-other";
+        let mut h = map(&protected);
+        h.append("connection", HeaderValue::from_static(connection));
+        h.append("x-other", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), protected.len());
+        for (name, value) in protected {
+            assert_eq!(h[name], value, "{name}");
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@
 //! | [`limits`] | rate limits (governor) and concurrency caps |
 //! | [`retry`] | retry classification, backoff, replayable bodies |
 //! | [`stats`] | counters of requests, retries, ejections and refusals (for `/endpoints`) |
+//! | `fuzzing` (hidden) | what the fuzz targets in `fuzz/` run on each input |
 //! | [`telemetry`] | `/metrics`, request spans (OTLP), the access log, and the observation every finished request is reported through |
 //!
 //! Requests flow `server -> outbound|inbound -> screen -> (directory, discovery, balance) ->
@@ -46,6 +47,8 @@ pub mod directory;
 pub mod discovery;
 pub mod error;
 pub mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod inbound;
 pub mod limits;

@@ -88,6 +88,11 @@ impl RouteTable {
             .map(|route| route.index)
     }
 
+    /// How many routes compiled (the others never match).
+    pub(crate) fn compiled(&self) -> usize {
+        self.routes.len()
+    }
+
     /// Whether no route can match, so every request takes the service defaults.
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
