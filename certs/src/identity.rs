@@ -42,7 +42,7 @@ pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, CertIdentityError> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "issue"))]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use std::time::Duration;
