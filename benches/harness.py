@@ -383,6 +383,7 @@ def idle_rss(procs, bindir, work, backends, services=100):
     p, bound, _ = start_weft(procs, bindir, sub, "idle", body)
     time.sleep(2)
     at_start = status_kb(p.pid, "VmRSS")
+    split_start = {k: status_kb(p.pid, k) for k in ("RssAnon", "RssFile")}
     # One request to each service: its balancer, pool and metrics series exist now.
     host, port = bound["outbound"].rsplit(":", 1)
     import http.client
@@ -397,9 +398,11 @@ def idle_rss(procs, bindir, work, backends, services=100):
             raise RuntimeError(f"svc-{i:03}: {r.status}")
     time.sleep(2)
     after = status_kb(p.pid, "VmRSS")
+    split_after = {k: status_kb(p.pid, k) for k in ("RssAnon", "RssFile")}
     procs.stop(p)
     return {"services": services, "endpoints_per_service": 3,
-            "rss_start_kb": at_start, "rss_after_one_request_each_kb": after}
+            "rss_start_kb": at_start, "rss_after_one_request_each_kb": after,
+            "start_split_kb": split_start, "after_split_kb": split_after}
 
 
 def data_plane(args):
@@ -621,7 +624,10 @@ def markdown(rep):
         lines.append("")
         lines.append(f"Idle RSS of a sidecar with {idle['services']} services ({idle['endpoints_per_service']} "
                      f"endpoints each) in its directory: {idle['rss_start_kb']/1024:.1f} MB after start, "
-                     f"{idle['rss_after_one_request_each_kb']/1024:.1f} MB after one request to each service.")
+                     f"{idle['rss_after_one_request_each_kb']/1024:.1f} MB after one request to each service"
+                     + (f" (of which heap and stacks, RssAnon: {idle['start_split_kb']['RssAnon']/1024:.1f} and "
+                        f"{idle['after_split_kb']['RssAnon']/1024:.1f} MB; the rest is the binary's mapped pages, RssFile)"
+                        if "start_split_kb" in idle else "") + ".")
     return "\n".join(lines) + "\n"
 
 
