@@ -20,7 +20,8 @@
 //! down to that, with a warning when the limiter is built.
 //!
 //! Memory stays bounded whatever callers claim to be: caller identities come
-//! from a request header, which anyone can set until mTLS lands. At most
+//! from the caller's certificate over mTLS, but from a request header, which
+//! anyone can set, over plaintext. At most
 //! [`MAX_TRACKED_CALLERS`] caller buckets are kept. When that many are tracked,
 //! buckets that have refilled (indistinguishable from fresh ones) are dropped,
 //! at most once per [`RETAIN_INTERVAL`]; if the store is still full, a caller
