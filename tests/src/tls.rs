@@ -102,15 +102,13 @@ pub struct Connected {
     pub server_cert: Vec<u8>,
 }
 
-/// Connects to `addr` with TLS, trusting `ca_pem`, presenting `client` (if
-/// any), offering ALPN `h2` and `http/1.1`. With TLS 1.3 a server that
-/// refuses the client certificate says so after this returns: send a request
-/// ([`Connected::get`]) to see it.
-pub async fn connect(
-    addr: SocketAddr,
+/// A TLS client configuration trusting `ca_pem`, presenting `client` (if
+/// any), offering `alpn`.
+fn client_config(
     ca_pem: &str,
     client: Option<&Issued>,
-) -> anyhow::Result<Connected> {
+    alpn: &[&[u8]],
+) -> anyhow::Result<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -129,7 +127,20 @@ pub async fn connect(
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// Connects to `addr` with TLS, trusting `ca_pem`, presenting `client` (if
+/// any), offering ALPN `h2` and `http/1.1`. With TLS 1.3 a server that
+/// refuses the client certificate says so after this returns: send a request
+/// ([`Connected::get`]) to see it.
+pub async fn connect(
+    addr: SocketAddr,
+    ca_pem: &str,
+    client: Option<&Issued>,
+) -> anyhow::Result<Connected> {
+    let config = client_config(ca_pem, client, &[b"h2", b"http/1.1"])?;
     let tcp = TcpStream::connect(addr).await?;
     // The test certificates carry the IP SAN 127.0.0.1.
     let name = ServerName::IpAddress(addr.ip().into());
@@ -161,26 +172,7 @@ pub async fn grpc_channel(
     ca_pem: &str,
     client: Option<&Issued>,
 ) -> anyhow::Result<tonic::transport::Channel> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert?)?;
-    }
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    let mut config = match client {
-        Some(issued) => {
-            let chain = vec![CertificateDer::from_pem_slice(
-                issued.cert_pem().as_bytes(),
-            )?];
-            let key = PrivateKeyDer::from_pem_slice(issued.key_pem().as_bytes())?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let config = Arc::new(config);
+    let config = Arc::new(client_config(ca_pem, client, &[b"h2"])?);
     let connector = tower::service_fn(move |_: http::Uri| {
         let config = Arc::clone(&config);
         async move {
