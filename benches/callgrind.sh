@@ -7,12 +7,13 @@
 #
 # Usage: benches/callgrind.sh [SECONDS=15] [OUT=benches/results/callgrind.out]
 # Then: callgrind_annotate --inclusive=yes OUT.1 | less
+# NOBUILD=1 profiles the release binaries already built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-15}
 OUT=${2:-benches/results/callgrind.out}
 command -v valgrind >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
-cargo build --release --locked -q -p weft-proxy -p weft-benches
+[ -n "${NOBUILD:-}" ] || cargo build --release --locked -q -p weft-proxy -p weft-benches
 bin=${CARGO_TARGET_DIR:-target}/release
 w=$(mktemp -d)
 pids=()

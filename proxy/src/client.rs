@@ -80,6 +80,8 @@ impl UpstreamClient {
             .timer(TokioTimer::new())
             .pool_idle_timeout(settings.idle_timeout)
             .pool_max_idle_per_host(settings.max_idle_per_endpoint)
+            // send(2) of one buffer rather than writev(2), as the server side.
+            .http1_writev(false)
             // The Host header is the app's (the logical name); never rewrite it to
             // the endpoint address.
             .set_host(false);

@@ -39,6 +39,11 @@ enum Command {
         /// `[service] advertise`, for addresses only known at start (a pod IP).
         #[arg(long, value_name = "IP:PORT", env = "WEFT_ADVERTISE")]
         advertise: Option<std::net::SocketAddr>,
+        /// Threads serving traffic; default: the CPUs this process may use
+        /// (affinity and cgroup quota). With 1, everything runs on one thread,
+        /// which costs less per request than a one-worker thread pool.
+        #[arg(long, value_name = "N", env = "WEFT_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
+        workers: Option<u16>,
     },
     /// Validate a bootstrap file (with the policy and TLS files it names) or a policy file.
     Check {
@@ -94,6 +99,26 @@ fn check(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// The Tokio runtime: one thread when one worker is asked for or is all the
+/// process may use (no work-stealing or cross-thread wake-ups to pay for),
+/// else a pool of `workers` threads.
+fn runtime(workers: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // One crypto provider for every rustls user in the process (mTLS between
@@ -105,12 +130,10 @@ fn main() -> ExitCode {
             config,
             bound_file,
             advertise,
+            workers,
         } => {
             init_logs(cli.log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match runtime(workers) {
                 Ok(rt) => rt,
                 Err(error) => {
                     eprintln!("error: starting the runtime: {error}");

@@ -94,3 +94,51 @@ async fn endpoint_refusing_connections_is_502_connect_failure() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Threads of a running process, from `/proc`.
+fn threads(pid: u32) -> anyhow::Result<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no Threads line in /proc/{pid}/status"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sets_the_threads_that_serve_traffic() -> anyhow::Result<()> {
+    let backend = Backend::start("a").await?;
+    let bootstrap = Bootstrap::new()
+        .service(DirService::new("billing").endpoint(backend.addr()))
+        .render();
+    for (workers, expect) in [(1, 1..=2), (3, 4..=usize::MAX)] {
+        let proxy = Proxy::builder(bootstrap.clone())
+            .arg("--workers")
+            .arg(&workers.to_string())
+            .start()
+            .await?;
+        // Concurrent requests from several connections are all served.
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let client = Client::host_header(proxy.outbound());
+            calls.spawn(async move {
+                for _ in 0..10 {
+                    client
+                        .get("http://billing/charge")
+                        .await?
+                        .expect_status(200)?;
+                }
+                anyhow::Ok(())
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            done??;
+        }
+        // One worker: the main thread serves everything (a blocking-pool
+        // thread from reading the configuration may still linger); three:
+        // the main thread and three workers at least.
+        let n = threads(proxy.pid())?;
+        ensure!(expect.contains(&n), "--workers {workers}: {n} threads");
+    }
+    Ok(())
+}
