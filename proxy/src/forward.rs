@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 use weft_config::Protocol;
 
 use crate::body::{self, ProxyBody};
-use crate::client::UpstreamClient;
+use crate::client::{EndpointPools, UpstreamClient};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::retry::replay::BodyError;
@@ -58,6 +58,8 @@ pub struct Hop<'a> {
     pub endpoint: SocketAddr,
     /// `endpoint` as a URI authority ([`authority_of`]), when made up front.
     pub authority: Option<&'a Authority>,
+    /// The balanced endpoint's own pools (none: the client's shared ones).
+    pub pools: Option<&'a EndpointPools>,
     pub protocol: Protocol,
     pub tasks: &'a TaskTracker,
 }
@@ -149,23 +151,27 @@ pub async fn send(
             .insert(WEFT_PROTOCOL, HeaderValue::from_static(app));
     }
 
-    let mut rsp = hop.client.send(req, http2).await.map_err(|source| {
-        if source.is_connect() {
-            ProxyError::Connect {
-                endpoint: hop.endpoint,
-                source,
+    let mut rsp = hop
+        .client
+        .send(req, http2, hop.pools)
+        .await
+        .map_err(|source| {
+            if source.is_connect() {
+                ProxyError::Connect {
+                    endpoint: hop.endpoint,
+                    source,
+                }
+            } else if request_body_failed(&source) {
+                // The client's own body broke (e.g. a bad chunk size): its fault, not
+                // the endpoint's.
+                ProxyError::RequestBody(BodyError(Box::new(source)))
+            } else {
+                ProxyError::Upstream {
+                    endpoint: hop.endpoint,
+                    source,
+                }
             }
-        } else if request_body_failed(&source) {
-            // The client's own body broke (e.g. a bad chunk size): its fault, not
-            // the endpoint's.
-            ProxyError::RequestBody(BodyError(Box::new(source)))
-        } else {
-            ProxyError::Upstream {
-                endpoint: hop.endpoint,
-                source,
-            }
-        }
-    })?;
+        })?;
 
     let switching = rsp.status() == StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(rsp.headers_mut(), switching && upgrade);

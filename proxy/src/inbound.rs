@@ -188,6 +188,7 @@ impl Inbound {
             client: &local.client,
             endpoint: local.addr,
             authority: local.authority.as_ref(),
+            pools: None,
             protocol,
             tasks: &self.shared.tasks,
         };

@@ -82,6 +82,10 @@ struct Target<'a> {
     endpoints: Arc<EndpointSet>,
     balancer: &'a Balancer,
     client: &'a UpstreamClient,
+    /// Whether the endpoints last beyond this request, so their own pools
+    /// are worth keeping (an IP literal's endpoint is made per request: it uses
+    /// the client's shared pools).
+    endpoint_pools: bool,
     protocol: Protocol,
     policy: Arc<OutboundPolicy>,
 }
@@ -148,6 +152,7 @@ impl Outbound {
                 endpoints: Arc::clone(&svc.endpoints().borrow()),
                 balancer: &svc.balancer,
                 client: &svc.client,
+                endpoint_pools: true,
                 protocol: svc.protocol,
                 policy: Arc::clone(&svc.policy),
             }
@@ -162,6 +167,7 @@ impl Outbound {
                 ))])),
                 balancer: &directory.dns_balancer,
                 client: &directory.default_client,
+                endpoint_pools: false,
                 protocol: Protocol::Auto,
                 policy: Arc::clone(&directory.default_policy),
             }
@@ -173,6 +179,7 @@ impl Outbound {
                 endpoints: Arc::clone(&dns_target.endpoints().borrow()),
                 balancer: &directory.dns_balancer,
                 client: &directory.default_client,
+                endpoint_pools: true,
                 protocol: Protocol::Auto,
                 policy: Arc::clone(&directory.default_policy),
             }
@@ -335,7 +342,8 @@ impl Outbound {
         body: ProxyBody,
         endpoint: &Endpoint,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let (authority, endpoint) = (endpoint.authority(), endpoint.addr());
+        let (authority, pools, endpoint) =
+            (endpoint.authority(), endpoint.pools(), endpoint.addr());
         if let Some(b) = self.shared.bound()
             && (b.outbound == endpoint
                 || (b.outbound.ip().is_unspecified()
@@ -350,6 +358,7 @@ impl Outbound {
             client: target.client,
             endpoint,
             authority,
+            pools: target.endpoint_pools.then_some(pools),
             protocol: target.protocol,
             tasks: &self.shared.tasks,
         };

@@ -83,6 +83,8 @@ struct State {
     requests: AtomicUsize,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
+    /// Connections accepted and not yet closed.
+    open_connections: AtomicUsize,
     seen: Mutex<Vec<SeenRequest>>,
 }
 
@@ -139,6 +141,7 @@ impl BackendBuilder {
             requests: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
+            open_connections: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
@@ -187,6 +190,11 @@ impl Backend {
     /// Requests whose response has not finished yet.
     pub fn in_flight(&self) -> usize {
         self.state.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Connections open to it now (accepted, not yet closed by either side).
+    pub fn open_connections(&self) -> usize {
+        self.state.open_connections.load(Ordering::SeqCst)
     }
 
     /// The most requests ever in flight at once.
@@ -249,6 +257,15 @@ impl Drop for Backend {
     }
 }
 
+/// Counts a connection as open until dropped (with its task, however it ends).
+struct OpenConnection(Arc<State>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     let mut connections = JoinSet::new();
     loop {
@@ -257,7 +274,9 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
                 let Ok((stream, peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
+                state.open_connections.fetch_add(1, Ordering::SeqCst);
                 connections.spawn(async move {
+                    let _open = OpenConnection(state.clone());
                     let service = hyper::service::service_fn(move |request| {
                         handle(state.clone(), peer, request)
                     });

@@ -248,3 +248,47 @@ async fn bad_reload_is_refused_and_keeps_the_old_config() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// An endpoint taken out of the directory gets its pooled keep-alive
+/// connections closed once nothing is in flight to it, not after the pool's
+/// idle timeout (90 s by default): with instances churning, a shared pool
+/// held connection state for every departed one until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_endpoints_pooled_connections_close_at_once() -> anyhow::Result<()> {
+    let (a, b) = (Backend::start("a").await?, Backend::start("b").await?);
+    let proxy = start(&[&a, &b]).await?;
+    let client = Client::absolute(proxy.outbound());
+    get_n(&client, "http://billing/x", 6).await?;
+    ensure!(
+        a.open_connections() >= 1 && b.open_connections() >= 1,
+        "pooled connections: a {}, b {}",
+        a.open_connections(),
+        b.open_connections()
+    );
+
+    proxy.write_config(&bootstrap(&[&b]))?;
+    reload(&proxy, Trigger::PostReload).await?;
+    eventually(Duration::from_secs(3), || async {
+        ensure!(
+            a.open_connections() == 0,
+            "{} connection(s) to the removed endpoint still open",
+            a.open_connections()
+        );
+        Ok(())
+    })
+    .await?;
+    // The endpoint that stayed keeps its pool and serves everything.
+    let opened = b.open_connections();
+    let replies = get_n(&client, "http://billing/x", 6).await?;
+    ensure!(
+        tally(&replies).get("b") == Some(&6),
+        "{:?}",
+        tally(&replies)
+    );
+    ensure!(
+        b.open_connections() == opened,
+        "b's connections went from {opened} to {}",
+        b.open_connections()
+    );
+    Ok(())
+}

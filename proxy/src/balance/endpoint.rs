@@ -21,6 +21,7 @@ use weft_config::Metadata;
 
 use super::ewma::PeakEwma;
 use super::outlier::OutlierState;
+use crate::client::EndpointPools;
 
 /// An instance of a service, as the balancer sees it.
 #[derive(Debug)]
@@ -33,6 +34,8 @@ pub struct Endpoint {
     requests: AtomicU64,
     latency: PeakEwma,
     outlier: OutlierState,
+    /// Its connection pools: they go when the endpoint does.
+    pools: EndpointPools,
 }
 
 impl Endpoint {
@@ -45,6 +48,7 @@ impl Endpoint {
             requests: AtomicU64::new(0),
             latency: PeakEwma::default(),
             outlier: OutlierState::default(),
+            pools: EndpointPools::default(),
         }
     }
 
@@ -55,6 +59,11 @@ impl Endpoint {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Its connection pools.
+    pub fn pools(&self) -> &EndpointPools {
+        &self.pools
     }
 
     /// The address as a URI authority.
