@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Where a proxied request's CPU goes: user and kernel time per request, and
+# system calls per request, for one Weft sidecar hop and for HAProxy
+# (nbthread 1) in front of the same three backends, in alternating runs.
+#
+# Usage: benches/cpu-split.sh [ROUNDS=6] [SECONDS=4]
+#   NOBUILD=1      use the release binaries already built
+#   SYSCALLS=1     also count system calls per request (perf stat on the
+#                  syscalls tracepoints; needs root or perf_event_paranoid <= 1)
+#
+# Each run: closed loop, 32 keep-alive connections from weft-load on CPU 1 (with
+# the backends), the proxy alone on CPU 0; utime and stime of the proxy from
+# /proc/PID/stat before and after. Prints each run and the medians.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-6}
+SECS=${2:-4}
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || {
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null
+}
+export PATH="$PATH:/usr/sbin"
+[ -n "${NOBUILD:-}" ] || cargo build --release --locked -q -p weft-proxy -p weft-benches
+bin=${CARGO_TARGET_DIR:-target}/release
+hz=$(getconf CLK_TCK)
+w=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$w"; }
+trap cleanup EXIT
+
+for i in 1 2 3; do taskset -c 1 "$bin/weft-bench-backend" > "$w/b$i" & pids+=($!); done
+for i in 1 2 3; do for _ in $(seq 100); do [ -s "$w/b$i" ] && break; sleep 0.05; done; done
+b1=$(cat "$w/b1") b2=$(cat "$w/b2") b3=$(cat "$w/b3")
+
+# One proxy at a time: start it, print "PID ADDRESS".
+start_weft() {
+  printf 'service = "bench"\n[outbound]\nload_balancer = "round-robin"\n' > "$w/bench.toml"
+  cat > "$w/weft.toml" <<T
+[listen]
+outbound = "127.0.0.1:0"
+inbound = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[[directory.services]]
+name = "bench"
+policy = "bench.toml"
+endpoints = [ { address = "$b1" }, { address = "$b2" }, { address = "$b3" } ]
+T
+  rm -f "$w/bound.json"
+  WEFT_LOG=warn taskset -c 0 "$bin/weft-proxy" run --config "$w/weft.toml" --bound-file "$w/bound.json" &
+  local pid=$!
+  for _ in $(seq 600); do [ -s "$w/bound.json" ] && break; sleep 0.05; done
+  echo "$pid $(python3 -c "import json; print(json.load(open('$w/bound.json'))['outbound'])")"
+}
+start_haproxy() {
+  local port
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  cat > "$w/haproxy.cfg" <<T
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+frontend f
+  bind 127.0.0.1:$port
+  default_backend b
+backend b
+  balance roundrobin
+  server s1 $b1
+  server s2 $b2
+  server s3 $b3
+T
+  taskset -c 0 haproxy -f "$w/haproxy.cfg" -db &
+  local pid=$!
+  for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null && break; sleep 0.05; done
+  echo "$pid 127.0.0.1:$port"
+}
+
+ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+
+# One measured run: prints "NAME requests user_us sys_us [syscalls_per_request]".
+run() {
+  local name=$1 pid addr u0 s0 u1 s1 res n calls=""
+  read -r pid addr < <("start_$name")
+  taskset -c 1 "$bin/weft-load" --target "$addr" --connections 32 --duration 2 --warmup 0 --label warm-up > /dev/null
+  read -r u0 s0 < <(ticks "$pid")
+  if [ -n "${SYSCALLS:-}" ]; then
+    perf stat -e 'raw_syscalls:sys_enter' -p "$pid" -x, -o "$w/perf" -- sleep "$SECS" &
+    local perfpid=$!
+  fi
+  res=$(taskset -c 1 "$bin/weft-load" --target "$addr" --connections 32 --duration "$SECS" --warmup 0 --label run | tail -1)
+  read -r u1 s1 < <(ticks "$pid")
+  n=$(echo "$res" | python3 -c "import json,sys; print(json.load(sys.stdin)['finished_all'])")
+  if [ -n "${SYSCALLS:-}" ]; then
+    wait "$perfpid" || true
+    calls=$(awk -F, -v n="$n" '/sys_enter/ { printf "%.2f", $1 / n }' "$w/perf")
+  fi
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  python3 -c "print('$name', $n, ($u1-$u0)*1e6/$hz/$n, ($s1-$s0)*1e6/$hz/$n, '$calls')"
+}
+
+for r in $(seq "$ROUNDS"); do
+  for name in weft haproxy; do run "$name"; done
+done | python3 -c '
+import sys, statistics as st
+rows = {}
+for line in sys.stdin:
+    f = line.split()
+    name, n, user, kern = f[0], int(f[1]), float(f[2]), float(f[3])
+    calls = f[4] if len(f) > 4 else "-"
+    print(f"{name:8} {n:8} requests  user {user:6.2f} us/req  kernel {kern:6.2f} us/req  syscalls/req {calls}")
+    rows.setdefault(name, []).append((user, kern))
+print()
+print("| proxy | user us/request | kernel us/request | total |")
+print("|---|---|---|---|")
+for name, v in rows.items():
+    u, k = st.median(x[0] for x in v), st.median(x[1] for x in v)
+    print(f"| {name} | {u:.2f} | {k:.2f} | {u + k:.2f} |")
+'
