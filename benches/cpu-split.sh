@@ -15,11 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-6}
 SECS=${2:-4}
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || {
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null
-}
-export PATH="$PATH:/usr/sbin"
+source benches/lib.sh
+need_haproxy
 [ -n "${NOBUILD:-}" ] || cargo build --release --locked -q -p weft-proxy -p weft-benches
 bin=${CARGO_TARGET_DIR:-target}/release
 hz=$(getconf CLK_TCK)
@@ -28,54 +25,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$w"; }
 trap cleanup EXIT
 
-for i in 1 2 3; do taskset -c 1 "$bin/weft-bench-backend" > "$w/b$i" & pids+=($!); done
-for i in 1 2 3; do for _ in $(seq 100); do [ -s "$w/b$i" ] && break; sleep 0.05; done; done
-b1=$(cat "$w/b1") b2=$(cat "$w/b2") b3=$(cat "$w/b3")
-
-# One proxy at a time: start it, print "PID ADDRESS".
-start_weft() {
-  printf 'service = "bench"\n[outbound]\nload_balancer = "round-robin"\n' > "$w/bench.toml"
-  cat > "$w/weft.toml" <<T
-[listen]
-outbound = "127.0.0.1:0"
-inbound = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[[directory.services]]
-name = "bench"
-policy = "bench.toml"
-endpoints = [ { address = "$b1" }, { address = "$b2" }, { address = "$b3" } ]
-T
-  rm -f "$w/bound.json"
-  WEFT_LOG=warn taskset -c 0 "$bin/weft-proxy" run --config "$w/weft.toml" --bound-file "$w/bound.json" &
-  local pid=$!
-  for _ in $(seq 600); do [ -s "$w/bound.json" ] && break; sleep 0.05; done
-  echo "$pid $(python3 -c "import json; print(json.load(open('$w/bound.json'))['outbound'])")"
-}
-start_haproxy() {
-  local port
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  cat > "$w/haproxy.cfg" <<T
-global
-  nbthread 1
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-frontend f
-  bind 127.0.0.1:$port
-  default_backend b
-backend b
-  balance roundrobin
-  server s1 $b1
-  server s2 $b2
-  server s3 $b3
-T
-  taskset -c 0 haproxy -f "$w/haproxy.cfg" -db &
-  local pid=$!
-  for _ in $(seq 100); do python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null && break; sleep 0.05; done
-  echo "$pid 127.0.0.1:$port"
-}
+start_backends
 
 ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 
