@@ -13,29 +13,10 @@ cd "$(dirname "$0")/.."
 SECS=${1:-15}
 OUT=${2:-benches/results/callgrind.out}
 command -v valgrind >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; }
-[ -n "${NOBUILD:-}" ] || cargo build --release --locked -q -p weft-proxy -p weft-benches
-bin=${CARGO_TARGET_DIR:-target}/release
-w=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$w"; }
-trap cleanup EXIT
-for i in 1 2 3; do "$bin/weft-bench-backend" > "$w/b$i" & pids+=($!); done
-for i in 1 2 3; do for _ in $(seq 100); do [ -s "$w/b$i" ] && break; sleep 0.05; done; done
-cat > "$w/bench.toml" <<T
-service = "bench"
-[outbound]
-load_balancer = "round-robin"
-T
-cat > "$w/weft.toml" <<T
-[listen]
-outbound = "127.0.0.1:0"
-inbound = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[[directory.services]]
-name = "bench"
-policy = "bench.toml"
-endpoints = [ { address = "$(cat "$w/b1")" }, { address = "$(cat "$w/b2")" }, { address = "$(cat "$w/b3")" } ]
-T
+source benches/lib.sh
+bench_init
+start_backends
+write_weft_config
 rm -f "$OUT" "$OUT".*
 WEFT_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$OUT" --dump-instr=no \
   "$bin/weft-proxy" run --config "$w/weft.toml" --bound-file "$w/bound.json" 2> "$w/valgrind.log" &
@@ -47,6 +28,6 @@ callgrind_control -z > /dev/null 2>&1
 n=$("$bin/weft-load" --target "$out" --connections 4 --duration "$SECS" --warmup 0 --label prof | tail -1 |
   python3 -c "import json,sys; print(json.load(sys.stdin)['finished_all'])")
 callgrind_control -d > /dev/null 2>&1
-sleep 1
+for _ in $(seq 100); do grep -qs '^summary:' "$OUT".1 && break; sleep 0.1; done
 ir=$(grep '^summary:' "$OUT".1 | awk '{print $2}')
 echo "$n requests, $ir instructions: $((ir / n)) user-space instructions per request (profile: $OUT.1)"

@@ -17,13 +17,8 @@ ROUNDS=${1:-6}
 SECS=${2:-4}
 source benches/lib.sh
 need_haproxy
-[ -n "${NOBUILD:-}" ] || cargo build --release --locked -q -p weft-proxy -p weft-benches
-bin=${CARGO_TARGET_DIR:-target}/release
+bench_init
 hz=$(getconf CLK_TCK)
-w=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$w"; }
-trap cleanup EXIT
 
 start_backends
 

@@ -18,12 +18,7 @@ SECS=${4:-8}
 case "$PROXY" in weft | haproxy) ;; *) echo "unknown proxy $PROXY (weft or haproxy)" >&2; exit 2 ;; esac
 source benches/lib.sh
 [ "$PROXY" != haproxy ] || need_haproxy
-[ -n "${NOBUILD:-}" ] || cargo build --release --locked -q -p weft-proxy -p weft-benches
-bin=${CARGO_TARGET_DIR:-target}/release
-w=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$w"; }
-trap cleanup EXIT
+bench_init
 
 start_backends
 read -r pid addr < <("start_$PROXY")

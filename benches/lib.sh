@@ -1,7 +1,23 @@
-# Shared by benches/cpu-split.sh and benches/latency-alone.sh (sourced, not run):
-# three backends on CPU 1 and one proxy in front of them on CPU 0.
-# Needs $bin (the release binaries) and $w (a scratch directory) set, and a
-# `pids` array the caller's cleanup kills.
+# Shared by benches/callgrind.sh, cpu-split.sh and latency-alone.sh (sourced,
+# not run): three backends on CPU 1 and one proxy in front of them on CPU 0.
+# Call bench_init first.
+
+# Builds the release binaries (unless NOBUILD=1); sets bin, w (a scratch
+# directory) and pids, whose processes are killed on exit.
+bench_init() {
+  [ -n "${NOBUILD:-}" ] || cargo build --release --locked -q -p weft-proxy -p weft-benches
+  bin=${CARGO_TARGET_DIR:-target}/release
+  w=$(mktemp -d)
+  pids=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$w"
+}
 
 # Starts weft-bench-backend x3 on CPU 1; sets b1 b2 b3 to their addresses.
 start_backends() {
@@ -11,9 +27,9 @@ start_backends() {
   b1=$(cat "$w/b1") b2=$(cat "$w/b2") b3=$(cat "$w/b3")
 }
 
-# Prints "PID ADDRESS" of a new weft-proxy on CPU 0: service `bench` with the
+# Writes $w/weft.toml (and the policy it names): service `bench` with the
 # three backends, round robin, everything else default.
-start_weft() {
+write_weft_config() {
   printf 'service = "bench"\n[outbound]\nload_balancer = "round-robin"\n' > "$w/bench.toml"
   cat > "$w/weft.toml" <<T
 [listen]
@@ -25,6 +41,11 @@ name = "bench"
 policy = "bench.toml"
 endpoints = [ { address = "$b1" }, { address = "$b2" }, { address = "$b3" } ]
 T
+}
+
+# Prints "PID ADDRESS" of a new weft-proxy on CPU 0 with write_weft_config's file.
+start_weft() {
+  write_weft_config
   rm -f "$w/bound.json"
   WEFT_LOG=warn taskset -c 0 "$bin/weft-proxy" run --config "$w/weft.toml" --bound-file "$w/bound.json" &
   local pid=$!

@@ -375,12 +375,7 @@ fn outbound_rewrite(req: &Request<()>) {
 fn inbound_rewrite(req: &Request<()>) {
     let mut req = req.clone();
     let client = SocketAddr::from(([192, 0, 2, 7], 40000));
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let host = headers::requested_host(&req);
     headers::add_forwarded(req.headers_mut(), client, host.as_deref());
     let xff = req
         .headers()

@@ -111,6 +111,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// The host a client asked for, as `forwarded` records it: the Host header,
+/// else the request target's authority.
+pub fn requested_host<B>(req: &http::Request<B>) -> Option<String> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
 /// Record the client on the inbound side: append its address to `x-forwarded-for`
 /// and add an RFC 7239 `forwarded` element naming the client, the protocol and
 /// the host the client asked for.

@@ -32,7 +32,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Request, Response, header};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 
 use crate::authz::MeshRule;
@@ -166,12 +166,7 @@ impl Inbound {
             Some(cap) => Some(cap.acquire().await?),
             None => None,
         };
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let host = headers::requested_host(&req);
         let proto = match &identity {
             Some(identity) => {
                 if let Ok(name) = HeaderValue::from_str(identity.service().as_str()) {
