@@ -25,7 +25,6 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Uri, Version};
 use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tower::retry::budget::Budget as _;
 use weft_config::Policy;
 
 use crate::error::{ProxyError, error_response};

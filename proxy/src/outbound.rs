@@ -34,7 +34,6 @@ use std::time::Instant;
 use http::{HeaderValue, Request, Response};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use tower::retry::budget::Budget;
 use weft_config::Protocol;
 
 use crate::balance::select::{SelectError, Selection, select};

@@ -25,20 +25,20 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tower::retry::budget::TpsBudget;
 use weft_config::{Outbound, Policy, Retry, Route, Split};
 
 use crate::authz::Allow;
 use crate::limits::{CallerRateLimit, ConcurrencyLimit, RateLimit, Share};
+use crate::retry::RetryBudget;
 use crate::route::RouteTable;
 use crate::stats::Stats;
 
-fn budget(outbound: &Outbound, ratio: Option<f64>) -> Arc<TpsBudget> {
+fn budget(outbound: &Outbound, ratio: Option<f64>) -> Arc<RetryBudget> {
     let b = &outbound.retry_budget;
-    let ratio = ratio.unwrap_or(b.ratio.get()) as f32;
-    // weft-config guarantees ttl in 1s..=60s and ratio in 0..=1 (TpsBudget asserts
-    // both); the clamp keeps that true whatever the source of the policy.
-    Arc::new(TpsBudget::new(
+    let ratio = ratio.unwrap_or(b.ratio.get());
+    // weft-config guarantees ttl in 1s..=60s and ratio in 0..=1; the clamp keeps
+    // the ttl there whatever the source of the policy (RetryBudget clamps the ratio).
+    Arc::new(RetryBudget::new(
         b.ttl
             .get()
             .clamp(Duration::from_secs(1), Duration::from_secs(60)),
@@ -61,14 +61,14 @@ pub struct RoutePlan<'a> {
     pub timeout: Option<NamedTimeout>,
     pub per_try_timeout: Option<NamedTimeout>,
     pub retry: Cow<'a, Retry>,
-    pub budget: &'a TpsBudget,
+    pub budget: &'a RetryBudget,
 }
 
 #[derive(Debug)]
 struct OutboundRoute {
     timeout: Option<NamedTimeout>,
     per_try_timeout: Option<NamedTimeout>,
-    budget: Option<Arc<TpsBudget>>,
+    budget: Option<Arc<RetryBudget>>,
 }
 
 /// How this sidecar calls one service.
@@ -83,7 +83,7 @@ pub struct OutboundPolicy {
     pub outbound: Outbound,
     pub splits: Vec<Split>,
     pub rate_limit: Option<RateLimit>,
-    budget: Arc<TpsBudget>,
+    budget: Arc<RetryBudget>,
     /// `outbound.retry`, else the default retry policy (resolved once).
     default_retry: Retry,
     pub stats: Arc<Stats>,
@@ -180,7 +180,7 @@ impl OutboundPolicy {
 
     /// Every retry budget with its `route` label: the service's (empty route)
     /// and those of routes with their own `retry.budget`.
-    pub fn budgets(&self) -> impl Iterator<Item = (&Arc<str>, &TpsBudget)> {
+    pub fn budgets(&self) -> impl Iterator<Item = (&Arc<str>, &RetryBudget)> {
         std::iter::once((self.routes.label(None), &*self.budget)).chain(
             self.route_plans.iter().enumerate().filter_map(|(i, plan)| {
                 Some((self.routes.label(Some(i)), plan.budget.as_deref()?))

@@ -12,6 +12,8 @@
 //!   needs `5xx` (for 500 to 599), its exact status, or its `grpc-status` code.
 //! - [`mod@backoff`]: how long to wait before retry number `n`: a random duration
 //!   between `backoff.min` and `min * 2^(n-1)`, capped at `backoff.max`.
+//! - [`budget`]: the retry budget, retries as a ratio of the requests of a
+//!   sliding window plus a reserve, counted so the bound holds over every ttl.
 //! - [`replay`]: the request body buffered (up to `max_replay_body`) so it can be
 //!   sent again; a longer body is streamed once and the request is not retried.
 //!
@@ -19,10 +21,12 @@
 //! plumbing, each tested on its own.
 
 pub mod backoff;
+pub mod budget;
 pub mod classify;
 pub mod replay;
 
 pub use self::backoff::backoff;
+pub use self::budget::RetryBudget;
 pub use self::classify::{
     Outcome, classify_error, grpc_status, is_failure, is_idempotent, retryable,
 };

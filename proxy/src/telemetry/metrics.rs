@@ -18,7 +18,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tower::retry::budget::TpsBudget;
 
 use crate::control_plane::ConnectionState;
 use crate::directory::MeshService;
@@ -584,14 +583,12 @@ impl Metrics {
                 states[i] += 1;
             }
             for (route, budget) in svc.policy.budgets() {
-                if let Some(retries) = available_retries(budget) {
-                    self.budgets
-                        .get_or_create(&RouteLabels {
-                            service: Arc::clone(&svc.label),
-                            route: Arc::clone(route),
-                        })
-                        .set(retries);
-                }
+                self.budgets
+                    .get_or_create(&RouteLabels {
+                        service: Arc::clone(&svc.label),
+                        route: Arc::clone(route),
+                    })
+                    .set(i64::try_from(budget.available()).unwrap_or(i64::MAX));
             }
             for (state, n) in ["active", "ejected", "saturated"].into_iter().zip(states) {
                 self.endpoints
@@ -622,44 +619,5 @@ impl Metrics {
                 self.control_plane_rejected.inc_by(rejected - seen);
             }
         }
-    }
-}
-
-/// The retries `budget` allows now. tower's `TpsBudget` keeps its balance
-/// private and shows it only in its `Debug` output (`Budget { deposit: D,
-/// withdraw: W, balance: B }`, in units where a retry costs W); a unit test
-/// pins that format, so a tower upgrade that changes it fails loudly here
-/// instead of exporting nonsense. `None` when it cannot be read.
-fn available_retries(budget: &TpsBudget) -> Option<i64> {
-    let debug = format!("{budget:?}");
-    let field = |name: &str| -> Option<i64> {
-        let start = debug.find(&format!("{name}: "))? + name.len() + 2;
-        let rest = &debug[start..];
-        let end = rest.find([',', ' ', '}']).unwrap_or(rest.len());
-        rest[..end].parse().ok()
-    };
-    let withdraw = field("withdraw")?.max(1);
-    Some(field("balance")?.max(0) / withdraw)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tower::retry::budget::Budget as _;
-
-    #[test]
-    fn the_budget_balance_is_read_in_retries() {
-        // 10 per second for 1 s in reserve, 20% of requests: a retry costs 5.
-        let budget = TpsBudget::new(Duration::from_secs(1), 10, 0.2);
-        assert_eq!(available_retries(&budget), Some(10));
-        for _ in 0..10 {
-            budget.deposit();
-        }
-        assert_eq!(available_retries(&budget), Some(12));
-        for _ in 0..12 {
-            assert!(budget.withdraw());
-        }
-        assert_eq!(available_retries(&budget), Some(0));
-        assert!(!budget.withdraw());
     }
 }
