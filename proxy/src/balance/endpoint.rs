@@ -150,6 +150,13 @@ impl Endpoint {
         })
     }
 
+    /// Fold a latency observed at `now` into the estimate (the simulations'
+    /// clock; the request path uses [`InFlight::observe_response`]).
+    #[cfg(test)]
+    pub(crate) fn observe_latency_at(&self, rtt: Duration, now: Instant) {
+        self.latency.observe(rtt, now);
+    }
+
     /// Whether `other` describes the same endpoint (same address and metadata).
     pub fn same_as(&self, addr: SocketAddr, metadata: &Metadata) -> bool {
         self.addr == addr && &self.metadata == metadata
