@@ -106,8 +106,39 @@ fn registration(
             address,
             metadata: service.metadata.clone(),
             admin_address: Some(admin_address),
+            health: weft_api::Health::Healthy,
         },
     }))
+}
+
+fn loaded_has_service(shared: &Shared) -> bool {
+    shared.config().loaded.bootstrap.service.is_some()
+}
+
+/// Readiness waits, at most `timeout`, for the control plane's first
+/// snapshot: a sidecar that answered `/ready` with an empty directory would
+/// take traffic it cannot route. After the timeout it is ready on what it
+/// has (the cached snapshot, if one was loaded, else the static directory).
+fn wait_for_first_snapshot(shared: &Arc<Shared>, client: &ControlPlaneClient, timeout: Duration) {
+    let (shared, client) = (Arc::clone(shared), client.clone());
+    let stop = shared.shutdown.clone();
+    shared.tasks.clone().spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            waited = tokio::time::timeout(timeout, client.first_snapshot()) => match waited {
+                Ok(()) => tracing::info!("first snapshot from the control plane received"),
+                Err(_) => {
+                    let version = client.snapshot().borrow().version;
+                    if version > 0 {
+                        tracing::warn!(control_plane.ready_timeout_ms = timeout.as_millis() as u64, snapshot.version = version, "no snapshot from the control plane yet; ready on the cached snapshot");
+                    } else {
+                        tracing::warn!(control_plane.ready_timeout_ms = timeout.as_millis() as u64, "no snapshot from the control plane yet and none cached; ready on the static directory");
+                    }
+                }
+            },
+        }
+        shared.set_control_plane_ready();
+    });
 }
 
 /// Run the sidecar until it is told to stop.
@@ -135,6 +166,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         admin: admin.local_addr()?,
     };
     shared.set_bound(bound);
+    if loaded_has_service(&shared) {
+        shared.check_app_health();
+    }
     if let Some(path) = &opts.bound_file {
         write_bound_file(path, &bound)?;
     }
@@ -154,6 +188,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let client = ControlPlaneClient::start(
                 cp.addresses.clone(),
                 registration,
+                Some(shared.app_health_changes()),
                 cp.cache.as_ref().map(|c| loaded.resolve(c)),
                 shared.tls.as_deref(),
                 &shared.tasks,
@@ -162,6 +197,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             if let Some(service) = &loaded.bootstrap.service {
                 shared.follow_own_service(&client, service.name.to_string());
             }
+            wait_for_first_snapshot(&shared, &client, cp.ready_timeout.get());
             shared.set_remote(RemoteServices::start(
                 client.clone(),
                 loaded,
