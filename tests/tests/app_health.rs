@@ -270,14 +270,14 @@ async fn a_sidecar_started_before_its_app_registers_once_the_app_answers() -> an
         Bootstrap::new()
             .app("billing", later)
             .app_id("billing-2")
-            .app_health("interval = \"200ms\", timeout = \"100ms\"")
             .control_plane(addresses.iter().cloned())
             .render(),
     )
     .start_bound()
     .await?;
     let admin = early.admin_client();
-    // Ten checks' worth of waiting: never ready, never listed.
+    // Two checks' worth of waiting (the default interval is 1s): never
+    // ready, never listed.
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
         let (status, body) = ready(&admin).await?;
@@ -336,7 +336,6 @@ async fn ready_waits_for_the_first_snapshot_at_most_ready_timeout() -> anyhow::R
     let caller = Proxy::builder(
         Bootstrap::new()
             .control_plane([format!("http://{cp_addr}")])
-            .control_plane_key("ready_timeout", "\"60s\"")
             .render(),
     )
     .start_bound()
@@ -349,7 +348,8 @@ async fn ready_waits_for_the_first_snapshot_at_most_ready_timeout() -> anyhow::R
         ensure!(body.contains("control plane"), "/ready: {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // ...until the control plane answers.
+    // ...until the control plane answers (well before the default 10s
+    // ready_timeout).
     let _cp = ControlPlane::dev().listen(cp_addr).start().await?;
     eventually(Duration::from_secs(20), || async {
         let (status, body) = ready(&admin).await?;
@@ -357,6 +357,13 @@ async fn ready_waits_for_the_first_snapshot_at_most_ready_timeout() -> anyhow::R
         Ok(())
     })
     .await?;
+    ensure!(
+        caller
+            .logs()
+            .contains("first snapshot from the control plane received"),
+        "ready, but not on the first snapshot:\n{}",
+        caller.logs()
+    );
 
     // A control plane that never answers: ready after `ready_timeout`, on
     // the static directory, with a warning.
