@@ -389,3 +389,59 @@ async fn ready_waits_for_the_first_snapshot_at_most_ready_timeout() -> anyhow::R
     );
     Ok(())
 }
+
+/// With `path`, the check is an HTTP GET: an app that accepts connections
+/// but answers its health path with 503 is unhealthy (a TCP check would pass),
+/// and healthy again once it answers 2xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_check_sees_an_app_that_answers_503() -> anyhow::Result<()> {
+    let cp = ControlPlane::dev().start().await?;
+    let addresses = [cp.grpc_url()];
+    let app1 = Backend::start("billing-1").await?;
+    let app2 = Backend::start("billing-2").await?;
+    let _one = instance("billing-1", app1.addr(), &addresses).await?;
+    let two = Proxy::start(
+        Bootstrap::new()
+            .app("billing", app2.addr())
+            .app_id("billing-2")
+            .app_health("path = \"/healthz\", interval = \"200ms\", timeout = \"150ms\"")
+            .control_plane(addresses.iter().cloned())
+            .render(),
+    )
+    .await?;
+    let caller = mesh_caller(&addresses).await?;
+    let caller_admin = caller.admin_client();
+    let client = Client::host_header(caller.outbound());
+    eventually(Duration::from_secs(10), || async {
+        client
+            .get("http://billing/hello")
+            .await?
+            .expect_status(200)?;
+        ensure!(endpoint_addrs(&caller_admin, "billing").await?.len() == 2);
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        app2.seen().iter().any(|r| r.path == "/healthz"),
+        "no GET /healthz reached the app"
+    );
+
+    app2.set_status(Some(503));
+    eventually(DETECTION_BOUND, || async {
+        let (state, _) = endpoint(&caller_admin, two.inbound()).await?;
+        ensure!(state == "unhealthy", "billing-2 is {state} at the caller");
+        let (status, body) = ready(&two.admin_client()).await?;
+        ensure!(status == 503, "billing-2's /ready: {status} {body}");
+        Ok(())
+    })
+    .await?;
+    app2.set_status(None);
+    eventually(DETECTION_BOUND, || async {
+        let (state, _) = endpoint(&caller_admin, two.inbound()).await?;
+        ensure!(state == "active", "billing-2 is {state} at the caller");
+        let (status, body) = ready(&two.admin_client()).await?;
+        ensure!(status == 200, "billing-2's /ready: {status} {body}");
+        Ok(())
+    })
+    .await
+}
