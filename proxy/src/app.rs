@@ -2,7 +2,10 @@
 //!
 //! [`run`] loads the bootstrap file, builds the shared state, binds the three
 //! listeners, reports their addresses, and serves until SIGTERM or SIGINT. SIGHUP
-//! reloads the bootstrap file (an invalid one is logged and ignored). On shutdown:
+//! reloads the bootstrap file (an invalid one is logged and ignored). A sidecar
+//! with `[service]` checks its app (`crate::health`) from the moment it is
+//! bound; with a control plane, readiness waits (bounded) for the first
+//! snapshot. On shutdown:
 //! readiness goes false, the instance deregisters from the control plane (if
 //! any) and waits half a second for that to reach callers, the outbound and
 //! inbound listeners stop accepting,
@@ -111,10 +114,6 @@ fn registration(
     }))
 }
 
-fn loaded_has_service(shared: &Shared) -> bool {
-    shared.config().loaded.bootstrap.service.is_some()
-}
-
 /// Readiness waits, at most `timeout`, for the control plane's first
 /// snapshot: a sidecar that answered `/ready` with an empty directory would
 /// take traffic it cannot route. After the timeout it is ready on what it
@@ -166,7 +165,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         admin: admin.local_addr()?,
     };
     shared.set_bound(bound);
-    if loaded_has_service(&shared) {
+    if shared.config().loaded.bootstrap.service.is_some() {
         shared.check_app_health();
     }
     if let Some(path) = &opts.bound_file {
@@ -177,7 +176,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         listen.inbound = %bound.inbound,
         listen.admin = %bound.admin,
         config.path = %shared.path().display(),
-        "weft-proxy ready"
+        "weft-proxy listening"
     );
 
     // With a control plane: register this instance and follow pushed services.
