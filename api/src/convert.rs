@@ -44,6 +44,71 @@ pub struct InstanceRecord {
     /// The sidecar's admin address, when advertised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_address: Option<SocketAddr>,
+    /// Whether the app answers its sidecar's health check; records stored
+    /// before health existed read as healthy.
+    #[serde(default)]
+    pub health: Health,
+}
+
+/// An instance's health, as its sidecar's check of its app last found it.
+/// Stored as `"healthy"` / `"unhealthy"`; on the wire [`v1::Health`], where
+/// unspecified (an older sidecar) means healthy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// The app answers: callers may pick the instance.
+    #[default]
+    Healthy,
+    /// The app stopped answering: callers do not pick the instance.
+    Unhealthy,
+}
+
+impl Health {
+    /// True for [`Health::Healthy`].
+    pub fn is_healthy(self) -> bool {
+        self == Self::Healthy
+    }
+
+    /// `"healthy"` or `"unhealthy"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<Health> for v1::Health {
+    fn from(h: Health) -> Self {
+        match h {
+            Health::Healthy => Self::Healthy,
+            Health::Unhealthy => Self::Unhealthy,
+        }
+    }
+}
+
+impl From<v1::Health> for Health {
+    /// Unspecified (never reported) is healthy.
+    fn from(h: v1::Health) -> Self {
+        match h {
+            v1::Health::Unhealthy => Self::Unhealthy,
+            v1::Health::Healthy | v1::Health::Unspecified => Self::Healthy,
+        }
+    }
+}
+
+impl Health {
+    /// From the wire's `i32`: unknown values (a newer peer) count as healthy,
+    /// like unspecified.
+    pub fn from_wire(value: i32) -> Self {
+        v1::Health::try_from(value).map_or(Self::Healthy, Self::from)
+    }
 }
 
 impl InstanceRecord {
@@ -248,6 +313,7 @@ impl From<&InstanceRecord> for v1::Instance {
             address: r.address.to_string(),
             metadata: Some(v1::Metadata::from(&r.metadata)),
             admin_address: r.admin_address.map(|a| a.to_string()).unwrap_or_default(),
+            health: v1::Health::from(r.health).into(),
         }
     }
 }
@@ -275,6 +341,7 @@ impl TryFrom<&v1::Instance> for InstanceRecord {
             address,
             metadata,
             admin_address,
+            health: Health::from_wire(i.health),
         })
     }
 }
@@ -289,6 +356,8 @@ struct UncheckedRecord {
     metadata: Metadata,
     #[serde(default)]
     admin_address: Option<SocketAddr>,
+    #[serde(default)]
+    health: Health,
 }
 
 impl TryFrom<UncheckedRecord> for InstanceRecord {
@@ -301,6 +370,7 @@ impl TryFrom<UncheckedRecord> for InstanceRecord {
             address: u.address,
             metadata: u.metadata,
             admin_address: u.admin_address,
+            health: u.health,
         };
         record.check()?;
         Ok(record)
@@ -330,6 +400,7 @@ mod tests {
             address: "10.0.0.7:8080".parse().unwrap(),
             metadata: metadata(),
             admin_address: Some("10.0.0.7:9901".parse().unwrap()),
+            health: Health::Healthy,
         }
     }
 
@@ -607,6 +678,47 @@ mod tests {
         let json = serde_json::to_value(&r).unwrap();
         assert!(json.get("admin_address").is_none(), "{json}");
         assert_eq!(serde_json::from_value::<InstanceRecord>(json).unwrap(), r);
+    }
+
+    #[test]
+    fn health_round_trips_and_defaults_to_healthy() {
+        let r = InstanceRecord {
+            health: Health::Unhealthy,
+            ..record()
+        };
+        let w = v1::Instance::from(&r);
+        assert_eq!(w.health(), v1::Health::Unhealthy);
+        assert_eq!(InstanceRecord::try_from(&w).unwrap(), r);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["health"], "unhealthy");
+        assert_eq!(serde_json::from_value::<InstanceRecord>(json).unwrap(), r);
+
+        // An older sidecar never reports; an older control plane never
+        // stored it; a newer peer may send a value this one does not know.
+        let old = v1::Instance {
+            health: 0,
+            ..wire()
+        };
+        assert_eq!(
+            InstanceRecord::try_from(&old).unwrap().health,
+            Health::Healthy
+        );
+        let newer = v1::Instance {
+            health: 7,
+            ..wire()
+        };
+        assert_eq!(
+            InstanceRecord::try_from(&newer).unwrap().health,
+            Health::Healthy
+        );
+        let mut json = serde_json::to_value(record()).unwrap();
+        json.as_object_mut().unwrap().remove("health");
+        assert_eq!(
+            serde_json::from_value::<InstanceRecord>(json)
+                .unwrap()
+                .health,
+            Health::Healthy
+        );
     }
 
     #[test]

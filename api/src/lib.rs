@@ -18,6 +18,12 @@
 //! - While the stream is open the control plane keeps the lease alive.
 //! - After draining, a sidecar that shuts down gracefully sends `deregister`;
 //!   the instance is removed at once.
+//! - `health` reports that the instance's app changed health (its sidecar
+//!   checks it): the control plane rewrites the registration with it, and
+//!   subscribers see the instance's [`v1::Instance`] `health`. The
+//!   `register` message carries the health at the time; an older sidecar
+//!   that never reports leaves it unspecified, which means healthy, and an
+//!   older control plane ignores the message.
 //! - A stream that just breaks (the sidecar died, or the network failed)
 //!   removes nothing at once: the lease expires within its TTL and the
 //!   instance disappears then. A sidecar that reconnects registers again.
@@ -68,7 +74,7 @@
 
 pub mod convert;
 
-pub use convert::{ConvertError, InstanceRecord};
+pub use convert::{ConvertError, Health, InstanceRecord};
 
 /// The generated `weft.v1` messages, `control_plane_client` and
 /// `control_plane_server`.

@@ -41,8 +41,8 @@ mod text;
 use std::path::Path;
 
 pub use bootstrap::{
-    Bootstrap, ControlPlane, DefaultInbound, Directory, Dns, Drain, Limits, Listen, LocalService,
-    Metadata, Pool, Protocol, StaticEndpoint, StaticService, Telemetry, Tls, TlsMode,
+    Bootstrap, ControlPlane, DefaultInbound, Directory, Dns, Drain, HealthCheck, Limits, Listen,
+    LocalService, Metadata, Pool, Protocol, StaticEndpoint, StaticService, Telemetry, Tls, TlsMode,
 };
 pub use duration::{Duration, DurationRange};
 pub use error::ConfigError;

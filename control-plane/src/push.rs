@@ -10,7 +10,11 @@
 //! keep-alive, so a dead sidecar disappears within the TTL. If the store loses the
 //! lease while the stream is open (etcd unreachable for longer than the TTL), the
 //! instance is registered again: a live sidecar is never dropped for the store's
-//! trouble.
+//! trouble. A `health` message (the sidecar's check of its app changed) rewrites
+//! the registration, under the same lease, with the new health; subscribers
+//! then see the instance healthy or unhealthy. `live_instances` counts only
+//! healthy instances: an unhealthy one takes no traffic, so no share of a
+//! service-wide limit.
 //!
 //! **Subscribe**: a sidecar names the services it wants; the first response is a
 //! full snapshot of them, later responses carry only the services that changed
@@ -105,6 +109,18 @@ fn unavailable(what: &str, e: &StoreError) -> Status {
     Status::unavailable(format!("{what}: {}", ErrorChain(e)))
 }
 
+/// Rewrite the registration under its lease (a health change).
+async fn rewrite_registration<S: Store>(
+    store: &S,
+    record: &InstanceRecord,
+    lease: LeaseId,
+) -> Result<i64, StoreError> {
+    let value =
+        serde_json::to_vec(record).map_err(|e| StoreError::Rejected { source: e.into() })?;
+    let key = keys::instance_key(record.service.as_str(), &record.id);
+    Ok(store.put(&key, Bytes::from(value), Some(lease)).await?.0)
+}
+
 /// Write the registration under a fresh lease.
 async fn write_registration<S: Store>(
     store: &S,
@@ -181,7 +197,7 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
                     unavailable("writing the registration failed", &e),
                 )
             })?;
-        tracing::info!(service = %record.service, instance.id = %record.id, instance.addr = %record.address, "instance registered");
+        tracing::info!(service = %record.service, instance.id = %record.id, instance.addr = %record.address, instance.health = %record.health, "instance registered");
         let open = self.metrics.registration_accepted();
 
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -197,6 +213,7 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
         tokio::spawn(async move {
             let _open = open;
             let mut lease = lease;
+            let mut record = record;
             // The lost lease already counted as expired (re-registering may
             // take several attempts).
             let mut lost = None;
@@ -208,6 +225,9 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
                     () = stop.cancelled() => Outcome::Stop,
                     msg = inbound.message() => match msg {
                         Ok(Some(RegisterRequest { msg: Some(register_request::Msg::Deregister(_)) })) => Outcome::Deregister,
+                        Ok(Some(RegisterRequest { msg: Some(register_request::Msg::Health(report)) })) => {
+                            Outcome::Health(weft_api::Health::from_wire(report.health))
+                        }
                         Ok(Some(_)) => Outcome::Ignore,
                         Ok(None) | Err(_) => Outcome::Ended,
                     },
@@ -219,6 +239,20 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
                 keeper_stop.cancel();
                 match outcome {
                     Outcome::Ignore => continue,
+                    Outcome::Health(health) if health == record.health => continue,
+                    Outcome::Health(health) => {
+                        record.health = health;
+                        match rewrite_registration(&*store, &record, lease).await {
+                            Ok(revision) => {
+                                tracing::info!(service = %record.service, instance.id = %record.id, instance.health = %health, store.revision = revision, "instance health changed")
+                            }
+                            // A lost lease is found by the keeper, which
+                            // registers again with the new health.
+                            Err(e) => {
+                                tracing::warn!(service = %record.service, instance.id = %record.id, instance.health = %health, error = %ErrorChain(&e), "recording the instance's health failed; it is written with the next registration")
+                            }
+                        }
+                    }
                     Outcome::Deregister => {
                         if let Err(e) = store.revoke(lease).await {
                             tracing::warn!(error = %ErrorChain(&e), "revoking a lease failed; it expires by itself");
@@ -323,6 +357,7 @@ async fn count_expiry<S: Store>(
 
 enum Outcome {
     Ignore,
+    Health(weft_api::Health),
     Deregister,
     LeaseLost,
     Ended,
@@ -338,7 +373,14 @@ fn service_state(entry: &ServiceEntry) -> ServiceState {
             .map(|r| v1::Instance::from(&**r))
             .collect(),
         policy_toml: entry.policy_toml.as_deref().unwrap_or_default().to_owned(),
-        live_instances: u32::try_from(entry.instances.len()).unwrap_or(u32::MAX),
+        live_instances: u32::try_from(
+            entry
+                .instances
+                .values()
+                .filter(|r| r.health.is_healthy())
+                .count(),
+        )
+        .unwrap_or(u32::MAX),
     }
 }
 

@@ -120,3 +120,64 @@ async fn invalid_requests_are_refused() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+/// A `health` message rewrites the registration: subscribers see the
+/// instance unhealthy (still listed) and the live count without it; an
+/// instance that never reports (an older sidecar) is healthy.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_reports_mark_instances_and_the_live_count() {
+    use weft_api::v1::{Health, HealthReport};
+    let cp = tokio::task::spawn_blocking(|| start(ControlPlane::dev().lease_ttl("2s")))
+        .await
+        .unwrap();
+    let mut sub = subscribe(&cp.grpc_url(), &["billing"]).await;
+    sub.next().await;
+    let reg_a = register(&cp.grpc_url(), instance("billing", "a", 7001)).await;
+    let _reg_b = register(&cp.grpc_url(), instance("billing", "b", 7002)).await;
+    let healthy = sub
+        .until(|m| instances_of(m, "billing").is_some_and(|i| i.len() == 2))
+        .await;
+    let state = &healthy.services[0];
+    assert_eq!(state.live_instances, 2);
+    assert!(
+        state
+            .instances
+            .iter()
+            .all(|i| i.health() != Health::Unhealthy)
+    );
+
+    let report = |health: Health| RegisterRequest {
+        msg: Some(register_request::Msg::Health(HealthReport {
+            health: health.into(),
+        })),
+    };
+    reg_a.send(report(Health::Unhealthy)).await.unwrap();
+    let msg = sub
+        .until(|m| {
+            m.services.iter().any(|s| {
+                s.instances
+                    .iter()
+                    .any(|i| i.id == "a" && i.health() == Health::Unhealthy)
+            })
+        })
+        .await;
+    assert_eq!(instances_of(&msg, "billing").unwrap(), ["a", "b"]);
+    assert_eq!(msg.services[0].live_instances, 1);
+    let b = msg.services[0]
+        .instances
+        .iter()
+        .find(|i| i.id == "b")
+        .unwrap();
+    assert_eq!(b.health(), Health::Healthy, "b never reported: healthy");
+
+    reg_a.send(report(Health::Healthy)).await.unwrap();
+    let msg = sub
+        .until(|m| m.services.iter().any(|s| s.live_instances == 2))
+        .await;
+    let a = msg.services[0]
+        .instances
+        .iter()
+        .find(|i| i.id == "a")
+        .unwrap();
+    assert_eq!(a.health(), Health::Healthy);
+}

@@ -274,6 +274,7 @@ fn instance(id: &str, port: u16) -> Instance {
             ..Default::default()
         }),
         admin_address: "127.0.0.1:9901".into(),
+        health: 0,
     }
 }
 
@@ -320,18 +321,34 @@ fn get_services_instances_policy_and_delete_policy() {
     let _b = rt.block_on(register(cp.cp.grpc_url(), plain));
     let t = cp.eventually(&["get", "instances", "billing"], |t| t.lines().count() == 3);
     assert!(
-        has_row(&t, &["ID", "ADDRESS", "ZONE", "VERSION", "WEIGHT", "ADMIN"]),
+        has_row(
+            &t,
+            &[
+                "ID", "ADDRESS", "HEALTH", "ZONE", "VERSION", "WEIGHT", "ADMIN"
+            ]
+        ),
         "{t}"
     );
     assert!(
         has_row(
             &t,
-            &["a", "127.0.0.1:7001", "z1", "v2", "50", "127.0.0.1:9901"]
+            &[
+                "a",
+                "127.0.0.1:7001",
+                "healthy",
+                "z1",
+                "v2",
+                "50",
+                "127.0.0.1:9901"
+            ]
         ),
         "{t}"
     );
     assert!(
-        has_row(&t, &["b", "127.0.0.1:7002", "-", "-", "100", "-"]),
+        has_row(
+            &t,
+            &["b", "127.0.0.1:7002", "healthy", "-", "-", "100", "-"]
+        ),
         "{t}"
     );
     cp.eventually(&["get", "services"], |t| {

@@ -4,7 +4,7 @@
 //! | path | meaning |
 //! |---|---|
 //! | `GET /live` | 200 while the process runs |
-//! | `GET /ready` | 200 when listeners are bound and the directory is loaded, 503 otherwise (and while draining) |
+//! | `GET /ready` | 200 when listeners are bound, the directory is loaded, the local app answers its health check (`[service] health`) and, with a control plane, its first snapshot arrived (or `[control_plane] ready_timeout` passed); 503 otherwise (and while draining), the body saying why |
 //! | `GET /config` | the effective configuration and its version, JSON |
 //! | `GET /endpoints` | every service's endpoints and their state, JSON |
 //! | `GET /metrics` | Prometheus text (`docs/telemetry.md`) |
@@ -25,7 +25,7 @@ use crate::balance::Endpoint;
 use crate::body::{self, ProxyBody};
 use crate::control_plane::ConnectionState;
 use crate::discovery::dns::Status;
-use crate::state::Shared;
+use crate::state::{Readiness, Shared};
 
 #[derive(Debug, Clone)]
 pub struct Admin {
@@ -41,13 +41,13 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&Method::GET | &Method::HEAD, "/live") => text(StatusCode::OK, "live\n"),
             (&Method::GET | &Method::HEAD, "/ready") => {
-                if self.shared.is_ready() {
-                    text(StatusCode::OK, "ready\n")
-                } else if self.shared.is_draining() {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                let readiness = self.shared.readiness();
+                let status = if readiness == Readiness::Ready {
+                    StatusCode::OK
                 } else {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                }
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                text(status, &format!("{}\n", readiness.as_str()))
             }
             (&Method::GET, "/config") => self.config(),
             (&Method::GET, "/metrics") => self.metrics(),
@@ -163,6 +163,7 @@ impl Admin {
             json!({
                 "name": l.name,
                 "app": l.addr,
+                "app_health": self.shared.app_health().as_str(),
                 "policy_source": l.policy_source,
                 "share": l.share.get(),
                 "in_flight": p.concurrency.as_ref().map(|c| c.in_flight()),
@@ -229,7 +230,9 @@ impl Admin {
 
 fn endpoint_json(e: &Endpoint, cap: Option<u32>, now: Instant) -> Value {
     let ejected_for = e.outlier().ejected_for(now);
-    let state = if ejected_for.is_some() {
+    let state = if !e.health().is_healthy() {
+        "unhealthy"
+    } else if ejected_for.is_some() {
         "ejected"
     } else if cap.is_some_and(|c| e.in_flight() >= c) {
         "saturated"
@@ -239,6 +242,7 @@ fn endpoint_json(e: &Endpoint, cap: Option<u32>, now: Instant) -> Value {
     json!({
         "address": e.addr(),
         "state": state,
+        "health": e.health(),
         "ejected_for_ms": ejected_for.map(|d| d.as_millis() as u64),
         "ejections": e.outlier().ejections(),
         "in_flight": e.in_flight(),

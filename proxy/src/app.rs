@@ -2,7 +2,10 @@
 //!
 //! [`run`] loads the bootstrap file, builds the shared state, binds the three
 //! listeners, reports their addresses, and serves until SIGTERM or SIGINT. SIGHUP
-//! reloads the bootstrap file (an invalid one is logged and ignored). On shutdown:
+//! reloads the bootstrap file (an invalid one is logged and ignored). A sidecar
+//! with `[service]` checks its app (`crate::health`) from the moment it is
+//! bound; with a control plane, readiness waits (bounded) for the first
+//! snapshot. On shutdown:
 //! readiness goes false, the instance deregisters from the control plane (if
 //! any) and waits half a second for that to reach callers, the outbound and
 //! inbound listeners stop accepting,
@@ -106,8 +109,35 @@ fn registration(
             address,
             metadata: service.metadata.clone(),
             admin_address: Some(admin_address),
+            health: weft_api::Health::Healthy,
         },
     }))
+}
+
+/// Readiness waits, at most `timeout`, for the control plane's first
+/// snapshot: a sidecar that answered `/ready` with an empty directory would
+/// take traffic it cannot route. After the timeout it is ready on what it
+/// has (the cached snapshot, if one was loaded, else the static directory).
+fn wait_for_first_snapshot(shared: &Arc<Shared>, client: &ControlPlaneClient, timeout: Duration) {
+    let (shared, client) = (Arc::clone(shared), client.clone());
+    let stop = shared.shutdown.clone();
+    shared.tasks.clone().spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            waited = tokio::time::timeout(timeout, client.first_snapshot()) => match waited {
+                Ok(()) => tracing::info!("first snapshot from the control plane received"),
+                Err(_) => {
+                    let version = client.snapshot().borrow().version;
+                    if version > 0 {
+                        tracing::warn!(control_plane.ready_timeout_ms = timeout.as_millis() as u64, snapshot.version = version, "no snapshot from the control plane yet; ready on the cached snapshot");
+                    } else {
+                        tracing::warn!(control_plane.ready_timeout_ms = timeout.as_millis() as u64, "no snapshot from the control plane yet and none cached; ready on the static directory");
+                    }
+                }
+            },
+        }
+        shared.set_control_plane_ready();
+    });
 }
 
 /// Run the sidecar until it is told to stop.
@@ -135,6 +165,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         admin: admin.local_addr()?,
     };
     shared.set_bound(bound);
+    if shared.config().loaded.bootstrap.service.is_some() {
+        shared.check_app_health();
+    }
     if let Some(path) = &opts.bound_file {
         write_bound_file(path, &bound)?;
     }
@@ -143,7 +176,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         listen.inbound = %bound.inbound,
         listen.admin = %bound.admin,
         config.path = %shared.path().display(),
-        "weft-proxy ready"
+        "weft-proxy listening"
     );
 
     // With a control plane: register this instance and follow pushed services.
@@ -154,6 +187,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let client = ControlPlaneClient::start(
                 cp.addresses.clone(),
                 registration,
+                Some(shared.app_health_changes()),
                 cp.cache.as_ref().map(|c| loaded.resolve(c)),
                 shared.tls.as_deref(),
                 &shared.tasks,
@@ -162,6 +196,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             if let Some(service) = &loaded.bootstrap.service {
                 shared.follow_own_service(&client, service.name.to_string());
             }
+            wait_for_first_snapshot(&shared, &client, cp.ready_timeout.get());
             shared.set_remote(RemoteServices::start(
                 client.clone(),
                 loaded,

@@ -215,6 +215,7 @@ fn specs(svc: &StaticService) -> Vec<EndpointSpec> {
         .map(|e| EndpointSpec {
             addr: e.address,
             metadata: e.metadata.clone(),
+            health: weft_api::Health::Healthy,
         })
         .collect()
 }

@@ -10,6 +10,7 @@
 //! | [`outbound`] | the app's calls to other services: destination, discovery, balancing |
 //! | [`inbound`] | other sidecars' calls to the local app |
 //! | [`authz`] | who may call the local service: `allow` lists and `[tls] default_inbound` |
+//! | [`health`] | the sidecar's check of its own app: the state machine, TCP and HTTP probes |
 //! | [`admin`] | `/live`, `/ready`, `/config`, `/endpoints`, `POST /reload` |
 //! | [`screen`] | checks every request passes first: URI length, HTTP/1 framing, inbound authority |
 //! | [`target`] | a request's logical destination |
@@ -50,6 +51,7 @@ pub mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod headers;
+pub mod health;
 pub mod inbound;
 pub mod limits;
 pub mod outbound;

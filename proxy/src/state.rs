@@ -21,6 +21,7 @@ use weft_config::Loaded;
 
 use crate::control_plane::ControlPlaneClient;
 use crate::directory::{Directory, OwnService};
+use crate::health::{self, AppHealth};
 use crate::remote::RemoteServices;
 use crate::telemetry::{Direction, Metrics, Reporters};
 use crate::tls::MeshTls;
@@ -42,6 +43,37 @@ pub struct Bound {
     pub outbound: SocketAddr,
     pub inbound: SocketAddr,
     pub admin: SocketAddr,
+}
+
+/// Whether the sidecar is ready, or the first reason it is not (what
+/// `/ready` says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// The listeners are not bound yet.
+    Starting,
+    /// Shutting down.
+    Draining,
+    /// The local app has not answered its health check yet.
+    AppStarting,
+    /// The local app stopped answering its health check.
+    AppUnhealthy,
+    /// Waiting (bounded) for the control plane's first snapshot.
+    ControlPlane,
+}
+
+impl Readiness {
+    /// The `/ready` body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Starting => "not ready: starting",
+            Self::Draining => "draining",
+            Self::AppStarting => "not ready: waiting for the app to answer its health check",
+            Self::AppUnhealthy => "not ready: the app does not answer its health check",
+            Self::ControlPlane => "not ready: waiting for the control plane's first snapshot",
+        }
+    }
 }
 
 /// Why a reload was refused.
@@ -67,6 +99,11 @@ pub struct Shared {
     /// What the control plane last said about the local service.
     own: std::sync::Mutex<Option<OwnService>>,
     draining: AtomicBool,
+    /// The local app's health (`crate::health`).
+    app_health: watch::Sender<AppHealth>,
+    /// False, with a control plane, until its first snapshot arrived or
+    /// `[control_plane] ready_timeout` passed.
+    control_plane_ready: AtomicBool,
     pub tasks: TaskTracker,
     pub shutdown: CancellationToken,
     pub metrics: Arc<Metrics>,
@@ -90,7 +127,12 @@ impl Shared {
     pub fn new(loaded: Loaded) -> Result<Arc<Self>, String> {
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let metrics = Arc::new(Metrics::new(loaded.bootstrap.control_plane.is_some()));
+        let metrics = Metrics::new(loaded.bootstrap.control_plane.is_some());
+        let metrics = Arc::new(if loaded.bootstrap.service.is_some() {
+            metrics.with_app_health()
+        } else {
+            metrics
+        });
         let failures = Arc::clone(&metrics);
         let tls = MeshTls::load(
             &loaded,
@@ -109,6 +151,8 @@ impl Shared {
             loaded_at: now_secs(),
             loaded,
         };
+        let app_health = health::initial(&snapshot);
+        let control_plane_ready = snapshot.loaded.bootstrap.control_plane.is_none();
         Ok(Arc::new(Self {
             path: snapshot.loaded.path.clone(),
             config: watch::channel(Arc::new(snapshot)).0,
@@ -118,6 +162,8 @@ impl Shared {
             remote: OnceLock::new(),
             own: std::sync::Mutex::new(None),
             draining: AtomicBool::new(false),
+            app_health: watch::channel(app_health).0,
+            control_plane_ready: AtomicBool::new(control_plane_ready),
             tasks,
             shutdown,
             metrics,
@@ -164,9 +210,55 @@ impl Shared {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Ready: listeners bound, directory loaded, not draining.
+    /// Ready: listeners bound, directory loaded, not draining, the local app
+    /// healthy (or not checked), and with a control plane, its first snapshot
+    /// received (or `ready_timeout` passed).
     pub fn is_ready(&self) -> bool {
-        self.bound.get().is_some() && !self.is_draining()
+        self.readiness() == Readiness::Ready
+    }
+
+    /// Why the sidecar is (not) ready, first reason first.
+    pub fn readiness(&self) -> Readiness {
+        if self.is_draining() {
+            return Readiness::Draining;
+        }
+        if self.bound.get().is_none() {
+            return Readiness::Starting;
+        }
+        match self.app_health() {
+            AppHealth::Starting => return Readiness::AppStarting,
+            AppHealth::Unhealthy => return Readiness::AppUnhealthy,
+            AppHealth::Healthy | AppHealth::Unchecked => {}
+        }
+        if !self.control_plane_ready.load(Ordering::SeqCst) {
+            return Readiness::ControlPlane;
+        }
+        Readiness::Ready
+    }
+
+    /// The local app's health now.
+    pub fn app_health(&self) -> AppHealth {
+        *self.app_health.borrow()
+    }
+
+    /// The local app's health, and notifications when it changes.
+    pub fn app_health_changes(&self) -> watch::Receiver<AppHealth> {
+        self.app_health.subscribe()
+    }
+
+    /// Starts checking the local app (`[service] health`), tracked and
+    /// stopped like every task.
+    pub fn check_app_health(&self) {
+        self.tasks.spawn(health::run(
+            self.config.subscribe(),
+            self.app_health.clone(),
+            self.shutdown.clone(),
+        ));
+    }
+
+    /// The control plane's first snapshot arrived, or the wait for it ended.
+    pub fn set_control_plane_ready(&self) {
+        self.control_plane_ready.store(true, Ordering::SeqCst);
     }
 
     /// Re-read the `[tls]` files and the bootstrap file, and swap them in if

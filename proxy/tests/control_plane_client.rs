@@ -190,6 +190,7 @@ impl Client {
         let client = ControlPlaneClient::start(
             addresses.to_vec(),
             registration,
+            None,
             cache,
             None,
             &tasks,
@@ -252,6 +253,7 @@ fn registration(service: &str, id: &str, port: u16) -> Registration {
             ..weft_config::Metadata::default()
         },
         admin_address: Some(SocketAddr::from(([127, 0, 0, 1], port + 1))),
+        health: weft_api::Health::Healthy,
     };
     Registration { record }
 }

@@ -86,6 +86,7 @@ struct LocalApp {
     instances: Option<u32>,
     metadata: Vec<(String, String)>,
     id: Option<String>,
+    health: Option<String>,
 }
 
 /// A bootstrap file for a standalone sidecar on loopback.
@@ -100,6 +101,7 @@ pub struct Bootstrap {
     tls: Option<(String, Option<String>)>,
     tls_keys: Vec<String>,
     control_plane: Vec<String>,
+    control_plane_keys: Vec<String>,
 }
 
 impl Default for Bootstrap {
@@ -121,6 +123,7 @@ impl Bootstrap {
             tls: None,
             tls_keys: Vec::new(),
             control_plane: Vec::new(),
+            control_plane_keys: Vec::new(),
         }
     }
 
@@ -154,6 +157,7 @@ impl Bootstrap {
             instances: None,
             metadata: Vec::new(),
             id: None,
+            health: None,
         });
         self
     }
@@ -179,6 +183,19 @@ impl Bootstrap {
     /// Sets `[service] id` (the instance id it registers with a control plane).
     pub fn app_id(mut self, id: &str) -> Self {
         self.local_app().id = Some(id.to_owned());
+        self
+    }
+
+    /// Sets `[service] health = { BODY }` (the app's health check), e.g.
+    /// `interval = "200ms", timeout = "100ms"` or `enabled = false`.
+    pub fn app_health(mut self, body: &str) -> Self {
+        self.local_app().health = Some(body.to_owned());
+        self
+    }
+
+    /// Adds `key = value` (TOML, written as given) to `[control_plane]`.
+    pub fn control_plane_key(mut self, key: &str, value: &str) -> Self {
+        self.control_plane_keys.push(format!("{key} = {value}"));
         self
     }
 
@@ -246,6 +263,9 @@ impl Bootstrap {
             if !app.metadata.is_empty() {
                 writeln!(out, "metadata = {{ {} }}", inline_table(&app.metadata)).unwrap();
             }
+            if let Some(health) = &app.health {
+                writeln!(out, "health = {{ {health} }}").unwrap();
+            }
             out.push('\n');
         }
         out.push_str(
@@ -287,7 +307,11 @@ impl Bootstrap {
                 .map(|a| format!("{a:?}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            writeln!(out, "[control_plane]\naddresses = [{addresses}]\n").unwrap();
+            writeln!(out, "[control_plane]\naddresses = [{addresses}]").unwrap();
+            for line in &self.control_plane_keys {
+                writeln!(out, "{line}").unwrap();
+            }
+            out.push('\n');
         }
         for service in &self.services {
             writeln!(out, "[[directory.services]]\nname = {:?}", service.name).unwrap();

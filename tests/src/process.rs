@@ -216,6 +216,36 @@ impl ProxyBuilder {
 
     /// Spawns the proxy and waits until it is bound and `/ready` says 200.
     pub async fn start(self) -> anyhow::Result<Proxy> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let proxy = self.start_bound().await?;
+        let admin = proxy.admin_client();
+        let ready = crate::eventually(deadline.saturating_duration_since(Instant::now()), || {
+            let admin = admin.clone();
+            let exited = proxy.try_status();
+            async move {
+                if let Ok(Some(status)) = exited {
+                    return Err(anyhow!("weft-proxy exited with {status}"));
+                }
+                let status = admin.ready_status().await?;
+                if status != 200 {
+                    bail!("/ready answered {status}");
+                }
+                Ok(())
+            }
+        })
+        .await;
+        if let Err(error) = ready {
+            bail!(
+                "weft-proxy never became ready: {error:#}; log:\n{}",
+                proxy.logs()
+            );
+        }
+        Ok(proxy)
+    }
+
+    /// Spawns the proxy and waits until its listeners are bound, whether or
+    /// not it is ready (e.g. a sidecar still waiting for its app).
+    pub async fn start_bound(self) -> anyhow::Result<Proxy> {
         let mut proxy = self.spawn()?;
         let deadline = Instant::now() + START_TIMEOUT;
         let bound = loop {
@@ -239,28 +269,6 @@ impl ProxyBuilder {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         proxy.bound = Some(bound);
-        let admin = proxy.admin_client();
-        let ready = crate::eventually(deadline.saturating_duration_since(Instant::now()), || {
-            let admin = admin.clone();
-            let exited = proxy.try_status();
-            async move {
-                if let Ok(Some(status)) = exited {
-                    return Err(anyhow!("weft-proxy exited with {status}"));
-                }
-                let status = admin.ready_status().await?;
-                if status != 200 {
-                    bail!("/ready answered {status}");
-                }
-                Ok(())
-            }
-        })
-        .await;
-        if let Err(error) = ready {
-            bail!(
-                "weft-proxy never became ready: {error:#}; log:\n{}",
-                proxy.logs()
-            );
-        }
         Ok(proxy)
     }
 }

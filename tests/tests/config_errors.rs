@@ -305,6 +305,43 @@ async fn check_config_also_checks_the_policy_files_it_names() -> anyhow::Result<
 }
 
 #[tokio::test]
+async fn check_refuses_a_bad_app_health_check() -> anyhow::Result<()> {
+    // A check that may outlast its interval.
+    let bad = "[service]\nname = \"billing\"\napp = \"127.0.0.1:8080\"\n\
+               health = { path = \"/healthz\", timeout = \"2s\" }\n";
+    let output = check("--config", "bad.toml", bad, &[]).await?;
+    expect_refusal(
+        &output,
+        "bad.toml",
+        4,
+        Some(41),
+        "service.health.timeout",
+        "is longer than service.health.interval",
+    )?;
+    let bad = "[service]\nname = \"billing\"\napp = \"127.0.0.1:8080\"\n\
+               health = { unhealthy_after = 0 }\n";
+    let output = check("--config", "bad.toml", bad, &[]).await?;
+    expect_refusal(
+        &output,
+        "bad.toml",
+        4,
+        Some(30),
+        "service.health.unhealthy_after",
+        "from 1 to 100",
+    )?;
+    let bad = "[control_plane]\naddresses = [\"http://127.0.0.1:8443\"]\nready_timeout = 10\n";
+    let output = check("--config", "bad.toml", bad, &[]).await?;
+    expect_refusal(
+        &output,
+        "bad.toml",
+        3,
+        Some(17),
+        "control_plane.ready_timeout",
+        "",
+    )
+}
+
+#[tokio::test]
 async fn run_with_a_bad_config_exits_non_zero_at_once() -> anyhow::Result<()> {
     let bad = "[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n[drain]\ngrace = \"soon\"\n";
     let proxy = Proxy::builder(bad).spawn()?;

@@ -62,6 +62,7 @@ fn instance(service: &str, id: &str) -> Instance {
         address: "127.0.0.1:4143".into(),
         metadata: None,
         admin_address: String::new(),
+        health: 0,
     }
 }
 

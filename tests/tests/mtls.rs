@@ -51,7 +51,10 @@ async fn caller(
 ) -> anyhow::Result<Proxy> {
     let mut bootstrap = Bootstrap::new();
     if !caller_only {
-        bootstrap = bootstrap.app(identity, closed_port()?);
+        // No app behind it: its health is not checked.
+        bootstrap = bootstrap
+            .app(identity, closed_port()?)
+            .app_health("enabled = false");
     }
     let bootstrap = bootstrap.tls(identity, None).service(service);
     pki.files(Proxy::builder(bootstrap.render()), identity, issued)

@@ -157,6 +157,84 @@ pub struct LocalService {
     /// process id.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub id: Option<String>,
+    /// How the sidecar checks that the app answers. Default: a TCP connect
+    /// to `app` every second.
+    #[serde(default)]
+    pub health: HealthCheck,
+}
+
+/// `[service] health`: the sidecar's check of its own app. Without `path`,
+/// a TCP connect to `app`; with it, an HTTP/1.1 `GET path` to `app` that must
+/// answer 200-399. Until the app has passed `healthy_after` checks in a row
+/// the sidecar is not ready and does not register; `unhealthy_after` failures
+/// in a row mark the instance unhealthy in the directory (callers stop
+/// picking it) and make `/ready` answer 503, until `healthy_after` passes in
+/// a row again. `enabled = false` turns checking off: the app counts as
+/// always healthy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    default,
+    deny_unknown_fields,
+    expecting = "a table like { path = \"/healthz\", interval = \"1s\" }"
+)]
+pub struct HealthCheck {
+    /// Whether the app is checked at all. Default true.
+    pub enabled: bool,
+    /// The HTTP path to `GET` (starting with `/`); none: a TCP connect.
+    /// Default none.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "health_path"
+    )]
+    pub path: Option<String>,
+    /// Time between the starts of two checks; longer than 0. Default `1s`.
+    #[serde(deserialize_with = "duration::positive")]
+    pub interval: Duration,
+    /// A check that has not passed within this fails; longer than 0 and at
+    /// most `interval`. Default `500ms`.
+    #[serde(deserialize_with = "duration::positive")]
+    pub timeout: Duration,
+    /// Failed checks in a row that make a healthy app unhealthy, 1 to 100.
+    /// Default 2.
+    #[serde(deserialize_with = "health_threshold")]
+    pub unhealthy_after: u32,
+    /// Passed checks in a row that make an app healthy (at start, and after
+    /// it was unhealthy), 1 to 100. Default 1.
+    #[serde(deserialize_with = "health_threshold")]
+    pub healthy_after: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            unhealthy_after: 2,
+            healthy_after: 1,
+        }
+    }
+}
+
+fn health_threshold<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    number::int(d, 1, 100)
+}
+
+/// An HTTP path for a health check: starts with one `/`, visible ASCII
+/// only, no fragment (a query is allowed).
+fn health_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let path = String::deserialize(d)?;
+    let valid = path.starts_with('/')
+        && path.len() <= 1024
+        && !path.starts_with("//")
+        && path.bytes().all(|b| b.is_ascii_graphic() && b != b'#');
+    if !valid {
+        return Err(de::Error::custom(format!(
+            "invalid health check path {path:?}: expected an absolute path like \"/healthz\""
+        )));
+    }
+    Ok(Some(path))
 }
 
 fn opt_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
@@ -211,6 +289,24 @@ pub struct ControlPlane {
     /// directory (see [`crate::Loaded::resolve`]). Default none.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cache: Option<PathBuf>,
+    /// How long, at start, `/ready` waits for the first snapshot from the
+    /// control plane; after it the sidecar is ready on the cached snapshot
+    /// (if one was loaded) or the static directory, and logs a warning.
+    /// Longer than 0. Default `10s`.
+    #[serde(
+        default = "ControlPlane::default_ready_timeout",
+        deserialize_with = "duration::positive"
+    )]
+    pub ready_timeout: Duration,
+}
+
+impl ControlPlane {
+    /// `ready_timeout` when the key is absent.
+    pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn default_ready_timeout() -> Duration {
+        Self::DEFAULT_READY_TIMEOUT
+    }
 }
 
 fn urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

@@ -20,7 +20,29 @@ impl Bootstrap {
         self.check_telemetry()?;
         self.check_directory()?;
         self.check_policies()?;
+        self.check_health()?;
         self.check_tls()
+    }
+
+    /// A health check must end before the next one starts.
+    fn check_health(&self) -> Result<(), Problem> {
+        let Some(service) = &self.service else {
+            return Ok(());
+        };
+        let health = &service.health;
+        let at = |key: &str| KeyPath::new(["service", "health", key]);
+        if health.timeout > health.interval {
+            return Err(Problem::new(
+                at("timeout"),
+                format!(
+                    "service.health.timeout ({}) is longer than service.health.interval ({}); \
+                     a check must end before the next one starts",
+                    health.timeout, health.interval
+                ),
+            )
+            .or_at(at("interval")));
+        }
+        Ok(())
     }
 
     /// A static service reached with mTLS, and an `https` control plane, need
@@ -363,6 +385,69 @@ mod tests {
         let src =
             "[[directory.services]]\nname = \"a\"\nendpoints = [{ address = \"10.0.0.1:0\" }]";
         assert!(error(src).ends_with("port 0 cannot be connected to; give the endpoint's port"));
+    }
+
+    #[test]
+    fn health_checks() {
+        let base = "[service]\nname = \"a\"\napp = \"127.0.0.1:8080\"\n";
+        let b = crate::parse_bootstrap(base, Path::new("b.toml")).unwrap();
+        let h = b.service.unwrap().health;
+        assert!(h.enabled && h.path.is_none());
+        assert_eq!(h.interval.to_string(), "1s");
+        assert_eq!(h.timeout.to_string(), "500ms");
+        assert_eq!((h.unhealthy_after, h.healthy_after), (2, 1));
+        let ok = format!(
+            "{base}health = {{ path = \"/healthz?full=1\", interval = \"2s\", timeout = \"2s\", unhealthy_after = 3, healthy_after = 2 }}"
+        );
+        let h = crate::parse_bootstrap(&ok, Path::new("b.toml"))
+            .unwrap()
+            .service
+            .unwrap()
+            .health;
+        assert_eq!(h.path.as_deref(), Some("/healthz?full=1"));
+        assert_eq!((h.unhealthy_after, h.healthy_after), (3, 2));
+        let off = format!("{base}health = {{ enabled = false }}");
+        assert!(
+            !crate::parse_bootstrap(&off, Path::new("b.toml"))
+                .unwrap()
+                .service
+                .unwrap()
+                .health
+                .enabled
+        );
+        assert_eq!(
+            error(&format!("{base}health = {{ timeout = \"2s\" }}")),
+            "b.toml:4:22: service.health.timeout: service.health.timeout (2s) is longer than \
+             service.health.interval (1s); a check must end before the next one starts"
+        );
+        assert_eq!(
+            error(&format!("{base}health = {{ path = \"healthz\" }}")),
+            "b.toml:4:19: service.health.path: invalid health check path \"healthz\": expected \
+             an absolute path like \"/healthz\""
+        );
+        assert!(
+            error(&format!("{base}health = {{ unhealthy_after = 0 }}"))
+                .starts_with("b.toml:4:30: service.health.unhealthy_after: must be from 1 to 100")
+        );
+        assert!(
+            error(&format!("{base}health = {{ interval = \"0s\" }}"))
+                .ends_with("service.health.interval: must be longer than 0s")
+        );
+        assert!(
+            error(&format!("{base}health = {{ port = 1 }}"))
+                .starts_with("b.toml:4:12: service.health.port: ")
+        );
+    }
+
+    #[test]
+    fn control_plane_ready_timeout() {
+        let base = "[control_plane]\naddresses = [\"http://127.0.0.1:1\"]\n";
+        let b = crate::parse_bootstrap(base, Path::new("b.toml")).unwrap();
+        assert_eq!(b.control_plane.unwrap().ready_timeout.to_string(), "10s");
+        assert!(
+            error(&format!("{base}ready_timeout = \"0s\""))
+                .ends_with("control_plane.ready_timeout: must be longer than 0s")
+        );
     }
 
     #[test]

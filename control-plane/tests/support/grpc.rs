@@ -25,6 +25,7 @@ pub fn instance(service: &str, id: &str, port: u16) -> Instance {
             ..Default::default()
         }),
         admin_address: String::new(),
+        health: 0,
     }
 }
 

@@ -13,10 +13,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
+use weft_api::Health;
 use weft_config::Metadata;
 
 use super::ewma::PeakEwma;
@@ -34,6 +35,8 @@ pub struct Endpoint {
     requests: AtomicU64,
     latency: PeakEwma,
     outlier: OutlierState,
+    /// Set while the instance's sidecar reports its app unhealthy.
+    unhealthy: AtomicBool,
     /// Its connection pools: they go when the endpoint does.
     pools: EndpointPools,
 }
@@ -48,6 +51,7 @@ impl Endpoint {
             requests: AtomicU64::new(0),
             latency: PeakEwma::default(),
             outlier: OutlierState::default(),
+            unhealthy: AtomicBool::new(false),
             pools: EndpointPools::default(),
         }
     }
@@ -55,6 +59,26 @@ impl Endpoint {
     /// Passive health state.
     pub fn outlier(&self) -> &OutlierState {
         &self.outlier
+    }
+
+    /// Active health: whether the instance's sidecar finds its app answering
+    /// (healthy for endpoints nobody checks).
+    pub fn health(&self) -> Health {
+        if self.unhealthy.load(Ordering::Relaxed) {
+            Health::Unhealthy
+        } else {
+            Health::Healthy
+        }
+    }
+
+    /// Records the instance's health as discovery last reported it. Back to
+    /// healthy also ends an outlier ejection (from the same outage, most
+    /// likely): the instance's own sidecar found its app answering.
+    pub fn set_health(&self, health: Health) {
+        let was_unhealthy = self.unhealthy.swap(!health.is_healthy(), Ordering::Relaxed);
+        if was_unhealthy && health.is_healthy() {
+            self.outlier.uneject();
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -66,6 +66,22 @@ impl OutlierState {
         self.ejections.load(Ordering::Relaxed)
     }
 
+    /// Ends the current ejection, if any: the endpoint's own sidecar found its
+    /// app answering again after reporting it unhealthy, which outranks the
+    /// failures that ejected it (those were the same outage). Past ejections
+    /// still count towards the next ejection's length.
+    pub fn uneject(&self) {
+        self.consecutive.store(0, Ordering::Relaxed);
+        if let Some(e) = self.ejection() {
+            // Keep the base: `success` forgives past ejections after a quiet
+            // period measured from `until`.
+            self.set_ejection(Some(Ejection {
+                until: Instant::now().min(e.until),
+                base: e.base,
+            }));
+        }
+    }
+
     /// Record a success.
     pub fn success(&self, now: Instant) {
         self.consecutive.store(0, Ordering::Relaxed);
@@ -165,6 +181,21 @@ mod tests {
             o.failure(&s, t + Duration::from_secs(11), || true),
             Some(Duration::from_secs(10))
         );
+    }
+
+    #[test]
+    fn uneject_ends_the_ejection_at_once() {
+        let s = settings(1);
+        let o = OutlierState::default();
+        let now = Instant::now();
+        o.failure(&s, now, || true).unwrap();
+        assert!(o.is_ejected(now));
+        o.uneject();
+        assert!(!o.is_ejected(Instant::now()));
+        assert_eq!(o.ejections(), 1);
+        // Nothing to end: no change.
+        o.uneject();
+        assert!(!o.is_ejected(Instant::now()));
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub struct Selection<'a> {
 pub enum SelectError {
     /// The service has no endpoint with a non-zero weight.
     NoEndpoints,
-    /// Every endpoint is ejected.
+    /// Every endpoint is ejected or its app unhealthy.
     NoHealthy,
     /// Every healthy endpoint is at its concurrency cap.
     Saturated,
@@ -64,8 +64,11 @@ struct Filter<'a> {
 }
 
 impl Filter<'_> {
+    /// Eligible at all: weighted, its app healthy (as its sidecar reports),
+    /// and not ejected. When no endpoint is, the pick fails with
+    /// [`SelectError::NoHealthy`] rather than sending to apps known dead.
     fn healthy(&self, e: &Endpoint) -> bool {
-        e.weight() > 0 && !e.outlier().is_ejected(self.now)
+        e.weight() > 0 && e.health().is_healthy() && !e.outlier().is_ejected(self.now)
     }
     fn usable(&self, e: &Endpoint) -> bool {
         self.healthy(e) && self.cap.is_none_or(|c| e.in_flight() < c)
@@ -215,6 +218,22 @@ mod tests {
             select(&b, &eps, &Selection::default()).unwrap_err(),
             SelectError::NoHealthy
         );
+    }
+
+    #[test]
+    fn skips_unhealthy_apps_and_refuses_when_none_is_healthy() {
+        let eps = vec![ep(1, "z1", "v1"), ep(2, "z1", "v1")];
+        eps[0].set_health(weft_api::Health::Unhealthy);
+        let c = tally(&eps, &Selection::default(), 10);
+        assert_eq!(c.get(&2), Some(&10));
+        eps[1].set_health(weft_api::Health::Unhealthy);
+        let b = Balancer::new(LoadBalancer::RoundRobin);
+        assert_eq!(
+            select(&b, &eps, &Selection::default()).unwrap_err(),
+            SelectError::NoHealthy
+        );
+        eps[0].set_health(weft_api::Health::Healthy);
+        assert_eq!(tally(&eps, &Selection::default(), 10).get(&1), Some(&10));
     }
 
     #[test]

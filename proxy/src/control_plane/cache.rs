@@ -242,6 +242,7 @@ mod tests {
                     ..v1::Metadata::default()
                 }),
                 admin_address: String::new(),
+                health: 0,
             }],
             policy_toml: "service = \"billing\"\n".to_owned(),
             live_instances: 1,

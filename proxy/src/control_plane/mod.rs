@@ -67,6 +67,7 @@ use session::Target;
 use snapshot::{Applied, Tracker};
 use subscriptions::Subscriptions;
 
+use crate::health::AppHealth;
 use crate::tls::MeshTls;
 
 /// The connection to the control plane, as the admin API and metrics show it.
@@ -97,6 +98,9 @@ struct Shared {
     snapshot: watch::Sender<Arc<RemoteSnapshot>>,
     state: watch::Sender<ConnectionState>,
     rejections: Mutex<Rejections>,
+    /// True once a message from the control plane was accepted (the first
+    /// snapshot), since start.
+    synced: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -154,6 +158,8 @@ impl Shared {
                     );
                 }
                 self.publish(applied);
+                self.synced
+                    .send_if_modified(|synced| !std::mem::replace(synced, true));
             }
             Err(stale) => tracing::warn!(error = %stale, "control-plane update ignored"),
         }
@@ -209,9 +215,14 @@ impl ControlPlaneClient {
     /// domain). An address that cannot be used (not a URL; `https` without
     /// `tls`) is logged and skipped; with none left, the client
     /// serves the cached snapshot (if any) and stays disconnected.
+    ///
+    /// With `health` (the local app's, see [`crate::health`]), the
+    /// registration waits for the app to answer its check and then reports
+    /// every change of its health; without, the instance is always healthy.
     pub fn start(
         addresses: Vec<String>,
         registration: Option<Registration>,
+        health: Option<watch::Receiver<AppHealth>>,
         cache: Option<PathBuf>,
         tls: Option<&MeshTls>,
         tasks: &TaskTracker,
@@ -256,10 +267,11 @@ impl ControlPlaneClient {
 
         let shared = Arc::new(Shared {
             subscriptions: Subscriptions::new(initial),
-            registrar: Registrar::new(registration),
+            registrar: Registrar::new(registration, health),
             snapshot: watch::channel(Arc::clone(tracker.snapshot())).0,
             state: watch::channel(ConnectionState::Connecting).0,
             rejections: Mutex::new(Rejections::default()),
+            synced: watch::channel(false).0,
         });
         shared.reject(rejected);
 
@@ -311,6 +323,16 @@ impl ControlPlaneClient {
     /// The latest snapshot, and notifications when it changes.
     pub fn snapshot(&self) -> watch::Receiver<Arc<RemoteSnapshot>> {
         self.shared.snapshot.subscribe()
+    }
+
+    /// Waits until the first message from the control plane has been
+    /// accepted since start (at once if it has); never returns while none
+    /// arrives, so bound it with a timeout.
+    pub async fn first_snapshot(&self) {
+        let mut synced = self.shared.synced.subscribe();
+        if synced.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 
     /// The connection's state now.

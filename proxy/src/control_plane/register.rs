@@ -16,6 +16,12 @@
 //! The registrar publishes where the current stream is ([`Phase`]) in a
 //! `watch` channel, which is how `deregister` knows whether there is anything
 //! to remove and when it is done.
+//!
+//! With the local app's health ([`crate::health`]), a stream first waits for
+//! the app to answer its check (the phase stays idle meanwhile: nothing is
+//! registered), registers with the health at that time, then sends a
+//! `health` message on every change between healthy and unhealthy, so the
+//! control plane marks the instance in the directory.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +39,7 @@ use weft_api::{ConvertError, InstanceRecord, v1};
 use weft_config::LocalService;
 
 use super::session::StreamError;
+use crate::health::AppHealth;
 
 /// What this sidecar registers (from `[service]` and the bound inbound and
 /// admin addresses).
@@ -62,6 +69,7 @@ impl Registration {
             address,
             metadata: service.metadata.clone(),
             admin_address: admin,
+            health: weft_api::Health::Healthy,
         };
         record.check()?;
         Ok(Self { record })
@@ -138,14 +146,20 @@ pub enum Deregistered {
 #[derive(Debug)]
 pub struct Registrar {
     registration: Option<Registration>,
+    /// The local app's health; `None`: always healthy.
+    health: Option<watch::Receiver<AppHealth>>,
     deregister: CancellationToken,
     phase: watch::Sender<Phase>,
 }
 
 impl Registrar {
-    pub fn new(registration: Option<Registration>) -> Self {
+    pub fn new(
+        registration: Option<Registration>,
+        health: Option<watch::Receiver<AppHealth>>,
+    ) -> Self {
         Self {
             registration,
+            health,
             deregister: CancellationToken::new(),
             phase: watch::channel(Phase::Idle).0,
         }
@@ -160,12 +174,30 @@ impl Registrar {
     }
 
     /// Opens one session's register stream, unless there is nothing to
-    /// register (no registration, or deregistered).
-    pub fn open(&self, mut client: Grpc<Channel>) -> Option<RegisterStream<'_>> {
-        let registration = self.registration.as_ref()?;
+    /// register (no registration, or deregistered). While the local app has
+    /// not answered its health check yet, the stream first waits for it.
+    pub fn open(&self, client: Grpc<Channel>) -> Option<RegisterStream<'_>> {
+        self.registration.as_ref()?;
         if self.deregister.is_cancelled() {
             return None;
         }
+        let state = match &self.health {
+            Some(health) if !health.borrow().has_started() => {
+                tracing::info!("registration waits for the app to answer its health check");
+                StreamState::Waiting(health.clone(), client)
+            }
+            _ => self.start(client)?,
+        };
+        Some(RegisterStream {
+            registrar: self,
+            state,
+            acks: 0,
+        })
+    }
+
+    /// Publishes the `Open` phase and starts the stream, unless deregistered.
+    fn start(&self, mut client: Grpc<Channel>) -> Option<StreamState> {
+        let registration = self.registration.as_ref()?;
         self.phase.send_replace(Phase::Open);
         // `deregister` may have looked at the phase just before it became
         // `Open`, and returned: check again now that it is published.
@@ -173,17 +205,16 @@ impl Registrar {
             self.phase.send_replace(Phase::Idle);
             return None;
         }
-        let requests = requests(
-            v1::Instance::from(&registration.record),
-            self.deregister.clone(),
-        );
+        let mut instance = v1::Instance::from(&registration.record);
+        let health = self.health.clone().map(|mut h| {
+            let now = h.borrow_and_update().directory_health();
+            instance.health = v1::Health::from(now).into();
+            (h, now)
+        });
+        let requests = requests(instance, health, self.deregister.clone());
         let open: OpenFuture =
             Box::pin(async move { client.register(requests).await.map(|r| r.into_inner()) });
-        Some(RegisterStream {
-            registrar: self,
-            state: StreamState::Opening(open),
-            acks: 0,
-        })
+        Some(StreamState::Opening(open))
     }
 
     /// Sends `deregister` on the open stream and waits, at most `timeout`, for
@@ -220,31 +251,57 @@ fn done(acknowledged: bool) -> Deregistered {
     }
 }
 
-/// The requests of one register stream: `register`, then `deregister` once
-/// asked for, then nothing (the stream stays open until dropped).
+/// The app's health as last sent on a stream, and its changes.
+type HealthFeed = (watch::Receiver<AppHealth>, weft_api::Health);
+
+/// The requests of one register stream: `register`, then a `health` message
+/// on each change of the app's health (healthy / unhealthy), until
+/// `deregister` is asked for, then nothing (the stream stays open until
+/// dropped).
 fn requests(
     instance: v1::Instance,
+    health: Option<HealthFeed>,
     deregister: CancellationToken,
 ) -> impl Stream<Item = v1::RegisterRequest> + Send + 'static {
     enum Step {
-        Register(v1::Instance),
-        AwaitDeregister,
+        Register(v1::Instance, Option<HealthFeed>),
+        Registered(Option<HealthFeed>),
         Sent,
     }
-    futures_util::stream::unfold(Step::Register(instance), move |step| {
+    futures_util::stream::unfold(Step::Register(instance, health), move |step| {
         let deregister = deregister.clone();
         async move {
-            let msg = match step {
-                Step::Register(instance) => Msg::Register(instance),
-                Step::AwaitDeregister => {
-                    deregister.cancelled().await;
-                    Msg::Deregister(v1::Deregister {})
+            let (msg, next) = match step {
+                Step::Register(instance, health) => {
+                    (Msg::Register(instance), Step::Registered(health))
+                }
+                Step::Registered(mut health) => {
+                    let changed = async {
+                        let Some((rx, sent)) = health.as_mut() else {
+                            return std::future::pending().await;
+                        };
+                        loop {
+                            if rx.changed().await.is_err() {
+                                // The checker stopped (shutdown): nothing more to say.
+                                return std::future::pending().await;
+                            }
+                            let now = rx.borrow_and_update().directory_health();
+                            if now != *sent {
+                                *sent = now;
+                                return now;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        biased;
+                        () = deregister.cancelled() => (Msg::Deregister(v1::Deregister {}), Step::Sent),
+                        now = changed => (
+                            Msg::Health(v1::HealthReport { health: v1::Health::from(now).into() }),
+                            Step::Registered(health),
+                        ),
+                    }
                 }
                 Step::Sent => std::future::pending().await,
-            };
-            let next = match msg {
-                Msg::Register(_) => Step::AwaitDeregister,
-                Msg::Deregister(_) => Step::Sent,
             };
             Some((v1::RegisterRequest { msg: Some(msg) }, next))
         }
@@ -255,6 +312,9 @@ type OpenFuture =
     Pin<Box<dyn Future<Output = Result<Streaming<v1::RegisterResponse>, tonic::Status>> + Send>>;
 
 enum StreamState {
+    /// Waiting for the local app to answer its health check before
+    /// registering (the phase stays idle).
+    Waiting(watch::Receiver<AppHealth>, Grpc<Channel>),
     /// Waiting for the control plane to accept the stream.
     Opening(OpenFuture),
     Open(Box<Streaming<v1::RegisterResponse>>),
@@ -287,6 +347,32 @@ impl RegisterStream<'_> {
         loop {
             let deregistering = self.registrar.deregister.is_cancelled();
             match &mut self.state {
+                StreamState::Waiting(health, client) => {
+                    let started = tokio::select! {
+                        () = self.registrar.deregister.cancelled() => None,
+                        started = health.wait_for(|h| h.has_started()) => Some(started.is_ok()),
+                    };
+                    match started {
+                        // Deregistered before registering: nothing to remove.
+                        None => {
+                            self.state = StreamState::Finished;
+                            return Ok(());
+                        }
+                        // The checker stopped: the sidecar is shutting down.
+                        Some(false) => return std::future::pending().await,
+                        Some(true) => {
+                            tracing::info!("the app answers its health check; registering");
+                            let client = client.clone();
+                            match self.registrar.start(client) {
+                                Some(state) => self.state = state,
+                                None => {
+                                    self.state = StreamState::Finished;
+                                    return Ok(());
+                                }
+                            }
+                        }
+                    }
+                }
                 StreamState::Opening(open) => match open.await {
                     Ok(responses) => self.state = StreamState::Open(Box::new(responses)),
                     Err(_) if deregistering => {
@@ -376,6 +462,7 @@ mod tests {
             instances: LocalService::DEFAULT_INSTANCES,
             advertise: None,
             id: None,
+            health: weft_config::HealthCheck::default(),
             metadata: weft_config::Metadata {
                 zone: Some("eu-1".to_owned()),
                 ..weft_config::Metadata::default()
@@ -427,7 +514,7 @@ mod tests {
         let record = Registration::for_service(&local(), "10.0.0.7:4143".parse().unwrap(), None)
             .unwrap()
             .record;
-        let mut stream = Box::pin(requests(v1::Instance::from(&record), token.clone()));
+        let mut stream = Box::pin(requests(v1::Instance::from(&record), None, token.clone()));
         let first = stream.next().await.unwrap();
         assert!(matches!(first.msg, Some(Msg::Register(i)) if i.address == "10.0.0.7:4143"));
         let waiting = tokio::time::timeout(Duration::from_millis(20), stream.next()).await;
@@ -440,15 +527,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn requests_report_health_changes_until_deregistered() {
+        let token = CancellationToken::new();
+        let record = Registration::for_service(&local(), "10.0.0.7:4143".parse().unwrap(), None)
+            .unwrap()
+            .record;
+        let (tx, mut rx) = watch::channel(AppHealth::Healthy);
+        rx.borrow_and_update();
+        let feed = Some((rx, weft_api::Health::Healthy));
+        let mut stream = Box::pin(requests(v1::Instance::from(&record), feed, token.clone()));
+        assert!(matches!(
+            stream.next().await.unwrap().msg,
+            Some(Msg::Register(_))
+        ));
+        let report = |r: v1::RegisterRequest| match r.msg {
+            Some(Msg::Health(h)) => h.health(),
+            other => panic!("not a health report: {other:?}"),
+        };
+        tx.send_replace(AppHealth::Unhealthy);
+        assert_eq!(report(stream.next().await.unwrap()), v1::Health::Unhealthy);
+        // Unchecked is as healthy as Healthy: one report for both.
+        tx.send_replace(AppHealth::Unchecked);
+        assert_eq!(report(stream.next().await.unwrap()), v1::Health::Healthy);
+        tx.send_replace(AppHealth::Healthy);
+        let quiet = tokio::time::timeout(Duration::from_millis(20), stream.next()).await;
+        assert!(quiet.is_err(), "no report without a change");
+        token.cancel();
+        assert!(matches!(
+            stream.next().await.unwrap().msg,
+            Some(Msg::Deregister(_))
+        ));
+    }
+
+    #[tokio::test]
     async fn deregister_without_a_stream_returns_at_once() {
-        let none = Registrar::new(None);
+        let none = Registrar::new(None, None);
         assert_eq!(
             none.deregister(Duration::from_secs(5)).await,
             Deregistered::NotRegistered
         );
         let reg =
             Registration::for_service(&local(), "10.0.0.7:4143".parse().unwrap(), None).unwrap();
-        let idle = Registrar::new(Some(reg));
+        let idle = Registrar::new(Some(reg), None);
         assert_eq!(
             idle.deregister(Duration::from_secs(5)).await,
             Deregistered::NotRegistered

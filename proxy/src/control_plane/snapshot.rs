@@ -216,6 +216,7 @@ pub fn validate(state: &v1::ServiceState) -> Result<RemoteService, Rejection> {
         .map(|r| EndpointSpec {
             addr: r.address,
             metadata: r.metadata.clone(),
+            health: r.health,
         })
         .collect();
     Ok(RemoteService {
@@ -509,6 +510,7 @@ mod tests {
             address: format!("10.0.0.1:{port}"),
             metadata: None,
             admin_address: String::new(),
+            health: 0,
         }
     }
 

@@ -37,6 +37,7 @@ fn start(
         registration,
         None,
         None,
+        None,
         &TaskTracker::new(),
         stop.clone(),
     );
@@ -51,6 +52,7 @@ fn registration() -> Registration {
             address: "127.0.0.1:5001".parse().unwrap(),
             metadata: weft_config::Metadata::default(),
             admin_address: None,
+            health: weft_api::Health::Healthy,
         },
     }
 }
@@ -64,6 +66,7 @@ fn service(name: &str, port: u16) -> v1::ServiceState {
             address: format!("127.0.0.1:{port}"),
             metadata: None,
             admin_address: String::new(),
+            health: 0,
         }],
         policy_toml: String::new(),
         live_instances: 1,

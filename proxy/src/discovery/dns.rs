@@ -277,6 +277,7 @@ impl Inner {
                         .map(|ip| EndpointSpec {
                             addr: SocketAddr::new(*ip, target.port),
                             metadata: Metadata::default(),
+                            health: weft_api::Health::Healthy,
                         })
                         .collect();
                     tracing::debug!(dns.name = %name, dns.addresses = ?ips, dns.ttl_ms = ttl.as_millis() as u64, "resolved");

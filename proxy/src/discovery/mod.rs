@@ -10,7 +10,9 @@
 //! Applying an update keeps the existing `Arc<Endpoint>` of every endpoint whose
 //! address and metadata did not change, so balancer state survives; a removed
 //! endpoint is only dropped from the set, and requests already in flight to it hold
-//! it (and its pooled connection) until they finish.
+//! it (and its pooled connection) until they finish. An endpoint's health
+//! (its app's, as its sidecar reports it) is updated in place on the kept
+//! `Arc`, so a health change costs no balancer state.
 
 pub mod dns;
 
@@ -18,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use weft_api::Health;
 use weft_config::Metadata;
 
 use crate::balance::Endpoint;
@@ -27,6 +30,9 @@ use crate::balance::Endpoint;
 pub struct EndpointSpec {
     pub addr: SocketAddr,
     pub metadata: Metadata,
+    /// Whether the instance's app answers its sidecar's check (control-plane
+    /// endpoints); other sources say healthy.
+    pub health: Health,
 }
 
 /// A change to a service's endpoints.
@@ -92,10 +98,13 @@ impl EndpointsWriter {
         let current = self.current();
         let old = current.endpoints();
         let reuse = |spec: EndpointSpec| -> Arc<Endpoint> {
-            old.iter()
+            let endpoint = old
+                .iter()
                 .find(|e| e.same_as(spec.addr, &spec.metadata))
                 .cloned()
-                .unwrap_or_else(|| Arc::new(Endpoint::new(spec.addr, spec.metadata)))
+                .unwrap_or_else(|| Arc::new(Endpoint::new(spec.addr, spec.metadata)));
+            endpoint.set_health(spec.health);
+            endpoint
         };
         let next: Vec<Arc<Endpoint>> = match update {
             Update::Reset(specs) => {
@@ -142,7 +151,23 @@ mod tests {
         EndpointSpec {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             metadata: Metadata::default(),
+            health: Health::Healthy,
         }
+    }
+
+    #[test]
+    fn health_changes_in_place() {
+        let (w, rx) = EndpointsWriter::new(vec![spec(1)]);
+        let first = Arc::clone(&rx.borrow().endpoints()[0]);
+        assert_eq!(first.health(), Health::Healthy);
+        w.apply(Update::Reset(vec![EndpointSpec {
+            health: Health::Unhealthy,
+            ..spec(1)
+        }]));
+        assert!(Arc::ptr_eq(&rx.borrow().endpoints()[0], &first));
+        assert_eq!(first.health(), Health::Unhealthy);
+        w.apply(Update::Reset(vec![spec(1)]));
+        assert_eq!(first.health(), Health::Healthy);
     }
 
     #[test]

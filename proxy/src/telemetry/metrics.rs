@@ -234,6 +234,7 @@ pub struct Metrics {
     control_plane_connected: Gauge,
     control_plane_version: Gauge,
     control_plane_rejected: Counter,
+    app_healthy: Gauge,
     tls_handshake_failures: Family<TlsFailureLabels, Counter>,
     spans: SpanMetrics,
     otlp_exports: OtlpExportMetrics,
@@ -283,7 +284,7 @@ impl Metrics {
         let endpoints = Family::default();
         registry.register(
             "endpoints",
-            "Outbound endpoints by state (active, ejected, saturated)",
+            "Outbound endpoints by state (active, unhealthy, ejected, saturated)",
             endpoints.clone(),
         );
 
@@ -426,6 +427,7 @@ impl Metrics {
             control_plane_connected,
             control_plane_version,
             control_plane_rejected,
+            app_healthy: Gauge::default(),
             tls_handshake_failures,
             spans,
             otlp_exports,
@@ -561,7 +563,20 @@ impl Metrics {
         Ok(prometheus_protobuf::encode(&self.registry)?)
     }
 
+    /// Adds `weft_proxy_app_healthy` (a sidecar with `[service]`).
+    #[must_use]
+    pub fn with_app_health(mut self) -> Self {
+        self.registry.sub_registry_with_prefix("weft").register(
+            "proxy_app_healthy",
+            "1 while the local app answers its health check (or checking is off), else 0",
+            self.app_healthy.clone(),
+        );
+        self
+    }
+
     fn refresh(&self, shared: &Shared) {
+        self.app_healthy
+            .set(i64::from(shared.app_health().is_serving()));
         self.config_version
             .set(i64::try_from(shared.config().version).unwrap_or(i64::MAX));
         let now = Instant::now();
@@ -571,9 +586,11 @@ impl Metrics {
         let count = |svc: &MeshService| {
             let cap = svc.policy.endpoint_cap();
             let set = Arc::clone(&svc.endpoints().borrow());
-            let mut states = [0i64; 3];
+            let mut states = [0i64; 4];
             for e in set.endpoints() {
-                let i = if e.outlier().ejected_for(now).is_some() {
+                let i = if !e.health().is_healthy() {
+                    3
+                } else if e.outlier().ejected_for(now).is_some() {
                     1
                 } else if cap.is_some_and(|c| e.in_flight() >= c) {
                     2
@@ -590,7 +607,10 @@ impl Metrics {
                     })
                     .set(i64::try_from(budget.available()).unwrap_or(i64::MAX));
             }
-            for (state, n) in ["active", "ejected", "saturated"].into_iter().zip(states) {
+            for (state, n) in ["active", "ejected", "saturated", "unhealthy"]
+                .into_iter()
+                .zip(states)
+            {
                 self.endpoints
                     .get_or_create(&EndpointLabels {
                         service: Arc::clone(&svc.label),

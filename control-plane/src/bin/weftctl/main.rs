@@ -491,15 +491,19 @@ async fn get(api: &Api, what: Get) -> anyhow::Result<()> {
                 .ok(Method::GET, &format!("/v1/services/{service}"), None)
                 .await?;
             let mut rows = vec![
-                ["ID", "ADDRESS", "ZONE", "VERSION", "WEIGHT", "ADMIN"]
-                    .map(str::to_owned)
-                    .to_vec(),
+                [
+                    "ID", "ADDRESS", "HEALTH", "ZONE", "VERSION", "WEIGHT", "ADMIN",
+                ]
+                .map(str::to_owned)
+                .to_vec(),
             ];
             for i in value["instances"].as_array().into_iter().flatten() {
                 let m = &i["metadata"];
                 rows.push(vec![
                     field(&i["id"]),
                     field(&i["address"]),
+                    // Records stored before health existed are healthy.
+                    i["health"].as_str().unwrap_or("healthy").to_owned(),
                     field(&m["zone"]),
                     field(&m["version"]),
                     field(&m["weight"]),
