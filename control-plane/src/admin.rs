@@ -8,7 +8,7 @@
 //! | `GET /v1/services/<name>/policy` | the policy exactly as stored, read from the store (so a write is seen at once), with `refused` (why validation refused it, else null) and `in_force` (the policy this control plane serves); 404 if there is none |
 //! | `PUT /v1/services/<name>/policy` | validate the body (TOML) with `weft-config` and store it; 400 with the same message `weft-proxy check` gives, nothing written, if it is invalid |
 //! | `DELETE /v1/services/<name>/policy` | remove the policy |
-//! | `GET /live`, `GET /ready` | liveness; readiness (the directory view follows the store) |
+//! | `GET /live`, `GET /ready` | liveness; readiness (the directory view follows the store; 503 too while waiting for the store at start, when only these and `/metrics` answer) |
 //! | `GET /metrics` | Prometheus metrics (see [`crate::metrics`]); no token, like `/live` and `/ready` |
 //!
 //! Reads come from the in-memory view (the same one sidecars are served from);
@@ -111,6 +111,27 @@ pub async fn handle<S: Store>(
         ),
     };
     Ok(rsp)
+}
+
+/// Answers while the control plane waits for its store at start (there is no
+/// [`AdminState`] yet): `/live` 200, `/ready` 503, `/metrics`; anything else
+/// 503.
+pub fn starting<B>(metrics: &Arc<Metrics>, req: &Request<B>) -> Rsp {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => error(StatusCode::OK, "live"),
+        (&Method::GET, "/ready") => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store has not answered yet",
+        ),
+        (&Method::GET, "/metrics") => {
+            let (_, empty) = watch::channel(Arc::new(DirectoryView::default()));
+            metrics::respond(metrics, &empty)
+        }
+        _ => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the control plane is starting: its store has not answered yet",
+        ),
+    }
 }
 
 fn list<S>(state: &AdminState<S>) -> Rsp {

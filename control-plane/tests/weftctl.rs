@@ -533,14 +533,17 @@ fn get_policy_shows_the_policy_in_force_when_the_stored_one_was_refused() {
     // An invalid policy, straight to etcd.
     rt.block_on(async {
         let mut client = etcd.connect().await?;
-        client.put("/weft/services/billing/policy", BAD, None).await?;
+        client
+            .put("/weft/services/billing/policy", BAD, None)
+            .await?;
         anyhow::Ok(())
     })
     .unwrap();
     let r = ctl(&cp, &["get", "policy", "billing"]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
-        r.stdout.starts_with("# REFUSED: the policy stored for billing (revision"),
+        r.stdout
+            .starts_with("# REFUSED: the policy stored for billing (revision"),
         "{}",
         r.all()
     );
