@@ -8,13 +8,19 @@
 
 mod support;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::ensure;
 use support::grpc::{instance, instances_of, register, subscribe};
-use support::{start, wait_for};
+use support::wait_for;
 use weft_tests::control_plane::ControlPlane;
 use weft_tests::etcd::EtcdServer;
+
+/// A loopback address nothing listens on (bound, then released).
+fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
 
 const RETRY_LOG: &str = "etcd unreachable at start; not ready, trying again";
 
@@ -23,12 +29,19 @@ async fn a_control_plane_started_before_etcd_waits_not_ready_then_serves() -> an
     // etcd's address, with nothing listening there yet.
     let mut etcd = EtcdServer::start().await?;
     etcd.kill()?;
-    let url = etcd.client_url().to_owned();
-    let cp = tokio::task::spawn_blocking(move || start(ControlPlane::etcd(url))).await?;
+    // The bound file is only written once the store answers: fixed ports.
+    let cp = ControlPlane::etcd(etcd.client_url())
+        .listen(free_port()?)
+        .admin(free_port()?)
+        .spawn()?;
 
     // Up, live, not ready, and trying again (at least twice) with backoff.
     wait_for("a second try", Duration::from_secs(15), || async {
         Ok((cp.logs().matches(RETRY_LOG).count() >= 2).then_some(()))
+    })
+    .await?;
+    wait_for("/live", Duration::from_secs(15), || async {
+        Ok(cp.admin_status("/live").await.ok().map(|_| ()))
     })
     .await?;
     ensure!(cp.is_running(), "exited:\n{}", cp.logs());

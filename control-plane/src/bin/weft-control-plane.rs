@@ -93,7 +93,8 @@ struct Args {
     /// Bearer tokens accepted by the admin API, one per line. Required unless --dev.
     #[arg(long, required_unless_present = "dev")]
     token_file: Option<PathBuf>,
-    /// Once listening, write the bound addresses (JSON) to this file.
+    /// Once serving (listening, and the store answered), write the bound
+    /// addresses (JSON) to this file.
     #[arg(long)]
     bound_file: Option<PathBuf>,
     /// Client connections open at once on the gRPC listener; past it a new
@@ -223,12 +224,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the gRPC listener to {}", args.listen))?;
     let grpc_addr = grpc_listener.local_addr()?;
-    if let Some(path) = &args.bound_file {
-        let tmp = path.with_extension("tmp");
-        let bound = serde_json::json!({ "admin": admin_addr, "listen": grpc_addr });
-        std::fs::write(&tmp, serde_json::to_vec(&bound)?)?;
-        std::fs::rename(&tmp, path)?;
-    }
 
     // The admin API answers from the start: until the store has answered,
     // /live 200, /ready 503 and /metrics; the rest once `state` is set.
@@ -300,6 +295,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokens,
         metrics: Arc::clone(&metrics),
     }));
+    // Written once everything serves (so a process waiting on it may use
+    // the whole admin API at once), not while waiting for etcd.
+    if let Some(path) = &args.bound_file {
+        let tmp = path.with_extension("tmp");
+        let bound = serde_json::json!({ "admin": admin_addr, "listen": grpc_addr });
+        std::fs::write(&tmp, serde_json::to_vec(&bound)?)?;
+        std::fs::rename(&tmp, path)?;
+    }
 
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
