@@ -147,8 +147,9 @@ async fn store(args: &Args) -> anyhow::Result<Option<AnyStore>> {
         });
     }
     // etcd unreachable at start (not yet up, a network partition) is waited
-    // for, as it is later on: the admin API answers meanwhile, not ready. A
-    // wrong URL, certificate or password is not: the process exits.
+    // for, as it is later on: the admin API answers meanwhile, not ready. An
+    // invalid URL, unreadable TLS files or a refused password is not: the
+    // process exits.
     let mut failures = 0u32;
     loop {
         match EtcdStore::connect(options.clone()).await {
