@@ -155,4 +155,13 @@ mod tests {
         let caller_side = "service = \"billing\"\n[outbound]\ntimeout = \"1s\"\n";
         assert!(unenforced(&loaded(PLAIN, caller_side)).is_empty());
     }
+
+    #[test]
+    fn mesh_endpoints_are_the_service_s_sidecars() {
+        let mesh = format!(
+            "[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n{}",
+            PLAIN.replace("policy = ", "tls = \"mesh\"\npolicy = ")
+        );
+        assert!(unenforced(&loaded(&mesh, LIMITED)).is_empty());
+    }
 }
