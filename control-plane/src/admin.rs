@@ -5,10 +5,10 @@
 //! |---|---|
 //! | `GET /v1/services` | every service: name, whether it has a policy, live instances |
 //! | `GET /v1/services/<name>` | the service's policy (TOML source) and instances |
-//! | `GET /v1/services/<name>/policy` | the policy exactly as stored, read from the store (so a write is seen at once); 404 if there is none |
+//! | `GET /v1/services/<name>/policy` | the policy exactly as stored, read from the store (so a write is seen at once), with `refused` (why validation refused it, else null) and `in_force` (the policy this control plane serves); 404 if there is none |
 //! | `PUT /v1/services/<name>/policy` | validate the body (TOML) with `weft-config` and store it; 400 with the same message `weft-proxy check` gives, nothing written, if it is invalid |
 //! | `DELETE /v1/services/<name>/policy` | remove the policy |
-//! | `GET /live`, `GET /ready` | liveness; readiness (the directory view follows the store) |
+//! | `GET /live`, `GET /ready` | liveness; readiness (the directory view follows the store; 503 too while waiting for the store at start, when only these and `/metrics` answer) |
 //! | `GET /metrics` | Prometheus metrics (see [`crate::metrics`]); no token, like `/live` and `/ready` |
 //!
 //! Reads come from the in-memory view (the same one sidecars are served from);
@@ -113,6 +113,27 @@ pub async fn handle<S: Store>(
     Ok(rsp)
 }
 
+/// Answers while the control plane waits for its store at start (there is no
+/// [`AdminState`] yet): `/live` 200, `/ready` 503, `/metrics`; anything else
+/// 503.
+pub fn starting<B>(metrics: &Arc<Metrics>, req: &Request<B>) -> Rsp {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => error(StatusCode::OK, "live"),
+        (&Method::GET, "/ready") => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store has not answered yet",
+        ),
+        (&Method::GET, "/metrics") => {
+            let (_, empty) = watch::channel(Arc::new(DirectoryView::default()));
+            metrics::respond(metrics, &empty)
+        }
+        _ => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the control plane is starting: its store has not answered yet",
+        ),
+    }
+}
+
 fn list<S>(state: &AdminState<S>) -> Rsp {
     let view = Arc::clone(&state.view.borrow());
     let services: Vec<Value> = view
@@ -144,18 +165,30 @@ fn get<S>(state: &AdminState<S>, name: &str) -> Rsp {
 
 /// Read from the store, not the view: `weftctl apply` and `diff` compare with
 /// it right after a write, before the watch has brought the write to the view.
+/// A stored policy that fails validation (written to the store by other means)
+/// is ignored by the view and never pushed: `refused` says why, and `in_force`
+/// is the policy the view holds instead (the last valid one it saw, if any).
 async fn get_policy<S: Store>(state: &AdminState<S>, name: &str) -> Rsp {
     match state.store.get(&keys::policy_key(name)).await {
-        Ok(Some(kv)) => match std::str::from_utf8(&kv.value) {
-            Ok(text) => json_rsp(
+        Ok(Some(kv)) => {
+            let refused = crate::view::validate_policy(name, &kv.value).err();
+            let in_force = state
+                .view
+                .borrow()
+                .services
+                .get(name)
+                .and_then(|s| s.policy_toml.clone());
+            json_rsp(
                 StatusCode::OK,
-                &json!({ "service": name, "policy": text, "revision": kv.mod_revision.0 }),
-            ),
-            Err(_) => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the stored policy of {name:?} is not UTF-8 text"),
-            ),
-        },
+                &json!({
+                    "service": name,
+                    "policy": String::from_utf8_lossy(&kv.value),
+                    "revision": kv.mod_revision.0,
+                    "refused": refused,
+                    "in_force": in_force.as_deref(),
+                }),
+            )
+        }
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("service {name:?} has no policy"),

@@ -220,14 +220,19 @@ async fn losing_a_cluster_member_costs_a_retry_not_an_outage() -> anyhow::Result
     let store = EtcdStore::connect(options).await?;
     store.put("before", bytes("1"), None).await?;
 
-    // The store starts with the first member: kill it.
-    cluster.kill(0)?;
+    // Kill the member the store sends its requests to (a random one).
+    let current = cluster
+        .client_urls()
+        .iter()
+        .position(|u| u == store.current_member())
+        .context("the store's member is one of the cluster's")?;
+    cluster.kill(current)?;
     for i in 0..20 {
         let started = Instant::now();
         store
             .put(&format!("during/{i}"), bytes("x"), None)
             .await
-            .with_context(|| format!("put {i} with member 0 dead"))?;
+            .with_context(|| format!("put {i} with member {current} dead"))?;
         ensure!(
             started.elapsed() < Duration::from_secs(3),
             "put {i} took {:?}",
@@ -247,9 +252,15 @@ async fn losing_a_cluster_member_costs_a_retry_not_an_outage() -> anyhow::Result
         .context("the watch ended")??;
     ensure!(!batch.events.is_empty(), "{batch:?}");
 
-    // The first member comes back and the current one goes: still working.
-    cluster.restart(0).await?;
-    cluster.kill(1)?;
+    // The killed member comes back and the current one goes: still working.
+    cluster.restart(current).await?;
+    let now = cluster
+        .client_urls()
+        .iter()
+        .position(|u| u == store.current_member())
+        .context("the store's member is one of the cluster's")?;
+    ensure!(now != current, "still on the killed member {current}");
+    cluster.kill(now)?;
     store.put("later", bytes("3"), None).await?;
     ensure!(store.get("before").await?.is_some());
     ensure!(store.get("later").await?.is_some());

@@ -16,6 +16,7 @@ use weft_api::v1::{Instance, Metadata, RegisterRequest, register_request};
 
 use support::start;
 use weft_tests::control_plane::{ControlPlane, TOKEN};
+use weft_tests::etcd::EtcdServer;
 use weft_tests::process::TempDir;
 
 /// `weftctl --control-plane URL [--token-file FILE] ARGS`, with nothing taken
@@ -525,6 +526,68 @@ fn certs_makes_a_ca_and_service_certificates_offline() {
     assert_eq!(r.code, 1);
     assert!(
         r.stderr.contains("loading the CA") && r.stderr.contains("/nonexistent/ca.pem"),
+        "{}",
+        r.all()
+    );
+}
+
+/// A policy written straight to etcd that fails validation is ignored by the
+/// control plane (sidecars keep the last valid one): `get policy` prints the
+/// one in force, flagged, not the refused one; after a restart, with no valid
+/// policy ever seen, it says there is none in force and exits 1.
+#[test]
+fn get_policy_shows_the_policy_in_force_when_the_stored_one_was_refused() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt.block_on(EtcdServer::start()).unwrap();
+    let mut cp = start(ControlPlane::etcd(etcd.client_url()));
+    let token = cp.token_file().to_owned();
+    let ctl = |cp: &ControlPlane, args: &[&str]| run(&cp.admin_url(), Some(&token), args);
+    let file = cp.dir().path().join("billing.toml");
+    std::fs::write(&file, RR).unwrap();
+    let r = ctl(&cp, &["apply", "-f", file.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.all());
+
+    // An invalid policy, straight to etcd.
+    rt.block_on(async {
+        let mut client = etcd.connect().await?;
+        client
+            .put("/weft/services/billing/policy", BAD, None)
+            .await?;
+        anyhow::Ok(())
+    })
+    .unwrap();
+    let r = ctl(&cp, &["get", "policy", "billing"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout
+            .starts_with("# REFUSED: the policy stored for billing (revision"),
+        "{}",
+        r.all()
+    );
+    assert!(r.stdout.contains("load_balancer"), "{}", r.all());
+    assert!(r.stdout.ends_with(RR), "{}", r.all());
+    assert!(
+        r.stdout
+            .lines()
+            .all(|l| l.starts_with('#') || !l.contains("random")),
+        "{}",
+        r.all()
+    );
+    assert!(r.stderr.starts_with("warning: "), "{}", r.all());
+    // Still a valid policy file: the one in force.
+    let printed = weft_config::parse_policy(&r.stdout, Path::new("out.toml")).unwrap();
+    assert_eq!(
+        printed.outbound.load_balancer,
+        weft_config::LoadBalancer::RoundRobin
+    );
+
+    // A restarted control plane has never seen a valid policy: none in force.
+    rt.block_on(cp.restart()).unwrap();
+    let r = ctl(&cp, &["get", "policy", "billing"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr
+            .contains("service \"billing\" has no policy in force: the one stored (revision"),
         "{}",
         r.all()
     );

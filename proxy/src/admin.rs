@@ -6,7 +6,7 @@
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 when listeners are bound, the directory is loaded, the local app answers its health check (`[service] health`) and, with a control plane, its first snapshot arrived (or `[control_plane] ready_timeout` passed); 503 otherwise (and while draining), the body saying why |
 //! | `GET /config` | the effective configuration and its version, JSON |
-//! | `GET /endpoints` | every service's endpoints and their state, JSON |
+//! | `GET /endpoints` | every service's endpoints and their state, and its policy's service-side keys (whether anything may enforce them), JSON |
 //! | `GET /metrics` | Prometheus text (`docs/telemetry.md`) |
 //! | `POST /reload` | re-read the bootstrap file: 200 `{"version": N}`, or 400 with the error (the old config stays) |
 
@@ -20,11 +20,13 @@ use std::time::Instant;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
+use weft_config::Policy;
 
 use crate::balance::Endpoint;
 use crate::body::{self, ProxyBody};
 use crate::control_plane::ConnectionState;
 use crate::discovery::dns::Status;
+use crate::enforcement::{self, Unenforced};
 use crate::state::{Readiness, Shared};
 
 #[derive(Debug, Clone)]
@@ -106,15 +108,21 @@ impl Admin {
     }
 
     fn endpoints(&self) -> Response<ProxyBody> {
-        let version = self.shared.config().version;
+        let config = self.shared.config();
+        let version = config.version;
         let directory = self.shared.directory();
         let now = Instant::now();
+        let unenforced = enforcement::unenforced(&config.loaded);
         let mut services: Vec<Value> = directory
             .services()
             .into_iter()
             .map(|svc| {
                 let set = Arc::clone(&svc.endpoints().borrow());
                 let cap = svc.policy.endpoint_cap();
+                let policy = policy_json(
+                    config.loaded.policies.get(&svc.name),
+                    unenforced.iter().find(|u| u.service == svc.name),
+                );
                 json!({
                     "name": svc.name,
                     "source": "static",
@@ -123,13 +131,24 @@ impl Admin {
                     "tls": if svc.client.is_mesh() { "mesh" } else { "none" },
                     "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, cap, now)).collect::<Vec<_>>(),
                     "counters": svc.policy.stats.to_json(),
+                    "policy": policy,
                 })
             })
             .collect();
         if let Some(remote) = self.shared.remote() {
+            let pushed = Arc::clone(&remote.client().snapshot().borrow());
             for svc in remote.services() {
                 let set = Arc::clone(&svc.endpoints().borrow());
                 let cap = svc.policy.endpoint_cap();
+                // Pushed instances are sidecars' registrations: their own
+                // sidecars enforce the service-side keys.
+                let policy = policy_json(
+                    pushed
+                        .services
+                        .get(svc.name.as_str())
+                        .and_then(|s| s.policy.as_deref()),
+                    None,
+                );
                 services.push(json!({
                     "name": svc.name,
                     "source": "control-plane",
@@ -138,6 +157,7 @@ impl Admin {
                     "tls": if svc.client.is_mesh() { "mesh" } else { "none" },
                     "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, cap, now)).collect::<Vec<_>>(),
                     "counters": svc.policy.stats.to_json(),
+                    "policy": policy,
                 }));
             }
         }
@@ -226,6 +246,26 @@ impl Admin {
             }),
         )
     }
+}
+
+/// The policy part of a service's `/endpoints` entry: each service-side key
+/// of the caller's copy of its policy, and whether anything may enforce it
+/// ([`enforcement`]); `warning` is the line `weft-proxy check` prints, or null.
+fn policy_json(policy: Option<&Policy>, unenforced: Option<&Unenforced>) -> Value {
+    let state = match unenforced {
+        Some(_) => enforcement::NOT_ENFORCED_HERE,
+        None => enforcement::BY_OWN_SIDECARS,
+    };
+    let keys: serde_json::Map<String, Value> = policy
+        .map(Policy::service_side_keys)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|key| (key, json!(state)))
+        .collect();
+    json!({
+        "service_side_keys": keys,
+        "warning": unenforced.map(ToString::to_string),
+    })
 }
 
 fn endpoint_json(e: &Endpoint, cap: Option<u32>, now: Instant) -> Value {

@@ -286,6 +286,9 @@ impl Directory {
                 .map(|p| p.outbound.load_balancer)
                 .unwrap_or(LoadBalancer::P2cEwma);
             let previous = old.and_then(|d| d.services.get(svc.name.as_str()));
+            if !previous.is_some_and(|p| p.policy.compiled_from(source)) {
+                crate::enforcement::warn_if_unenforced(loaded, svc);
+            }
             let policy = match previous {
                 Some(p) if p.policy.compiled_from(source) => Arc::clone(&p.policy),
                 Some(p) => Arc::new(OutboundPolicy::new(source, Arc::clone(&p.policy.stats))),

@@ -26,6 +26,7 @@
 //! | [`body`] | streaming body types and body-lifetime guards |
 //! | [`error`] | proxy failures and their mapping to status + `weft-reason` |
 //! | [`policy`] | service policies compiled for the request path (which side enforces what) |
+//! | [`enforcement`] | service-side policy keys that nothing may enforce (a caller's plaintext static services) |
 //! | [`route`] | route matching |
 //! | [`limits`] | rate limits (governor) and concurrency caps |
 //! | [`retry`] | retry classification, backoff, replayable bodies |
@@ -46,6 +47,7 @@ pub mod client;
 pub mod control_plane;
 pub mod directory;
 pub mod discovery;
+pub mod enforcement;
 pub mod error;
 pub mod forward;
 #[doc(hidden)]

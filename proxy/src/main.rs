@@ -2,7 +2,9 @@
 //!
 //! `weft-proxy run --config FILE` runs the sidecar; `weft-proxy check --config FILE`
 //! or `--policy FILE` validates a file (a bootstrap file's `[tls]` files too)
-//! and exits non-zero with the error.
+//! and exits non-zero with the error; a valid bootstrap file whose static
+//! services carry service-side policy keys nothing may enforce gets a warning
+//! line for each (exit 0: see `weft_proxy::enforcement`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -74,8 +76,12 @@ fn check(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
             let r = weft_config::load_bootstrap(&path).map_err(|e| e.to_string());
             let r = r.and_then(|loaded| {
                 weft_proxy::tls::MeshTls::load(&loaded, std::sync::Arc::new(|_| {}))
-                    .map(drop)
-                    .map_err(|e| format!("{}: [tls]: {e}", path.display()))
+                    .map_err(|e| format!("{}: [tls]: {e}", path.display()))?;
+                // Valid, but a policy may set keys that nothing enforces.
+                for unenforced in weft_proxy::enforcement::unenforced(&loaded) {
+                    eprintln!("warning: {}: {unenforced}", path.display());
+                }
+                Ok(())
             });
             (path, r)
         }

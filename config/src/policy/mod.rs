@@ -51,6 +51,46 @@ pub struct Policy {
     pub splits: Vec<Split>,
 }
 
+impl Policy {
+    /// The keys this policy sets that only the service's own sidecars enforce
+    /// (`inbound.*`, and each route's `rate_limit`, `max_concurrency`, `queue`
+    /// and `allow`), as key paths (`inbound.rate_limit`,
+    /// `routes.charge.max_concurrency`), in file order. A caller's sidecar
+    /// reads the same file for the other keys and never enforces these.
+    pub fn service_side_keys(&self) -> Vec<String> {
+        let i = &self.inbound;
+        let inbound = [
+            ("max_concurrency", i.max_concurrency.is_some()),
+            ("queue", i.queue.is_some()),
+            ("rate_limit", i.rate_limit.is_some()),
+            ("caller_rate_limit", i.caller_rate_limit.is_some()),
+            ("allow", i.allow.is_some()),
+            ("allow_plaintext", i.allow_plaintext),
+            ("timeout", i.timeout.is_some()),
+        ];
+        let mut keys: Vec<String> = inbound
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(key, _)| format!("inbound.{key}"))
+            .collect();
+        for r in &self.routes {
+            let route = [
+                ("rate_limit", r.rate_limit.is_some()),
+                ("max_concurrency", r.max_concurrency.is_some()),
+                ("queue", r.queue.is_some()),
+                ("allow", r.allow.is_some()),
+            ];
+            keys.extend(
+                route
+                    .iter()
+                    .filter(|(_, set)| *set)
+                    .map(|(key, _)| format!("routes.{}.{key}", r.name)),
+            );
+        }
+        keys
+    }
+}
+
 /// `[inbound]`: what each instance's sidecar enforces. Every key defaults to
 /// "no limit".
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -201,5 +241,45 @@ impl Outbound {
                 .or(self.per_try_timeout),
             retry,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::path::Path;
+
+    #[test]
+    fn service_side_keys_are_listed_in_file_order() {
+        let src = r#"
+service = "billing"
+[inbound]
+rate_limit = { per_second = 100, burst = 10 }
+allow_plaintext = true
+[outbound]
+rate_limit = { per_second = 100, burst = 10 }
+[[routes]]
+name = "charge"
+match = { path_prefix = "/charge" }
+timeout = "1s"
+max_concurrency = 5
+queue = { depth = 1, timeout = "10ms" }
+[[routes]]
+name = "read"
+retry = { attempts = 1 }
+"#;
+        let policy = crate::parse_policy(src, Path::new("billing.toml")).unwrap();
+        assert_eq!(
+            policy.service_side_keys(),
+            [
+                "inbound.rate_limit",
+                "inbound.allow_plaintext",
+                "routes.charge.max_concurrency",
+                "routes.charge.queue",
+            ]
+        );
+        let caller_only = "service = \"billing\"\n[outbound]\ntimeout = \"1s\"\n";
+        let policy = crate::parse_policy(caller_only, Path::new("billing.toml")).unwrap();
+        assert!(policy.service_side_keys().is_empty());
     }
 }

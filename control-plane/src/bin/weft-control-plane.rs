@@ -1,13 +1,20 @@
 //! `weft-control-plane`: keeps the directory and every service's policy in a
 //! store (etcd, or an embedded in-memory store with `--dev`) and serves them.
+//!
+//! Start-up: the TLS files are read and both listeners bound first (a mistake
+//! there exits at once); the admin listener answers from then on. If etcd does
+//! not answer yet, the control plane keeps trying with backoff, logging each
+//! try, and stays alive and not ready (`/ready` 503, `/live` 200) until it
+//! does; the gRPC listener accepts sidecars from then on.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use clap::Parser;
+use rand::Rng;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -18,10 +25,10 @@ use weft_control_plane::metrics::{self, MeteredStore, Metrics};
 use weft_control_plane::push::Push;
 use weft_control_plane::serve;
 use weft_control_plane::store::etcd::{
-    ClientCert, EtcdOptions, EtcdStore, EtcdTls, EtcdUser, Password,
+    ClientCert, ConnectError, EtcdOptions, EtcdStore, EtcdTls, EtcdUser, Password,
 };
 use weft_control_plane::store::memory::{MemoryOptions, MemoryStore};
-use weft_control_plane::store::{AnyStore, DEFAULT_KEY_PREFIX};
+use weft_control_plane::store::{AnyStore, DEFAULT_KEY_PREFIX, ErrorChain};
 use weft_control_plane::tls::{ServerTls, TlsPaths};
 use weft_control_plane::view;
 
@@ -86,7 +93,8 @@ struct Args {
     /// Bearer tokens accepted by the admin API, one per line. Required unless --dev.
     #[arg(long, required_unless_present = "dev")]
     token_file: Option<PathBuf>,
-    /// Once listening, write the bound addresses (JSON) to this file.
+    /// Once serving (listening, and the store answered), write the bound
+    /// addresses (JSON) to this file.
     #[arg(long)]
     bound_file: Option<PathBuf>,
     /// Client connections open at once on the gRPC listener; past it a new
@@ -107,12 +115,13 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| e.to_string())
 }
 
-async fn store(args: &Args) -> anyhow::Result<AnyStore> {
+/// The store: the embedded one with `--dev`, else etcd once it answers.
+async fn store(args: &Args) -> anyhow::Result<Option<AnyStore>> {
     if args.dev {
         tracing::warn!(
             "--dev: using the embedded in-memory store; NOTHING PERSISTS, every registration and policy is lost when this process exits"
         );
-        return Ok(MemoryStore::new(MemoryOptions::default()).into());
+        return Ok(Some(MemoryStore::new(MemoryOptions::default()).into()));
     }
     let mut options = EtcdOptions::new(args.etcd.clone());
     options.key_prefix = args.etcd_prefix.clone();
@@ -137,11 +146,37 @@ async fn store(args: &Args) -> anyhow::Result<AnyStore> {
             password: Password::new(password.trim_end_matches(['\r', '\n'])),
         });
     }
-    let store = EtcdStore::connect(options)
-        .await
-        .context("connecting to etcd")?;
-    Ok(store.into())
+    // etcd unreachable at start (not yet up, a network partition) is waited
+    // for, as it is later on: the admin API answers meanwhile, not ready. An
+    // invalid URL, unreadable TLS files or a refused password is not: the
+    // process exits.
+    let mut failures = 0u32;
+    loop {
+        match EtcdStore::connect(options.clone()).await {
+            Ok(store) => return Ok(Some(store.into())),
+            Err(ConnectError::Store { source, .. }) if source.is_retryable() => {
+                failures = failures.saturating_add(1);
+                let ceiling = CONNECT_RETRY_MIN
+                    .saturating_mul(1u32 << failures.min(6))
+                    .min(CONNECT_RETRY_MAX);
+                let wait = rand::rng().random_range(CONNECT_RETRY_MIN..=ceiling);
+                tracing::warn!(
+                    etcd.endpoints = %options.endpoints.join(","),
+                    error = %ErrorChain(&source),
+                    attempt = failures,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "etcd unreachable at start; not ready, trying again"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e).context("connecting to etcd"),
+        }
+    }
 }
+
+/// Backoff bounds while etcd is unreachable at start (jittered, doubling).
+const CONNECT_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const CONNECT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let tokens = match &args.token_file {
@@ -154,9 +189,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(MeteredStore::new(store(&args).await?, Arc::clone(&metrics)));
     let stop = CancellationToken::new();
-    let (view, view_task) = view::follow(Arc::clone(&store), Arc::clone(&metrics), stop.clone());
 
     let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
         (Some(ca), Some(cert), Some(key)) => {
@@ -192,12 +225,51 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the gRPC listener to {}", args.listen))?;
     let grpc_addr = grpc_listener.local_addr()?;
-    if let Some(path) = &args.bound_file {
-        let tmp = path.with_extension("tmp");
-        let bound = serde_json::json!({ "admin": admin_addr, "listen": grpc_addr });
-        std::fs::write(&tmp, serde_json::to_vec(&bound)?)?;
-        std::fs::rename(&tmp, path)?;
-    }
+
+    // The admin API answers from the start: until the store has answered,
+    // /live 200, /ready 503 and /metrics; the rest once `state` is set.
+    let state: Arc<OnceLock<Arc<AdminState<MeteredStore<AnyStore>>>>> = Arc::new(OnceLock::new());
+    let admin_task = tokio::spawn(weft_control_plane::serve::http(
+        admin_listener,
+        serve::Limits {
+            max_connections: args.admin_max_connections,
+            refused: metrics.connections_refused("admin"),
+        },
+        stop.clone(),
+        {
+            let (state, metrics) = (Arc::clone(&state), Arc::clone(&metrics));
+            move |req: hyper::Request<hyper::body::Incoming>| {
+                let (method, route) =
+                    (req.method().clone(), metrics::admin_route(req.uri().path()));
+                let (state, metrics) = (state.get().cloned(), Arc::clone(&metrics));
+                async move {
+                    let rsp = match state {
+                        Some(state) => admin::handle(state, req).await,
+                        None => Ok(admin::starting(&metrics, &req)),
+                    };
+                    if let Ok(rsp) = &rsp {
+                        metrics.admin_request(&method, route, rsp.status());
+                    }
+                    rsp
+                }
+            }
+        },
+    ));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let store = tokio::select! {
+        connected = store(&args) => connected?,
+        _ = term.recv() => { tracing::info!("SIGTERM received"); None }
+        _ = int.recv() => { tracing::info!("SIGINT received"); None }
+    };
+    let Some(store) = store else {
+        stop.cancel();
+        let _ = admin_task.await;
+        return Ok(());
+    };
+    let store = Arc::new(MeteredStore::new(store, Arc::clone(&metrics)));
+    let (view, view_task) = view::follow(Arc::clone(&store), Arc::clone(&metrics), stop.clone());
     tracing::info!(listen.grpc = %grpc_addr, listen.admin = %admin_addr, lease_ttl_ms = args.lease_ttl.as_millis() as u64, "weft-control-plane ready");
     let push = Push::new(
         Arc::clone(&store),
@@ -218,34 +290,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         stop.clone(),
         ControlPlaneServer::new(push),
     ));
-    let state = Arc::new(AdminState {
+    let _ = state.set(Arc::new(AdminState {
         store: Arc::clone(&store),
         view,
         tokens,
         metrics: Arc::clone(&metrics),
-    });
-    let admin_task = tokio::spawn(weft_control_plane::serve::http(
-        admin_listener,
-        serve::Limits {
-            max_connections: args.admin_max_connections,
-            refused: metrics.connections_refused("admin"),
-        },
-        stop.clone(),
-        move |req: hyper::Request<hyper::body::Incoming>| {
-            let (method, route) = (req.method().clone(), metrics::admin_route(req.uri().path()));
-            let (state, metrics) = (Arc::clone(&state), Arc::clone(&metrics));
-            async move {
-                let rsp = admin::handle(state, req).await;
-                if let Ok(rsp) = &rsp {
-                    metrics.admin_request(&method, route, rsp.status());
-                }
-                rsp
-            }
-        },
-    ));
+    }));
+    // Written once everything serves (so a process waiting on it may use
+    // the whole admin API at once), not while waiting for etcd.
+    if let Some(path) = &args.bound_file {
+        let tmp = path.with_extension("tmp");
+        let bound = serde_json::json!({ "admin": admin_addr, "listen": grpc_addr });
+        std::fs::write(&tmp, serde_json::to_vec(&bound)?)?;
+        std::fs::rename(&tmp, path)?;
+    }
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),

@@ -99,7 +99,8 @@ enum Get {
     Services,
     /// A service's live instances.
     Instances { service: ServiceName },
-    /// A service's policy, exactly as applied.
+    /// A service's policy, exactly as applied; if the control plane refused
+    /// the stored one, the policy in force, flagged.
     Policy { service: ServiceName },
 }
 
@@ -512,15 +513,59 @@ async fn get(api: &Api, what: Get) -> anyhow::Result<()> {
             }
             print_table(&rows);
         }
-        Get::Policy { service } => match api.stored_policy(service.as_str()).await? {
-            Some(text) => print!("{text}"),
-            None => bail!(
-                "service {:?} has no policy (control plane at {})",
-                service.as_str(),
-                api.base
-            ),
-        },
+        Get::Policy { service } => get_policy(api, service.as_str()).await?,
     }
+    Ok(())
+}
+
+/// `get policy`: the stored policy; if the control plane refused it (it was
+/// written to the store by other means and fails validation), the policy in
+/// force instead, under comment lines that flag the stored one and say why (so
+/// the output is still a valid policy file), and a warning on stderr.
+async fn get_policy(api: &Api, service: &str) -> anyhow::Result<()> {
+    let (status, value) = api
+        .call(Method::GET, &format!("/v1/services/{service}/policy"), None)
+        .await?;
+    if status == StatusCode::NOT_FOUND && value["policy"].is_null() {
+        bail!(
+            "service {service:?} has no policy (control plane at {})",
+            api.base
+        );
+    }
+    if !status.is_success() {
+        return Err(api.refused(status, &value));
+    }
+    let Some(stored) = value["policy"].as_str() else {
+        bail!(
+            "the control plane at {} answered without a policy: {value}",
+            api.base
+        );
+    };
+    let Some(reason) = value["refused"].as_str() else {
+        print!("{stored}");
+        return Ok(());
+    };
+    let revision = value["revision"].as_i64().unwrap_or_default();
+    let Some(in_force) = value["in_force"].as_str() else {
+        bail!(
+            "service {service:?} has no policy in force: the one stored (revision {revision}) \
+             was refused by the control plane at {}: {reason}",
+            api.base
+        );
+    };
+    eprintln!(
+        "warning: the policy stored for {service} (revision {revision}) was refused by the \
+         control plane ({}); printing the policy in force",
+        reason.lines().next().unwrap_or_default()
+    );
+    println!(
+        "# REFUSED: the policy stored for {service} (revision {revision}) fails validation; \
+         the control plane ignores it and serves this one:"
+    );
+    for line in reason.lines() {
+        println!("#   {line}");
+    }
+    print!("{in_force}");
     Ok(())
 }
 

@@ -1,8 +1,9 @@
 //! The etcd store: production's, through etcd-client.
 //!
 //! One [`EtcdStore`] holds one client per configured endpoint (cluster
-//! member); clones share them. Requests go to one member, the current one,
-//! while it answers; a request that fails with [`StoreError::Unavailable`]
+//! member); clones share them. Requests go to one member, the current one
+//! (at first a random one, so that replicas spread over the cluster), while
+//! it answers; a request that fails with [`StoreError::Unavailable`]
 //! (refused connection, broken stream, no leader, timeout) moves the store
 //! to the next member and is sent again there, within the same
 //! `request_timeout`, so losing one member of a cluster costs a retry, not
@@ -169,9 +170,10 @@ impl EtcdStore {
                 Ok(Ok(client)) => *member.slot() = Some(Arc::new(Clients::new(client))),
             }
         }
+        let first = first_member(members.len());
         let inner = Inner {
             members,
-            current: AtomicUsize::new(0),
+            current: AtomicUsize::new(first),
             connect_options,
             prefix: options.normalized_prefix().into(),
             endpoints: options.endpoints.clone().into(),
@@ -182,7 +184,12 @@ impl EtcdStore {
             inner: Arc::new(inner),
         };
         store.ping().await.map_err(unreachable)?;
-        tracing::info!(etcd.endpoints = %options.endpoints.join(","), etcd.prefix = %store.inner.prefix, "connected to etcd");
+        tracing::info!(
+            etcd.endpoints = %options.endpoints.join(","),
+            etcd.member = %store.current_member(),
+            etcd.prefix = %store.inner.prefix,
+            "connected to etcd"
+        );
         Ok(store)
     }
 
@@ -198,6 +205,13 @@ impl EtcdStore {
             })
             .await?;
         header_revision(response.header())
+    }
+
+    /// The endpoint requests go to now.
+    pub fn current_member(&self) -> &str {
+        let count = self.inner.members.len();
+        let index = self.inner.current.load(Ordering::Relaxed) % count.max(1);
+        self.inner.members.get(index).map_or("", |m| m.url.as_str())
     }
 
     /// The key prefix every key is stored under.
@@ -337,6 +351,19 @@ impl EtcdStore {
     }
 }
 
+/// The member a new store sends its requests to first: a random one, so that
+/// control-plane replicas given the same endpoint list spread their requests
+/// and watches over the cluster instead of all loading the first member
+/// (each moves on to the next member, in list order, when its own fails).
+fn first_member(count: usize) -> usize {
+    use rand::Rng as _;
+    if count <= 1 {
+        0
+    } else {
+        rand::rng().random_range(0..count)
+    }
+}
+
 fn timed_out(after: Duration) -> StoreError {
     StoreError::unavailable(format!("etcd did not answer within {after:?}"))
 }
@@ -459,5 +486,25 @@ impl Store for EtcdStore {
             Ok(_) | Err(StoreError::Compacted { .. }) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_member;
+
+    #[test]
+    fn the_first_member_is_any_of_them() {
+        assert_eq!(first_member(0), 0);
+        assert_eq!(first_member(1), 0);
+        let mut seen = [0u32; 3];
+        for _ in 0..300 {
+            let i = first_member(3);
+            assert!(i < 3);
+            seen[i] += 1;
+        }
+        // 300 draws: each member about 100 times; none below 40 but with
+        // odds far under one in a billion.
+        assert!(seen.iter().all(|&n| n >= 40), "{seen:?}");
     }
 }
