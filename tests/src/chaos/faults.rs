@@ -8,6 +8,10 @@
 //! | SIGKILL, SIGTERM or SIGSTOP an etcd member | restarted (same data) or continued after 1-4 s |
 //! | `weftctl apply` of a valid policy | - |
 //! | `weftctl apply` of an invalid policy (must be refused), or an invalid policy written straight to etcd (must be ignored) | the next valid apply |
+//!
+//! Besides the fault drawn at each tick, every third tick changes a policy,
+//! in turn: invalid into etcd, valid, invalid through weftctl, valid (so
+//! even the short run tries each kind).
 //! | add an instance (at most 4 a service) or remove one (SIGTERM; at least 2 stay) | - |
 //!
 //! At most one instance of a service, one control-plane replica and one etcd
@@ -77,6 +81,23 @@ pub async fn run(mesh: Arc<Mesh>, log: Arc<FaultLog>, seed: u64, every: Duration
             }
         }
         policy_n += 1;
+        // Every third tick, a policy change besides the process fault, in
+        // turn: invalid into etcd, valid, invalid through weftctl, valid.
+        if policy_n.is_multiple_of(3) {
+            let service = SERVICES[rng.random_range(0..SERVICES.len())];
+            let change = match (policy_n / 3) % 4 {
+                0 => PolicyChange::InvalidEtcd,
+                2 => PolicyChange::InvalidWeftctl,
+                _ => PolicyChange::Valid,
+            };
+            tasks.spawn(change_policy(
+                Arc::clone(&mesh),
+                Arc::clone(&log),
+                service,
+                policy_n,
+                change,
+            ));
+        }
         for _ in 0..10 {
             if let Some((keys, task)) = choose(&mesh, &log, &mut rng, &busy, policy_n) {
                 busy.extend(keys.iter().cloned());
@@ -187,62 +208,22 @@ fn choose(
                 }),
             ))
         }
-        // A valid policy.
-        65..75 => {
-            log.count("valid policy applied");
-            mesh.timeline.note(format!(
-                "fault: weftctl apply valid policy #{policy_n} of {service}"
-            ));
+        // A policy change (besides the regular ones every third tick).
+        65..80 => {
+            let change = [
+                PolicyChange::Valid,
+                PolicyChange::InvalidWeftctl,
+                PolicyChange::InvalidEtcd,
+            ][rng.random_range(0..3)];
             Some((
                 Vec::new(),
                 Box::pin(async move {
-                    let text = policy::valid(service, policy_n);
-                    match mesh.apply_policy(service, &text).await {
-                        Ok(out) if out.status.success() => {}
-                        Ok(out) => log.error(&mesh, format!("valid policy refused: {}", out.all())),
-                        Err(error) => log.error(&mesh, format!("valid policy: {error:#}")),
-                    }
-                }),
-            ))
-        }
-        // An invalid policy, through weftctl or straight into etcd.
-        75..85 => {
-            let via_etcd = rng.random_bool(0.5);
-            let how = if via_etcd {
-                "etcd put"
-            } else {
-                "weftctl apply"
-            };
-            log.count(format!("invalid policy ({how})"));
-            mesh.timeline.note(format!(
-                "fault: {how} invalid policy #{policy_n} of {service}"
-            ));
-            Some((
-                Vec::new(),
-                Box::pin(async move {
-                    let text = policy::invalid(service, policy_n);
-                    if via_etcd {
-                        match mesh.etcd_put(&policy::etcd_key(service), &text).await {
-                            Ok(()) => *log.invalid_via_etcd.lock().unwrap() += 1,
-                            Err(error) => log.error(&mesh, format!("etcd put: {error:#}")),
-                        }
-                        return;
-                    }
-                    match mesh.apply_policy(service, &text).await {
-                        Ok(out) => {
-                            let mut counts = log.invalid_via_weftctl.lock().unwrap();
-                            counts.0 += 1;
-                            if out.status.success() {
-                                counts.1 += 1;
-                            }
-                        }
-                        Err(error) => log.error(&mesh, format!("invalid policy: {error:#}")),
-                    }
+                    change_policy(mesh, log, service, policy_n, change).await;
                 }),
             ))
         }
         // Add an instance.
-        85..93 => {
+        80..90 => {
             if busy.contains(&svc_key) || mesh.instances_of(service).len() >= MAX_INSTANCES {
                 return None;
             }
@@ -277,6 +258,63 @@ fn choose(
             ))
         }
     }
+}
+
+/// A policy change the injector makes.
+#[derive(Debug, Clone, Copy)]
+enum PolicyChange {
+    /// `weftctl apply` of a valid policy.
+    Valid,
+    /// `weftctl apply` of an invalid one: must be refused.
+    InvalidWeftctl,
+    /// An invalid one written straight to etcd: must be ignored.
+    InvalidEtcd,
+}
+
+/// Makes `change` to `service`'s policy (number `n`); nothing to heal.
+async fn change_policy(
+    mesh: Arc<Mesh>,
+    log: Arc<FaultLog>,
+    service: &'static str,
+    n: usize,
+    change: PolicyChange,
+) -> Vec<String> {
+    let what = match change {
+        PolicyChange::Valid => "valid policy applied",
+        PolicyChange::InvalidWeftctl => "invalid policy (weftctl apply)",
+        PolicyChange::InvalidEtcd => "invalid policy (etcd put)",
+    };
+    log.count(what);
+    mesh.timeline
+        .note(format!("fault: {what}: #{n} of {service}"));
+    match change {
+        PolicyChange::Valid => match mesh.apply_policy(service, &policy::valid(service, n)).await {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => log.error(&mesh, format!("valid policy refused: {}", out.all())),
+            Err(error) => log.error(&mesh, format!("valid policy: {error:#}")),
+        },
+        PolicyChange::InvalidEtcd => {
+            let text = policy::invalid(service, n);
+            match mesh.etcd_put(&policy::etcd_key(service), &text).await {
+                Ok(()) => *log.invalid_via_etcd.lock().unwrap() += 1,
+                Err(error) => log.error(&mesh, format!("etcd put: {error:#}")),
+            }
+        }
+        PolicyChange::InvalidWeftctl => {
+            let text = policy::invalid(service, n);
+            match mesh.apply_policy(service, &text).await {
+                Ok(out) => {
+                    let mut counts = log.invalid_via_weftctl.lock().unwrap();
+                    counts.0 += 1;
+                    if out.status.success() {
+                        counts.1 += 1;
+                    }
+                }
+                Err(error) => log.error(&mesh, format!("invalid policy: {error:#}")),
+            }
+        }
+    }
+    Vec::new()
 }
 
 fn part_name(part: Part) -> &'static str {

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -490,7 +491,10 @@ impl Mesh {
 
     /// `weftctl apply -f FILE` of `text` as `service`'s policy.
     pub async fn apply_policy(&self, service: &str, text: &str) -> anyhow::Result<CtlOutput> {
-        let path = self.files.write(&format!("{service}.toml"), text)?;
+        // A file of its own: policy changes run concurrently.
+        static FILES: AtomicUsize = AtomicUsize::new(0);
+        let n = FILES.fetch_add(1, Ordering::Relaxed);
+        let path = self.files.write(&format!("{service}-{n}.toml"), text)?;
         let path = path.display().to_string();
         self.weftctl(0, &["apply", "-f", &path]).await
     }
