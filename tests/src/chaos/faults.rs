@@ -3,9 +3,9 @@
 //! | fault | heals |
 //! |---|---|
 //! | SIGKILL or SIGTERM an app or a sidecar | restarted after 1-4 s (an app on its address; a sidecar on new ports, same instance id) |
-//! | SIGSTOP an app or a sidecar | SIGCONT after 0.5-2.5 s |
-//! | SIGKILL, SIGTERM or SIGSTOP a control-plane replica | restarted (same gRPC address) or continued after 1-4 s |
-//! | SIGKILL, SIGTERM or SIGSTOP an etcd member | restarted (same data) or continued after 1-4 s |
+//! | SIGSTOP an app or a sidecar | SIGCONT after 0.5-2.5 s, one pause in four after 11-14 s (beyond the 10 s lease TTL) |
+//! | SIGKILL, SIGTERM or SIGSTOP a control-plane replica | restarted (same gRPC address) after 1-4 s, or continued as above |
+//! | SIGKILL, SIGTERM or SIGSTOP an etcd member | restarted (same data) after 1-4 s, or continued as above |
 //! | `weftctl apply` of a valid policy | - |
 //! | `weftctl apply` of an invalid policy (must be refused), or an invalid policy written straight to etcd (must be ignored) | the next valid apply |
 //!
@@ -128,7 +128,12 @@ fn choose(
     let service = SERVICES[rng.random_range(0..SERVICES.len())];
     let svc_key = format!("service:{service}");
     let heal = Duration::from_millis(rng.random_range(1000..4000));
-    let pause = Duration::from_millis(rng.random_range(500..2500));
+    // One pause in four outlasts the control plane's lease TTL (10 s).
+    let pause = if rng.random_bool(0.25) {
+        Duration::from_millis(rng.random_range(11_000..14_000))
+    } else {
+        Duration::from_millis(rng.random_range(500..2500))
+    };
     let roll = rng.random_range(0..100);
     match roll {
         // An app or a sidecar: killed, terminated or paused.
