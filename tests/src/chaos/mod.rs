@@ -208,7 +208,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     say(&timeline, "faults over, every process back (or reported)");
     // Time for restarted sidecars to carry traffic to (and so follow) every service.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let sync = check_sync(&mesh).await?;
+    let sync = check_sync(&mesh).await;
     let registry = check_registry(&mesh).await;
     say(&timeline, "revision and registration checks done");
 
@@ -315,14 +315,21 @@ async fn wait_until_connected(mesh: &Mesh) -> anyhow::Result<()> {
 
 /// Applies a valid policy to every service (the last fault), then polls
 /// until both replicas hold one revision and every sidecar reports it.
-async fn check_sync(mesh: &Mesh) -> anyhow::Result<SyncCheck> {
+async fn check_sync(mesh: &Mesh) -> SyncCheck {
+    let mut check = SyncCheck::default();
     for (k, service) in SERVICES.iter().enumerate() {
-        mesh.apply_policy(service, &policy::valid(service, 1_000_000 + k))
-            .await?
-            .ok()?;
+        let applied = mesh
+            .apply_policy(service, &policy::valid(service, 1_000_000 + k))
+            .await
+            .and_then(|out| out.ok().map(|_| ()));
+        if let Err(error) = applied {
+            check.lagging.push(format!(
+                "the last policy of {service} was not applied: {error:#}"
+            ));
+            return check;
+        }
     }
     let applied = Instant::now();
-    let mut check = SyncCheck::default();
     loop {
         let revisions = mesh.cp_revisions().await;
         let target = revisions.iter().flatten().max().copied();
@@ -350,11 +357,11 @@ async fn check_sync(mesh: &Mesh) -> anyhow::Result<SyncCheck> {
             }
             if check.lagging.is_empty() {
                 check.reached_after = Some(applied.elapsed());
-                return Ok(check);
+                return check;
             }
         }
         if applied.elapsed() >= CHECK_PATIENCE {
-            return Ok(check);
+            return check;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
