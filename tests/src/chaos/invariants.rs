@@ -278,9 +278,13 @@ fn sidecars_in_sync(ev: &Evidence<'_>, details: &mut Vec<String>) -> Row {
         "every sidecar at the control plane's revision within 2 s of the last fault",
         pass,
         format!(
-            "revision {} (replicas {:?}), {} sidecars, {}",
+            "revision {} (replicas at {}), {} sidecars, {}",
             s.revision.map_or("?".to_owned(), |r| r.to_string()),
-            s.cp_revisions,
+            s.cp_revisions
+                .iter()
+                .map(|r| r.map_or("?".to_owned(), |r| r.to_string()))
+                .collect::<Vec<_>>()
+                .join(" / "),
             s.sidecars,
             match s.reached_after {
                 Some(t) => format!("all there after {:.2}s", t.as_secs_f64()),
