@@ -49,13 +49,16 @@ pub fn sibling_bin(env: &str, name: &str) -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os(env) {
         return Ok(PathBuf::from(bin));
     }
-    // Test executables live in target/<profile>/deps/; binaries one level up.
+    // Test executables live in target/<profile>/deps/; binaries one level
+    // up, next to the harness's own binaries (weft-chaos).
     let exe = std::env::current_exe().context("locating the test executable")?;
-    let bin = exe
+    let dir = exe
         .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join(name))
-        .ok_or_else(|| anyhow!("no target directory above {}", exe.display()))?;
+        .ok_or_else(|| anyhow!("no directory above {}", exe.display()))?;
+    let bin = match dir.parent() {
+        Some(up) if !dir.join(name).exists() => up.join(name),
+        _ => dir.join(name),
+    };
     if !bin.exists() {
         bail!(
             "{} does not exist: run `cargo build -p weft-control-plane --bins` with the same \

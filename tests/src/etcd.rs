@@ -242,6 +242,12 @@ impl EtcdCluster {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Member `i`'s process id while it runs (to signal it: SIGTERM, SIGSTOP).
+    pub fn pid(&mut self, i: usize) -> Option<u32> {
+        let child = self.members[i].child.as_mut()?;
+        matches!(child.try_wait(), Ok(None)).then(|| child.id())
+    }
+
     /// Kills member `i` (SIGKILL) and waits for it to exit; its data
     /// directory stays for [`EtcdCluster::restart`].
     pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {

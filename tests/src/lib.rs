@@ -33,6 +33,9 @@
 //! - [`control_plane`]: a `weft-control-plane` process (`--dev` or on etcd)
 //!   with its token file, kill and restart on the same addresses, and a
 //!   `weftctl` runner.
+//! - [`chaos`]: the chaos run (`benches/chaos.sh`, the `weft-chaos` binary,
+//!   and its short version in `tests/chaos.rs`): a whole mesh under traffic
+//!   and random faults, judged against invariants at the end.
 //!
 //! Running: build the binaries into the same target directory, then run the
 //! tests (`cargo build -p weft-proxy -p weft-control-plane --bins && cargo
@@ -52,6 +55,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod chaos;
 pub mod client;
 pub mod config;
 pub mod control_plane;

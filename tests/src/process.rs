@@ -39,13 +39,16 @@ pub fn proxy_bin() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("WEFT_PROXY_BIN") {
         return Ok(PathBuf::from(bin));
     }
-    // Test executables live in target/<profile>/deps/; binaries one level up.
+    // Test executables live in target/<profile>/deps/; binaries one level
+    // up, next to the harness's own binaries (weft-chaos).
     let exe = std::env::current_exe().context("locating the test executable")?;
-    let bin = exe
+    let dir = exe
         .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("weft-proxy"))
-        .ok_or_else(|| anyhow!("no target directory above {}", exe.display()))?;
+        .ok_or_else(|| anyhow!("no directory above {}", exe.display()))?;
+    let bin = match dir.parent() {
+        Some(up) if !dir.join("weft-proxy").exists() => up.join("weft-proxy"),
+        _ => dir.join("weft-proxy"),
+    };
     if !bin.exists() {
         bail!(
             "{} does not exist: run `cargo build -p weft-proxy` with the same \
