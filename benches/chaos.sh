@@ -12,7 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 minutes=${1:-10}
 target=${CARGO_TARGET_DIR:-target}
-[ -n "${NOBUILD:-}" ] || cargo build --locked -q -p weft-proxy -p weft-control-plane -p weft-tests --bins
+# The whole workspace, as scripts/test builds it: the same feature set, so the
+# dependencies already built are reused.
+[ -n "${NOBUILD:-}" ] || cargo build --locked -q --workspace --bins
 out=${CHAOS_OUT:-$target/chaos/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$out"
 args=(--minutes "$minutes" --out "$out")
