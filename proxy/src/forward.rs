@@ -145,6 +145,11 @@ pub async fn send(
         Version::HTTP_11
     };
     *req.headers_mut() = head.headers.clone();
+    if !http2 {
+        // `TE: trailers` (kept for gRPC) is hop-by-hop: on HTTP/1.1 it must
+        // be named in `Connection`.
+        headers::name_te_in_connection(req.headers_mut());
+    }
     if mesh {
         let app = if app_http2 { "http2" } else { "http1" };
         req.headers_mut()

@@ -6,7 +6,10 @@
 //!   both directions; they describe one connection, not the message.
 //! - An HTTP/1.1 upgrade (WebSocket and friends) is the one exception: `Upgrade` and
 //!   `Connection: upgrade` are kept so the next hop can agree to the switch.
-//! - `TE: trailers` survives because gRPC needs it end to end.
+//! - `TE: trailers` survives because gRPC needs it end to end. `TE` is itself
+//!   hop-by-hop: on an HTTP/1.1 hop it goes with `Connection: te` (RFC 9110
+//!   §10.1.4, [`name_te_in_connection`]); an HTTP/2 hop takes it alone (HTTP/2
+//!   has no `Connection`).
 //! - The inbound side records the client in `x-forwarded-for` and `forwarded`.
 //! - A `Connection` option never removes a header the sidecar sets or relies on end
 //!   to end ([`PROTECTED`]: `Host`, `weft-caller`, `x-forwarded-for`, `forwarded`,
@@ -108,6 +111,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if keep_upgrade && headers.contains_key(header::UPGRADE) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// For an HTTP/1.1 hop: a `TE` kept by [`strip_hop_by_hop`] (`trailers`)
+/// is named in `Connection`, as RFC 9110 §10.1.4 requires of a sender of
+/// `TE`. Not for HTTP/2, which has no `Connection` (hyper refuses it there).
+pub fn name_te_in_connection(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TE) {
+        headers.append(header::CONNECTION, HeaderValue::from_static("te"));
     }
 }
 
@@ -242,6 +254,30 @@ mod tests {
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["te"]);
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn te_goes_with_connection_te_on_an_http1_hop() {
+        let mut h = map(&[("te", "trailers"), ("connection", "TE, x-a")]);
+        strip_hop_by_hop(&mut h, false);
+        name_te_in_connection(&mut h);
+        assert_eq!(h["te"], "trailers");
+        let tokens: Vec<_> = connection_tokens(&h).collect();
+        assert_eq!(tokens, ["te"]);
+        // An upgrade keeps its own token.
+        let mut h = map(&[
+            ("te", "trailers"),
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        name_te_in_connection(&mut h);
+        let tokens: Vec<_> = connection_tokens(&h).collect();
+        assert_eq!(tokens, ["upgrade", "te"]);
+        // Without TE, nothing is added.
+        let mut h = map(&[("host", "billing")]);
+        name_te_in_connection(&mut h);
+        assert!(!h.contains_key("connection"));
     }
 
     #[test]
