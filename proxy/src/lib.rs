@@ -12,6 +12,7 @@
 //! | [`authz`] | who may call the local service: `allow` lists and `[tls] default_inbound` |
 //! | [`admin`] | `/live`, `/ready`, `/config`, `/endpoints`, `POST /reload` |
 //! | [`screen`] | checks every request passes first: URI length, HTTP/1 framing, inbound authority |
+//! | [`framing`] | HTTP/1 request framing followed on the raw bytes: heads with both `Content-Length` and `Transfer-Encoding` |
 //! | [`target`] | a request's logical destination |
 //! | [`directory`] | the services this sidecar can call, rebuilt on reload |
 //! | [`remote`] | services pushed by the control plane, shaped like directory services |
@@ -47,6 +48,7 @@ pub mod directory;
 pub mod discovery;
 pub mod error;
 pub mod forward;
+pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod headers;
