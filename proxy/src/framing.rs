@@ -157,13 +157,23 @@ impl RequestFraming {
         while let Some((&byte, rest)) = bytes.split_first() {
             match &mut self.state {
                 State::Done => return None,
-                State::Line => match rest_of_line(bytes) {
-                    Some(after) => {
-                        bytes = after;
+                State::Line => match find_lf(bytes) {
+                    Some(at) => {
+                        bytes = bytes.get(at + 1..).unwrap_or_default();
                         self.state = State::LineStart;
                     }
                     None => return None,
                 },
+                // A method that is all here is read at once, as `step` would.
+                State::Idle if !matches!(byte, b'\r' | b'\n') => {
+                    bytes = match self.method(bytes) {
+                        Some(after) => after,
+                        None => {
+                            self.step(byte);
+                            rest
+                        }
+                    };
+                }
                 State::Body(left) => {
                     skip(&mut bytes, left);
                     if *left == 0 {
@@ -185,6 +195,30 @@ impl RequestFraming {
             }
         }
         None
+    }
+
+    /// A request line starting `bytes` whose method (at most 8 bytes, like
+    /// [`State::Method`]) ends within them: what follows its end.
+    fn method<'a>(&mut self, bytes: &'a [u8]) -> Option<&'a [u8]> {
+        // The first byte belongs to the method whatever it is.
+        let end = 1 + bytes
+            .get(1..)?
+            .iter()
+            .take(8)
+            .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))?;
+        let (method, after) = bytes.split_at(end);
+        self.heads += 1;
+        self.head = Head::default();
+        self.state = if after.first() == Some(&b' ') {
+            if method == b"CONNECT" || method == b"PRI" {
+                self.head.leaves_http1 = true;
+            }
+            State::Line
+        } else {
+            // A request line without a target: hyper refuses it.
+            State::Done
+        };
+        after.get(1..)
     }
 
     /// One byte outside the fast paths of [`Self::feed`].
@@ -418,10 +452,25 @@ fn hex(byte: u8) -> Option<u8> {
     }
 }
 
-/// What follows the first LF in `bytes`, if there is one.
-fn rest_of_line(bytes: &[u8]) -> Option<&[u8]> {
-    let at = bytes.iter().position(|&b| b == b'\n')?;
-    bytes.get(at + 1..)
+/// Where the first LF in `bytes` is, eight bytes at a time.
+fn find_lf(bytes: &[u8]) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    const LFS: u64 = u64::from_le_bytes([b'\n'; 8]);
+    let mut at = 0;
+    let mut rest = bytes;
+    while let Some((word, after)) = rest.split_first_chunk::<8>() {
+        // A zero byte in `x` is an LF; the lowest flagged byte is exact
+        // (borrows only flag bytes above a zero).
+        let x = u64::from_le_bytes(*word) ^ LFS;
+        let zeros = x.wrapping_sub(ONES) & !x & HIGHS;
+        if zeros != 0 {
+            return Some(at + (zeros.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+        rest = after;
+    }
+    rest.iter().position(|&b| b == b'\n').map(|i| at + i)
 }
 
 /// Skips up to `left` bytes of `bytes`, counting them off `left`.
@@ -572,6 +621,22 @@ mod tests {
                  POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
             );
             assert_eq!(follow(&seq), (Some(2), false), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn find_lf_finds_the_first_lf_anywhere() {
+        for len in 0..40 {
+            let mut bytes = vec![b'a'; len];
+            assert_eq!(find_lf(&bytes), None);
+            for at in 0..len {
+                bytes.fill(0x8a);
+                bytes[at] = b'\n';
+                if at + 1 < len {
+                    bytes[at + 1] = b'\n';
+                }
+                assert_eq!(find_lf(&bytes), Some(at), "{len} {at}");
+            }
         }
     }
 
