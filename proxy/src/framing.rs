@@ -157,13 +157,25 @@ impl RequestFraming {
         while let Some((&byte, rest)) = bytes.split_first() {
             match &mut self.state {
                 State::Done => return None,
-                State::Line => match find_lf(bytes) {
-                    Some(at) => {
+                State::Line => {
+                    // Whole lines that cannot matter are skipped here, not
+                    // stepped into.
+                    loop {
+                        let at = find_lf(bytes)?;
                         bytes = bytes.get(at + 1..).unwrap_or_default();
-                        self.state = State::LineStart;
+                        match bytes.first() {
+                            Some(b) if !may_matter(*b) => {}
+                            _ => break,
+                        }
                     }
-                    None => return None,
-                },
+                    self.state = State::LineStart;
+                }
+                State::LineStart if bytes.starts_with(b"\r\n") => {
+                    bytes = bytes.get(2..).unwrap_or_default();
+                    if let Some(ordinal) = self.end_of_head() {
+                        return Some(ordinal);
+                    }
+                }
                 // A method that is all here is read at once, as `step` would.
                 State::Idle if !matches!(byte, b'\r' | b'\n') => {
                     bytes = match self.method(bytes) {
@@ -450,6 +462,15 @@ fn hex(byte: u8) -> Option<u8> {
         b'A'..=b'F' => Some(byte - b'A' + 10),
         _ => None,
     }
+}
+
+/// Whether a header line starting with `byte` may matter: the head's end, or
+/// one of the [`Field`]s (any other line is skipped whole).
+fn may_matter(byte: u8) -> bool {
+    matches!(
+        byte.to_ascii_lowercase(),
+        b'\r' | b'\n' | b'c' | b't' | b'u'
+    )
 }
 
 /// Where the first LF in `bytes` is, eight bytes at a time.
