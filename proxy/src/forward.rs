@@ -73,6 +73,8 @@ pub struct RequestHead {
     pub headers: HeaderMap,
     /// The downstream side of an HTTP/1.1 upgrade, taken by the first attempt.
     upgrade: Option<OnUpgrade>,
+    /// `TE: trailers` was kept: an HTTP/1.1 hop names it in `Connection`.
+    te_trailers: bool,
 }
 
 impl RequestHead {
@@ -95,7 +97,7 @@ pub fn prepare<B>(mut req: Request<B>) -> (RequestHead, B) {
     {
         req.headers_mut().insert(header::HOST, value);
     }
-    headers::strip_hop_by_hop(req.headers_mut(), upgrade);
+    let te_trailers = headers::strip_hop_by_hop(req.headers_mut(), upgrade);
     let (parts, body) = req.into_parts();
     let head = RequestHead {
         method: parts.method,
@@ -107,6 +109,7 @@ pub fn prepare<B>(mut req: Request<B>) -> (RequestHead, B) {
         version: parts.version,
         headers: parts.headers,
         upgrade: on_upgrade,
+        te_trailers,
     };
     (head, body)
 }
@@ -145,6 +148,11 @@ pub async fn send(
         Version::HTTP_11
     };
     *req.headers_mut() = head.headers.clone();
+    if head.te_trailers && !http2 {
+        // `TE: trailers` (kept for gRPC) is hop-by-hop: on HTTP/1.1 it must
+        // be named in `Connection`.
+        headers::name_te_in_connection(req.headers_mut());
+    }
     if mesh {
         let app = if app_http2 { "http2" } else { "http1" };
         req.headers_mut()

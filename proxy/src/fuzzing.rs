@@ -10,6 +10,11 @@
 //!   [`crate::forward::prepare`]), the trace context, and the refusal
 //!   response. Each step's promises are checked, not only that it does not
 //!   panic.
+//! - [`framing`]: follows arbitrary bytes as a client connection's HTTP/1
+//!   requests ([`crate::framing::RequestFraming`]): fed whole, in thirds or
+//!   byte by byte, it claims the same; and a claim names a request hyper
+//!   itself serves last on that connection, with `Transfer-Encoding` (hyper,
+//!   on an in-memory connection, is the reference).
 //! - [`policy`]: parses arbitrary bytes as a policy file (checked by
 //!   `weft_config::fuzzing::policy`) and compiles an accepted one the way the
 //!   sidecar does, on both sides.
@@ -482,6 +487,104 @@ pub fn policy(data: &[u8]) {
     }
 }
 
+/// The `framing` target (see the module docs).
+pub fn framing(data: &[u8]) {
+    let whole = follow(data, &[]);
+    let thirds = [data.len() / 3, data.len() * 2 / 3];
+    assert_eq!(follow(data, &thirds), whole, "fed in thirds");
+    let every: Vec<usize> = (1..data.len()).collect();
+    assert_eq!(follow(data, &every), whole, "fed byte by byte");
+    let (Some(claimed), _) = whole else {
+        return;
+    };
+    // What hyper served, in order: whether each request had Transfer-Encoding.
+    let Some(served) = served_by_hyper(data) else {
+        return;
+    };
+    let Ok(nth) = usize::try_from(claimed - 1) else {
+        return;
+    };
+    // hyper may have refused an earlier head the tracker followed (a byte
+    // in a field value, too many fields): then it served fewer.
+    if let Some(&transfer_encoding) = served.get(nth) {
+        assert!(
+            transfer_encoding,
+            "claimed request {claimed} has no Transfer-Encoding"
+        );
+        assert_eq!(
+            served.len(),
+            nth + 1,
+            "hyper served requests after the claimed one ({claimed})"
+        );
+    }
+}
+
+/// [`crate::framing::RequestFraming`] fed `data` in pieces cut at `cuts`:
+/// its claim, and whether it still follows.
+fn follow(data: &[u8], cuts: &[usize]) -> (Option<u64>, bool) {
+    let mut framing = crate::framing::RequestFraming::new();
+    let mut claim = None;
+    let mut from = 0;
+    for &to in cuts.iter().chain(std::iter::once(&data.len())) {
+        if let Some(n) = framing.feed(data.get(from..to).unwrap_or_default()) {
+            assert!(claim.is_none(), "two claims on one connection");
+            claim = Some(n);
+        }
+        from = to;
+    }
+    (claim, framing.is_following())
+}
+
+/// Serves `data` as one client connection with hyper's HTTP/1 server (each
+/// request's body read whole, answered 200) and returns, for each request
+/// served, whether it had `Transfer-Encoding`; `None` if it did not end.
+fn served_by_hyper(data: &[u8]) -> Option<Vec<bool>> {
+    use http_body_util::BodyExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    static RUNTIME: LazyLock<Option<tokio::runtime::Runtime>> = LazyLock::new(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()
+    });
+    let runtime = RUNTIME.as_ref()?;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        if let Ok(mut seen) = record.lock() {
+            seen.push(req.headers().contains_key(header::TRANSFER_ENCODING));
+        }
+        async move {
+            let _ = req.into_body().collect().await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(
+                http_body_util::Empty::<Bytes>::new(),
+            ))
+        }
+    });
+    let input = data.to_vec();
+    let ended = runtime.block_on(async move {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let client = async move {
+            let _ = client.write_all(&input).await;
+            let _ = client.shutdown().await;
+            let mut sink = Vec::new();
+            let _ = client.read_to_end(&mut sink).await;
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            tokio::join!(conn, client)
+        })
+        .await
+        .is_ok()
+    });
+    if !ended {
+        return None;
+    }
+    seen.lock().ok().map(|seen| seen.clone())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -516,5 +619,26 @@ mod tests {
             request(input);
         }
         policy(b"service = \"a\"\n[[routes]]\nname = \"r\"\nmatch = { method = \"get\" }\n");
+    }
+
+    #[test]
+    fn framing_claims_agree_with_hyper() {
+        let both =
+            b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(follow(both, &[]), (Some(1), false));
+        assert_eq!(served_by_hyper(both), Some(vec![true]));
+        let mut two = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        two.extend_from_slice(both);
+        two.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(follow(&two, &[]), (Some(2), false));
+        assert_eq!(served_by_hyper(&two), Some(vec![false, true]));
+        for input in [
+            &b""[..],
+            both,
+            &two,
+            b"GET / HTTP/1.1\r\nUpgrade: x\r\n\r\n",
+        ] {
+            framing(input);
+        }
     }
 }

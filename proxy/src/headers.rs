@@ -6,7 +6,10 @@
 //!   both directions; they describe one connection, not the message.
 //! - An HTTP/1.1 upgrade (WebSocket and friends) is the one exception: `Upgrade` and
 //!   `Connection: upgrade` are kept so the next hop can agree to the switch.
-//! - `TE: trailers` survives because gRPC needs it end to end.
+//! - `TE: trailers` survives because gRPC needs it end to end. `TE` is itself
+//!   hop-by-hop: on an HTTP/1.1 hop it goes with `Connection: te` (RFC 9110
+//!   §10.1.4, [`name_te_in_connection`]); an HTTP/2 hop takes it alone (HTTP/2
+//!   has no `Connection`).
 //! - The inbound side records the client in `x-forwarded-for` and `forwarded`.
 //! - A `Connection` option never removes a header the sidecar sets or relies on end
 //!   to end ([`PROTECTED`]: `Host`, `weft-caller`, `x-forwarded-for`, `forwarded`,
@@ -70,13 +73,14 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Remove hop-by-hop headers. When `keep_upgrade` is set (an upgrade request or a
 /// `101 Switching Protocols` response), `Upgrade` is kept and `Connection` is reduced
-/// to `upgrade`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+/// to `upgrade`. Returns whether `TE: trailers` was kept (for
+/// [`name_te_in_connection`]).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) -> bool {
     // Most messages carry none of them: one pass over the names present
     // (standard names compare as integers) is much cheaper than looking up
     // every hop-by-hop name.
     if !headers.keys().any(is_hop_by_hop) {
-        return;
+        return false;
     }
     // Read before anything is removed: a client that sends `TE` also names it in
     // `Connection` (RFC 9110 §10.1.4).
@@ -109,6 +113,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if keep_upgrade && headers.contains_key(header::UPGRADE) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
+    te_trailers
+}
+
+/// For an HTTP/1.1 hop, when [`strip_hop_by_hop`] kept `TE: trailers`: names
+/// `TE` in `Connection`, as RFC 9110 §10.1.4 requires of a sender of `TE`.
+/// Not for HTTP/2, which has no `Connection` (hyper refuses it there).
+pub fn name_te_in_connection(headers: &mut HeaderMap) {
+    headers.append(header::CONNECTION, HeaderValue::from_static("te"));
 }
 
 /// The host a client asked for, as `forwarded` records it: the Host header,
@@ -242,6 +254,34 @@ mod tests {
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["te"]);
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn te_goes_with_connection_te_on_an_http1_hop() {
+        let mut h = map(&[("te", "trailers"), ("connection", "TE, x-a")]);
+        assert!(strip_hop_by_hop(&mut h, false));
+        name_te_in_connection(&mut h);
+        assert_eq!(h["te"], "trailers");
+        let tokens: Vec<_> = connection_tokens(&h).collect();
+        assert_eq!(tokens, ["te"]);
+        // An upgrade keeps its own token.
+        let mut h = map(&[
+            ("te", "trailers"),
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(strip_hop_by_hop(&mut h, true));
+        name_te_in_connection(&mut h);
+        let tokens: Vec<_> = connection_tokens(&h).collect();
+        assert_eq!(tokens, ["upgrade", "te"]);
+        // Without TE: trailers, there is nothing to name.
+        for other in [
+            &[("host", "billing")][..],
+            &[("te", "gzip")],
+            &[("connection", "te")],
+        ] {
+            assert!(!strip_hop_by_hop(&mut map(other), false), "{other:?}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! | [`health`] | the sidecar's check of its own app: the state machine, TCP and HTTP probes |
 //! | [`admin`] | `/live`, `/ready`, `/config`, `/endpoints`, `POST /reload` |
 //! | [`screen`] | checks every request passes first: URI length, HTTP/1 framing, inbound authority |
+//! | [`framing`] | HTTP/1 request framing followed on the raw bytes: heads with both `Content-Length` and `Transfer-Encoding` |
 //! | [`target`] | a request's logical destination |
 //! | [`directory`] | the services this sidecar can call, rebuilt on reload |
 //! | [`remote`] | services pushed by the control plane, shaped like directory services |
@@ -50,6 +51,7 @@ pub mod discovery;
 pub mod enforcement;
 pub mod error;
 pub mod forward;
+pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod headers;

@@ -4,13 +4,15 @@
 //!
 //! - the request target is at most `[limits] max_uri_length` (414);
 //! - an HTTP/1 request has at most one `Host` (RFC 9112 §3.2: 400), and its
-//!   framing is unambiguous: `Transfer-Encoding` is exactly `chunked`
-//!   (400). hyper already refuses differing `Content-Length`s, a
-//!   `Transfer-Encoding` whose last coding is not `chunked`, and any
-//!   `Transfer-Encoding` in HTTP/1.0; with both `Content-Length` and
-//!   `Transfer-Encoding: chunked` it frames by the latter, drops the former
-//!   and closes the connection after the response (RFC 9112 §6.1), so the
-//!   request goes upstream with one framing, never both;
+//!   framing is unambiguous (400, and the connection is closed after the
+//!   answer): `Transfer-Encoding` is exactly `chunked`, and not sent together
+//!   with `Content-Length` (RFC 9112 §6.3, as Envoy does). hyper already
+//!   refuses differing `Content-Length`s, a `Transfer-Encoding` whose last
+//!   coding is not `chunked`, and any `Transfer-Encoding` in HTTP/1.0. With
+//!   both fields it frames by `Transfer-Encoding` and removes
+//!   `Content-Length` before the request reaches the listener's service, so
+//!   the server follows the raw bytes ([`crate::framing`]) and marks such a
+//!   request ([`BothLengths`]); nothing of it goes upstream;
 //! - on the inbound listener, an absolute-form (or CONNECT) HTTP/1 request
 //!   must name the local service or this listener (403): the inbound listener
 //!   is never a proxy to other hosts. HTTP/2's `:authority` is the `Host`
@@ -19,9 +21,10 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::uri::{Authority, Uri};
-use http::{HeaderMap, Request, Version, header};
+use http::{Request, Version, header};
 
 use crate::error::ProxyError;
+use crate::framing::BothLengths;
 
 /// The request-target length of `uri` as it came (scheme, authority, path
 /// and query), without allocating.
@@ -41,7 +44,7 @@ pub fn request<B>(req: &Request<B>, max_uri_length: usize) -> Result<(), ProxyEr
         });
     }
     if req.version() <= Version::HTTP_11 {
-        framing(req.headers())?;
+        framing(req)?;
         let mut hosts = req.headers().get_all(header::HOST).iter();
         if hosts.next().is_some() && hosts.next().is_some() {
             return Err(ProxyError::AmbiguousRequest {
@@ -52,12 +55,19 @@ pub fn request<B>(req: &Request<B>, max_uri_length: usize) -> Result<(), ProxyEr
     Ok(())
 }
 
-/// `Transfer-Encoding`, when present, must be exactly one `chunked`.
-fn framing(headers: &HeaderMap) -> Result<(), ProxyError> {
-    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter();
+/// `Transfer-Encoding`, when present, must be exactly one `chunked`, and
+/// must not have come with a `Content-Length` (which hyper removed: the
+/// server marked the request).
+fn framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let mut codings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
     let Some(first) = codings.next() else {
         return Ok(());
     };
+    if req.extensions().get::<BothLengths>().is_some() {
+        return Err(ProxyError::AmbiguousRequest {
+            problem: "both Content-Length and Transfer-Encoding",
+        });
+    }
     if codings.next().is_some()
         || !first
             .as_bytes()
@@ -166,6 +176,19 @@ mod tests {
             ],
         );
         assert!(request(&two, 100).is_err());
+    }
+
+    #[test]
+    fn a_request_marked_with_both_lengths_is_refused() {
+        let mut marked = req("/", &[("transfer-encoding", "chunked")]);
+        assert!(request(&marked, 100).is_ok());
+        marked.extensions_mut().insert(BothLengths);
+        assert!(matches!(
+            request(&marked, 100),
+            Err(ProxyError::AmbiguousRequest {
+                problem: "both Content-Length and Transfer-Encoding"
+            })
+        ));
     }
 
     #[test]

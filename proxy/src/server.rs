@@ -26,6 +26,12 @@
 //!   of its [`HeadTimer`]: an in-flight request's response completes, then the
 //!   connection closes).
 //!
+//! Every HTTP/1 connection's reads are also followed by a
+//! [`crate::framing::RequestFraming`]: the request whose head carried both
+//! `Content-Length` and `Transfer-Encoding` (which hyper reduces to the
+//! latter before the service sees it) gets a [`BothLengths`] extension, for
+//! [`crate::screen`] to refuse.
+//!
 //! With `tls` (the inbound listener of a sidecar with `[tls]`), the same
 //! protocol detection reads the connection's first byte: 0x16 (a TLS
 //! handshake record) goes through [`InboundTls::accept`] (bounded by its own
@@ -61,6 +67,7 @@ use tower::ServiceExt as _;
 use weft_config::Limits;
 
 use crate::body::ProxyBody;
+use crate::framing::{BothLengths, RequestFraming};
 use crate::telemetry::io::Counted;
 use crate::telemetry::metrics::ConnectionMetrics;
 use crate::tls::accept::{Accepted, InboundTls};
@@ -338,11 +345,14 @@ impl Conn {
         let io = Guarded {
             inner: io,
             activity: self.activity,
+            framing: RequestFraming::new(),
             _permit: self.permit,
         };
         let requests = Arc::clone(&activity);
-        let service = service.map_request(move |req: Request<Incoming>| {
-            requests.request_started();
+        let service = service.map_request(move |mut req: Request<Incoming>| {
+            if requests.request_started() {
+                req.extensions_mut().insert(BothLengths);
+            }
             req
         });
         let conn = self
@@ -509,6 +519,11 @@ struct Activity {
     /// Milliseconds after `epoch` when the last request started (0: none yet,
     /// the connection's start counts).
     last_request: AtomicU64,
+    /// Requests handed to the service so far.
+    requests: AtomicU64,
+    /// The ordinal of the HTTP/1 request whose head carried both
+    /// `Content-Length` and `Transfer-Encoding` (0: none), from the reads.
+    both_lengths: AtomicU64,
 }
 
 impl Activity {
@@ -521,12 +536,20 @@ impl Activity {
             first_byte: AtomicU64::new(Self::NONE),
             started: AtomicBool::new(false),
             last_request: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            both_lengths: AtomicU64::new(0),
         }
     }
 
-    fn request_started(&self) {
+    /// A request is handed to the service; whether its head carried both
+    /// `Content-Length` and `Transfer-Encoding`. hyper hands an HTTP/1
+    /// connection's requests over in order, after reading their heads (in
+    /// the same task): the n-th request here is the n-th head read.
+    fn request_started(&self) -> bool {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(Self::NONE - 1);
         self.last_request.store(ms, Ordering::Relaxed);
+        let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        self.both_lengths.load(Ordering::Relaxed) == n
     }
 
     /// When the last request started (the connection's start before any).
@@ -553,12 +576,15 @@ impl Activity {
 
 pin_project! {
     /// A served client connection: counted, its reads noted for the
-    /// [`HeadTimer`], and holding its listener slot until it closes (upgraded
-    /// connections included, since hyper hands this IO to the upgrade).
+    /// [`HeadTimer`] and followed for HTTP/1 request framing
+    /// ([`RequestFraming`]: it stops at once on HTTP/2's preface), and
+    /// holding its listener slot until it closes (upgraded connections
+    /// included, since hyper hands this IO to the upgrade).
     struct Guarded<T> {
         #[pin]
         inner: T,
         activity: Arc<Activity>,
+        framing: RequestFraming,
         _permit: OwnedSemaphorePermit,
     }
 }
@@ -572,8 +598,13 @@ impl<T: AsyncRead> AsyncRead for Guarded<T> {
         let this = self.project();
         let before = buf.filled().len();
         let polled = this.inner.poll_read(cx, buf);
-        if buf.filled().len() > before {
+        if let Some(read) = buf.filled().get(before..)
+            && !read.is_empty()
+        {
             this.activity.read();
+            if let Some(ordinal) = this.framing.feed(read) {
+                this.activity.both_lengths.store(ordinal, Ordering::Relaxed);
+            }
         }
         polled
     }

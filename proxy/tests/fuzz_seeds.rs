@@ -1,9 +1,9 @@
 //! The proxy fuzz targets' seed corpora pass their checks: every raw request
-//! in `tests/corpus/hostile/` through the request path (`request` target),
+//! in `tests/corpus/hostile/` through the request path (`request` target)
+//! and followed for its framing (`framing` target),
 //! every policy-shaped TOML file of the config goldens and the examples
 //! compiled (`policy` target), and every input the targets once failed on
-//! (`fuzz/regressions/request/` and `fuzz/regressions/policy/`, when
-//! present). `scripts/fuzz` seeds the targets with the same files.
+//! (`fuzz/regressions/<target>/`, when present). `scripts/fuzz` seeds the targets with the same files.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -44,6 +44,17 @@ fn hostile_requests_pass_the_request_checks() {
         .chain(&files(&repo().join("fuzz/regressions/request"), ""))
     {
         weft_proxy::fuzzing::request(&fs::read(file).unwrap());
+    }
+}
+
+#[test]
+fn hostile_requests_pass_the_framing_checks() {
+    let seeds = files(&repo().join("tests/corpus/hostile"), ".http");
+    for file in seeds
+        .iter()
+        .chain(&files(&repo().join("fuzz/regressions/framing"), ""))
+    {
+        weft_proxy::fuzzing::framing(&fs::read(file).unwrap());
     }
 }
 

@@ -10,7 +10,11 @@
 //! panic and its resident memory grew by less than 50 MiB. The connection cap
 //! gets its own sidecar (a small cap would starve the battery), and
 //! `corpus_of_hostile_inputs_is_refused_on_both_listeners` replays every
-//! `tests/corpus/hostile/*.http` file against both data listeners.
+//! `tests/corpus/hostile/*.http` file against both data listeners. Requests
+//! with both `Content-Length` and `Transfer-Encoding` are refused (the
+//! battery, and `requests_with_both_lengths_are_refused_over_tls`), while
+//! pipelined requests whose bodies look like such heads pass untouched
+//! (`only_requests_with_both_lengths_are_refused`, and over TLS).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -20,13 +24,14 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use bytes::Bytes;
 use http::Request;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use weft_tests::backend::Backend;
 use weft_tests::client::Client;
 use weft_tests::config::{Bootstrap, DirService};
 use weft_tests::process::Proxy;
+use weft_tests::tls::Pki;
 use weft_tests::{eventually, within};
 
 /// `[limits] header_read_timeout` of the battery's sidecar.
@@ -142,8 +147,15 @@ async fn exchange(addr: SocketAddr, bytes: &[u8]) -> anyhow::Result<Verdict> {
     read_verdict(&mut stream).await
 }
 
-async fn read_verdict(stream: &mut TcpStream) -> anyhow::Result<Verdict> {
-    let mut buf = Vec::new();
+async fn read_verdict<S: AsyncRead + Unpin>(stream: &mut S) -> anyhow::Result<Verdict> {
+    read_verdict_after(stream, Vec::new()).await
+}
+
+/// [`read_verdict`] with `buf` already read from `stream`.
+async fn read_verdict_after<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut buf: Vec<u8>,
+) -> anyhow::Result<Verdict> {
     let mut head: Option<(u16, String)> = None;
     let deadline = Instant::now() + VERDICT_WAIT;
     loop {
@@ -333,19 +345,56 @@ async fn hostile_battery_is_refused_and_the_sidecar_keeps_serving() -> anyhow::R
         let verdict = exchange(addr, &bad_chunk).await?;
         ensure!(verdict.refused(), "bad chunk size: {verdict:?}");
     }
-    // CL + TE: hyper frames by Transfer-Encoding, drops Content-Length and
-    // closes after the response (RFC 9112 §6.1); the hidden request after the
-    // chunked body is never read, and the backend sees one framing only.
-    let cl_te = request(&format!(
-        "POST /echo HTTP/1.1\nHost: backend\nContent-Length: 5\nTransfer-Encoding: chunked\n\n0\n\n{smuggled}"
-    ));
+    // CL + TE, in either order (RFC 9112 §6.3 "ought to be handled as an
+    // error"): 400 and a close, nothing forwarded. hyper alone would frame by
+    // Transfer-Encoding and drop Content-Length; the sidecar follows the raw
+    // bytes to know. Also as the second request of a pipelined connection.
+    let before_both = (setup.backend.requests(), setup.app.requests());
+    let both = [
+        (
+            "CL,TE",
+            format!(
+                "POST /echo HTTP/1.1\nHost: backend\nContent-Length: 5\nTransfer-Encoding: chunked\n\n0\n\n{smuggled}"
+            ),
+        ),
+        (
+            "TE,CL",
+            format!(
+                "POST /echo HTTP/1.1\nHost: backend\ntransfer-encoding: chunked\ncontent-length: 5\n\n0\n\n{smuggled}"
+            ),
+        ),
+    ];
+    for (name, text) in &both {
+        for addr in [out, inb] {
+            let verdict = exchange(addr, &request(text)).await?;
+            expect(&verdict, 400, name)?;
+            ensure!(
+                verdict.header("weft-reason") == Some("ambiguous-request")
+                    && matches!(verdict, Verdict::Closed(..)),
+                "{name}: expected ambiguous-request and a close: {verdict:?}"
+            );
+        }
+    }
     for addr in [out, inb] {
-        let verdict = exchange(addr, &cl_te).await?;
+        let mut stream = TcpStream::connect(addr).await?;
+        let pipelined = format!("GET /ok HTTP/1.1\nHost: backend\n\n{}", both[0].1);
+        stream.write_all(&request(&pipelined)).await?;
+        let mut responses = Responses::new(stream);
+        let first = responses.next().await?;
+        ensure!(first.status == 200, "pipelined GET: {first:?}");
+        let verdict = responses.verdict().await?;
         ensure!(
-            matches!(verdict, Verdict::Closed(Some(_), _)),
-            "CL+TE: the connection must close after the response: {verdict:?}"
+            verdict.status() == Some(400)
+                && verdict.header("weft-reason") == Some("ambiguous-request")
+                && matches!(verdict, Verdict::Closed(..)),
+            "CL+TE after a GET: {verdict:?}"
         );
     }
+    let after_both = (setup.backend.requests(), setup.app.requests());
+    ensure!(
+        after_both == (before_both.0 + 1, before_both.1 + 1),
+        "only the pipelined GETs may be forwarded: {before_both:?} -> {after_both:?}"
+    );
     for seen in setup.backend.seen().iter().chain(setup.app.seen().iter()) {
         ensure!(
             seen.path != "/smuggled",
@@ -360,7 +409,7 @@ async fn hostile_battery_is_refused_and_the_sidecar_keeps_serving() -> anyhow::R
     let forwarded = (setup.backend.requests(), setup.app.requests());
     ensure!(
         forwarded.0 - forwarded_before.0 <= 2 && forwarded.1 - forwarded_before.1 <= 2,
-        "only the CL+TE (and at most the bad-chunk) requests may be forwarded: {forwarded_before:?} -> {forwarded:?}"
+        "only the pipelined GET (and at most the bad-chunk) requests may be forwarded: {forwarded_before:?} -> {forwarded:?}"
     );
     setup.still_serves("smuggling").await?;
 
@@ -803,5 +852,215 @@ async fn corpus_of_hostile_inputs_is_refused_on_both_listeners() -> anyhow::Resu
         "a smuggled request reached a backend"
     );
     ensure!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+/// One whole HTTP/1 response read by [`Responses`].
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    /// The head, lower case.
+    head: String,
+    body: Vec<u8>,
+}
+
+/// Reads HTTP/1 responses one after the other from a connection (pipelined
+/// requests), keeping what it read past each.
+struct Responses<S> {
+    stream: S,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + Unpin> Responses<S> {
+    fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn next(&mut self) -> anyhow::Result<Response> {
+        loop {
+            if let Some((response, used)) = parse_response(&self.buf)? {
+                self.buf.drain(..used);
+                return Ok(response);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = within(VERDICT_WAIT, "a response", self.stream.read(&mut chunk)).await??;
+            ensure!(
+                n > 0,
+                "closed before a whole response: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The next response as a [`Verdict`] (whether the connection closes).
+    async fn verdict(mut self) -> anyhow::Result<Verdict> {
+        let buf = std::mem::take(&mut self.buf);
+        read_verdict_after(&mut self.stream, buf).await
+    }
+}
+
+/// A whole response at the start of `buf` (Content-Length or chunked body,
+/// no trailers) and the bytes it took; `None` while incomplete.
+fn parse_response(buf: &[u8]) -> anyhow::Result<Option<(Response, usize)>> {
+    let find = |from: usize, what: &[u8]| {
+        buf.get(from..)
+            .and_then(|rest| rest.windows(what.len()).position(|w| w == what))
+            .map(|at| from + at)
+    };
+    let Some(end) = find(0, b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("not a response: {head:?}"))?;
+    let mut at = end + 4;
+    let mut body = Vec::new();
+    if head.contains("transfer-encoding: chunked") {
+        loop {
+            let Some(line_end) = find(at, b"\r\n") else {
+                return Ok(None);
+            };
+            let line = String::from_utf8_lossy(&buf[at..line_end]).into_owned();
+            let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+                .with_context(|| format!("chunk size {line:?}"))?;
+            at = line_end + 2;
+            if buf.len() < at + size + 2 {
+                return Ok(None);
+            }
+            body.extend_from_slice(&buf[at..at + size]);
+            at += size + 2;
+            if size == 0 {
+                break;
+            }
+        }
+    } else {
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(Ok(0), |v| v.trim().parse())?;
+        if buf.len() < at + len {
+            return Ok(None);
+        }
+        body.extend_from_slice(&buf[at..at + len]);
+        at += len;
+    }
+    Ok(Some((Response { status, head, body }, at)))
+}
+
+/// Bytes that look like a head with both framings, for bodies.
+const LOOKALIKE: &str = "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n";
+
+/// Pipelined on one connection, what the framing check must let through:
+/// a GET, a Content-Length body and a chunked one (with an extension and a
+/// trailer) that both hold [`LOOKALIKE`] and a whole head with both fields,
+/// then a GET. Each is answered, bodies echoed byte for byte, and the
+/// connection stays open.
+async fn legitimate_framing_passes<S>(stream: S, host: &str, what: &str) -> anyhow::Result<()>
+where
+    S: AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let fake_head = format!("POST /echo HTTP/1.1\r\nHost: {host}\r\n{LOOKALIKE}\r\n");
+    let cl_body = format!("{LOOKALIKE}{fake_head}");
+    let chunked_body = format!("{fake_head}{LOOKALIKE}");
+    let (first, second) = chunked_body.split_at(10);
+    let text = format!(
+        "GET /ok HTTP/1.1\r\nHost: {host}\r\n\r\n\
+         POST /echo HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{cl_body}\
+         POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:x};ext=1\r\n{first}\r\n{:x}\r\n{second}\r\n0\r\nX-Trailer: 1\r\n\r\n\
+         GET /ok HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        cl_body.len(),
+        first.len(),
+        second.len(),
+    );
+    let mut stream = stream;
+    stream.write_all(text.as_bytes()).await?;
+    let mut responses = Responses::new(stream);
+    let expected = [
+        ("GET", &b""[..]),
+        ("Content-Length POST", cl_body.as_bytes()),
+        ("chunked POST", chunked_body.as_bytes()),
+        ("GET", &b""[..]),
+    ];
+    for (name, body) in expected {
+        let rsp = responses
+            .next()
+            .await
+            .with_context(|| format!("{what}: {name}"))?;
+        ensure!(rsp.status == 200, "{what}: {name}: {rsp:?}");
+        ensure!(
+            body.is_empty() || rsp.body == body,
+            "{what}: {name}: body not echoed byte for byte: {:?}",
+            String::from_utf8_lossy(&rsp.body)
+        );
+        ensure!(
+            !rsp.head.contains("connection: close"),
+            "{what}: {name}: closed: {rsp:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_requests_with_both_lengths_are_refused() -> anyhow::Result<()> {
+    let setup = Setup::start(&[]).await?;
+    for (addr, host) in [
+        (setup.proxy.outbound(), "backend"),
+        (setup.proxy.inbound(), "shop"),
+    ] {
+        let stream = TcpStream::connect(addr).await?;
+        legitimate_framing_passes(stream, host, &format!("plaintext to {host}")).await?;
+    }
+    ensure!(
+        setup.backend.requests() == 4 && setup.app.requests() == 4,
+        "({}, {})",
+        setup.backend.requests(),
+        setup.app.requests()
+    );
+    setup.still_serves("legitimate framing").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_with_both_lengths_are_refused_over_tls() -> anyhow::Result<()> {
+    let pki = Pki::new();
+    let app = Backend::start("app").await?;
+    let bootstrap = Bootstrap::new().app("shop", app.addr()).tls("shop", None);
+    let proxy = pki
+        .files(
+            Proxy::builder(bootstrap.render()),
+            "shop",
+            &pki.issue("shop"),
+        )
+        .start()
+        .await?;
+    let web = pki.issue("web");
+    let inb = proxy.inbound();
+    for order in [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked",
+        "Transfer-Encoding: chunked\r\nContent-Length: 5",
+    ] {
+        let mut conn = weft_tests::tls::connect(inb, pki.ca_pem(), Some(&web)).await?;
+        let text = format!(
+            "POST /echo HTTP/1.1\r\nHost: shop\r\n{order}\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: shop\r\n\r\n"
+        );
+        conn.stream.write_all(text.as_bytes()).await?;
+        let verdict = read_verdict(&mut conn.stream).await?;
+        ensure!(
+            verdict.status() == Some(400)
+                && verdict.header("weft-reason") == Some("ambiguous-request")
+                && matches!(verdict, Verdict::Closed(..)),
+            "{order:?} over TLS: {verdict:?}"
+        );
+    }
+    ensure!(app.requests() == 0, "{:?}", app.seen());
+    let conn = weft_tests::tls::connect(inb, pki.ca_pem(), Some(&web)).await?;
+    legitimate_framing_passes(conn.stream, "shop", "over TLS").await?;
+    ensure!(app.requests() == 4, "{}", app.requests());
     Ok(())
 }

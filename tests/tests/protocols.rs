@@ -2,7 +2,8 @@
 //!
 //! HTTP/2 prior knowledge from the app; the upstream protocol chosen by the
 //! directory entry (`auto` keeps the app's version, `http1`/`http2` force one);
-//! gRPC-style requests whose trailers must cross in both directions; 10 MiB
+//! gRPC-style requests whose trailers must cross in both directions (and
+//! `TE: trailers`, named in `Connection` on HTTP/1.1 hops only); 10 MiB
 //! bodies checked byte for byte; bodies streamed without buffering (a slow
 //! drip arrives chunk by chunk, an h2 echo is full duplex); and an HTTP/1.1
 //! upgrade after which raw bytes flow both ways.
@@ -158,6 +159,60 @@ async fn grpc_style_trailers_cross_the_proxy_both_ways() -> anyhow::Result<()> {
             "{service}: request trailers did not reach the backend: {:?}",
             reply.trailers
         );
+    }
+    Ok(())
+}
+
+/// The `Connection` tokens `seen` carries, lower case.
+fn connection_tokens(seen: &HeaderMap) -> Vec<String> {
+    seen.get_all("connection")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn te_trailers_is_named_in_connection_on_http1_hops_only() -> anyhow::Result<()> {
+    // RFC 9110 §10.1.4: a sender of TE names it in Connection. HTTP/2 has no
+    // Connection (gRPC sends TE: trailers alone).
+    let s = setup().await?;
+    for client in [
+        Client::absolute(s.proxy.outbound()),
+        Client::h2(s.proxy.outbound()),
+    ] {
+        let mode = client.mode();
+        for (service, backend) in [
+            ("billing-h1", &s.h1),
+            ("billing-auto", &s.auto),
+            ("billing-h2", &s.h2),
+        ] {
+            let mut headers = vec![("te", "trailers")];
+            if mode != Mode::H2 {
+                headers.push(("connection", "TE"));
+            }
+            let reply = client
+                .get_with(&format!("http://{service}/hello"), &headers)
+                .await?;
+            reply.expect_status(200)?;
+            let seen = backend.last_seen().context("backend saw nothing")?;
+            ensure!(
+                seen.headers.get("te").is_some_and(|v| v == "trailers"),
+                "{mode:?} to {service}: TE: trailers lost: {:?}",
+                seen.headers
+            );
+            let tokens = connection_tokens(&seen.headers);
+            if seen.version == Version::HTTP_2 {
+                ensure!(tokens.is_empty(), "{mode:?} to {service}: {tokens:?}");
+            } else {
+                ensure!(
+                    tokens == ["te"],
+                    "{mode:?} to {service} over HTTP/1.1: Connection {tokens:?}"
+                );
+            }
+        }
     }
     Ok(())
 }
