@@ -373,6 +373,7 @@ fn service_state(entry: &ServiceEntry) -> ServiceState {
             .map(|r| v1::Instance::from(&**r))
             .collect(),
         policy_toml: entry.policy_toml.as_deref().unwrap_or_default().to_owned(),
+        policy_refused: entry.policy_refused,
         live_instances: u32::try_from(
             entry
                 .instances
@@ -510,6 +511,7 @@ mod tests {
         Arc::new(ServiceEntry {
             name: name.into(),
             policy_toml: policy.map(Into::into),
+            policy_refused: false,
             instances: BTreeMap::new(),
         })
     }

@@ -40,12 +40,16 @@ pub struct ServiceEntry {
     pub name: String,
     /// The policy's TOML source, validated.
     pub policy_toml: Option<Arc<str>>,
+    /// The stored policy failed validation and no valid one is known to this
+    /// replica (it started after the invalid write): subscribers are told to
+    /// keep the policy they hold.
+    pub policy_refused: bool,
     pub instances: BTreeMap<String, Arc<InstanceRecord>>,
 }
 
 impl ServiceEntry {
     fn is_empty(&self) -> bool {
-        self.policy_toml.is_none() && self.instances.is_empty()
+        self.policy_toml.is_none() && !self.policy_refused && self.instances.is_empty()
     }
 }
 
@@ -81,13 +85,24 @@ impl DirectoryView {
             });
         match (parsed, kv) {
             (Key::Policy { .. }, Some(kv)) => match validate_policy(service, &kv.value) {
-                Ok(text) => entry.policy_toml = Some(text.into()),
+                Ok(text) => {
+                    entry.policy_toml = Some(text.into());
+                    entry.policy_refused = false;
+                }
                 Err(error) => {
                     tracing::error!(store.key = key, %error, "ignoring an invalid policy in the store");
-                    return;
+                    // The last valid policy, if this replica saw one, stays in
+                    // force; if not, sidecars are told to keep theirs.
+                    if entry.policy_toml.is_some() {
+                        return;
+                    }
+                    entry.policy_refused = true;
                 }
             },
-            (Key::Policy { .. }, None) => entry.policy_toml = None,
+            (Key::Policy { .. }, None) => {
+                entry.policy_toml = None;
+                entry.policy_refused = false;
+            }
             (Key::Instance { id, .. }, Some(kv)) => {
                 match serde_json::from_slice::<InstanceRecord>(&kv.value) {
                     Ok(record) if record.service.as_str() == service && record.id == id => {
@@ -305,10 +320,32 @@ mod tests {
         let billing = &v.services["billing"];
         assert_eq!(billing.instances.len(), 2);
         assert_eq!(billing.policy_toml.as_deref(), Some(policy));
-        assert!(
-            !v.services.contains_key("orders"),
-            "invalid entries must be left out"
-        );
+        // The invalid policy is not served; with no valid one known, the
+        // entry says so (sidecars keep the policy they hold), and the
+        // mismatched record is left out.
+        let orders = &v.services["orders"];
+        assert!(orders.policy_refused, "{orders:?}");
+        assert!(orders.policy_toml.is_none() && orders.instances.is_empty());
+
+        // Once a valid policy was seen, an invalid one leaves it in force.
+        let good = "service = \"orders\"\n";
+        store
+            .put(&keys::policy_key("orders"), Bytes::from(good), None)
+            .await
+            .unwrap();
+        let rev = store
+            .put(
+                &keys::policy_key("orders"),
+                Bytes::from("service = \"orders\"\nbogus = 2\n"),
+                None,
+            )
+            .await
+            .unwrap();
+        let v = wait_for(&mut rx, |v| v.revision >= rev).await;
+        let orders = &v.services["orders"];
+        assert_eq!(orders.policy_toml.as_deref(), Some(good));
+        assert!(!orders.policy_refused);
+        store.delete(&keys::policy_key("orders")).await.unwrap();
 
         // Deleting everything of a service removes it.
         store

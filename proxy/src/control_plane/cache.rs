@@ -104,6 +104,8 @@ impl CacheFile {
                 instances: s.instances.iter().map(v1::Instance::from).collect(),
                 policy_toml: s.policy_toml.clone().unwrap_or_default(),
                 live_instances: s.live_instances,
+                // The cache holds the policy this sidecar used.
+                policy_refused: false,
             })
             .collect()
     }
@@ -246,6 +248,7 @@ mod tests {
             }],
             policy_toml: "service = \"billing\"\n".to_owned(),
             live_instances: 1,
+            policy_refused: false,
         };
         let mut t = Tracker::default();
         t.restore(42, &[state]);

@@ -368,7 +368,18 @@ impl Tracker {
         for state in &message.services {
             mentioned.insert(state.name.as_str());
             match validate(state) {
-                Ok(service) => {
+                Ok(mut service) => {
+                    if state.policy_refused
+                        && let Some(previous) = old
+                            .services
+                            .get(&service.name)
+                            .or_else(|| self.current.services.get(&service.name))
+                    {
+                        // The control plane refused the stored policy and
+                        // knows no valid one: keep the policy in force here.
+                        service.policy = previous.policy.clone();
+                        service.policy_toml = previous.policy_toml.clone();
+                    }
                     let service = match old.services.get(&service.name) {
                         Some(previous) if previous.same_state(&service) => Arc::clone(previous),
                         _ => Arc::new(service),
@@ -523,6 +534,7 @@ mod tests {
                 .collect(),
             policy_toml: String::new(),
             live_instances: u32::try_from(ports.len()).unwrap(),
+            policy_refused: false,
         }
     }
 
@@ -725,6 +737,42 @@ mod tests {
         assert_eq!(ports(&t, "a"), [1]);
         assert_eq!(t.snapshot().lookup("gone"), Lookup::Missing);
         assert_eq!(t.snapshot().lookup("Not-A-Name"), Lookup::Unknown);
+    }
+
+    #[test]
+    fn a_refused_policy_keeps_the_one_in_force_and_no_policy_removes_it() {
+        let mut t = Tracker::default();
+        t.begin_stream(BTreeSet::new());
+        let good = "service = \"a\"\n[outbound]\ntimeout = \"4s\"\n";
+        t.apply(&msg(
+            1,
+            true,
+            vec![with_policy(state("a", &[1]), good)],
+            &[],
+        ))
+        .unwrap();
+        // A control plane that started after an invalid policy was written
+        // knows no valid one: it says so, and this sidecar keeps its own, for
+        // a delta as for a full message (a new stream to that replica).
+        let mut refused = state("a", &[1, 2]);
+        refused.policy_refused = true;
+        t.apply(&msg(2, false, vec![refused.clone()], &[])).unwrap();
+        assert_eq!(
+            t.snapshot().services["a"].policy_toml.as_deref(),
+            Some(good)
+        );
+        assert_eq!(ports(&t, "a"), [1, 2]);
+        t.begin_stream(BTreeSet::new());
+        t.apply(&msg(3, true, vec![refused], &[])).unwrap();
+        assert_eq!(
+            t.snapshot().services["a"].policy_toml.as_deref(),
+            Some(good)
+        );
+        assert!(t.snapshot().services["a"].policy.is_some());
+        // An empty policy that is not refused: the policy was deleted.
+        t.apply(&msg(4, false, vec![state("a", &[1])], &[]))
+            .unwrap();
+        assert!(t.snapshot().services["a"].policy.is_none());
     }
 
     #[test]

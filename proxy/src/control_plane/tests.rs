@@ -70,6 +70,7 @@ fn service(name: &str, port: u16) -> v1::ServiceState {
         }],
         policy_toml: String::new(),
         live_instances: 1,
+        policy_refused: false,
     }
 }
 
