@@ -91,6 +91,21 @@ async fn endpoint(caller: &Admin, addr: SocketAddr) -> anyhow::Result<(String, u
     ))
 }
 
+/// Waits until a request through the caller's sidecar to `billing` succeeds
+/// and the caller lists `n` endpoints for it.
+async fn until_billing_has(client: &Client, caller: &Admin, n: usize) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(10), || async {
+        client
+            .get("http://billing/hello")
+            .await?
+            .expect_status(200)?;
+        let have = endpoint_addrs(caller, "billing").await?;
+        ensure!(have.len() == n, "billing: {have:?}, want {n} endpoints");
+        Ok(())
+    })
+    .await
+}
+
 /// Death then recovery of one of three instances, under traffic.
 async fn death_and_recovery(cp: &ControlPlane) -> anyhow::Result<()> {
     let addresses = [cp.grpc_url()];
@@ -255,15 +270,7 @@ async fn a_sidecar_started_before_its_app_registers_once_the_app_answers() -> an
     let caller = mesh_caller(&addresses).await?;
     let caller_admin = caller.admin_client();
     let client = Client::host_header(caller.outbound());
-    eventually(Duration::from_secs(10), || async {
-        client
-            .get("http://billing/hello")
-            .await?
-            .expect_status(200)?;
-        ensure!(endpoint_addrs(&caller_admin, "billing").await?.len() == 1);
-        Ok(())
-    })
-    .await?;
+    until_billing_has(&client, &caller_admin, 1).await?;
 
     let later = closed_port()?;
     let early = Proxy::builder(
@@ -412,15 +419,7 @@ async fn an_http_check_sees_an_app_that_answers_503() -> anyhow::Result<()> {
     let caller = mesh_caller(&addresses).await?;
     let caller_admin = caller.admin_client();
     let client = Client::host_header(caller.outbound());
-    eventually(Duration::from_secs(10), || async {
-        client
-            .get("http://billing/hello")
-            .await?
-            .expect_status(200)?;
-        ensure!(endpoint_addrs(&caller_admin, "billing").await?.len() == 2);
-        Ok(())
-    })
-    .await?;
+    until_billing_has(&client, &caller_admin, 2).await?;
     ensure!(
         app2.seen().iter().any(|r| r.path == "/healthz"),
         "no GET /healthz reached the app"
