@@ -28,6 +28,7 @@ use weft_proxy::error::ProxyError;
 use weft_proxy::headers;
 use weft_proxy::limits::{RateLimit, Share};
 use weft_proxy::route::RouteTable;
+use weft_proxy::stack::respond::error_response;
 use weft_proxy::telemetry::{Direction, Metrics, Observation, Reporters, TraceSettings, Traces};
 
 /// An exporter that accepts and discards every batch.
@@ -55,9 +56,9 @@ fn telemetry(c: &mut Criterion) {
     let route: Arc<str> = Arc::from("charge");
     c.bench_function("telemetry/observe", |b| {
         b.iter(|| {
-            let mut obs = Observation::start(&reporters, Direction::Outbound, &mut req);
-            obs.set_service(&service);
-            obs.set_route(&route);
+            let obs = Observation::start(&reporters, Direction::Outbound, &mut req);
+            obs.context().set_service(&service, None);
+            obs.context().set_route(&route);
             black_box(obs.respond(Response::new(body::empty())));
         });
     });
@@ -66,11 +67,10 @@ fn telemetry(c: &mut Criterion) {
             service: "billing".into(),
         };
         b.iter(|| {
-            let mut obs = Observation::start(&reporters, Direction::Outbound, &mut req);
-            obs.set_service(&service);
-            obs.set_route(&route);
-            obs.refused(&error);
-            black_box(obs.respond(Response::new(body::empty())));
+            let obs = Observation::start(&reporters, Direction::Outbound, &mut req);
+            obs.context().set_service(&service, None);
+            obs.context().set_route(&route);
+            black_box(obs.respond(error_response(&error, false)));
         });
     });
 
@@ -92,9 +92,9 @@ fn telemetry(c: &mut Criterion) {
         .unwrap();
     c.bench_function("telemetry/observe_traced", |b| {
         b.iter(|| {
-            let mut obs = Observation::start(&traced, Direction::Outbound, &mut req);
-            obs.set_service(&service);
-            obs.set_route(&route);
+            let obs = Observation::start(&traced, Direction::Outbound, &mut req);
+            obs.context().set_service(&service, None);
+            obs.context().set_route(&route);
             black_box(obs.respond(Response::new(body::empty())));
         });
     });

@@ -151,7 +151,7 @@ mod tests {
         match result {
             Ok(()) => None,
             Err(e) => {
-                assert_eq!(e.reason(), "denied");
+                assert_eq!(e.reason().as_str(), "denied");
                 assert_eq!(e.status(), http::StatusCode::FORBIDDEN);
                 Some(e.limit().unwrap().to_owned())
             }

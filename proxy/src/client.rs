@@ -26,10 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
+use http::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use weft_config::ServiceName;
 
@@ -68,16 +67,12 @@ enum Pools {
 }
 
 impl Pools {
-    async fn send(
-        &self,
-        req: Request<ProxyBody>,
-        http2: bool,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    fn request(&self, req: Request<ProxyBody>, http2: bool) -> ResponseFuture {
         match (self, http2) {
-            (Pools::Plain { http2, .. }, true) => http2.request(req).await,
-            (Pools::Plain { http1, .. }, false) => http1.request(req).await,
-            (Pools::Mesh { http2, .. }, true) => http2.request(req).await,
-            (Pools::Mesh { http1, .. }, false) => http1.request(req).await,
+            (Pools::Plain { http2, .. }, true) => http2.request(req),
+            (Pools::Plain { http1, .. }, false) => http1.request(req),
+            (Pools::Mesh { http2, .. }, true) => http2.request(req),
+            (Pools::Mesh { http1, .. }, false) => http1.request(req),
         }
     }
 }
@@ -221,15 +216,15 @@ impl UpstreamClient {
 
     /// Send `req` (its URI already names the endpoint) over HTTP/2 or HTTP/1.1,
     /// through the endpoint's own pools when it has them.
-    pub async fn send(
+    pub fn request(
         &self,
         req: Request<ProxyBody>,
         http2: bool,
         endpoint: Option<&EndpointPools>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    ) -> ResponseFuture {
         match endpoint {
-            Some(pools) => pools.for_client(self).send(req, http2).await,
-            None => self.shared.send(req, http2).await,
+            Some(pools) => pools.for_client(self).request(req, http2),
+            None => self.shared.request(req, http2),
         }
     }
 }

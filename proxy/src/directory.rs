@@ -28,7 +28,7 @@ use crate::limits::Share;
 use crate::policy::{InboundPolicy, OutboundPolicy};
 use crate::stats::Stats;
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, Endpoint};
 use crate::client::{ClientSettings, MeshPeer, UpstreamClient};
 use crate::discovery::dns::DnsDiscovery;
 use crate::discovery::{EndpointSpec, EndpointsReader, EndpointsWriter, Update};
@@ -43,7 +43,7 @@ pub struct MeshService {
     pub policy: Arc<OutboundPolicy>,
     pub protocol: Protocol,
     pub balancer: Balancer,
-    pub client: UpstreamClient,
+    pub client: Arc<UpstreamClient>,
     writer: Arc<EndpointsWriter>,
     endpoints: EndpointsReader,
 }
@@ -55,7 +55,7 @@ impl MeshService {
         policy: Arc<OutboundPolicy>,
         protocol: Protocol,
         balancer: Balancer,
-        client: UpstreamClient,
+        client: Arc<UpstreamClient>,
         writer: Arc<EndpointsWriter>,
     ) -> Self {
         Self {
@@ -87,9 +87,10 @@ pub struct LocalApp {
     /// The name as a metric label.
     pub label: Arc<str>,
     pub addr: SocketAddr,
-    /// `addr` as a URI authority, made once.
-    pub authority: Option<http::uri::Authority>,
-    pub client: UpstreamClient,
+    /// The app as an endpoint (its address, made once), reached through the
+    /// client's shared pools.
+    pub endpoint: Arc<Endpoint>,
+    pub client: Arc<UpstreamClient>,
     pub policy: Arc<InboundPolicy>,
     pub policy_source: PolicySource,
     /// The instance count service-wide limits are divided among.
@@ -165,7 +166,10 @@ fn build_local(
             .map_or_else(|| Arc::from(s.name.as_str()), |l| Arc::clone(&l.label)),
         name: s.name.clone(),
         addr: s.app,
-        authority: crate::forward::authority_of(s.app),
+        endpoint: match previous {
+            Some(l) if l.addr == s.app => Arc::clone(&l.endpoint),
+            _ => Arc::new(Endpoint::new(s.app, Default::default())),
+        },
         client: reuse_client(previous.map(|l| &l.client), settings, None),
         policy,
         policy_source,
@@ -186,14 +190,16 @@ pub struct Directory {
     /// Balancer shared by names resolved through DNS and IP literals.
     pub dns_balancer: Balancer,
     /// Client for names resolved through DNS and IP literals.
-    pub default_client: UpstreamClient,
+    pub default_client: Arc<UpstreamClient>,
     /// Policy (the defaults) for names resolved through DNS and IP literals.
     pub default_policy: Arc<OutboundPolicy>,
     pub local: Option<LocalApp>,
     /// The local service's name and zone: the caller identity and locality of
     /// outbound requests.
     pub caller: Option<ServiceName>,
-    pub caller_zone: Option<String>,
+    /// `caller` as a `weft-caller` value, made once.
+    pub caller_header: Option<http::HeaderValue>,
+    pub caller_zone: Option<Arc<str>>,
 }
 
 pub fn client_settings(loaded: &Loaded, policy: Option<&Policy>) -> ClientSettings {
@@ -223,13 +229,13 @@ fn specs(svc: &StaticService) -> Vec<EndpointSpec> {
 /// `old` if it was made with `settings`, else a new client (mTLS to `mesh`
 /// when `settings.mesh`).
 pub fn reuse_client(
-    old: Option<&UpstreamClient>,
+    old: Option<&Arc<UpstreamClient>>,
     settings: ClientSettings,
     mesh: Option<MeshPeer<'_>>,
-) -> UpstreamClient {
+) -> Arc<UpstreamClient> {
     match old {
-        Some(c) if c.settings() == settings => c.clone(),
-        _ => UpstreamClient::new(settings, mesh),
+        Some(c) if c.settings() == settings => Arc::clone(c),
+        _ => Arc::new(UpstreamClient::new(settings, mesh)),
     }
 }
 
@@ -256,6 +262,7 @@ impl Directory {
             default_policy: Arc::clone(&self.default_policy),
             local: build_local(loaded, self.local.as_ref(), own),
             caller: self.caller.clone(),
+            caller_header: self.caller_header.clone(),
             caller_zone: self.caller_zone.clone(),
         }
     }
@@ -338,7 +345,11 @@ impl Directory {
             .bootstrap
             .service
             .as_ref()
-            .and_then(|s| s.metadata.zone.clone());
+            .and_then(|s| s.metadata.zone.as_deref())
+            .map(Arc::from);
+        let caller_header = caller
+            .as_ref()
+            .and_then(|c| http::HeaderValue::from_str(c.as_str()).ok());
         Ok(Self {
             services,
             dns,
@@ -347,6 +358,7 @@ impl Directory {
             default_policy,
             local,
             caller,
+            caller_header,
             caller_zone,
         })
     }

@@ -3,27 +3,70 @@
 //! Each failure starts as a variant of [`ProxyError`] at the stage that detected it,
 //! carrying the target it was working on and the underlying cause. [`ProxyError::status`]
 //! and [`ProxyError::reason`] map it to the HTTP status and the `weft-reason` header;
-//! [`error_response`] is the only function that builds a response from an error, so
-//! every refusal a client sees is labelled the same way. Later stages (retries,
-//! telemetry) classify with the same helpers.
+//! [`crate::stack::respond`] is the only place that builds a response from an
+//! error, so every refusal a client sees is labelled the same way.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, StatusCode};
 
+pub use crate::headers::{WEFT_LIMIT, WEFT_REASON};
 use crate::limits::{ConcurrencyCapped, RateLimited};
 use crate::retry::replay::BodyError;
 
-use crate::body::{self, ProxyBody};
+/// Why the proxy answered a request itself: the `weft-reason` header's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    BadRequest,
+    RateLimit,
+    ConcurrencyCap,
+    Timeout,
+    NoHealthyEndpoints,
+    BudgetExhausted,
+    UnknownService,
+    DnsFailure,
+    NoEndpoints,
+    ConnectFailure,
+    UpstreamFailure,
+    NoLocalService,
+    LoopDetected,
+    UriTooLong,
+    AmbiguousRequest,
+    ForeignAuthority,
+    Denied,
+}
 
-/// Name of the response header that says why the proxy answered itself.
-pub const WEFT_REASON: &str = "weft-reason";
+impl Reason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad-request",
+            Self::RateLimit => "rate-limit",
+            Self::ConcurrencyCap => "concurrency-cap",
+            Self::Timeout => "timeout",
+            Self::NoHealthyEndpoints => "no-healthy-endpoints",
+            Self::BudgetExhausted => "budget-exhausted",
+            Self::UnknownService => "unknown-service",
+            Self::DnsFailure => "dns-failure",
+            Self::NoEndpoints => "no-endpoints",
+            Self::ConnectFailure => "connect-failure",
+            Self::UpstreamFailure => "upstream-failure",
+            Self::NoLocalService => "no-local-service",
+            Self::LoopDetected => "loop-detected",
+            Self::UriTooLong => "uri-too-long",
+            Self::AmbiguousRequest => "ambiguous-request",
+            Self::ForeignAuthority => "foreign-authority",
+            Self::Denied => "denied",
+        }
+    }
+}
 
-/// Name of the response header that names the policy key of the limit that refused
-/// a request (e.g. `inbound.rate_limit`, `routes.charge.timeout`).
-pub const WEFT_LIMIT: &str = "weft-limit";
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A failure produced by the proxy rather than by the upstream application.
 #[derive(Debug, thiserror::Error)]
@@ -135,25 +178,62 @@ impl ProxyError {
     }
 
     /// The value of the `weft-reason` header: a short, stable, machine-readable label.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::NoAuthority | Self::BadAuthority { .. } | Self::RequestBody(_) => "bad-request",
-            Self::RateLimited(_) => "rate-limit",
-            Self::ConcurrencyCapped(_) | Self::EndpointsSaturated { .. } => "concurrency-cap",
-            Self::Timeout { .. } => "timeout",
-            Self::NoHealthyEndpoints { .. } => "no-healthy-endpoints",
-            Self::BudgetExhausted { .. } => "budget-exhausted",
-            Self::UnknownService { .. } => "unknown-service",
-            Self::Dns { .. } => "dns-failure",
-            Self::NoEndpoints { .. } => "no-endpoints",
-            Self::Connect { .. } => "connect-failure",
-            Self::Upstream { .. } => "upstream-failure",
-            Self::NoLocalService => "no-local-service",
-            Self::Loop { .. } => "loop-detected",
-            Self::UriTooLong { .. } => "uri-too-long",
-            Self::AmbiguousRequest { .. } => "ambiguous-request",
-            Self::ForeignAuthority { .. } => "foreign-authority",
-            Self::Denied { .. } => "denied",
+            Self::NoAuthority | Self::BadAuthority { .. } | Self::RequestBody(_) => {
+                Reason::BadRequest
+            }
+            Self::RateLimited(_) => Reason::RateLimit,
+            Self::ConcurrencyCapped(_) | Self::EndpointsSaturated { .. } => Reason::ConcurrencyCap,
+            Self::Timeout { .. } => Reason::Timeout,
+            Self::NoHealthyEndpoints { .. } => Reason::NoHealthyEndpoints,
+            Self::BudgetExhausted { .. } => Reason::BudgetExhausted,
+            Self::UnknownService { .. } => Reason::UnknownService,
+            Self::Dns { .. } => Reason::DnsFailure,
+            Self::NoEndpoints { .. } => Reason::NoEndpoints,
+            Self::Connect { .. } => Reason::ConnectFailure,
+            Self::Upstream { .. } => Reason::UpstreamFailure,
+            Self::NoLocalService => Reason::NoLocalService,
+            Self::Loop { .. } => Reason::LoopDetected,
+            Self::UriTooLong { .. } => Reason::UriTooLong,
+            Self::AmbiguousRequest { .. } => Reason::AmbiguousRequest,
+            Self::ForeignAuthority { .. } => Reason::ForeignAuthority,
+            Self::Denied { .. } => Reason::Denied,
+        }
+    }
+
+    /// The gRPC status a gRPC caller gets for this failure: RESOURCE_EXHAUSTED
+    /// for a limit, DEADLINE_EXCEEDED for a timeout, UNAVAILABLE where another
+    /// try (later, or elsewhere) may succeed, PERMISSION_DENIED for a refused
+    /// caller, INVALID_ARGUMENT for a request the proxy cannot forward.
+    pub fn grpc_code(&self) -> u8 {
+        const INVALID_ARGUMENT: u8 = 3;
+        const DEADLINE_EXCEEDED: u8 = 4;
+        const NOT_FOUND: u8 = 5;
+        const PERMISSION_DENIED: u8 = 7;
+        const RESOURCE_EXHAUSTED: u8 = 8;
+        const INTERNAL: u8 = 13;
+        const UNAVAILABLE: u8 = 14;
+        match self {
+            Self::NoAuthority
+            | Self::BadAuthority { .. }
+            | Self::RequestBody(_)
+            | Self::UriTooLong { .. }
+            | Self::AmbiguousRequest { .. } => INVALID_ARGUMENT,
+            Self::RateLimited(_) | Self::ConcurrencyCapped(_) | Self::EndpointsSaturated { .. } => {
+                RESOURCE_EXHAUSTED
+            }
+            Self::Timeout { .. } => DEADLINE_EXCEEDED,
+            Self::BudgetExhausted { last } => last.grpc_code(),
+            Self::UnknownService { .. } => NOT_FOUND,
+            Self::Dns { .. }
+            | Self::NoEndpoints { .. }
+            | Self::NoHealthyEndpoints { .. }
+            | Self::Connect { .. }
+            | Self::Upstream { .. }
+            | Self::NoLocalService => UNAVAILABLE,
+            Self::Loop { .. } => INTERNAL,
+            Self::ForeignAuthority { .. } | Self::Denied { .. } => PERMISSION_DENIED,
         }
     }
 }
@@ -199,60 +279,4 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Build the response for a failure: status, `weft-reason`, and a one-line text body
-/// naming the cause (never secrets: errors carry names and addresses only).
-pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
-    let mut text = chain(err);
-    text.push('\n');
-    let mut rsp = Response::new(body::full(text));
-    *rsp.status_mut() = err.status();
-    let headers = rsp.headers_mut();
-    headers.insert(WEFT_REASON, HeaderValue::from_static(err.reason()));
-    if let Some(limit) = err.limit().and_then(|l| HeaderValue::from_str(l).ok()) {
-        headers.insert(WEFT_LIMIT, limit);
-    }
-    // The client's framing cannot be trusted: whatever follows this request on
-    // the connection is not read as another request.
-    if matches!(err, ProxyError::AmbiguousRequest { .. }) {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
-    if let Some(wait) = err.retry_after() {
-        headers.insert(header::RETRY_AFTER, retry_after_value(wait));
-    }
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    rsp
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn responses_carry_status_and_reason() {
-        let rsp = error_response(&ProxyError::NoEndpoints {
-            service: "billing".into(),
-        });
-        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(rsp.headers()[WEFT_REASON], "no-endpoints");
-        let rsp = error_response(&ProxyError::UnknownService {
-            name: "nope".into(),
-        });
-        assert_eq!(rsp.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(rsp.headers()[WEFT_REASON], "unknown-service");
-        let rsp = error_response(&ProxyError::Denied {
-            caller: "spiffe://weft.local/service/web".into(),
-            service: "billing".into(),
-            limit: "routes.admin.allow".into(),
-        });
-        assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
-        assert_eq!(rsp.headers()[WEFT_REASON], "denied");
-        assert_eq!(rsp.headers()[WEFT_LIMIT], "routes.admin.allow");
-        assert!(!rsp.headers().contains_key(header::RETRY_AFTER));
-    }
 }

@@ -7,7 +7,7 @@
 //!   head before anything goes upstream: the screening ([`crate::screen`]),
 //!   the destination ([`crate::target`]), route matching ([`crate::route`]),
 //!   the forwarding headers and hop-by-hop removal ([`crate::headers`],
-//!   [`crate::forward::prepare`]), the trace context, and the refusal
+//!   [`crate::forward::clean`]), the trace context, and the refusal
 //!   response. Each step's promises are checked, not only that it does not
 //!   panic.
 //! - [`framing`]: follows arbitrary bytes as a client connection's HTTP/1
@@ -32,13 +32,14 @@ use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use weft_config::Policy;
 
-use crate::error::{ProxyError, error_response};
+use crate::error::ProxyError;
 use crate::headers::{self, X_FORWARDED_FOR};
 use crate::limits::Share;
 use crate::outbound::WEFT_CALLER;
 use crate::policy::{InboundPolicy, OutboundPolicy};
 use crate::route::RouteTable;
 use crate::screen::{self, LocalNames};
+use crate::stack::respond::error_response;
 use crate::stats::Stats;
 use crate::target::Destination;
 use crate::telemetry::trace;
@@ -162,7 +163,7 @@ pub fn request(data: &[u8]) {
 
 /// A refusal answers with a client error, and its response builds.
 fn refused(error: &ProxyError) {
-    let rsp = error_response(error);
+    let rsp = error_response(error, false);
     assert!(rsp.status().is_client_error(), "{error}: {}", rsp.status());
     assert_eq!(rsp.status(), error.status());
 }
@@ -303,14 +304,14 @@ fn assert_no_hop_by_hop(headers: &HeaderMap, upgrade: bool) {
 }
 
 /// The outbound side: the sidecar sets `weft-caller` (and, when tracing, a
-/// `traceparent`), then [`crate::forward::prepare`] cleans the head for the
+/// `traceparent`), then [`crate::forward::clean`] cleans the head for the
 /// hop. What the sidecar set survives the cleaning, whatever `Connection`
 /// names; the hop-by-hop headers do not.
 fn outbound_rewrite(req: &Request<()>) {
     let mut req = req.clone();
-    req.headers_mut().remove(WEFT_CALLER);
+    req.headers_mut().remove(&WEFT_CALLER);
     req.headers_mut()
-        .insert(WEFT_CALLER, HeaderValue::from_static("checkout"));
+        .insert(&WEFT_CALLER, HeaderValue::from_static("checkout"));
     let traceparent =
         HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
     req.headers_mut().insert("traceparent", traceparent.clone());
@@ -333,26 +334,27 @@ fn outbound_rewrite(req: &Request<()>) {
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
-    let (head, ()) = crate::forward::prepare(req);
-    assert_eq!(head.is_upgrade(), upgrade);
-    assert_no_hop_by_hop(&head.headers, upgrade);
+    let mut head = req;
+    crate::forward::clean(&mut head);
+    assert_eq!(crate::forward::is_upgrade(&head), upgrade);
+    assert_no_hop_by_hop(head.headers(), upgrade);
     assert_eq!(
-        head.headers.get(WEFT_CALLER),
+        head.headers().get(&WEFT_CALLER),
         Some(&HeaderValue::from_static("checkout")),
         "the sidecar's weft-caller was removed"
     );
     assert_eq!(
-        head.headers.get("traceparent"),
+        head.headers().get("traceparent"),
         Some(&traceparent),
         "the sidecar's traceparent was removed"
     );
     assert_eq!(
-        head.headers.get(header::HOST),
+        head.headers().get(header::HOST),
         host.as_ref(),
         "Host changed"
     );
     assert_eq!(
-        head.headers.contains_key(header::TE),
+        head.headers().contains_key(header::TE),
         te_trailers,
         "TE: trailers is kept exactly when the client sent it"
     );
@@ -400,17 +402,18 @@ fn inbound_rewrite(req: &Request<()>) {
     );
 
     let upgrade = req.version() <= Version::HTTP_11 && headers::wants_upgrade(req.headers());
-    let (head, ()) = crate::forward::prepare(req);
-    assert_no_hop_by_hop(&head.headers, upgrade);
+    let mut head = req;
+    crate::forward::clean(&mut head);
+    assert_no_hop_by_hop(head.headers(), upgrade);
     assert_eq!(
-        head.headers
+        head.headers()
             .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok()),
         Some(xff.as_str()),
         "the sidecar's x-forwarded-for was removed"
     );
     assert_eq!(
-        head.headers
+        head.headers()
             .get(header::FORWARDED)
             .and_then(|v| v.to_str().ok()),
         Some(forwarded.as_str()),
@@ -418,9 +421,9 @@ fn inbound_rewrite(req: &Request<()>) {
     );
 
     // Cleaning is idempotent.
-    let mut again = head.headers.clone();
+    let mut again = head.headers().clone();
     headers::strip_hop_by_hop(&mut again, upgrade);
-    assert_eq!(again, head.headers);
+    assert_eq!(&again, head.headers());
 }
 
 /// A valid trace context read from the request is written back as the same
@@ -458,7 +461,7 @@ pub fn policy(data: &[u8]) {
     for index in (0..policy.routes.len()).map(Some).chain([None]) {
         let plan = outbound.plan(index);
         assert_eq!(
-            plan.route,
+            plan.route.as_deref(),
             index.map(|i| policy.routes[i].name.as_str()),
             "the plan of route {index:?}"
         );

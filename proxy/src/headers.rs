@@ -41,13 +41,23 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::TE || HOP_BY_HOP.iter().any(|h| h == name)
 }
 
+/// Why the proxy answered a request itself (a short, stable label).
+pub static WEFT_REASON: HeaderName = HeaderName::from_static("weft-reason");
+/// The policy key of the limit that refused a request (e.g. `inbound.rate_limit`).
+pub static WEFT_LIMIT: HeaderName = HeaderName::from_static("weft-limit");
+/// The calling service's identity, towards the callee's sidecar.
+pub static WEFT_CALLER: HeaderName = HeaderName::from_static("weft-caller");
+/// Between sidecars: the HTTP version the callee's sidecar speaks to its app
+/// (`http1` or `http2`).
+pub static WEFT_PROTOCOL: HeaderName = HeaderName::from_static("weft-protocol");
+
 /// `x-forwarded-for`, appended to on the inbound side.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Headers that a `Connection` option does not remove (see the module docs).
 pub static PROTECTED: [HeaderName; 6] = [
     header::HOST,
-    HeaderName::from_static(crate::outbound::WEFT_CALLER),
+    HeaderName::from_static("weft-caller"),
     HeaderName::from_static("x-forwarded-for"),
     header::FORWARDED,
     HeaderName::from_static("traceparent"),

@@ -65,6 +65,7 @@ pub mod retry;
 pub mod route;
 pub mod screen;
 pub mod server;
+pub mod stack;
 pub mod state;
 pub mod stats;
 pub mod target;

@@ -20,7 +20,6 @@
 //! the directory keeps the compiled policy instead of rebuilding it. Counters
 //! ([`Stats`]) survive every reload.
 
-use std::borrow::Cow;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,8 +33,11 @@ use crate::route::RouteTable;
 use crate::stats::Stats;
 
 fn budget(outbound: &Outbound, ratio: Option<f64>) -> Arc<RetryBudget> {
+    budget_of(outbound, ratio.unwrap_or(outbound.retry_budget.ratio.get()))
+}
+
+fn budget_of(outbound: &Outbound, ratio: f64) -> Arc<RetryBudget> {
     let b = &outbound.retry_budget;
-    let ratio = ratio.unwrap_or(b.ratio.get());
     // weft-config guarantees ttl in 1s..=60s and ratio in 0..=1; the clamp keeps
     // the ttl there whatever the source of the policy (RetryBudget clamps the ratio).
     Arc::new(RetryBudget::new(
@@ -54,21 +56,19 @@ pub struct NamedTimeout {
     pub limit: Arc<str>,
 }
 
-/// Settings for one outbound request, resolved for its route.
+/// Settings for one outbound request, resolved for its route once, when the
+/// policy is compiled; the route layer puts the matched one in the request's
+/// extensions.
 #[derive(Debug)]
-pub struct RoutePlan<'a> {
-    pub route: Option<&'a str>,
+pub struct RoutePlan {
+    /// The route's name (None: no route matched).
+    pub route: Option<Arc<str>>,
+    /// The route label (`""`: no route).
+    pub label: Arc<str>,
     pub timeout: Option<NamedTimeout>,
     pub per_try_timeout: Option<NamedTimeout>,
-    pub retry: Cow<'a, Retry>,
-    pub budget: &'a RetryBudget,
-}
-
-#[derive(Debug)]
-struct OutboundRoute {
-    timeout: Option<NamedTimeout>,
-    per_try_timeout: Option<NamedTimeout>,
-    budget: Option<Arc<RetryBudget>>,
+    pub retry: Retry,
+    pub budget: Arc<RetryBudget>,
 }
 
 /// How this sidecar calls one service.
@@ -76,16 +76,15 @@ struct OutboundRoute {
 pub struct OutboundPolicy {
     source: Option<Policy>,
     routes: RouteTable,
-    route_config: Vec<Route>,
-    route_plans: Vec<OutboundRoute>,
-    default_timeout: Option<NamedTimeout>,
-    default_per_try: Option<NamedTimeout>,
+    /// The plan of each route, in table order.
+    route_plans: Vec<Arc<RoutePlan>>,
+    /// The plan of a request that matches no route.
+    default_plan: Arc<RoutePlan>,
+    /// The service's retry budget (routes with their own `retry.budget` have theirs).
+    budget: Arc<RetryBudget>,
     pub outbound: Outbound,
     pub splits: Vec<Split>,
-    pub rate_limit: Option<RateLimit>,
-    budget: Arc<RetryBudget>,
-    /// `outbound.retry`, else the default retry policy (resolved once).
-    default_retry: Retry,
+    pub rate_limit: Option<Arc<RateLimit>>,
     pub stats: Arc<Stats>,
 }
 
@@ -100,49 +99,57 @@ impl OutboundPolicy {
     /// Compile `policy` (or the defaults when the service has none).
     pub fn new(policy: Option<&Policy>, stats: Arc<Stats>) -> Self {
         let outbound = policy.map(|p| p.outbound.clone()).unwrap_or_default();
-        let routes: Vec<Route> = policy.map(|p| p.routes.clone()).unwrap_or_default();
+        let routes: &[Route] = policy.map_or(&[], |p| &p.routes);
+        let table = RouteTable::new(routes);
+        let default_retry = outbound.retry.clone().unwrap_or_default();
+        let budget = budget(&outbound, default_retry.budget.map(|r| r.get()));
+        let default_timeout = named(outbound.timeout, "outbound.timeout".into());
+        let default_per_try = named(outbound.per_try_timeout, "outbound.per_try_timeout".into());
         let route_plans = routes
             .iter()
-            .map(|r| OutboundRoute {
-                timeout: match r.timeout {
-                    Some(_) => named(r.timeout, format!("routes.{}.timeout", r.name)),
-                    None => named(outbound.timeout, "outbound.timeout".into()),
-                },
-                per_try_timeout: match r.per_try_timeout {
-                    Some(_) => named(
-                        r.per_try_timeout,
-                        format!("routes.{}.per_try_timeout", r.name),
-                    ),
-                    None => named(outbound.per_try_timeout, "outbound.per_try_timeout".into()),
-                },
-                budget: r
-                    .retry
-                    .as_ref()
-                    .and_then(|retry| retry.budget)
-                    .map(|ratio| budget(&outbound, Some(ratio.get()))),
+            .enumerate()
+            .map(|(i, r)| {
+                let retry = r.retry.clone().unwrap_or_else(|| default_retry.clone());
+                Arc::new(RoutePlan {
+                    route: Some(Arc::from(r.name.as_str())),
+                    label: Arc::clone(table.label(Some(i))),
+                    timeout: match r.timeout {
+                        Some(_) => named(r.timeout, format!("routes.{}.timeout", r.name)),
+                        None => default_timeout.clone(),
+                    },
+                    per_try_timeout: match r.per_try_timeout {
+                        Some(_) => named(
+                            r.per_try_timeout,
+                            format!("routes.{}.per_try_timeout", r.name),
+                        ),
+                        None => default_per_try.clone(),
+                    },
+                    budget: match r.retry.as_ref().and_then(|retry| retry.budget) {
+                        Some(ratio) => budget_of(&outbound, ratio.get()),
+                        None => Arc::clone(&budget),
+                    },
+                    retry,
+                })
             })
             .collect();
         Self {
             source: policy.cloned(),
-            routes: RouteTable::new(&routes),
-            default_timeout: named(outbound.timeout, "outbound.timeout".into()),
-            default_per_try: named(outbound.per_try_timeout, "outbound.per_try_timeout".into()),
+            default_plan: Arc::new(RoutePlan {
+                route: None,
+                label: Arc::clone(table.label(None)),
+                timeout: default_timeout,
+                per_try_timeout: default_per_try,
+                retry: default_retry,
+                budget: Arc::clone(&budget),
+            }),
+            routes: table,
+            route_plans,
+            budget,
             rate_limit: outbound
                 .rate_limit
                 .as_ref()
-                .map(|rl| RateLimit::new("outbound.rate_limit", rl, Share::ONE)),
-            budget: budget(
-                &outbound,
-                outbound
-                    .retry
-                    .as_ref()
-                    .and_then(|r| r.budget)
-                    .map(|r| r.get()),
-            ),
+                .map(|rl| Arc::new(RateLimit::new("outbound.rate_limit", rl, Share::ONE))),
             splits: policy.map(|p| p.splits.clone()).unwrap_or_default(),
-            default_retry: outbound.retry.clone().unwrap_or_default(),
-            route_plans,
-            route_config: routes,
             outbound,
             stats,
         }
@@ -158,33 +165,20 @@ impl OutboundPolicy {
     }
 
     /// The settings for a request that matched route `index` (None: no route).
-    pub fn plan(&self, index: Option<usize>) -> RoutePlan<'_> {
-        let route = index.and_then(|i| self.route_config.get(i));
-        let compiled = index.and_then(|i| self.route_plans.get(i));
-        let retry = route
-            .and_then(|r| r.retry.as_ref())
-            .unwrap_or(&self.default_retry);
-        RoutePlan {
-            route: route.map(|r| r.name.as_str()),
-            timeout: compiled.map_or_else(|| self.default_timeout.clone(), |c| c.timeout.clone()),
-            per_try_timeout: compiled.map_or_else(
-                || self.default_per_try.clone(),
-                |c| c.per_try_timeout.clone(),
-            ),
-            retry: Cow::Borrowed(retry),
-            budget: compiled
-                .and_then(|c| c.budget.as_deref())
-                .unwrap_or(&self.budget),
-        }
+    pub fn plan(&self, index: Option<usize>) -> &Arc<RoutePlan> {
+        index
+            .and_then(|i| self.route_plans.get(i))
+            .unwrap_or(&self.default_plan)
     }
 
     /// Every retry budget with its `route` label: the service's (empty route)
     /// and those of routes with their own `retry.budget`.
     pub fn budgets(&self) -> impl Iterator<Item = (&Arc<str>, &RetryBudget)> {
         std::iter::once((self.routes.label(None), &*self.budget)).chain(
-            self.route_plans.iter().enumerate().filter_map(|(i, plan)| {
-                Some((self.routes.label(Some(i)), plan.budget.as_deref()?))
-            }),
+            self.route_plans
+                .iter()
+                .filter(|plan| !Arc::ptr_eq(&plan.budget, &self.budget))
+                .map(|plan| (&plan.label, &*plan.budget)),
         )
     }
 
@@ -193,6 +187,8 @@ impl OutboundPolicy {
     }
 }
 
+/// One route's limits on the inbound side; the route layer puts the matched
+/// one in the request's extensions.
 #[derive(Debug, Default)]
 pub struct InboundRoute {
     pub rate_limit: Option<RateLimit>,
@@ -206,9 +202,9 @@ pub struct InboundRoute {
 pub struct InboundPolicy {
     source: Option<(Policy, Share)>,
     routes: RouteTable,
-    route_limits: Vec<InboundRoute>,
-    pub rate_limit: Option<RateLimit>,
-    pub caller_rate_limit: Option<CallerRateLimit>,
+    route_limits: Vec<Arc<InboundRoute>>,
+    pub rate_limit: Option<Arc<RateLimit>>,
+    pub caller_rate_limit: Option<Arc<CallerRateLimit>>,
     pub concurrency: Option<Arc<ConcurrencyLimit>>,
     pub timeout: Option<NamedTimeout>,
     /// `inbound.allow`: the callers allowed (routes may replace it).
@@ -240,7 +236,7 @@ impl InboundPolicy {
                     let i = source.routes.iter().position(|q| q.name == r.name)?;
                     p.route_limits.get(i)?.concurrency.as_ref()
                 });
-                InboundRoute {
+                Arc::new(InboundRoute {
                     rate_limit: r.rate_limit.as_ref().map(|rl| {
                         RateLimit::new(format!("routes.{}.rate_limit", r.name), rl, share)
                     }),
@@ -256,7 +252,7 @@ impl InboundPolicy {
                         .allow
                         .as_ref()
                         .map(|list| Allow::new(format!("routes.{}.allow", r.name), list)),
-                }
+                })
             })
             .collect();
         Self {
@@ -266,11 +262,11 @@ impl InboundPolicy {
             rate_limit: inbound
                 .rate_limit
                 .as_ref()
-                .map(|rl| RateLimit::new("inbound.rate_limit", rl, share)),
+                .map(|rl| Arc::new(RateLimit::new("inbound.rate_limit", rl, share))),
             caller_rate_limit: inbound
                 .caller_rate_limit
                 .as_ref()
-                .map(|rl| CallerRateLimit::new("inbound.caller_rate_limit", rl, share)),
+                .map(|rl| Arc::new(CallerRateLimit::new("inbound.caller_rate_limit", rl, share))),
             concurrency: inbound.max_concurrency.map(|max| {
                 ConcurrencyLimit::reuse_or_new(
                     previous.and_then(|p| p.concurrency.as_ref()),
@@ -302,7 +298,7 @@ impl InboundPolicy {
     }
 
     /// The per-route limits of route `index`.
-    pub fn route(&self, index: Option<usize>) -> Option<&InboundRoute> {
+    pub fn route(&self, index: Option<usize>) -> Option<&Arc<InboundRoute>> {
         index.and_then(|i| self.route_limits.get(i))
     }
 }

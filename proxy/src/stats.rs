@@ -8,14 +8,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::{Value, json};
 
+use crate::error::Reason;
+
 /// Refusal reasons that are counted (the `weft-reason` values of limits).
-pub const REFUSALS: [&str; 6] = [
-    "denied",
-    "rate-limit",
-    "concurrency-cap",
-    "timeout",
-    "no-healthy-endpoints",
-    "budget-exhausted",
+pub const REFUSALS: [Reason; 6] = [
+    Reason::Denied,
+    Reason::RateLimit,
+    Reason::ConcurrencyCap,
+    Reason::Timeout,
+    Reason::NoHealthyEndpoints,
+    Reason::BudgetExhausted,
 ];
 
 #[derive(Debug, Default)]
@@ -41,14 +43,14 @@ impl Stats {
     }
 
     /// Count a response the proxy produced for `reason`.
-    pub fn refusal(&self, reason: &str) {
+    pub fn refusal(&self, reason: Reason) {
         match REFUSALS.iter().position(|r| *r == reason) {
             Some(i) => self.refusals[i].fetch_add(1, Ordering::Relaxed),
             None => self.other_failures.fetch_add(1, Ordering::Relaxed),
         };
     }
 
-    pub fn refusals(&self, reason: &str) -> u64 {
+    pub fn refusals(&self, reason: Reason) -> u64 {
         REFUSALS
             .iter()
             .position(|r| *r == reason)
@@ -59,7 +61,7 @@ impl Stats {
         let refusals: serde_json::Map<String, Value> = REFUSALS
             .iter()
             .zip(&self.refusals)
-            .map(|(r, c)| ((*r).to_owned(), json!(c.load(Ordering::Relaxed))))
+            .map(|(r, c)| (r.as_str().to_owned(), json!(c.load(Ordering::Relaxed))))
             .collect();
         json!({
             "requests": self.requests.load(Ordering::Relaxed),
@@ -78,10 +80,10 @@ mod tests {
     #[test]
     fn counts_by_reason() {
         let s = Stats::default();
-        s.refusal("rate-limit");
-        s.refusal("rate-limit");
-        s.refusal("connect-failure");
-        s.refusal("denied");
+        s.refusal(Reason::RateLimit);
+        s.refusal(Reason::RateLimit);
+        s.refusal(Reason::ConnectFailure);
+        s.refusal(Reason::Denied);
         s.request();
         let j = s.to_json();
         assert_eq!(j["refusals"]["rate-limit"], 2);

@@ -367,3 +367,90 @@ async fn websocket_upgrade_switches_protocols_and_echoes_both_ways() -> anyhow::
     }
     Ok(())
 }
+
+/// A gRPC caller gets the proxy's refusals as gRPC statuses (HTTP 200,
+/// `grpc-status`, `grpc-message`, no body), the way gRPC clients expect,
+/// with the same `weft-reason` and `weft-limit`; an HTTP caller still gets
+/// HTTP statuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_callers_get_refusals_as_grpc_statuses() -> anyhow::Result<()> {
+    let backend = Backend::start("limited").await?;
+    let bootstrap = Bootstrap::new()
+        .service(
+            DirService::new("limited")
+                .protocol("http2")
+                .policy("limited.toml")
+                .endpoint(backend.addr()),
+        )
+        .service(DirService::new("down").endpoint(weft_tests::closed_port()?));
+    let proxy = Proxy::builder(bootstrap.render())
+        .file(
+            "limited.toml",
+            weft_tests::config::policy_file(
+                "limited",
+                "[outbound]\nrate_limit = { per_second = 1, burst = 1 }",
+            ),
+        )
+        .start()
+        .await?;
+    let client = Client::h2(proxy.outbound());
+    let call = |service: &str| {
+        Request::post(format!("http://{service}/weft.Test/Call"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(
+                http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\0"))
+                    .map_err(|never| -> BoxError { match never {} })
+                    .boxed(),
+            )
+    };
+
+    let first = client.request(call("limited")?).await?;
+    first.expect_status(200)?;
+    ensure!(first.header("weft-reason").is_none(), "{first:?}");
+    let refused = client.request(call("limited")?).await?;
+    refused.expect_status(200)?;
+    ensure!(
+        refused.header("content-type") == Some("application/grpc"),
+        "{refused:?}"
+    );
+    ensure!(
+        refused.header("grpc-status") == Some("8"),
+        "RESOURCE_EXHAUSTED: {refused:?}"
+    );
+    ensure!(
+        refused
+            .header("grpc-message")
+            .is_some_and(|m| m.contains("outbound.rate_limit")),
+        "{refused:?}"
+    );
+    ensure!(
+        refused.header("weft-reason") == Some("rate-limit"),
+        "{refused:?}"
+    );
+    ensure!(
+        refused.header("weft-limit") == Some("outbound.rate_limit"),
+        "{refused:?}"
+    );
+    ensure!(
+        refused.body.is_empty(),
+        "a trailers-only answer: {refused:?}"
+    );
+
+    let down = client.request(call("down")?).await?;
+    down.expect_status(200)?;
+    ensure!(
+        down.header("grpc-status") == Some("14"),
+        "UNAVAILABLE: {down:?}"
+    );
+    ensure!(
+        down.header("weft-reason") == Some("connect-failure"),
+        "{down:?}"
+    );
+
+    // The same refusal to an HTTP caller is an HTTP status.
+    let plain = Client::h2(proxy.outbound()).get("http://limited/").await?;
+    plain.expect_status(429)?;
+    ensure!(plain.header("grpc-status").is_none(), "{plain:?}");
+    Ok(())
+}

@@ -101,6 +101,24 @@ impl ConcurrencyLimit {
         }
     }
 
+    /// A permit if one is free now (never waits).
+    pub fn try_acquire(&self) -> Option<ConcurrencyPermit> {
+        Arc::clone(&self.semaphore)
+            .try_acquire_owned()
+            .ok()
+            .map(|permit| ConcurrencyPermit { _permit: permit })
+    }
+
+    /// Whether a request that finds the cap reached may wait in a queue.
+    pub fn has_queue(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    /// The refusal of a request that found the cap reached and may not wait.
+    pub fn refusal(&self) -> ConcurrencyCapped {
+        self.capped(false)
+    }
+
     /// Admit now if under the cap; else, with a queue configured and fewer
     /// than `depth` waiting, wait up to `timeout` for a slot; else refuse at
     /// once.

@@ -133,6 +133,22 @@ pub fn retryable(retry: &Retry, method: &Method, outcome: Outcome) -> bool {
     }
 }
 
+/// The outcome of one try, as retries and outlier detection see it; None
+/// for a failure that says nothing of the endpoint (e.g. the request's own
+/// body broke, or the proxy refused it).
+pub fn outcome_of<B>(
+    result: &Result<http::Response<B>, crate::error::ProxyError>,
+) -> Option<Outcome> {
+    use crate::error::ProxyError;
+    match result {
+        Ok(rsp) => Some(Outcome::of_response(rsp)),
+        Err(ProxyError::Connect { .. }) => Some(Outcome::ConnectFailure),
+        Err(ProxyError::Upstream { source, .. }) => Some(classify_error(source)),
+        Err(ProxyError::Timeout { .. }) => Some(Outcome::Timeout),
+        Err(_) => None,
+    }
+}
+
 /// Whether an outcome counts as a failure of the endpoint for outlier detection: a
 /// 5xx response, a connect failure, a reset, a refused stream or a timeout.
 pub fn is_failure(outcome: Outcome) -> bool {

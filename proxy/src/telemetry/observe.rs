@@ -27,11 +27,33 @@ use opentelemetry::trace::{Span as _, SpanKind, Status};
 use pin_project_lite::pin_project;
 
 use super::Reporters;
-use super::metrics::{Classification, Direction, Finished, RetrySkipped};
+use super::metrics::{Classification, Direction, Finished};
 use super::{NO_LIMIT, UNKNOWN};
-use crate::body::{self, BoxError, ProxyBody};
-use crate::error::{ProxyError, WEFT_LIMIT, WEFT_REASON};
+use crate::body::BoxError;
+use crate::error::{WEFT_LIMIT, WEFT_REASON};
 use crate::retry::classify::grpc_status;
+use crate::stack::context::{Events, RequestContext, RetrySkipped};
+use crate::stack::respond::Refusal;
+
+impl Events for Reporters {
+    fn retry(&self, service: &Arc<str>, route: &Arc<str>) {
+        self.metrics.retry(service, route);
+    }
+
+    fn retry_skipped(&self, service: &Arc<str>, route: &Arc<str>, why: RetrySkipped) {
+        use super::metrics::RetrySkipped as Label;
+        let why = match why {
+            RetrySkipped::BudgetExhausted => Label::BudgetExhausted,
+            RetrySkipped::NotReplayable => Label::NotReplayable,
+            RetrySkipped::NoEndpoint => Label::NoEndpoint,
+        };
+        self.metrics.retry_skipped(service, route, why);
+    }
+
+    fn ejection(&self, service: &Arc<str>) {
+        self.metrics.ejection(service);
+    }
+}
 
 /// One request, from arrival to the end of its response.
 #[derive(Debug)]
@@ -39,8 +61,9 @@ pub struct Observation {
     reporters: Arc<Reporters>,
     direction: Direction,
     start: Instant,
-    service: Arc<str>,
-    route: Arc<str>,
+    /// The service, the route and what happened on the way, told by the
+    /// layers below (they find it in the request's extensions).
+    context: RequestContext,
     /// The status sent; 0 until a response exists.
     status: u16,
     grpc_failed: bool,
@@ -56,10 +79,6 @@ struct Detail {
     authority: Option<String>,
     /// The path, without the query.
     path: String,
-    /// The last endpoint the request was sent to.
-    endpoint: Option<SocketAddr>,
-    /// Retry attempts sent.
-    retries: u32,
     /// `weft-reason` and `weft-limit` of the response sent.
     reason: Option<String>,
     limit: Option<String>,
@@ -69,7 +88,8 @@ struct Detail {
 impl Observation {
     /// A request arrives: with traces on, its span starts here, as a child
     /// of the trace context `req` carries, and `req` then carries the span's
-    /// context to the next hop.
+    /// context to the next hop, and the [`RequestContext`] the layers below
+    /// report through.
     pub fn start<B>(
         reporters: &Arc<Reporters>,
         direction: Direction,
@@ -99,19 +119,22 @@ impl Observation {
                 method,
                 authority,
                 path,
-                endpoint: None,
-                retries: 0,
                 reason: None,
                 limit: None,
                 span,
             })
         });
+        let context = RequestContext::new(
+            Some(Arc::clone(reporters) as Arc<dyn Events>),
+            Arc::clone(&UNKNOWN),
+            Arc::clone(super::no_route()),
+        );
+        req.extensions_mut().insert(context.clone());
         Self {
             reporters: Arc::clone(reporters),
             direction,
             start,
-            service: Arc::clone(&UNKNOWN),
-            route: Arc::clone(super::no_route()),
+            context,
             status: 0,
             grpc_failed: false,
             finished: false,
@@ -119,58 +142,32 @@ impl Observation {
         }
     }
 
-    /// The request is sent to `endpoint` (the last one sent to is reported).
-    pub fn set_endpoint(&mut self, endpoint: SocketAddr) {
-        if let Some(detail) = &mut self.detail {
-            detail.endpoint = Some(endpoint);
+    /// The context the layers below report through.
+    pub fn context(&self) -> &RequestContext {
+        &self.context
+    }
+
+    /// The proxy marked the response with `refusal`: counted once, here.
+    fn refused(&self, refusal: &Refusal) {
+        let labels = self.context.labels();
+        if let Some(stats) = &labels.stats {
+            stats.refusal(refusal.reason);
         }
-    }
-
-    pub fn set_service(&mut self, label: &Arc<str>) {
-        self.service = Arc::clone(label);
-    }
-
-    pub fn set_route(&mut self, label: &Arc<str>) {
-        self.route = Arc::clone(label);
-    }
-
-    pub fn service(&self) -> &Arc<str> {
-        &self.service
-    }
-
-    /// The proxy answers `error` itself.
-    pub fn refused(&self, error: &ProxyError) {
-        self.refused_for(error.reason(), error.limit());
-    }
-
-    /// The proxy marks the response with `reason` (and `limit`).
-    pub fn refused_for(&self, reason: &'static str, limit: Option<&str>) {
-        let limit = limit.map_or_else(|| Arc::clone(&NO_LIMIT), Arc::from);
-        self.reporters
-            .metrics
-            .refusal(self.direction, &self.service, &self.route, reason, &limit);
-    }
-
-    /// A retry attempt is sent.
-    pub fn retry(&mut self) {
-        self.reporters.metrics.retry(&self.service, &self.route);
-        if let Some(detail) = &mut self.detail {
-            detail.retries += 1;
-        }
-    }
-
-    pub fn retry_skipped(&self, why: RetrySkipped) {
-        self.reporters
-            .metrics
-            .retry_skipped(&self.service, &self.route, why);
-    }
-
-    pub fn ejection(&self) {
-        self.reporters.metrics.ejection(&self.service);
+        let limit = refusal.limit.as_ref().unwrap_or(&NO_LIMIT);
+        self.reporters.metrics.refusal(
+            self.direction,
+            &labels.service,
+            &labels.route,
+            refusal.reason.as_str(),
+            limit,
+        );
     }
 
     /// The response goes out: the observation finishes when its body ends.
-    pub fn respond(mut self, rsp: Response<ProxyBody>) -> Response<ProxyBody> {
+    pub fn respond<B: Body>(mut self, rsp: Response<B>) -> Response<Observed<B>> {
+        if let Some(refusal) = rsp.extensions().get::<Refusal>() {
+            self.refused(refusal);
+        }
         self.status = rsp.status().as_u16();
         self.grpc_failed = grpc_status(rsp.headers()).is_some_and(|s| s != 0);
         if let Some(detail) = &mut self.detail {
@@ -180,19 +177,16 @@ impl Observation {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned)
             };
-            detail.reason = text(WEFT_REASON);
-            detail.limit = text(WEFT_LIMIT);
+            detail.reason = text(&WEFT_REASON);
+            detail.limit = text(&WEFT_LIMIT);
         }
-        if rsp.body().is_end_stream() {
+        let observation = if rsp.body().is_end_stream() {
             self.finish(false);
-            return rsp;
-        }
-        rsp.map(|inner| {
-            body::boxed(Observed {
-                inner,
-                observation: Some(self),
-            })
-        })
+            None
+        } else {
+            Some(self)
+        };
+        rsp.map(|inner| Observed { inner, observation })
     }
 
     /// Records the request (once).
@@ -206,10 +200,11 @@ impl Observation {
         } else {
             Classification::Success
         };
+        let labels = self.context.labels();
         let finished = Finished {
             direction: self.direction,
-            service: &self.service,
-            route: &self.route,
+            service: &labels.service,
+            route: &labels.route,
             status_code: self.status,
             classification,
             duration: self.start.elapsed(),
@@ -222,14 +217,27 @@ impl Observation {
             let sc = span.span_context();
             sc.trace_id().to_string()
         });
+        let sent = Sent {
+            endpoint: labels.endpoint,
+            retries: labels.retries,
+        };
         if let Some(mut span) = detail.span.take() {
             let why = failure_description(&finished, detail, self.grpc_failed);
-            end_span(&mut span, &finished, detail, why);
+            end_span(&mut span, &finished, detail, sent, why);
         }
         if self.reporters.access_log {
-            access_log(&finished, detail, trace_id.as_deref());
+            access_log(&finished, detail, sent, trace_id.as_deref());
         }
     }
+}
+
+/// Where the request went, as the layers told the context.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    /// The last endpoint the request was sent to.
+    endpoint: Option<SocketAddr>,
+    /// Retry attempts sent.
+    retries: u32,
 }
 
 /// Why a failed request failed, for the span status.
@@ -252,6 +260,7 @@ fn end_span(
     span: &mut opentelemetry_sdk::trace::Span,
     f: &Finished<'_>,
     detail: &Detail,
+    sent: Sent,
     failure: Option<String>,
 ) {
     if span.is_recording() {
@@ -261,10 +270,10 @@ fn end_span(
         let mut attributes = vec![
             KeyValue::new("weft.service", f.service.to_string()),
             KeyValue::new("weft.route", f.route.to_string()),
-            KeyValue::new("weft.retries", i64::from(detail.retries)),
+            KeyValue::new("weft.retries", i64::from(sent.retries)),
             KeyValue::new("http.response.status_code", i64::from(f.status_code)),
         ];
-        if let Some(endpoint) = detail.endpoint {
+        if let Some(endpoint) = sent.endpoint {
             attributes.push(KeyValue::new("weft.endpoint", endpoint.to_string()));
         }
         if let Some(reason) = &detail.reason {
@@ -282,7 +291,7 @@ fn end_span(
 }
 
 /// The access log line (target `weft_access`).
-fn access_log(f: &Finished<'_>, detail: &Detail, trace_id: Option<&str>) {
+fn access_log(f: &Finished<'_>, detail: &Detail, sent: Sent, trace_id: Option<&str>) {
     tracing::info!(
         target: "weft_access",
         direction = f.direction.as_str(),
@@ -294,10 +303,10 @@ fn access_log(f: &Finished<'_>, detail: &Detail, trace_id: Option<&str>) {
         status = f.status_code,
         classification = f.classification.as_str(),
         duration_ms = f.duration.as_micros() as f64 / 1000.0,
-        endpoint = detail.endpoint.map(tracing::field::display),
+        endpoint = sent.endpoint.map(tracing::field::display),
         reason = detail.reason.as_deref(),
         limit = detail.limit.as_deref(),
-        retries = detail.retries,
+        retries = sent.retries,
         trace_id,
         "request"
     );
@@ -344,15 +353,19 @@ impl Drop for Observation {
 
 pin_project! {
     /// A response body that finishes its request's observation when it ends.
-    pub struct Observed {
+    pub struct Observed<B> {
         #[pin]
-        inner: ProxyBody,
+        inner: B,
         observation: Option<Observation>,
     }
 }
 
-impl Body for Observed {
-    type Data = bytes::Bytes;
+impl<B> Body for Observed<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
     type Error = BoxError;
 
     fn poll_frame(
@@ -380,7 +393,7 @@ impl Body for Observed {
                 None => observation.finish(false),
             }
         }
-        polled
+        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
