@@ -153,7 +153,13 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     if let Some(settings) =
         otlp_metrics::ExportSettings::from_bootstrap(&config.loaded.bootstrap, instance)
     {
-        otlp_metrics::start(&settings, &shared)?;
+        otlp_metrics::start(
+            &settings,
+            Arc::clone(&shared.metrics),
+            Arc::clone(&shared),
+            &shared.tasks,
+            shared.shutdown.clone(),
+        )?;
     }
 
     let outbound = bind("outbound", listen.outbound).await?;

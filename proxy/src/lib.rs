@@ -5,7 +5,7 @@
 //! | module | responsibility |
 //! |---|---|
 //! | [`app`] | start-up, signals, reload, drain and exit |
-//! | [`state`] | the effective config and directory snapshots, readiness, reload |
+//! | [`state`] | the effective config and directory snapshots, readiness, reload, the state `/metrics` copies into gauges |
 //! | [`server`] | accept loop, connection caps and hyper's limits, HTTP/1.1 + HTTP/2 serving with graceful shutdown |
 //! | [`outbound`] | the app's calls to other services: destination, discovery, balancing |
 //! | [`inbound`] | other sidecars' calls to the local app |

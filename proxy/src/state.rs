@@ -6,6 +6,11 @@
 //! without locks. A reload (SIGHUP or `POST /reload`) is serialised by a mutex, reads
 //! and validates the whole bootstrap file (and the policy files it names) first, and
 //! only then swaps the snapshots: an invalid file changes nothing.
+//!
+//! [`Shared`] is also the [`GaugeSource`](crate::telemetry::metrics::GaugeSource)
+//! `/metrics` copies its gauges from (`state/gauges.rs`).
+
+mod gauges;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
