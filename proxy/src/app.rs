@@ -242,7 +242,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                     .as_ref()
                     .is_some_and(|l| l.policy.allow_plaintext)
             }),
-            Arc::clone(&shared.metrics),
         ))
     });
     if let Some(tls) = &shared.tls {

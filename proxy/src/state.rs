@@ -29,7 +29,7 @@ use crate::directory::{Directory, OwnService};
 use crate::health::{self, AppHealth};
 use crate::remote::RemoteServices;
 use crate::telemetry::{Direction, Metrics, Reporters};
-use crate::tls::MeshTls;
+use crate::tls::{HandshakeObserver, MeshTls, Side};
 
 /// The effective configuration and its version.
 #[derive(Debug, Serialize)]
@@ -92,6 +92,19 @@ pub enum ReloadError {
     Tls(#[from] crate::tls::MaterialError),
 }
 
+/// Counts failed mesh handshakes (`weft_tls_handshake_failures_total`).
+struct CountHandshakeFailures(Arc<Metrics>);
+
+impl HandshakeObserver for CountHandshakeFailures {
+    fn handshake_failed(&self, side: Side, reason: &'static str) {
+        let direction = match side {
+            Side::Inbound => Direction::Inbound,
+            Side::Outbound => Direction::Outbound,
+        };
+        self.0.tls_handshake_failure(direction, reason);
+    }
+}
+
 /// State shared by every listener and task.
 #[derive(Debug)]
 pub struct Shared {
@@ -138,14 +151,9 @@ impl Shared {
         } else {
             metrics
         });
-        let failures = Arc::clone(&metrics);
         let tls = MeshTls::load(
             &loaded,
-            Arc::new(move |e: &crate::tls::connect::MeshConnectError| {
-                if let Some(reason) = e.handshake_reason() {
-                    failures.tls_handshake_failure(Direction::Outbound, reason);
-                }
-            }),
+            Arc::new(CountHandshakeFailures(Arc::clone(&metrics))),
         )
         .map_err(|e| format!("[tls]: {e}"))?;
         let directory = Directory::build(&loaded, tls.as_deref(), &tasks, &shutdown)?;
