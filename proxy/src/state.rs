@@ -42,6 +42,12 @@ pub struct ConfigSnapshot {
     pub loaded: Loaded,
 }
 
+impl health::ServiceConfig for ConfigSnapshot {
+    fn local_service(&self) -> Option<&weft_config::LocalService> {
+        self.loaded.bootstrap.service.as_ref()
+    }
+}
+
 /// Addresses the listeners are bound to (ports resolved when the config said 0).
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Bound {
