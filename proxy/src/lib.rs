@@ -4,7 +4,7 @@
 //!
 //! | module | responsibility |
 //! |---|---|
-//! | [`app`] | start-up, signals, reload, drain and exit |
+//! | [`startup`] | `weft-proxy run`: start-up, signals, reload, drain and exit |
 //! | [`state`] | the effective config and directory snapshots, readiness, reload, the state `/metrics` copies into gauges |
 //! | [`server`] | accept loop, connection caps and hyper's limits, HTTP/1.1 + HTTP/2 serving with graceful shutdown |
 //! | [`outbound`] | the app's calls to other services: destination, discovery, balancing |
@@ -40,7 +40,6 @@
 //! from `watch` channels; nothing on the request path holds a lock across an await.
 
 pub mod admin;
-pub mod app;
 pub mod authz;
 pub mod balance;
 pub mod body;
@@ -65,6 +64,7 @@ pub mod retry;
 pub mod route;
 pub mod screen;
 pub mod server;
+pub mod startup;
 pub mod state;
 pub mod stats;
 pub mod target;

@@ -146,12 +146,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let opts = weft_proxy::app::RunOptions {
+            let opts = weft_proxy::startup::RunOptions {
                 config,
                 bound_file,
                 advertise,
             };
-            match runtime.block_on(weft_proxy::app::run(opts)) {
+            match runtime.block_on(weft_proxy::startup::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("error: {error:#}");
