@@ -18,6 +18,7 @@
 //! | [`directory`] | the services this sidecar can call, rebuilt on reload |
 //! | [`remote`] | services pushed by the control plane, shaped like directory services |
 //! | [`discovery`] | endpoint sets fed by updates; DNS discovery |
+//! | [`endpoint_spec`] | what one endpoint looks like to a discovery source (plain data) |
 //! | [`control_plane`] | the control-plane client: subscriptions, registration, the pushed snapshot and its cache |
 //! | [`balance`] | endpoints, their load, and the pick strategies |
 //! | [`forward`] | the last hop: request rewriting, sending, upgrades |
@@ -47,6 +48,7 @@ pub mod client;
 pub mod control_plane;
 pub mod directory;
 pub mod discovery;
+pub mod endpoint_spec;
 pub mod enforcement;
 pub mod error;
 pub mod forward;
