@@ -1,5 +1,5 @@
 //! What one endpoint looks like to a discovery source: plain data, which the
-//! control-plane client receives and [`crate::discovery`] turns into balancer
+//! control-plane client receives and discovery turns into balancer
 //! endpoints. A module of its own (no imports from the crate) so that the
 //! control-plane client does not depend on discovery and balancing.
 
