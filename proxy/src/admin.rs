@@ -78,7 +78,7 @@ impl Admin {
     }
 
     fn metrics(&self) -> Response<ProxyBody> {
-        match self.shared.metrics.render(&self.shared) {
+        match self.shared.metrics.render(self.shared.as_ref()) {
             Ok(text) => {
                 let mut rsp = Response::new(body::full(text));
                 rsp.headers_mut().insert(

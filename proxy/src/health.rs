@@ -19,7 +19,9 @@
 //! reports every change to the control plane) and the metrics read.
 //!
 //! The settings are read again before every probe, so a reload that changes
-//! `[service] app` or `health` takes effect at the next check.
+//! `[service] app` or `health` takes effect at the next check. They come from
+//! whatever config snapshot the sidecar publishes ([`ServiceConfig`]); this
+//! module knows nothing else of the sidecar.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,9 +33,14 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use weft_config::HealthCheck;
+use weft_config::{HealthCheck, LocalService};
 
-use crate::state::ConfigSnapshot;
+/// A configuration snapshot the check reads `[service]` from (the sidecar's
+/// effective configuration implements it).
+pub trait ServiceConfig: Send + Sync + 'static {
+    /// `[service]`, when the sidecar fronts a local app.
+    fn local_service(&self) -> Option<&LocalService>;
+}
 
 /// The local app's health, as this sidecar's check finds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,10 +260,10 @@ fn http_closed(path: &str) -> ProbeError {
     }
 }
 
-/// The initial state for a bootstrap: `Starting` when `[service]` has
+/// The initial state for a configuration: `Starting` when `[service]` has
 /// checking on, else `Unchecked`.
-pub fn initial(config: &ConfigSnapshot) -> AppHealth {
-    match &config.loaded.bootstrap.service {
+pub fn initial(config: &impl ServiceConfig) -> AppHealth {
+    match config.local_service() {
         Some(s) if s.health.enabled => AppHealth::Starting,
         _ => AppHealth::Unchecked,
     }
@@ -264,8 +271,8 @@ pub fn initial(config: &ConfigSnapshot) -> AppHealth {
 
 /// Probes the app until `stop`, publishing each change in `health`. Reads
 /// `[service] app` and `health` from `config` before every probe.
-pub async fn run(
-    config: watch::Receiver<Arc<ConfigSnapshot>>,
+pub async fn run<C: ServiceConfig>(
+    config: watch::Receiver<Arc<C>>,
     health: watch::Sender<AppHealth>,
     stop: CancellationToken,
 ) {
@@ -276,7 +283,7 @@ pub async fn run(
     let mut waiting_logged = false;
     loop {
         let snapshot = Arc::clone(&config.borrow());
-        let Some(service) = &snapshot.loaded.bootstrap.service else {
+        let Some(service) = snapshot.local_service() else {
             return;
         };
         let settings = &service.health;

@@ -4,11 +4,12 @@
 //!
 //! | module | responsibility |
 //! |---|---|
-//! | [`app`] | start-up, signals, reload, drain and exit |
-//! | [`state`] | the effective config and directory snapshots, readiness, reload |
+//! | [`startup`] | `weft-proxy run`: start-up, signals, reload, drain and exit |
+//! | [`state`] | the effective config and directory snapshots, readiness, reload, the state `/metrics` copies into gauges |
 //! | [`server`] | accept loop, connection caps and hyper's limits, HTTP/1.1 + HTTP/2 serving with graceful shutdown |
-//! | [`outbound`] | the app's calls to other services: destination, discovery, balancing |
-//! | [`inbound`] | other sidecars' calls to the local app |
+//! | [`stack`] | the data plane as tower layers, one stage per file: observe, respond, screen, route, authorize, rate limit, concurrency, forwarded headers, timeout, retry, balance, endpoint client |
+//! | [`outbound`] | the outbound stack (the app's calls to other services), built top to bottom; discovery of a request's destination |
+//! | [`inbound`] | the inbound stack (other sidecars' calls to the local app), built top to bottom |
 //! | [`authz`] | who may call the local service: `allow` lists and `[tls] default_inbound` |
 //! | [`health`] | the sidecar's check of its own app: the state machine, TCP and HTTP probes |
 //! | [`admin`] | `/live`, `/ready`, `/config`, `/endpoints`, `POST /reload` |
@@ -18,14 +19,15 @@
 //! | [`directory`] | the services this sidecar can call, rebuilt on reload |
 //! | [`remote`] | services pushed by the control plane, shaped like directory services |
 //! | [`discovery`] | endpoint sets fed by updates; DNS discovery |
+//! | [`endpoint_spec`] | what one endpoint looks like to a discovery source (plain data) |
 //! | [`control_plane`] | the control-plane client: subscriptions, registration, the pushed snapshot and its cache |
 //! | [`balance`] | endpoints, their load, and the pick strategies |
-//! | [`forward`] | the last hop: request rewriting, sending, upgrades |
+//! | [`forward`] | the mechanics of the last hop: cleaning a request once, classifying send failures, joining upgrades |
 //! | [`client`] | pooled HTTP/1.1 and HTTP/2 connections to endpoints, plaintext or mTLS |
 //! | [`tls`] | mTLS between sidecars: identity, rotation, handshakes on both sides, [`tls::CallerIdentity`] |
 //! | [`headers`] | hop-by-hop removal and forwarding headers |
 //! | [`body`] | streaming body types and body-lifetime guards |
-//! | [`error`] | proxy failures and their mapping to status + `weft-reason` |
+//! | [`error`] | proxy failures, their `weft-reason`, HTTP status and gRPC status |
 //! | [`policy`] | service policies compiled for the request path (which side enforces what) |
 //! | [`enforcement`] | service-side policy keys that nothing may enforce (a caller's plaintext static services) |
 //! | [`route`] | route matching |
@@ -35,12 +37,13 @@
 //! | `fuzzing` (hidden) | what the fuzz targets in `fuzz/` run on each input |
 //! | [`telemetry`] | `/metrics`, request spans (OTLP), the access log, and the observation every finished request is reported through |
 //!
-//! Requests flow `server -> outbound|inbound -> screen -> (directory, discovery, balance) ->
-//! forward -> client`. Live state reaches the request path as `Arc` snapshots read
-//! from `watch` channels; nothing on the request path holds a lock across an await.
+//! Requests flow `server -> outbound|inbound`, whose stacks of [`stack`] layers
+//! use `screen`, `route`, `limits`, `retry`, `directory`, `discovery`, `balance`,
+//! `forward` and `client` (ARCHITECTURE.md draws both stacks). Live state reaches
+//! the request path as `Arc` snapshots read from `watch` channels; nothing on the
+//! request path holds a lock across an await.
 
 pub mod admin;
-pub mod app;
 pub mod authz;
 pub mod balance;
 pub mod body;
@@ -48,6 +51,7 @@ pub mod client;
 pub mod control_plane;
 pub mod directory;
 pub mod discovery;
+pub mod endpoint_spec;
 pub mod enforcement;
 pub mod error;
 pub mod forward;
@@ -66,6 +70,7 @@ pub mod route;
 pub mod screen;
 pub mod server;
 pub mod stack;
+pub mod startup;
 pub mod state;
 pub mod stats;
 pub mod target;

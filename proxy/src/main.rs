@@ -75,7 +75,7 @@ fn check(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
         (Some(path), _) => {
             let r = weft_config::load_bootstrap(&path).map_err(|e| e.to_string());
             let r = r.and_then(|loaded| {
-                weft_proxy::tls::MeshTls::load(&loaded, std::sync::Arc::new(|_| {}))
+                weft_proxy::tls::MeshTls::load(&loaded, std::sync::Arc::new(()))
                     .map_err(|e| format!("{}: [tls]: {e}", path.display()))?;
                 // Valid, but a policy may set keys that nothing enforces.
                 for unenforced in weft_proxy::enforcement::unenforced(&loaded) {
@@ -146,12 +146,12 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let opts = weft_proxy::app::RunOptions {
+            let opts = weft_proxy::startup::RunOptions {
                 config,
                 bound_file,
                 advertise,
             };
-            match runtime.block_on(weft_proxy::app::run(opts)) {
+            match runtime.block_on(weft_proxy::startup::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("error: {error:#}");

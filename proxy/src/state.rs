@@ -6,6 +6,11 @@
 //! without locks. A reload (SIGHUP or `POST /reload`) is serialised by a mutex, reads
 //! and validates the whole bootstrap file (and the policy files it names) first, and
 //! only then swaps the snapshots: an invalid file changes nothing.
+//!
+//! [`Shared`] is also the [`GaugeSource`](crate::telemetry::metrics::GaugeSource)
+//! `/metrics` copies its gauges from (`state/gauges.rs`).
+
+mod gauges;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,7 +29,7 @@ use crate::directory::{Directory, OwnService};
 use crate::health::{self, AppHealth};
 use crate::remote::RemoteServices;
 use crate::telemetry::{Direction, Metrics, Reporters};
-use crate::tls::MeshTls;
+use crate::tls::{HandshakeObserver, MeshTls, Side};
 
 /// The effective configuration and its version.
 #[derive(Debug, Serialize)]
@@ -35,6 +40,12 @@ pub struct ConfigSnapshot {
     pub loaded_at: u64,
     #[serde(flatten)]
     pub loaded: Loaded,
+}
+
+impl health::ServiceConfig for ConfigSnapshot {
+    fn local_service(&self) -> Option<&weft_config::LocalService> {
+        self.loaded.bootstrap.service.as_ref()
+    }
 }
 
 /// Addresses the listeners are bound to (ports resolved when the config said 0).
@@ -87,6 +98,19 @@ pub enum ReloadError {
     Tls(#[from] crate::tls::MaterialError),
 }
 
+/// Counts failed mesh handshakes (`weft_tls_handshake_failures_total`).
+struct CountHandshakeFailures(Arc<Metrics>);
+
+impl HandshakeObserver for CountHandshakeFailures {
+    fn handshake_failed(&self, side: Side, reason: &'static str) {
+        let direction = match side {
+            Side::Inbound => Direction::Inbound,
+            Side::Outbound => Direction::Outbound,
+        };
+        self.0.tls_handshake_failure(direction, reason);
+    }
+}
+
 /// State shared by every listener and task.
 #[derive(Debug)]
 pub struct Shared {
@@ -133,14 +157,9 @@ impl Shared {
         } else {
             metrics
         });
-        let failures = Arc::clone(&metrics);
         let tls = MeshTls::load(
             &loaded,
-            Arc::new(move |e: &crate::tls::connect::MeshConnectError| {
-                if let Some(reason) = e.handshake_reason() {
-                    failures.tls_handshake_failure(Direction::Outbound, reason);
-                }
-            }),
+            Arc::new(CountHandshakeFailures(Arc::clone(&metrics))),
         )
         .map_err(|e| format!("[tls]: {e}"))?;
         let directory = Directory::build(&loaded, tls.as_deref(), &tasks, &shutdown)?;

@@ -36,6 +36,7 @@
 //! | [`subscriptions`] | the subscription set and the `Subscribe` request stream |
 //! | [`register`] | the registration, the `Register` stream, deregistering |
 //! | [`session`] | connecting, backoff across addresses, one session's streams |
+//! | [`stream`] | why a session's stream failed |
 //! | [`cache`] | the snapshot cache file and its writer task |
 
 pub mod cache;
@@ -44,6 +45,7 @@ mod mock;
 pub mod register;
 pub mod session;
 pub mod snapshot;
+pub mod stream;
 pub mod subscriptions;
 #[cfg(test)]
 mod tests;

@@ -38,7 +38,7 @@ use weft_api::v1::register_request::Msg;
 use weft_api::{ConvertError, InstanceRecord, v1};
 use weft_config::LocalService;
 
-use super::session::StreamError;
+use super::stream::StreamError;
 use crate::health::AppHealth;
 
 /// What this sidecar registers (from `[service]` and the bound inbound and

@@ -51,6 +51,7 @@ use weft_api::v1::control_plane_client::ControlPlaneClient as Grpc;
 
 use super::Shared;
 use super::snapshot::Tracker;
+use super::stream::StreamError;
 use crate::tls::MeshTls;
 
 /// The first backoff ceiling; it doubles per failed attempt.
@@ -259,29 +260,6 @@ impl tower::Service<Uri> for TlsConnector {
                 .await?;
             Ok(TokioIo::new(tls))
         })
-    }
-}
-
-/// Why a stream failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StreamError {
-    #[error("{stream} stream failed: {code:?}: {message}")]
-    Status {
-        stream: &'static str,
-        code: tonic::Code,
-        message: String,
-    },
-    #[error("{stream} stream ended by the control plane")]
-    Ended { stream: &'static str },
-}
-
-impl StreamError {
-    pub fn status(stream: &'static str, status: tonic::Status) -> Self {
-        Self::Status {
-            stream,
-            code: status.code(),
-            message: status.message().to_owned(),
-        }
     }
 }
 

@@ -41,7 +41,7 @@ use weft_api::{ConvertError, InstanceRecord, v1};
 use weft_config::name::InvalidServiceName;
 use weft_config::{ConfigError, Policy, ServiceName};
 
-use crate::discovery::EndpointSpec;
+use crate::endpoint_spec::EndpointSpec;
 
 /// One service as the control plane describes it, already validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,7 +52,7 @@ pub struct RemoteService {
     /// included, for the admin API).
     pub instances: Vec<InstanceRecord>,
     /// The instances as endpoints, in the same order: what an
-    /// [`EndpointsWriter`](crate::discovery::EndpointsWriter) takes.
+    /// `EndpointsWriter` (discovery) takes.
     pub endpoints: Vec<EndpointSpec>,
     /// The service's policy, parsed and validated; `None` when it has none.
     pub policy: Option<Arc<Policy>>,

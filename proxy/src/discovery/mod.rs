@@ -20,20 +20,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use weft_api::Health;
-use weft_config::Metadata;
 
 use crate::balance::Endpoint;
-
-/// What one endpoint looks like to a discovery source.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EndpointSpec {
-    pub addr: SocketAddr,
-    pub metadata: Metadata,
-    /// Whether the instance's app answers its sidecar's check (control-plane
-    /// endpoints); other sources say healthy.
-    pub health: Health,
-}
+pub use crate::endpoint_spec::EndpointSpec;
 
 /// A change to a service's endpoints.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,6 +134,9 @@ impl EndpointsWriter {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use weft_api::Health;
+    use weft_config::Metadata;
+
     use super::*;
 
     fn spec(port: u16) -> EndpointSpec {

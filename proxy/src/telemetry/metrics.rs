@@ -6,10 +6,11 @@
 //! and takes the family's read lock. State that already lives elsewhere
 //! (endpoint states, the control-plane connection, the config version) is
 //! copied into gauges when `/metrics` is scraped or the metrics are exported
-//! over OTLP ([`Metrics::refresh`]), so the request path never pays for it.
+//! over OTLP, so the request path never pays for it: the sidecar hands that
+//! state in through [`GaugeSource`], and telemetry knows none of its types.
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::prometheus_protobuf::{self, prometheus_data_model::MetricFamily};
@@ -18,10 +19,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-use crate::control_plane::ConnectionState;
-use crate::directory::MeshService;
-use crate::state::Shared;
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -209,6 +206,103 @@ pub struct OtlpExportMetrics {
     pub failure: Counter,
 }
 
+/// The state that lives elsewhere (the local app's health, the config
+/// version, the outbound endpoints, the control-plane client), copied into
+/// gauges each time the metrics are read ([`Metrics::render`],
+/// [`Metrics::collect`]). The sidecar implements it over its live state, so
+/// telemetry knows none of the types that hold that state.
+pub trait GaugeSource: Send + Sync {
+    /// Writes the current values into `gauges`: every service's endpoints
+    /// and retry budgets (those not written are gone), the rest when known.
+    fn refresh(&self, gauges: &mut Gauges<'_>);
+}
+
+/// One service's outbound endpoints, by state (`weft_endpoints`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointStates {
+    pub active: i64,
+    pub ejected: i64,
+    pub saturated: i64,
+    pub unhealthy: i64,
+}
+
+/// The control-plane client, as its gauges show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlPlaneStatus {
+    /// A session is up.
+    pub connected: bool,
+    /// The version (store revision) of the last snapshot applied.
+    pub version: i64,
+    /// Pushed services refused by validation since start (a running total).
+    pub rejected: u64,
+}
+
+/// Where a [`GaugeSource`] writes its values, during one refresh.
+#[derive(Debug)]
+pub struct Gauges<'a> {
+    metrics: &'a Metrics,
+}
+
+impl Gauges<'_> {
+    /// `weft_proxy_app_healthy` (exported only with `[service]`).
+    pub fn app_healthy(&mut self, healthy: bool) {
+        self.metrics.app_healthy.set(i64::from(healthy));
+    }
+
+    /// `weft_config_version`.
+    pub fn config_version(&mut self, version: u64) {
+        self.metrics
+            .config_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+    }
+
+    /// `weft_endpoints` of `service`.
+    pub fn endpoints(&mut self, service: &Arc<str>, states: EndpointStates) {
+        let EndpointStates {
+            active,
+            ejected,
+            saturated,
+            unhealthy,
+        } = states;
+        for (state, n) in [
+            ("active", active),
+            ("ejected", ejected),
+            ("saturated", saturated),
+            ("unhealthy", unhealthy),
+        ] {
+            self.metrics
+                .endpoints
+                .get_or_create(&EndpointLabels {
+                    service: Arc::clone(service),
+                    state,
+                })
+                .set(n);
+        }
+    }
+
+    /// `weft_retry_budget_available_retries` of one route of `service`.
+    pub fn retry_budget(&mut self, service: &Arc<str>, route: &Arc<str>, available: u64) {
+        self.metrics
+            .budgets
+            .get_or_create(&RouteLabels {
+                service: Arc::clone(service),
+                route: Arc::clone(route),
+            })
+            .set(i64::try_from(available).unwrap_or(i64::MAX));
+    }
+
+    /// `weft_proxy_control_plane_*` (exported only with `[control_plane]`).
+    pub fn control_plane(&mut self, status: ControlPlaneStatus) {
+        let m = self.metrics;
+        m.control_plane_connected.set(i64::from(status.connected));
+        m.control_plane_version.set(status.version);
+        let seen = m.control_plane_rejected.get();
+        if status.rejected > seen {
+            m.control_plane_rejected.inc_by(status.rejected - seen);
+        }
+    }
+}
+
 /// Every metric of the sidecar, and the registry that exposes them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -244,11 +338,19 @@ fn latency_histogram() -> Histogram {
     Histogram::new(LATENCY_BUCKETS)
 }
 
-impl Metrics {
-    /// The sidecar's metrics; the control-plane ones only `with_control_plane`.
-    pub fn new(with_control_plane: bool) -> Self {
-        let mut root = weft_telemetry::registry();
-        let registry = root.sub_registry_with_prefix("weft");
+/// The request-path families, registered first (in this order) by
+/// [`Metrics::new`].
+struct RequestFamilies {
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    refusals: Family<RefusalLabels, Counter>,
+    retries: Family<RouteLabels, Counter>,
+    retries_skipped: Family<SkipLabels, Counter>,
+    ejections: Family<ServiceLabels, Counter>,
+}
+
+impl RequestFamilies {
+    fn register(registry: &mut Registry) -> Self {
         let requests = Family::default();
         registry.register(
             "requests",
@@ -281,20 +383,50 @@ impl Metrics {
             "Endpoints ejected by outlier detection",
             ejections.clone(),
         );
+        Self {
+            requests,
+            durations,
+            refusals,
+            retries,
+            retries_skipped,
+            ejections,
+        }
+    }
+}
+
+/// The gauges a [`GaugeSource`] refreshes per service and route.
+struct EndpointFamilies {
+    endpoints: Family<EndpointLabels, Gauge>,
+    budgets: Family<RouteLabels, Gauge>,
+}
+
+impl EndpointFamilies {
+    fn register(registry: &mut Registry) -> Self {
         let endpoints = Family::default();
         registry.register(
             "endpoints",
             "Outbound endpoints by state (active, unhealthy, ejected, saturated)",
             endpoints.clone(),
         );
-
         let budgets = Family::default();
         registry.register(
             "retry_budget_available_retries",
             "Retries the retry budget allows now",
             budgets.clone(),
         );
+        Self { endpoints, budgets }
+    }
+}
 
+/// The listeners' connection counters, bound to their `direction` label.
+struct ListenerConnections {
+    inbound: ConnectionMetrics,
+    outbound: ConnectionMetrics,
+    admin: ConnectionMetrics,
+}
+
+impl ListenerConnections {
+    fn register(registry: &mut Registry) -> Self {
         let open = Family::<DirectionLabels, Gauge>::default();
         let accepted = Family::<DirectionLabels, Counter>::default();
         let read = Family::<DirectionLabels, Counter>::default();
@@ -312,10 +444,10 @@ impl Metrics {
                 refused: refused.get_or_create_owned(&labels),
             }
         };
-        let inbound_connections = bind(Direction::Inbound);
-        let outbound_connections = bind(Direction::Outbound);
+        let inbound = bind(Direction::Inbound);
+        let outbound = bind(Direction::Outbound);
         // The admin listener's connections are only counted when refused.
-        let admin_connections = ConnectionMetrics {
+        let admin = ConnectionMetrics {
             refused: refused.get_or_create_owned(&DirectionLabels { direction: "admin" }),
             ..ConnectionMetrics::default()
         };
@@ -336,7 +468,23 @@ impl Metrics {
             "Client connections closed at accept because the listener was at [limits] max_connections",
             refused,
         );
+        Self {
+            inbound,
+            outbound,
+            admin,
+        }
+    }
+}
 
+/// The configuration's version and reloads, and failed mTLS handshakes.
+struct ConfigAndTls {
+    config_version: Gauge,
+    reloads: Family<ResultLabels, Counter>,
+    tls_handshake_failures: Family<TlsFailureLabels, Counter>,
+}
+
+impl ConfigAndTls {
+    fn register(registry: &mut Registry) -> Self {
         let config_version = Gauge::default();
         registry.register(
             "config_version",
@@ -355,6 +503,22 @@ impl Metrics {
             "mTLS handshakes between sidecars that failed, by direction and reason",
             tls_handshake_failures.clone(),
         );
+        Self {
+            config_version,
+            reloads,
+            tls_handshake_failures,
+        }
+    }
+}
+
+/// The counters of telemetry's own exports (spans, OTLP metrics).
+struct ExportCounters {
+    spans: SpanMetrics,
+    otlp_exports: OtlpExportMetrics,
+}
+
+impl ExportCounters {
+    fn register(registry: &mut Registry) -> Self {
         let spans_exported = Counter::default();
         registry.register(
             "spans_exported",
@@ -386,27 +550,76 @@ impl Metrics {
             "OTLP metrics export requests, by result (success, failure)",
             exports,
         );
+        Self {
+            spans,
+            otlp_exports,
+        }
+    }
+}
 
-        let control_plane_connected = Gauge::default();
-        let control_plane_version = Gauge::default();
-        let control_plane_rejected = Counter::default();
+/// The control-plane client's gauges (registered only with a control plane).
+struct ControlPlaneGauges {
+    connected: Gauge,
+    version: Gauge,
+    rejected: Counter,
+}
+
+impl ControlPlaneGauges {
+    fn register(registry: &mut Registry, with_control_plane: bool) -> Self {
+        let connected = Gauge::default();
+        let version = Gauge::default();
+        let rejected = Counter::default();
         if with_control_plane {
             registry.register(
                 "proxy_control_plane_connected",
                 "1 while a session with the control plane is up",
-                control_plane_connected.clone(),
+                connected.clone(),
             );
             registry.register(
                 "proxy_control_plane_version",
                 "Version (store revision) of the last control-plane snapshot applied",
-                control_plane_version.clone(),
+                version.clone(),
             );
             registry.register(
                 "proxy_control_plane_rejected",
                 "Pushed services refused by validation",
-                control_plane_rejected.clone(),
+                rejected.clone(),
             );
         }
+        Self {
+            connected,
+            version,
+            rejected,
+        }
+    }
+}
+
+impl Metrics {
+    /// The sidecar's metrics; the control-plane ones only `with_control_plane`.
+    pub fn new(with_control_plane: bool) -> Self {
+        let mut root = weft_telemetry::registry();
+        // Registration order is the order of `/metrics`.
+        let registry = root.sub_registry_with_prefix("weft");
+        let RequestFamilies {
+            requests,
+            durations,
+            refusals,
+            retries,
+            retries_skipped,
+            ejections,
+        } = RequestFamilies::register(registry);
+        let EndpointFamilies { endpoints, budgets } = EndpointFamilies::register(registry);
+        let connections = ListenerConnections::register(registry);
+        let ConfigAndTls {
+            config_version,
+            reloads,
+            tls_handshake_failures,
+        } = ConfigAndTls::register(registry);
+        let ExportCounters {
+            spans,
+            otlp_exports,
+        } = ExportCounters::register(registry);
+        let control_plane = ControlPlaneGauges::register(registry, with_control_plane);
         Self {
             registry: root,
             created: SystemTime::now(),
@@ -419,14 +632,14 @@ impl Metrics {
             ejections,
             endpoints,
             budgets,
-            inbound_connections,
-            outbound_connections,
-            admin_connections,
+            inbound_connections: connections.inbound,
+            outbound_connections: connections.outbound,
+            admin_connections: connections.admin,
             config_version,
             reloads,
-            control_plane_connected,
-            control_plane_version,
-            control_plane_rejected,
+            control_plane_connected: control_plane.connected,
+            control_plane_version: control_plane.version,
+            control_plane_rejected: control_plane.rejected,
             app_healthy: Gauge::default(),
             tls_handshake_failures,
             spans,
@@ -544,22 +757,23 @@ impl Metrics {
         &self.admin_connections
     }
 
-    /// Copies the state kept elsewhere into gauges, then encodes everything.
-    pub fn render(&self, shared: &Shared) -> Result<String, weft_telemetry::EncodeError> {
+    /// Copies the state kept elsewhere (`source`) into gauges, then encodes
+    /// everything.
+    pub fn render(&self, source: &dyn GaugeSource) -> Result<String, weft_telemetry::EncodeError> {
         let _one = self.refresh.lock().unwrap_or_else(PoisonError::into_inner);
-        self.refresh(shared);
+        self.refresh(source);
         weft_telemetry::encode(&self.registry)
     }
 
-    /// Copies the state kept elsewhere into gauges, then collects every
-    /// value as structured data: the same metrics as [`Metrics::render`],
-    /// for the OTLP export.
+    /// Copies the state kept elsewhere (`source`) into gauges, then collects
+    /// every value as structured data: the same metrics as
+    /// [`Metrics::render`], for the OTLP export.
     pub fn collect(
         &self,
-        shared: &Shared,
+        source: &dyn GaugeSource,
     ) -> Result<Vec<MetricFamily>, weft_telemetry::EncodeError> {
         let _one = self.refresh.lock().unwrap_or_else(PoisonError::into_inner);
-        self.refresh(shared);
+        self.refresh(source);
         Ok(prometheus_protobuf::encode(&self.registry)?)
     }
 
@@ -574,70 +788,70 @@ impl Metrics {
         self
     }
 
-    fn refresh(&self, shared: &Shared) {
-        self.app_healthy
-            .set(i64::from(shared.app_health().is_serving()));
-        self.config_version
-            .set(i64::try_from(shared.config().version).unwrap_or(i64::MAX));
-        let now = Instant::now();
+    /// The endpoint and budget gauges of services gone since the last
+    /// refresh disappear: `source` writes every current one again.
+    fn refresh(&self, source: &dyn GaugeSource) {
         self.endpoints.clear();
         self.budgets.clear();
-        let directory = shared.directory();
-        let count = |svc: &MeshService| {
-            let cap = svc.policy.endpoint_cap();
-            let set = Arc::clone(&svc.endpoints().borrow());
-            let mut states = [0i64; 4];
-            for e in set.endpoints() {
-                let i = if !e.health().is_healthy() {
-                    3
-                } else if e.outlier().ejected_for(now).is_some() {
-                    1
-                } else if cap.is_some_and(|c| e.in_flight() >= c) {
-                    2
-                } else {
-                    0
-                };
-                states[i] += 1;
-            }
-            for (route, budget) in svc.policy.budgets() {
-                self.budgets
-                    .get_or_create(&RouteLabels {
-                        service: Arc::clone(&svc.label),
-                        route: Arc::clone(route),
-                    })
-                    .set(i64::try_from(budget.available()).unwrap_or(i64::MAX));
-            }
-            for (state, n) in ["active", "ejected", "saturated", "unhealthy"]
-                .into_iter()
-                .zip(states)
-            {
-                self.endpoints
-                    .get_or_create(&EndpointLabels {
-                        service: Arc::clone(&svc.label),
-                        state,
-                    })
-                    .set(n);
-            }
-        };
-        for svc in directory.services() {
-            count(svc);
+        source.refresh(&mut Gauges { metrics: self });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A sidecar whose only outbound service is `service`.
+    struct OneService(&'static str);
+
+    impl GaugeSource for OneService {
+        fn refresh(&self, gauges: &mut Gauges<'_>) {
+            let service = Arc::from(self.0);
+            gauges.config_version(7);
+            gauges.endpoints(
+                &service,
+                EndpointStates {
+                    active: 2,
+                    ejected: 1,
+                    ..EndpointStates::default()
+                },
+            );
+            gauges.retry_budget(&service, &Arc::from("/pay"), 5);
+            gauges.control_plane(ControlPlaneStatus {
+                connected: true,
+                version: 42,
+                rejected: 3,
+            });
         }
-        if let Some(remote) = shared.remote() {
-            for svc in remote.services() {
-                if directory.service(svc.name.as_str()).is_none() {
-                    count(&svc);
-                }
-            }
-            let client = remote.client();
-            let connected = matches!(client.state(), ConnectionState::Connected { .. });
-            self.control_plane_connected.set(i64::from(connected));
-            let version = client.snapshot().borrow().version;
-            self.control_plane_version.set(version);
-            let (rejected, _) = client.rejected();
-            let seen = self.control_plane_rejected.get();
-            if rejected > seen {
-                self.control_plane_rejected.inc_by(rejected - seen);
-            }
+    }
+
+    #[test]
+    fn gauges_show_what_the_source_wrote_at_the_last_read() {
+        let metrics = Metrics::new(true);
+        let text = metrics.render(&OneService("billing")).unwrap();
+        for line in [
+            "weft_config_version 7",
+            r#"weft_endpoints{service="billing",state="active"} 2"#,
+            r#"weft_endpoints{service="billing",state="ejected"} 1"#,
+            r#"weft_endpoints{service="billing",state="unhealthy"} 0"#,
+            r#"weft_retry_budget_available_retries{service="billing",route="/pay"} 5"#,
+            "weft_proxy_control_plane_connected 1",
+            "weft_proxy_control_plane_version 42",
+            "weft_proxy_control_plane_rejected_total 3",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
         }
+        // A service gone since the last read has no gauges left; the
+        // rejection total is not counted twice.
+        let text = metrics.render(&OneService("ledger")).unwrap();
+        assert!(!text.contains("billing"), "{text}");
+        assert!(text.contains(r#"weft_endpoints{service="ledger",state="active"} 2"#));
+        assert!(
+            text.lines()
+                .any(|l| l == "weft_proxy_control_plane_rejected_total 3"),
+            "{text}"
+        );
     }
 }

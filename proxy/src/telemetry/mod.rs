@@ -4,7 +4,7 @@
 //!
 //! | module | responsibility |
 //! |---|---|
-//! | [`metrics`] | the Prometheus registry and every metric (names: `docs/telemetry.md`) |
+//! | [`metrics`] | the Prometheus registry and every metric (names: `docs/telemetry.md`); state kept elsewhere comes in through [`metrics::GaugeSource`] |
 //! | [`otlp_metrics`] | the registry's values, exported over OTLP every interval |
 //! | [`observe`] | one request's observation, finished when its response body ends: metrics, span, access log |
 //! | [`trace`] | the tracer, W3C trace-context propagation, and the bounded span export queue |

@@ -1,12 +1,13 @@
 //! The inbound listener's side of mTLS: one connection's handshake.
 //!
-//! The listener's protocol detection ([`crate::server`]) peeks at the
+//! The listener's protocol detection (the `server` module) peeks at the
 //! connection's first byte, within `[limits] header_read_timeout`, and hands
 //! it to [`InboundTls::accept`]: 0x16 (a TLS handshake record) goes through
 //! the TLS 1.3 handshake, which requires a client certificate from the mesh
 //! CA ([`super::verify::CallerVerifier`]); anything else is plaintext, served
 //! only while the local service's policy says `inbound.allow_plaintext = true`
 //! and otherwise closed. The handshake is bounded by [`HANDSHAKE_TIMEOUT`].
+//! Every failure is reported to the mesh's [`HandshakeObserver`].
 
 use std::io;
 use std::sync::Arc;
@@ -17,8 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::identity::{CallerIdentity, IdentityError, service_identity};
-use super::{MeshTls, verify};
-use crate::telemetry::{Direction, Metrics};
+use super::{HandshakeObserver, MeshTls, Side, verify};
 
 /// The longest a client may take from its first byte to a finished handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -101,7 +101,8 @@ pub struct InboundTls {
     acceptor: TlsAcceptor,
     /// Whether plaintext is allowed now (the local policy can change).
     allow_plaintext: Box<dyn Fn() -> bool + Send + Sync>,
-    metrics: Arc<Metrics>,
+    /// The mesh's, cloned once here: reporting a failure allocates nothing.
+    observer: Arc<dyn HandshakeObserver>,
 }
 
 impl std::fmt::Debug for InboundTls {
@@ -113,22 +114,18 @@ impl std::fmt::Debug for InboundTls {
 impl InboundTls {
     /// An acceptor over `mesh`'s server configuration; `allow_plaintext`
     /// says whether the local policy allows plaintext now; failures are
-    /// counted into `metrics`.
-    pub fn new(
-        mesh: Arc<MeshTls>,
-        allow_plaintext: Box<dyn Fn() -> bool + Send + Sync>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// reported to `mesh`'s [`HandshakeObserver`].
+    pub fn new(mesh: Arc<MeshTls>, allow_plaintext: Box<dyn Fn() -> bool + Send + Sync>) -> Self {
         Self {
             acceptor: TlsAcceptor::from(mesh.server_config()),
+            observer: Arc::clone(&mesh.observer),
             mesh,
             allow_plaintext,
-            metrics,
         }
     }
 
     /// Handshakes on `io`, whose first byte (peeked, still unread) is
-    /// `first`; a failure is counted.
+    /// `first`; a failure is reported.
     pub async fn accept<IO>(&self, io: IO, first: u8) -> Result<Accepted<IO>, HandshakeFailure>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
@@ -137,17 +134,17 @@ impl InboundTls {
             .await
             .unwrap_or(Err(HandshakeFailure::Timeout));
         if let Err(failure) = &result {
-            self.metrics
-                .tls_handshake_failure(Direction::Inbound, failure.reason());
+            self.observer
+                .handshake_failed(Side::Inbound, failure.reason());
         }
         result
     }
 
     /// A connection that sent nothing within `[limits] header_read_timeout`:
-    /// no handshake either, counted as a `timeout`.
+    /// no handshake either, reported as a `timeout`.
     pub fn silent(&self) {
-        self.metrics
-            .tls_handshake_failure(Direction::Inbound, HandshakeFailure::Timeout.reason());
+        self.observer
+            .handshake_failed(Side::Inbound, HandshakeFailure::Timeout.reason());
     }
 
     async fn handshake<IO>(&self, io: IO, first: u8) -> Result<Accepted<IO>, HandshakeFailure>

@@ -5,8 +5,8 @@
 //! One [`MeshConnector`] per service and ALPN: the pools it feeds are keyed by
 //! endpoint address, so a pooled connection is always to that endpoint *and*
 //! that expected identity. A failed handshake is a connect error (the request
-//! becomes `502 connect-failure`, retried like any connect failure) and is
-//! logged with its reason.
+//! becomes `502 connect-failure`, retried like any connect failure), logged
+//! with its reason and reported to the mesh's [`HandshakeObserver`].
 
 use std::future::Future;
 use std::io;
@@ -27,7 +27,7 @@ use tower::Service;
 use weft_config::ServiceName;
 
 use super::accept::{certificate_problem, describe_io};
-use super::{ALPN_H2, MeshTls};
+use super::{ALPN_H2, HandshakeObserver, MeshTls, Side};
 
 /// Why a mesh connection could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +65,6 @@ impl MeshConnectError {
     }
 }
 
-/// Hears of every failed mesh handshake (for metrics).
-pub type FailureHook = Arc<dyn Fn(&MeshConnectError) + Send + Sync>;
-
 /// Opens mTLS connections to one service's endpoints.
 #[derive(Clone)]
 pub struct MeshConnector {
@@ -75,7 +72,7 @@ pub struct MeshConnector {
     tls: TlsConnector,
     service: ServiceName,
     timeout: Duration,
-    on_failure: FailureHook,
+    observer: Arc<dyn HandshakeObserver>,
 }
 
 impl std::fmt::Debug for MeshConnector {
@@ -102,7 +99,7 @@ impl MeshConnector {
             tls: TlsConnector::from(mesh.client_config(service, alpn)),
             service: service.clone(),
             timeout,
-            on_failure: Arc::clone(&mesh.on_failure),
+            observer: Arc::clone(&mesh.observer),
         }
     }
 }
@@ -122,7 +119,7 @@ impl Service<Uri> for MeshConnector {
         let endpoint = uri.authority().map_or_else(String::new, |a| a.to_string());
         let connecting = self.http.call(uri);
         let (tls, service, timeout) = (self.tls.clone(), self.service.clone(), self.timeout);
-        let on_failure = Arc::clone(&self.on_failure);
+        let observer = Arc::clone(&self.observer);
         Box::pin(async move {
             let tcp = connecting
                 .await
@@ -151,7 +148,9 @@ impl Service<Uri> for MeshConnector {
             };
             if let Err(error) = &result {
                 tracing::warn!(%error, "outbound mTLS handshake failed");
-                on_failure(error);
+                if let Some(reason) = error.handshake_reason() {
+                    observer.handshake_failed(Side::Outbound, reason);
+                }
             }
             result
         })

@@ -30,6 +30,10 @@
 //! touched. Inconsistent files are logged and ignored (once per change), and
 //! the current material stays. Session resumption is off on both sides, so
 //! every connection is verified against the CA in force when it is made.
+//!
+//! Failed handshakes, on both sides, are reported to the
+//! [`HandshakeObserver`] given to [`MeshTls::load`] (the sidecar counts them);
+//! this module knows nothing of metrics.
 
 pub mod accept;
 pub mod connect;
@@ -48,7 +52,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_config::{Loaded, ServiceName, SpiffeId};
 
-use self::connect::FailureHook;
 pub use self::identity::CallerIdentity;
 use self::material::{Expected, Paths, Stamps};
 pub use self::material::{Material, MaterialError};
@@ -57,6 +60,28 @@ use self::verify::{CallerVerifier, CurrentCert, PeerVerifier, Store};
 /// ALPN protocol ids.
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// Which side of a mesh connection a handshake was on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The inbound listener accepted the connection ([`accept`]).
+    Inbound,
+    /// This sidecar connected to an endpoint ([`connect`]).
+    Outbound,
+}
+
+/// Hears of every failed mesh handshake, on both sides. Called on the
+/// connection's task: it must not block (counting is what it is for).
+pub trait HandshakeObserver: Send + Sync {
+    /// A handshake on `side` failed; `reason` is one of a fixed set
+    /// (`plaintext`, `timeout`, `error`, `certificate`).
+    fn handshake_failed(&self, side: Side, reason: &'static str);
+}
+
+/// Failed handshakes go unheard (`weft-proxy check`, tests).
+impl HandshakeObserver for () {
+    fn handshake_failed(&self, _: Side, _: &'static str) {}
+}
 
 /// What the watcher saw last.
 #[derive(Debug)]
@@ -77,8 +102,8 @@ pub struct MeshTls {
     client: ConfigBuilder<ClientConfig, WantsVerifier>,
     watch_interval: Duration,
     watched: Mutex<Watched>,
-    /// Hears of every failed outbound handshake (for metrics).
-    on_failure: FailureHook,
+    /// Hears of every failed handshake, inbound and outbound.
+    observer: Arc<dyn HandshakeObserver>,
 }
 
 impl std::fmt::Debug for MeshTls {
@@ -93,10 +118,10 @@ impl std::fmt::Debug for MeshTls {
 
 impl MeshTls {
     /// Loads `[tls]` of `loaded`, if present, and checks the identity;
-    /// `on_failure` hears of every failed outbound handshake.
+    /// `observer` hears of every failed handshake, inbound and outbound.
     pub fn load(
         loaded: &Loaded,
-        on_failure: FailureHook,
+        observer: Arc<dyn HandshakeObserver>,
     ) -> Result<Option<Arc<Self>>, MaterialError> {
         let Some(tls) = &loaded.bootstrap.tls else {
             return Ok(None);
@@ -152,7 +177,7 @@ impl MeshTls {
                 applied: stamps,
                 rejected: None,
             }),
-            on_failure,
+            observer,
         })))
     }
 
@@ -313,7 +338,7 @@ mod tests {
         text.push_str("[tls]\nca = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n");
         std::fs::write(dir.join("weft.toml"), text).unwrap();
         let loaded = weft_config::load_bootstrap(&dir.join("weft.toml")).unwrap();
-        MeshTls::load(&loaded, Arc::new(|_| {})).map(|t| t.unwrap())
+        MeshTls::load(&loaded, Arc::new(())).map(|t| t.unwrap())
     }
 
     fn leaf(tls: &MeshTls) -> Vec<u8> {

@@ -30,10 +30,10 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use prometheus_client::encoding::prometheus_protobuf::prometheus_data_model::MetricFamily;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
-use super::metrics::OtlpExportMetrics;
-use crate::state::Shared;
+use super::metrics::{GaugeSource, Metrics, OtlpExportMetrics};
 
 /// One export request ends within this (the next interval retries, with
 /// newer values).
@@ -117,10 +117,17 @@ impl Sink for MetricsServiceClient<Channel> {
     }
 }
 
-/// Starts the export task on `shared`'s task tracker; it stops, after one
-/// last export, when `shared.shutdown` is cancelled. Nothing connects yet:
-/// the collector is first dialled by the first export.
-pub fn start(settings: &ExportSettings, shared: &Arc<Shared>) -> Result<(), SetupError> {
+/// Starts the export task of `metrics` (their gauges refreshed from
+/// `source`) on `tasks`; it stops, after one last export, when `shutdown` is
+/// cancelled. Nothing connects yet: the collector is first dialled by the
+/// first export.
+pub fn start<S: GaugeSource + 'static>(
+    settings: &ExportSettings,
+    metrics: Arc<Metrics>,
+    source: Arc<S>,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<(), SetupError> {
     let endpoint_error = |reason: String| SetupError::Endpoint {
         endpoint: settings.endpoint.clone(),
         reason,
@@ -130,15 +137,15 @@ pub fn start(settings: &ExportSettings, shared: &Arc<Shared>) -> Result<(), Setu
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(EXPORT_TIMEOUT)
         .connect_lazy();
-    let metrics = Arc::clone(&shared.metrics);
-    let source = Arc::clone(shared);
-    let collect = move || metrics.collect(&source);
-    shared.tasks.spawn(export_loop(
+    let exporter = Exporter::new(settings, metrics.created());
+    let counters = metrics.otlp_exports().clone();
+    let collect = move || metrics.collect(&*source);
+    tasks.spawn(export_loop(
         MetricsServiceClient::new(channel),
         collect,
-        Exporter::new(settings, shared.metrics.created()),
-        shared.metrics.otlp_exports().clone(),
-        shared.shutdown.clone(),
+        exporter,
+        counters,
+        shutdown,
     ));
     Ok(())
 }

@@ -1,7 +1,10 @@
-//! Start-up and shutdown of the sidecar.
+//! Start-up and shutdown of the sidecar (`weft-proxy run`).
 //!
-//! [`run`] loads the bootstrap file, builds the shared state, binds the three
-//! listeners, reports their addresses, and serves until SIGTERM or SIGINT. SIGHUP
+//! [`run`] goes through named steps: it loads the bootstrap file and builds
+//! the shared state (`load`), binds the three listeners and reports their
+//! addresses (`Listeners::bind`), joins the control plane if there is one
+//! (`join_control_plane`), serves (`serve_listeners`) until SIGTERM or
+//! SIGINT (`wait_for_stop`), and drains (`drain`). SIGHUP
 //! reloads the bootstrap file (an invalid one is logged and ignored). A sidecar
 //! with `[service]` checks its app (`crate::health`) from the moment it is
 //! bound; with a control plane, readiness waits (bounded) for the first
@@ -19,6 +22,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
@@ -142,112 +146,159 @@ fn wait_for_first_snapshot(shared: &Arc<Shared>, client: &ControlPlaneClient, ti
 
 /// Run the sidecar until it is told to stop.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
-    let config_path = opts.config.clone();
-    let loaded = tokio::task::spawn_blocking(move || weft_config::load_bootstrap(&config_path))
+    let shared = load(opts.config.clone()).await?;
+    let listeners = Listeners::bind(&shared, opts.bound_file.as_deref()).await?;
+    let control_plane = join_control_plane(&shared, &listeners.bound, opts.advertise)?;
+    let serving = serve_listeners(&shared, listeners);
+    wait_for_stop(&shared).await?;
+    drain(&shared, control_plane.as_ref(), serving).await;
+    Ok(())
+}
+
+/// Loads the bootstrap file at `path` and builds the shared state from it;
+/// starts the OTLP metrics export when `[telemetry]` asks for it.
+async fn load(path: PathBuf) -> anyhow::Result<Arc<Shared>> {
+    let loaded = tokio::task::spawn_blocking(move || weft_config::load_bootstrap(&path))
         .await
         .context("loading the configuration")??;
-    let listen = loaded.bootstrap.listen.clone();
     let shared = Shared::new(loaded).map_err(anyhow::Error::msg)?;
     let config = shared.config();
     let instance = config.loaded.bootstrap.service.as_ref().map(instance_id);
     if let Some(settings) =
         otlp_metrics::ExportSettings::from_bootstrap(&config.loaded.bootstrap, instance)
     {
-        otlp_metrics::start(&settings, &shared)?;
+        otlp_metrics::start(
+            &settings,
+            Arc::clone(&shared.metrics),
+            Arc::clone(&shared),
+            &shared.tasks,
+            shared.shutdown.clone(),
+        )?;
     }
+    Ok(shared)
+}
 
-    let outbound = bind("outbound", listen.outbound).await?;
-    let inbound = bind("inbound", listen.inbound).await?;
-    let admin = bind("admin", listen.admin).await?;
-    let bound = Bound {
-        outbound: outbound.local_addr()?,
-        inbound: inbound.local_addr()?,
-        admin: admin.local_addr()?,
-    };
-    shared.set_bound(bound);
-    if shared.config().loaded.bootstrap.service.is_some() {
-        shared.check_app_health();
-    }
-    if let Some(path) = &opts.bound_file {
-        write_bound_file(path, &bound)?;
-    }
-    tracing::info!(
-        listen.outbound = %bound.outbound,
-        listen.inbound = %bound.inbound,
-        listen.admin = %bound.admin,
-        config.path = %shared.path().display(),
-        "weft-proxy listening"
-    );
+/// The three listeners, bound, and their addresses.
+struct Listeners {
+    outbound: TcpListener,
+    inbound: TcpListener,
+    admin: TcpListener,
+    bound: Bound,
+}
 
-    // With a control plane: register this instance and follow pushed services.
-    let loaded = &shared.config().loaded;
-    let control_plane = match &loaded.bootstrap.control_plane {
-        Some(cp) => {
-            let registration = registration(loaded, &bound, opts.advertise)?;
-            let client = ControlPlaneClient::start(
-                cp.addresses.clone(),
-                registration,
-                Some(shared.app_health_changes()),
-                cp.cache.as_ref().map(|c| loaded.resolve(c)),
-                shared.tls.as_deref(),
-                &shared.tasks,
-                shared.shutdown.clone(),
-            );
-            if let Some(service) = &loaded.bootstrap.service {
-                shared.follow_own_service(&client, service.name.to_string());
-            }
-            wait_for_first_snapshot(&shared, &client, cp.ready_timeout.get());
-            shared.set_remote(RemoteServices::start(
-                client.clone(),
-                loaded,
-                shared.tls.clone(),
-                &shared.tasks,
-                shared.shutdown.clone(),
-            ));
-            Some(client)
+impl Listeners {
+    /// Binds `[listen]`'s addresses, records them in `shared` (and in
+    /// `bound_file`), and starts checking the local app: from here on the
+    /// sidecar can become ready.
+    async fn bind(shared: &Shared, bound_file: Option<&Path>) -> anyhow::Result<Self> {
+        let listen = shared.config().loaded.bootstrap.listen.clone();
+        let outbound = bind("outbound", listen.outbound).await?;
+        let inbound = bind("inbound", listen.inbound).await?;
+        let admin = bind("admin", listen.admin).await?;
+        let bound = Bound {
+            outbound: outbound.local_addr()?,
+            inbound: inbound.local_addr()?,
+            admin: admin.local_addr()?,
+        };
+        shared.set_bound(bound);
+        if shared.config().loaded.bootstrap.service.is_some() {
+            shared.check_app_health();
         }
-        None => None,
-    };
+        if let Some(path) = bound_file {
+            write_bound_file(path, &bound)?;
+        }
+        tracing::info!(
+            listen.outbound = %bound.outbound,
+            listen.inbound = %bound.inbound,
+            listen.admin = %bound.admin,
+            config.path = %shared.path().display(),
+            "weft-proxy listening"
+        );
+        Ok(Self {
+            outbound,
+            inbound,
+            admin,
+            bound,
+        })
+    }
+}
 
-    // Data listeners stop at the start of the drain; admin keeps answering (with
-    // /ready = 503) until the process exits.
+/// With a control plane: registers this instance and follows pushed
+/// services; `None` without `[control_plane]`.
+fn join_control_plane(
+    shared: &Arc<Shared>,
+    bound: &Bound,
+    advertise: Option<std::net::SocketAddr>,
+) -> anyhow::Result<Option<ControlPlaneClient>> {
+    let config = shared.config();
+    let loaded = &config.loaded;
+    let Some(cp) = &loaded.bootstrap.control_plane else {
+        return Ok(None);
+    };
+    let registration = registration(loaded, bound, advertise)?;
+    let client = ControlPlaneClient::start(
+        cp.addresses.clone(),
+        registration,
+        Some(shared.app_health_changes()),
+        cp.cache.as_ref().map(|c| loaded.resolve(c)),
+        shared.tls.as_deref(),
+        &shared.tasks,
+        shared.shutdown.clone(),
+    );
+    if let Some(service) = &loaded.bootstrap.service {
+        shared.follow_own_service(&client, service.name.to_string());
+    }
+    wait_for_first_snapshot(shared, &client, cp.ready_timeout.get());
+    shared.set_remote(RemoteServices::start(
+        client.clone(),
+        loaded,
+        shared.tls.clone(),
+        &shared.tasks,
+        shared.shutdown.clone(),
+    ));
+    Ok(Some(client))
+}
+
+/// The listeners' serving tasks and what stops them.
+struct Serving {
+    /// Stops the outbound and inbound listeners (at the start of the drain).
+    data_stop: CancellationToken,
+    /// Stops the admin listener (at exit).
+    admin_stop: CancellationToken,
+    outbound: JoinHandle<()>,
+    inbound: JoinHandle<()>,
+    admin: JoinHandle<()>,
+}
+
+/// Serves the three listeners, each on its own task. Data listeners stop at
+/// the start of the drain; admin keeps answering (with /ready = 503) until
+/// the process exits.
+fn serve_listeners(shared: &Arc<Shared>, listeners: Listeners) -> Serving {
     let limits = shared.config().loaded.bootstrap.limits.clone();
     let data_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
     let out_task = tokio::spawn(serve(
         "outbound",
-        outbound,
+        listeners.outbound,
         None,
         {
-            let s = Arc::clone(&shared);
+            let s = Arc::clone(shared);
             move |peer| Outbound::new(Arc::clone(&s), peer)
         },
         shared.metrics.connections(Direction::Outbound).clone(),
         Hardening::data(&limits),
         data_stop.clone(),
     ));
-    let inbound_tls = shared.tls.as_ref().map(|tls| {
-        let s = Arc::clone(&shared);
-        Arc::new(InboundTls::new(
-            Arc::clone(tls),
-            Box::new(move || {
-                s.directory()
-                    .local
-                    .as_ref()
-                    .is_some_and(|l| l.policy.allow_plaintext)
-            }),
-            Arc::clone(&shared.metrics),
-        ))
-    });
+    let inbound_tls = inbound_tls(shared);
     if let Some(tls) = &shared.tls {
         tls.watch(&shared.tasks, shared.shutdown.clone());
     }
     let in_task = tokio::spawn(serve(
         "inbound",
-        inbound,
+        listeners.inbound,
         inbound_tls,
         {
-            let s = Arc::clone(&shared);
+            let s = Arc::clone(shared);
             let rule = Arc::new(MeshRule::new(s.config().loaded.bootstrap.tls.as_ref()));
             move |peer| Inbound::new(Arc::clone(&s), peer, Arc::clone(&rule))
         },
@@ -257,17 +308,44 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     ));
     let admin_task = tokio::spawn(serve(
         "admin",
-        admin,
+        listeners.admin,
         None,
         {
-            let s = Arc::clone(&shared);
+            let s = Arc::clone(shared);
             move |_| Admin::new(Arc::clone(&s))
         },
         shared.metrics.admin_connections().clone(),
         Hardening::admin(&limits),
         admin_stop.clone(),
     ));
+    Serving {
+        data_stop,
+        admin_stop,
+        outbound: out_task,
+        inbound: in_task,
+        admin: admin_task,
+    }
+}
 
+/// With `[tls]`, the inbound listener's acceptor; plaintext is allowed
+/// while the local service's policy says so.
+fn inbound_tls(shared: &Arc<Shared>) -> Option<Arc<InboundTls>> {
+    shared.tls.as_ref().map(|tls| {
+        let s = Arc::clone(shared);
+        Arc::new(InboundTls::new(
+            Arc::clone(tls),
+            Box::new(move || {
+                s.directory()
+                    .local
+                    .as_ref()
+                    .is_some_and(|l| l.policy.allow_plaintext)
+            }),
+        ))
+    })
+}
+
+/// Reloads on every SIGHUP until SIGTERM or SIGINT.
+async fn wait_for_stop(shared: &Shared) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -277,11 +355,16 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 Ok(version) => tracing::info!(config.version = version, "configuration reloaded (SIGHUP)"),
                 Err(error) => tracing::error!(error = %error, "reload rejected (SIGHUP); keeping the current configuration"),
             },
-            _ = term.recv() => { tracing::info!("SIGTERM received"); break }
-            _ = int.recv() => { tracing::info!("SIGINT received"); break }
+            _ = term.recv() => { tracing::info!("SIGTERM received"); return Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT received"); return Ok(()) }
         }
     }
+}
 
+/// Drains within `[drain] grace`: not ready, deregistered, data listeners
+/// closed, in-flight requests and tasks finished (or the grace over), spans
+/// flushed, then the admin listener closed.
+async fn drain(shared: &Shared, control_plane: Option<&ControlPlaneClient>, serving: Serving) {
     let grace = shared.config().loaded.bootstrap.drain.grace.get();
     tracing::info!(drain.grace_ms = grace.as_millis() as u64, "draining");
     shared.start_draining();
@@ -289,15 +372,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Leave the directory first, so callers stop choosing this instance, and give
     // the change a moment to reach them before the listeners close: requests
     // already on their way still find an open listener.
-    if let Some(client) = &control_plane {
+    if let Some(client) = control_plane {
         let deregistered = client.deregister(grace.min(DEREGISTER_TIMEOUT)).await;
         tracing::info!(?deregistered, "deregistered from the control plane");
         tokio::time::sleep(grace.min(PROPAGATION_DELAY)).await;
     }
-    data_stop.cancel();
+    serving.data_stop.cancel();
     let drained = tokio::time::timeout_at(deadline, async {
-        let _ = out_task.await;
-        let _ = in_task.await;
+        let _ = serving.outbound.await;
+        let _ = serving.inbound.await;
         shared.tasks.close();
         shared.shutdown.cancel();
         shared.tasks.wait().await;
@@ -311,7 +394,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         traces.shutdown(SPAN_FLUSH_TIMEOUT).await;
     }
     shared.shutdown.cancel();
-    admin_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_millis(200), admin_task).await;
-    Ok(())
+    serving.admin_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_millis(200), serving.admin).await;
 }

@@ -1,0 +1,63 @@
+//! The sidecar's live state as `/metrics` shows it: [`Shared`] is the
+//! [`GaugeSource`] the metrics copy into their gauges when they are scraped
+//! or exported (the local app's health, the config version, every outbound
+//! service's endpoints and retry budgets, the control-plane client).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Shared;
+use crate::control_plane::{ConnectionState, ControlPlaneClient};
+use crate::directory::MeshService;
+use crate::telemetry::metrics::{ControlPlaneStatus, EndpointStates, GaugeSource, Gauges};
+
+impl GaugeSource for Shared {
+    fn refresh(&self, gauges: &mut Gauges<'_>) {
+        gauges.app_healthy(self.app_health().is_serving());
+        gauges.config_version(self.config().version);
+        let now = Instant::now();
+        let directory = self.directory();
+        for svc in directory.services() {
+            service(gauges, svc, now);
+        }
+        if let Some(remote) = self.remote() {
+            for svc in remote.services() {
+                if directory.service(svc.name.as_str()).is_none() {
+                    service(gauges, &svc, now);
+                }
+            }
+            gauges.control_plane(control_plane(remote.client()));
+        }
+    }
+}
+
+/// One outbound service's retry budgets and endpoints by state.
+fn service(gauges: &mut Gauges<'_>, svc: &MeshService, now: Instant) {
+    let cap = svc.policy.endpoint_cap();
+    let set = Arc::clone(&svc.endpoints().borrow());
+    let mut states = EndpointStates::default();
+    for e in set.endpoints() {
+        let n = if !e.health().is_healthy() {
+            &mut states.unhealthy
+        } else if e.outlier().ejected_for(now).is_some() {
+            &mut states.ejected
+        } else if cap.is_some_and(|c| e.in_flight() >= c) {
+            &mut states.saturated
+        } else {
+            &mut states.active
+        };
+        *n += 1;
+    }
+    for (route, budget) in svc.policy.budgets() {
+        gauges.retry_budget(&svc.label, route, budget.available());
+    }
+    gauges.endpoints(&svc.label, states);
+}
+
+fn control_plane(client: &ControlPlaneClient) -> ControlPlaneStatus {
+    ControlPlaneStatus {
+        connected: matches!(client.state(), ConnectionState::Connected { .. }),
+        version: client.snapshot().borrow().version,
+        rejected: client.rejected().0,
+    }
+}
