@@ -64,9 +64,12 @@ pub fn clean<B>(req: &mut Request<B>) {
     headers::strip_hop_by_hop(req.headers_mut(), upgrade);
 }
 
-/// Whether a cleaned request asks for a protocol upgrade (never retried).
+/// Whether a cleaned request asks for a protocol upgrade (never retried):
+/// hyper gave it the means to upgrade (only a request that asked gets
+/// them, so most requests are told apart without a header lookup), and it
+/// asks for an HTTP/1.1 one.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    asks_upgrade(req.version(), req.headers())
+    req.extensions().get::<OnUpgrade>().is_some() && asks_upgrade(req.version(), req.headers())
 }
 
 /// [`is_upgrade`] of a request head.

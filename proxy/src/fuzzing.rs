@@ -336,7 +336,10 @@ fn outbound_rewrite(req: &Request<()>) {
 
     let mut head = req;
     crate::forward::clean(&mut head);
-    assert_eq!(crate::forward::is_upgrade(&head), upgrade);
+    assert_eq!(
+        crate::forward::asks_upgrade(head.version(), head.headers()),
+        upgrade
+    );
     assert_no_hop_by_hop(head.headers(), upgrade);
     assert_eq!(
         head.headers().get(&WEFT_CALLER),

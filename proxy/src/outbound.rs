@@ -24,15 +24,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures_util::future::Either;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Service, ServiceBuilder};
 use weft_config::Protocol;
 
 use crate::balance::{Balancer, Endpoint};
 use crate::body::ProxyBody;
 use crate::client::UpstreamClient;
-use crate::directory::Directory;
+use crate::directory::{Directory, MeshService};
 use crate::discovery::EndpointSet;
 use crate::error::ProxyError;
 use crate::policy::OutboundPolicy;
@@ -194,8 +195,15 @@ pub struct Discover {
     shared: Arc<Shared>,
 }
 
-type DiscoverFuture =
-    Pin<Box<dyn Future<Output = Result<Response<InFlightBody<Incoming>>, ProxyError>> + Send>>;
+/// The future of a request whose stack is known at once (a directory
+/// service, a service the control plane already described, an IP literal),
+/// or of one that waits for the control plane or DNS first (boxed: rare).
+pub type DiscoverFuture = Either<
+    StackFuture,
+    Pin<Box<dyn Future<Output = Result<Response<InFlightBody<Incoming>>, ProxyError>> + Send>>,
+>;
+
+type StackFuture = <ServiceStack as Service<Request<Incoming>>>::Future;
 
 impl Service<Request<Incoming>> for Discover {
     type Response = Response<InFlightBody<Incoming>>;
@@ -207,79 +215,110 @@ impl Service<Request<Incoming>> for Discover {
     }
 
     fn call(&mut self, req: Request<Incoming>) -> DiscoverFuture {
+        let dest = match Destination::from_request(&req) {
+            Ok(dest) => dest,
+            Err(error) => return Either::Right(Box::pin(std::future::ready(Err(error)))),
+        };
+        let directory = self.shared.directory();
+        let known = match directory.service(&dest.host) {
+            Some(svc) => Some(Arc::clone(svc)),
+            None if dest.ip().is_none() => self.shared.remote().and_then(|r| r.get_now(&dest.host)),
+            None => None,
+        };
+        let caller = Caller::of(&directory, &self.shared);
+        if let Some(svc) = known {
+            return Either::Left(mesh_service(&svc, &caller, req));
+        }
+        if let Some(ip) = dest.ip() {
+            return Either::Left(ip_literal(&directory, &caller, ip, dest.port, req));
+        }
         let shared = Arc::clone(&self.shared);
-        Box::pin(async move { discover(&shared, req).await })
+        Either::Right(Box::pin(async move {
+            let remote = match shared.remote() {
+                Some(remote) => remote.get(&dest.host, CONTROL_PLANE_WAIT).await,
+                None => None,
+            };
+            if let Some(svc) = remote {
+                return mesh_service(&svc, &caller, req).await;
+            }
+            dns_name(&directory, &caller, &dest, req).await
+        }))
     }
 }
 
-async fn discover(
-    shared: &Shared,
+/// A request to a directory or control-plane service, down its stack.
+fn mesh_service(svc: &MeshService, caller: &Caller, req: Request<Incoming>) -> StackFuture {
+    if let Some(context) = RequestContext::of(&req) {
+        context.set_service(&svc.label, Some(&svc.policy.stats));
+    }
+    let mut stack = service_stack(
+        Target {
+            service: Arc::clone(&svc.label),
+            endpoints: Endpoints::Watch(svc.endpoints().clone()),
+            balancer: &svc.balancer,
+            client: &svc.client,
+            endpoint_pools: true,
+            protocol: svc.protocol,
+            policy: &svc.policy,
+        },
+        caller,
+    );
+    // Every layer of the stack is always ready.
+    stack.call(req)
+}
+
+/// A request to an IP literal: one endpoint, made for it.
+fn ip_literal(
+    directory: &Directory,
+    caller: &Caller,
+    ip: std::net::IpAddr,
+    port: Option<u16>,
+    req: Request<Incoming>,
+) -> StackFuture {
+    if let Some(context) = RequestContext::of(&req) {
+        context.set_service(&EXTERNAL, Some(&directory.default_policy.stats));
+    }
+    let addr = SocketAddr::new(ip, port.unwrap_or(DEFAULT_PORT));
+    let endpoint = Arc::new(Endpoint::new(addr, Default::default()));
+    let mut stack = service_stack(
+        Target {
+            service: Arc::from(addr.to_string()),
+            endpoints: Endpoints::Fixed(Arc::new(EndpointSet::from_endpoints(vec![endpoint]))),
+            balancer: &directory.dns_balancer,
+            client: &directory.default_client,
+            endpoint_pools: false,
+            protocol: Protocol::Auto,
+            policy: &directory.default_policy,
+        },
+        caller,
+    );
+    stack.call(req)
+}
+
+/// A request to a name resolved through DNS (waiting, bounded, for the first answer).
+async fn dns_name(
+    directory: &Directory,
+    caller: &Caller,
+    dest: &Destination,
     req: Request<Incoming>,
 ) -> Result<Response<InFlightBody<Incoming>>, ProxyError> {
-    let dest = Destination::from_request(&req)?;
-    let directory = shared.directory();
-    let static_service = directory.service(&dest.host);
-    let remote = match (static_service, shared.remote()) {
-        (None, Some(remote)) if dest.ip().is_none() => {
-            remote.get(&dest.host, CONTROL_PLANE_WAIT).await
-        }
-        _ => None,
-    };
-    let context = RequestContext::of(&req);
-    let caller = Caller::of(&directory, shared);
-    let stack = if let Some(svc) = static_service.or(remote.as_ref()) {
-        if let Some(context) = context {
-            context.set_service(&svc.label, Some(&svc.policy.stats));
-        }
-        service_stack(
-            Target {
-                service: Arc::clone(&svc.label),
-                endpoints: Endpoints::Watch(svc.endpoints().clone()),
-                balancer: &svc.balancer,
-                client: &svc.client,
-                endpoint_pools: true,
-                protocol: svc.protocol,
-                policy: &svc.policy,
-            },
-            &caller,
-        )
-    } else if let Some(ip) = dest.ip() {
-        if let Some(context) = context {
-            context.set_service(&EXTERNAL, Some(&directory.default_policy.stats));
-        }
-        let addr = SocketAddr::new(ip, dest.port.unwrap_or(DEFAULT_PORT));
-        let endpoint = Arc::new(Endpoint::new(addr, Default::default()));
-        service_stack(
-            Target {
-                service: Arc::from(addr.to_string()),
-                endpoints: Endpoints::Fixed(Arc::new(EndpointSet::from_endpoints(vec![endpoint]))),
-                balancer: &directory.dns_balancer,
-                client: &directory.default_client,
-                endpoint_pools: false,
-                protocol: Protocol::Auto,
-                policy: &directory.default_policy,
-            },
-            &caller,
-        )
-    } else {
-        if let Some(context) = context {
-            context.set_service(&EXTERNAL, Some(&directory.default_policy.stats));
-        }
-        let resolved = directory.dns().resolve(&dest.host, dest.port).await?;
-        service_stack(
-            Target {
-                service: Arc::from(dest.host.as_str()),
-                endpoints: Endpoints::Watch(resolved.endpoints().clone()),
-                balancer: &directory.dns_balancer,
-                client: &directory.default_client,
-                endpoint_pools: true,
-                protocol: Protocol::Auto,
-                policy: &directory.default_policy,
-            },
-            &caller,
-        )
-    };
-    stack.oneshot(req).await
+    if let Some(context) = RequestContext::of(&req) {
+        context.set_service(&EXTERNAL, Some(&directory.default_policy.stats));
+    }
+    let resolved = directory.dns().resolve(&dest.host, dest.port).await?;
+    let mut stack = service_stack(
+        Target {
+            service: Arc::from(dest.host.as_str()),
+            endpoints: Endpoints::Watch(resolved.endpoints().clone()),
+            balancer: &directory.dns_balancer,
+            client: &directory.default_client,
+            endpoint_pools: true,
+            protocol: Protocol::Auto,
+            policy: &directory.default_policy,
+        },
+        caller,
+    );
+    stack.call(req).await
 }
 
 /// `[limits] max_uri_length` in bytes.

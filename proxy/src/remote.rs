@@ -79,11 +79,17 @@ impl RemoteServices {
         &self.client
     }
 
+    /// The service called `name` if the control plane has described it
+    /// already (never waits).
+    pub fn get_now(&self, name: &str) -> Option<Arc<MeshService>> {
+        self.services.borrow().get(name).cloned()
+    }
+
     /// The service called `name`, subscribing to it on first use and waiting at
     /// most `wait` for the control plane's answer.
     pub async fn get(&self, name: &str, wait: Duration) -> Option<Arc<MeshService>> {
-        if let Some(svc) = self.services.borrow().get(name) {
-            return Some(Arc::clone(svc));
+        if let Some(svc) = self.get_now(name) {
+            return Some(svc);
         }
         ServiceName::try_from(name.to_owned()).ok()?;
         // While the control plane is unreachable, a name it never described is

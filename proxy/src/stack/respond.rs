@@ -184,11 +184,14 @@ fn truncated(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-/// Whether the caller speaks gRPC (`application/grpc`, `application/grpc+proto`, ...).
+/// Whether the caller speaks gRPC: HTTP/2 (gRPC's transport: HTTP/1.1
+/// requests are not looked at) with `content-type: application/grpc…`.
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    req.version() == http::Version::HTTP_2
+        && req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 // ===== future =====
@@ -372,6 +375,7 @@ mod tests {
             tower::ServiceExt::map_err(service, |_| ProxyError::NoAuthority),
         );
         let grpc = Request::builder()
+            .version(http::Version::HTTP_2)
             .header(header::CONTENT_TYPE, "application/grpc+proto")
             .body(Full::new(Bytes::new()))
             .unwrap();

@@ -81,7 +81,11 @@ where
         let plan = req.extensions().get::<Arc<RoutePlan>>().cloned();
         let retries = plan.as_ref().is_some_and(|p| p.retry.attempts > 0);
         let (parts, incoming) = req.into_parts();
-        let upgrade = forward::asks_upgrade(parts.version, &parts.headers);
+        let upgrade = parts
+            .extensions
+            .get::<hyper::upgrade::OnUpgrade>()
+            .is_some()
+            && forward::asks_upgrade(parts.version, &parts.headers);
         // Buffer for replay only a body whose length is known up front (or that
         // is empty): a body of unknown length may be a stream that waits for
         // the response (full duplex, gRPC streaming), which buffering would
