@@ -16,7 +16,6 @@
 //! the count. The time to the response headers feeds the latency estimate.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -120,18 +119,10 @@ where
         let set = self.endpoints.current();
         let context = RequestContext::of(&req).cloned();
         // Endpoints this request's earlier tries went to (none on the first).
-        let tried: Vec<SocketAddr> = match &context {
-            Some(context) => {
-                let labels = context.labels();
-                labels
-                    .tried_before
-                    .iter()
-                    .copied()
-                    .chain(labels.endpoint)
-                    .collect()
-            }
-            None => Vec::new(),
-        };
+        let tried = context
+            .as_ref()
+            .map(RequestContext::tried)
+            .unwrap_or_default();
         let selection = Selection {
             splits: &self.policy.splits,
             locality: self
@@ -244,6 +235,8 @@ fn duration_ms(time: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use std::net::SocketAddr;
+
     use tower::ServiceExt;
     use weft_config::{LoadBalancer, Metadata};
 

@@ -14,7 +14,8 @@
 //! the observe layer, in a unit test or a library) reports nothing.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use http::Request;
 
@@ -45,32 +46,26 @@ pub trait Events: Send + Sync + std::fmt::Debug {
     fn ejection(&self, service: &Arc<str>);
 }
 
-/// A request's labels and the events reported so far.
-#[derive(Debug)]
-pub struct Labels {
-    /// The service label (`unknown` until discovery names one).
-    pub service: Arc<str>,
-    /// The route label (empty: no route matched).
-    pub route: Arc<str>,
-    /// The service's counters for `/endpoints`, once the service is known.
-    pub stats: Option<Arc<Stats>>,
-    /// The last endpoint the request was sent to.
+/// Where a request's tries went.
+#[derive(Debug, Default)]
+pub struct Tries {
+    /// The last endpoint a try went to.
     pub endpoint: Option<SocketAddr>,
+    /// Endpoints tried before the last one.
+    pub tried_before: Vec<SocketAddr>,
     /// Retry attempts sent.
     pub retries: u32,
-    /// Endpoints tried before the last one (the last is `endpoint`).
-    pub tried_before: Vec<SocketAddr>,
 }
 
-impl Labels {
-    /// Whether an attempt of this request already went to `addr`.
+impl Tries {
+    /// Whether a try of this request already went to `addr`.
     pub fn tried(&self, addr: SocketAddr) -> bool {
         self.endpoint == Some(addr) || self.tried_before.contains(&addr)
     }
 
-    /// How many endpoints attempts went to.
-    pub fn tried_count(&self) -> usize {
-        usize::from(self.endpoint.is_some()) + self.tried_before.len()
+    /// Every endpoint a try went to.
+    pub fn all(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.tried_before.iter().copied().chain(self.endpoint)
     }
 }
 
@@ -78,7 +73,17 @@ impl Labels {
 struct Inner {
     /// None: nothing is counted (no observe layer above).
     events: Option<Arc<dyn Events>>,
-    labels: Mutex<Labels>,
+    /// The service label and its counters, once discovery names it (set
+    /// once: read without a lock).
+    service: OnceLock<(Arc<str>, Option<Arc<Stats>>)>,
+    /// The route label, once the route layer matched.
+    route: OnceLock<Arc<str>>,
+    /// The labels until then (`unknown`, no route).
+    default_service: &'static Arc<str>,
+    default_route: &'static Arc<str>,
+    /// Whether any try went out yet (spares the lock on the first).
+    sent: AtomicBool,
+    tries: Mutex<Tries>,
 }
 
 /// The handle layers report through (cheap to clone: one `Arc`).
@@ -86,18 +91,26 @@ struct Inner {
 pub struct RequestContext(Arc<Inner>);
 
 impl RequestContext {
-    pub fn new(events: Option<Arc<dyn Events>>, service: Arc<str>, route: Arc<str>) -> Self {
+    pub fn new(
+        events: Option<Arc<dyn Events>>,
+        service: &'static Arc<str>,
+        route: &'static Arc<str>,
+    ) -> Self {
         Self(Arc::new(Inner {
             events,
-            labels: Mutex::new(Labels {
-                service,
-                route,
-                stats: None,
-                endpoint: None,
-                retries: 0,
-                tried_before: Vec::new(),
-            }),
+            service: OnceLock::new(),
+            route: OnceLock::new(),
+            default_service: service,
+            default_route: route,
+            sent: AtomicBool::new(false),
+            tries: Mutex::new(Tries::default()),
         }))
+    }
+
+    /// A context for a request no observe layer saw (nothing is counted).
+    pub fn unobserved() -> Self {
+        static NONE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
+        Self::new(None, &NONE, &NONE)
     }
 
     /// The context `req` carries, if an observe layer put one there.
@@ -105,62 +118,90 @@ impl RequestContext {
         req.extensions().get::<Self>()
     }
 
-    /// The labels, locked (never across an await).
-    pub fn labels(&self) -> MutexGuard<'_, Labels> {
-        self.0.labels.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The service label.
+    pub fn service(&self) -> &Arc<str> {
+        self.0
+            .service
+            .get()
+            .map_or(self.0.default_service, |(label, _)| label)
     }
 
-    /// Discovery named the service: its label and counters.
+    /// The service's counters, once it is known.
+    pub fn stats(&self) -> Option<&Arc<Stats>> {
+        self.0.service.get().and_then(|(_, stats)| stats.as_ref())
+    }
+
+    /// The route label.
+    pub fn route(&self) -> &Arc<str> {
+        self.0.route.get().unwrap_or(self.0.default_route)
+    }
+
+    /// Where the tries went (locked: never across an await).
+    pub fn tries(&self) -> MutexGuard<'_, Tries> {
+        self.0.tries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every endpoint a try of this request went to (none: without a lock).
+    pub fn tried(&self) -> Vec<SocketAddr> {
+        if !self.0.sent.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        self.tries().all().collect()
+    }
+
+    /// Discovery named the service: its label and counters (the first
+    /// naming counts).
     pub fn set_service(&self, label: &Arc<str>, stats: Option<&Arc<Stats>>) {
-        let mut labels = self.labels();
-        labels.service = Arc::clone(label);
-        labels.stats = stats.cloned();
-        if let Some(stats) = stats {
+        if self
+            .0
+            .service
+            .set((Arc::clone(label), stats.cloned()))
+            .is_ok()
+            && let Some(stats) = stats
+        {
             stats.request();
         }
     }
 
     pub fn set_route(&self, label: &Arc<str>) {
-        self.labels().route = Arc::clone(label);
+        let _ = self.0.route.set(Arc::clone(label));
     }
 
-    /// An attempt goes to `endpoint`.
+    /// A try goes to `endpoint`.
     pub fn set_endpoint(&self, endpoint: SocketAddr) {
-        let mut labels = self.labels();
-        if let Some(previous) = labels.endpoint.replace(endpoint)
+        let mut tries = self.tries();
+        if let Some(previous) = tries.endpoint.replace(endpoint)
             && previous != endpoint
         {
-            labels.tried_before.push(previous);
+            tries.tried_before.push(previous);
         }
+        self.0.sent.store(true, Ordering::Release);
     }
 
-    /// A retry attempt is about to be sent.
+    /// A retry attempt went to an endpoint.
     pub fn retry(&self) {
-        let mut labels = self.labels();
-        labels.retries += 1;
-        if let Some(stats) = &labels.stats {
+        self.tries().retries += 1;
+        if let Some(stats) = self.stats() {
             stats.retry();
         }
         if let Some(events) = &self.0.events {
-            events.retry(&labels.service, &labels.route);
+            events.retry(self.service(), self.route());
         }
     }
 
     pub fn retry_skipped(&self, why: RetrySkipped) {
-        let labels = self.labels();
         if let Some(events) = &self.0.events {
-            events.retry_skipped(&labels.service, &labels.route, why);
+            events.retry_skipped(self.service(), self.route(), why);
         }
     }
 
     /// An endpoint of the request's service was ejected.
     pub fn ejection(&self) {
-        let labels = self.labels();
-        if let Some(stats) = &labels.stats {
+        if let Some(stats) = self.stats() {
             stats.ejection();
         }
         if let Some(events) = &self.0.events {
-            events.ejection(&labels.service);
+            events.ejection(self.service());
         }
     }
 }

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, Uri, header};
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
@@ -113,7 +114,7 @@ where
             side: self.side,
             client: self.client,
             method: req.method().clone(),
-            uri: req.uri().clone(),
+            path: req.uri().path_and_query().cloned(),
         };
         ResponseFuture {
             inner: self.inner.call(req),
@@ -124,13 +125,13 @@ where
 }
 
 /// What the refusal log line says about the request (no allocation: the
-/// URI's bytes are shared with the request's).
+/// path's bytes are shared with the request's).
 #[derive(Debug)]
 struct Logged {
     side: Side,
     client: SocketAddr,
     method: Method,
-    uri: Uri,
+    path: Option<PathAndQuery>,
 }
 
 /// The longest path a refusal log line repeats.
@@ -138,7 +139,10 @@ const LOGGED_PATH_MAX: usize = 256;
 
 impl Logged {
     fn log(&self, error: &ProxyError) {
-        let path = truncated(self.uri.path(), LOGGED_PATH_MAX);
+        let path = truncated(
+            self.path.as_ref().map_or("/", PathAndQuery::path),
+            LOGGED_PATH_MAX,
+        );
         // The targets of the listeners' own modules, which operators filter on.
         match (self.side, error) {
             (Side::Inbound, ProxyError::Denied { .. }) => tracing::debug!(

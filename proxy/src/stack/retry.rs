@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::HeaderValue;
+use http::uri::PathAndQuery;
 use http::{Extensions, HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -80,7 +81,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let plan = req.extensions().get::<Arc<RoutePlan>>().cloned();
         let retries = plan.as_ref().is_some_and(|p| p.retry.attempts > 0);
-        let (parts, incoming) = req.into_parts();
+        let (mut parts, incoming) = req.into_parts();
         let upgrade = parts
             .extensions
             .get::<hyper::upgrade::OnUpgrade>()
@@ -115,13 +116,23 @@ where
         }
         let inner = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, inner);
-        let context = parts.extensions.get::<RequestContext>().cloned();
+        // Retries avoid the endpoints tried, which the context records.
+        let context = match parts.extensions.get::<RequestContext>() {
+            Some(context) => Some(context.clone()),
+            None if retries => {
+                let context = RequestContext::unobserved();
+                parts.extensions.insert(context.clone());
+                Some(context)
+            }
+            None => None,
+        };
         ResponseFuture {
             state,
             inner,
             head: Head {
                 method: parts.method,
-                uri: parts.uri,
+                path: parts.uri.path_and_query().cloned(),
+                uri: Some(parts.uri),
                 version: parts.version,
                 headers: parts.headers,
                 extensions: Some(parts.extensions),
@@ -140,8 +151,12 @@ where
 #[derive(Debug)]
 struct Head {
     method: Method,
-    uri: Uri,
+    /// The first try's URI (moved into it).
+    uri: Option<Uri>,
+    /// Later tries' (the endpoint client only reads the path).
+    path: Option<PathAndQuery>,
     version: Version,
+    /// Cloned for each try that may be retried, moved into the last.
     headers: HeaderMap,
     /// The first try's extensions (moved into it); later tries carry the
     /// route plan and the context only.
@@ -192,16 +207,31 @@ where
         plan: Option<&Arc<RoutePlan>>,
         context: Option<&RequestContext>,
     ) -> Request<ProxyBody> {
-        let body = match body {
-            Some(Prepared::Replayable(replay)) => replay.body(),
-            Some(Prepared::Streaming(streaming)) => std::mem::replace(streaming, body::empty()),
-            None => body::empty(),
+        // Only a replayable body is ever sent again.
+        let (body, again) = match body {
+            Some(Prepared::Replayable(replay)) => (replay.body(), true),
+            Some(Prepared::Streaming(streaming)) => {
+                (std::mem::replace(streaming, body::empty()), false)
+            }
+            None => (body::empty(), false),
         };
+        let again = again && plan.is_some_and(|p| p.retry.attempts > 0);
         let mut req = Request::new(body);
         *req.method_mut() = head.method.clone();
-        *req.uri_mut() = head.uri.clone();
+        *req.uri_mut() = match head.uri.take() {
+            Some(uri) => uri,
+            None => Uri::from(
+                head.path
+                    .clone()
+                    .unwrap_or_else(|| PathAndQuery::from_static("/")),
+            ),
+        };
         *req.version_mut() = head.version;
-        *req.headers_mut() = head.headers.clone();
+        *req.headers_mut() = if again {
+            head.headers.clone()
+        } else {
+            std::mem::take(&mut head.headers)
+        };
         match head.extensions.take() {
             Some(first) => *req.extensions_mut() = first,
             None => {
@@ -373,7 +403,6 @@ mod tests {
     use super::*;
     use crate::balance::{Balancer, Endpoint};
     use crate::discovery::EndpointSet;
-    use crate::route::RouteTable;
     use crate::stack::balance::{Balance, Endpoints};
     use crate::stack::test_util::{FakeEndpoints, outbound_policy};
 
@@ -419,12 +448,6 @@ mod tests {
     fn request(plan: &Arc<RoutePlan>) -> Request<ProxyBody> {
         let mut req = Request::get("/").body(body::empty()).unwrap();
         req.extensions_mut().insert(Arc::clone(plan));
-        let context = RequestContext::new(
-            None,
-            Arc::from("billing"),
-            Arc::clone(RouteTable::no_route()),
-        );
-        req.extensions_mut().insert(context);
         req
     }
 

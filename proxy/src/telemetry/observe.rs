@@ -126,8 +126,8 @@ impl Observation {
         });
         let context = RequestContext::new(
             Some(Arc::clone(reporters) as Arc<dyn Events>),
-            Arc::clone(&UNKNOWN),
-            Arc::clone(super::no_route()),
+            &UNKNOWN,
+            super::no_route(),
         );
         req.extensions_mut().insert(context.clone());
         Self {
@@ -149,15 +149,15 @@ impl Observation {
 
     /// The proxy marked the response with `refusal`: counted once, here.
     fn refused(&self, refusal: &Refusal) {
-        let labels = self.context.labels();
-        if let Some(stats) = &labels.stats {
+        let context = &self.context;
+        if let Some(stats) = context.stats() {
             stats.refusal(refusal.reason);
         }
         let limit = refusal.limit.as_ref().unwrap_or(&NO_LIMIT);
         self.reporters.metrics.refusal(
             self.direction,
-            &labels.service,
-            &labels.route,
+            context.service(),
+            context.route(),
             refusal.reason.as_str(),
             limit,
         );
@@ -200,11 +200,10 @@ impl Observation {
         } else {
             Classification::Success
         };
-        let labels = self.context.labels();
         let finished = Finished {
             direction: self.direction,
-            service: &labels.service,
-            route: &labels.route,
+            service: self.context.service(),
+            route: self.context.route(),
             status_code: self.status,
             classification,
             duration: self.start.elapsed(),
@@ -217,9 +216,12 @@ impl Observation {
             let sc = span.span_context();
             sc.trace_id().to_string()
         });
-        let sent = Sent {
-            endpoint: labels.endpoint,
-            retries: labels.retries,
+        let sent = {
+            let tries = self.context.tries();
+            Sent {
+                endpoint: tries.endpoint,
+                retries: tries.retries,
+            }
         };
         if let Some(mut span) = detail.span.take() {
             let why = failure_description(&finished, detail, self.grpc_failed);
