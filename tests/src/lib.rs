@@ -33,6 +33,8 @@
 //! - [`control_plane`]: a `weft-control-plane` process (`--dev` or on etcd)
 //!   with its token file, kill and restart on the same addresses, and a
 //!   `weftctl` runner.
+//! - [`grpc`]: the control plane's gRPC API driven by hand: a registration
+//!   stream held open, or its refusal.
 //! - [`chaos`]: the chaos run (`benches/chaos.sh`, the `weft-chaos` binary,
 //!   and its short version in `tests/chaos.rs`): a whole mesh under traffic
 //!   and random faults, judged against invariants at the end.
@@ -61,6 +63,7 @@ pub mod config;
 pub mod control_plane;
 pub mod dns;
 pub mod etcd;
+pub mod grpc;
 pub mod mesh;
 pub mod metrics;
 pub mod otlp;

@@ -12,15 +12,14 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::ensure;
-use tokio::sync::mpsc;
-use weft_api::v1::control_plane_client::ControlPlaneClient;
-use weft_api::v1::{Instance, RegisterRequest, register_request};
+use weft_api::v1::Instance;
 use weft_tests::admin::Admin;
 use weft_tests::backend::Backend;
 use weft_tests::client::Client;
 use weft_tests::config::Bootstrap;
 use weft_tests::control_plane::ControlPlane;
 use weft_tests::eventually;
+use weft_tests::grpc::try_register;
 use weft_tests::process::{Proxy, TempDir};
 use weft_tests::tls::{Pki, grpc_channel};
 
@@ -64,27 +63,6 @@ fn instance(service: &str, id: &str) -> Instance {
         admin_address: String::new(),
         health: 0,
     }
-}
-
-/// Registers `inst` over `channel`: the first response, or the refusal.
-async fn register(
-    channel: tonic::transport::Channel,
-    inst: Instance,
-) -> Result<mpsc::Sender<RegisterRequest>, tonic::Status> {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(RegisterRequest {
-        msg: Some(register_request::Msg::Register(inst)),
-    })
-    .await
-    .unwrap();
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let mut responses = ControlPlaneClient::new(channel)
-        .register(stream)
-        .await?
-        .into_inner();
-    responses.message().await?;
-    Ok(tx)
 }
 
 async fn metric(cp: &ControlPlane, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
@@ -131,7 +109,7 @@ async fn a_sidecar_cannot_register_an_instance_of_another_service() -> anyhow::R
     let (cp, _files) = control_plane(&pki).await?;
     let orders = pki.issue("orders");
     let channel = grpc_channel(cp.grpc(), pki.ca_pem(), Some(&orders)).await?;
-    let refused = register(channel.clone(), instance("billing", "billing-1"))
+    let refused = try_register(channel.clone(), instance("billing", "billing-1"))
         .await
         .expect_err("orders registered an instance of billing");
     ensure!(
@@ -158,7 +136,7 @@ async fn a_sidecar_cannot_register_an_instance_of_another_service() -> anyhow::R
         cp.logs()
     );
     // The same certificate registers its own service.
-    let _open = register(channel, instance("orders", "orders-1"))
+    let _open = try_register(channel, instance("orders", "orders-1"))
         .await
         .map_err(|s| anyhow::anyhow!("orders could not register itself: {s:?}"))?;
     let out = cp.weftctl_ok(&["get", "instances", "orders"]).await?;
@@ -179,7 +157,7 @@ async fn plaintext_and_foreign_clients_are_refused_in_the_handshake() -> anyhow:
         .await;
     if let Ok(channel) = plain {
         ensure!(
-            register(channel, instance("billing", "billing-1"))
+            try_register(channel, instance("billing", "billing-1"))
                 .await
                 .is_err(),
             "a plaintext client registered"
@@ -190,7 +168,7 @@ async fn plaintext_and_foreign_clients_are_refused_in_the_handshake() -> anyhow:
     let foreign = other.issue("billing");
     let refused = match grpc_channel(cp.grpc(), pki.ca_pem(), Some(&foreign)).await {
         Err(_) => true,
-        Ok(channel) => register(channel, instance("billing", "billing-1"))
+        Ok(channel) => try_register(channel, instance("billing", "billing-1"))
             .await
             .is_err(),
     };
@@ -198,7 +176,7 @@ async fn plaintext_and_foreign_clients_are_refused_in_the_handshake() -> anyhow:
     // No client certificate at all.
     let refused = match grpc_channel(cp.grpc(), pki.ca_pem(), None).await {
         Err(_) => true,
-        Ok(channel) => register(channel, instance("billing", "billing-1"))
+        Ok(channel) => try_register(channel, instance("billing", "billing-1"))
             .await
             .is_err(),
     };
