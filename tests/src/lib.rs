@@ -16,7 +16,8 @@
 //! - [`dns`]: a tiny authoritative DNS server on UDP and TCP whose records a
 //!   test can change at run time.
 //! - [`mesh`]: one-call setups for the two sides of a policy: a caller's
-//!   sidecar (outbound keys) and a service's own sidecar (inbound keys).
+//!   sidecar (outbound keys) and a service's own sidecar (inbound keys); and
+//!   a whole mesh run by a control plane (`Mesh::builder()`).
 //! - [`metrics`]: a `/metrics` scrape read by name and labels, and
 //!   `promtool check metrics`.
 //! - [`otlp`]: an OTLP/gRPC trace receiver that keeps the spans proxies export.
