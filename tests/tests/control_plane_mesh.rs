@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use weft_tests::backend::Backend;
 use weft_tests::client::{Client, Mode};
+use weft_tests::config::Bootstrap;
 use weft_tests::control_plane::ControlPlane;
 use weft_tests::eventually;
-use weft_tests::mesh::{Mesh, until_endpoints};
-use weft_tests::process::{Proxy, Signal, TempDir};
+use weft_tests::mesh::{Mesh, mesh_sidecar, until_endpoints};
+use weft_tests::process::{Proxy, ProxyBuilder, Signal, TempDir};
 use weft_tests::traffic::Traffic;
 
 /// `weftctl ARGS` against `cp`, which must exit 0; stdout and stderr.
@@ -142,24 +143,24 @@ async fn services_find_each_other_through_the_control_plane() -> anyhow::Result<
     Ok(())
 }
 
-fn billing_sidecar(id: &str, app: std::net::SocketAddr, grpc: &str) -> String {
-    format!(
-        r#"
-[service]
-name = "billing"
-app = "{app}"
-id = "{id}"
-policy = "billing-local.toml"
-[listen]
-outbound = "127.0.0.1:0"
-inbound = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[control_plane]
-addresses = ["{grpc}"]
-[drain]
-grace = "2s"
-"#
+/// Billing's sidecar `id` in front of `app`, registered with `cp`, with
+/// `billing-local.toml` (`policy`) as its own policy file.
+fn billing_sidecar(
+    id: &str,
+    app: std::net::SocketAddr,
+    cp: &ControlPlane,
+    policy: &str,
+) -> ProxyBuilder {
+    mesh_sidecar(
+        Bootstrap::new()
+            .app("billing", app)
+            .app_id(id)
+            .app_policy("billing-local.toml")
+            .grace("2s"),
+        &[cp.grpc_url()],
+        None,
     )
+    .file("billing-local.toml", policy)
 }
 
 /// Waits until `proxy`'s local app shows `source`, `share` and the effective
@@ -197,15 +198,13 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
     let app = Backend::start("billing-app").await?;
     // The bootstrap's own policy file: the fallback until the owner applies one.
     let local_policy = "service = \"billing\"\n\n[inbound]\nmax_concurrency = 7\n";
-    let one = Proxy::builder(billing_sidecar("billing-1", app.addr(), &cp.grpc_url()))
-        .file("billing-local.toml", local_policy)
+    let one = billing_sidecar("billing-1", app.addr(), &cp, local_policy)
         .start()
         .await?;
     expect_local(&one, "file", 1, None).await?;
     // billing-2 says where it is reached on the command line (as a pod would,
     // with its IP); nothing listens there, and nothing in this test calls it.
-    let two = Proxy::builder(billing_sidecar("billing-2", app.addr(), &cp.grpc_url()))
-        .file("billing-local.toml", local_policy)
+    let two = billing_sidecar("billing-2", app.addr(), &cp, local_policy)
         .arg("--advertise")
         .arg("127.0.0.1:9")
         .start()
