@@ -12,10 +12,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::ensure;
-use support::grpc::{instance, instances_of, register, subscribe};
+use support::grpc::{instance, instances_of, subscribe};
 use support::wait_for;
 use weft_tests::control_plane::ControlPlane;
 use weft_tests::etcd::EtcdServer;
+use weft_tests::grpc::register;
 
 /// A loopback address nothing listens on (bound, then released).
 fn free_port() -> anyhow::Result<SocketAddr> {

@@ -10,11 +10,12 @@ mod support;
 
 use std::time::Duration;
 
-use support::grpc::{Subscription, instance, instances_of, register, subscribe};
+use support::grpc::{Subscription, instance, instances_of, subscribe};
 use support::start;
 use support::wait_for;
 use weft_tests::control_plane::ControlPlane;
 use weft_tests::etcd::EtcdServer;
+use weft_tests::grpc::register;
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
 

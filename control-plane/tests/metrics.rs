@@ -16,14 +16,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 use weft_api::v1::{Deregister, RegisterRequest, register_request};
 
-use support::grpc::{client, instance, instances_of, put_policy, register, subscribe};
+use support::grpc::{instance, instances_of, put_policy, subscribe};
 use support::start;
 use support::wait_for;
 use weft_tests::control_plane::{ControlPlane, TOKEN};
 use weft_tests::etcd::EtcdServer;
+use weft_tests::grpc::{channel, register, try_register};
 
 const P: &str = "weft_control_plane_";
 
@@ -181,21 +181,11 @@ async fn metrics_follow_a_known_sequence() {
     .await;
 
     // A registration with a bad address is rejected.
-    let (tx, rx) = mpsc::channel(1);
     let mut bad = instance("billing", "bad", 7000);
     bad.address = "not-an-address".into();
-    tx.send(RegisterRequest {
-        msg: Some(register_request::Msg::Register(bad)),
-    })
-    .await
-    .unwrap();
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let err = client(&cp.grpc_url())
+    let err = try_register(channel(&cp.grpc_url()).await, bad)
         .await
-        .register(stream)
-        .await
-        .unwrap_err();
+        .expect_err("a registration with a bad address was accepted");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
 
     // One registration, one policy, one deregistration: one delta each per

@@ -8,12 +8,12 @@ mod support;
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use weft_api::v1::{Deregister, RegisterRequest, register_request};
 
-use support::grpc::{client, instance, instances_of, put_policy, register, subscribe};
+use support::grpc::{instance, instances_of, put_policy, subscribe};
 use support::start;
 use weft_tests::control_plane::ControlPlane;
+use weft_tests::grpc::{channel, register, try_register};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn registration_subscription_deltas_and_deregistration() {
@@ -95,21 +95,11 @@ async fn invalid_requests_are_refused() {
         .await
         .unwrap();
     // A registration with a bad address.
-    let (tx, rx) = mpsc::channel(1);
     let mut bad = instance("billing", "a", 7001);
     bad.address = "not-an-address".into();
-    tx.send(RegisterRequest {
-        msg: Some(register_request::Msg::Register(bad)),
-    })
-    .await
-    .unwrap();
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let err = client(&cp.grpc_url())
+    let err = try_register(channel(&cp.grpc_url()).await, bad)
         .await
-        .register(stream)
-        .await
-        .unwrap_err();
+        .expect_err("a registration with a bad address was accepted");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("address"), "{err:?}");
     // A subscription to an invalid name.

@@ -10,13 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use weft_api::v1::control_plane_client::ControlPlaneClient;
-use weft_api::v1::{Instance, Metadata, RegisterRequest, register_request};
+use weft_api::v1::{Instance, Metadata};
 
 use support::start;
 use weft_tests::control_plane::{ControlPlane, TOKEN};
 use weft_tests::etcd::EtcdServer;
+use weft_tests::grpc::register;
 use weft_tests::process::TempDir;
 
 /// `weftctl --control-plane URL [--token-file FILE] ARGS`, with nothing taken
@@ -279,29 +278,6 @@ fn instance(id: &str, port: u16) -> Instance {
     }
 }
 
-/// Open a registration and wait until it is confirmed; returns the sender
-/// that keeps it open.
-async fn register(grpc: String, inst: Instance) -> mpsc::Sender<RegisterRequest> {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(RegisterRequest {
-        msg: Some(register_request::Msg::Register(inst)),
-    })
-    .await
-    .unwrap();
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let mut responses = ControlPlaneClient::connect(grpc)
-        .await
-        .unwrap()
-        .register(stream)
-        .await
-        .unwrap()
-        .into_inner();
-    responses.message().await.unwrap().unwrap();
-    tokio::spawn(async move { while let Ok(Some(_)) = responses.message().await {} });
-    tx
-}
-
 #[test]
 fn get_services_instances_policy_and_delete_policy() {
     let cp = Cp::start();
@@ -315,11 +291,11 @@ fn get_services_instances_policy_and_delete_policy() {
 
     // Two registered instances (the runtime keeps their streams open).
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let _a = rt.block_on(register(cp.cp.grpc_url(), instance("a", 7001)));
+    let _a = rt.block_on(register(&cp.cp.grpc_url(), instance("a", 7001)));
     let mut plain = instance("b", 7002);
     plain.metadata = None;
     plain.admin_address = String::new();
-    let _b = rt.block_on(register(cp.cp.grpc_url(), plain));
+    let _b = rt.block_on(register(&cp.cp.grpc_url(), plain));
     let t = cp.eventually(&["get", "instances", "billing"], |t| t.lines().count() == 3);
     assert!(
         has_row(

@@ -231,7 +231,7 @@ impl Mesh {
         instance.admin_address = admin.map(|a| a.to_string()).unwrap_or_default();
         let tx = self
             .rt
-            .block_on(grpc::register(&self.cp.grpc_url(), instance));
+            .block_on(weft_tests::grpc::register(&self.cp.grpc_url(), instance));
         self.registrations.push(tx);
     }
 

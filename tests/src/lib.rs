@@ -16,7 +16,8 @@
 //! - [`dns`]: a tiny authoritative DNS server on UDP and TCP whose records a
 //!   test can change at run time.
 //! - [`mesh`]: one-call setups for the two sides of a policy: a caller's
-//!   sidecar (outbound keys) and a service's own sidecar (inbound keys).
+//!   sidecar (outbound keys) and a service's own sidecar (inbound keys); and
+//!   a whole mesh run by a control plane (`Mesh::builder()`).
 //! - [`metrics`]: a `/metrics` scrape read by name and labels, and
 //!   `promtool check metrics`.
 //! - [`otlp`]: an OTLP/gRPC trace receiver that keeps the spans proxies export.
@@ -33,6 +34,8 @@
 //! - [`control_plane`]: a `weft-control-plane` process (`--dev` or on etcd)
 //!   with its token file, kill and restart on the same addresses, and a
 //!   `weftctl` runner.
+//! - [`grpc`]: the control plane's gRPC API driven by hand: a registration
+//!   stream held open, or its refusal.
 //! - [`chaos`]: the chaos run (`benches/chaos.sh`, the `weft-chaos` binary,
 //!   and its short version in `tests/chaos.rs`): a whole mesh under traffic
 //!   and random faults, judged against invariants at the end.
@@ -61,6 +64,7 @@ pub mod config;
 pub mod control_plane;
 pub mod dns;
 pub mod etcd;
+pub mod grpc;
 pub mod mesh;
 pub mod metrics;
 pub mod otlp;

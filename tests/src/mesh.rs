@@ -1,8 +1,10 @@
 //! The two sidecars a service policy is enforced by, each started in one call;
 //! and, for meshes run by a control plane, an instance's sidecar that
 //! registers ([`registered`]), a caller that names no address at all
-//! ([`mesh_caller`]), and what their `/endpoints` says ([`endpoint_addrs`],
-//! [`control_plane_state`]).
+//! ([`mesh_caller`]), either of them with mTLS ([`mesh_sidecar`]), what
+//! their `/endpoints` says ([`endpoint_addrs`], [`until_endpoints`],
+//! [`control_plane_state`]), and a whole such mesh started in one call
+//! ([`Mesh::builder`], in `mesh/builder.rs`).
 //!
 //! A policy file has two audiences: the sidecar of each *caller* enforces the
 //! `[outbound]` keys, routes' timeouts and retries and `[[splits]]` when it
@@ -12,10 +14,22 @@
 //! write only the policy body (`[inbound]`, `[outbound]`, `[[routes]]`, ...);
 //! these helpers add the `service` key and the bootstrap around it.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use anyhow::ensure;
+use tokio::time::Instant;
+
+use crate::admin::Admin;
 use crate::config::{Bootstrap, DirService, policy_file};
-use crate::process::Proxy;
+use crate::eventually;
+use crate::process::{Proxy, ProxyBuilder};
+use crate::tls::Pki;
+
+mod builder;
+
+pub use builder::{Instance, Mesh, MeshBuilder};
 
 /// A caller-only sidecar (no `[service]`) whose directory has `service`, with
 /// `policy_body` as that service's policy file.
@@ -76,38 +90,48 @@ pub async fn registered(
     app: SocketAddr,
     addresses: &[String],
 ) -> anyhow::Result<Proxy> {
-    Proxy::start(
-        Bootstrap::new()
-            .app(name, app)
-            .app_id(id)
-            .control_plane(addresses.iter().cloned())
-            .render(),
-    )
-    .await
+    mesh_sidecar(Bootstrap::new().app(name, app).app_id(id), addresses, None)
+        .start()
+        .await
 }
 
 /// A caller-only sidecar whose bootstrap names no service at all: it learns
 /// every destination from the control plane at `addresses`.
 pub async fn mesh_caller(addresses: &[String]) -> anyhow::Result<Proxy> {
-    Proxy::start(
-        Bootstrap::new()
-            .control_plane(addresses.iter().cloned())
-            .render(),
-    )
-    .await
+    mesh_sidecar(Bootstrap::new(), addresses, None)
+        .start()
+        .await
+}
+
+/// A sidecar of a mesh run by the control planes at `addresses`: `bootstrap`
+/// (with `[service]` for an instance, without for a caller-only sidecar)
+/// and `[control_plane]`; with `tls`, also `[tls]` and a new certificate
+/// from that CA for that identity. Not started yet, so the caller can add
+/// files, arguments or a log filter.
+pub fn mesh_sidecar(
+    bootstrap: Bootstrap,
+    addresses: &[String],
+    tls: Option<(&Pki, &str)>,
+) -> ProxyBuilder {
+    let bootstrap = bootstrap.control_plane(addresses.iter().cloned());
+    match tls {
+        None => Proxy::builder(bootstrap.render()),
+        Some((pki, identity)) => pki.files(
+            Proxy::builder(bootstrap.tls(identity, None).render()),
+            identity,
+            &pki.issue(identity),
+        ),
+    }
 }
 
 /// Every endpoint address (whatever its state) the sidecar behind `admin`
 /// lists for `service` in `/endpoints`; empty when it lists no such service.
-pub async fn endpoint_addrs(
-    admin: &crate::admin::Admin,
-    service: &str,
-) -> anyhow::Result<std::collections::BTreeSet<SocketAddr>> {
+pub async fn endpoint_addrs(admin: &Admin, service: &str) -> anyhow::Result<BTreeSet<SocketAddr>> {
     let endpoints = admin.endpoints().await?;
     let Ok(entry) = endpoints.service(service) else {
         return Ok(Default::default());
     };
-    let mut out = std::collections::BTreeSet::new();
+    let mut out = BTreeSet::new();
     for endpoint in entry["endpoints"].as_array().into_iter().flatten() {
         if let Some(addr) = endpoint["address"].as_str() {
             out.insert(addr.parse()?);
@@ -116,11 +140,29 @@ pub async fn endpoint_addrs(
     Ok(out)
 }
 
+/// Waits (at most `timeout`) until `caller` lists exactly `want` as
+/// `service`'s endpoints; returns how long that took.
+pub async fn until_endpoints(
+    caller: &Proxy,
+    service: &str,
+    want: &[SocketAddr],
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let admin = caller.admin_client();
+    let want: BTreeSet<_> = want.iter().copied().collect();
+    let started = Instant::now();
+    eventually(timeout, || async {
+        let have = endpoint_addrs(&admin, service).await?;
+        ensure!(have == want, "{service}: {have:?}, want {want:?}");
+        Ok(())
+    })
+    .await?;
+    Ok(started.elapsed())
+}
+
 /// The sidecar's control-plane connection as `/endpoints` shows it:
 /// `("connected", Some(address))`, `("disconnected", None)`, ...
-pub async fn control_plane_state(
-    admin: &crate::admin::Admin,
-) -> anyhow::Result<(String, Option<String>)> {
+pub async fn control_plane_state(admin: &Admin) -> anyhow::Result<(String, Option<String>)> {
     let endpoints = admin.endpoints().await?;
     let connection = &endpoints.0["control_plane"]["connection"];
     let state = connection["state"]

@@ -26,8 +26,7 @@ use weft_tests::backend::Backend;
 use weft_tests::client::Client;
 use weft_tests::config::Bootstrap;
 use weft_tests::control_plane::ControlPlane;
-use weft_tests::etcd::EtcdServer;
-use weft_tests::mesh::{endpoint_addrs, mesh_caller};
+use weft_tests::mesh::{Instance, Mesh, MeshBuilder, endpoint_addrs};
 use weft_tests::process::Proxy;
 use weft_tests::traffic::Traffic;
 use weft_tests::{closed_port, eventually};
@@ -36,19 +35,6 @@ use weft_tests::{closed_port, eventually};
 /// default check (1 s interval, unhealthy after 2 failures) takes about 2 s,
 /// the push a few milliseconds; generous for a loaded machine.
 const DETECTION_BOUND: Duration = Duration::from_secs(10);
-
-/// The sidecar of billing instance `id` in front of `app`, registered with
-/// the control plane at `addresses`; default health check. Waits until ready.
-async fn instance(id: &str, app: SocketAddr, addresses: &[String]) -> anyhow::Result<Proxy> {
-    Proxy::start(
-        Bootstrap::new()
-            .app("billing", app)
-            .app_id(id)
-            .control_plane(addresses.iter().cloned())
-            .render(),
-    )
-    .await
-}
 
 /// The `/ready` status and body.
 async fn ready(admin: &Admin) -> anyhow::Result<(u16, String)> {
@@ -106,32 +92,12 @@ async fn until_billing_has(client: &Client, caller: &Admin, n: usize) -> anyhow:
     .await
 }
 
-/// Death then recovery of one of three instances, under traffic.
-async fn death_and_recovery(cp: &ControlPlane) -> anyhow::Result<()> {
-    let addresses = [cp.grpc_url()];
-    let apps = [
-        Backend::start("billing-1").await?,
-        Backend::start("billing-2").await?,
-        Backend::start("billing-3").await?,
-    ];
-    let mut sidecars = Vec::new();
-    for (i, app) in apps.iter().enumerate() {
-        sidecars.push(instance(&format!("billing-{}", i + 1), app.addr(), &addresses).await?);
-    }
-    let caller = mesh_caller(&addresses).await?;
-    let caller_admin = caller.admin_client();
-    let client = Client::host_header(caller.outbound());
-    let all: std::collections::BTreeSet<_> = sidecars.iter().map(Proxy::inbound).collect();
-    eventually(Duration::from_secs(10), || async {
-        client
-            .get("http://billing/hello")
-            .await?
-            .expect_status(200)?;
-        let have = endpoint_addrs(&caller_admin, "billing").await?;
-        ensure!(have == all, "billing: {have:?}, want {all:?}");
-        Ok(())
-    })
-    .await?;
+/// Death then recovery of one of three instances (default health check),
+/// under traffic, in a mesh from `mesh`.
+async fn death_and_recovery(mesh: MeshBuilder) -> anyhow::Result<()> {
+    let mut mesh = mesh.service("billing", 3).build().await?;
+    let caller_admin = mesh.caller().admin_client();
+    let client = mesh.client();
 
     let traffic = Traffic::start(
         client.clone(),
@@ -145,10 +111,15 @@ async fn death_and_recovery(cp: &ControlPlane) -> anyhow::Result<()> {
 
     // SIGKILL of billing-2's app, as far as its sidecar can tell: the
     // listener and every connection close at once.
-    let [app1, app2, app3] = apps;
+    let Instance {
+        sidecar: two,
+        app: app2,
+        ..
+    } = mesh.instances.remove(1);
     let app2_addr = app2.addr();
-    let dead = sidecars[1].inbound();
+    let dead = two.inbound();
     drop(app2);
+    let cp = mesh.control_plane();
     let killed = traffic.now();
     let started = Instant::now();
     eventually(DETECTION_BOUND, || async {
@@ -164,7 +135,7 @@ async fn death_and_recovery(cp: &ControlPlane) -> anyhow::Result<()> {
     );
     let (_, requests_at_detection) = endpoint(&caller_admin, dead).await?;
 
-    let admin2 = sidecars[1].admin_client();
+    let admin2 = two.admin_client();
     let (status, body) = ready(&admin2).await?;
     ensure!(status == 503, "billing-2's /ready: {status} {body}");
     ensure!(body.contains("health check"), "billing-2's /ready: {body}");
@@ -242,35 +213,31 @@ async fn death_and_recovery(cp: &ControlPlane) -> anyhow::Result<()> {
     summary
         .since(detected)
         .expect_no_failures("from the detection to the end")?;
-    ensure!(app1.requests() > 0 && app3.requests() > 0);
+    ensure!(
+        mesh.instance("billing-1").app.requests() > 0
+            && mesh.instance("billing-3").app.requests() > 0
+    );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_app_is_taken_out_and_put_back_when_it_answers_again() -> anyhow::Result<()> {
-    let cp = ControlPlane::dev().start().await?;
-    death_and_recovery(&cp).await
+    death_and_recovery(Mesh::builder()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_app_is_taken_out_and_put_back_on_etcd() -> anyhow::Result<()> {
-    let etcd = EtcdServer::start().await?;
-    let cp = ControlPlane::etcd(etcd.client_url()).start().await?;
-    death_and_recovery(&cp).await
+    death_and_recovery(Mesh::builder().etcd()).await
 }
 
 /// A sidecar started before its app waits for it: not ready, not
 /// registered, and says so in its log; it registers once the app answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_started_before_its_app_registers_once_the_app_answers() -> anyhow::Result<()> {
-    let cp = ControlPlane::dev().start().await?;
-    let addresses = [cp.grpc_url()];
-    let app1 = Backend::start("billing-1").await?;
-    let _one = instance("billing-1", app1.addr(), &addresses).await?;
-    let caller = mesh_caller(&addresses).await?;
-    let caller_admin = caller.admin_client();
-    let client = Client::host_header(caller.outbound());
-    until_billing_has(&client, &caller_admin, 1).await?;
+    let mesh = Mesh::builder().service("billing", 1).build().await?;
+    let (cp, addresses) = (mesh.control_plane(), mesh.addresses());
+    let caller_admin = mesh.caller().admin_client();
+    let client = mesh.client();
 
     let later = closed_port()?;
     let early = Proxy::builder(
@@ -294,7 +261,7 @@ async fn a_sidecar_started_before_its_app_registers_once_the_app_answers() -> an
             "/ready before the app: {body}"
         );
         ensure!(
-            listed_health(&cp, "billing-2").await?.is_none(),
+            listed_health(cp, "billing-2").await?.is_none(),
             "billing-2 registered before its app answered"
         );
         let listed = endpoint_addrs(&caller_admin, "billing").await?;
@@ -316,7 +283,7 @@ async fn a_sidecar_started_before_its_app_registers_once_the_app_answers() -> an
     eventually(Duration::from_secs(10), || async {
         let (status, body) = ready(&admin).await?;
         ensure!(status == 200, "/ready: {status} {body}");
-        let health = listed_health(&cp, "billing-2").await?;
+        let health = listed_health(cp, "billing-2").await?;
         ensure!(health.as_deref() == Some("healthy"), "weftctl: {health:?}");
         let listed = endpoint_addrs(&caller_admin, "billing").await?;
         ensure!(listed.contains(&early.inbound()), "caller: {listed:?}");
@@ -402,23 +369,19 @@ async fn ready_waits_for_the_first_snapshot_at_most_ready_timeout() -> anyhow::R
 /// and healthy again once it answers 2xx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_check_sees_an_app_that_answers_503() -> anyhow::Result<()> {
-    let cp = ControlPlane::dev().start().await?;
-    let addresses = [cp.grpc_url()];
-    let app1 = Backend::start("billing-1").await?;
+    let mesh = Mesh::builder().service("billing", 1).build().await?;
     let app2 = Backend::start("billing-2").await?;
-    let _one = instance("billing-1", app1.addr(), &addresses).await?;
     let two = Proxy::start(
         Bootstrap::new()
             .app("billing", app2.addr())
             .app_id("billing-2")
             .app_health("path = \"/healthz\", interval = \"200ms\", timeout = \"150ms\"")
-            .control_plane(addresses.iter().cloned())
+            .control_plane(mesh.addresses())
             .render(),
     )
     .await?;
-    let caller = mesh_caller(&addresses).await?;
-    let caller_admin = caller.admin_client();
-    let client = Client::host_header(caller.outbound());
+    let caller_admin = mesh.caller().admin_client();
+    let client = mesh.client();
     until_billing_has(&client, &caller_admin, 2).await?;
     ensure!(
         app2.seen().iter().any(|r| r.path == "/healthz"),

@@ -18,8 +18,8 @@ use serde_json::Value;
 use weft_tests::backend::Backend;
 use weft_tests::client::{Client, Reply};
 use weft_tests::config::{Bootstrap, DirService, policy_file};
-use weft_tests::control_plane::ControlPlane;
 use weft_tests::eventually;
+use weft_tests::mesh::Mesh;
 use weft_tests::otlp::Collector;
 use weft_tests::process::{Proxy, Signal, TempDir};
 use weft_tests::tls::Pki;
@@ -330,40 +330,20 @@ async fn without_a_list_plaintext_callers_are_served_and_with_one_denied() -> an
 /// list changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allow_list_pushed_by_the_control_plane_applies_live() -> anyhow::Result<()> {
-    let cp = ControlPlane::dev().lease_ttl("2s").start().await?;
-    let pki = Pki::new();
-    let app = Backend::start("billing-app").await?;
-    let listen = "[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n";
-    let sidecar = |service: Option<&str>, identity: &str| {
-        let section = service.map_or_else(String::new, |name| {
-            format!(
-                "[service]\nname = \"{name}\"\napp = \"{}\"\nid = \"{name}-1\"\n",
-                app.addr()
-            )
-        });
-        let bootstrap = format!(
-            "{section}{listen}[control_plane]\naddresses = [\"{}\"]\n\
-             [tls]\nca = \"ca.pem\"\ncert = \"{identity}.pem\"\nkey = \"{identity}-key.pem\"\n",
-            cp.grpc_url()
-        );
-        pki.files(Proxy::builder(bootstrap), identity, &pki.issue(identity))
-            .start()
-    };
-    let billing = sidecar(Some("billing"), "billing").await?;
-    let web = sidecar(None, "web").await?;
-    let orders = sidecar(None, "orders").await?;
-    for caller in [&web, &orders] {
-        eventually(Duration::from_secs(10), || async {
-            get(caller, "/hello").await?.expect_status(200)?;
-            Ok(())
-        })
+    // Both callers reach billing before any list applies.
+    let mesh = Mesh::builder()
+        .lease_ttl("2s")
+        .mtls()
+        .service("billing", 1)
+        .callers_named(&["web", "orders"])
+        .build()
         .await?;
-    }
+    let (cp, billing) = (mesh.control_plane(), &mesh.instance("billing-1").sidecar);
+    let (web, orders) = (&mesh.callers[0], &mesh.callers[1]);
 
     let dir = TempDir::new()?;
     let apply = |body: &'static str| {
         let path = dir.write("billing.toml", &policy_file("billing", body));
-        let cp = &cp;
         async move {
             let path = path?;
             cp.weftctl_ok(&["apply", "-f", path.to_str().context("path")?])
@@ -372,7 +352,7 @@ async fn an_allow_list_pushed_by_the_control_plane_applies_live() -> anyhow::Res
     };
     apply("[inbound]\nallow = [\"web\"]").await?;
     eventually(Duration::from_secs(5), || async {
-        let reply = get(&orders, "/hello").await?;
+        let reply = get(orders, "/hello").await?;
         if reply.status == 200 {
             bail!("orders is still allowed");
         }
@@ -380,13 +360,13 @@ async fn an_allow_list_pushed_by_the_control_plane_applies_live() -> anyhow::Res
         Ok(())
     })
     .await?;
-    get(&web, "/hello").await?.expect_status(200)?;
+    get(web, "/hello").await?.expect_status(200)?;
     let local: Value = billing.admin_client().endpoints().await?.0["local"].clone();
     ensure!(local["policy_source"] == "control-plane", "{local}");
 
     apply("[inbound]\nallow = [\"web\", \"orders\"]").await?;
     eventually(Duration::from_secs(5), || async {
-        get(&orders, "/hello").await?.expect_status(200)?;
+        get(orders, "/hello").await?.expect_status(200)?;
         Ok(())
     })
     .await?;

@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use weft_tests::backend::Backend;
 use weft_tests::client::{Client, Mode};
+use weft_tests::config::Bootstrap;
 use weft_tests::control_plane::ControlPlane;
 use weft_tests::eventually;
-use weft_tests::mesh::{endpoint_addrs, mesh_caller, registered};
-use weft_tests::process::{Proxy, Signal, TempDir};
-use weft_tests::tls::Pki;
+use weft_tests::mesh::{Mesh, mesh_sidecar, until_endpoints};
+use weft_tests::process::{Proxy, ProxyBuilder, Signal, TempDir};
 use weft_tests::traffic::Traffic;
 
 /// `weftctl ARGS` against `cp`, which must exit 0; stdout and stderr.
@@ -39,63 +39,24 @@ async fn start_control_plane() -> anyhow::Result<ControlPlane> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_find_each_other_through_the_control_plane() -> anyhow::Result<()> {
-    let cp = start_control_plane().await?;
-    let app = Backend::start("billing-app").await?;
-
-    // billing's own sidecar: registers its instance (advertising its inbound listener).
-    let billing = Proxy::start(format!(
-        r#"
-[service]
-name = "billing"
-app = "{app}"
-id = "billing-1"
-metadata = {{ zone = "z1", version = "v1" }}
-[listen]
-outbound = "127.0.0.1:0"
-inbound = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[control_plane]
-addresses = ["{grpc}"]
-[drain]
-grace = "2s"
-"#,
-        app = app.addr(),
-        grpc = cp.grpc_url()
-    ))
-    .await?;
-
-    // The caller's sidecar knows only the control plane.
-    let caller = Proxy::start(format!(
-        r#"
-[listen]
-outbound = "127.0.0.1:0"
-inbound = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[control_plane]
-addresses = ["{grpc}"]
-"#,
-        grpc = cp.grpc_url()
-    ))
-    .await?;
-
-    let client = Client::new(caller.outbound(), Mode::HostHeader);
-    // The registration lands asynchronously: wait (bounded) for the first success.
-    eventually(Duration::from_secs(10), || async {
-        let reply = client.get("http://billing/hello").await?;
-        ensure!(
-            reply.status == 200,
-            "status {} ({:?})",
-            reply.status,
-            reply.text()
-        );
-        ensure!(
-            reply.backend() == Some("billing-app"),
-            "answered by {:?}",
-            reply.backend()
-        );
-        Ok(())
-    })
-    .await?;
+    // billing's own sidecar registers its instance (advertising its inbound
+    // listener); the caller's sidecar knows only the control plane. The
+    // registration lands asynchronously: the mesh is handed out once the
+    // caller reaches billing.
+    let mesh = Mesh::builder()
+        .lease_ttl("2s")
+        .service("billing", 1)
+        .build()
+        .await?;
+    let (cp, caller, client) = (mesh.control_plane(), mesh.caller(), mesh.client());
+    let billing = &mesh.instance("billing-1").sidecar;
+    let reply = client.get("http://billing/hello").await?;
+    reply.expect_status(200)?;
+    ensure!(
+        reply.backend() == Some("billing-1"),
+        "answered by {:?}",
+        reply.backend()
+    );
     // It went through billing's inbound listener (which adds x-forwarded-for).
     let reply = client.get("http://billing/hello").await?;
     ensure!(
@@ -133,7 +94,7 @@ addresses = ["{grpc}"]
         })
     };
     let dir = TempDir::new()?;
-    let stat = weftctl(&cp, &["stat", "--interval", "800ms", "-o", "json"]).await?;
+    let stat = weftctl(cp, &["stat", "--interval", "800ms", "-o", "json"]).await?;
     traffic.await?;
     let stat: serde_json::Value = serde_json::from_str(&stat).context(stat.clone())?;
     let row = stat["rows"]
@@ -151,7 +112,7 @@ addresses = ["{grpc}"]
         "billing.toml",
         "service = \"billing\"\n\n[[routes]]\nname = \"slow\"\nmatch = { path_prefix = \"/slow\" }\ntimeout = \"200ms\"\n",
     )?;
-    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()]).await?;
+    weftctl(cp, &["apply", "-f", policy.to_str().unwrap()]).await?;
     eventually(Duration::from_secs(10), || async {
         let reply = client.get("http://billing/slow?ms=2000").await?;
         ensure!(reply.status == 504, "status {}", reply.status);
@@ -182,24 +143,24 @@ addresses = ["{grpc}"]
     Ok(())
 }
 
-fn billing_sidecar(id: &str, app: std::net::SocketAddr, grpc: &str) -> String {
-    format!(
-        r#"
-[service]
-name = "billing"
-app = "{app}"
-id = "{id}"
-policy = "billing-local.toml"
-[listen]
-outbound = "127.0.0.1:0"
-inbound = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-[control_plane]
-addresses = ["{grpc}"]
-[drain]
-grace = "2s"
-"#
+/// Billing's sidecar `id` in front of `app`, registered with `cp`, with
+/// `billing-local.toml` (`policy`) as its own policy file.
+fn billing_sidecar(
+    id: &str,
+    app: std::net::SocketAddr,
+    cp: &ControlPlane,
+    policy: &str,
+) -> ProxyBuilder {
+    mesh_sidecar(
+        Bootstrap::new()
+            .app("billing", app)
+            .app_id(id)
+            .app_policy("billing-local.toml")
+            .grace("2s"),
+        &[cp.grpc_url()],
+        None,
     )
+    .file("billing-local.toml", policy)
 }
 
 /// Waits until `proxy`'s local app shows `source`, `share` and the effective
@@ -237,15 +198,13 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
     let app = Backend::start("billing-app").await?;
     // The bootstrap's own policy file: the fallback until the owner applies one.
     let local_policy = "service = \"billing\"\n\n[inbound]\nmax_concurrency = 7\n";
-    let one = Proxy::builder(billing_sidecar("billing-1", app.addr(), &cp.grpc_url()))
-        .file("billing-local.toml", local_policy)
+    let one = billing_sidecar("billing-1", app.addr(), &cp, local_policy)
         .start()
         .await?;
     expect_local(&one, "file", 1, None).await?;
     // billing-2 says where it is reached on the command line (as a pod would,
     // with its IP); nothing listens there, and nothing in this test calls it.
-    let two = Proxy::builder(billing_sidecar("billing-2", app.addr(), &cp.grpc_url()))
-        .file("billing-local.toml", local_policy)
+    let two = billing_sidecar("billing-2", app.addr(), &cp, local_policy)
         .arg("--advertise")
         .arg("127.0.0.1:9")
         .start()
@@ -296,77 +255,30 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
 /// reaches billing's sidecar over mTLS and billing's app hears who called.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushed_services_are_called_over_mtls() -> anyhow::Result<()> {
-    let cp = start_control_plane().await?;
-    let pki = Pki::new();
-    let app = Backend::start("billing-app").await?;
-    let tls = "[tls]\nca = \"ca.pem\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\n";
-    let with_cert = |bootstrap: String, service: &str| {
-        let issued = pki.issue(service);
-        Proxy::builder(bootstrap)
-            .file("ca.pem", pki.ca_pem())
-            .file("cert.pem", issued.cert_pem())
-            .file("key.pem", issued.key_pem())
-    };
-    let _billing = with_cert(
-        format!(
-            "[service]\nname = \"billing\"\napp = \"{app}\"\nid = \"billing-1\"\n\
-             [listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-             [control_plane]\naddresses = [\"{grpc}\"]\n{tls}",
-            app = app.addr(),
-            grpc = cp.grpc_url()
-        ),
-        "billing",
-    )
-    .start()
-    .await?;
     // A caller-only sidecar: its identity is its certificate's, web.
-    let caller = with_cert(
-        format!(
-            "[listen]\noutbound = \"127.0.0.1:0\"\ninbound = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\
-             [control_plane]\naddresses = [\"{grpc}\"]\n{tls}",
-            grpc = cp.grpc_url()
-        ),
-        "web",
-    )
-    .start()
-    .await?;
-
-    let client = Client::new(caller.outbound(), Mode::HostHeader);
-    let reply = eventually(Duration::from_secs(10), || async {
-        let reply = client.get("http://billing/hello").await?;
-        ensure!(reply.status == 200, "{} {}", reply.status, reply.text());
-        Ok(reply)
-    })
-    .await?;
+    let mesh = Mesh::builder()
+        .lease_ttl("2s")
+        .mtls()
+        .service("billing", 1)
+        .callers_named(&["web"])
+        .build()
+        .await?;
+    let reply = mesh.client().get("http://billing/hello").await?;
+    ensure!(reply.status == 200, "{} {}", reply.status, reply.text());
     let forwarded = reply.header("x-seen-forwarded").unwrap_or_default();
     ensure!(forwarded.contains("proto=https"), "forwarded: {forwarded}");
     ensure!(reply.header("x-seen-version") == Some("HTTP/1.1"));
-    ensure!(app.seen_with("weft-caller", "web") >= 1);
+    ensure!(
+        mesh.instance("billing-1")
+            .app
+            .seen_with("weft-caller", "web")
+            >= 1
+    );
     Ok(())
 }
 
 /// How often the background traffic sends a request (100 per second).
 const PACE: Duration = Duration::from_millis(10);
-
-/// Waits until `caller` lists exactly `want` as `service`'s endpoints; returns
-/// how long that took.
-async fn until_endpoints(
-    caller: &Proxy,
-    service: &str,
-    want: &[std::net::SocketAddr],
-    timeout: Duration,
-) -> anyhow::Result<Duration> {
-    let admin = caller.admin_client();
-    let want: std::collections::BTreeSet<_> = want.iter().copied().collect();
-    let started = Instant::now();
-    eventually(timeout, || async {
-        let have = endpoint_addrs(&admin, service).await?;
-        ensure!(have == want, "{service}: {have:?}, want {want:?}");
-        Ok(())
-    })
-    .await?;
-    Ok(started.elapsed())
-}
 
 /// Two instances of billing and a caller that names no address find each
 /// other through the control plane; a third instance gets traffic within a
@@ -376,51 +288,32 @@ async fn until_endpoints(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_join_and_leave_under_steady_traffic() -> anyhow::Result<()> {
     const LEASE_TTL: Duration = Duration::from_secs(2);
-    let cp = ControlPlane::dev().lease_ttl("2s").start().await?;
-    let addresses = [cp.grpc_url()];
-    let apps = [
-        Backend::start("billing-1").await?,
-        Backend::start("billing-2").await?,
-        Backend::start("billing-3").await?,
-    ];
-    let one = registered("billing", "billing-1", apps[0].addr(), &addresses).await?;
-    let two = registered("billing", "billing-2", apps[1].addr(), &addresses).await?;
-    let caller = mesh_caller(&addresses).await?;
-    let client = Client::host_header(caller.outbound());
-
     // The caller learns both instances (it subscribes on the first call).
-    eventually(Duration::from_secs(10), || async {
-        client
-            .get("http://billing/hello")
-            .await?
-            .expect_status(200)?;
-        Ok(())
-    })
-    .await?;
-    until_endpoints(
-        &caller,
-        "billing",
-        &[one.inbound(), two.inbound()],
-        Duration::from_secs(10),
-    )
-    .await?;
+    let mut mesh = Mesh::builder()
+        .lease_ttl("2s")
+        .service("billing", 2)
+        .build()
+        .await?;
+    let client = mesh.client();
 
     let traffic = Traffic::start(client.clone(), "http://billing/hello", PACE);
     traffic.wait_for_more(20, Duration::from_secs(5)).await?;
 
     // A third instance: traffic reaches its app within a second of its sidecar
     // being ready (registration and push included).
-    let three = registered("billing", "billing-3", apps[2].addr(), &addresses).await?;
+    mesh.add_instance("billing").await?;
     let ready = Instant::now();
+    let (caller, cp) = (mesh.caller(), mesh.control_plane());
+    let [one, two, three] = ["billing-1", "billing-2", "billing-3"].map(|id| mesh.instance(id));
     let listed_after = until_endpoints(
-        &caller,
+        caller,
         "billing",
-        &[one.inbound(), two.inbound(), three.inbound()],
+        &mesh.inbounds("billing"),
         Duration::from_secs(5),
     )
     .await?;
     let first_request = eventually(Duration::from_secs(5), || async {
-        ensure!(apps[2].requests() > 0, "billing-3 has had no request");
+        ensure!(three.app.requests() > 0, "billing-3 has had no request");
         Ok(ready.elapsed())
     })
     .await;
@@ -442,11 +335,11 @@ async fn instances_join_and_leave_under_steady_traffic() -> anyhow::Result<()> {
     // SIGKILL: no deregistration; the lease expires. The caller drops the
     // instance within TTL + 1 s, and after that no request fails.
     let killed = traffic.now();
-    two.signal(Signal::Kill)?;
+    two.sidecar.signal(Signal::Kill)?;
     let gone_after = until_endpoints(
-        &caller,
+        caller,
         "billing",
-        &[one.inbound(), three.inbound()],
+        &[one.sidecar.inbound(), three.sidecar.inbound()],
         LEASE_TTL + Duration::from_secs(5),
     )
     .await?;
@@ -456,10 +349,10 @@ async fn instances_join_and_leave_under_steady_traffic() -> anyhow::Result<()> {
         gone_after <= LEASE_TTL + Duration::from_secs(1),
         "billing-2 stayed in the caller's view {gone_after:?} after SIGKILL (lease TTL {LEASE_TTL:?})"
     );
-    let app2_requests = apps[1].requests();
+    let app2_requests = two.app.requests();
     traffic.wait_for_more(50, Duration::from_secs(5)).await?;
     ensure!(
-        apps[1].requests() == app2_requests,
+        two.app.requests() == app2_requests,
         "billing-2's app still got requests"
     );
 
@@ -471,7 +364,7 @@ async fn instances_join_and_leave_under_steady_traffic() -> anyhow::Result<()> {
         "billing.toml",
         "service = \"billing\"\n\n[outbound]\nload_balancer = \"round-robin\"\n",
     )?;
-    weftctl(&cp, &["apply", "-f", policy.to_str().context("path")?]).await?;
+    weftctl(cp, &["apply", "-f", policy.to_str().context("path")?]).await?;
     let admin = caller.admin_client();
     eventually(Duration::from_secs(5), || async {
         let endpoints = admin.endpoints().await?;
@@ -480,26 +373,31 @@ async fn instances_join_and_leave_under_steady_traffic() -> anyhow::Result<()> {
         Ok(())
     })
     .await?;
-    let three_before = apps[2].requests();
+    let three_before = three.app.requests();
     traffic.wait_for_more(20, Duration::from_secs(5)).await?;
     ensure!(
-        apps[2].requests() >= three_before + 5,
+        three.app.requests() >= three_before + 5,
         "billing-3 is not serving its share: {} requests",
-        apps[2].requests() - three_before
+        three.app.requests() - three_before
     );
 
     // SIGTERM: deregistered at once, then drained; no request fails.
     let terminated = traffic.now();
     let started = Instant::now();
-    three.signal(Signal::Term)?;
-    let left_after =
-        until_endpoints(&caller, "billing", &[one.inbound()], Duration::from_secs(5)).await?;
+    three.sidecar.signal(Signal::Term)?;
+    let left_after = until_endpoints(
+        caller,
+        "billing",
+        &[one.sidecar.inbound()],
+        Duration::from_secs(5),
+    )
+    .await?;
     eprintln!("SIGTERMed billing-3 left the caller's view after {left_after:?}");
     ensure!(
         left_after < Duration::from_secs(1),
         "billing-3 left the caller's view only {left_after:?} after SIGTERM"
     );
-    let status = three.wait_exit(Duration::from_secs(10)).await?;
+    let status = three.sidecar.wait_exit(Duration::from_secs(10)).await?;
     ensure!(status.success(), "billing-3's sidecar exited with {status}");
     eprintln!(
         "billing-3's sidecar exited {:?} after SIGTERM",
@@ -549,20 +447,12 @@ async fn instances_join_and_leave_under_steady_traffic() -> anyhow::Result<()> {
 /// limit still applies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_reaches_sidecars_without_dropping_requests() -> anyhow::Result<()> {
-    let cp = ControlPlane::dev().lease_ttl("2s").start().await?;
-    let addresses = [cp.grpc_url()];
-    let app = Backend::start("billing-1").await?;
-    let billing = registered("billing", "billing-1", app.addr(), &addresses).await?;
-    let caller = mesh_caller(&addresses).await?;
-    let client = Client::host_header(caller.outbound());
-    eventually(Duration::from_secs(10), || async {
-        client
-            .get("http://billing/hello")
-            .await?
-            .expect_status(200)?;
-        Ok(())
-    })
-    .await?;
+    let mesh = Mesh::builder()
+        .lease_ttl("2s")
+        .service("billing", 1)
+        .build()
+        .await?;
+    let (cp, client) = (mesh.control_plane(), mesh.client());
 
     let traffic = Traffic::start(client.clone(), "http://billing/hello", PACE);
     traffic.wait_for_more(30, Duration::from_secs(5)).await?;
@@ -575,9 +465,9 @@ async fn a_policy_change_reaches_sidecars_without_dropping_requests() -> anyhow:
     )?;
     let good = good.to_str().context("path")?;
     let before_apply = traffic.now();
-    weftctl(&cp, &["apply", "-f", good]).await?;
+    weftctl(cp, &["apply", "-f", good]).await?;
     let applied = traffic.now();
-    let admin = billing.admin_client();
+    let admin = mesh.instance("billing-1").sidecar.admin_client();
     eventually(Duration::from_secs(5), || async {
         let summary = traffic.summary().since(applied);
         ensure!(

@@ -8,52 +8,17 @@
 //! clients in the handshake (counted).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::ensure;
-use tokio::sync::mpsc;
-use weft_api::v1::control_plane_client::ControlPlaneClient;
-use weft_api::v1::{Instance, RegisterRequest, register_request};
+use weft_api::v1::Instance;
 use weft_tests::admin::Admin;
-use weft_tests::backend::Backend;
-use weft_tests::client::Client;
-use weft_tests::config::Bootstrap;
 use weft_tests::control_plane::ControlPlane;
 use weft_tests::eventually;
-use weft_tests::process::{Proxy, TempDir};
+use weft_tests::grpc::try_register;
+use weft_tests::mesh::Mesh;
+use weft_tests::process::TempDir;
 use weft_tests::tls::{Pki, grpc_channel};
-
-/// A dev control plane with mTLS on from `pki`; the directory holding its
-/// files must outlive it.
-async fn control_plane(pki: &Pki) -> anyhow::Result<(ControlPlane, TempDir)> {
-    let dir = TempDir::new()?;
-    let mut builder = ControlPlane::dev();
-    for arg in pki.control_plane_args(&dir)? {
-        builder = builder.arg(&arg);
-    }
-    Ok((builder.start().await?, dir))
-}
-
-/// A sidecar with `[tls]` from `pki` (identity `name`), reaching the control
-/// plane at `https://<grpc>`; with an app, it registers as `name`.
-async fn sidecar(
-    pki: &Pki,
-    name: &str,
-    app: Option<SocketAddr>,
-    cp: &ControlPlane,
-) -> anyhow::Result<Proxy> {
-    let mut bootstrap = Bootstrap::new()
-        .tls(name, None)
-        .control_plane([format!("https://{}", cp.grpc())]);
-    if let Some(app) = app {
-        bootstrap = bootstrap.app(name, app).app_id(&format!("{name}-1"));
-    }
-    let issued = pki.issue(name);
-    pki.files(Proxy::builder(bootstrap.render()), name, &issued)
-        .start()
-        .await
-}
 
 fn instance(service: &str, id: &str) -> Instance {
     Instance {
@@ -66,51 +31,27 @@ fn instance(service: &str, id: &str) -> Instance {
     }
 }
 
-/// Registers `inst` over `channel`: the first response, or the refusal.
-async fn register(
-    channel: tonic::transport::Channel,
-    inst: Instance,
-) -> Result<mpsc::Sender<RegisterRequest>, tonic::Status> {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(RegisterRequest {
-        msg: Some(register_request::Msg::Register(inst)),
-    })
-    .await
-    .unwrap();
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let mut responses = ControlPlaneClient::new(channel)
-        .register(stream)
-        .await?
-        .into_inner();
-    responses.message().await?;
-    Ok(tx)
-}
-
 async fn metric(cp: &ControlPlane, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
     Admin::new(cp.admin()).metrics().await?.value(name, labels)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_register_and_find_each_other_over_mtls() -> anyhow::Result<()> {
-    let pki = Pki::new();
-    let (cp, _files) = control_plane(&pki).await?;
-    let app = Backend::start("billing-1").await?;
-    let billing = sidecar(&pki, "billing", Some(app.addr()), &cp).await?;
-    let caller = sidecar(&pki, "checkout", None, &cp).await?;
-    let client = Client::host_header(caller.outbound());
-    eventually(Duration::from_secs(10), || async {
-        let reply = client.get("http://billing/hello").await?;
-        reply.expect_status(200)?;
-        ensure!(
-            reply.backend() == Some("billing-1"),
-            "{:?}",
-            reply.backend()
-        );
-        Ok(())
-    })
-    .await?;
-    for sidecar in [&billing, &caller] {
+    // Handed out once the caller reaches billing through the control plane.
+    let mesh = Mesh::builder()
+        .control_plane_tls()
+        .service("billing", 1)
+        .callers_named(&["checkout"])
+        .build()
+        .await?;
+    let reply = mesh.client().get("http://billing/hello").await?;
+    reply.expect_status(200)?;
+    ensure!(
+        reply.backend() == Some("billing-1"),
+        "{:?}",
+        reply.backend()
+    );
+    for sidecar in [&mesh.instance("billing-1").sidecar, mesh.caller()] {
         let (state, address) =
             weft_tests::mesh::control_plane_state(&sidecar.admin_client()).await?;
         ensure!(state == "connected", "{state}");
@@ -121,17 +62,31 @@ async fn sidecars_register_and_find_each_other_over_mtls() -> anyhow::Result<()>
             "{address:?}"
         );
     }
-    ensure!(metric(&cp, "weft_control_plane_registrations_total", &[]).await? == 1.0);
+    ensure!(
+        metric(
+            mesh.control_plane(),
+            "weft_control_plane_registrations_total",
+            &[]
+        )
+        .await?
+            == 1.0
+    );
     Ok(())
+}
+
+/// A control plane with mTLS on and nothing else in the mesh: its CA, and
+/// the control plane.
+async fn tls_control_plane() -> anyhow::Result<Mesh> {
+    Mesh::builder().control_plane_tls().callers(0).build().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_cannot_register_an_instance_of_another_service() -> anyhow::Result<()> {
-    let pki = Pki::new();
-    let (cp, _files) = control_plane(&pki).await?;
+    let mesh = tls_control_plane().await?;
+    let (pki, cp) = (mesh.pki(), mesh.control_plane());
     let orders = pki.issue("orders");
     let channel = grpc_channel(cp.grpc(), pki.ca_pem(), Some(&orders)).await?;
-    let refused = register(channel.clone(), instance("billing", "billing-1"))
+    let refused = try_register(channel.clone(), instance("billing", "billing-1"))
         .await
         .expect_err("orders registered an instance of billing");
     ensure!(
@@ -145,7 +100,7 @@ async fn a_sidecar_cannot_register_an_instance_of_another_service() -> anyhow::R
     );
     ensure!(
         metric(
-            &cp,
+            cp,
             "weft_control_plane_registrations_rejected_total",
             &[("reason", "identity-mismatch")]
         )
@@ -158,7 +113,7 @@ async fn a_sidecar_cannot_register_an_instance_of_another_service() -> anyhow::R
         cp.logs()
     );
     // The same certificate registers its own service.
-    let _open = register(channel, instance("orders", "orders-1"))
+    let _open = try_register(channel, instance("orders", "orders-1"))
         .await
         .map_err(|s| anyhow::anyhow!("orders could not register itself: {s:?}"))?;
     let out = cp.weftctl_ok(&["get", "instances", "orders"]).await?;
@@ -170,8 +125,8 @@ async fn a_sidecar_cannot_register_an_instance_of_another_service() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_and_foreign_clients_are_refused_in_the_handshake() -> anyhow::Result<()> {
-    let pki = Pki::new();
-    let (cp, _files) = control_plane(&pki).await?;
+    let mesh = tls_control_plane().await?;
+    let (pki, cp) = (mesh.pki(), mesh.control_plane());
 
     // Plaintext gRPC to the TLS listener.
     let plain = tonic::transport::Endpoint::from_shared(cp.grpc_url())?
@@ -179,7 +134,7 @@ async fn plaintext_and_foreign_clients_are_refused_in_the_handshake() -> anyhow:
         .await;
     if let Ok(channel) = plain {
         ensure!(
-            register(channel, instance("billing", "billing-1"))
+            try_register(channel, instance("billing", "billing-1"))
                 .await
                 .is_err(),
             "a plaintext client registered"
@@ -190,7 +145,7 @@ async fn plaintext_and_foreign_clients_are_refused_in_the_handshake() -> anyhow:
     let foreign = other.issue("billing");
     let refused = match grpc_channel(cp.grpc(), pki.ca_pem(), Some(&foreign)).await {
         Err(_) => true,
-        Ok(channel) => register(channel, instance("billing", "billing-1"))
+        Ok(channel) => try_register(channel, instance("billing", "billing-1"))
             .await
             .is_err(),
     };
@@ -198,14 +153,14 @@ async fn plaintext_and_foreign_clients_are_refused_in_the_handshake() -> anyhow:
     // No client certificate at all.
     let refused = match grpc_channel(cp.grpc(), pki.ca_pem(), None).await {
         Err(_) => true,
-        Ok(channel) => register(channel, instance("billing", "billing-1"))
+        Ok(channel) => try_register(channel, instance("billing", "billing-1"))
             .await
             .is_err(),
     };
     ensure!(refused, "a client without a certificate registered");
     eventually(Duration::from_secs(5), || async {
         let failures = metric(
-            &cp,
+            cp,
             "weft_control_plane_tls_handshake_failures_total",
             &[("reason", "handshake")],
         )
@@ -214,7 +169,7 @@ async fn plaintext_and_foreign_clients_are_refused_in_the_handshake() -> anyhow:
         Ok(())
     })
     .await?;
-    ensure!(metric(&cp, "weft_control_plane_registrations_total", &[]).await? == 0.0);
+    ensure!(metric(cp, "weft_control_plane_registrations_total", &[]).await? == 0.0);
     Ok(())
 }
 

@@ -25,9 +25,11 @@ use tokio::time::Instant;
 use weft_tests::backend::Backend;
 use weft_tests::client::Client;
 use weft_tests::control_plane::ControlPlane;
-use weft_tests::etcd::{EtcdCluster, EtcdServer};
+use weft_tests::etcd::EtcdServer;
 use weft_tests::eventually;
-use weft_tests::mesh::{control_plane_state, endpoint_addrs, mesh_caller, registered};
+use weft_tests::mesh::{
+    Mesh, control_plane_state, endpoint_addrs, mesh_caller, registered, until_endpoints,
+};
 use weft_tests::process::{Proxy, TempDir};
 use weft_tests::traffic::Traffic;
 
@@ -36,22 +38,6 @@ const LEASE_TTL: Duration = Duration::from_secs(2);
 const LEASE_TTL_ARG: &str = "2s";
 /// The etcd key prefix of billing's registrations.
 const BILLING_INSTANCES: &str = "/weft/services/billing/instances/";
-
-/// Waits until `caller` lists exactly `want` as billing's endpoints.
-async fn until_billing(
-    caller: &Proxy,
-    want: &[SocketAddr],
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let admin = caller.admin_client();
-    let want: BTreeSet<_> = want.iter().copied().collect();
-    eventually(timeout, || async {
-        let have = endpoint_addrs(&admin, "billing").await?;
-        ensure!(have == want, "billing: {have:?}, want {want:?}");
-        Ok(())
-    })
-    .await
-}
 
 /// Waits until every sidecar reports its control-plane connection as
 /// connected (to `address`, if given); returns how long that took.
@@ -177,26 +163,13 @@ impl ViewWatch {
 /// the restart, a new instance registers and gets traffic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_survives_a_control_plane_restart() -> anyhow::Result<()> {
-    let etcd = EtcdServer::start().await?;
-    let mut cp = ControlPlane::etcd(etcd.client_url())
+    let mut mesh = Mesh::builder()
+        .etcd()
         .lease_ttl(LEASE_TTL_ARG)
-        .start()
+        .service("billing", 1)
+        .build()
         .await?;
-    let addresses = [cp.grpc_url()];
-    let app1 = Backend::start("billing-1").await?;
-    let app2 = Backend::start("billing-2").await?;
-    let one = registered("billing", "billing-1", app1.addr(), &addresses).await?;
-    let caller = mesh_caller(&addresses).await?;
-    let client = Client::host_header(caller.outbound());
-    eventually(Duration::from_secs(10), || async {
-        client
-            .get("http://billing/hello")
-            .await?
-            .expect_status(200)?;
-        Ok(())
-    })
-    .await?;
-    until_billing(&caller, &[one.inbound()], Duration::from_secs(5)).await?;
+    let client = mesh.client();
 
     let traffic = Traffic::start(
         client.clone(),
@@ -205,9 +178,10 @@ async fn traffic_survives_a_control_plane_restart() -> anyhow::Result<()> {
     );
     traffic.wait_for_more(20, Duration::from_secs(5)).await?;
 
-    cp.kill()?;
+    mesh.control_planes[0].kill()?;
     let killed = traffic.now();
-    for sidecar in [&one, &caller] {
+    let etcd = mesh.etcd()?;
+    for sidecar in [&mesh.instance("billing-1").sidecar, mesh.caller()] {
         let admin = sidecar.admin_client();
         eventually(Duration::from_secs(5), || async {
             let (state, _) = control_plane_state(&admin).await?;
@@ -219,7 +193,7 @@ async fn traffic_survives_a_control_plane_restart() -> anyhow::Result<()> {
     // Down past the lease TTL: billing-1's registration expires in etcd.
     let expired = Instant::now();
     eventually(LEASE_TTL + Duration::from_secs(5), || async {
-        let ids = etcd_instances(etcd.connect().await?).await?;
+        let ids = etcd_instances(etcd.connect(0).await?).await?;
         ensure!(ids.is_empty(), "still registered in etcd: {ids:?}");
         Ok(())
     })
@@ -236,19 +210,29 @@ async fn traffic_survives_a_control_plane_restart() -> anyhow::Result<()> {
         "while the control plane was down",
     )?;
 
-    cp.restart().await?;
+    mesh.control_planes[0].restart().await?;
     let restarted = traffic.now();
-    let resync = until_connected(&[&one, &caller], None, Duration::from_secs(15)).await?;
+    let (one, caller, cp) = (
+        &mesh.instance("billing-1").sidecar,
+        mesh.caller(),
+        mesh.control_plane(),
+    );
+    let resync = until_connected(&[one, caller], None, Duration::from_secs(15)).await?;
     eprintln!("both sidecars reconnected {resync:?} after the restart");
-    until_instances(&cp, &["billing-1"], Duration::from_secs(5)).await?;
-    until_billing(&caller, &[one.inbound()], Duration::from_secs(5)).await?;
+    until_instances(cp, &["billing-1"], Duration::from_secs(5)).await?;
+    until_endpoints(caller, "billing", &[one.inbound()], Duration::from_secs(5)).await?;
     let resynced = traffic.now();
 
     // A new registration works and gets traffic.
-    let two = registered("billing", "billing-2", app2.addr(), &addresses).await?;
+    mesh.add_instance("billing").await?;
     let ready = Instant::now();
+    let (two, caller, cp) = (
+        mesh.instance("billing-2"),
+        mesh.caller(),
+        mesh.control_plane(),
+    );
     eventually(Duration::from_secs(5), || async {
-        ensure!(app2.requests() > 0, "billing-2 has had no request");
+        ensure!(two.app.requests() > 0, "billing-2 has had no request");
         Ok(())
     })
     .await?;
@@ -256,13 +240,14 @@ async fn traffic_survives_a_control_plane_restart() -> anyhow::Result<()> {
         "billing-2 got traffic {:?} after its sidecar was ready",
         ready.elapsed()
     );
-    until_billing(
-        &caller,
-        &[one.inbound(), two.inbound()],
+    until_endpoints(
+        caller,
+        "billing",
+        &mesh.inbounds("billing"),
         Duration::from_secs(5),
     )
     .await?;
-    until_instances(&cp, &["billing-1", "billing-2"], Duration::from_secs(5)).await?;
+    until_instances(cp, &["billing-1", "billing-2"], Duration::from_secs(5)).await?;
     traffic.wait_for_more(20, Duration::from_secs(5)).await?;
 
     let summary = traffic.stop().await?;
@@ -320,7 +305,7 @@ async fn a_restarted_control_plane_does_not_make_callers_drop_live_instances() -
         Ok(())
     })
     .await?;
-    until_billing(&caller, &[one.inbound()], Duration::from_secs(5)).await?;
+    until_endpoints(&caller, "billing", &[one.inbound()], Duration::from_secs(5)).await?;
     let traffic = Traffic::start(
         client.clone(),
         "http://billing/hello",
@@ -388,40 +373,31 @@ async fn a_restarted_control_plane_does_not_make_callers_drop_live_instances() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_outage_of_20s_loses_no_registration_and_no_request() -> anyhow::Result<()> {
     const OUTAGE: Duration = Duration::from_secs(20);
-    let mut etcd = EtcdServer::start().await?;
-    let cp = ControlPlane::etcd(etcd.client_url())
+    let mut mesh = Mesh::builder()
+        .etcd()
         .lease_ttl(LEASE_TTL_ARG)
-        .start()
+        .service("billing", 2)
+        .build()
         .await?;
-    let addresses = [cp.grpc_url()];
-    let app1 = Backend::start("billing-1").await?;
-    let app2 = Backend::start("billing-2").await?;
-    let one = registered("billing", "billing-1", app1.addr(), &addresses).await?;
-    let two = registered("billing", "billing-2", app2.addr(), &addresses).await?;
-    let caller = mesh_caller(&addresses).await?;
-    let client = Client::host_header(caller.outbound());
-    eventually(Duration::from_secs(10), || async {
-        client
-            .get("http://billing/hello")
-            .await?
-            .expect_status(200)?;
-        Ok(())
-    })
+    let client = mesh.client();
+    until_instances(
+        mesh.control_plane(),
+        &["billing-1", "billing-2"],
+        Duration::from_secs(5),
+    )
     .await?;
-    let both = [one.inbound(), two.inbound()];
-    until_billing(&caller, &both, Duration::from_secs(5)).await?;
-    until_instances(&cp, &["billing-1", "billing-2"], Duration::from_secs(5)).await?;
 
     let traffic = Traffic::start(
         client.clone(),
         "http://billing/hello",
         Duration::from_millis(20),
     );
-    let view = ViewWatch::start(&caller, &both);
+    let view = ViewWatch::start(mesh.caller(), &mesh.inbounds("billing"));
     traffic.wait_for_more(20, Duration::from_secs(5)).await?;
 
-    etcd.kill()?;
+    mesh.etcd_mut()?.kill(0)?;
     let down = Instant::now();
+    let cp = mesh.control_plane();
     let killed = traffic.now();
     eventually(Duration::from_secs(10), || async {
         ensure!(cp.admin_status("/ready").await? == 503, "still ready");
@@ -442,8 +418,9 @@ async fn an_etcd_outage_of_20s_loses_no_registration_and_no_request() -> anyhow:
     let during = traffic.summary().since(killed);
     during.expect_all(200, 500, "while etcd was down")?;
 
-    etcd.restart().await?;
+    mesh.etcd_mut()?.restart(0).await?;
     let restarted = Instant::now();
+    let (cp, etcd) = (mesh.control_plane(), mesh.etcd()?);
     eventually(Duration::from_secs(15), || async {
         ensure!(cp.admin_status("/ready").await? == 200, "not ready");
         Ok(())
@@ -453,8 +430,8 @@ async fn an_etcd_outage_of_20s_loses_no_registration_and_no_request() -> anyhow:
         "the control plane was ready {:?} after etcd came back",
         restarted.elapsed()
     );
-    until_instances(&cp, &["billing-1", "billing-2"], Duration::from_secs(10)).await?;
-    let in_etcd = etcd_instances(etcd.connect().await?).await?;
+    until_instances(cp, &["billing-1", "billing-2"], Duration::from_secs(10)).await?;
+    let in_etcd = etcd_instances(etcd.connect(0).await?).await?;
     ensure!(
         in_etcd == BTreeSet::from(["billing-1".to_owned(), "billing-2".to_owned()]),
         "in etcd after the outage: {in_etcd:?}"
@@ -464,9 +441,9 @@ async fn an_etcd_outage_of_20s_loses_no_registration_and_no_request() -> anyhow:
     traffic
         .wait_for_more(150, LEASE_TTL + Duration::from_secs(10))
         .await?;
-    let in_etcd = etcd_instances(etcd.connect().await?).await?;
+    let in_etcd = etcd_instances(etcd.connect(0).await?).await?;
     ensure!(in_etcd.len() == 2, "in etcd a lease TTL later: {in_etcd:?}");
-    until_instances(&cp, &["billing-1", "billing-2"], Duration::from_secs(5)).await?;
+    until_instances(cp, &["billing-1", "billing-2"], Duration::from_secs(5)).await?;
 
     let summary = traffic.stop().await?;
     eprintln!(
@@ -496,43 +473,20 @@ async fn two_replicas_survive_losing_one_replica_and_the_etcd_leader() -> anyhow
     // loaded CI machine and is still well inside what an operator would call
     // "kept working".
     const RECONNECT_WINDOW: Duration = Duration::from_secs(3);
-    let mut cluster = EtcdCluster::start(3).await?;
-    let replicas = [
-        ControlPlane::etcd(cluster.etcd_arg())
-            .lease_ttl(LEASE_TTL_ARG)
-            .start()
-            .await?,
-        ControlPlane::etcd(cluster.etcd_arg())
-            .lease_ttl(LEASE_TTL_ARG)
-            .start()
-            .await?,
-    ];
-    let mut replicas = replicas.map(Some);
-    let addresses: Vec<String> = replicas
-        .iter()
-        .flatten()
-        .map(ControlPlane::grpc_url)
-        .collect();
-    let apps = [
-        Backend::start("billing-1").await?,
-        Backend::start("billing-2").await?,
-        Backend::start("billing-3").await?,
-    ];
-    let one = registered("billing", "billing-1", apps[0].addr(), &addresses).await?;
-    let two = registered("billing", "billing-2", apps[1].addr(), &addresses).await?;
-    let caller = mesh_caller(&addresses).await?;
-    let client = Client::host_header(caller.outbound());
-    eventually(Duration::from_secs(10), || async {
-        client
-            .get("http://billing/hello")
-            .await?
-            .expect_status(200)?;
-        Ok(())
-    })
-    .await?;
-    let both = [one.inbound(), two.inbound()];
-    until_billing(&caller, &both, Duration::from_secs(5)).await?;
-    until_connected(&[&one, &two, &caller], None, Duration::from_secs(5)).await?;
+    let mut mesh = Mesh::builder()
+        .etcd_cluster(3)
+        .replicas(2)
+        .lease_ttl(LEASE_TTL_ARG)
+        .service("billing", 2)
+        .build()
+        .await?;
+    let (addresses, client, both) = (mesh.addresses(), mesh.client(), mesh.inbounds("billing"));
+    // Field by field, so that etcd and the replicas can be taken down while
+    // the sidecars are in use.
+    let (one, two) = (&mesh.instances[0].sidecar, &mesh.instances[1].sidecar);
+    let caller = &mesh.callers[0];
+    let cluster = mesh.etcd.as_mut().context("etcd")?;
+    until_connected(&[one, two, caller], None, Duration::from_secs(5)).await?;
 
     let traffic = Traffic::start(
         client.clone(),
@@ -550,7 +504,7 @@ async fn two_replicas_survive_losing_one_replica_and_the_etcd_leader() -> anyhow
         .with_context(|| format!("the caller is connected to {at}, not a listed replica"))?;
     let survivor = 1 - victim;
     let mut on_victim = 0;
-    for sidecar in [&one, &two, &caller] {
+    for sidecar in [one, two, caller] {
         if control_plane_state(&sidecar.admin_client())
             .await?
             .1
@@ -565,15 +519,15 @@ async fn two_replicas_survive_losing_one_replica_and_the_etcd_leader() -> anyhow
         "killing replica {victim} ({on_victim} of 3 sidecars on it) and etcd member {leader} (the leader)"
     );
 
-    let view = ViewWatch::start(&caller, &both);
+    let view = ViewWatch::start(caller, &both);
     let killed = traffic.now();
     let kill_time = Instant::now();
-    replicas[victim].take().context("the victim")?.kill()?;
+    mesh.control_planes[victim].kill()?;
     cluster.kill(leader)?;
-    let survivor_cp = replicas[survivor].as_ref().context("the survivor")?;
+    let survivor_cp = &mesh.control_planes[survivor];
 
     let moved = until_connected(
-        &[&one, &two, &caller],
+        &[one, two, caller],
         Some(&addresses[survivor]),
         RECONNECT_WINDOW,
     )
@@ -602,7 +556,7 @@ async fn two_replicas_survive_losing_one_replica_and_the_etcd_leader() -> anyhow
         in_etcd.len() == 2,
         "in etcd past the lease TTL: {in_etcd:?}"
     );
-    until_billing(&caller, &both, Duration::from_secs(5)).await?;
+    until_endpoints(caller, "billing", &both, Duration::from_secs(5)).await?;
 
     // A policy applied through the survivor reaches the caller (its balancer)
     // and billing's own sidecars (their share of the service-wide limit).
@@ -623,7 +577,7 @@ async fn two_replicas_survive_losing_one_replica_and_the_etcd_leader() -> anyhow
         Ok(())
     })
     .await?;
-    for sidecar in [&one, &two] {
+    for sidecar in [one, two] {
         let admin = sidecar.admin_client();
         eventually(Duration::from_secs(5), || async {
             let local = admin.endpoints().await?.0["local"].clone();
@@ -642,15 +596,17 @@ async fn two_replicas_survive_losing_one_replica_and_the_etcd_leader() -> anyhow
     view.stop(20)?;
 
     // A new instance registers through the survivor and gets traffic.
-    let three = registered("billing", "billing-3", apps[2].addr(), &addresses).await?;
+    mesh.add_instance("billing").await?;
+    let three = mesh.instance("billing-3");
     eventually(Duration::from_secs(5), || async {
-        ensure!(apps[2].requests() > 0, "billing-3 has had no request");
+        ensure!(three.app.requests() > 0, "billing-3 has had no request");
         Ok(())
     })
     .await?;
-    until_billing(
-        &caller,
-        &[one.inbound(), two.inbound(), three.inbound()],
+    until_endpoints(
+        mesh.caller(),
+        "billing",
+        &mesh.inbounds("billing"),
         Duration::from_secs(5),
     )
     .await?;

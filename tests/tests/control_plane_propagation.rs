@@ -19,12 +19,8 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use tokio::time::Instant;
-use weft_tests::backend::Backend;
-use weft_tests::client::Client;
-use weft_tests::control_plane::ControlPlane;
-use weft_tests::etcd::EtcdServer;
-use weft_tests::eventually;
-use weft_tests::mesh::{mesh_caller, registered};
+use weft_tests::admin::Admin;
+use weft_tests::mesh::Mesh;
 use weft_tests::process::{Proxy, TempDir};
 
 const CALLERS: usize = 5;
@@ -33,10 +29,9 @@ const ROUNDS: usize = 10;
 const BOUND: Duration = Duration::from_secs(2);
 const POLL: Duration = Duration::from_millis(5);
 
-/// Polls `caller`'s `/endpoints` until billing's balancer is `want`; returns
-/// when it saw it, measured from `from`.
-async fn applied(caller: &Proxy, want: &str, from: Instant) -> anyhow::Result<Duration> {
-    let admin = caller.admin_client();
+/// Polls a caller's `/endpoints` (through `admin`) until billing's balancer
+/// is `want`; returns when it saw it, measured from `from`.
+async fn applied(admin: Admin, want: &str, from: Instant) -> anyhow::Result<Duration> {
     let deadline = from + BOUND;
     loop {
         let endpoints = admin.endpoints().await?;
@@ -58,26 +53,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_propagation_to_five_callers() -> anyhow::Result<()> {
-    let etcd = EtcdServer::start().await?;
-    let cp = ControlPlane::etcd(etcd.client_url()).start().await?;
-    let addresses = [cp.grpc_url()];
-    let app = Backend::start("billing-1").await?;
-    let _billing = registered("billing", "billing-1", app.addr(), &addresses).await?;
-    let mut callers = Vec::with_capacity(CALLERS);
-    for _ in 0..CALLERS {
-        let caller = mesh_caller(&addresses).await?;
-        let client = Client::host_header(caller.outbound());
-        eventually(Duration::from_secs(10), || async {
-            client
-                .get("http://billing/hello")
-                .await?
-                .expect_status(200)?;
-            Ok(())
-        })
+    // Each caller has called billing (so it is subscribed to it).
+    let mesh = Mesh::builder()
+        .etcd()
+        .service("billing", 1)
+        .callers(CALLERS)
+        .build()
         .await?;
-        callers.push(caller);
-    }
-    let callers = std::sync::Arc::new(callers);
+    let cp = mesh.control_plane();
+    let admins: Vec<Admin> = mesh.callers.iter().map(Proxy::admin_client).collect();
 
     let dir = TempDir::new()?;
     let mut rounds = Vec::with_capacity(ROUNDS);
@@ -96,11 +80,8 @@ async fn policy_propagation_to_five_callers() -> anyhow::Result<()> {
             .await?;
         let returned = Instant::now();
         let mut pollers = Vec::with_capacity(CALLERS);
-        for i in 0..CALLERS {
-            let callers = std::sync::Arc::clone(&callers);
-            pollers.push(tokio::spawn(async move {
-                applied(&callers[i], balancer, returned).await
-            }));
+        for admin in &admins {
+            pollers.push(tokio::spawn(applied(admin.clone(), balancer, returned)));
         }
         let mut slowest = Duration::ZERO;
         for poller in pollers {

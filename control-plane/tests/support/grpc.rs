@@ -1,17 +1,17 @@
 //! gRPC and admin-API clients for black-box tests of a running
-//! `weft-control-plane`: registrations, subscriptions and policy writes.
+//! `weft-control-plane`: instances to register, subscriptions and policy
+//! writes. Registrations themselves are weft-tests' (`weft_tests::grpc`),
+//! shared with the mesh scenarios.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use weft_api::v1::control_plane_client::ControlPlaneClient;
-use weft_api::v1::{
-    Instance, Metadata, RegisterRequest, SubscribeRequest, SubscribeResponse, register_request,
-};
+use weft_api::v1::{Instance, Metadata, SubscribeRequest, SubscribeResponse};
 
 use weft_tests::control_plane::TOKEN;
+use weft_tests::grpc::client;
 
 pub fn instance(service: &str, id: &str, port: u16) -> Instance {
     Instance {
@@ -27,34 +27,6 @@ pub fn instance(service: &str, id: &str, port: u16) -> Instance {
         admin_address: String::new(),
         health: 0,
     }
-}
-
-pub async fn client(grpc: &str) -> ControlPlaneClient<tonic::transport::Channel> {
-    ControlPlaneClient::connect(grpc.to_owned()).await.unwrap()
-}
-
-/// Open a registration; returns the sender that keeps it open.
-pub async fn register(grpc: &str, inst: Instance) -> mpsc::Sender<RegisterRequest> {
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(RegisterRequest {
-        msg: Some(register_request::Msg::Register(inst)),
-    })
-    .await
-    .unwrap();
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let mut responses = client(grpc)
-        .await
-        .register(stream)
-        .await
-        .unwrap()
-        .into_inner();
-    let first = responses.message().await.unwrap().unwrap();
-    assert!(first.lease_ttl_ms >= 1000, "{first:?}");
-    assert!(first.revision > 0);
-    // Keep reading responses in the background so the stream stays healthy.
-    tokio::spawn(async move { while let Ok(Some(_)) = responses.message().await {} });
-    tx
 }
 
 pub struct Subscription {

@@ -34,6 +34,7 @@ use crate::client::Client;
 use crate::config::Bootstrap;
 use crate::control_plane::{ControlPlane, CtlOutput};
 use crate::etcd::EtcdCluster;
+use crate::mesh::mesh_sidecar;
 use crate::process::{Proxy, TempDir};
 use crate::tls::Pki;
 
@@ -415,19 +416,20 @@ impl Mesh {
         id: &str,
         app: SocketAddr,
     ) -> anyhow::Result<Proxy> {
-        let bootstrap = Bootstrap::new()
-            .app(service, app)
-            .app_id(id)
-            .tls(service, None)
-            .grace("1s")
-            .control_plane(self.cp_grpc.iter().map(|a| format!("https://{a}")));
-        let issued = self.pki.issue(service);
-        self.pki
-            .files(Proxy::builder(bootstrap.render()), service, &issued)
-            .log_filter(&log_filter())
-            .start()
-            .await
-            .with_context(|| format!("starting sidecar {id}"))
+        let addresses: Vec<String> = self
+            .cp_grpc
+            .iter()
+            .map(|a| format!("https://{a}"))
+            .collect();
+        mesh_sidecar(
+            Bootstrap::new().app(service, app).app_id(id).grace("1s"),
+            &addresses,
+            Some((&self.pki, service)),
+        )
+        .log_filter(&log_filter())
+        .start()
+        .await
+        .with_context(|| format!("starting sidecar {id}"))
     }
 
     /// Takes control-plane replica `i` down.
