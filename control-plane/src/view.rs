@@ -23,12 +23,12 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use weft_api::InstanceRecord;
 
 use crate::keys::{self, Key};
 use crate::metrics::Metrics;
 use crate::store::{KeyValue, Revision, Store, StoreError, WatchEvent};
+use crate::tasks::Tasks;
 
 /// Backoff bounds when the store is unreachable.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -147,23 +147,22 @@ pub fn validate_policy(service: &str, value: &[u8]) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
-/// Start following the store; returns the view's receiver.
+/// Start following the store (a task owned by `tasks`, stopped with them);
+/// returns the view's receiver.
 pub fn follow<S: Store + 'static>(
     store: Arc<S>,
     metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) -> (
-    watch::Receiver<Arc<DirectoryView>>,
-    tokio::task::JoinHandle<()>,
-) {
+    tasks: &Tasks,
+) -> watch::Receiver<Arc<DirectoryView>> {
     let (tx, rx) = watch::channel(Arc::new(DirectoryView::default()));
-    let task = tokio::spawn(async move {
+    let stop = tasks.stop().clone();
+    tasks.spawn("directory-view", async move {
         tokio::select! {
             () = stop.cancelled() => {}
             () = run(store, metrics, tx) => {}
         }
     });
-    (rx, task)
+    rx
 }
 
 async fn run<S: Store>(
@@ -248,6 +247,11 @@ mod tests {
     use super::*;
     use crate::store::memory::{MemoryOptions, MemoryStore};
     use bytes::Bytes;
+    use tokio_util::sync::CancellationToken;
+
+    fn test_tasks() -> Tasks {
+        Tasks::new(CancellationToken::new(), Default::default())
+    }
 
     fn instance_json(service: &str, id: &str, port: u16) -> Bytes {
         Bytes::from(format!(
@@ -277,8 +281,8 @@ mod tests {
             )
             .await
             .unwrap();
-        let stop = CancellationToken::new();
-        let (mut rx, task) = follow(Arc::clone(&store), Arc::new(Metrics::new()), stop.clone());
+        let tasks = test_tasks();
+        let mut rx = follow(Arc::clone(&store), Arc::new(Metrics::new()), &tasks);
         let v = wait_for(&mut rx, |v| v.live && v.services.contains_key("billing")).await;
         assert_eq!(v.services["billing"].instances.len(), 1);
 
@@ -359,15 +363,14 @@ mod tests {
         store.delete(&keys::policy_key("billing")).await.unwrap();
         wait_for(&mut rx, |v| !v.services.contains_key("billing")).await;
 
-        stop.cancel();
-        task.await.unwrap();
+        assert!(tasks.shutdown(Duration::from_secs(5)).await);
     }
 
     #[tokio::test]
     async fn lease_expiry_removes_instances() {
         let store = Arc::new(MemoryStore::new(MemoryOptions::default()));
-        let stop = CancellationToken::new();
-        let (mut rx, _task) = follow(Arc::clone(&store), Arc::new(Metrics::new()), stop.clone());
+        let tasks = test_tasks();
+        let mut rx = follow(Arc::clone(&store), Arc::new(Metrics::new()), &tasks);
         let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
         store
             .put(
@@ -380,6 +383,6 @@ mod tests {
         wait_for(&mut rx, |v| v.services.contains_key("billing")).await;
         store.revoke(lease).await.unwrap();
         wait_for(&mut rx, |v| !v.services.contains_key("billing")).await;
-        stop.cancel();
+        assert!(tasks.shutdown(Duration::from_secs(5)).await);
     }
 }
