@@ -167,7 +167,8 @@ fn get<S>(state: &AdminState<S>, name: &str) -> Rsp {
 /// it right after a write, before the watch has brought the write to the view.
 /// A stored policy that fails validation (written to the store by other means)
 /// is ignored by the view and never pushed: `refused` says why, and `in_force`
-/// is the policy the view holds instead (the last valid one it saw, if any).
+/// is the policy the view holds instead (the last valid one it saw or found
+/// recorded in the store, if any).
 async fn get_policy<S: Store>(state: &AdminState<S>, name: &str) -> Rsp {
     match state.store.get(&keys::policy_key(name)).await {
         Ok(Some(kv)) => {

@@ -4,6 +4,7 @@
 //! ```text
 //! services/<name>/policy           the owner's policy file (TOML source), validated before it is written
 //! services/<name>/instances/<id>   a registration (JSON), bound to a lease
+//! services/<name>/last-valid-policy  the newest valid policy a control plane saw (JSON, see `view::last_valid`)
 //! ```
 //!
 //! Service names are `weft_config::ServiceName`s and instance ids are restricted
@@ -14,6 +15,7 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key<'a> {
     Policy { service: &'a str },
+    LastValidPolicy { service: &'a str },
     Instance { service: &'a str, id: &'a str },
 }
 
@@ -22,6 +24,10 @@ pub const SERVICES: &str = "services/";
 
 pub fn policy_key(service: &str) -> String {
     format!("{SERVICES}{service}/policy")
+}
+
+pub fn last_valid_policy_key(service: &str) -> String {
+    format!("{SERVICES}{service}/last-valid-policy")
 }
 
 pub fn instance_key(service: &str, id: &str) -> String {
@@ -37,6 +43,7 @@ pub fn parse(key: &str) -> Option<Key<'_>> {
     }
     match rest.split_once('/') {
         None if rest == "policy" => Some(Key::Policy { service }),
+        None if rest == "last-valid-policy" => Some(Key::LastValidPolicy { service }),
         Some(("instances", id)) if !id.is_empty() && !id.contains('/') => {
             Some(Key::Instance { service, id })
         }
@@ -60,6 +67,10 @@ mod tests {
                 service: "billing",
                 id: "i-1"
             })
+        );
+        assert_eq!(
+            parse(&last_valid_policy_key("billing")),
+            Some(Key::LastValidPolicy { service: "billing" })
         );
         assert_eq!(parse("services/billing/other"), None);
         assert_eq!(parse("services//policy"), None);

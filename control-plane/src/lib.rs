@@ -21,6 +21,8 @@
 //!   push of the directory and policies (full snapshot, then coalesced deltas).
 //! - [`serve`]: the HTTP server loops; [`tls`]: mTLS on the gRPC listener
 //!   (the mesh CA, the client's service, reloading the files).
+//! - [`tasks`]: the owner of every spawned task (one tracker, one
+//!   cancellation token), which shutdown stops and awaits.
 //! - [`metrics`]: the Prometheus metrics on the admin listener's `/metrics`,
 //!   and the store wrapper that counts store errors.
 //! - [`stat`]: what `weftctl stat` computes from the sidecars' metrics: the
@@ -34,5 +36,6 @@ pub mod push;
 pub mod serve;
 pub mod stat;
 pub mod store;
+pub mod tasks;
 pub mod tls;
 pub mod view;

@@ -22,6 +22,7 @@
 //! | `directory_revision` | gauge | | store revision the view reflects |
 //! | `store_ready` | gauge | | 1 while the view follows the store, else 0 |
 //! | `admin_requests_total` | counter | `method`, `route`, `status` | admin API requests answered |
+//! | `tasks` | gauge | | tasks running (see [`crate::tasks`]): listeners, connections, Register and Subscribe streams, lease-expiry checks, the view |
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -143,6 +144,7 @@ pub struct Metrics {
     admin_requests: Family<AdminLabels, Counter>,
     connections_refused: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Family<ReasonLabels, Counter>,
+    tasks: Gauge,
     pending_writes: Mutex<PendingWrites>,
 }
 
@@ -174,25 +176,35 @@ impl Metrics {
             admin_requests: Family::default(),
             connections_refused: Family::default(),
             tls_handshake_failures: Family::default(),
+            tasks: Gauge::default(),
             pending_writes: Mutex::default(),
         };
+        metrics.show_known_labels();
+        metrics.register_all();
+        metrics
+    }
+
+    /// Label values known in advance show up at 0 from the start.
+    fn show_known_labels(&self) {
         for listener in ["grpc", "admin"] {
             drop(
-                metrics
-                    .connections_refused
+                self.connections_refused
                     .get_or_create(&ListenerLabels { listener }),
             );
         }
-        // Label values known in advance show up at 0 from the start.
         for kind in ["full", "delta"] {
-            drop(metrics.pushes.get_or_create(&KindLabels { kind }));
+            drop(self.pushes.get_or_create(&KindLabels { kind }));
         }
         for reason in Rejection::ALL {
-            drop(metrics.registrations_rejected.get_or_create(&ReasonLabels {
+            drop(self.registrations_rejected.get_or_create(&ReasonLabels {
                 reason: reason.as_str(),
             }));
         }
-        let m = &mut metrics;
+    }
+
+    /// Registers every metric under [`PREFIX`].
+    fn register_all(&mut self) {
+        let m = self;
         let r = m.registry.sub_registry_with_prefix(PREFIX);
         // `register` appends a full stop to the help text; counters get
         // `_total` when encoded.
@@ -281,7 +293,11 @@ impl Metrics {
             "Connections to the gRPC listener closed because the TLS handshake failed or the client certificate names no service of the trust domain, by reason",
             m.tls_handshake_failures.clone(),
         );
-        metrics
+        r.register(
+            "tasks",
+            "Control-plane tasks running: listeners, connections, Register and Subscribe streams, lease-expiry checks, the directory view",
+            m.tasks.clone(),
+        );
     }
 
     /// The counter of connections `listener` (`grpc` or `admin`) refused.
@@ -296,6 +312,11 @@ impl Metrics {
     pub fn connections_refused(&self, listener: &'static str) -> Counter {
         self.connections_refused
             .get_or_create_owned(&ListenerLabels { listener })
+    }
+
+    /// The gauge of running tasks, for [`crate::tasks::Tasks`].
+    pub fn tasks(&self) -> Gauge {
+        self.tasks.clone()
     }
 
     /// The exposition, with the directory gauges taken from `view`.
@@ -467,7 +488,7 @@ pub fn respond(
 pub struct GaugeGuard(Gauge);
 
 impl GaugeGuard {
-    fn inc(gauge: &Gauge) -> Self {
+    pub(crate) fn inc(gauge: &Gauge) -> Self {
         gauge.inc();
         GaugeGuard(gauge.clone())
     }

@@ -46,6 +46,7 @@ use weft_api::v1::{
 use crate::keys;
 use crate::metrics::{Metrics, Rejection};
 use crate::store::{ErrorChain, LeaseId, Store, StoreError, keep_lease_alive, lease_ttl_secs};
+use crate::tasks::Tasks;
 use crate::tls::PeerService;
 use crate::view::{DirectoryView, ServiceEntry};
 
@@ -70,7 +71,8 @@ pub struct Push<S> {
     /// Until when messages say `warming` (see [`Push::new`]).
     warm_until: Instant,
     metrics: Arc<Metrics>,
-    stop: CancellationToken,
+    /// Owns each stream's task; its token stops them.
+    tasks: Tasks,
 }
 
 impl<S> Push<S> {
@@ -86,7 +88,7 @@ impl<S> Push<S> {
         lease_ttl: Duration,
         warm_up: Duration,
         metrics: Arc<Metrics>,
-        stop: CancellationToken,
+        tasks: Tasks,
     ) -> Self {
         Self {
             store,
@@ -94,7 +96,7 @@ impl<S> Push<S> {
             lease_ttl,
             warm_until: Instant::now() + warm_up,
             metrics,
-            stop,
+            tasks,
         }
     }
 }
@@ -144,6 +146,71 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
         &self,
         request: Request<Streaming<RegisterRequest>>,
     ) -> Result<Response<Self::RegisterStream>, Status> {
+        let (record, inbound) = self.first_registration(request).await?;
+        let (lease, revision) = write_registration(&*self.store, &record, self.lease_ttl)
+            .await
+            .map_err(|e| {
+                self.metrics.registration_rejected(Rejection::StoreError);
+                unavailable("writing the registration failed", &e)
+            })?;
+        tracing::info!(service = %record.service, instance.id = %record.id, instance.addr = %record.address, instance.health = %record.health, "instance registered");
+        let open = self.metrics.registration_accepted();
+
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+        let _ = tx
+            .send(Ok(RegisterResponse {
+                lease_ttl_ms: ttl_ms,
+                revision,
+            }))
+            .await;
+        let registration = Registration {
+            store: Arc::clone(&self.store),
+            ttl: self.lease_ttl,
+            metrics: Arc::clone(&self.metrics),
+            tasks: self.tasks.clone(),
+            record,
+            lease,
+            tx,
+        };
+        self.tasks.spawn("register", async move {
+            let _open = open;
+            registration.keep(inbound).await;
+        });
+        Ok(Response::new(receiver_stream(rx)))
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let view = self.view.clone();
+        let stop = self.tasks.stop().clone();
+        let metrics = Arc::clone(&self.metrics);
+        let connected = metrics.subscriber_connected();
+        let warm_until = self.warm_until;
+        self.tasks.spawn("subscribe", async move {
+            let _connected = connected;
+            if let Err(status) =
+                serve_subscription(inbound, view, &tx, &metrics, warm_until, stop).await
+            {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(receiver_stream(rx)))
+    }
+}
+
+impl<S: Store + 'static> Push<S> {
+    /// Reads and checks a Register stream's first message: a valid instance,
+    /// of the service the client's certificate names (over mTLS). A refusal
+    /// is counted under its reason.
+    async fn first_registration(
+        &self,
+        request: Request<Streaming<RegisterRequest>>,
+    ) -> Result<(InstanceRecord, Streaming<RegisterRequest>), Status> {
         let reject = |reason, status| {
             self.metrics.registration_rejected(reason);
             status
@@ -189,137 +256,140 @@ impl<S: Store + 'static> ControlPlane for Push<S> {
                 )),
             ));
         }
-        let (lease, revision) = write_registration(&*self.store, &record, self.lease_ttl)
-            .await
-            .map_err(|e| {
-                reject(
-                    Rejection::StoreError,
-                    unavailable("writing the registration failed", &e),
-                )
-            })?;
-        tracing::info!(service = %record.service, instance.id = %record.id, instance.addr = %record.address, instance.health = %record.health, "instance registered");
-        let open = self.metrics.registration_accepted();
+        Ok((record, inbound))
+    }
+}
 
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let ttl_ms = u64::try_from(self.lease_ttl.as_millis()).unwrap_or(u64::MAX);
-        let _ = tx
-            .send(Ok(RegisterResponse {
-                lease_ttl_ms: ttl_ms,
-                revision,
-            }))
-            .await;
-        let (store, ttl, stop) = (Arc::clone(&self.store), self.lease_ttl, self.stop.clone());
-        let metrics = Arc::clone(&self.metrics);
-        tokio::spawn(async move {
-            let _open = open;
-            let mut lease = lease;
-            let mut record = record;
-            // The lost lease already counted as expired (re-registering may
-            // take several attempts).
-            let mut lost = None;
-            loop {
-                let keeper_stop = CancellationToken::new();
-                let keeper = keep_lease_alive(&*store, lease, ttl, &keeper_stop);
-                tokio::pin!(keeper);
-                let outcome = tokio::select! {
-                    () = stop.cancelled() => Outcome::Stop,
-                    msg = inbound.message() => match msg {
-                        Ok(Some(RegisterRequest { msg: Some(register_request::Msg::Deregister(_)) })) => Outcome::Deregister,
-                        Ok(Some(RegisterRequest { msg: Some(register_request::Msg::Health(report)) })) => {
-                            Outcome::Health(weft_api::Health::from_wire(report.health))
-                        }
-                        Ok(Some(_)) => Outcome::Ignore,
-                        Ok(None) | Err(_) => Outcome::Ended,
-                    },
-                    result = &mut keeper => match result {
-                        Err(StoreError::LeaseNotFound(_)) => Outcome::LeaseLost,
-                        _ => Outcome::Ended,
-                    },
-                };
-                keeper_stop.cancel();
-                match outcome {
-                    Outcome::Ignore => continue,
-                    Outcome::Health(health) if health == record.health => continue,
-                    Outcome::Health(health) => {
-                        record.health = health;
-                        match rewrite_registration(&*store, &record, lease).await {
-                            Ok(revision) => {
-                                tracing::info!(service = %record.service, instance.id = %record.id, instance.health = %health, store.revision = revision, "instance health changed")
-                            }
-                            // A lost lease is found by the keeper, which
-                            // registers again with the new health.
-                            Err(e) => {
-                                tracing::warn!(service = %record.service, instance.id = %record.id, instance.health = %health, error = %ErrorChain(&e), "recording the instance's health failed; it is written with the next registration")
-                            }
-                        }
+/// An accepted registration, kept alive for as long as its stream is open.
+struct Registration<S> {
+    store: Arc<S>,
+    ttl: Duration,
+    metrics: Arc<Metrics>,
+    tasks: Tasks,
+    record: InstanceRecord,
+    lease: LeaseId,
+    /// The Register stream's responses.
+    tx: mpsc::Sender<Result<RegisterResponse, Status>>,
+}
+
+impl<S: Store + 'static> Registration<S> {
+    /// Keeps the lease alive and follows the stream until it ends, the
+    /// sidecar deregisters, or the process stops.
+    async fn keep(mut self, mut inbound: Streaming<RegisterRequest>) {
+        // The lost lease already counted as expired (re-registering may
+        // take several attempts).
+        let mut lost = None;
+        loop {
+            match self.next_outcome(&mut inbound).await {
+                Outcome::Ignore => {}
+                Outcome::Health(health) => self.health_changed(health).await,
+                Outcome::Deregister => return self.deregister().await,
+                Outcome::LeaseLost => {
+                    if lost != Some(self.lease) {
+                        lost = Some(self.lease);
+                        self.metrics.lease_expired();
                     }
-                    Outcome::Deregister => {
-                        if let Err(e) = store.revoke(lease).await {
-                            tracing::warn!(error = %ErrorChain(&e), "revoking a lease failed; it expires by itself");
-                        }
-                        metrics.deregistered();
-                        tracing::info!(service = %record.service, instance.id = %record.id, "instance deregistered");
-                        let _ = tx
-                            .send(Ok(RegisterResponse {
-                                lease_ttl_ms: 0,
-                                revision: 0,
-                            }))
-                            .await;
-                        return;
-                    }
-                    Outcome::LeaseLost => {
-                        if lost != Some(lease) {
-                            lost = Some(lease);
-                            metrics.lease_expired();
-                        }
-                        match write_registration(&*store, &record, ttl).await {
-                            Ok((l, _)) => {
-                                tracing::warn!(service = %record.service, instance.id = %record.id, "lease lost in the store; registered again");
-                                lease = l;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %ErrorChain(&e), "registering again failed; retrying");
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                            }
-                        }
-                    }
-                    Outcome::Ended => {
-                        tracing::info!(service = %record.service, instance.id = %record.id, "registration stream ended; the lease expires unless the sidecar returns");
-                        let key = keys::instance_key(record.service.as_str(), &record.id);
-                        let (store, metrics, stop) =
-                            (Arc::clone(&store), Arc::clone(&metrics), stop.clone());
-                        tokio::spawn(async move {
-                            count_expiry(&*store, &key, lease, ttl, &metrics, &stop).await;
-                        });
-                        return;
-                    }
-                    Outcome::Stop => return,
+                    self.register_again().await;
                 }
+                Outcome::Ended => return self.ended(),
+                Outcome::Stop => return,
             }
-        });
-        Ok(Response::new(receiver_stream(rx)))
+        }
     }
 
-    async fn subscribe(
-        &self,
-        request: Request<Streaming<SubscribeRequest>>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let view = self.view.clone();
-        let stop = self.stop.clone();
-        let metrics = Arc::clone(&self.metrics);
-        let connected = metrics.subscriber_connected();
-        let warm_until = self.warm_until;
-        tokio::spawn(async move {
-            let _connected = connected;
-            if let Err(status) =
-                serve_subscription(inbound, view, &tx, &metrics, warm_until, stop).await
-            {
-                let _ = tx.send(Err(status)).await;
+    /// Keeps the lease alive until the stream says something, the lease is
+    /// lost, or the process stops.
+    async fn next_outcome(&self, inbound: &mut Streaming<RegisterRequest>) -> Outcome {
+        let keeper_stop = CancellationToken::new();
+        let keeper = keep_lease_alive(&*self.store, self.lease, self.ttl, &keeper_stop);
+        tokio::pin!(keeper);
+        let outcome = tokio::select! {
+            () = self.tasks.stop().cancelled() => Outcome::Stop,
+            msg = inbound.message() => match msg {
+                Ok(Some(RegisterRequest { msg: Some(register_request::Msg::Deregister(_)) })) => Outcome::Deregister,
+                Ok(Some(RegisterRequest { msg: Some(register_request::Msg::Health(report)) })) => {
+                    Outcome::Health(weft_api::Health::from_wire(report.health))
+                }
+                Ok(Some(_)) => Outcome::Ignore,
+                Ok(None) | Err(_) => Outcome::Ended,
+            },
+            result = &mut keeper => match result {
+                Err(StoreError::LeaseNotFound(_)) => Outcome::LeaseLost,
+                _ => Outcome::Ended,
+            },
+        };
+        keeper_stop.cancel();
+        outcome
+    }
+
+    /// Rewrites the registration with the instance's new health.
+    async fn health_changed(&mut self, health: weft_api::Health) {
+        if health == self.record.health {
+            return;
+        }
+        self.record.health = health;
+        let record = &self.record;
+        match rewrite_registration(&*self.store, record, self.lease).await {
+            Ok(revision) => {
+                tracing::info!(service = %record.service, instance.id = %record.id, instance.health = %health, store.revision = revision, "instance health changed")
             }
+            // A lost lease is found by the keeper, which registers again
+            // with the new health.
+            Err(e) => {
+                tracing::warn!(service = %record.service, instance.id = %record.id, instance.health = %health, error = %ErrorChain(&e), "recording the instance's health failed; it is written with the next registration")
+            }
+        }
+    }
+
+    /// Revokes the lease (the instance disappears at once) and confirms.
+    async fn deregister(self) {
+        if let Err(e) = self.store.revoke(self.lease).await {
+            tracing::warn!(error = %ErrorChain(&e), "revoking a lease failed; it expires by itself");
+        }
+        self.metrics.deregistered();
+        tracing::info!(service = %self.record.service, instance.id = %self.record.id, "instance deregistered");
+        let _ = self
+            .tx
+            .send(Ok(RegisterResponse {
+                lease_ttl_ms: 0,
+                revision: 0,
+            }))
+            .await;
+    }
+
+    /// The store lost the lease while the stream is open: register again
+    /// (after a pause when that fails; the next outcome retries).
+    async fn register_again(&mut self) {
+        match write_registration(&*self.store, &self.record, self.ttl).await {
+            Ok((lease, _)) => {
+                tracing::warn!(service = %self.record.service, instance.id = %self.record.id, "lease lost in the store; registered again");
+                self.lease = lease;
+            }
+            Err(e) => {
+                tracing::warn!(error = %ErrorChain(&e), "registering again failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    /// The stream ended without a deregistration: the lease is left to
+    /// expire, and a bounded task counts the expiry.
+    fn ended(self) {
+        let Registration {
+            store,
+            ttl,
+            metrics,
+            tasks,
+            record,
+            lease,
+            ..
+        } = self;
+        tracing::info!(service = %record.service, instance.id = %record.id, "registration stream ended; the lease expires unless the sidecar returns");
+        let key = keys::instance_key(record.service.as_str(), &record.id);
+        let stop = tasks.stop().clone();
+        tasks.spawn("count-expiry", async move {
+            count_expiry(&*store, &key, lease, ttl, &metrics, &stop).await;
         });
-        Ok(Response::new(receiver_stream(rx)))
     }
 }
 

@@ -28,9 +28,9 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::tasks::Tasks;
 use crate::tls::{PeerService, ServerTls};
 
 /// An HTTP/1 request head, and a new connection's first bytes, must arrive
@@ -80,13 +80,10 @@ fn harden(builder: &mut auto::Builder<TokioExecutor>) {
         .keep_alive_timeout(H2_PING_TIMEOUT);
 }
 
-/// Serve `handler` on `listener` until `stop`.
-pub async fn http<F, Fut>(
-    listener: TcpListener,
-    limits: Limits,
-    stop: CancellationToken,
-    handler: F,
-) where
+/// Serve `handler` on `listener` until `tasks` stop; each connection is a
+/// task of theirs.
+pub async fn http<F, Fut>(listener: TcpListener, limits: Limits, tasks: Tasks, handler: F)
+where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
@@ -97,7 +94,7 @@ pub async fn http<F, Fut>(
         listener,
         limits,
         None,
-        stop,
+        tasks,
         builder,
         hyper::service::service_fn(handler),
     )
@@ -111,13 +108,13 @@ pub struct Tls {
     pub metrics: Arc<Metrics>,
 }
 
-/// Serve a gRPC service (HTTP/2 only) on `listener` until `stop`; with `tls`,
-/// over mTLS, each request carrying the client's [`PeerService`].
+/// Serve a gRPC service (HTTP/2 only) on `listener` until `tasks` stop; with
+/// `tls`, over mTLS, each request carrying the client's [`PeerService`].
 pub async fn grpc<S>(
     listener: TcpListener,
     limits: Limits,
     tls: Option<Tls>,
-    stop: CancellationToken,
+    tasks: Tasks,
     service: S,
 ) where
     S: tower::Service<
@@ -133,7 +130,7 @@ pub async fn grpc<S>(
     harden(&mut builder);
     let builder = builder.http2_only();
     let service = hyper_util::service::TowerToHyperService::new(service);
-    accept_loop("gRPC", listener, limits, tls, stop, builder, service).await;
+    accept_loop("gRPC", listener, limits, tls, tasks, builder, service).await;
 }
 
 /// Accept until `stop`, serving each connection with `service`; then let open
@@ -143,7 +140,7 @@ async fn accept_loop<S, B>(
     listener: TcpListener,
     limits: Limits,
     tls: Option<Tls>,
-    stop: CancellationToken,
+    tasks: Tasks,
     builder: auto::Builder<TokioExecutor>,
     service: S,
 ) where
@@ -159,6 +156,7 @@ async fn accept_loop<S, B>(
     let slots = Arc::new(Semaphore::new(limits.max_connections as usize));
     let mut last_log: Option<Instant> = None;
     let mut unlogged = 0u64;
+    let stop = tasks.stop().clone();
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -192,7 +190,7 @@ async fn accept_loop<S, B>(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
+        tasks.spawn("connection", async move {
             let _permit = permit;
             // hyper-util's auto builder waits for the HTTP/2 preface without a
             // timer of its own (hyperium/hyper#3756). A connection that has

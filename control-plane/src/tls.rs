@@ -23,8 +23,9 @@ use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_util::sync::CancellationToken;
 use weft_config::{ServiceName, SpiffeId, TrustDomain};
+
+use crate::tasks::Tasks;
 
 /// The files behind the listener's TLS.
 #[derive(Debug, Clone)]
@@ -144,10 +145,12 @@ impl ServerTls {
         }
     }
 
-    /// Checks the files every `interval` until `stop`.
-    pub fn watch(self: &Arc<Self>, interval: Duration, stop: CancellationToken) {
+    /// Checks the files every `interval` (a task owned by `tasks`) until
+    /// they stop.
+    pub fn watch(self: &Arc<Self>, interval: Duration, tasks: &Tasks) {
         let this = Arc::clone(self);
-        tokio::spawn(async move {
+        let stop = tasks.stop().clone();
+        tasks.spawn("tls-reload", async move {
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticks.tick().await;
@@ -165,7 +168,8 @@ impl ServerTls {
                         %error,
                         "new TLS files refused; keeping the current certificate"
                     ),
-                    Ok(Ok(false)) | Err(_) => {}
+                    Ok(Ok(false)) => {}
+                    Err(error) => tracing::error!(%error, "checking the TLS files failed"),
                 }
             }
         });

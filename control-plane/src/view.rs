@@ -10,12 +10,15 @@
 //!
 //! Entries are validated on the way in, with the same rules sidecars apply: a
 //! policy that does not pass `weft-config` validation (written to etcd by hand,
-//! say) or an instance record that does not parse is logged and left out.
+//! say) or an instance record that does not parse is logged and left out. In
+//! place of a refused policy the view serves the service's last valid one,
+//! which it records in the store so that a replica started later serves it
+//! too ([`last_valid`]).
 //!
 //! Static stability: when the store is unreachable the last view stays published
 //! and the task retries with jittered backoff; after a compaction it re-lists.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +26,16 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use weft_api::InstanceRecord;
 
 use crate::keys::{self, Key};
 use crate::metrics::Metrics;
 use crate::store::{KeyValue, Revision, Store, StoreError, WatchEvent};
+use crate::tasks::Tasks;
+
+mod last_valid;
+
+use last_valid::{PolicyHistory, PolicyVersion, Stored};
 
 /// Backoff bounds when the store is unreachable.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -41,7 +48,7 @@ pub struct ServiceEntry {
     /// The policy's TOML source, validated.
     pub policy_toml: Option<Arc<str>>,
     /// The stored policy failed validation and no valid one is known to this
-    /// replica (it started after the invalid write): subscribers are told to
+    /// replica (none seen, none recorded in the store): subscribers are told to
     /// keep the policy they hold.
     pub policy_refused: bool,
     pub instances: BTreeMap<String, Arc<InstanceRecord>>,
@@ -65,16 +72,120 @@ pub struct DirectoryView {
     /// When this replica applied the store change the view reflects (the
     /// listing or the last watch batch); `None` before the first listing.
     pub observed_at: Option<Instant>,
+    /// Each service's policy key and last-valid record, as far as they
+    /// decide what is served (not pushed themselves).
+    pub(crate) policies: BTreeMap<String, PolicyHistory>,
 }
 
 impl DirectoryView {
-    fn apply(&mut self, kv: Option<&KeyValue>, key: &str) {
-        let Some(parsed) = keys::parse(key) else {
-            return;
+    /// Applies a put (`kv`) or a delete of `key`, made at `revision`.
+    fn apply(&mut self, kv: Option<&KeyValue>, key: &str, revision: Revision) {
+        match keys::parse(key) {
+            Some(Key::Policy { service }) => self.apply_policy(service, key, kv, revision),
+            Some(Key::LastValidPolicy { service }) => self.apply_record(service, kv),
+            Some(Key::Instance { service, id }) => self.apply_instance(service, id, key, kv),
+            None => {}
+        }
+    }
+
+    fn apply_policy(
+        &mut self,
+        service: &str,
+        key: &str,
+        kv: Option<&KeyValue>,
+        revision: Revision,
+    ) {
+        let history = self.policies.entry(service.to_owned()).or_default();
+        let served = match kv {
+            None => {
+                history.deleted(revision);
+                None
+            }
+            Some(kv) => match validate_policy(service, &kv.value) {
+                Ok(text) => {
+                    let toml: Arc<str> = text.into();
+                    history.stored_valid(PolicyVersion {
+                        revision: kv.mod_revision,
+                        toml: Arc::clone(&toml),
+                    });
+                    Some(toml)
+                }
+                Err(error) => {
+                    tracing::error!(store.key = key, %error, "ignoring an invalid policy in the store");
+                    history.stored_invalid();
+                    return self.serve_last_valid(service);
+                }
+            },
         };
-        let service = match parsed {
-            Key::Policy { service } | Key::Instance { service, .. } => service,
+        if history.is_empty() {
+            self.policies.remove(service);
+        }
+        self.update(service, |entry| {
+            entry.policy_toml = served;
+            entry.policy_refused = false;
+            true
+        });
+    }
+
+    /// The record of the service's last valid policy changed: what a refused
+    /// policy falls back to may have.
+    fn apply_record(&mut self, service: &str, kv: Option<&KeyValue>) {
+        let history = self.policies.entry(service.to_owned()).or_default();
+        history.record(service, kv.map(|kv| &kv.value[..]));
+        let refused = history.stored == Stored::Invalid;
+        if history.is_empty() {
+            self.policies.remove(service);
+        }
+        if refused {
+            self.serve_last_valid(service);
+        }
+    }
+
+    /// The stored policy is refused: the last valid one (seen by this
+    /// replica or recorded in the store) stays in force; if there is none,
+    /// sidecars are told to keep theirs. An entry that already says so is
+    /// left as it is (nothing to push).
+    fn serve_last_valid(&mut self, service: &str) {
+        let last_valid = self
+            .policies
+            .get(service)
+            .and_then(PolicyHistory::last_valid)
+            .map(|v| Arc::clone(&v.toml));
+        self.update(service, |entry| {
+            let refused = last_valid.is_none();
+            if entry.policy_toml == last_valid && entry.policy_refused == refused {
+                return false;
+            }
+            entry.policy_toml = last_valid;
+            entry.policy_refused = refused;
+            true
+        });
+    }
+
+    fn apply_instance(&mut self, service: &str, id: &str, key: &str, kv: Option<&KeyValue>) {
+        let Some(kv) = kv else {
+            return self.update(service, |entry| entry.instances.remove(id).is_some());
         };
+        match serde_json::from_slice::<InstanceRecord>(&kv.value) {
+            Ok(record) if record.service.as_str() == service && record.id == id => {
+                self.update(service, |entry| {
+                    entry.instances.insert(id.to_owned(), Arc::new(record));
+                    true
+                });
+            }
+            Ok(_) => tracing::error!(
+                store.key = key,
+                "ignoring an instance record whose service or id does not match its key"
+            ),
+            Err(error) => {
+                tracing::error!(store.key = key, %error, "ignoring an unreadable instance record");
+            }
+        }
+    }
+
+    /// Changes the service's entry with `change` (which says whether it
+    /// changed anything); an entry left empty is removed.
+    fn update(&mut self, service: &str, change: impl FnOnce(&mut ServiceEntry) -> bool) {
         let mut entry = self
             .services
             .get(service)
@@ -83,47 +194,8 @@ impl DirectoryView {
                 name: service.to_owned(),
                 ..ServiceEntry::default()
             });
-        match (parsed, kv) {
-            (Key::Policy { .. }, Some(kv)) => match validate_policy(service, &kv.value) {
-                Ok(text) => {
-                    entry.policy_toml = Some(text.into());
-                    entry.policy_refused = false;
-                }
-                Err(error) => {
-                    tracing::error!(store.key = key, %error, "ignoring an invalid policy in the store");
-                    // The last valid policy, if this replica saw one, stays in
-                    // force; if not, sidecars are told to keep theirs.
-                    if entry.policy_toml.is_some() {
-                        return;
-                    }
-                    entry.policy_refused = true;
-                }
-            },
-            (Key::Policy { .. }, None) => {
-                entry.policy_toml = None;
-                entry.policy_refused = false;
-            }
-            (Key::Instance { id, .. }, Some(kv)) => {
-                match serde_json::from_slice::<InstanceRecord>(&kv.value) {
-                    Ok(record) if record.service.as_str() == service && record.id == id => {
-                        entry.instances.insert(id.to_owned(), Arc::new(record));
-                    }
-                    Ok(_) => {
-                        tracing::error!(
-                            store.key = key,
-                            "ignoring an instance record whose service or id does not match its key"
-                        );
-                        return;
-                    }
-                    Err(error) => {
-                        tracing::error!(store.key = key, %error, "ignoring an unreadable instance record");
-                        return;
-                    }
-                }
-            }
-            (Key::Instance { id, .. }, None) => {
-                entry.instances.remove(id);
-            }
+        if !change(&mut entry) {
+            return;
         }
         if entry.is_empty() {
             self.services.remove(service);
@@ -147,23 +219,22 @@ pub fn validate_policy(service: &str, value: &[u8]) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
-/// Start following the store; returns the view's receiver.
+/// Start following the store (a task owned by `tasks`, stopped with them);
+/// returns the view's receiver.
 pub fn follow<S: Store + 'static>(
     store: Arc<S>,
     metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) -> (
-    watch::Receiver<Arc<DirectoryView>>,
-    tokio::task::JoinHandle<()>,
-) {
+    tasks: &Tasks,
+) -> watch::Receiver<Arc<DirectoryView>> {
     let (tx, rx) = watch::channel(Arc::new(DirectoryView::default()));
-    let task = tokio::spawn(async move {
+    let stop = tasks.stop().clone();
+    tasks.spawn("directory-view", async move {
         tokio::select! {
             () = stop.cancelled() => {}
             () = run(store, metrics, tx) => {}
         }
     });
-    (rx, task)
+    rx
 }
 
 async fn run<S: Store>(
@@ -200,6 +271,33 @@ async fn run<S: Store>(
     }
 }
 
+/// Brings the last-valid records of the `unsynced` services up to date
+/// (see [`last_valid`]); the ones that failed stay for the next batch.
+async fn sync_records<S: Store>(
+    store: &S,
+    tx: &watch::Sender<Arc<DirectoryView>>,
+    unsynced: &mut BTreeSet<String>,
+) {
+    if unsynced.is_empty() {
+        return;
+    }
+    let actions: Vec<_> = {
+        let view = tx.borrow();
+        std::mem::take(unsynced)
+            .into_iter()
+            .filter_map(|service| {
+                let action = view.policies.get(&service)?.record_action()?;
+                Some((service, action))
+            })
+            .collect()
+    };
+    for (service, action) in actions {
+        if !last_valid::sync_record(store, &service, &action).await {
+            unsynced.insert(service);
+        }
+    }
+}
+
 /// List, publish, then apply watch batches until the watch ends. Errors the
 /// watch stream yields are counted here (the store wrapper counts the calls).
 async fn follow_once<S: Store>(
@@ -210,16 +308,19 @@ async fn follow_once<S: Store>(
     let (kvs, revision) = store.list(keys::SERVICES).await?;
     let mut view = DirectoryView {
         revision,
-        services: BTreeMap::new(),
         live: true,
         observed_at: Some(Instant::now()),
+        ..DirectoryView::default()
     };
     for kv in &kvs {
-        view.apply(Some(kv), &kv.key);
+        view.apply(Some(kv), &kv.key, kv.mod_revision);
     }
     tracing::info!(store.revision = %revision, services = view.services.len(), "directory loaded");
+    // Services whose last-valid record may need writing or deleting.
+    let mut unsynced: BTreeSet<String> = view.policies.keys().cloned().collect();
     tx.send_replace(Arc::new(view));
     metrics.view_applied(revision);
+    sync_records(store, tx, &mut unsynced).await;
     let mut watch = store.watch(keys::SERVICES, revision).await?;
     while let Some(batch) = watch.recv().await {
         let batch = batch.inspect_err(|e| metrics.store_error("watch", e))?;
@@ -227,8 +328,15 @@ async fn follow_once<S: Store>(
             let view = Arc::make_mut(view);
             for event in &batch.events {
                 match event {
-                    WatchEvent::Put(kv) => view.apply(Some(kv), &kv.key),
-                    WatchEvent::Delete { key, .. } => view.apply(None, key),
+                    WatchEvent::Put(kv) => view.apply(Some(kv), &kv.key, kv.mod_revision),
+                    WatchEvent::Delete { key, mod_revision } => {
+                        view.apply(None, key, *mod_revision);
+                    }
+                }
+                if let Some(Key::Policy { service } | Key::LastValidPolicy { service }) =
+                    keys::parse(event.key())
+                {
+                    unsynced.insert(service.to_owned());
                 }
             }
             view.revision = batch.revision;
@@ -236,6 +344,7 @@ async fn follow_once<S: Store>(
             view.observed_at = Some(Instant::now());
         });
         metrics.view_applied(batch.revision);
+        sync_records(store, tx, &mut unsynced).await;
     }
     let ended = StoreError::unavailable("the watch ended");
     metrics.store_error("watch", &ended);
@@ -248,6 +357,11 @@ mod tests {
     use super::*;
     use crate::store::memory::{MemoryOptions, MemoryStore};
     use bytes::Bytes;
+    use tokio_util::sync::CancellationToken;
+
+    fn test_tasks() -> Tasks {
+        Tasks::new(CancellationToken::new(), Default::default())
+    }
 
     fn instance_json(service: &str, id: &str, port: u16) -> Bytes {
         Bytes::from(format!(
@@ -277,8 +391,8 @@ mod tests {
             )
             .await
             .unwrap();
-        let stop = CancellationToken::new();
-        let (mut rx, task) = follow(Arc::clone(&store), Arc::new(Metrics::new()), stop.clone());
+        let tasks = test_tasks();
+        let mut rx = follow(Arc::clone(&store), Arc::new(Metrics::new()), &tasks);
         let v = wait_for(&mut rx, |v| v.live && v.services.contains_key("billing")).await;
         assert_eq!(v.services["billing"].instances.len(), 1);
 
@@ -359,15 +473,68 @@ mod tests {
         store.delete(&keys::policy_key("billing")).await.unwrap();
         wait_for(&mut rx, |v| !v.services.contains_key("billing")).await;
 
-        stop.cancel();
-        task.await.unwrap();
+        assert!(tasks.shutdown(Duration::from_secs(5)).await);
+    }
+
+    /// A replica that starts after an invalid policy was written serves the
+    /// last valid one, recorded by the replica that saw it; deleting the
+    /// policy deletes the record.
+    #[tokio::test]
+    async fn a_later_replica_serves_the_recorded_last_valid_policy() {
+        let store = Arc::new(MemoryStore::new(MemoryOptions::default()));
+        let good = "service = \"billing\"\n[outbound]\ntimeout = \"1s\"\n";
+        let first = test_tasks();
+        let mut rx = follow(Arc::clone(&store), Arc::new(Metrics::new()), &first);
+        let rev = store
+            .put(&keys::policy_key("billing"), Bytes::from(good), None)
+            .await
+            .unwrap();
+        wait_for(&mut rx, |v| v.revision > rev).await;
+        let record = store
+            .get(&keys::last_valid_policy_key("billing"))
+            .await
+            .unwrap()
+            .expect("the valid policy is recorded");
+        assert!(record.mod_revision > rev);
+        assert!(first.shutdown(Duration::from_secs(5)).await);
+
+        store
+            .put(
+                &keys::policy_key("billing"),
+                Bytes::from("service = \"billing\"\nbogus = 1\n"),
+                None,
+            )
+            .await
+            .unwrap();
+        let later = test_tasks();
+        let mut rx = follow(Arc::clone(&store), Arc::new(Metrics::new()), &later);
+        let v = wait_for(&mut rx, |v| v.live).await;
+        let billing = &v.services["billing"];
+        assert_eq!(billing.policy_toml.as_deref(), Some(good));
+        assert!(!billing.policy_refused);
+
+        assert!(store.delete(&keys::policy_key("billing")).await.unwrap());
+        wait_for(&mut rx, |v| !v.services.contains_key("billing")).await;
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while store
+                .get(&keys::last_valid_policy_key("billing"))
+                .await
+                .unwrap()
+                .is_some()
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the record is deleted with the policy");
+        assert!(later.shutdown(Duration::from_secs(5)).await);
     }
 
     #[tokio::test]
     async fn lease_expiry_removes_instances() {
         let store = Arc::new(MemoryStore::new(MemoryOptions::default()));
-        let stop = CancellationToken::new();
-        let (mut rx, _task) = follow(Arc::clone(&store), Arc::new(Metrics::new()), stop.clone());
+        let tasks = test_tasks();
+        let mut rx = follow(Arc::clone(&store), Arc::new(Metrics::new()), &tasks);
         let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
         store
             .put(
@@ -380,6 +547,6 @@ mod tests {
         wait_for(&mut rx, |v| v.services.contains_key("billing")).await;
         store.revoke(lease).await.unwrap();
         wait_for(&mut rx, |v| !v.services.contains_key("billing")).await;
-        stop.cancel();
+        assert!(tasks.shutdown(Duration::from_secs(5)).await);
     }
 }

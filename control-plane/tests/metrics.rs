@@ -4,7 +4,7 @@
 //! API, a deregistration, a registration whose lease expires, the subscribers
 //! leaving) and the exposition must hold the exact counts after each step and
 //! pass `promtool check metrics`. On a real etcd that goes away, store errors
-//! are counted.
+//! are counted. Many sidecars coming and going leave no task behind.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -235,8 +235,9 @@ async fn metrics_follow_a_known_sequence() {
     assert_eq!(m.get("pushes_total{kind=\"delta\"}"), 6.0);
     assert_eq!(m.get("push_latency_seconds_count"), 6.0);
     assert_eq!(m.get("push_latency_seconds_bucket{le=\"+Inf\"}"), 6.0);
-    // Two puts by this replica: the registration and the policy.
-    assert_eq!(m.get("watch_lag_seconds_count"), 2.0);
+    // Three puts by this replica: the registration, the policy, and the
+    // record of the policy as the last valid one (which pushes nothing).
+    assert_eq!(m.get("watch_lag_seconds_count"), 3.0);
     assert_eq!(m.get("directory_services"), 1.0, "billing keeps its policy");
     assert_eq!(m.get("directory_instances"), 0.0);
     let (_, _, list) = http(&cp.admin_url(), "GET", "/v1/services").await;
@@ -281,7 +282,7 @@ async fn metrics_follow_a_known_sequence() {
     assert_eq!(m.get("register_streams"), 0.0);
     assert_eq!(m.get("pushes_total{kind=\"delta\"}"), 10.0);
     assert_eq!(m.get("push_latency_seconds_count"), 10.0);
-    assert_eq!(m.get("watch_lag_seconds_count"), 3.0);
+    assert_eq!(m.get("watch_lag_seconds_count"), 4.0);
 
     // The subscribers leave.
     drop(subs);
@@ -291,6 +292,60 @@ async fn metrics_follow_a_known_sequence() {
     .await;
     assert_eq!(m.get("pushes_total{kind=\"delta\"}"), 10.0);
     promtool_accepts(&m.text);
+}
+
+/// Sidecars that connect (register and subscribe) and then go, half of
+/// them deregistering and half just vanishing, leave no task behind: once
+/// the vanished ones' leases have expired, `tasks` is back at its idle value.
+#[tokio::test(flavor = "multi_thread")]
+async fn tasks_return_to_idle_after_many_sidecars_come_and_go() {
+    const SIDECARS: u16 = 40;
+    let cp = tokio::task::spawn_blocking(|| start(ControlPlane::dev().lease_ttl("1s")))
+        .await
+        .unwrap();
+    wait_for("/ready", Duration::from_secs(10), || async {
+        Ok((http(&cp.admin_url(), "GET", "/ready").await.0 == 200).then_some(()))
+    })
+    .await
+    .unwrap();
+    // The listeners, the view, and this scrape's own connection.
+    let idle = scrape(&cp.admin_url()).await.get("tasks");
+    assert!(idle >= 3.0, "{idle}");
+
+    for round in 0..2u16 {
+        let mut sidecars = Vec::new();
+        for i in 0..SIDECARS {
+            let id = format!("s{round}-{i}");
+            let reg = register(&cp.grpc_url(), instance("billing", &id, 7000 + i)).await;
+            let mut sub = subscribe(&cp.grpc_url(), &["billing"]).await;
+            assert!(sub.next().await.full);
+            sidecars.push((reg, sub));
+        }
+        // Each sidecar holds a Register and a Subscribe stream, each on its
+        // own connection: at least four tasks.
+        scrape_until(&cp.admin_url(), "every sidecar's tasks", |m| {
+            m.get("tasks") >= idle + 4.0 * f64::from(SIDECARS)
+        })
+        .await;
+        for (i, (reg, sub)) in sidecars.into_iter().enumerate() {
+            if i % 2 == 0 {
+                reg.send(RegisterRequest {
+                    msg: Some(register_request::Msg::Deregister(Deregister {})),
+                })
+                .await
+                .unwrap();
+            }
+            drop((reg, sub));
+        }
+    }
+    // The vanished sidecars' expiry checks end one TTL (+1 s) after their
+    // streams did.
+    let m = scrape_until(&cp.admin_url(), "the tasks to return to idle", |m| {
+        m.get("tasks") == idle
+    })
+    .await;
+    assert_eq!(m.get("connected_sidecars"), 0.0);
+    assert_eq!(m.get("register_streams"), 0.0);
 }
 
 /// On a real etcd that goes away: the view stops following it

@@ -14,6 +14,7 @@ use support::grpc::{instance, instances_of, put_policy, subscribe};
 use support::start;
 use weft_tests::control_plane::ControlPlane;
 use weft_tests::grpc::{channel, register, try_register};
+use weft_tests::process::Signal;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn registration_subscription_deltas_and_deregistration() {
@@ -170,4 +171,55 @@ async fn health_reports_mark_instances_and_the_live_count() {
         .find(|i| i.id == "a")
         .unwrap();
     assert_eq!(a.health(), Health::Healthy);
+}
+
+/// SIGTERM with open Register and Subscribe streams, and a lease-expiry
+/// check pending for a sidecar that vanished (10 s away): every task stops
+/// at once, the streams end and the process exits 0 well within the
+/// shutdown grace period, with nothing left running.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_every_task_with_streams_open() {
+    let cp = tokio::task::spawn_blocking(|| start(ControlPlane::dev().lease_ttl("10s")))
+        .await
+        .unwrap();
+    let mut sub = subscribe(&cp.grpc_url(), &["billing"]).await;
+    sub.next().await;
+    let _kept = register(&cp.grpc_url(), instance("billing", "a", 7001)).await;
+    let vanished = register(&cp.grpc_url(), instance("billing", "b", 7002)).await;
+    sub.until(|m| instances_of(m, "billing").is_some_and(|i| i.len() == 2))
+        .await;
+    drop(vanished);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !cp.logs().contains("registration stream ended") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the vanished sidecar's stream did not end");
+
+    let started = std::time::Instant::now();
+    cp.signal(Signal::Term).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(status) = cp.try_status().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the control plane did not exit");
+    let took = started.elapsed();
+    assert!(status.success(), "{status}\n{}", cp.logs());
+    assert!(
+        took < Duration::from_secs(5),
+        "exit took {took:?}\n{}",
+        cp.logs()
+    );
+    assert!(!cp.logs().contains("still running"), "{}", cp.logs());
+    // The subscription ended with the process.
+    let ended = tokio::time::timeout(Duration::from_secs(5), sub.rx.message())
+        .await
+        .expect("the subscription is still open");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
 }

@@ -104,6 +104,8 @@ fn has_row(text: &str, cells: &[&str]) -> bool {
 const RR: &str = "service = \"billing\"\n\n[outbound]\nload_balancer = \"round-robin\"\n";
 const LR: &str = "service = \"billing\"\n\n[outbound]\nload_balancer = \"least-request\"\n";
 const BAD: &str = "service = \"billing\"\n\n[outbound]\nload_balancer = \"random\"\n";
+/// Where the control plane records billing's last valid policy.
+const RECORD: &str = "/weft/services/billing/last-valid-policy";
 
 #[test]
 fn check_validates_offline_with_located_messages() {
@@ -557,7 +559,40 @@ fn get_policy_shows_the_policy_in_force_when_the_stored_one_was_refused() {
         weft_config::LoadBalancer::RoundRobin
     );
 
-    // A restarted control plane has never seen a valid policy: none in force.
+    // A restarted control plane has never seen the valid policy itself, but
+    // it was recorded in etcd: it is still in force.
+    rt.block_on(async {
+        let client = etcd.connect().await?;
+        support::wait_for("the record", Duration::from_secs(5), || {
+            let mut client = client.clone();
+            async move {
+                let got = client.get(RECORD, None).await?;
+                Ok((!got.kvs().is_empty()).then_some(()))
+            }
+        })
+        .await?;
+        anyhow::Ok(())
+    })
+    .unwrap();
+    rt.block_on(cp.restart()).unwrap();
+    let r = ctl(&cp, &["get", "policy", "billing"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout
+            .starts_with("# REFUSED: the policy stored for billing (revision"),
+        "{}",
+        r.all()
+    );
+    assert!(r.stdout.ends_with(RR), "{}", r.all());
+
+    // Without the record, a restarted control plane knows no valid policy:
+    // none in force.
+    rt.block_on(async {
+        let mut client = etcd.connect().await?;
+        client.delete(RECORD, None).await?;
+        anyhow::Ok(())
+    })
+    .unwrap();
     rt.block_on(cp.restart()).unwrap();
     let r = ctl(&cp, &["get", "policy", "billing"]);
     assert_eq!(r.code, 1, "{}", r.all());

@@ -12,6 +12,9 @@
 //!   leader) die together; the sidecars move to the surviving replica within
 //!   a bounded window, traffic never fails, registrations survive, and a
 //!   policy applied through the survivor reaches the sidecars.
+//! - The control plane restarts while a service's policy in etcd is invalid
+//!   (written by other means): it still serves the last valid one, so a new
+//!   sidecar with nothing cached enforces it, and the refusal is reported.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -363,6 +366,79 @@ async fn a_restarted_control_plane_does_not_make_callers_drop_live_instances() -
         "billing-1 was dropped {:?} after the restart, before the warm-up ended",
         restarted.elapsed()
     );
+    Ok(())
+}
+
+/// billing's valid policy (a 300 ms timeout) is applied, then an invalid
+/// one is written straight to etcd and the control plane restarts: it has
+/// never seen the valid policy itself, yet it serves it (from its record in
+/// etcd), so a caller that starts afterwards, with no snapshot cache,
+/// times out a slow billing rather than waiting on it with no policy at all.
+/// `weftctl get policy` prints the policy in force under the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_plane_serves_the_last_valid_policy_to_new_sidecars()
+-> anyhow::Result<()> {
+    const POLICY_KEY: &str = "/weft/services/billing/policy";
+    const RECORD_KEY: &str = "/weft/services/billing/last-valid-policy";
+    let etcd = EtcdServer::start().await?;
+    let mut cp = ControlPlane::etcd(etcd.client_url())
+        .lease_ttl(LEASE_TTL_ARG)
+        .start()
+        .await?;
+    let addresses = [cp.grpc_url()];
+    let app = Backend::start("billing-1").await?;
+    let _billing = registered("billing", "billing-1", app.addr(), &addresses).await?;
+    let dir = TempDir::new()?;
+    let valid = "service = \"billing\"\n\n[outbound]\ntimeout = \"300ms\"\n";
+    let file = dir.write("billing.toml", valid)?;
+    cp.weftctl_ok(&["apply", "-f", file.to_str().context("path")?])
+        .await?;
+    // The control plane records the valid policy once its view has it.
+    eventually(Duration::from_secs(5), || async {
+        let mut client = etcd.connect().await?;
+        let recorded = client.get(RECORD_KEY, None).await?;
+        ensure!(!recorded.kvs().is_empty(), "no {RECORD_KEY} yet");
+        Ok(())
+    })
+    .await?;
+    etcd.connect()
+        .await?
+        .put(
+            POLICY_KEY,
+            "service = \"billing\"\n\n[outbound]\ntimeout = \"forever\"\n",
+            None,
+        )
+        .await?;
+    cp.restart().await?;
+
+    let caller = mesh_caller(&addresses).await?;
+    let client = Client::host_header(caller.outbound());
+    eventually(Duration::from_secs(10), || async {
+        client
+            .get("http://billing/hello")
+            .await?
+            .expect_status(200)?;
+        Ok(())
+    })
+    .await?;
+    app.set_latency(Duration::from_secs(3));
+    let reply = client.get("http://billing/hello").await?;
+    reply.expect_status(504)?;
+    ensure!(
+        reply.reason() == Some("timeout"),
+        "weft-reason {:?}",
+        reply.reason()
+    );
+    app.set_latency(Duration::ZERO);
+
+    let out = cp.weftctl(&["get", "policy", "billing"]).await?;
+    out.ok()?;
+    ensure!(
+        out.stdout.contains("# REFUSED") && out.stdout.contains("timeout = \"300ms\""),
+        "weftctl get policy billing:\n{}",
+        out.all()
+    );
+    ensure!(out.stderr.contains("warning:"), "{}", out.all());
     Ok(())
 }
 

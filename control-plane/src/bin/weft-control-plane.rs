@@ -29,6 +29,7 @@ use weft_control_plane::store::etcd::{
 };
 use weft_control_plane::store::memory::{MemoryOptions, MemoryStore};
 use weft_control_plane::store::{AnyStore, DEFAULT_KEY_PREFIX, ErrorChain};
+use weft_control_plane::tasks::Tasks;
 use weft_control_plane::tls::{ServerTls, TlsPaths};
 use weft_control_plane::view;
 
@@ -178,6 +179,14 @@ async fn store(args: &Args) -> anyhow::Result<Option<AnyStore>> {
 const CONNECT_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(100);
 const CONNECT_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long shutdown waits for the control plane's tasks after cancelling
+/// them (the listeners themselves let connections finish for 5 s).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(8);
+
+/// The admin API's state once the store answered; until then it serves
+/// `/live`, `/ready` (503) and `/metrics` only.
+type AdminCell = Arc<OnceLock<Arc<AdminState<MeteredStore<AnyStore>>>>>;
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let tokens = match &args.token_file {
         Some(path) => Some(Tokens::from_file(path)?),
@@ -189,34 +198,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let metrics = Arc::new(Metrics::new());
-    let stop = CancellationToken::new();
-
-    let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
-        (Some(ca), Some(cert), Some(key)) => {
-            let server = ServerTls::load(
-                TlsPaths {
-                    ca: ca.clone(),
-                    cert: cert.clone(),
-                    key: key.clone(),
-                },
-                args.trust_domain.clone(),
-            )
-            .context("setting up mTLS on the gRPC listener")?;
-            server.watch(args.tls_watch_interval, stop.clone());
-            Some(serve::Tls {
-                server,
-                metrics: Arc::clone(&metrics),
-            })
-        }
-        _ => {
-            if !args.dev {
-                tracing::warn!(
-                    "no --tls-ca/--tls-cert/--tls-key: sidecars connect in plaintext and any of them may register any service"
-                );
-            }
-            None
-        }
-    };
+    let tasks = Tasks::new(CancellationToken::new(), metrics.tasks());
+    let tls = grpc_tls(&args, &metrics, &tasks)?;
     let admin_listener = TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("binding the admin listener to {}", args.admin))?;
@@ -226,35 +209,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("binding the gRPC listener to {}", args.listen))?;
     let grpc_addr = grpc_listener.local_addr()?;
 
-    // The admin API answers from the start: until the store has answered,
-    // /live 200, /ready 503 and /metrics; the rest once `state` is set.
-    let state: Arc<OnceLock<Arc<AdminState<MeteredStore<AnyStore>>>>> = Arc::new(OnceLock::new());
-    let admin_task = tokio::spawn(weft_control_plane::serve::http(
-        admin_listener,
-        serve::Limits {
-            max_connections: args.admin_max_connections,
-            refused: metrics.connections_refused("admin"),
-        },
-        stop.clone(),
-        {
-            let (state, metrics) = (Arc::clone(&state), Arc::clone(&metrics));
-            move |req: hyper::Request<hyper::body::Incoming>| {
-                let (method, route) =
-                    (req.method().clone(), metrics::admin_route(req.uri().path()));
-                let (state, metrics) = (state.get().cloned(), Arc::clone(&metrics));
-                async move {
-                    let rsp = match state {
-                        Some(state) => admin::handle(state, req).await,
-                        None => Ok(admin::starting(&metrics, &req)),
-                    };
-                    if let Ok(rsp) = &rsp {
-                        metrics.admin_request(&method, route, rsp.status());
-                    }
-                    rsp
-                }
-            }
-        },
-    ));
+    let state = AdminCell::default();
+    spawn_admin(&args, admin_listener, &state, &metrics, &tasks);
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -264,12 +220,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = int.recv() => { tracing::info!("SIGINT received"); None }
     };
     let Some(store) = store else {
-        stop.cancel();
-        let _ = admin_task.await;
+        tasks.shutdown(SHUTDOWN_GRACE).await;
         return Ok(());
     };
     let store = Arc::new(MeteredStore::new(store, Arc::clone(&metrics)));
-    let (view, view_task) = view::follow(Arc::clone(&store), Arc::clone(&metrics), stop.clone());
+    let view = view::follow(Arc::clone(&store), Arc::clone(&metrics), &tasks);
     tracing::info!(listen.grpc = %grpc_addr, listen.admin = %admin_addr, lease_ttl_ms = args.lease_ttl.as_millis() as u64, "weft-control-plane ready");
     let push = Push::new(
         Arc::clone(&store),
@@ -278,18 +233,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.warm_up
             .unwrap_or(args.lease_ttl + weft_control_plane::push::SIDECAR_BACKOFF_MAX),
         Arc::clone(&metrics),
-        stop.clone(),
+        tasks.clone(),
     );
-    let grpc_task = tokio::spawn(weft_control_plane::serve::grpc(
-        grpc_listener,
-        serve::Limits {
-            max_connections: args.max_connections,
-            refused: metrics.connections_refused("grpc"),
-        },
-        tls,
-        stop.clone(),
-        ControlPlaneServer::new(push),
-    ));
+    tasks.spawn(
+        "grpc-listener",
+        serve::grpc(
+            grpc_listener,
+            serve::Limits {
+                max_connections: args.max_connections,
+                refused: metrics.connections_refused("grpc"),
+            },
+            tls,
+            tasks.clone(),
+            ControlPlaneServer::new(push),
+        ),
+    );
     let _ = state.set(Arc::new(AdminState {
         store: Arc::clone(&store),
         view,
@@ -299,20 +257,92 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Written once everything serves (so a process waiting on it may use
     // the whole admin API at once), not while waiting for etcd.
     if let Some(path) = &args.bound_file {
-        let tmp = path.with_extension("tmp");
-        let bound = serde_json::json!({ "admin": admin_addr, "listen": grpc_addr });
-        std::fs::write(&tmp, serde_json::to_vec(&bound)?)?;
-        std::fs::rename(&tmp, path)?;
+        write_bound_file(path, admin_addr, grpc_addr)?;
     }
 
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
-    stop.cancel();
-    let _ = admin_task.await;
-    let _ = grpc_task.await;
-    let _ = view_task.await;
+    tasks.shutdown(SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+/// mTLS on the gRPC listener, when --tls-ca, --tls-cert and --tls-key are
+/// given (the files are then watched for a new certificate).
+fn grpc_tls(
+    args: &Args,
+    metrics: &Arc<Metrics>,
+    tasks: &Tasks,
+) -> anyhow::Result<Option<serve::Tls>> {
+    let (Some(ca), Some(cert), Some(key)) = (&args.tls_ca, &args.tls_cert, &args.tls_key) else {
+        if !args.dev {
+            tracing::warn!(
+                "no --tls-ca/--tls-cert/--tls-key: sidecars connect in plaintext and any of them may register any service"
+            );
+        }
+        return Ok(None);
+    };
+    let server = ServerTls::load(
+        TlsPaths {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        args.trust_domain.clone(),
+    )
+    .context("setting up mTLS on the gRPC listener")?;
+    server.watch(args.tls_watch_interval, tasks);
+    Ok(Some(serve::Tls {
+        server,
+        metrics: Arc::clone(metrics),
+    }))
+}
+
+/// Serves the admin API from the start: until the store has answered,
+/// /live 200, /ready 503 and /metrics; the rest once `state` is set.
+fn spawn_admin(
+    args: &Args,
+    listener: TcpListener,
+    state: &AdminCell,
+    metrics: &Arc<Metrics>,
+    tasks: &Tasks,
+) {
+    let limits = serve::Limits {
+        max_connections: args.admin_max_connections,
+        refused: metrics.connections_refused("admin"),
+    };
+    let (state, metrics) = (Arc::clone(state), Arc::clone(metrics));
+    let handler = move |req: hyper::Request<hyper::body::Incoming>| {
+        let (method, route) = (req.method().clone(), metrics::admin_route(req.uri().path()));
+        let (state, metrics) = (state.get().cloned(), Arc::clone(&metrics));
+        async move {
+            let rsp = match state {
+                Some(state) => admin::handle(state, req).await,
+                None => Ok(admin::starting(&metrics, &req)),
+            };
+            if let Ok(rsp) = &rsp {
+                metrics.admin_request(&method, route, rsp.status());
+            }
+            rsp
+        }
+    };
+    tasks.spawn(
+        "admin-listener",
+        serve::http(listener, limits, tasks.clone(), handler),
+    );
+}
+
+/// Writes the bound addresses (JSON) to `path`, atomically.
+fn write_bound_file(
+    path: &std::path::Path,
+    admin: SocketAddr,
+    listen: SocketAddr,
+) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let bound = serde_json::json!({ "admin": admin, "listen": listen });
+    std::fs::write(&tmp, serde_json::to_vec(&bound)?)?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 
