@@ -20,6 +20,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::series;
+
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -314,6 +316,8 @@ pub struct Metrics {
     refresh: Mutex<()>,
     requests: Family<RequestLabels, Counter>,
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
+    /// Handles of the two above, by label address (see [`series`]).
+    recent: series::RecentSeries,
     refusals: Family<RefusalLabels, Counter>,
     retries: Family<RouteLabels, Counter>,
     retries_skipped: Family<SkipLabels, Counter>,
@@ -626,6 +630,7 @@ impl Metrics {
             refresh: Mutex::new(()),
             requests,
             durations,
+            recent: series::RecentSeries::default(),
             refusals,
             retries,
             retries_skipped,
@@ -675,6 +680,17 @@ impl Metrics {
 
     /// A finished request.
     pub fn record(&self, f: &Finished<'_>) {
+        let seconds = f.duration.as_secs_f64();
+        let key = series::Key::new(
+            f.direction as u8,
+            f.service,
+            f.route,
+            f.status_code,
+            f.classification == Classification::Failure,
+        );
+        if self.recent.record(&key, seconds) {
+            return;
+        }
         let labels = RequestLabels {
             direction: f.direction.as_str(),
             service: Arc::clone(f.service),
@@ -682,10 +698,14 @@ impl Metrics {
             status_code: f.status_code,
             classification: f.classification.as_str(),
         };
-        self.requests.get_or_create(&labels).inc();
-        self.durations
-            .get_or_create(&labels)
-            .observe(f.duration.as_secs_f64());
+        let requests = self.requests.get_or_create(&labels).clone();
+        let durations = self.durations.get_or_create(&labels).clone();
+        requests.inc();
+        durations.observe(seconds);
+        self.recent.insert(
+            key,
+            series::Series::new(requests, durations, f.service, f.route),
+        );
     }
 
     /// A response the proxy produced itself.

@@ -9,11 +9,13 @@
 //! | [`observe`] | one request's observation, finished when its response body ends: metrics, span, access log |
 //! | [`trace`] | the tracer, W3C trace-context propagation, and the bounded span export queue |
 //! | [`io`] | byte and connection counting on the listeners' client connections |
+//! | [`series`] | the series a finished request is counted in, by its labels' addresses |
 
 pub mod io;
 pub mod metrics;
 pub mod observe;
 pub mod otlp_metrics;
+pub mod series;
 pub mod trace;
 
 use std::sync::{Arc, LazyLock};
