@@ -326,22 +326,44 @@ async fn follow_once<S: Store>(
         let batch = batch.inspect_err(|e| metrics.store_error("watch", e))?;
         tx.send_modify(|view| {
             let view = Arc::make_mut(view);
+            // A batch of last-valid records that changes nothing served
+            // (the record of a policy just applied) is not a new revision
+            // of the directory: no sidecar would ever be told of it, and
+            // all of them would look behind.
+            let mut served_changed = false;
             for event in &batch.events {
+                let parsed = keys::parse(event.key());
+                let record_of = match parsed {
+                    Some(Key::LastValidPolicy { service }) => Some(service),
+                    _ => None,
+                };
+                let before = record_of.and_then(|s| view.services.get(s).cloned());
                 match event {
                     WatchEvent::Put(kv) => view.apply(Some(kv), &kv.key, kv.mod_revision),
                     WatchEvent::Delete { key, mod_revision } => {
                         view.apply(None, key, *mod_revision);
                     }
                 }
-                if let Some(Key::Policy { service } | Key::LastValidPolicy { service }) =
-                    keys::parse(event.key())
-                {
+                served_changed |= match record_of {
+                    None => true,
+                    Some(service) => {
+                        let after = view.services.get(service);
+                        match (&before, after) {
+                            (Some(b), Some(a)) => !Arc::ptr_eq(b, a),
+                            (None, None) => false,
+                            _ => true,
+                        }
+                    }
+                };
+                if let Some(Key::Policy { service } | Key::LastValidPolicy { service }) = parsed {
                     unsynced.insert(service.to_owned());
                 }
             }
-            view.revision = batch.revision;
+            if served_changed {
+                view.revision = batch.revision;
+                view.observed_at = Some(Instant::now());
+            }
             view.live = true;
-            view.observed_at = Some(Instant::now());
         });
         metrics.view_applied(batch.revision);
         sync_records(store, tx, &mut unsynced).await;
@@ -489,12 +511,24 @@ mod tests {
             .put(&keys::policy_key("billing"), Bytes::from(good), None)
             .await
             .unwrap();
-        wait_for(&mut rx, |v| v.revision > rev).await;
-        let record = store
-            .get(&keys::last_valid_policy_key("billing"))
-            .await
-            .unwrap()
-            .expect("the valid policy is recorded");
+        wait_for(&mut rx, |v| v.revision >= rev).await;
+        // The record is written after the view applied the policy (and does
+        // not move the view's revision: it changes nothing served).
+        let record = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(record) = store
+                    .get(&keys::last_valid_policy_key("billing"))
+                    .await
+                    .unwrap()
+                {
+                    return record;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the valid policy is recorded");
+        assert_eq!(rx.borrow().revision, rev, "the record is no new revision");
         assert!(record.mod_revision > rev);
         assert!(first.shutdown(Duration::from_secs(5)).await);
 
