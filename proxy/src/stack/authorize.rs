@@ -85,3 +85,76 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Duration;
+
+    use tower::ServiceExt;
+    use weft_config::TrustDomain;
+
+    use super::*;
+    use crate::stack::route::RouteLayer;
+    use crate::stack::test_util::{arrived, pair, refusal};
+
+    fn caller(name: &str) -> CallerIdentity {
+        let td: TrustDomain = "weft.local".parse().unwrap();
+        let ca = weft_certs::Ca::generate(&td).unwrap();
+        let issued = ca
+            .issue(&name.parse().unwrap(), Duration::from_secs(3600))
+            .unwrap();
+        crate::tls::identity::service_identity(issued.cert_der(), &td).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_route_allow_list_replaces_the_service_one_before_any_limit() {
+        let policy = weft_config::parse_policy(
+            "service = \"billing\"\n[inbound]\nallow = [\"web\"]\n\
+             [[routes]]\nname = \"admin\"\nmatch = { path_prefix = \"/admin\" }\nallow = [\"ops\"]\n",
+            std::path::Path::new("billing.toml"),
+        )
+        .unwrap();
+        let policy = Arc::new(InboundPolicy::new(
+            Some(&policy),
+            crate::limits::Share::ONE,
+            Arc::new(crate::stats::Stats::default()),
+            None,
+        ));
+        let rule = Arc::new(MeshRule::new(None));
+        let (service, mut handle) = pair::<Request<()>, ()>();
+        let mut layer = RouteLayer::new(Arc::clone(&policy))
+            .layer(AuthorizeLayer::new(Arc::from("billing"), rule, policy).layer(service));
+        handle.allow(10);
+        let from = |path: &str, who: &str| {
+            let mut req = Request::get(path).body(()).unwrap();
+            req.extensions_mut().insert(caller(who));
+            req
+        };
+        for (path, who, admitted) in [
+            ("/pay", "web", true),
+            ("/pay", "ops", false),
+            ("/admin/x", "ops", true),
+            ("/admin/x", "web", false),
+        ] {
+            let rsp = layer.ready().await.unwrap().call(from(path, who));
+            match arrived(&mut handle).await {
+                Some((_, send)) => {
+                    assert!(admitted, "{who} reached {path}");
+                    send.send_response(());
+                    rsp.await.unwrap();
+                }
+                None => {
+                    assert!(!admitted, "{who} refused on {path}");
+                    let denied = refusal(rsp.await);
+                    let key = if path == "/pay" {
+                        "inbound.allow"
+                    } else {
+                        "routes.admin.allow"
+                    };
+                    assert_eq!(denied.limit(), Some(key));
+                }
+            }
+        }
+    }
+}

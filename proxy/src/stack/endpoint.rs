@@ -257,3 +257,81 @@ impl Future for ResponseFuture {
         Poll::Ready(Ok(rsp))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+
+    use super::*;
+    use crate::body;
+    use crate::client::ClientSettings;
+
+    /// An HTTP/1.1 app on 127.0.0.1 answering with the request target and
+    /// version it got.
+    async fn app() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let echo = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let seen = format!("{} {:?}", req.uri(), req.version());
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(seen))))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), echo),
+                );
+            }
+        });
+        addr
+    }
+
+    fn client() -> Arc<UpstreamClient> {
+        Arc::new(UpstreamClient::new(
+            ClientSettings {
+                connect_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(30),
+                max_idle_per_endpoint: 4,
+                mesh: false,
+            },
+            None,
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_try_reaches_its_endpoint_and_a_loop_is_refused() {
+        let addr = app().await;
+        let endpoint = Arc::new(Endpoint::new(addr, Default::default()));
+        let new = NewEndpoint::new(
+            client(),
+            AppProtocol::Fixed(Protocol::Http1),
+            TaskTracker::new(),
+        );
+        let req = || {
+            Request::get("http://billing/charge?id=7")
+                .header("host", "billing")
+                .body(body::empty())
+                .unwrap()
+        };
+        let rsp = new
+            .new_service(Arc::clone(&endpoint))
+            .call(req())
+            .await
+            .unwrap();
+        let seen = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            seen, "/charge?id=7 HTTP/1.1",
+            "origin form, to the endpoint"
+        );
+
+        let looping = new.refuse_loops_to(Some(addr));
+        let refused = looping.new_service(endpoint).call(req()).await.unwrap_err();
+        assert!(matches!(refused, ProxyError::Loop { .. }), "{refused}");
+    }
+}

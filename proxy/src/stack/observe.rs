@@ -108,3 +108,50 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::stack::context::RequestContext;
+    use crate::telemetry::Metrics;
+    use crate::telemetry::metrics::{GaugeSource, Gauges};
+
+    struct NoGauges;
+
+    impl GaugeSource for NoGauges {
+        fn refresh(&self, _: &mut Gauges<'_>) {}
+    }
+
+    #[tokio::test]
+    async fn the_request_is_recorded_when_its_body_ends_under_the_labels_below() {
+        let metrics = Arc::new(Metrics::new(false));
+        let reporters = Arc::new(Reporters {
+            metrics: Arc::clone(&metrics),
+            traces: None,
+            access_log: false,
+        });
+        let service_label: Arc<str> = Arc::from("billing");
+        let inner = tower::service_fn(move |req: Request<()>| {
+            let context = RequestContext::of(&req).cloned().unwrap();
+            context.set_service(&service_label, None);
+            async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+        });
+        let observe = ObserveLayer::new(reporters, Direction::Outbound).layer(inner);
+        let rsp = observe.oneshot(Request::new(())).await.unwrap();
+        let count = || {
+            metrics.render(&NoGauges).unwrap().lines().any(|l| {
+                l.starts_with("weft_requests_total{")
+                    && l.contains("service=\"billing\"")
+                    && l.ends_with(" 1")
+            })
+        };
+        assert!(!count(), "not before the body ends");
+        rsp.into_body().collect().await.unwrap();
+        assert!(count(), "{}", metrics.render(&NoGauges).unwrap());
+    }
+}
