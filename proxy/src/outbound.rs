@@ -180,7 +180,7 @@ impl Service<Request<Incoming>> for Outbound {
     type Future = Boxed<<OutboundStack as Service<Request<Incoming>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.stack.poll_ready(cx)
+        Service::<Request<Incoming>>::poll_ready(&mut self.stack, cx)
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
@@ -194,10 +194,23 @@ pub struct Discover {
     shared: Arc<Shared>,
 }
 
+impl Discover {
+    /// Discovery over `shared`'s directory (also used by `weft-client`).
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
 type DiscoverFuture =
     Pin<Box<dyn Future<Output = Result<Response<InFlightBody<Incoming>>, ProxyError>> + Send>>;
 
-impl Service<Request<Incoming>> for Discover {
+/// Any request body the retry layer can replay (a listener's, or an
+/// in-process client's).
+impl<B> Service<Request<B>> for Discover
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
     type Response = Response<InFlightBody<Incoming>>;
     type Error = ProxyError;
     type Future = DiscoverFuture;
@@ -206,16 +219,20 @@ impl Service<Request<Incoming>> for Discover {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> DiscoverFuture {
+    fn call(&mut self, req: Request<B>) -> DiscoverFuture {
         let shared = Arc::clone(&self.shared);
         Box::pin(async move { discover(&shared, req).await })
     }
 }
 
-async fn discover(
+async fn discover<B>(
     shared: &Shared,
-    req: Request<Incoming>,
-) -> Result<Response<InFlightBody<Incoming>>, ProxyError> {
+    req: Request<B>,
+) -> Result<Response<InFlightBody<Incoming>>, ProxyError>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<crate::body::BoxError>,
+{
     let dest = Destination::from_request(&req)?;
     let directory = shared.directory();
     let static_service = directory.service(&dest.host);
@@ -283,7 +300,7 @@ async fn discover(
 }
 
 /// `[limits] max_uri_length` in bytes.
-pub(crate) fn max_uri_length(shared: &Shared) -> usize {
+pub fn max_uri_length(shared: &Shared) -> usize {
     let limit = shared.config().loaded.bootstrap.limits.max_uri_length.get();
     usize::try_from(limit).unwrap_or(usize::MAX)
 }

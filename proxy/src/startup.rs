@@ -230,12 +230,24 @@ fn join_control_plane(
     bound: &Bound,
     advertise: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Option<ControlPlaneClient>> {
+    if shared.config().loaded.bootstrap.control_plane.is_none() {
+        return Ok(None);
+    }
+    let registration = registration(&shared.config().loaded, bound, advertise)?;
+    Ok(follow_control_plane(shared, registration))
+}
+
+/// With `[control_plane]`: starts the session (registering `registration`,
+/// if any, and following its service's policy) and follows pushed services;
+/// `None` without `[control_plane]`.
+fn follow_control_plane(
+    shared: &Arc<Shared>,
+    registration: Option<Registration>,
+) -> Option<ControlPlaneClient> {
     let config = shared.config();
     let loaded = &config.loaded;
-    let Some(cp) = &loaded.bootstrap.control_plane else {
-        return Ok(None);
-    };
-    let registration = registration(loaded, bound, advertise)?;
+    let cp = loaded.bootstrap.control_plane.as_ref()?;
+    let registers = registration.is_some();
     let client = ControlPlaneClient::start(
         cp.addresses.clone(),
         registration,
@@ -245,7 +257,7 @@ fn join_control_plane(
         &shared.tasks,
         shared.shutdown.clone(),
     );
-    if let Some(service) = &loaded.bootstrap.service {
+    if let (Some(service), true) = (&loaded.bootstrap.service, registers) {
         shared.follow_own_service(&client, service.name.to_string());
     }
     wait_for_first_snapshot(shared, &client, cp.ready_timeout.get());
@@ -256,7 +268,19 @@ fn join_control_plane(
         &shared.tasks,
         shared.shutdown.clone(),
     ));
-    Ok(Some(client))
+    Some(client)
+}
+
+/// An in-process client's start (the `weft-client` crate): the state a
+/// sidecar builds from the bootstrap file at `path` (directory, DNS,
+/// telemetry) and, with `[control_plane]`, the session that follows pushed
+/// services and policies. No listener is bound and nothing is registered.
+/// Everything started stops with `shared.shutdown` (tracked by
+/// `shared.tasks`).
+pub async fn embedded(path: PathBuf) -> anyhow::Result<(Arc<Shared>, Option<ControlPlaneClient>)> {
+    let shared = load(path).await?;
+    let control_plane = follow_control_plane(&shared, None);
+    Ok((shared, control_plane))
 }
 
 /// The listeners' serving tasks and what stops them.
