@@ -14,6 +14,9 @@
 //! inbound listeners stop accepting,
 //! in-flight requests (and upgraded connections) get up to `[drain] grace` to
 //! finish, and the process exits 0.
+//!
+//! [`embedded`] is the same start without listeners or registration, for
+//! the in-process client (`weft-client`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
