@@ -34,7 +34,7 @@ use weft_tests::process::TempDir;
 /// listener (with its admin API for the counters).
 enum Caller {
     InProcess(weft_client::Client),
-    Sidecar(HttpClient, weft_tests::admin::Admin),
+    Sidecar(Box<(HttpClient, weft_tests::admin::Admin)>),
 }
 
 impl Caller {
@@ -64,7 +64,7 @@ impl Caller {
                     trailers,
                 })
             }
-            Self::Sidecar(client, _) => client.get(uri).await,
+            Self::Sidecar(sidecar) => sidecar.0.get(uri).await,
         }
     }
 
@@ -72,7 +72,7 @@ impl Caller {
     async fn counter(&self, family: &str) -> anyhow::Result<f64> {
         let text = match self {
             Self::InProcess(client) => client.metrics_text()?,
-            Self::Sidecar(_, admin) => admin.get("/metrics").await?.text(),
+            Self::Sidecar(sidecar) => sidecar.1.get("/metrics").await?.text(),
         };
         let prefix = format!("weft_{family}_total{{");
         Ok(text
@@ -113,10 +113,10 @@ async fn the_in_process_client_behaves_as_a_sidecar() -> anyhow::Result<()> {
     let sidecar = mesh_caller(&grpc).await?;
     let callers = [
         Caller::InProcess(client.clone()),
-        Caller::Sidecar(
+        Caller::Sidecar(Box::new((
             HttpClient::new(sidecar.outbound(), Mode::HostHeader),
             sidecar.admin_client(),
-        ),
+        ))),
     ];
 
     for caller in &callers {
