@@ -204,3 +204,75 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use http_body_util::{BodyExt as _, Empty};
+
+    use super::*;
+
+    /// A bootstrap file whose directory has `billing` at a closed port.
+    fn billing_at_a_closed_port(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let path = dir.path().join("weft.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[directory.services]]\nname = \"billing\"\nendpoints = [{{ address = \"{closed}\" }}]\n"
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    fn get(uri: &str) -> Request<Empty<bytes::Bytes>> {
+        Request::get(uri).body(Empty::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_a_response_with_its_reason_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::from_bootstrap(billing_at_a_closed_port(&dir))
+            .await
+            .unwrap();
+        // As a tower service, through a clone.
+        let rsp = client
+            .clone()
+            .oneshot(get("http://billing/pay"))
+            .await
+            .unwrap();
+        assert_eq!(rsp.status(), http::StatusCode::BAD_GATEWAY);
+        assert_eq!(rsp.headers()["weft-reason"], "connect-failure");
+        let body = rsp.into_body().collect().await.unwrap().to_bytes();
+        assert!(!body.is_empty(), "a refusal names its cause");
+        let metrics = client.metrics_text().unwrap();
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("weft_refusals_total{")
+                    && l.contains("service=\"billing\"")
+                    && l.contains("reason=\"connect-failure\"")),
+            "{metrics}"
+        );
+        client.shutdown().await;
+        assert!(matches!(
+            client.request(get("http://billing/pay")).await,
+            Err(Error::ShutDown)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_bad_bootstrap_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weft.toml");
+        std::fs::write(&path, "[listen]\nnonsense = 1\n").unwrap();
+        let error = Client::from_bootstrap(&path).await.unwrap_err();
+        assert!(matches!(error, Error::Start(_)), "{error:?}");
+        assert!(error.to_string().contains("weft.toml"), "{error}");
+    }
+}
