@@ -17,7 +17,7 @@
 //!
 //! | item | what it is |
 //! |---|---|
-//! | [`Client::from_bootstrap`] | reads the bootstrap file a sidecar reads and builds the same state ([`weft_proxy::startup::embedded`]): the static directory, DNS, telemetry, and with `[control_plane]` the session that follows pushed services and policies. It binds no listener and registers no instance |
+//! | [`Client::from_bootstrap`], [`Builder`] | reads the bootstrap file a sidecar reads and builds the same state ([`weft_proxy::startup::embedded`]): the static directory, DNS, telemetry, and with `[control_plane]` the session that follows pushed services and policies. It binds no listener and registers nothing unless [`Builder::register`] asks |
 //! | [`Client::request`], `impl Service` | one request down the sidecar's outbound stack, `Observe -> Respond -> Screen -> Discover -> per service` ([`weft_proxy::outbound`]): the same limits, retries, timeouts, balancing and ejection, and a refusal is a response with its status and `weft-reason`, exactly as behind a sidecar |
 //! | [`Client::metrics_text`] | the client's own Prometheus text, the same families as a sidecar's `/metrics` (outbound side) |
 //! | [`Client::shutdown`] | stops what the client started (the control-plane session, its tasks); dropping the last clone cancels them too |
@@ -28,7 +28,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -48,6 +48,9 @@ use weft_proxy::telemetry::Direction;
 /// The response body: streamed from the service (or a refusal's text).
 pub type Body = ProxyBody;
 
+/// Longest wait, in [`Client::shutdown`], for the control plane to
+/// acknowledge a deregistration.
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait, in [`Client::shutdown`], for the client's tasks to end.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait, in [`Client::shutdown`], for queued spans to be exported.
@@ -84,24 +87,60 @@ pub struct Client {
 struct Inner {
     shared: Arc<Shared>,
     control_plane: Option<ControlPlaneClient>,
+    /// Whether the app was registered ([`Builder::register`]).
+    registered: bool,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.shared.tasks.close();
-        self.shared.shutdown.cancel();
+        let stop = {
+            let shared = Arc::clone(&self.shared);
+            move || {
+                shared.tasks.close();
+                shared.shutdown.cancel();
+            }
+        };
+        // A registered app deregisters first, while the session still runs
+        // (its register stream would otherwise outlive the session, and the
+        // instance stay listed), in the background when a runtime is there.
+        if let (Some(cp), true) = (self.control_plane.take(), self.registered)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                cp.deregister(DEREGISTER_TIMEOUT).await;
+                stop();
+            });
+            return;
+        }
+        stop();
     }
 }
 
-impl Client {
-    /// Starts a client from the bootstrap file at `path` (the format a
-    /// sidecar reads; `[listen]` and `[service]`'s registration are not
-    /// used, `[service] name` names the caller in `weft-caller`). Needs a
-    /// Tokio runtime.
-    pub async fn from_bootstrap(path: impl AsRef<Path>) -> Result<Self, Error> {
-        let (shared, control_plane) = weft_proxy::startup::embedded(path.as_ref().to_path_buf())
-            .await
-            .map_err(|e| Error::Start(format!("{e:#}")))?;
+/// Starts a [`Client`] with options ([`Client::builder`]).
+#[derive(Debug, Clone)]
+pub struct Builder {
+    path: PathBuf,
+    register: bool,
+}
+
+impl Builder {
+    /// Also register the app with the control plane, so that other
+    /// services find it: `[service]` at its `advertise` address, else at
+    /// its `app` address (the app answers calls itself, with no sidecar in
+    /// front), with the app's health checked as a sidecar checks it
+    /// (`[service] health`). Needs `[service]` and `[control_plane]`.
+    /// [`Client::shutdown`] deregisters it. Default: nothing is registered.
+    pub fn register(mut self, register: bool) -> Self {
+        self.register = register;
+        self
+    }
+
+    /// Starts the client (inside a Tokio runtime).
+    pub async fn start(self) -> Result<Client, Error> {
+        let (shared, control_plane) =
+            weft_proxy::startup::embedded(self.path.clone(), self.register)
+                .await
+                .map_err(|e| Error::Start(format!("{e:#}")))?;
         let stack = ServiceBuilder::new()
             // As in the sidecar's outbound listener (`outbound::Outbound`).
             .layer(ObserveLayer::new(
@@ -111,13 +150,32 @@ impl Client {
             .layer(RespondLayer::new(Side::Outbound, IN_PROCESS))
             .layer(ScreenLayer::new(outbound::max_uri_length(&shared)))
             .service(Discover::new(Arc::clone(&shared)));
-        Ok(Self {
+        Ok(Client {
             stack,
             inner: Arc::new(Inner {
                 shared,
                 control_plane,
+                registered: self.register,
             }),
         })
+    }
+}
+
+impl Client {
+    /// Starts a client from the bootstrap file at `path` (the format a
+    /// sidecar reads; `[listen]` is not used, and nothing is registered;
+    /// `[service] name`, if set, names the caller in `weft-caller`). Needs a
+    /// Tokio runtime.
+    pub async fn from_bootstrap(path: impl AsRef<Path>) -> Result<Self, Error> {
+        Self::builder(path).start().await
+    }
+
+    /// A client from the bootstrap file at `path`, with options.
+    pub fn builder(path: impl AsRef<Path>) -> Builder {
+        Builder {
+            path: path.as_ref().to_path_buf(),
+            register: false,
+        }
     }
 
     /// Sends `req` to the service its authority names (`http://billing/...`
@@ -156,12 +214,16 @@ impl Client {
             .map_err(|e| Error::Metrics(e.to_string()))
     }
 
-    /// Stops what the client started: the control-plane session and every
-    /// task (waiting for them up to 2 s), and flushes queued spans. Requests
+    /// Stops what the client started: deregisters the app if it was
+    /// registered, stops the control-plane session and every task (waiting
+    /// for them up to 2 s), and flushes queued spans. Requests
     /// after this answer [`Error::ShutDown`], on every clone.
     pub async fn shutdown(&self) {
         let shared = &self.inner.shared;
         shared.start_draining();
+        if let (Some(cp), true) = (&self.inner.control_plane, self.inner.registered) {
+            cp.deregister(DEREGISTER_TIMEOUT).await;
+        }
         shared.tasks.close();
         shared.shutdown.cancel();
         let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, shared.tasks.wait()).await;
@@ -264,6 +326,20 @@ mod tests {
             client.request(get("http://billing/pay")).await,
             Err(Error::ShutDown)
         ));
+    }
+
+    #[tokio::test]
+    async fn registering_needs_a_service_and_a_control_plane() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = Client::builder(billing_at_a_closed_port(&dir))
+            .register(true)
+            .start()
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("[service] and [control_plane]"),
+            "{error}"
+        );
     }
 
     #[tokio::test]

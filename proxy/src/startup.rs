@@ -277,13 +277,54 @@ fn follow_control_plane(
 /// An in-process client's start (the `weft-client` crate): the state a
 /// sidecar builds from the bootstrap file at `path` (directory, DNS,
 /// telemetry) and, with `[control_plane]`, the session that follows pushed
-/// services and policies. No listener is bound and nothing is registered.
+/// services and policies. No listener is bound. Nothing is registered
+/// unless `register`: then `[service]` is registered at its `advertise`
+/// address, else at its `app` (the app takes calls itself, with no
+/// sidecar), with the app's health checked as a sidecar checks it.
 /// Everything started stops with `shared.shutdown` (tracked by
 /// `shared.tasks`).
-pub async fn embedded(path: PathBuf) -> anyhow::Result<(Arc<Shared>, Option<ControlPlaneClient>)> {
+pub async fn embedded(
+    path: PathBuf,
+    register: bool,
+) -> anyhow::Result<(Arc<Shared>, Option<ControlPlaneClient>)> {
     let shared = load(path).await?;
-    let control_plane = follow_control_plane(&shared, None);
+    let registration = if register {
+        Some(embedded_registration(&shared.config().loaded)?)
+    } else {
+        None
+    };
+    if registration.is_some() {
+        shared.check_app_health();
+    }
+    let control_plane = follow_control_plane(&shared, registration);
     Ok((shared, control_plane))
+}
+
+/// What an in-process client registers when asked: `[service]` at its
+/// `advertise` address, else its `app`; no admin listener.
+fn embedded_registration(loaded: &weft_config::Loaded) -> anyhow::Result<Registration> {
+    let (Some(service), Some(_)) = (&loaded.bootstrap.service, &loaded.bootstrap.control_plane)
+    else {
+        anyhow::bail!("registering needs [service] and [control_plane] in the bootstrap file");
+    };
+    let address = service.advertise.unwrap_or(service.app);
+    if address.ip().is_unspecified() {
+        anyhow::bail!(
+            "the address to register is {address}; set [service] advertise to the address callers should use"
+        );
+    }
+    let id = instance_id(service);
+    weft_api::InstanceRecord::check_id(&id).map_err(|e| anyhow::anyhow!("[service] id: {e}"))?;
+    Ok(Registration {
+        record: weft_api::InstanceRecord {
+            service: service.name.clone(),
+            id,
+            address,
+            metadata: service.metadata.clone(),
+            admin_address: None,
+            health: weft_api::Health::Healthy,
+        },
+    })
 }
 
 /// The listeners' serving tasks and what stops them.

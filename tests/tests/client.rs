@@ -238,3 +238,110 @@ timeout = "200ms"
     );
     Ok(())
 }
+
+/// The bootstrap file of an app `orders` (its `[service]`) that calls through
+/// the in-process client and the control plane at `grpc`.
+fn orders_bootstrap(
+    dir: &TempDir,
+    app: std::net::SocketAddr,
+    grpc: &str,
+) -> anyhow::Result<std::path::PathBuf> {
+    dir.write(
+        "weft.toml",
+        &Bootstrap::new()
+            .app("orders", app)
+            .app_id("orders-1")
+            .control_plane([grpc.to_owned()])
+            .render(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_process_client_registers_its_app_only_when_asked() -> anyhow::Result<()> {
+    let cp = ControlPlane::dev().lease_ttl("2s").start().await?;
+    let grpc = cp.grpc_url();
+    let app = Backend::start("orders-app").await?;
+    let dir = TempDir::new()?;
+    let path = orders_bootstrap(&dir, app.addr(), &grpc)?;
+
+    // Not asked: connected, and for a second after, orders is unknown.
+    let plain = weft_client::Client::from_bootstrap(&path).await?;
+    ensure!(
+        plain.wait_for_control_plane(Duration::from_secs(10)).await,
+        "no snapshot"
+    );
+    for _ in 0..10 {
+        let services = cp.weftctl_ok(&["get", "services"]).await?;
+        ensure!(
+            !services.contains("orders"),
+            "registered unasked: {services}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Asked: the app is registered at its own address, and a sidecar's app
+    // calls it by name, straight to the app.
+    let registered = weft_client::Client::builder(&path)
+        .register(true)
+        .start()
+        .await?;
+    let caller = mesh_caller(std::slice::from_ref(&grpc)).await?;
+    let http = HttpClient::new(caller.outbound(), Mode::HostHeader);
+    eventually(Duration::from_secs(10), || async {
+        let reply = http.get("http://orders/hello").await?;
+        reply.expect_status(200)?;
+        ensure!(
+            reply.backend() == Some("orders-app"),
+            "{:?}",
+            reply.backend()
+        );
+        Ok(())
+    })
+    .await?;
+    let instances = cp.weftctl_ok(&["get", "instances", "orders"]).await?;
+    ensure!(
+        instances.contains("orders-1") && instances.contains(&app.addr().to_string()),
+        "{instances}"
+    );
+
+    // Shutdown deregisters at once (well before the 2 s lease could expire).
+    let started = std::time::Instant::now();
+    registered.shutdown().await;
+    eventually(Duration::from_secs(10), || async {
+        let reply = http.get("http://orders/hello").await?;
+        ensure!(reply.status != 200, "still answered");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        started.elapsed() < Duration::from_millis(1900),
+        "deregistration took {:?}",
+        started.elapsed()
+    );
+
+    // Dropping a registered client (without shutdown) deregisters it too.
+    let again = weft_client::Client::builder(&path)
+        .register(true)
+        .start()
+        .await?;
+    eventually(Duration::from_secs(10), || async {
+        http.get("http://orders/hello").await?.expect_status(200)?;
+        Ok(())
+    })
+    .await?;
+    let started = std::time::Instant::now();
+    drop(again);
+    eventually(Duration::from_secs(10), || async {
+        let reply = http.get("http://orders/hello").await?;
+        ensure!(reply.status != 200, "still answered");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        started.elapsed() < Duration::from_millis(1900),
+        "deregistration on drop took {:?}",
+        started.elapsed()
+    );
+    plain.shutdown().await;
+    Ok(())
+}
