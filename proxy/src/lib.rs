@@ -4,7 +4,7 @@
 //!
 //! | module | responsibility |
 //! |---|---|
-//! | [`startup`] | `weft-proxy run`: start-up, signals, reload, drain and exit |
+//! | [`startup`] | `weft-proxy run`: start-up, signals, reload, drain and exit; the listener-less start of `weft-client` |
 //! | [`state`] | the effective config and directory snapshots, readiness, reload, the state `/metrics` copies into gauges |
 //! | [`server`] | accept loop, connection caps and hyper's limits, HTTP/1.1 + HTTP/2 serving with graceful shutdown |
 //! | [`stack`] | the data plane as tower layers, one stage per file: observe, respond, screen, route, authorize, rate limit, concurrency, forwarded headers, timeout, retry, balance, endpoint client |

@@ -181,7 +181,7 @@ impl Service<Request<Incoming>> for Outbound {
     type Future = Boxed<<OutboundStack as Service<Request<Incoming>>>::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.stack.poll_ready(cx)
+        Service::<Request<Incoming>>::poll_ready(&mut self.stack, cx)
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
@@ -195,26 +195,48 @@ pub struct Discover {
     shared: Arc<Shared>,
 }
 
+impl Discover {
+    /// Discovery over `shared`'s directory (also used by `weft-client`).
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+/// The request bodies a stack takes: any the retry layer can replay (a
+/// listener's, or an in-process client's).
+pub trait StackBody:
+    http_body::Body<Data = bytes::Bytes, Error: Into<crate::body::BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<B> StackBody for B where
+    B: http_body::Body<Data = bytes::Bytes, Error: Into<crate::body::BoxError>>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
 /// The future of a request whose stack is known at once (a directory
 /// service, a service the control plane already described, an IP literal),
 /// or of one that waits for the control plane or DNS first (boxed: rare).
-pub type DiscoverFuture = Either<
-    StackFuture,
+pub type DiscoverFuture<B> = Either<
+    StackFuture<B>,
     Pin<Box<dyn Future<Output = Result<Response<InFlightBody<Incoming>>, ProxyError>> + Send>>,
 >;
 
-type StackFuture = <ServiceStack as Service<Request<Incoming>>>::Future;
+type StackFuture<B> = <ServiceStack as Service<Request<B>>>::Future;
 
-impl Service<Request<Incoming>> for Discover {
+impl<B: StackBody> Service<Request<B>> for Discover {
     type Response = Response<InFlightBody<Incoming>>;
     type Error = ProxyError;
-    type Future = DiscoverFuture;
+    type Future = DiscoverFuture<B>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> DiscoverFuture {
+    fn call(&mut self, req: Request<B>) -> DiscoverFuture<B> {
         let dest = match Destination::from_request(&req) {
             Ok(dest) => dest,
             Err(error) => return Either::Right(Box::pin(std::future::ready(Err(error)))),
@@ -247,7 +269,11 @@ impl Service<Request<Incoming>> for Discover {
 }
 
 /// A request to a directory or control-plane service, down its stack.
-fn mesh_service(svc: &MeshService, caller: &Caller, req: Request<Incoming>) -> StackFuture {
+fn mesh_service<B: StackBody>(
+    svc: &MeshService,
+    caller: &Caller,
+    req: Request<B>,
+) -> StackFuture<B> {
     if let Some(context) = RequestContext::of(&req) {
         context.set_service(&svc.label, Some(&svc.policy.stats));
     }
@@ -268,13 +294,13 @@ fn mesh_service(svc: &MeshService, caller: &Caller, req: Request<Incoming>) -> S
 }
 
 /// A request to an IP literal: one endpoint, made for it.
-fn ip_literal(
+fn ip_literal<B: StackBody>(
     directory: &Directory,
     caller: &Caller,
     ip: std::net::IpAddr,
     port: Option<u16>,
-    req: Request<Incoming>,
-) -> StackFuture {
+    req: Request<B>,
+) -> StackFuture<B> {
     if let Some(context) = RequestContext::of(&req) {
         context.set_service(&EXTERNAL, Some(&directory.default_policy.stats));
     }
@@ -296,11 +322,11 @@ fn ip_literal(
 }
 
 /// A request to a name resolved through DNS (waiting, bounded, for the first answer).
-async fn dns_name(
+async fn dns_name<B: StackBody>(
     directory: &Directory,
     caller: &Caller,
     dest: &Destination,
-    req: Request<Incoming>,
+    req: Request<B>,
 ) -> Result<Response<InFlightBody<Incoming>>, ProxyError> {
     if let Some(context) = RequestContext::of(&req) {
         context.set_service(&EXTERNAL, Some(&directory.default_policy.stats));
@@ -322,7 +348,7 @@ async fn dns_name(
 }
 
 /// `[limits] max_uri_length` in bytes.
-pub(crate) fn max_uri_length(shared: &Shared) -> usize {
+pub fn max_uri_length(shared: &Shared) -> usize {
     let limit = shared.config().loaded.bootstrap.limits.max_uri_length.get();
     usize::try_from(limit).unwrap_or(usize::MAX)
 }

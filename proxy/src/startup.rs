@@ -14,6 +14,9 @@
 //! inbound listeners stop accepting,
 //! in-flight requests (and upgraded connections) get up to `[drain] grace` to
 //! finish, and the process exits 0.
+//!
+//! [`embedded`] is the same start without listeners or registration, for
+//! the in-process client (`weft-client`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -230,12 +233,24 @@ fn join_control_plane(
     bound: &Bound,
     advertise: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Option<ControlPlaneClient>> {
+    if shared.config().loaded.bootstrap.control_plane.is_none() {
+        return Ok(None);
+    }
+    let registration = registration(&shared.config().loaded, bound, advertise)?;
+    Ok(follow_control_plane(shared, registration))
+}
+
+/// With `[control_plane]`: starts the session (registering `registration`,
+/// if any, and following its service's policy) and follows pushed services;
+/// `None` without `[control_plane]`.
+fn follow_control_plane(
+    shared: &Arc<Shared>,
+    registration: Option<Registration>,
+) -> Option<ControlPlaneClient> {
     let config = shared.config();
     let loaded = &config.loaded;
-    let Some(cp) = &loaded.bootstrap.control_plane else {
-        return Ok(None);
-    };
-    let registration = registration(loaded, bound, advertise)?;
+    let cp = loaded.bootstrap.control_plane.as_ref()?;
+    let registers = registration.is_some();
     let client = ControlPlaneClient::start(
         cp.addresses.clone(),
         registration,
@@ -245,7 +260,7 @@ fn join_control_plane(
         &shared.tasks,
         shared.shutdown.clone(),
     );
-    if let Some(service) = &loaded.bootstrap.service {
+    if let (Some(service), true) = (&loaded.bootstrap.service, registers) {
         shared.follow_own_service(&client, service.name.to_string());
     }
     wait_for_first_snapshot(shared, &client, cp.ready_timeout.get());
@@ -256,7 +271,60 @@ fn join_control_plane(
         &shared.tasks,
         shared.shutdown.clone(),
     ));
-    Ok(Some(client))
+    Some(client)
+}
+
+/// An in-process client's start (the `weft-client` crate): the state a
+/// sidecar builds from the bootstrap file at `path` (directory, DNS,
+/// telemetry) and, with `[control_plane]`, the session that follows pushed
+/// services and policies. No listener is bound. Nothing is registered
+/// unless `register`: then `[service]` is registered at its `advertise`
+/// address, else at its `app` (the app takes calls itself, with no
+/// sidecar), with the app's health checked as a sidecar checks it.
+/// Everything started stops with `shared.shutdown` (tracked by
+/// `shared.tasks`).
+pub async fn embedded(
+    path: PathBuf,
+    register: bool,
+) -> anyhow::Result<(Arc<Shared>, Option<ControlPlaneClient>)> {
+    let shared = load(path).await?;
+    let registration = if register {
+        Some(embedded_registration(&shared.config().loaded)?)
+    } else {
+        None
+    };
+    if registration.is_some() {
+        shared.check_app_health();
+    }
+    let control_plane = follow_control_plane(&shared, registration);
+    Ok((shared, control_plane))
+}
+
+/// What an in-process client registers when asked: `[service]` at its
+/// `advertise` address, else its `app`; no admin listener.
+fn embedded_registration(loaded: &weft_config::Loaded) -> anyhow::Result<Registration> {
+    let (Some(service), Some(_)) = (&loaded.bootstrap.service, &loaded.bootstrap.control_plane)
+    else {
+        anyhow::bail!("registering needs [service] and [control_plane] in the bootstrap file");
+    };
+    let address = service.advertise.unwrap_or(service.app);
+    if address.ip().is_unspecified() {
+        anyhow::bail!(
+            "the address to register is {address}; set [service] advertise to the address callers should use"
+        );
+    }
+    let id = instance_id(service);
+    weft_api::InstanceRecord::check_id(&id).map_err(|e| anyhow::anyhow!("[service] id: {e}"))?;
+    Ok(Registration {
+        record: weft_api::InstanceRecord {
+            service: service.name.clone(),
+            id,
+            address,
+            metadata: service.metadata.clone(),
+            admin_address: None,
+            health: weft_api::Health::Healthy,
+        },
+    })
 }
 
 /// The listeners' serving tasks and what stops them.
