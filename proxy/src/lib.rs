@@ -43,36 +43,30 @@
 //! the request path as `Arc` snapshots read from `watch` channels; nothing on the
 //! request path holds a lock across an await.
 
+// The data-plane vocabulary lives in `weft-core`; its modules keep their
+// paths here.
+pub use weft_core::{
+    authz, body, endpoint_spec, error, framing, headers, limits, policy, retry, route, screen,
+    stats, target,
+};
+
 pub mod admin;
-pub mod authz;
 pub mod balance;
-pub mod body;
 pub mod client;
 pub mod control_plane;
 pub mod directory;
 pub mod discovery;
-pub mod endpoint_spec;
 pub mod enforcement;
-pub mod error;
 pub mod forward;
-pub mod framing;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod headers;
 pub mod health;
 pub mod inbound;
-pub mod limits;
 pub mod outbound;
-pub mod policy;
 pub mod remote;
-pub mod retry;
-pub mod route;
-pub mod screen;
 pub mod server;
 pub mod stack;
 pub mod startup;
 pub mod state;
-pub mod stats;
-pub mod target;
 pub mod telemetry;
 pub mod tls;

@@ -6,10 +6,7 @@
 //! (`spiffe://<trust-domain>/service/<name>`) of this mesh's trust domain
 //! ([`service_identity`]); anything else is refused in the handshake.
 
-use std::fmt;
-use std::sync::Arc;
-
-use weft_config::{ServiceName, SpiffeId, TrustDomain};
+use weft_config::{SpiffeId, TrustDomain};
 
 /// Why a certificate's identity is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,36 +43,12 @@ pub fn service_identity(
         });
     }
     match id.service() {
-        Some(service) => Ok(CallerIdentity(Arc::new((id, service)))),
+        Some(service) => Ok(CallerIdentity::new(id, service)),
         None => Err(IdentityError::NotAService(id)),
     }
 }
 
-/// The authenticated identity of the sidecar that sent an inbound request,
-/// from its client certificate. The inbound listener puts it in the request's
-/// extensions for every request of an mTLS connection; a plaintext request
-/// (allowed by `inbound.allow_plaintext`) has none. Cheap to clone (one
-/// per request).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CallerIdentity(Arc<(SpiffeId, ServiceName)>);
-
-impl CallerIdentity {
-    /// `spiffe://<trust-domain>/service/<name>`.
-    pub fn spiffe_id(&self) -> &SpiffeId {
-        &self.0.0
-    }
-
-    /// The calling service's name.
-    pub fn service(&self) -> &ServiceName {
-        &self.0.1
-    }
-}
-
-impl fmt::Display for CallerIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.spiffe_id().fmt(f)
-    }
-}
+pub use weft_core::identity::CallerIdentity;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

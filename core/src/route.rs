@@ -89,7 +89,8 @@ impl RouteTable {
     }
 
     /// How many routes compiled (the others never match).
-    pub(crate) fn compiled(&self) -> usize {
+    #[doc(hidden)]
+    pub fn compiled(&self) -> usize {
         self.routes.len()
     }
 
