@@ -2,6 +2,11 @@
 //!
 //! # Layout
 //!
+//! The data-plane vocabulary (errors, bodies, headers, framing and
+//! screening, destinations, routes, compiled policies, limits, retries,
+//! authorization, stats) is `weft-core`'s, re-exported here under the same
+//! module paths. This crate's own modules:
+//!
 //! | module | responsibility |
 //! |---|---|
 //! | [`startup`] | `weft-proxy run`: start-up, signals, reload, drain and exit; the listener-less start of `weft-client` |
@@ -10,30 +15,17 @@
 //! | [`stack`] | the data plane as tower layers, one stage per file: observe, respond, screen, route, authorize, rate limit, concurrency, forwarded headers, timeout, retry, balance, endpoint client |
 //! | [`outbound`] | the outbound stack (the app's calls to other services), built top to bottom; discovery of a request's destination |
 //! | [`inbound`] | the inbound stack (other sidecars' calls to the local app), built top to bottom |
-//! | [`authz`] | who may call the local service: `allow` lists and `[tls] default_inbound` |
 //! | [`health`] | the sidecar's check of its own app: the state machine, TCP and HTTP probes |
 //! | [`admin`] | `/live`, `/ready`, `/config`, `/endpoints`, `POST /reload` |
-//! | [`screen`] | checks every request passes first: URI length, HTTP/1 framing, inbound authority |
-//! | [`framing`] | HTTP/1 request framing followed on the raw bytes: heads with both `Content-Length` and `Transfer-Encoding` |
-//! | [`target`] | a request's logical destination |
 //! | [`directory`] | the services this sidecar can call, rebuilt on reload |
 //! | [`remote`] | services pushed by the control plane, shaped like directory services |
 //! | [`discovery`] | endpoint sets fed by updates; DNS discovery |
-//! | [`endpoint_spec`] | what one endpoint looks like to a discovery source (plain data) |
 //! | [`control_plane`] | the control-plane client: subscriptions, registration, the pushed snapshot and its cache |
 //! | [`balance`] | endpoints, their load, and the pick strategies |
 //! | [`forward`] | the mechanics of the last hop: cleaning a request once, classifying send failures, joining upgrades |
 //! | [`client`] | pooled HTTP/1.1 and HTTP/2 connections to endpoints, plaintext or mTLS |
 //! | [`tls`] | mTLS between sidecars: identity, rotation, handshakes on both sides, [`tls::CallerIdentity`] |
-//! | [`headers`] | hop-by-hop removal and forwarding headers |
-//! | [`body`] | streaming body types and body-lifetime guards |
-//! | [`error`] | proxy failures, their `weft-reason`, HTTP status and gRPC status |
-//! | [`policy`] | service policies compiled for the request path (which side enforces what) |
 //! | [`enforcement`] | service-side policy keys that nothing may enforce (a caller's plaintext static services) |
-//! | [`route`] | route matching |
-//! | [`limits`] | rate limits (governor) and concurrency caps |
-//! | [`retry`] | retry classification, backoff, replayable bodies |
-//! | [`stats`] | counters of requests, retries, ejections and refusals (for `/endpoints`) |
 //! | `fuzzing` (hidden) | what the fuzz targets in `fuzz/` run on each input |
 //! | [`telemetry`] | `/metrics`, request spans (OTLP), the access log, and the observation every finished request is reported through |
 //!
