@@ -280,3 +280,21 @@ pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+/// The refusal a response stands for, in its extensions.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub reason: Reason,
+    /// The policy key of the limit that refused (`weft-limit`), if one did.
+    pub limit: Option<Arc<str>>,
+}
+
+impl Refusal {
+    /// The refusal `error` stands for.
+    pub fn of(error: &ProxyError) -> Self {
+        Self {
+            reason: error.reason(),
+            limit: error.limit().map(Arc::from),
+        }
+    }
+}

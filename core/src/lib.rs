@@ -18,11 +18,13 @@
 //! | [`retry`] | retry classification, budgets, backoff, replayable bodies |
 //! | [`authz`] | who may call the local service: `allow` lists and `[tls] default_inbound` |
 //! | [`identity`] | the caller identity an mTLS client certificate proves |
+//! | [`context`] | what one request's layers tell each other and its observation (labels, tries, retries) |
 //! | [`stats`] | counters of requests, retries, ejections and refusals (for `/endpoints`) |
 //! | [`endpoint_spec`] | an endpoint as discovery describes it |
 
 pub mod authz;
 pub mod body;
+pub mod context;
 pub mod endpoint_spec;
 pub mod error;
 pub mod framing;

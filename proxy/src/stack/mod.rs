@@ -25,7 +25,7 @@
 //! | [`retry`] | budgeted retries to other endpoints, with replayable bodies |
 //! | [`balance`] | the endpoint of each try; outlier ejection |
 //! | [`endpoint`] | one try to one endpoint over its pools |
-//! | [`context`] | what one request's layers tell each other and the observation |
+//! | [`context`] | what one request's layers tell each other and the observation (`weft-core`'s) |
 //!
 //! The stacks themselves are built in [`crate::outbound`] and
 //! [`crate::inbound`], each as one builder, top to bottom.
@@ -33,7 +33,8 @@
 pub mod authorize;
 pub mod balance;
 pub mod concurrency;
-pub mod context;
+/// The request context is `weft-core`'s (telemetry reads it too).
+pub use weft_core::context;
 pub mod endpoint;
 pub mod forwarded;
 pub mod observe;

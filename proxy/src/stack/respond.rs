@@ -17,7 +17,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -27,24 +26,9 @@ use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::error::{ProxyError, Reason, WEFT_LIMIT, WEFT_REASON, chain, retry_after_value};
+use crate::error::{ProxyError, WEFT_LIMIT, WEFT_REASON, chain, retry_after_value};
 
-/// The refusal a response stands for, in its extensions.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    pub reason: Reason,
-    /// The policy key of the limit that refused (`weft-limit`), if one did.
-    pub limit: Option<Arc<str>>,
-}
-
-impl Refusal {
-    pub fn of(error: &ProxyError) -> Self {
-        Self {
-            reason: error.reason(),
-            limit: error.limit().map(Arc::from),
-        }
-    }
-}
+pub use crate::error::Refusal;
 
 /// Which listener's requests (for the log line).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,9 +283,12 @@ mod tests {
     use http_body_util::BodyExt;
     use tower_test::mock;
 
+    use std::sync::Arc;
+
     use http::StatusCode;
 
     use super::*;
+    use crate::error::Reason;
     use crate::limits::RateLimited;
 
     fn rate_limited() -> ProxyError {

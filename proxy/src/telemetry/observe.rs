@@ -30,10 +30,10 @@ use super::Reporters;
 use super::metrics::{Classification, Direction, Finished};
 use super::{NO_LIMIT, UNKNOWN};
 use crate::body::BoxError;
+use crate::error::Refusal;
 use crate::error::{WEFT_LIMIT, WEFT_REASON};
 use crate::retry::classify::grpc_status;
-use crate::stack::context::{Events, RequestContext, RetrySkipped};
-use crate::stack::respond::Refusal;
+use weft_core::context::{Events, RequestContext, RetrySkipped};
 
 impl Events for Reporters {
     fn retry(&self, service: &Arc<str>, route: &Arc<str>) {

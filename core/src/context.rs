@@ -1,17 +1,16 @@
 //! What one request's layers tell each other, and the observation that
 //! started it.
 //!
-//! The [`Observe`](super::observe) layer at the top of a stack starts a
-//! request's observation and puts a [`RequestContext`] in the request's
-//! extensions (the retry layer puts one there when no observe layer did).
-//! The balance layer records there every endpoint an attempt went to, so
-//! the retry layer's next attempt goes elsewhere. Layers below learn what the observation reports when the
-//! request ends (the service, the route, the endpoint, the retries) and
-//! report what happens on the way (a retry, a retry not sent, an ejection,
-//! a refusal is marked on its response instead: see [`super::respond`]):
-//! each through one call on the context, which updates the service's
-//! [`Stats`] and the telemetry [`Events`] together. A request without a context (a stack used without
-//! the observe layer, in a unit test or a library) reports nothing.
+//! The observe layer at the top of the sidecar's stacks starts a request's
+//! observation and puts a [`RequestContext`] in the request's extensions
+//! (the retry layer puts one there when no observe layer did). Layers below
+//! name the service and the route there, the endpoint client records every
+//! endpoint a try went to (so the next retry goes elsewhere), and retries,
+//! retries not sent and ejections are reported through it: each with one
+//! call, which updates the service's [`Stats`] and the telemetry [`Events`]
+//! together. A refusal is marked on its response instead
+//! ([`crate::error::Refusal`]). A request without a context (a stack used
+//! without the observe layer, in a unit test or a library) reports nothing.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
