@@ -57,11 +57,6 @@ pub struct Tries {
 }
 
 impl Tries {
-    /// Whether a try of this request already went to `addr`.
-    pub fn tried(&self, addr: SocketAddr) -> bool {
-        self.endpoint == Some(addr) || self.tried_before.contains(&addr)
-    }
-
     /// Every endpoint a try went to.
     pub fn all(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.tried_before.iter().copied().chain(self.endpoint)

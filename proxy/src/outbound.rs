@@ -108,12 +108,12 @@ impl Caller {
 }
 
 /// One service's stack, top to bottom.
-pub fn service_stack(target: Target<'_>, caller: &Caller) -> ServiceStack {
+pub fn service_stack(target: Target<'_>, caller: Caller) -> ServiceStack {
     let policy = target.policy;
     let new_endpoint = NewEndpoint::new(
         Arc::clone(target.client),
         AppProtocol::Fixed(target.protocol),
-        caller.tasks.clone(),
+        caller.tasks,
     )
     .refuse_loops_to(caller.listener);
     let new_endpoint = if target.endpoint_pools {
@@ -129,7 +129,7 @@ pub fn service_stack(target: Target<'_>, caller: &Caller) -> ServiceStack {
         .layer(RateLimitLayer::service(policy.rate_limit.as_ref()))
         // Headers set once, whatever the number of tries.
         .layer(ForwardedLayer::new(forwarded::Side::Outbound {
-            caller: caller.name.clone(),
+            caller: caller.name,
         }))
         // The whole request, around every try and backoff; to the response
         // headers only (a response that streams is never cut by it).
@@ -141,7 +141,7 @@ pub fn service_stack(target: Target<'_>, caller: &Caller) -> ServiceStack {
             target.endpoints,
             target.balancer.clone(),
             Arc::clone(policy),
-            caller.zone.clone(),
+            caller.zone,
             // Per endpoint, below the balancer: a try that times out counts
             // against its endpoint for outlier detection.
             NewLayered::new(TimeoutLayer::new(timeout::Which::PerTry), new_endpoint),
@@ -249,10 +249,10 @@ impl<B: StackBody> Service<Request<B>> for Discover {
         };
         let caller = Caller::of(&directory, &self.shared);
         if let Some(svc) = known {
-            return Either::Left(mesh_service(&svc, &caller, req));
+            return Either::Left(mesh_service(&svc, caller, req));
         }
         if let Some(ip) = dest.ip() {
-            return Either::Left(ip_literal(&directory, &caller, ip, dest.port, req));
+            return Either::Left(ip_literal(&directory, caller, ip, dest.port, req));
         }
         let shared = Arc::clone(&self.shared);
         Either::Right(Box::pin(async move {
@@ -261,9 +261,9 @@ impl<B: StackBody> Service<Request<B>> for Discover {
                 None => None,
             };
             if let Some(svc) = remote {
-                return mesh_service(&svc, &caller, req).await;
+                return mesh_service(&svc, caller, req).await;
             }
-            dns_name(&directory, &caller, &dest, req).await
+            dns_name(&directory, caller, &dest, req).await
         }))
     }
 }
@@ -271,7 +271,7 @@ impl<B: StackBody> Service<Request<B>> for Discover {
 /// A request to a directory or control-plane service, down its stack.
 fn mesh_service<B: StackBody>(
     svc: &MeshService,
-    caller: &Caller,
+    caller: Caller,
     req: Request<B>,
 ) -> StackFuture<B> {
     if let Some(context) = RequestContext::of(&req) {
@@ -296,7 +296,7 @@ fn mesh_service<B: StackBody>(
 /// A request to an IP literal: one endpoint, made for it.
 fn ip_literal<B: StackBody>(
     directory: &Directory,
-    caller: &Caller,
+    caller: Caller,
     ip: std::net::IpAddr,
     port: Option<u16>,
     req: Request<B>,
@@ -324,7 +324,7 @@ fn ip_literal<B: StackBody>(
 /// A request to a name resolved through DNS (waiting, bounded, for the first answer).
 async fn dns_name<B: StackBody>(
     directory: &Directory,
-    caller: &Caller,
+    caller: Caller,
     dest: &Destination,
     req: Request<B>,
 ) -> Result<Response<InFlightBody<Incoming>>, ProxyError> {
