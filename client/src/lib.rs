@@ -36,14 +36,14 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use weft_proxy::body::{self, BoxError, ProxyBody};
-use weft_proxy::control_plane::ControlPlaneClient;
+use weft_core::body::{self, BoxError, ProxyBody};
+use weft_discovery::control_plane::ControlPlaneClient;
 use weft_proxy::outbound::{self, Discover};
-use weft_proxy::stack::observe::{Observe, ObserveLayer};
-use weft_proxy::stack::respond::{Respond, RespondLayer, Side};
-use weft_proxy::stack::screen::{Screen, ScreenLayer};
 use weft_proxy::state::Shared;
-use weft_proxy::telemetry::Direction;
+use weft_proxy::telemetry::{Direction, RequestObserver};
+use weft_stack::observe::{Observe, ObserveLayer};
+use weft_stack::respond::{Respond, RespondLayer, Side};
+use weft_stack::screen::{Screen, ScreenLayer};
 
 /// The response body: streamed from the service (or a refusal's text).
 pub type Body = ProxyBody;
@@ -73,7 +73,7 @@ pub enum Error {
 }
 
 /// The outbound stack above the per-service stacks.
-type Stack = Observe<Respond<Screen<Discover>>>;
+type Stack = Observe<RequestObserver, Respond<Screen<Discover>>>;
 
 /// Calls services through the mesh, in process. Clones share one state.
 #[derive(Debug, Clone)]
@@ -143,10 +143,10 @@ impl Builder {
                 .map_err(|e| Error::Start(format!("{e:#}")))?;
         let stack = ServiceBuilder::new()
             // As in the sidecar's outbound listener (`outbound::Outbound`).
-            .layer(ObserveLayer::new(
+            .layer(ObserveLayer::new(RequestObserver::new(
                 Arc::clone(&shared.reporters),
                 Direction::Outbound,
-            ))
+            )))
             .layer(RespondLayer::new(Side::Outbound, IN_PROCESS))
             .layer(ScreenLayer::new(outbound::max_uri_length(&shared)))
             .service(Discover::new(Arc::clone(&shared)));

@@ -23,13 +23,14 @@ use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
-use weft_proxy::body;
-use weft_proxy::error::ProxyError;
-use weft_proxy::headers;
-use weft_proxy::limits::{RateLimit, Share};
-use weft_proxy::route::RouteTable;
-use weft_proxy::stack::respond::error_response;
+use weft_core::body;
+use weft_core::error::ProxyError;
+use weft_core::headers;
+use weft_core::limits::{RateLimit, Share};
+use weft_core::route::RouteTable;
 use weft_proxy::telemetry::{Direction, Metrics, Observation, Reporters, TraceSettings, Traces};
+use weft_stack::observe::Observation as _;
+use weft_stack::respond::error_response;
 
 /// An exporter that accepts and discards every batch.
 #[derive(Debug)]
@@ -56,10 +57,13 @@ fn telemetry(c: &mut Criterion) {
     let route: Arc<str> = Arc::from("charge");
     c.bench_function("telemetry/observe", |b| {
         b.iter(|| {
-            let obs = Observation::start(&reporters, Direction::Outbound, &mut req);
+            let mut obs = Observation::start(&reporters, Direction::Outbound, &mut req);
             obs.context().set_service(&service, None);
             obs.context().set_route(&route);
-            black_box(obs.respond(Response::new(body::empty())));
+            let rsp = Response::new(body::empty());
+            obs.respond(&rsp);
+            obs.finish(false);
+            black_box(rsp);
         });
     });
     c.bench_function("telemetry/observe_refused", |b| {
@@ -67,10 +71,13 @@ fn telemetry(c: &mut Criterion) {
             service: "billing".into(),
         };
         b.iter(|| {
-            let obs = Observation::start(&reporters, Direction::Outbound, &mut req);
+            let mut obs = Observation::start(&reporters, Direction::Outbound, &mut req);
             obs.context().set_service(&service, None);
             obs.context().set_route(&route);
-            black_box(obs.respond(error_response(&error, false)));
+            let rsp = error_response(&error, false);
+            obs.respond(&rsp);
+            obs.finish(false);
+            black_box(rsp);
         });
     });
 
@@ -92,10 +99,13 @@ fn telemetry(c: &mut Criterion) {
         .unwrap();
     c.bench_function("telemetry/observe_traced", |b| {
         b.iter(|| {
-            let obs = Observation::start(&traced, Direction::Outbound, &mut req);
+            let mut obs = Observation::start(&traced, Direction::Outbound, &mut req);
             obs.context().set_service(&service, None);
             obs.context().set_route(&route);
-            black_box(obs.respond(Response::new(body::empty())));
+            let rsp = Response::new(body::empty());
+            obs.respond(&rsp);
+            obs.finish(false);
+            black_box(rsp);
         });
     });
 }

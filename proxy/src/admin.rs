@@ -22,12 +22,12 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use weft_config::Policy;
 
-use crate::balance::Endpoint;
-use crate::body::{self, ProxyBody};
-use crate::control_plane::ConnectionState;
-use crate::discovery::dns::Status;
-use crate::enforcement::{self, Unenforced};
 use crate::state::{Readiness, Shared};
+use weft_core::body::{self, ProxyBody};
+use weft_discovery::balance::Endpoint;
+use weft_discovery::control_plane::ConnectionState;
+use weft_discovery::dns::Status;
+use weft_discovery::enforcement::{self, Unenforced};
 
 #[derive(Debug, Clone)]
 pub struct Admin {

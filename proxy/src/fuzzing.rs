@@ -4,14 +4,14 @@
 //!
 //! - [`request`]: decodes arbitrary bytes into an `http::Request` (see
 //!   [`decode`]) and runs it through what both listeners do with a request
-//!   head before anything goes upstream: the screening ([`crate::screen`]),
-//!   the destination ([`crate::target`]), route matching ([`crate::route`]),
-//!   the forwarding headers and hop-by-hop removal ([`crate::headers`],
-//!   [`crate::forward::clean`]), the trace context, and the refusal
+//!   head before anything goes upstream: the screening ([`weft_core::screen`]),
+//!   the destination ([`weft_core::target`]), route matching ([`weft_core::route`]),
+//!   the forwarding headers and hop-by-hop removal ([`weft_core::headers`],
+//!   [`weft_transport::forward::clean`]), the trace context, and the refusal
 //!   response. Each step's promises are checked, not only that it does not
 //!   panic.
 //! - [`framing`]: follows arbitrary bytes as a client connection's HTTP/1
-//!   requests ([`crate::framing::RequestFraming`]): fed whole, in thirds or
+//!   requests ([`weft_core::framing::RequestFraming`]): fed whole, in thirds or
 //!   byte by byte, it claims the same; and a claim names a request hyper
 //!   itself serves last on that connection, with `Transfer-Encoding` (hyper,
 //!   on an in-memory connection, is the reference).
@@ -32,17 +32,17 @@ use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use weft_config::Policy;
 
-use crate::error::ProxyError;
-use crate::headers::{self, X_FORWARDED_FOR};
-use crate::limits::Share;
 use crate::outbound::WEFT_CALLER;
-use crate::policy::{InboundPolicy, OutboundPolicy};
-use crate::route::RouteTable;
-use crate::screen::{self, LocalNames};
-use crate::stack::respond::error_response;
-use crate::stats::Stats;
-use crate::target::Destination;
 use crate::telemetry::trace;
+use weft_core::error::ProxyError;
+use weft_core::headers::{self, X_FORWARDED_FOR};
+use weft_core::limits::Share;
+use weft_core::policy::{InboundPolicy, OutboundPolicy};
+use weft_core::route::RouteTable;
+use weft_core::screen::{self, LocalNames};
+use weft_core::stats::Stats;
+use weft_core::target::Destination;
+use weft_stack::respond::error_response;
 
 /// `[limits] max_uri_length` of the request checks (the default is 8 KiB;
 /// smaller, so fuzzed inputs reach it).
@@ -304,7 +304,7 @@ fn assert_no_hop_by_hop(headers: &HeaderMap, upgrade: bool) {
 }
 
 /// The outbound side: the sidecar sets `weft-caller` (and, when tracing, a
-/// `traceparent`), then [`crate::forward::clean`] cleans the head for the
+/// `traceparent`), then [`weft_transport::forward::clean`] cleans the head for the
 /// hop. What the sidecar set survives the cleaning, whatever `Connection`
 /// names; the hop-by-hop headers do not.
 fn outbound_rewrite(req: &Request<()>) {
@@ -335,9 +335,9 @@ fn outbound_rewrite(req: &Request<()>) {
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
     let mut head = req;
-    crate::forward::clean(&mut head);
+    weft_transport::forward::clean(&mut head);
     assert_eq!(
-        crate::forward::asks_upgrade(head.version(), head.headers()),
+        weft_transport::forward::asks_upgrade(head.version(), head.headers()),
         upgrade
     );
     assert_no_hop_by_hop(head.headers(), upgrade);
@@ -369,10 +369,11 @@ fn outbound_rewrite(req: &Request<()>) {
             .parse()
             .unwrap_or(SocketAddr::from(([0; 16], 443))),
     ] {
-        let authority = crate::forward::authority_of(endpoint);
+        let authority = weft_transport::forward::authority_of(endpoint);
         for tls in [false, true] {
-            let uri = crate::forward::endpoint_uri(endpoint, authority.as_ref(), &path, tls)
-                .unwrap_or_else(|e| panic!("{endpoint} {path}: {e}"));
+            let uri =
+                weft_transport::forward::endpoint_uri(endpoint, authority.as_ref(), &path, tls)
+                    .unwrap_or_else(|e| panic!("{endpoint} {path}: {e}"));
             assert_eq!(uri.path_and_query(), Some(&path));
             assert_eq!(uri.port_u16(), Some(endpoint.port()));
         }
@@ -406,7 +407,7 @@ fn inbound_rewrite(req: &Request<()>) {
 
     let upgrade = req.version() <= Version::HTTP_11 && headers::wants_upgrade(req.headers());
     let mut head = req;
-    crate::forward::clean(&mut head);
+    weft_transport::forward::clean(&mut head);
     assert_no_hop_by_hop(head.headers(), upgrade);
     assert_eq!(
         head.headers()
@@ -525,10 +526,10 @@ pub fn framing(data: &[u8]) {
     }
 }
 
-/// [`crate::framing::RequestFraming`] fed `data` in pieces cut at `cuts`:
+/// [`weft_core::framing::RequestFraming`] fed `data` in pieces cut at `cuts`:
 /// its claim, and whether it still follows.
 fn follow(data: &[u8], cuts: &[usize]) -> (Option<u64>, bool) {
-    let mut framing = crate::framing::RequestFraming::new();
+    let mut framing = weft_core::framing::RequestFraming::new();
     let mut claim = None;
     let mut from = 0;
     for &to in cuts.iter().chain(std::iter::once(&data.len())) {

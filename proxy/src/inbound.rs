@@ -29,26 +29,26 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
-use crate::authz::MeshRule;
-use crate::body::ProxyBody;
-use crate::directory::LocalApp;
-use crate::error::ProxyError;
-use crate::stack::authorize::{Authorize, AuthorizeLayer};
-use crate::stack::concurrency::{self, Concurrency, ConcurrencyLayer, PermitBody};
-use crate::stack::context::RequestContext;
-use crate::stack::endpoint::{AppProtocol, EndpointClient, NewEndpoint};
-use crate::stack::forwarded::{self, ClientAddr, Forwarded, ForwardedLayer};
-use crate::stack::observe::{Observe, ObserveLayer};
-use crate::stack::rate_limit::{self, RateLimit, RateLimitLayer};
-use crate::stack::respond::{Respond, RespondLayer, Side};
-use crate::stack::route::{Route, RouteLayer};
-use crate::stack::screen::{self, Screen, ScreenLayer};
-use crate::stack::timeout::{self, Timeout, TimeoutLayer};
-use crate::stack::{Boxed, NewService};
 use crate::state::Shared;
-use crate::telemetry::Direction;
+use crate::telemetry::{Direction, RequestObserver};
+use weft_core::authz::MeshRule;
+use weft_core::body::ProxyBody;
+use weft_core::error::ProxyError;
+use weft_discovery::directory::LocalApp;
+use weft_stack::authorize::{Authorize, AuthorizeLayer};
+use weft_stack::concurrency::{self, Concurrency, ConcurrencyLayer, PermitBody};
+use weft_stack::context::RequestContext;
+use weft_stack::endpoint::{AppProtocol, EndpointClient, NewEndpoint};
+use weft_stack::forwarded::{self, ClientAddr, Forwarded, ForwardedLayer};
+use weft_stack::observe::{Observe, ObserveLayer};
+use weft_stack::rate_limit::{self, RateLimit, RateLimitLayer};
+use weft_stack::respond::{Respond, RespondLayer, Side};
+use weft_stack::route::{Route, RouteLayer};
+use weft_stack::screen::{self, Screen, ScreenLayer};
+use weft_stack::timeout::{self, Timeout, TimeoutLayer};
+use weft_stack::{Boxed, NewService};
 
-pub use crate::stack::rate_limit::ANONYMOUS;
+pub use weft_stack::rate_limit::ANONYMOUS;
 
 /// The local app's stack.
 pub type AppStack = Screen<
@@ -58,7 +58,7 @@ pub type AppStack = Screen<
                 RateLimit<RateLimit<Concurrency<Concurrency<Forwarded<Timeout<EndpointClient>>>>>>,
             >,
         >,
-        crate::policy::InboundPolicy,
+        weft_core::policy::InboundPolicy,
     >,
 >;
 
@@ -124,7 +124,7 @@ pub fn app_stack(local: &LocalApp, listener: &Listener) -> AppStack {
 }
 
 /// The inbound listener's service (one per client connection).
-pub type InboundStack = Observe<Respond<Local>>;
+pub type InboundStack = Observe<RequestObserver, Respond<Local>>;
 
 #[derive(Debug, Clone)]
 pub struct Inbound {
@@ -148,10 +148,10 @@ impl Inbound {
         };
         let stack = ServiceBuilder::new()
             // First: the observation covers every request, refused or not.
-            .layer(ObserveLayer::new(
+            .layer(ObserveLayer::new(RequestObserver::new(
                 Arc::clone(&shared.reporters),
                 Direction::Inbound,
-            ))
+            )))
             // Every error below becomes a response here, and only here.
             .layer(RespondLayer::new(Side::Inbound, client))
             .service(Local {

@@ -75,10 +75,10 @@ fn check(config: Option<PathBuf>, policy: Option<PathBuf>) -> ExitCode {
         (Some(path), _) => {
             let r = weft_config::load_bootstrap(&path).map_err(|e| e.to_string());
             let r = r.and_then(|loaded| {
-                weft_proxy::tls::MeshTls::load(&loaded, std::sync::Arc::new(()))
+                weft_transport::tls::MeshTls::load(&loaded, std::sync::Arc::new(()))
                     .map_err(|e| format!("{}: [tls]: {e}", path.display()))?;
                 // Valid, but a policy may set keys that nothing enforces.
-                for unenforced in weft_proxy::enforcement::unenforced(&loaded) {
+                for unenforced in weft_discovery::enforcement::unenforced(&loaded) {
                     eprintln!("warning: {}: {unenforced}", path.display());
                 }
                 Ok(())

@@ -14,7 +14,7 @@
 //! literal, or a name resolved through DNS (waiting, bounded, for the first
 //! answer); it names the service in the request's context and sends the
 //! request down that service's stack ([`service_stack`]). Every stage is a
-//! layer of [`crate::stack`]; why each sits where it does is said where it
+//! layer of [`weft_stack`]; why each sits where it does is said where it
 //! is pushed.
 
 use std::convert::Infallible;
@@ -30,28 +30,28 @@ use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 use weft_config::Protocol;
 
-use crate::balance::{Balancer, Endpoint};
-use crate::body::ProxyBody;
-use crate::client::UpstreamClient;
-use crate::directory::{Directory, MeshService};
-use crate::discovery::EndpointSet;
-use crate::error::ProxyError;
-use crate::policy::OutboundPolicy;
-use crate::stack::balance::{Balance, Endpoints, InFlightBody};
-use crate::stack::context::RequestContext;
-use crate::stack::endpoint::{AppProtocol, NewEndpoint};
-use crate::stack::forwarded::{self, Forwarded, ForwardedLayer};
-use crate::stack::observe::{Observe, ObserveLayer};
-use crate::stack::rate_limit::{RateLimit, RateLimitLayer};
-use crate::stack::respond::{Respond, RespondLayer, Side};
-use crate::stack::retry::{Retry, RetryLayer};
-use crate::stack::route::{Route, RouteLayer};
-use crate::stack::screen::{Screen, ScreenLayer};
-use crate::stack::timeout::{self, Timeout, TimeoutLayer};
-use crate::stack::{Boxed, NewLayered};
 use crate::state::Shared;
-use crate::target::Destination;
-use crate::telemetry::{Direction, EXTERNAL};
+use crate::telemetry::{Direction, EXTERNAL, RequestObserver};
+use weft_core::body::ProxyBody;
+use weft_core::error::ProxyError;
+use weft_core::policy::OutboundPolicy;
+use weft_core::target::Destination;
+use weft_discovery::balance::{Balancer, Endpoint};
+use weft_discovery::directory::{Directory, MeshService};
+use weft_discovery::endpoints::EndpointSet;
+use weft_stack::balance::{Balance, Endpoints, InFlightBody};
+use weft_stack::context::RequestContext;
+use weft_stack::endpoint::{AppProtocol, NewEndpoint};
+use weft_stack::forwarded::{self, Forwarded, ForwardedLayer};
+use weft_stack::observe::{Observe, ObserveLayer};
+use weft_stack::rate_limit::{RateLimit, RateLimitLayer};
+use weft_stack::respond::{Respond, RespondLayer, Side};
+use weft_stack::retry::{Retry, RetryLayer};
+use weft_stack::route::{Route, RouteLayer};
+use weft_stack::screen::{Screen, ScreenLayer};
+use weft_stack::timeout::{self, Timeout, TimeoutLayer};
+use weft_stack::{Boxed, NewLayered};
+use weft_transport::client::UpstreamClient;
 
 /// Port assumed for an IP literal without one.
 const DEFAULT_PORT: u16 = 80;
@@ -60,7 +60,7 @@ const DEFAULT_PORT: u16 = 80;
 /// before falling back to DNS.
 const CONTROL_PLANE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-pub use crate::headers::WEFT_CALLER;
+pub use weft_core::headers::WEFT_CALLER;
 
 /// One endpoint's stack: a try, bounded by the route's per-try timeout.
 pub type NewEndpointStack = NewLayered<TimeoutLayer, NewEndpoint>;
@@ -149,7 +149,7 @@ pub fn service_stack(target: Target<'_>, caller: Caller) -> ServiceStack {
 }
 
 /// The outbound listener's service (one per client connection).
-pub type OutboundStack = Observe<Respond<Screen<Discover>>>;
+pub type OutboundStack = Observe<RequestObserver, Respond<Screen<Discover>>>;
 
 /// The outbound listener's service, boxing the response body for hyper.
 #[derive(Debug, Clone)]
@@ -162,10 +162,10 @@ impl Outbound {
         let max_uri_length = max_uri_length(&shared);
         let stack = ServiceBuilder::new()
             // First: the observation covers every request, refused or not.
-            .layer(ObserveLayer::new(
+            .layer(ObserveLayer::new(RequestObserver::new(
                 Arc::clone(&shared.reporters),
                 Direction::Outbound,
-            ))
+            )))
             // Every error below becomes a response here, and only here.
             .layer(RespondLayer::new(Side::Outbound, client))
             // Cheap checks before any lookup.
@@ -205,12 +205,15 @@ impl Discover {
 /// The request bodies a stack takes: any the retry layer can replay (a
 /// listener's, or an in-process client's).
 pub trait StackBody:
-    http_body::Body<Data = bytes::Bytes, Error: Into<crate::body::BoxError>> + Send + Unpin + 'static
+    http_body::Body<Data = bytes::Bytes, Error: Into<weft_core::body::BoxError>>
+    + Send
+    + Unpin
+    + 'static
 {
 }
 
 impl<B> StackBody for B where
-    B: http_body::Body<Data = bytes::Bytes, Error: Into<crate::body::BoxError>>
+    B: http_body::Body<Data = bytes::Bytes, Error: Into<weft_core::body::BoxError>>
         + Send
         + Unpin
         + 'static

@@ -6,7 +6,7 @@
 //! (`join_control_plane`), serves (`serve_listeners`) until SIGTERM or
 //! SIGINT (`wait_for_stop`), and drains (`drain`). SIGHUP
 //! reloads the bootstrap file (an invalid one is logged and ignored). A sidecar
-//! with `[service]` checks its app (`crate::health`) from the moment it is
+//! with `[service]` checks its app (`weft_discovery::health`) from the moment it is
 //! bound; with a control plane, readiness waits (bounded) for the first
 //! snapshot. On shutdown:
 //! readiness goes false, the instance deregisters from the control plane (if
@@ -29,15 +29,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
-use crate::authz::MeshRule;
-use crate::control_plane::{ControlPlaneClient, Registration};
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
-use crate::remote::RemoteServices;
-use crate::server::{Hardening, serve};
 use crate::state::{Bound, Shared};
 use crate::telemetry::{Direction, otlp_metrics};
-use crate::tls::accept::InboundTls;
+use weft_core::authz::MeshRule;
+use weft_discovery::control_plane::{ControlPlaneClient, Registration};
+use weft_discovery::remote::RemoteServices;
+use weft_transport::server::{Hardening, serve};
+use weft_transport::tls::accept::InboundTls;
 
 /// Longest wait for the control plane to acknowledge a deregistration.
 const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(2);

@@ -24,12 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_config::Loaded;
 
-use crate::control_plane::ControlPlaneClient;
-use crate::directory::{Directory, OwnService};
-use crate::health::{self, AppHealth};
-use crate::remote::RemoteServices;
 use crate::telemetry::{Direction, Metrics, Reporters};
-use crate::tls::{HandshakeObserver, MeshTls, Side};
+use weft_discovery::control_plane::ControlPlaneClient;
+use weft_discovery::directory::{Directory, OwnService};
+use weft_discovery::health::{self, AppHealth};
+use weft_discovery::remote::RemoteServices;
+use weft_transport::tls::{HandshakeObserver, MeshTls, Side};
 
 /// The effective configuration and its version.
 #[derive(Debug, Serialize)]
@@ -95,7 +95,7 @@ pub enum ReloadError {
     #[error("{0}")]
     Rejected(String),
     #[error("the [tls] files were refused (the current certificate stays): {0}")]
-    Tls(#[from] crate::tls::MaterialError),
+    Tls(#[from] weft_transport::tls::MaterialError),
 }
 
 /// Counts failed mesh handshakes (`weft_tls_handshake_failures_total`).
@@ -123,7 +123,7 @@ pub struct Shared {
     /// What the control plane last said about the local service.
     own: std::sync::Mutex<Option<OwnService>>,
     draining: AtomicBool,
-    /// The local app's health (`crate::health`).
+    /// The local app's health (`weft_discovery::health`).
     app_health: watch::Sender<AppHealth>,
     /// False, with a control plane, until its first snapshot arrived or
     /// `[control_plane] ready_timeout` passed.

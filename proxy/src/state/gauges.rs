@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Shared;
-use crate::control_plane::{ConnectionState, ControlPlaneClient};
-use crate::directory::MeshService;
 use crate::telemetry::metrics::{ControlPlaneStatus, EndpointStates, GaugeSource, Gauges};
+use weft_discovery::control_plane::{ConnectionState, ControlPlaneClient};
+use weft_discovery::directory::MeshService;
 
 impl GaugeSource for Shared {
     fn refresh(&self, gauges: &mut Gauges<'_>) {

@@ -21,6 +21,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use super::series;
+pub use weft_transport::io::ConnectionMetrics;
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -173,17 +174,6 @@ pub struct Finished<'a> {
     pub status_code: u16,
     pub classification: Classification,
     pub duration: Duration,
-}
-
-/// Counters of one listener's client connections (the default: counted nowhere).
-#[derive(Debug, Clone, Default)]
-pub struct ConnectionMetrics {
-    pub open: Gauge,
-    pub accepted: Counter,
-    pub read_bytes: Counter,
-    pub written_bytes: Counter,
-    /// Connections closed at accept: the listener was at `[limits]` max_connections.
-    pub refused: Counter,
 }
 
 /// Counters of the span pipeline ([`super::trace`]); zero without

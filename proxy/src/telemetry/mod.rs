@@ -8,10 +8,8 @@
 //! | [`otlp_metrics`] | the registry's values, exported over OTLP every interval |
 //! | [`observe`] | one request's observation, finished when its response body ends: metrics, span, access log |
 //! | [`trace`] | the tracer, W3C trace-context propagation, and the bounded span export queue |
-//! | [`io`] | byte and connection counting on the listeners' client connections |
 //! | [`series`] | the series a finished request is counted in, by its labels' addresses |
 
-pub mod io;
 pub mod metrics;
 pub mod observe;
 pub mod otlp_metrics;
@@ -21,7 +19,7 @@ pub mod trace;
 use std::sync::{Arc, LazyLock};
 
 pub use metrics::{Direction, Metrics, RetrySkipped};
-pub use observe::Observation;
+pub use observe::{Observation, RequestObserver};
 pub use trace::{TraceError, TraceSettings, Traces};
 
 /// Where finished requests are reported; set up once at start (`[telemetry]`
@@ -77,5 +75,5 @@ pub static NO_LIMIT: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(""));
 
 /// The `route` label of a request that matched no route.
 pub fn no_route() -> &'static Arc<str> {
-    crate::route::RouteTable::no_route()
+    weft_core::route::RouteTable::no_route()
 }

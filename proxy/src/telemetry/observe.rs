@@ -1,9 +1,10 @@
 //! One request's observation: what it was and how it ended, recorded once.
 //!
-//! A listener starts an [`Observation`] when a request arrives, tells it the
-//! service and route once they are known, and hands it the response with
-//! [`Observation::respond`]. The observation then rides in the response body
-//! ([`Observed`]) and is recorded when the body ends: that is when a gRPC
+//! The stack's observe layer (`weft_stack::observe`) starts an
+//! [`Observation`] through a [`RequestObserver`] when a request arrives; the
+//! layers below tell it the service and route through the request's context;
+//! the layer shows it the response, then carries it in the response body and
+//! finishes it when the body ends: that is when a gRPC
 //! status in the trailers is known, and when the request's duration is. A
 //! body that fails, or that the client abandons, is recorded as a failure; a
 //! request dropped before its response (the client went away) is recorded
@@ -15,25 +16,21 @@
 //! need are only kept when `[telemetry]` asks for them ([`Reporters`]).
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{HeaderMap, Method, Request, Response, header};
-use http_body::{Body, Frame, SizeHint};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, SpanKind, Status};
-use pin_project_lite::pin_project;
 
 use super::Reporters;
 use super::metrics::{Classification, Direction, Finished};
 use super::{NO_LIMIT, UNKNOWN};
-use crate::body::BoxError;
-use crate::error::Refusal;
-use crate::error::{WEFT_LIMIT, WEFT_REASON};
-use crate::retry::classify::grpc_status;
 use weft_core::context::{Events, RequestContext, RetrySkipped};
+use weft_core::error::Refusal;
+use weft_core::error::{WEFT_LIMIT, WEFT_REASON};
+use weft_core::retry::classify::grpc_status;
+use weft_stack::observe::Observer;
 
 impl Events for Reporters {
     fn retry(&self, service: &Arc<str>, route: &Arc<str>) {
@@ -52,6 +49,31 @@ impl Events for Reporters {
 
     fn ejection(&self, service: &Arc<str>) {
         self.metrics.ejection(service);
+    }
+}
+
+/// The stack's observer for one direction: every request through it is
+/// observed into the [`Reporters`].
+#[derive(Debug)]
+pub struct RequestObserver {
+    reporters: Arc<Reporters>,
+    direction: Direction,
+}
+
+impl RequestObserver {
+    pub fn new(reporters: Arc<Reporters>, direction: Direction) -> Arc<Self> {
+        Arc::new(Self {
+            reporters,
+            direction,
+        })
+    }
+}
+
+impl Observer for RequestObserver {
+    type Observation = Observation;
+
+    fn start<B>(&self, req: &mut Request<B>) -> Observation {
+        Observation::start(&self.reporters, self.direction, req)
     }
 }
 
@@ -163,34 +185,8 @@ impl Observation {
         );
     }
 
-    /// The response goes out: the observation finishes when its body ends.
-    pub fn respond<B: Body>(mut self, rsp: Response<B>) -> Response<Observed<B>> {
-        if let Some(refusal) = rsp.extensions().get::<Refusal>() {
-            self.refused(refusal);
-        }
-        self.status = rsp.status().as_u16();
-        self.grpc_failed = grpc_status(rsp.headers()).is_some_and(|s| s != 0);
-        if let Some(detail) = &mut self.detail {
-            let text = |name| {
-                rsp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            detail.reason = text(&WEFT_REASON);
-            detail.limit = text(&WEFT_LIMIT);
-        }
-        let observation = if rsp.body().is_end_stream() {
-            self.finish(false);
-            None
-        } else {
-            Some(self)
-        };
-        rsp.map(|inner| Observed { inner, observation })
-    }
-
     /// Records the request (once).
-    fn finish(&mut self, failed: bool) {
+    fn record(&mut self, failed: bool) {
         if std::mem::replace(&mut self.finished, true) {
             return;
         }
@@ -230,6 +226,36 @@ impl Observation {
         if self.reporters.access_log {
             access_log(&finished, detail, sent, trace_id.as_deref());
         }
+    }
+}
+
+impl weft_stack::observe::Observation for Observation {
+    /// The response goes out: a refusal is counted now; the request is
+    /// recorded when its body ends.
+    fn respond<B>(&mut self, rsp: &Response<B>) {
+        if let Some(refusal) = rsp.extensions().get::<Refusal>() {
+            self.refused(refusal);
+        }
+        self.status = rsp.status().as_u16();
+        self.grpc_failed = grpc_status(rsp.headers()).is_some_and(|s| s != 0);
+        if let Some(detail) = &mut self.detail {
+            let text = |name| {
+                rsp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            detail.reason = text(&WEFT_REASON);
+            detail.limit = text(&WEFT_LIMIT);
+        }
+    }
+
+    fn trailers(&mut self, trailers: &HeaderMap) {
+        self.grpc_failed |= grpc_status(trailers).is_some_and(|s| s != 0);
+    }
+
+    fn finish(&mut self, failed: bool) {
+        self.record(failed);
     }
 }
 
@@ -349,60 +375,56 @@ fn host(headers: &HeaderMap) -> Option<String> {
 impl Drop for Observation {
     /// Never finished: dropped before a response, or with its body unfinished.
     fn drop(&mut self) {
-        self.finish(true);
+        self.record(true);
     }
 }
 
-pin_project! {
-    /// A response body that finishes its request's observation when it ends.
-    pub struct Observed<B> {
-        #[pin]
-        inner: B,
-        observation: Option<Observation>,
-    }
-}
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::convert::Infallible;
 
-impl<B> Body for Observed<B>
-where
-    B: Body,
-    B::Error: Into<BoxError>,
-{
-    type Data = B::Data;
-    type Error = BoxError;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use tower::{Layer, ServiceExt};
+    use weft_stack::observe::ObserveLayer;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
-        if let Poll::Ready(frame) = &polled
-            && let Some(mut observation) = this.observation.take()
-        {
-            match frame {
-                Some(Ok(frame)) => {
-                    if let Some(trailers) = frame.trailers_ref() {
-                        observation.grpc_failed |= grpc_status(trailers).is_some_and(|s| s != 0);
-                    }
-                    // hyper stops polling a body that says it has ended.
-                    if this.inner.is_end_stream() {
-                        observation.finish(false);
-                    } else {
-                        *this.observation = Some(observation);
-                    }
-                }
-                Some(Err(_)) => observation.finish(true),
-                None => observation.finish(false),
-            }
-        }
-        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
+    use super::*;
+    use crate::telemetry::Metrics;
+    use crate::telemetry::metrics::{GaugeSource, Gauges};
+
+    struct NoGauges;
+
+    impl GaugeSource for NoGauges {
+        fn refresh(&self, _: &mut Gauges<'_>) {}
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    #[tokio::test]
+    async fn the_request_is_recorded_when_its_body_ends_under_the_labels_below() {
+        let metrics = Arc::new(Metrics::new(false));
+        let reporters = Arc::new(Reporters {
+            metrics: Arc::clone(&metrics),
+            traces: None,
+            access_log: false,
+        });
+        let service_label: Arc<str> = Arc::from("billing");
+        let inner = tower::service_fn(move |req: Request<()>| {
+            let context = RequestContext::of(&req).cloned().unwrap();
+            context.set_service(&service_label, None);
+            async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+        });
+        let observer = RequestObserver::new(reporters, Direction::Outbound);
+        let observe = ObserveLayer::new(observer).layer(inner);
+        let rsp = observe.oneshot(Request::new(())).await.unwrap();
+        let count = || {
+            metrics.render(&NoGauges).unwrap().lines().any(|l| {
+                l.starts_with("weft_requests_total{")
+                    && l.contains("service=\"billing\"")
+                    && l.ends_with(" 1")
+            })
+        };
+        assert!(!count(), "not before the body ends");
+        rsp.into_body().collect().await.unwrap();
+        assert!(count(), "{}", metrics.render(&NoGauges).unwrap());
     }
 }
