@@ -39,7 +39,7 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use weft_core::body::{self, BoxError, ProxyBody};
 use weft_discovery::control_plane::ControlPlaneClient;
 use weft_proxy::outbound::{self, Discover};
-use weft_proxy::state::Shared;
+use weft_proxy::state::LiveState;
 use weft_proxy::telemetry::{Direction, RequestObserver};
 use weft_stack::observe::{Observe, ObserveLayer};
 use weft_stack::respond::{Respond, RespondLayer, Side};
@@ -85,7 +85,7 @@ pub struct Client {
 /// What every clone shares; dropping the last clone stops the tasks.
 #[derive(Debug)]
 struct Inner {
-    shared: Arc<Shared>,
+    shared: Arc<LiveState>,
     control_plane: Option<ControlPlaneClient>,
     /// Whether the app was registered ([`Builder::register`]).
     registered: bool,

@@ -22,20 +22,21 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 use weft_config::Policy;
 
-use crate::state::{Readiness, Shared};
+use crate::state::{LiveState, Readiness};
 use weft_core::body::{self, ProxyBody};
 use weft_discovery::balance::Endpoint;
-use weft_discovery::control_plane::ConnectionState;
-use weft_discovery::dns::Status;
+use weft_discovery::control_plane::{ConnectionState, ControlPlaneClient};
+use weft_discovery::directory::{Directory, LocalApp, MeshService};
+use weft_discovery::dns::{DnsTarget, Status};
 use weft_discovery::enforcement::{self, Unenforced};
 
 #[derive(Debug, Clone)]
 pub struct Admin {
-    shared: Arc<Shared>,
+    shared: Arc<LiveState>,
 }
 
 impl Admin {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<LiveState>) -> Self {
         Self { shared }
     }
 
@@ -109,7 +110,6 @@ impl Admin {
 
     fn endpoints(&self) -> Response<ProxyBody> {
         let config = self.shared.config();
-        let version = config.version;
         let directory = self.shared.directory();
         let now = Instant::now();
         let unenforced = enforcement::unenforced(&config.loaded);
@@ -117,29 +117,16 @@ impl Admin {
             .services()
             .into_iter()
             .map(|svc| {
-                let set = Arc::clone(&svc.endpoints().borrow());
-                let cap = svc.policy.endpoint_cap();
                 let policy = policy_json(
                     config.loaded.policies.get(&svc.name),
                     unenforced.iter().find(|u| u.service == svc.name),
                 );
-                json!({
-                    "name": svc.name,
-                    "source": "static",
-                    "load_balancer": svc.balancer.strategy(),
-                    "protocol": svc.protocol,
-                    "tls": if svc.client.is_mesh() { "mesh" } else { "none" },
-                    "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, cap, now)).collect::<Vec<_>>(),
-                    "counters": svc.policy.stats.to_json(),
-                    "policy": policy,
-                })
+                service_json(svc, "static", policy, now)
             })
             .collect();
         if let Some(remote) = self.shared.remote() {
             let pushed = Arc::clone(&remote.client().snapshot().borrow());
             for svc in remote.services() {
-                let set = Arc::clone(&svc.endpoints().borrow());
-                let cap = svc.policy.endpoint_cap();
                 // Pushed instances are sidecars' registrations: their own
                 // sidecars enforce the service-side keys.
                 let policy = policy_json(
@@ -149,59 +136,18 @@ impl Admin {
                         .and_then(|s| s.policy.as_deref()),
                     None,
                 );
-                services.push(json!({
-                    "name": svc.name,
-                    "source": "control-plane",
-                    "load_balancer": svc.balancer.strategy(),
-                    "protocol": svc.protocol,
-                    "tls": if svc.client.is_mesh() { "mesh" } else { "none" },
-                    "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, cap, now)).collect::<Vec<_>>(),
-                    "counters": svc.policy.stats.to_json(),
-                    "policy": policy,
-                }));
+                services.push(service_json(&svc, "control-plane", policy, now));
             }
         }
         for target in directory.dns().targets() {
-            let set = Arc::clone(&target.endpoints().borrow());
-            let status = match target.status() {
-                Status::Pending => json!("pending"),
-                Status::Resolved => json!("resolved"),
-                Status::NotFound => json!("not-found"),
-                Status::Failed(message) => json!({ "failed": message }),
-            };
-            services.push(json!({
-                "name": format!("{}:{}", target.host(), target.port()),
-                "source": "dns",
-                "dns_status": status,
-                "load_balancer": directory.dns_balancer.strategy(),
-                "protocol": "auto",
-                "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, None, now)).collect::<Vec<_>>(),
-            }));
+            services.push(dns_json(&target, &directory, now));
         }
-        let local = directory.local.as_ref().map(|l| {
-            let p = &l.policy;
-            json!({
-                "name": l.name,
-                "app": l.addr,
-                "app_health": self.shared.app_health().as_str(),
-                "policy_source": l.policy_source,
-                "share": l.share.get(),
-                "in_flight": p.concurrency.as_ref().map(|c| c.in_flight()),
-                "queued": p.concurrency.as_ref().map(|c| c.waiting()),
-                "max_concurrency": p.concurrency.as_ref().map(|c| c.max()),
-                "rate_limit": p.rate_limit.as_ref().map(|r| {
-                    let (per_second, burst) = r.effective();
-                    json!({ "per_second": per_second, "burst": burst })
-                }),
-                "allow": p.allow.as_ref().map(|a| a.callers().iter().map(ToString::to_string).collect::<Vec<_>>()),
-                "allow_plaintext": p.allow_plaintext,
-                "counters": p.stats.to_json(),
-            })
-        });
+        let local = directory
+            .local
+            .as_ref()
+            .map(|l| local_json(l, self.shared.app_health().as_str()));
         // The certificate in force (never the key).
-        let default_inbound = self
-            .shared
-            .config()
+        let default_inbound = config
             .loaded
             .bootstrap
             .tls
@@ -219,33 +165,94 @@ impl Admin {
         json_response(
             StatusCode::OK,
             &json!({
-                "version": version,
+                "version": config.version,
                 "tls": tls,
                 "local": local,
                 "services": services,
                 "dns_counters": directory.default_policy.stats.to_json(),
-                "control_plane": self.shared.remote().map(|r| {
-                    let client = r.client();
-                    let (rejected, last_rejection) = client.rejected();
-                    let state = match client.state() {
-                        ConnectionState::Connecting => json!({ "state": "connecting" }),
-                        ConnectionState::Connected { address } => json!({ "state": "connected", "address": address }),
-                        ConnectionState::Disconnected { since, error } => json!({
-                            "state": "disconnected",
-                            "for_ms": since.elapsed().as_millis() as u64,
-                            "error": error,
-                        }),
-                    };
-                    json!({
-                        "connection": state,
-                        "version": client.snapshot().borrow().version,
-                        "rejected": rejected,
-                        "last_rejection": last_rejection,
-                    })
-                }),
+                "control_plane": self.shared.remote().map(|r| control_plane_json(r.client())),
             }),
         )
     }
+}
+
+/// A static or pushed service's `/endpoints` entry.
+fn service_json(svc: &MeshService, source: &str, policy: Value, now: Instant) -> Value {
+    let set = Arc::clone(&svc.endpoints().borrow());
+    let cap = svc.policy.endpoint_cap();
+    json!({
+        "name": svc.name,
+        "source": source,
+        "load_balancer": svc.balancer.strategy(),
+        "protocol": svc.protocol,
+        "tls": if svc.client.is_mesh() { "mesh" } else { "none" },
+        "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, cap, now)).collect::<Vec<_>>(),
+        "counters": svc.policy.stats.to_json(),
+        "policy": policy,
+    })
+}
+
+/// A DNS name's `/endpoints` entry.
+fn dns_json(target: &DnsTarget, directory: &Directory, now: Instant) -> Value {
+    let set = Arc::clone(&target.endpoints().borrow());
+    let status = match target.status() {
+        Status::Pending => json!("pending"),
+        Status::Resolved => json!("resolved"),
+        Status::NotFound => json!("not-found"),
+        Status::Failed(message) => json!({ "failed": message }),
+    };
+    json!({
+        "name": format!("{}:{}", target.host(), target.port()),
+        "source": "dns",
+        "dns_status": status,
+        "load_balancer": directory.dns_balancer.strategy(),
+        "protocol": "auto",
+        "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, None, now)).collect::<Vec<_>>(),
+    })
+}
+
+/// The local service's `/endpoints` entry: its app and inbound limits.
+fn local_json(l: &LocalApp, app_health: &str) -> Value {
+    let p = &l.policy;
+    json!({
+        "name": l.name,
+        "app": l.addr,
+        "app_health": app_health,
+        "policy_source": l.policy_source,
+        "share": l.share.get(),
+        "in_flight": p.concurrency.as_ref().map(|c| c.in_flight()),
+        "queued": p.concurrency.as_ref().map(|c| c.waiting()),
+        "max_concurrency": p.concurrency.as_ref().map(|c| c.max()),
+        "rate_limit": p.rate_limit.as_ref().map(|r| {
+            let (per_second, burst) = r.effective();
+            json!({ "per_second": per_second, "burst": burst })
+        }),
+        "allow": p.allow.as_ref().map(|a| a.callers().iter().map(ToString::to_string).collect::<Vec<_>>()),
+        "allow_plaintext": p.allow_plaintext,
+        "counters": p.stats.to_json(),
+    })
+}
+
+/// The control-plane session's `/endpoints` entry.
+fn control_plane_json(client: &ControlPlaneClient) -> Value {
+    let (rejected, last_rejection) = client.rejected();
+    let state = match client.state() {
+        ConnectionState::Connecting => json!({ "state": "connecting" }),
+        ConnectionState::Connected { address } => {
+            json!({ "state": "connected", "address": address })
+        }
+        ConnectionState::Disconnected { since, error } => json!({
+            "state": "disconnected",
+            "for_ms": since.elapsed().as_millis() as u64,
+            "error": error,
+        }),
+    };
+    json!({
+        "connection": state,
+        "version": client.snapshot().borrow().version,
+        "rejected": rejected,
+        "last_rejection": last_rejection,
+    })
 }
 
 /// The policy part of a service's `/endpoints` entry: each service-side key

@@ -29,7 +29,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
-use crate::state::Shared;
+use crate::state::LiveState;
 use crate::telemetry::{Direction, RequestObserver};
 use weft_core::authz::MeshRule;
 use weft_core::body::ProxyBody;
@@ -132,7 +132,7 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub fn new(shared: Arc<Shared>, client: SocketAddr, rule: Arc<MeshRule>) -> Self {
+    pub fn new(shared: Arc<LiveState>, client: SocketAddr, rule: Arc<MeshRule>) -> Self {
         let config = shared.config();
         let listener = Listener {
             max_uri_length: crate::outbound::max_uri_length(&shared),
@@ -180,7 +180,7 @@ impl Service<Request<Incoming>> for Inbound {
 /// The local app's stack, for the directory's current local app.
 #[derive(Debug, Clone)]
 pub struct Local {
-    shared: Arc<Shared>,
+    shared: Arc<LiveState>,
     client: SocketAddr,
     listener: Arc<Listener>,
 }

@@ -30,7 +30,7 @@ use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 use weft_config::Protocol;
 
-use crate::state::Shared;
+use crate::state::LiveState;
 use crate::telemetry::{Direction, EXTERNAL, RequestObserver};
 use weft_core::body::ProxyBody;
 use weft_core::error::ProxyError;
@@ -71,7 +71,7 @@ pub type ServiceStack =
 
 /// What the stack of one destination is built from.
 #[derive(Debug)]
-pub struct Target<'a> {
+pub struct ServiceParts<'a> {
     /// The name refusals name.
     pub service: Arc<str>,
     pub endpoints: Endpoints,
@@ -97,7 +97,7 @@ pub struct Caller {
 }
 
 impl Caller {
-    pub fn of(directory: &Directory, shared: &Shared) -> Self {
+    pub fn of(directory: &Directory, shared: &LiveState) -> Self {
         Self {
             name: directory.caller_header.clone(),
             zone: directory.caller_zone.clone(),
@@ -108,15 +108,15 @@ impl Caller {
 }
 
 /// One service's stack, top to bottom.
-pub fn service_stack(target: Target<'_>, caller: Caller) -> ServiceStack {
-    let policy = target.policy;
+pub fn service_stack(parts: ServiceParts<'_>, caller: Caller) -> ServiceStack {
+    let policy = parts.policy;
     let new_endpoint = NewEndpoint::new(
-        Arc::clone(target.client),
-        AppProtocol::Fixed(target.protocol),
+        Arc::clone(parts.client),
+        AppProtocol::Fixed(parts.protocol),
         caller.tasks,
     )
     .refuse_loops_to(caller.listener);
-    let new_endpoint = if target.endpoint_pools {
+    let new_endpoint = if parts.endpoint_pools {
         new_endpoint
     } else {
         new_endpoint.shared_pools()
@@ -137,9 +137,9 @@ pub fn service_stack(target: Target<'_>, caller: Caller) -> ServiceStack {
         // Above the balancer: each retry picks an endpoint afresh.
         .layer(RetryLayer)
         .service(Balance::new(
-            target.service,
-            target.endpoints,
-            target.balancer.clone(),
+            parts.service,
+            parts.endpoints,
+            parts.balancer.clone(),
             Arc::clone(policy),
             caller.zone,
             // Per endpoint, below the balancer: a try that times out counts
@@ -158,7 +158,7 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(shared: Arc<Shared>, client: SocketAddr) -> Self {
+    pub fn new(shared: Arc<LiveState>, client: SocketAddr) -> Self {
         let max_uri_length = max_uri_length(&shared);
         let stack = ServiceBuilder::new()
             // First: the observation covers every request, refused or not.
@@ -192,12 +192,12 @@ impl Service<Request<Incoming>> for Outbound {
 /// Where a request goes: the destination's stack.
 #[derive(Debug, Clone)]
 pub struct Discover {
-    shared: Arc<Shared>,
+    shared: Arc<LiveState>,
 }
 
 impl Discover {
     /// Discovery over `shared`'s directory (also used by `weft-client`).
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<LiveState>) -> Self {
         Self { shared }
     }
 }
@@ -281,7 +281,7 @@ fn mesh_service<B: StackBody>(
         context.set_service(&svc.label, Some(&svc.policy.stats));
     }
     let mut stack = service_stack(
-        Target {
+        ServiceParts {
             service: Arc::clone(&svc.label),
             endpoints: Endpoints::Watch(svc.endpoints().clone()),
             balancer: &svc.balancer,
@@ -310,7 +310,7 @@ fn ip_literal<B: StackBody>(
     let addr = SocketAddr::new(ip, port.unwrap_or(DEFAULT_PORT));
     let endpoint = Arc::new(Endpoint::new(addr, Default::default()));
     let mut stack = service_stack(
-        Target {
+        ServiceParts {
             service: Arc::from(addr.to_string()),
             endpoints: Endpoints::Fixed(Arc::new(EndpointSet::from_endpoints(vec![endpoint]))),
             balancer: &directory.dns_balancer,
@@ -336,7 +336,7 @@ async fn dns_name<B: StackBody>(
     }
     let resolved = directory.dns().resolve(&dest.host, dest.port).await?;
     let mut stack = service_stack(
-        Target {
+        ServiceParts {
             service: Arc::from(dest.host.as_str()),
             endpoints: Endpoints::Watch(resolved.endpoints().clone()),
             balancer: &directory.dns_balancer,
@@ -351,7 +351,7 @@ async fn dns_name<B: StackBody>(
 }
 
 /// `[limits] max_uri_length` in bytes.
-pub fn max_uri_length(shared: &Shared) -> usize {
+pub fn max_uri_length(shared: &LiveState) -> usize {
     let limit = shared.config().loaded.bootstrap.limits.max_uri_length.get();
     usize::try_from(limit).unwrap_or(usize::MAX)
 }

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
-use crate::state::{Bound, Shared};
+use crate::state::{Bound, LiveState};
 use crate::telemetry::{Direction, otlp_metrics};
 use weft_core::authz::MeshRule;
 use weft_discovery::control_plane::{ControlPlaneClient, Registration};
@@ -125,7 +125,11 @@ fn registration(
 /// snapshot: a sidecar that answered `/ready` with an empty directory would
 /// take traffic it cannot route. After the timeout it is ready on what it
 /// has (the cached snapshot, if one was loaded, else the static directory).
-fn wait_for_first_snapshot(shared: &Arc<Shared>, client: &ControlPlaneClient, timeout: Duration) {
+fn wait_for_first_snapshot(
+    shared: &Arc<LiveState>,
+    client: &ControlPlaneClient,
+    timeout: Duration,
+) {
     let (shared, client) = (Arc::clone(shared), client.clone());
     let stop = shared.shutdown.clone();
     shared.tasks.clone().spawn(async move {
@@ -160,11 +164,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
 
 /// Loads the bootstrap file at `path` and builds the shared state from it;
 /// starts the OTLP metrics export when `[telemetry]` asks for it.
-async fn load(path: PathBuf) -> anyhow::Result<Arc<Shared>> {
+async fn load(path: PathBuf) -> anyhow::Result<Arc<LiveState>> {
     let loaded = tokio::task::spawn_blocking(move || weft_config::load_bootstrap(&path))
         .await
         .context("loading the configuration")??;
-    let shared = Shared::new(loaded).map_err(anyhow::Error::msg)?;
+    let shared = LiveState::new(loaded).map_err(anyhow::Error::msg)?;
     let config = shared.config();
     let instance = config.loaded.bootstrap.service.as_ref().map(instance_id);
     if let Some(settings) =
@@ -193,7 +197,7 @@ impl Listeners {
     /// Binds `[listen]`'s addresses, records them in `shared` (and in
     /// `bound_file`), and starts checking the local app: from here on the
     /// sidecar can become ready.
-    async fn bind(shared: &Shared, bound_file: Option<&Path>) -> anyhow::Result<Self> {
+    async fn bind(shared: &LiveState, bound_file: Option<&Path>) -> anyhow::Result<Self> {
         let listen = shared.config().loaded.bootstrap.listen.clone();
         let outbound = bind("outbound", listen.outbound).await?;
         let inbound = bind("inbound", listen.inbound).await?;
@@ -229,7 +233,7 @@ impl Listeners {
 /// With a control plane: registers this instance and follows pushed
 /// services; `None` without `[control_plane]`.
 fn join_control_plane(
-    shared: &Arc<Shared>,
+    shared: &Arc<LiveState>,
     bound: &Bound,
     advertise: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<Option<ControlPlaneClient>> {
@@ -244,7 +248,7 @@ fn join_control_plane(
 /// if any, and following its service's policy) and follows pushed services;
 /// `None` without `[control_plane]`.
 fn follow_control_plane(
-    shared: &Arc<Shared>,
+    shared: &Arc<LiveState>,
     registration: Option<Registration>,
 ) -> Option<ControlPlaneClient> {
     let config = shared.config();
@@ -286,7 +290,7 @@ fn follow_control_plane(
 pub async fn embedded(
     path: PathBuf,
     register: bool,
-) -> anyhow::Result<(Arc<Shared>, Option<ControlPlaneClient>)> {
+) -> anyhow::Result<(Arc<LiveState>, Option<ControlPlaneClient>)> {
     let shared = load(path).await?;
     let registration = if register {
         Some(embedded_registration(&shared.config().loaded)?)
@@ -341,7 +345,7 @@ struct Serving {
 /// Serves the three listeners, each on its own task. Data listeners stop at
 /// the start of the drain; admin keeps answering (with /ready = 503) until
 /// the process exits.
-fn serve_listeners(shared: &Arc<Shared>, listeners: Listeners) -> Serving {
+fn serve_listeners(shared: &Arc<LiveState>, listeners: Listeners) -> Serving {
     let limits = shared.config().loaded.bootstrap.limits.clone();
     let data_stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
@@ -397,7 +401,7 @@ fn serve_listeners(shared: &Arc<Shared>, listeners: Listeners) -> Serving {
 
 /// With `[tls]`, the inbound listener's acceptor; plaintext is allowed
 /// while the local service's policy says so.
-fn inbound_tls(shared: &Arc<Shared>) -> Option<Arc<InboundTls>> {
+fn inbound_tls(shared: &Arc<LiveState>) -> Option<Arc<InboundTls>> {
     shared.tls.as_ref().map(|tls| {
         let s = Arc::clone(shared);
         Arc::new(InboundTls::new(
@@ -413,7 +417,7 @@ fn inbound_tls(shared: &Arc<Shared>) -> Option<Arc<InboundTls>> {
 }
 
 /// Reloads on every SIGHUP until SIGTERM or SIGINT.
-async fn wait_for_stop(shared: &Shared) -> anyhow::Result<()> {
+async fn wait_for_stop(shared: &LiveState) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -432,7 +436,7 @@ async fn wait_for_stop(shared: &Shared) -> anyhow::Result<()> {
 /// Drains within `[drain] grace`: not ready, deregistered, data listeners
 /// closed, in-flight requests and tasks finished (or the grace over), spans
 /// flushed, then the admin listener closed.
-async fn drain(shared: &Shared, control_plane: Option<&ControlPlaneClient>, serving: Serving) {
+async fn drain(shared: &LiveState, control_plane: Option<&ControlPlaneClient>, serving: Serving) {
     let grace = shared.config().loaded.bootstrap.drain.grace.get();
     tracing::info!(drain.grace_ms = grace.as_millis() as u64, "draining");
     shared.start_draining();

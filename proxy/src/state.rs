@@ -7,7 +7,7 @@
 //! and validates the whole bootstrap file (and the policy files it names) first, and
 //! only then swaps the snapshots: an invalid file changes nothing.
 //!
-//! [`Shared`] is also the [`GaugeSource`](crate::telemetry::metrics::GaugeSource)
+//! [`LiveState`] is also the [`GaugeSource`](crate::telemetry::metrics::GaugeSource)
 //! `/metrics` copies its gauges from (`state/gauges.rs`).
 
 mod gauges;
@@ -113,7 +113,7 @@ impl HandshakeObserver for CountHandshakeFailures {
 
 /// State shared by every listener and task.
 #[derive(Debug)]
-pub struct Shared {
+pub struct LiveState {
     path: PathBuf,
     config: watch::Sender<Arc<ConfigSnapshot>>,
     directory: watch::Sender<Arc<Directory>>,
@@ -144,7 +144,7 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-impl Shared {
+impl LiveState {
     /// Build the state from a loaded configuration (inside a Tokio runtime:
     /// with traces on, this starts the span export task), reading the `[tls]`
     /// files, whose identity must fit `[service]`.

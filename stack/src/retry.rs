@@ -41,7 +41,7 @@ use weft_core::error::{ProxyError, Reason, WEFT_REASON};
 use weft_core::policy::RoutePlan;
 use weft_core::retry::backoff::backoff;
 use weft_core::retry::classify::{outcome_of, retryable};
-use weft_core::retry::replay::{self, BodyError, Prepared};
+use weft_core::retry::replay::{self, BodyError, RequestBody};
 use weft_transport::forward;
 
 // ===== layer =====
@@ -95,7 +95,10 @@ where
         let (state, body) = match plan.as_ref() {
             Some(plan) if retries && !upgrade && known_length => {
                 if incoming.is_end_stream() {
-                    (State::Ready, Some(Prepared::Replayable(Default::default())))
+                    (
+                        State::Ready,
+                        Some(RequestBody::Replayable(Default::default())),
+                    )
                 } else {
                     let cap = plan.retry.max_replay_body.get();
                     (
@@ -108,7 +111,7 @@ where
             }
             _ => (
                 State::Ready,
-                Some(Prepared::Streaming(body::boxed(incoming))),
+                Some(RequestBody::Streaming(body::boxed(incoming))),
             ),
         };
         if let Some(plan) = &plan {
@@ -165,7 +168,7 @@ struct Head {
 
 // ===== future =====
 
-type Reading = Pin<Box<dyn Future<Output = Result<Prepared, BodyError>> + Send>>;
+type Reading = Pin<Box<dyn Future<Output = Result<RequestBody, BodyError>> + Send>>;
 
 pin_project! {
     #[project = StateProj]
@@ -183,7 +186,7 @@ pin_project! {
         state: State<S::Future>,
         inner: S,
         head: Head,
-        body: Option<Prepared>,
+        body: Option<RequestBody>,
         plan: Option<Arc<RoutePlan>>,
         context: Option<RequestContext>,
         // Tries sent after the first.
@@ -203,14 +206,14 @@ where
     /// The request of the next try.
     fn next_request(
         head: &mut Head,
-        body: &mut Option<Prepared>,
+        body: &mut Option<RequestBody>,
         plan: Option<&Arc<RoutePlan>>,
         context: Option<&RequestContext>,
     ) -> Request<ProxyBody> {
         // Only a replayable body is ever sent again.
         let (body, again) = match body {
-            Some(Prepared::Replayable(replay)) => (replay.body(), true),
-            Some(Prepared::Streaming(streaming)) => {
+            Some(RequestBody::Replayable(replay)) => (replay.body(), true),
+            Some(RequestBody::Streaming(streaming)) => {
                 (std::mem::replace(streaming, body::empty()), false)
             }
             None => (body::empty(), false),
@@ -350,7 +353,7 @@ fn decide<RB>(
     attempt: u32,
     plan: Option<&RoutePlan>,
     method: &Method,
-    body: Option<&Prepared>,
+    body: Option<&RequestBody>,
     context: Option<&RequestContext>,
 ) -> Next<RB> {
     let (Some(plan), Some(outcome)) = (plan, outcome_of(&result)) else {
@@ -365,7 +368,7 @@ fn decide<RB>(
             context.retry_skipped(why);
         }
     };
-    if !matches!(body, Some(Prepared::Replayable(_))) {
+    if !matches!(body, Some(RequestBody::Replayable(_))) {
         skipped(RetrySkipped::NotReplayable);
         return Next::Return(result);
     }

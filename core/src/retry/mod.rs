@@ -30,4 +30,4 @@ pub use self::budget::RetryBudget;
 pub use self::classify::{
     Outcome, classify_error, grpc_status, is_failure, is_idempotent, retryable,
 };
-pub use self::replay::{BodyError, Prepared, Replay, prepare};
+pub use self::replay::{BodyError, Replay, RequestBody, prepare};

@@ -36,7 +36,7 @@ use crate::body::{self, BoxError, ProxyBody};
 
 /// A request body prepared for possible replay.
 #[derive(Debug)]
-pub enum Prepared {
+pub enum RequestBody {
     /// The whole body is in memory (at most the cap): it can be sent any number
     /// of times.
     Replayable(Replay),
@@ -90,16 +90,16 @@ pub struct BodyError(#[source] pub BoxError);
 /// - Otherwise `Replayable`, with the request trailers kept.
 ///
 /// A read error while buffering is returned as [`BodyError`].
-pub async fn prepare<B>(mut body: B, cap: u64) -> Result<Prepared, BodyError>
+pub async fn prepare<B>(mut body: B, cap: u64) -> Result<RequestBody, BodyError>
 where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
     if body.is_end_stream() {
-        return Ok(Prepared::Replayable(Replay::default()));
+        return Ok(RequestBody::Replayable(Replay::default()));
     }
     if body.size_hint().lower() > cap {
-        return Ok(Prepared::Streaming(body::boxed(body)));
+        return Ok(RequestBody::Streaming(body::boxed(body)));
     }
 
     let mut chunks: VecDeque<Bytes> = VecDeque::new();
@@ -115,7 +115,7 @@ where
                 len = len.saturating_add(data.len() as u64);
                 chunks.push_back(data);
                 if len > cap {
-                    return Ok(Prepared::Streaming(body::boxed(Resumed {
+                    return Ok(RequestBody::Streaming(body::boxed(Resumed {
                         read: chunks,
                         rest: body,
                     })));
@@ -131,7 +131,7 @@ where
             }
         }
     }
-    Ok(Prepared::Replayable(Replay {
+    Ok(RequestBody::Replayable(Replay {
         data: concat(chunks, len),
         trailers,
     }))
@@ -259,7 +259,8 @@ mod tests {
 
     #[tokio::test]
     async fn empty_body_is_replayable_for_free() {
-        let Prepared::Replayable(replay) = prepare(Empty::<Bytes>::new(), 0).await.unwrap() else {
+        let RequestBody::Replayable(replay) = prepare(Empty::<Bytes>::new(), 0).await.unwrap()
+        else {
             panic!("an empty body is replayable");
         };
         assert_eq!(replay.len(), 0);
@@ -272,7 +273,7 @@ mod tests {
     #[tokio::test]
     async fn small_body_replays_byte_identical_with_trailers() {
         let body = streamed(&[b"hello ", b"", b"world"], Some(trailers())).await;
-        let Prepared::Replayable(replay) = prepare(body, 11).await.unwrap() else {
+        let RequestBody::Replayable(replay) = prepare(body, 11).await.unwrap() else {
             panic!("fits the cap exactly");
         };
         assert_eq!(replay.len(), 11);
@@ -288,7 +289,7 @@ mod tests {
     #[tokio::test]
     async fn over_cap_body_streams_everything_once_in_order() {
         let body = streamed(&[b"one-", b"two-", b"three-", b"four"], Some(trailers())).await;
-        let Prepared::Streaming(body) = prepare(body, 6).await.unwrap() else {
+        let RequestBody::Streaming(body) = prepare(body, 6).await.unwrap() else {
             panic!("over the cap");
         };
         let (data, t) = frames(body).await;
@@ -307,7 +308,7 @@ mod tests {
         tx.send_data(Bytes::from_static(b"0123456789"))
             .await
             .unwrap();
-        let Prepared::Streaming(mut body) = prepare(rx, 4).await.unwrap() else {
+        let RequestBody::Streaming(mut body) = prepare(rx, 4).await.unwrap() else {
             panic!("over the cap");
         };
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -323,7 +324,7 @@ mod tests {
     #[tokio::test]
     async fn size_hint_over_cap_is_not_read() {
         let full = Full::new(Bytes::from_static(b"0123456789"));
-        let Prepared::Streaming(body) = prepare(full, 9).await.unwrap() else {
+        let RequestBody::Streaming(body) = prepare(full, 9).await.unwrap() else {
             panic!("the exact length is over the cap");
         };
         assert_eq!(body.size_hint().exact(), Some(10), "handed back as is");

@@ -65,7 +65,7 @@ pub use snapshot::{Lookup, Rejection, RemoteService, RemoteSnapshot};
 pub use subscriptions::SubscribeError;
 
 use register::Registrar;
-use session::Target;
+use session::Address;
 use snapshot::{Applied, Tracker};
 use subscriptions::Subscriptions;
 
@@ -94,7 +94,7 @@ struct Rejections {
 
 /// What the client and its task share.
 #[derive(Debug)]
-struct Shared {
+struct ClientState {
     subscriptions: Subscriptions,
     registrar: Registrar,
     snapshot: watch::Sender<Arc<RemoteSnapshot>>,
@@ -105,7 +105,7 @@ struct Shared {
     synced: watch::Sender<bool>,
 }
 
-impl Shared {
+impl ClientState {
     fn connected(&self, address: &str, subscribed: usize) {
         tracing::info!(
             control_plane.address = %address,
@@ -197,7 +197,7 @@ impl Shared {
 /// The sidecar's control-plane client: cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneClient {
-    shared: Arc<Shared>,
+    shared: Arc<ClientState>,
 }
 
 impl ControlPlaneClient {
@@ -232,7 +232,7 @@ impl ControlPlaneClient {
     ) -> Self {
         let mut targets = Vec::with_capacity(addresses.len());
         for address in &addresses {
-            match Target::parse(address, tls) {
+            match Address::parse(address, tls) {
                 Ok(target) => targets.push(target),
                 Err(error) => tracing::error!(%error, "control-plane address skipped"),
             }
@@ -267,7 +267,7 @@ impl ControlPlaneClient {
             initial.insert(r.record.service.to_string());
         }
 
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ClientState {
             subscriptions: Subscriptions::new(initial),
             registrar: Registrar::new(registration, health),
             snapshot: watch::channel(Arc::clone(tracker.snapshot())).0,

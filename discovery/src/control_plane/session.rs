@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use weft_api::v1::control_plane_client::ControlPlaneClient as Grpc;
 
-use super::Shared;
+use super::ClientState;
 use super::snapshot::Tracker;
 use super::stream::StreamError;
 use weft_transport::tls::MeshTls;
@@ -71,7 +71,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One configured control-plane address.
 #[derive(Clone)]
-pub struct Target {
+pub struct Address {
     pub address: String,
     endpoint: Endpoint,
     /// For an `https` address: mTLS with this sidecar's certificate, the
@@ -79,9 +79,9 @@ pub struct Target {
     tls: Option<Arc<ClientConfig>>,
 }
 
-impl std::fmt::Debug for Target {
+impl std::fmt::Debug for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Target")
+        f.debug_struct("Address")
             .field("address", &self.address)
             .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
@@ -100,7 +100,7 @@ pub enum AddressError {
     HttpsWithoutTls { address: String },
 }
 
-impl Target {
+impl Address {
     /// `http://host:port`, or `https://host:port` (mTLS, with `tls`).
     pub fn parse(address: &str, tls: Option<&MeshTls>) -> Result<Self, AddressError> {
         let (plain, tls) = match address.strip_prefix("https://") {
@@ -325,8 +325,8 @@ impl Backoff {
 
 /// The client's task: connect, run sessions, reconnect, until `stop`.
 pub(super) async fn run(
-    shared: &Shared,
-    targets: Vec<Target>,
+    shared: &ClientState,
+    targets: Vec<Address>,
     mut tracker: Tracker,
     stop: CancellationToken,
 ) {
@@ -361,8 +361,8 @@ pub(super) async fn run(
 
 /// One connection: returns only when it fails.
 async fn session(
-    shared: &Shared,
-    target: &Target,
+    shared: &ClientState,
+    target: &Address,
     tracker: &mut Tracker,
 ) -> Result<Infallible, SessionError> {
     let address = || target.address.clone();
@@ -477,32 +477,32 @@ mod tests {
 
     #[test]
     fn addresses_are_checked() {
-        assert!(Target::parse("http://127.0.0.1:8443", None).is_ok());
-        assert!(Target::parse("http://weft-cp.internal:8443", None).is_ok());
-        let e = Target::parse("https://weft-cp.internal:8443", None).unwrap_err();
+        assert!(Address::parse("http://127.0.0.1:8443", None).is_ok());
+        assert!(Address::parse("http://weft-cp.internal:8443", None).is_ok());
+        let e = Address::parse("https://weft-cp.internal:8443", None).unwrap_err();
         assert!(
             e.to_string()
                 .contains("https needs this sidecar's certificate"),
             "{e}"
         );
         assert!(matches!(
-            Target::parse("http://bad host", None),
+            Address::parse("http://bad host", None),
             Err(AddressError::Invalid { .. })
         ));
         assert!(
-            Target::parse("http://[::1]:8443", None)
+            Address::parse("http://[::1]:8443", None)
                 .unwrap()
                 .name()
                 .is_none()
         );
         assert!(
-            Target::parse("http://10.0.0.1:8443", None)
+            Address::parse("http://10.0.0.1:8443", None)
                 .unwrap()
                 .name()
                 .is_none()
         );
         assert_eq!(
-            Target::parse("http://weft-cp.internal:8443", None)
+            Address::parse("http://weft-cp.internal:8443", None)
                 .unwrap()
                 .name(),
             Some(("weft-cp.internal", 8443))

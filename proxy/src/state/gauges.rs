@@ -1,4 +1,4 @@
-//! The sidecar's live state as `/metrics` shows it: [`Shared`] is the
+//! The sidecar's live state as `/metrics` shows it: [`LiveState`] is the
 //! [`GaugeSource`] the metrics copy into their gauges when they are scraped
 //! or exported (the local app's health, the config version, every outbound
 //! service's endpoints and retry budgets, the control-plane client).
@@ -6,12 +6,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::Shared;
+use super::LiveState;
 use crate::telemetry::metrics::{ControlPlaneStatus, EndpointStates, GaugeSource, Gauges};
 use weft_discovery::control_plane::{ConnectionState, ControlPlaneClient};
 use weft_discovery::directory::MeshService;
 
-impl GaugeSource for Shared {
+impl GaugeSource for LiveState {
     fn refresh(&self, gauges: &mut Gauges<'_>) {
         gauges.app_healthy(self.app_health().is_serving());
         gauges.config_version(self.config().version);
