@@ -31,6 +31,7 @@ use weft_core::stats::Stats;
 use crate::balance::{Balancer, Endpoint};
 use crate::dns::DnsDiscovery;
 use crate::endpoints::{EndpointSpec, EndpointsReader, EndpointsWriter, Update};
+use crate::slot::Slot;
 use weft_transport::client::{ClientSettings, MeshPeer, UpstreamClient};
 use weft_transport::tls::MeshTls;
 
@@ -46,6 +47,9 @@ pub struct MeshService {
     pub client: Arc<UpstreamClient>,
     writer: Arc<EndpointsWriter>,
     endpoints: EndpointsReader,
+    /// The sidecar's layer stack for this service, built on its first
+    /// request and dropped with the service.
+    pub stack: Slot,
 }
 
 impl MeshService {
@@ -67,6 +71,7 @@ impl MeshService {
             client,
             endpoints: writer.subscribe(),
             writer,
+            stack: Slot::default(),
         }
     }
 
@@ -321,16 +326,14 @@ impl Directory {
                 Some(p) if p.balancer.strategy() == strategy => p.balancer.clone(),
                 _ => Balancer::new(strategy),
             };
-            let service = MeshService {
-                label: Arc::from(svc.name.as_str()),
-                name: svc.name.clone(),
-                protocol: svc.protocol,
+            let service = MeshService::new(
+                svc.name.clone(),
+                policy,
+                svc.protocol,
                 balancer,
                 client,
-                endpoints: writer.subscribe(),
                 writer,
-                policy,
-            };
+            );
             services.insert(svc.name.as_str().to_owned(), Arc::new(service));
         }
         let default_settings = client_settings(loaded, None);

@@ -11,6 +11,7 @@
 //! | [`balance`] | endpoints, their load and outlier state, and the pick strategies |
 //! | [`control_plane`] | the control-plane client: subscriptions, registration, the pushed snapshot and its cache |
 //! | [`health`] | the sidecar's check of its own app (the health it registers): the state machine, TCP and HTTP probes |
+//! | [`slot`] | a value the crates above build for a service on first use (its layer stack), dropped with it |
 //! | [`enforcement`] | service-side policy keys that nothing may enforce (a caller's plaintext static services) |
 //!
 //! Among Weft's crates this one depends on `weft-core` (policies, endpoint
@@ -26,3 +27,4 @@ pub mod endpoints;
 pub mod enforcement;
 pub mod health;
 pub mod remote;
+pub mod slot;

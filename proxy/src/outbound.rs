@@ -13,7 +13,11 @@
 //! control plane (subscribed on first use, waiting at most a second), an IP
 //! literal, or a name resolved through DNS (waiting, bounded, for the first
 //! answer); it names the service in the request's context and sends the
-//! request down that service's stack ([`service_stack`]). Every stage is a
+//! request down that service's stack ([`service_stack`]). A directory or
+//! pushed service's stack is built on its first request and kept in the
+//! service (`MeshService::stack`) until a reload or a push replaces the
+//! service; each request runs a clone of it (as cheap as a build: a few
+//! reference counts). IP literals and DNS names get a stack per request. Every stage is a
 //! layer of [`weft_stack`]; why each sits where it does is said where it
 //! is pushed.
 
@@ -250,10 +254,10 @@ impl<B: StackBody> Service<Request<B>> for Discover {
             None if dest.ip().is_none() => self.shared.remote().and_then(|r| r.get_now(&dest.host)),
             None => None,
         };
-        let caller = Caller::of(&directory, &self.shared);
         if let Some(svc) = known {
-            return Either::Left(mesh_service(&svc, caller, req));
+            return Either::Left(mesh_service(&svc, &directory, &self.shared, req));
         }
+        let caller = Caller::of(&directory, &self.shared);
         if let Some(ip) = dest.ip() {
             return Either::Left(ip_literal(&directory, caller, ip, dest.port, req));
         }
@@ -264,34 +268,64 @@ impl<B: StackBody> Service<Request<B>> for Discover {
                 None => None,
             };
             if let Some(svc) = remote {
-                return mesh_service(&svc, caller, req).await;
+                return mesh_service(&svc, &directory, &shared, req).await;
             }
             dns_name(&directory, caller, &dest, req).await
         }))
     }
 }
 
-/// A request to a directory or control-plane service, down its stack.
+/// A directory or control-plane service's stack, cached in its
+/// [`MeshService`], with the caller it was built for.
+struct CachedStack {
+    caller_name: Option<HeaderValue>,
+    caller_zone: Option<Arc<str>>,
+    stack: ServiceStack,
+}
+
+/// A request to a directory or control-plane service, down its stack: built
+/// on the service's first request and kept in the service (dropped with it,
+/// when a reload or a push replaces it); each request runs a clone.
 fn mesh_service<B: StackBody>(
     svc: &MeshService,
-    caller: Caller,
+    directory: &Directory,
+    shared: &LiveState,
     req: Request<B>,
 ) -> StackFuture<B> {
     if let Some(context) = RequestContext::of(&req) {
         context.set_service(&svc.label, Some(&svc.policy.stats));
     }
-    let mut stack = service_stack(
-        ServiceParts {
-            service: Arc::clone(&svc.label),
-            endpoints: Endpoints::Watch(svc.endpoints().clone()),
-            balancer: &svc.balancer,
-            client: &svc.client,
-            endpoint_pools: true,
-            protocol: svc.protocol,
-            policy: &svc.policy,
-        },
-        caller,
-    );
+    let build = || {
+        service_stack(
+            ServiceParts {
+                service: Arc::clone(&svc.label),
+                endpoints: Endpoints::Watch(svc.endpoints().clone()),
+                balancer: &svc.balancer,
+                client: &svc.client,
+                endpoint_pools: true,
+                protocol: svc.protocol,
+                policy: &svc.policy,
+            },
+            Caller::of(directory, shared),
+        )
+    };
+    let cached = svc.stack.get_or_init(|| CachedStack {
+        caller_name: directory.caller_header.clone(),
+        caller_zone: directory.caller_zone.clone(),
+        stack: build(),
+    });
+    let mut stack = match cached {
+        Some(cached)
+            if cached.caller_name == directory.caller_header
+                && cached.caller_zone == directory.caller_zone =>
+        {
+            cached.stack.clone()
+        }
+        // Built for this sidecar's former name or zone (a reload changed
+        // `[service]` and the control plane has not replaced this service
+        // since): this request gets a stack of its own.
+        _ => build(),
+    };
     // Every layer of the stack is always ready.
     stack.call(req)
 }
