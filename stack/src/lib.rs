@@ -13,7 +13,7 @@
 //!
 //! | module | stage |
 //! |---|---|
-//! | [`observe`] | the request's observation: metrics, span, access log, when the body ends |
+//! | [`observe`] | the request's observation, through an [`Observer`](observe::Observer) the sidecar implements (metrics, span, access log): started on arrival, finished when the body ends |
 //! | [`respond`] | errors become responses (HTTP, or gRPC for a gRPC caller) |
 //! | [`screen`] | URI length, HTTP/1 framing, inbound authority |
 //! | [`route`] | the matched route's settings into the extensions |

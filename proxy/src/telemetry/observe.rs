@@ -4,8 +4,8 @@
 //! [`Observation`] through a [`RequestObserver`] when a request arrives; the
 //! layers below tell it the service and route through the request's context;
 //! the layer shows it the response, then carries it in the response body and
-//! finishes it when the body ends: that is when a gRPC
-//! status in the trailers is known, and when the request's duration is. A
+//! finishes it when the body ends: that is when a gRPC status in the
+//! trailers is known, and when the request's duration is. A
 //! body that fails, or that the client abandons, is recorded as a failure; a
 //! request dropped before its response (the client went away) is recorded
 //! with status 0.
