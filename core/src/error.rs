@@ -93,14 +93,14 @@ pub enum ProxyError {
     Connect {
         endpoint: SocketAddr,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: crate::body::BoxError,
     },
 
     #[error("request to {endpoint} failed before a response arrived")]
     Upstream {
         endpoint: SocketAddr,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: crate::body::BoxError,
     },
 
     #[error("this sidecar fronts no local service: the bootstrap file has no [service] section")]

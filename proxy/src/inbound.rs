@@ -47,6 +47,7 @@ use weft_stack::route::{Route, RouteLayer};
 use weft_stack::screen::{self, Screen, ScreenLayer};
 use weft_stack::timeout::{self, Timeout, TimeoutLayer};
 use weft_stack::{Boxed, NewService};
+use weft_transport::pool::ResponseBody;
 
 pub use weft_stack::rate_limit::ANONYMOUS;
 
@@ -187,17 +188,13 @@ pub struct Local {
 
 type LocalFuture = Pin<
     Box<
-        dyn Future<
-                Output = Result<
-                    Response<PermitBody<PermitBody<hyper::body::Incoming>>>,
-                    ProxyError,
-                >,
-            > + Send,
+        dyn Future<Output = Result<Response<PermitBody<PermitBody<ResponseBody>>>, ProxyError>>
+            + Send,
     >,
 >;
 
 impl Service<Request<Incoming>> for Local {
-    type Response = Response<PermitBody<PermitBody<Incoming>>>;
+    type Response = Response<PermitBody<PermitBody<ResponseBody>>>;
     type Error = ProxyError;
     type Future = LocalFuture;
 

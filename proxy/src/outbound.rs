@@ -56,6 +56,7 @@ use weft_stack::screen::{Screen, ScreenLayer};
 use weft_stack::timeout::{self, Timeout, TimeoutLayer};
 use weft_stack::{Boxed, NewLayered};
 use weft_transport::client::UpstreamClient;
+use weft_transport::pool::ResponseBody;
 
 /// Port assumed for an IP literal without one.
 const DEFAULT_PORT: u16 = 80;
@@ -229,13 +230,13 @@ impl<B> StackBody for B where
 /// or of one that waits for the control plane or DNS first (boxed: rare).
 pub type DiscoverFuture<B> = Either<
     StackFuture<B>,
-    Pin<Box<dyn Future<Output = Result<Response<InFlightBody<Incoming>>, ProxyError>> + Send>>,
+    Pin<Box<dyn Future<Output = Result<Response<InFlightBody<ResponseBody>>, ProxyError>> + Send>>,
 >;
 
 type StackFuture<B> = <ServiceStack as Service<Request<B>>>::Future;
 
 impl<B: StackBody> Service<Request<B>> for Discover {
-    type Response = Response<InFlightBody<Incoming>>;
+    type Response = Response<InFlightBody<ResponseBody>>;
     type Error = ProxyError;
     type Future = DiscoverFuture<B>;
 
@@ -364,7 +365,7 @@ async fn dns_name<B: StackBody>(
     caller: Caller,
     dest: &Destination,
     req: Request<B>,
-) -> Result<Response<InFlightBody<Incoming>>, ProxyError> {
+) -> Result<Response<InFlightBody<ResponseBody>>, ProxyError> {
     if let Some(context) = RequestContext::of(&req) {
         context.set_service(&EXTERNAL, Some(&directory.default_policy.stats));
     }

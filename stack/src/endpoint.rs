@@ -24,7 +24,6 @@ use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::ResponseFuture as SendFuture;
 use pin_project_lite::pin_project;
 use tokio_util::task::TaskTracker;
 use tower::Service;
@@ -38,6 +37,7 @@ use weft_core::headers;
 use weft_discovery::balance::Endpoint;
 use weft_transport::client::UpstreamClient;
 use weft_transport::forward::{self, WEFT_PROTOCOL, endpoint_uri, take_protocol};
+use weft_transport::pool::{ResponseBody, SendFuture};
 
 /// The HTTP version towards the endpoint's app.
 #[derive(Debug, Clone, Copy)]
@@ -119,7 +119,7 @@ impl EndpointClient {
 }
 
 impl Service<Request<ProxyBody>> for EndpointClient {
-    type Response = Response<Incoming>;
+    type Response = Response<ResponseBody>;
     type Error = ProxyError;
     type Future = ResponseFuture;
 
@@ -134,7 +134,7 @@ impl Service<Request<ProxyBody>> for EndpointClient {
 
 /// A request straight from a listener (inbound: tried once, never replayed).
 impl Service<Request<Incoming>> for EndpointClient {
-    type Response = Response<Incoming>;
+    type Response = Response<ResponseBody>;
     type Error = ProxyError;
     type Future = ResponseFuture;
 
@@ -195,7 +195,7 @@ impl EndpointClient {
         let pools = self.shared.endpoint_pools.then(|| self.endpoint.pools());
         ResponseFuture {
             state: State::Sending {
-                send: client.request(req, http2, pools),
+                send: client.request(req, http2, endpoint, pools),
             },
             endpoint,
             upgrade: downstream.map(|down| (down, self.shared.tasks.clone())),
@@ -233,7 +233,7 @@ impl ResponseFuture {
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<Response<Incoming>, ProxyError>;
+    type Output = Result<Response<ResponseBody>, ProxyError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();

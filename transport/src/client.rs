@@ -1,20 +1,17 @@
 //! Connections to endpoints: pooled, kept alive, HTTP/1.1 or HTTP/2.
 //!
 //! One [`UpstreamClient`] per service (so a service's connect timeout and pool
-//! settings apply to it alone) makes hyper-util pooled clients: HTTP/1.1 with a
-//! pool of keep-alive connections per endpoint, and HTTP/2 prior knowledge (h2c)
-//! multiplexing requests over one connection per endpoint. Pools are keyed by the
-//! endpoint address, which is always an IP literal here: names were resolved by
-//! discovery before a request reaches this stage, so the connector never calls the
-//! system resolver.
+//! settings apply to it alone) makes connection pools ([`crate::pool`]):
+//! HTTP/1.1 with idle keep-alive connections per endpoint, and HTTP/2 prior
+//! knowledge (h2c) multiplexing requests over one connection per endpoint.
+//! Endpoints are IP literals here: names were resolved by discovery before a
+//! request reaches this stage, so nothing calls the system resolver.
 //!
-//! A balanced endpoint keeps its own pools ([`EndpointPools`], made from its
+//! A balanced endpoint keeps its own pool ([`EndpointPools`], made from its
 //! service's client on first use): when discovery removes the endpoint, its
 //! idle connections close as soon as the last request to it ends, instead of
-//! lingering in a shared pool until the idle timeout (with endpoints churning,
-//! that held a few megabytes of connection state for departed instances).
-//! Requests without a balanced endpoint (the local app, passthrough) use the
-//! client's shared pools.
+//! lingering in a shared pool until the idle timeout. Requests without a
+//! balanced endpoint (IP literals) use the client's shared pools, by address.
 //!
 //! A meshed service (its endpoints are sidecars, and this sidecar has `[tls]`)
 //! gets mTLS pools instead ([`MeshPeer`]): HTTP/2 over TLS with ALPN `h2` for
@@ -22,16 +19,17 @@
 //! connectors verify that the peer is that service, so these pools are keyed
 //! by endpoint and expected identity together.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::Request;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::{Client, ResponseFuture};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use weft_config::ServiceName;
 
+use crate::pool::connect::Connector;
+use crate::pool::{Pool, SendFuture};
 use crate::tls::connect::MeshConnector;
 use crate::tls::{ALPN_H2, ALPN_HTTP1, MeshTls};
 use weft_core::body::ProxyBody;
@@ -54,155 +52,69 @@ pub struct MeshPeer<'a> {
     pub service: &'a ServiceName,
 }
 
-#[derive(Debug, Clone)]
-enum Pools {
-    Plain {
-        http1: Client<HttpConnector, ProxyBody>,
-        http2: Client<HttpConnector, ProxyBody>,
-    },
-    Mesh {
-        http1: Client<MeshConnector, ProxyBody>,
-        http2: Client<MeshConnector, ProxyBody>,
-    },
-}
-
-impl Pools {
-    fn request(&self, req: Request<ProxyBody>, http2: bool) -> ResponseFuture {
-        match (self, http2) {
-            (Pools::Plain { http2, .. }, true) => http2.request(req),
-            (Pools::Plain { http1, .. }, false) => http1.request(req),
-            (Pools::Mesh { http2, .. }, true) => http2.request(req),
-            (Pools::Mesh { http1, .. }, false) => http1.request(req),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Connectors {
-    Plain(HttpConnector),
-    Mesh {
-        http1: MeshConnector,
-        http2: MeshConnector,
-    },
-}
-
-/// What makes a set of pools: the HTTP/1.1 and HTTP/2 builders and the connectors.
-#[derive(Debug)]
-struct Builders {
-    http1: hyper_util::client::legacy::Builder,
-    http2: hyper_util::client::legacy::Builder,
-    connectors: Connectors,
-}
-
-impl Builders {
-    fn build(&self) -> Pools {
-        match &self.connectors {
-            Connectors::Plain(connector) => Pools::Plain {
-                http1: self.http1.build(connector.clone()),
-                http2: self.http2.build(connector.clone()),
-            },
-            Connectors::Mesh { http1, http2 } => Pools::Mesh {
-                http1: self.http1.build(http1.clone()),
-                http2: self.http2.build(http2.clone()),
-            },
-        }
-    }
-}
-
-/// Distinguishes clients, so an endpoint's pools are remade when its service's
+/// Distinguishes clients, so an endpoint's pool is remade when its service's
 /// client is (its settings changed on reload).
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
-/// Pooled HTTP/1.1 and HTTP/2 clients for one service.
-#[derive(Debug, Clone)]
+/// Connections to the endpoints of one service.
+#[derive(Debug)]
 pub struct UpstreamClient {
     settings: ClientSettings,
     id: u64,
-    builders: Arc<Builders>,
-    /// For requests without a balanced endpoint.
-    shared: Pools,
+    connector: Arc<Connector>,
+    /// Pools of requests without a balanced endpoint (IP literals), by address.
+    shared: Mutex<HashMap<SocketAddr, Arc<Pool>>>,
 }
 
-/// One endpoint's connection pools, made on first use from the client of the
-/// request that needs them and dropped with the endpoint (closing its idle
+/// One endpoint's connection pool, made on first use from the client of the
+/// request that needs it and dropped with the endpoint (closing its idle
 /// connections).
 #[derive(Debug, Default)]
 pub struct EndpointPools {
-    slot: Mutex<Option<(u64, Arc<Pools>)>>,
+    slot: Mutex<Option<(u64, Arc<Pool>)>>,
 }
 
 impl EndpointPools {
-    fn for_client(&self, client: &UpstreamClient) -> Arc<Pools> {
+    fn for_client(&self, client: &UpstreamClient, endpoint: SocketAddr) -> Arc<Pool> {
         let mut slot = self.slot.lock().unwrap_or_else(PoisonError::into_inner);
         match &*slot {
-            Some((id, pools)) if *id == client.id => Arc::clone(pools),
+            Some((id, pool)) if *id == client.id => Arc::clone(pool),
             _ => {
-                let pools = Arc::new(client.builders.build());
-                *slot = Some((client.id, Arc::clone(&pools)));
-                pools
+                let pool = Arc::new(client.pool(endpoint));
+                *slot = Some((client.id, Arc::clone(&pool)));
+                pool
             }
         }
     }
 }
 
 impl UpstreamClient {
-    /// Plaintext pools, or mTLS pools when `mesh` is given (and
+    /// Plaintext connections, or mTLS ones when `mesh` is given (and
     /// `settings.mesh` says so).
     pub fn new(settings: ClientSettings, mesh: Option<MeshPeer<'_>>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        connector.enforce_http(true);
-
-        let mut http1 = Client::builder(TokioExecutor::new());
-        http1
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(settings.idle_timeout)
-            .pool_max_idle_per_host(settings.max_idle_per_endpoint)
-            // send(2) of one buffer rather than writev(2), as the server side.
-            .http1_writev(false)
-            // The Host header is the app's (the logical name); never rewrite it to
-            // the endpoint address.
-            .set_host(false);
-        let mut http2 = http1.clone();
-        http2
-            .http2_only(true)
-            .http2_adaptive_window(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10));
-        let connectors = match mesh.filter(|_| settings.mesh) {
-            None => Connectors::Plain(connector),
-            Some(peer) => {
-                // The URI scheme is https for these hops.
-                connector.enforce_http(false);
-                let tls = |alpn| {
-                    MeshConnector::new(
-                        connector.clone(),
-                        peer.tls,
-                        peer.service,
-                        alpn,
-                        settings.connect_timeout,
-                    )
-                };
-                Connectors::Mesh {
-                    http1: tls(ALPN_HTTP1),
-                    http2: tls(ALPN_H2),
-                }
-            }
-        };
-        let builders = Builders {
-            http1,
-            http2,
-            connectors,
-        };
+        let mesh = mesh.filter(|_| settings.mesh).map(|peer| {
+            let tls =
+                |alpn| MeshConnector::new(peer.tls, peer.service, alpn, settings.connect_timeout);
+            (tls(ALPN_HTTP1), tls(ALPN_H2))
+        });
         Self {
             settings,
             id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
-            shared: builders.build(),
-            builders: Arc::new(builders),
+            connector: Arc::new(Connector {
+                connect_timeout: settings.connect_timeout,
+                idle_timeout: settings.idle_timeout,
+                mesh,
+            }),
+            shared: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn pool(&self, endpoint: SocketAddr) -> Pool {
+        Pool::new(
+            endpoint,
+            Arc::clone(&self.connector),
+            self.settings.max_idle_per_endpoint,
+        )
     }
 
     pub fn settings(&self) -> ClientSettings {
@@ -211,20 +123,34 @@ impl UpstreamClient {
 
     /// Whether this client speaks mTLS to sidecars (HTTP/2 but for upgrades).
     pub fn is_mesh(&self) -> bool {
-        matches!(self.shared, Pools::Mesh { .. })
+        self.connector.mesh.is_some()
     }
 
-    /// Send `req` (its URI already names the endpoint) over HTTP/2 or HTTP/1.1,
-    /// through the endpoint's own pools when it has them.
+    /// Send `req` to `endpoint` (its URI names it) over HTTP/2 or HTTP/1.1,
+    /// through the endpoint's own pool when it has one.
     pub fn request(
         &self,
         req: Request<ProxyBody>,
         http2: bool,
-        endpoint: Option<&EndpointPools>,
-    ) -> ResponseFuture {
-        match endpoint {
-            Some(pools) => pools.for_client(self).request(req, http2),
-            None => self.shared.request(req, http2),
+        endpoint: SocketAddr,
+        pools: Option<&EndpointPools>,
+    ) -> SendFuture {
+        let pool = match pools {
+            Some(pools) => pools.for_client(self, endpoint),
+            None => self.shared_pool(endpoint),
+        };
+        pool.send(req, http2)
+    }
+
+    /// The shared pool for `endpoint`; pools left empty are dropped on the way.
+    fn shared_pool(&self, endpoint: SocketAddr) -> Arc<Pool> {
+        let mut shared = self.shared.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pool) = shared.get(&endpoint) {
+            return Arc::clone(pool);
         }
+        shared.retain(|_, pool| Arc::strong_count(pool) > 1 || !pool.is_empty());
+        let pool = Arc::new(self.pool(endpoint));
+        shared.insert(endpoint, Arc::clone(&pool));
+        pool
     }
 }

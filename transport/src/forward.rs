@@ -4,7 +4,7 @@
 //! A request is made a correct proxied request once ([`clean`]: hop-by-hop
 //! headers removed, `Host` kept or filled in from an HTTP/2 `:authority`); each
 //! try then points the URI at the endpoint and chooses the HTTP version for the
-//! hop, sends it over the pooled client, and cleans the response. Bodies are
+//! hop, sends it over the endpoint's pool, and cleans the response. Bodies are
 //! passed through frame by frame, trailers included.
 //!
 //! A hop to a sidecar over mTLS ([`crate::client::UpstreamClient::is_mesh`]) is always HTTP/2
@@ -22,12 +22,12 @@ use std::net::SocketAddr;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 use weft_config::Protocol;
 
+use crate::pool::SendError;
 use weft_core::error::ProxyError;
 use weft_core::headers;
 use weft_core::retry::replay::BodyError;
@@ -79,11 +79,11 @@ pub fn asks_upgrade(version: Version, headers: &HeaderMap) -> bool {
 
 /// Join the two upgraded connections of a `101 Switching Protocols` answer
 /// in a tracked task that copies bytes both ways until either side closes.
-pub fn join_upgrade(
+pub fn join_upgrade<B>(
     tasks: &TaskTracker,
     endpoint: SocketAddr,
     downstream: OnUpgrade,
-    rsp: &mut Response<Incoming>,
+    rsp: &mut Response<B>,
 ) {
     let upstream = hyper::upgrade::on(rsp);
     tasks.spawn(async move {
@@ -106,22 +106,28 @@ pub fn join_upgrade(
 
 /// The failure of one send, classified: the connection, the client's own
 /// request body, or the endpoint.
-pub fn send_error(endpoint: SocketAddr, source: hyper_util::client::legacy::Error) -> ProxyError {
-    if source.is_connect() {
-        ProxyError::Connect { endpoint, source }
-    } else if request_body_failed(&source) {
+pub fn send_error(endpoint: SocketAddr, source: SendError) -> ProxyError {
+    match source {
+        SendError::Connect(error) => ProxyError::Connect {
+            endpoint,
+            source: Box::new(error),
+        },
         // The client's own body broke (e.g. a bad chunk size): its fault, not
         // the endpoint's.
-        ProxyError::RequestBody(BodyError(Box::new(source)))
-    } else {
-        ProxyError::Upstream { endpoint, source }
+        SendError::Http(error) if request_body_failed(&error) => {
+            ProxyError::RequestBody(BodyError(Box::new(error)))
+        }
+        SendError::Http(error) => ProxyError::Upstream {
+            endpoint,
+            source: Box::new(error),
+        },
     }
 }
 
 /// Whether sending failed because the request body (read from the client)
 /// failed: hyper reports that as a user error somewhere in the chain.
-fn request_body_failed(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = error.source();
+fn request_body_failed(error: &hyper::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(cause) = next {
         if cause
             .downcast_ref::<hyper::Error>()
