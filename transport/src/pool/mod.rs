@@ -82,9 +82,10 @@ impl Pool {
         }
     }
 
-    /// Whether the pool holds no connection (a shared pool may then go).
+    /// Whether the pool holds no open connection (a shared pool may then go).
     pub(crate) fn is_empty(&self) -> bool {
-        lock(&self.http1).is_empty() && lock(&self.http2).iter().all(|c| c.sender.is_closed())
+        lock(&self.http1).iter().all(|c| c.sender.is_closed())
+            && lock(&self.http2).iter().all(|c| c.sender.is_closed())
     }
 
     /// Send `req` over HTTP/2 or HTTP/1.1 (its URI names the endpoint; an
