@@ -948,4 +948,51 @@ mod tests {
             "{text}"
         );
     }
+
+    /// A sidecar with `[tls]` whose one service retries requests of route
+    /// `/pay` only.
+    struct RetriedRoute;
+
+    impl GaugeSource for RetriedRoute {
+        fn refresh(&self, gauges: &mut Gauges<'_>) {
+            gauges.tls_certificate_expiry(1_900_000_000);
+            gauges.service_counters(&Arc::from("billing"), [&Arc::from("/pay")]);
+        }
+    }
+
+    #[test]
+    fn known_counters_start_at_zero_and_count_on() {
+        let metrics = Metrics::new(false).with_tls();
+        let text = metrics.render(&RetriedRoute).unwrap();
+        for line in [
+            r#"weft_config_reloads_total{result="applied"} 0"#,
+            r#"weft_config_reloads_total{result="rejected"} 0"#,
+            r#"weft_tls_handshake_failures_total{direction="inbound",reason="plaintext"} 0"#,
+            r#"weft_tls_handshake_failures_total{direction="outbound",reason="timeout"} 0"#,
+            r#"weft_ejections_total{service="billing"} 0"#,
+            r#"weft_retries_total{service="billing",route="/pay"} 0"#,
+            r#"weft_retries_skipped_total{service="billing",route="/pay",reason="no-endpoint"} 0"#,
+            "weft_tls_certificate_expiry_timestamp_seconds 1900000000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Counting goes on from there; a refresh does not reset a counter.
+        metrics.reload(false);
+        metrics.retry_skipped(
+            &Arc::from("billing"),
+            &Arc::from("/pay"),
+            RetrySkipped::NoEndpoint,
+        );
+        let text = metrics.render(&RetriedRoute).unwrap();
+        for line in [
+            r#"weft_config_reloads_total{result="rejected"} 1"#,
+            r#"weft_retries_skipped_total{service="billing",route="/pay",reason="no-endpoint"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Without [tls], neither TLS metric has a series.
+        let text = Metrics::new(false).render(&OneService("x")).unwrap();
+        assert!(!text.contains("weft_tls_certificate_expiry_timestamp_seconds "));
+        assert!(!text.contains("weft_tls_handshake_failures_total{"));
+    }
 }
