@@ -42,6 +42,13 @@ pub fn spiffe_id_of(der: &[u8]) -> Result<SpiffeId, CertIdentityError> {
     }
 }
 
+/// When a DER certificate expires (its notAfter), in seconds since the Unix
+/// epoch; `None` if it cannot be parsed.
+pub fn not_after_of(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 #[cfg(all(test, feature = "issue"))]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -70,5 +77,23 @@ mod tests {
             spiffe_id_of(b"not a certificate"),
             Err(CertIdentityError::Unparsable)
         );
+    }
+
+    #[test]
+    fn reads_when_a_certificate_expires() {
+        let ca = Ca::generate(&"weft.test".parse().unwrap()).unwrap();
+        let day = ca
+            .issue(&"billing".parse().unwrap(), Duration::from_secs(86_400))
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let not_after = not_after_of(day.cert_der()).unwrap();
+        assert!(
+            (now + 86_400 - 600..=now + 86_400 + 600).contains(&not_after),
+            "{not_after} is not a day after {now}"
+        );
+        assert_eq!(not_after_of(b"not a certificate"), None);
     }
 }

@@ -21,11 +21,12 @@
 //! Private keys are written with mode 0600 and never appear in errors.
 //!
 //! [`spiffe_id_of`] reads the SPIFFE ID a certificate carries (sidecars and
-//! the control plane check their peers with it). Issuing (everything above)
+//! the control plane check their peers with it), [`not_after_of`] when it
+//! expires (the control plane's expiry gauge). Issuing (everything above)
 //! is the `issue` feature, on by default; the sidecar leaves it off.
 
 mod identity;
-pub use identity::{CertIdentityError, spiffe_id_of};
+pub use identity::{CertIdentityError, not_after_of, spiffe_id_of};
 
 #[cfg(feature = "issue")]
 mod issue;

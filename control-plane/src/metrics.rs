@@ -13,7 +13,7 @@
 //! | `pushes_total` | counter | `kind` = `full`, `delta` | messages handed to Subscribe streams |
 //! | `push_latency_seconds` | histogram | | for each delta a store change triggered: from the view applying the change that woke the stream to the message being handed to it (includes the 20 ms coalescing) |
 //! | `watch_lag_seconds` | histogram | | for each put this replica made: from issuing it to the directory view applying its revision |
-//! | `store_errors_total` | counter | `operation`, `error` | store calls that failed |
+//! | `store_errors_total` | counter | `operation`, `error` | store calls that failed (every pair at 0 from the start) |
 //! | `registrations_total` | counter | | Register streams accepted (instance written to the store; re-registrations after a lost lease are not counted) |
 //! | `registrations_rejected_total` | counter | `reason` = `no-registration`, `invalid-instance`, `store-error` | Register streams refused |
 //! | `deregistrations_total` | counter | | graceful deregistrations |
@@ -22,6 +22,8 @@
 //! | `directory_revision` | gauge | | store revision the view reflects |
 //! | `store_ready` | gauge | | 1 while the view follows the store, else 0 |
 //! | `admin_requests_total` | counter | `method`, `route`, `status` | admin API requests answered |
+//! | `tls_handshake_failures_total` | counter | `reason` | gRPC connections refused in the TLS handshake (with mTLS: every reason at 0 from the start) |
+//! | `tls_certificate_expiry_timestamp_seconds` | gauge | | the gRPC listener certificate's notAfter (with mTLS only; [`Metrics::with_tls`]) |
 //! | `tasks` | gauge | | tasks running (see [`crate::tasks`]): listeners, connections, Register and Subscribe streams, lease-expiry checks, the view |
 
 use std::collections::BTreeMap;
@@ -82,6 +84,32 @@ struct AdminLabels {
     route: &'static str,
     status: u16,
 }
+
+/// The `operation` label of `store_errors_total`: every [`Store`] call.
+const STORE_OPERATIONS: [&str; 9] = [
+    "put",
+    "get",
+    "delete",
+    "list",
+    "watch",
+    "grant_lease",
+    "keep_alive",
+    "revoke",
+    "compact",
+];
+
+/// The `error` label of `store_errors_total` (see [`Metrics::store_error`]).
+const STORE_ERRORS: [&str; 6] = [
+    "unavailable",
+    "compacted",
+    "lease-not-found",
+    "too-large",
+    "rejected",
+    "malformed",
+];
+
+/// The `reason` label of `tls_handshake_failures_total`.
+const TLS_FAILURES: [&str; 3] = ["handshake", "timeout", "identity"];
 
 /// Why a Register stream was refused (the `reason` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +172,7 @@ pub struct Metrics {
     admin_requests: Family<AdminLabels, Counter>,
     connections_refused: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Family<ReasonLabels, Counter>,
+    tls_certificate_expiry: Gauge,
     tasks: Gauge,
     pending_writes: Mutex<PendingWrites>,
 }
@@ -176,6 +205,7 @@ impl Metrics {
             admin_requests: Family::default(),
             connections_refused: Family::default(),
             tls_handshake_failures: Family::default(),
+            tls_certificate_expiry: Gauge::default(),
             tasks: Gauge::default(),
             pending_writes: Mutex::default(),
         };
@@ -200,6 +230,40 @@ impl Metrics {
                 reason: reason.as_str(),
             }));
         }
+        for operation in STORE_OPERATIONS {
+            for error in STORE_ERRORS {
+                drop(
+                    self.store_errors
+                        .get_or_create(&StoreErrorLabels { operation, error }),
+                );
+            }
+        }
+    }
+
+    /// With mTLS on the gRPC listener: adds
+    /// `tls_certificate_expiry_timestamp_seconds` (set through
+    /// [`Metrics::tls_certificate_expiry`]) and shows every reason of
+    /// `tls_handshake_failures_total` at 0.
+    #[must_use]
+    pub fn with_tls(mut self) -> Self {
+        for reason in TLS_FAILURES {
+            drop(
+                self.tls_handshake_failures
+                    .get_or_create(&ReasonLabels { reason }),
+            );
+        }
+        self.registry.sub_registry_with_prefix(PREFIX).register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the gRPC listener's certificate expires (its notAfter), in seconds since the Unix epoch",
+            self.tls_certificate_expiry.clone(),
+        );
+        self
+    }
+
+    /// The gauge of the gRPC listener certificate's expiry, for
+    /// [`crate::tls::ServerTls`] to set on every (re)load.
+    pub fn tls_certificate_expiry(&self) -> Gauge {
+        self.tls_certificate_expiry.clone()
     }
 
     /// Registers every metric under [`PREFIX`].
@@ -600,6 +664,22 @@ mod tests {
     #[tokio::test]
     async fn store_errors_and_watch_lag_are_counted() {
         let metrics = Arc::new(Metrics::new());
+        let text = metrics.encode(&DirectoryView::default()).unwrap();
+        // Every operation and error shows at 0 before the first failure.
+        assert_eq!(
+            sample(
+                &text,
+                "weft_control_plane_store_errors_total{operation=\"put\",error=\"rejected\"}"
+            ),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("weft_control_plane_store_errors_total{"))
+                .count(),
+            STORE_OPERATIONS.len() * STORE_ERRORS.len()
+        );
         let store = MeteredStore::new(
             MemoryStore::new(MemoryOptions::default()),
             Arc::clone(&metrics),

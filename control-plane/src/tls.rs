@@ -12,12 +12,14 @@
 //! The three files are checked every [`ServerTls::watch`] interval; when they
 //! change and are consistent, new connections use them (established ones are
 //! not touched); otherwise the current ones stay and the refusal is logged
-//! once per change.
+//! once per change. The certificate in force's expiry goes into a gauge
+//! (`weft_control_plane_tls_certificate_expiry_timestamp_seconds`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::{RootCertStore, ServerConfig};
@@ -85,6 +87,8 @@ pub struct ServerTls {
     trust_domain: TrustDomain,
     provider: Arc<CryptoProvider>,
     config: Mutex<Arc<ServerConfig>>,
+    /// Set to the certificate's notAfter (Unix seconds) whenever one loads.
+    expiry: Gauge,
     /// The files as loaded, and the last refused ones (reported once).
     seen: Mutex<(Stamps, Option<Stamps>)>,
 }
@@ -100,16 +104,27 @@ impl std::fmt::Debug for ServerTls {
 
 impl ServerTls {
     /// Loads the files; the certificate must be the control plane's.
-    pub fn load(paths: TlsPaths, trust_domain: TrustDomain) -> Result<Arc<Self>, TlsError> {
+    /// `expiry` is set to its notAfter, and to each new one's.
+    pub fn load(
+        paths: TlsPaths,
+        trust_domain: TrustDomain,
+        expiry: Gauge,
+    ) -> Result<Arc<Self>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let seen = stamps(&paths);
-        let (config, identity) = build(&paths, &trust_domain, &provider)?;
+        let Built {
+            config,
+            identity,
+            not_after,
+        } = build(&paths, &trust_domain, &provider)?;
+        expiry.set(not_after);
         tracing::info!(%identity, "mTLS on the gRPC listener: sidecars must present a mesh certificate");
         Ok(Arc::new(Self {
             paths,
             trust_domain,
             provider,
             config: Mutex::new(config),
+            expiry,
             seen: Mutex::new((seen, None)),
         }))
     }
@@ -133,8 +148,11 @@ impl ServerTls {
             return Ok(false);
         }
         match build(&self.paths, &self.trust_domain, &self.provider) {
-            Ok((config, _)) => {
+            Ok(Built {
+                config, not_after, ..
+            }) => {
                 *self.config.lock().unwrap_or_else(PoisonError::into_inner) = config;
+                self.expiry.set(not_after);
                 *seen = (now, None);
                 Ok(true)
             }
@@ -204,11 +222,19 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// A usable set of files.
+struct Built {
+    config: Arc<ServerConfig>,
+    identity: SpiffeId,
+    /// The certificate's notAfter, in Unix seconds.
+    not_after: i64,
+}
+
 fn build(
     paths: &TlsPaths,
     trust_domain: &TrustDomain,
     provider: &Arc<CryptoProvider>,
-) -> Result<(Arc<ServerConfig>, SpiffeId), TlsError> {
+) -> Result<Built, TlsError> {
     let mut roots = RootCertStore::empty();
     for ca in certificates(&paths.ca)? {
         roots.add(ca).map_err(|e| TlsError::BadCa {
@@ -236,6 +262,13 @@ fn build(
             expected,
         });
     }
+    // The leaf parsed above, so it parses again.
+    let not_after = chain
+        .first()
+        .and_then(|c| weft_certs::not_after_of(c))
+        .ok_or_else(|| TlsError::NoCertificate {
+            path: paths.cert.clone(),
+        })?;
     let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|source| TlsError::Read {
         path: paths.key.clone(),
         source,
@@ -257,5 +290,9 @@ fn build(
     config.alpn_protocols = vec![b"h2".to_vec()];
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    Ok((Arc::new(config), identity))
+    Ok(Built {
+        config: Arc::new(config),
+        identity,
+        not_after,
+    })
 }

@@ -152,8 +152,13 @@ impl LiveState {
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
         let metrics = Metrics::new(loaded.bootstrap.control_plane.is_some());
-        let metrics = Arc::new(if loaded.bootstrap.service.is_some() {
+        let metrics = if loaded.bootstrap.service.is_some() {
             metrics.with_app_health()
+        } else {
+            metrics
+        };
+        let metrics = Arc::new(if loaded.bootstrap.tls.is_some() {
+            metrics.with_tls()
         } else {
             metrics
         });
@@ -172,7 +177,7 @@ impl LiveState {
         };
         let app_health = health::initial(&snapshot);
         let control_plane_ready = snapshot.loaded.bootstrap.control_plane.is_none();
-        Ok(Arc::new(Self {
+        let state = Arc::new(Self {
             path: snapshot.loaded.path.clone(),
             config: watch::channel(Arc::new(snapshot)).0,
             directory: watch::channel(Arc::new(directory)).0,
@@ -188,7 +193,11 @@ impl LiveState {
             metrics,
             tls,
             reporters: Arc::new(reporters),
-        }))
+        });
+        // The bootstrap file's services show their counters at 0 from the
+        // start, before any request (later ones from the next scrape).
+        state.metrics.refresh_from(&*state);
+        Ok(state)
     }
 
     pub fn path(&self) -> &Path {

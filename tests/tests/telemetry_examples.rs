@@ -12,6 +12,8 @@
 //!   tests), every other file with `check rules`.
 //! - Every metric name the dashboards and rules use is in docs/telemetry.md,
 //!   and every recorded series they use is recorded by a rules file.
+//! - Every alert of the rules files has a unit test in which it fires (a
+//!   test of it with a non-empty `exp_alerts`).
 //!
 //! promtool is required: without it the promtool tests fail and name
 //! `scripts/setup`, which installs it. Files are found by walking the
@@ -583,6 +585,65 @@ fn dashboards_and_rules_use_only_documented_metrics() -> anyhow::Result<()> {
         "the name extraction found too little: {used:?}"
     );
     Ok(())
+}
+
+/// The alerts (`- alert: NAME` lines) of `rules`.
+fn alert_names(rules: &[PathBuf]) -> anyhow::Result<BTreeSet<String>> {
+    let mut names = BTreeSet::new();
+    for path in rules {
+        for line in fs::read_to_string(path)?.lines() {
+            if let Some(name) = line.trim().strip_prefix("- alert:") {
+                names.insert(name.trim().trim_matches(['"', '\'']).to_owned());
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// The alerts that a rule test (promtool's `alert_rule_test`) expects to
+/// fire: each `- alertname: NAME` whose next `exp_alerts:` is not `[]`.
+fn alerts_tested_firing(text: &str) -> BTreeSet<String> {
+    let mut firing = BTreeSet::new();
+    let mut current: Option<String> = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("- alertname:") {
+            current = Some(name.trim().trim_matches(['"', '\'']).to_owned());
+        } else if let Some(expected) = line.strip_prefix("exp_alerts:")
+            && let Some(name) = current.take()
+            && expected.trim() != "[]"
+        {
+            firing.insert(name);
+        }
+    }
+    firing
+}
+
+#[test]
+fn every_alert_has_a_unit_test_in_which_it_fires() -> anyhow::Result<()> {
+    let (_, rules, tests) = prometheus_files()?;
+    let alerts = alert_names(&rules)?;
+    ensure!(alerts.len() >= 10, "too few alerts found: {alerts:?}");
+    let mut firing = BTreeSet::new();
+    for file in &tests {
+        firing.extend(alerts_tested_firing(&fs::read_to_string(file)?));
+    }
+    let untested: Vec<&String> = alerts.difference(&firing).collect();
+    ensure!(
+        untested.is_empty(),
+        "alerts without a promtool test in which they fire (add one to a *.test.yml): {untested:?}"
+    );
+    let unknown: Vec<&String> = firing.difference(&alerts).collect();
+    ensure!(
+        unknown.is_empty(),
+        "tests of alerts that do not exist: {unknown:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn alerts_tested_firing_skips_empty_expectations() {
+    let text = "alert_rule_test:\n  - alertname: A\n    eval_time: 1m\n    exp_alerts: []\n  - alertname: B\n    eval_time: 5m\n    exp_alerts:\n      - exp_labels: {severity: info}\n  - alertname: C\n    exp_alerts: []\n";
+    assert_eq!(alerts_tested_firing(text), BTreeSet::from(["B".to_owned()]));
 }
 
 #[test]

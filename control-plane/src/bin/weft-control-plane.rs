@@ -197,7 +197,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None
         }
     };
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Metrics::new();
+    let metrics = Arc::new(if tls_files(&args).is_some() {
+        metrics.with_tls()
+    } else {
+        metrics
+    });
     let tasks = Tasks::new(CancellationToken::new(), metrics.tasks());
     let tls = grpc_tls(&args, &metrics, &tasks)?;
     let admin_listener = TcpListener::bind(args.admin)
@@ -268,6 +273,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// --tls-ca, --tls-cert and --tls-key, when all three are given.
+fn tls_files(args: &Args) -> Option<(&PathBuf, &PathBuf, &PathBuf)> {
+    match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
+        _ => None,
+    }
+}
+
 /// mTLS on the gRPC listener, when --tls-ca, --tls-cert and --tls-key are
 /// given (the files are then watched for a new certificate).
 fn grpc_tls(
@@ -275,7 +288,7 @@ fn grpc_tls(
     metrics: &Arc<Metrics>,
     tasks: &Tasks,
 ) -> anyhow::Result<Option<serve::Tls>> {
-    let (Some(ca), Some(cert), Some(key)) = (&args.tls_ca, &args.tls_cert, &args.tls_key) else {
+    let Some((ca, cert, key)) = tls_files(args) else {
         if !args.dev {
             tracing::warn!(
                 "no --tls-ca/--tls-cert/--tls-key: sidecars connect in plaintext and any of them may register any service"
@@ -290,6 +303,7 @@ fn grpc_tls(
             key: key.clone(),
         },
         args.trust_domain.clone(),
+        metrics.tls_certificate_expiry(),
     )
     .context("setting up mTLS on the gRPC listener")?;
     server.watch(args.tls_watch_interval, tasks);

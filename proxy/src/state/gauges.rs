@@ -1,7 +1,9 @@
 //! The sidecar's live state as `/metrics` shows it: [`LiveState`] is the
 //! [`GaugeSource`] the metrics copy into their gauges when they are scraped
 //! or exported (the local app's health, the config version, every outbound
-//! service's endpoints and retry budgets, the control-plane client).
+//! service's endpoints and retry budgets, the control-plane client, the mesh
+//! certificate's expiry). It also names each service's retry routes, whose
+//! counters then show at 0 before their first event.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,6 +17,9 @@ impl GaugeSource for LiveState {
     fn refresh(&self, gauges: &mut Gauges<'_>) {
         gauges.app_healthy(self.app_health().is_serving());
         gauges.config_version(self.config().version);
+        if let Some(not_after) = self.tls.as_ref().and_then(|t| t.current().not_after_unix()) {
+            gauges.tls_certificate_expiry(not_after);
+        }
         let now = Instant::now();
         let directory = self.directory();
         for svc in directory.services() {
@@ -51,6 +56,18 @@ fn service(gauges: &mut Gauges<'_>, svc: &MeshService, now: Instant) {
     for (route, budget) in svc.policy.budgets() {
         gauges.retry_budget(&svc.label, route, budget.available());
     }
+    // The route labels whose requests may be retried: no route matched
+    // (`plan(None)`), then each route until `plan` falls back to that one.
+    let default = svc.policy.plan(None);
+    let routes = std::iter::once(default)
+        .chain(
+            (0..)
+                .map(|i| svc.policy.plan(Some(i)))
+                .take_while(|plan| !Arc::ptr_eq(plan, default)),
+        )
+        .filter(|plan| plan.retry.attempts > 0)
+        .map(|plan| &plan.label);
+    gauges.service_counters(&svc.label, routes);
     gauges.endpoints(&svc.label, states);
 }
 

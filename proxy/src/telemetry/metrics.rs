@@ -147,6 +147,11 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// The `reason`s of inbound `weft_tls_handshake_failures_total`.
+const INBOUND_TLS_FAILURES: &[&str] = &["plaintext", "certificate", "timeout", "error"];
+/// The `reason`s of outbound `weft_tls_handshake_failures_total`.
+const OUTBOUND_TLS_FAILURES: &[&str] = &["certificate", "timeout", "error"];
+
 /// Why a retry the route allowed was not sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetrySkipped {
@@ -156,6 +161,8 @@ pub enum RetrySkipped {
 }
 
 impl RetrySkipped {
+    const ALL: [Self; 3] = [Self::BudgetExhausted, Self::NotReplayable, Self::NoEndpoint];
+
     const fn as_str(self) -> &'static str {
         match self {
             Self::BudgetExhausted => "budget-exhausted",
@@ -283,6 +290,41 @@ impl Gauges<'_> {
             .set(i64::try_from(available).unwrap_or(i64::MAX));
     }
 
+    /// Shows `service`'s counters at 0 before their first event, so that
+    /// `increase()` and `rate()` see that event: `weft_ejections_total`,
+    /// and for each of `retry_routes` (route labels whose requests may be
+    /// retried) `weft_retries_total` and `weft_retries_skipped_total` with
+    /// every reason. Counters already counting are left as they are.
+    pub fn service_counters<'r>(
+        &mut self,
+        service: &Arc<str>,
+        retry_routes: impl IntoIterator<Item = &'r Arc<str>>,
+    ) {
+        let m = self.metrics;
+        drop(m.ejections.get_or_create(&ServiceLabels {
+            service: Arc::clone(service),
+        }));
+        for route in retry_routes {
+            drop(m.retries.get_or_create(&RouteLabels {
+                service: Arc::clone(service),
+                route: Arc::clone(route),
+            }));
+            for why in RetrySkipped::ALL {
+                drop(m.retries_skipped.get_or_create(&SkipLabels {
+                    service: Arc::clone(service),
+                    route: Arc::clone(route),
+                    reason: why.as_str(),
+                }));
+            }
+        }
+    }
+
+    /// `weft_tls_certificate_expiry_timestamp_seconds` (exported only with
+    /// `[tls]`): the mesh certificate's notAfter, in Unix seconds.
+    pub fn tls_certificate_expiry(&mut self, not_after: i64) {
+        self.metrics.tls_certificate_expiry.set(not_after);
+    }
+
     /// `weft_proxy_control_plane_*` (exported only with `[control_plane]`).
     pub fn control_plane(&mut self, status: ControlPlaneStatus) {
         let m = self.metrics;
@@ -324,6 +366,7 @@ pub struct Metrics {
     control_plane_rejected: Counter,
     app_healthy: Gauge,
     tls_handshake_failures: Family<TlsFailureLabels, Counter>,
+    tls_certificate_expiry: Gauge,
     spans: SpanMetrics,
     otlp_exports: OtlpExportMetrics,
 }
@@ -485,7 +528,12 @@ impl ConfigAndTls {
             "Version of the bootstrap configuration in effect",
             config_version.clone(),
         );
-        let reloads = Family::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        // Both results exist at 0 from the start, so that `increase()` sees
+        // the first rejected reload (a series that appears at 1 has none).
+        for result in ["applied", "rejected"] {
+            drop(reloads.get_or_create(&ResultLabels { result }));
+        }
         registry.register(
             "config_reloads",
             "Configuration reloads, by result (applied, rejected)",
@@ -637,6 +685,7 @@ impl Metrics {
             control_plane_rejected: control_plane.rejected,
             app_healthy: Gauge::default(),
             tls_handshake_failures,
+            tls_certificate_expiry: Gauge::default(),
             spans,
             otlp_exports,
         }
@@ -798,6 +847,41 @@ impl Metrics {
         self
     }
 
+    /// Adds `weft_tls_certificate_expiry_timestamp_seconds` (a sidecar
+    /// with `[tls]`), and shows every direction and reason of
+    /// `weft_tls_handshake_failures_total` at 0.
+    #[must_use]
+    pub fn with_tls(mut self) -> Self {
+        for (direction, reasons) in [
+            (Direction::Inbound, INBOUND_TLS_FAILURES),
+            (Direction::Outbound, OUTBOUND_TLS_FAILURES),
+        ] {
+            for &reason in reasons {
+                drop(
+                    self.tls_handshake_failures
+                        .get_or_create(&TlsFailureLabels {
+                            direction: direction.as_str(),
+                            reason,
+                        }),
+                );
+            }
+        }
+        self.registry.sub_registry_with_prefix("weft").register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When this sidecar's mesh certificate expires (its notAfter), in seconds since the Unix epoch",
+            self.tls_certificate_expiry.clone(),
+        );
+        self
+    }
+
+    /// Copies the state kept elsewhere (`source`) into gauges, without
+    /// encoding: at start, so that the counters a source shows at 0 (see
+    /// [`Gauges::service_counters`]) exist before the first scrape.
+    pub fn refresh_from(&self, source: &dyn GaugeSource) {
+        let _one = self.refresh.lock().unwrap_or_else(PoisonError::into_inner);
+        self.refresh(source);
+    }
+
     /// The endpoint and budget gauges of services gone since the last
     /// refresh disappear: `source` writes every current one again.
     fn refresh(&self, source: &dyn GaugeSource) {
@@ -863,5 +947,52 @@ mod tests {
                 .any(|l| l == "weft_proxy_control_plane_rejected_total 3"),
             "{text}"
         );
+    }
+
+    /// A sidecar with `[tls]` whose one service retries requests of route
+    /// `/pay` only.
+    struct RetriedRoute;
+
+    impl GaugeSource for RetriedRoute {
+        fn refresh(&self, gauges: &mut Gauges<'_>) {
+            gauges.tls_certificate_expiry(1_900_000_000);
+            gauges.service_counters(&Arc::from("billing"), [&Arc::from("/pay")]);
+        }
+    }
+
+    #[test]
+    fn known_counters_start_at_zero_and_count_on() {
+        let metrics = Metrics::new(false).with_tls();
+        let text = metrics.render(&RetriedRoute).unwrap();
+        for line in [
+            r#"weft_config_reloads_total{result="applied"} 0"#,
+            r#"weft_config_reloads_total{result="rejected"} 0"#,
+            r#"weft_tls_handshake_failures_total{direction="inbound",reason="plaintext"} 0"#,
+            r#"weft_tls_handshake_failures_total{direction="outbound",reason="timeout"} 0"#,
+            r#"weft_ejections_total{service="billing"} 0"#,
+            r#"weft_retries_total{service="billing",route="/pay"} 0"#,
+            r#"weft_retries_skipped_total{service="billing",route="/pay",reason="no-endpoint"} 0"#,
+            "weft_tls_certificate_expiry_timestamp_seconds 1900000000",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Counting goes on from there; a refresh does not reset a counter.
+        metrics.reload(false);
+        metrics.retry_skipped(
+            &Arc::from("billing"),
+            &Arc::from("/pay"),
+            RetrySkipped::NoEndpoint,
+        );
+        let text = metrics.render(&RetriedRoute).unwrap();
+        for line in [
+            r#"weft_config_reloads_total{result="rejected"} 1"#,
+            r#"weft_retries_skipped_total{service="billing",route="/pay",reason="no-endpoint"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Without [tls], neither TLS metric has a series.
+        let text = Metrics::new(false).render(&OneService("x")).unwrap();
+        assert!(!text.contains("weft_tls_certificate_expiry_timestamp_seconds "));
+        assert!(!text.contains("weft_tls_handshake_failures_total{"));
     }
 }

@@ -228,6 +228,14 @@ impl Material {
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.certified.cert
     }
+
+    /// When the certificate expires (its notAfter), in seconds since the
+    /// Unix epoch, for the expiry gauge; `None` if it cannot be parsed
+    /// (loaded material always can).
+    pub fn not_after_unix(&self) -> Option<i64> {
+        let (_, cert) = x509_parser::parse_x509_certificate(self.chain().first()?).ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
 }
 
 /// A certificate's serial number (hex) and expiry, for logs.
