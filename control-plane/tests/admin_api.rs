@@ -61,7 +61,11 @@ fn exercise(cp: &ControlPlane) {
     .unwrap();
 
     // Apply, then read back the policy, the service and its instances.
-    let out = weftctl(cp, Some(&token), &["apply", "-f", policy.to_str().unwrap()]);
+    let out = weftctl(
+        cp,
+        Some(&token),
+        &["apply", "--create", "-f", policy.to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("created"), "{}", text(&out));
     let out = weftctl(cp, Some(&token), &["get", "policy", "billing"]);
@@ -81,7 +85,11 @@ fn exercise(cp: &ControlPlane) {
         "service = \"billing\"\n\n[outbound]\nload_balancer = \"random\"\n",
     )
     .unwrap();
-    let out = weftctl(cp, Some(&token), &["apply", "-f", bad.to_str().unwrap()]);
+    let out = weftctl(
+        cp,
+        Some(&token),
+        &["apply", "--create", "-f", bad.to_str().unwrap()],
+    );
     assert!(!out.status.success());
     let t = text(&out);
     assert!(t.contains("bad.toml:4:17: outbound.load_balancer:"), "{t}");
