@@ -8,7 +8,8 @@
 //! | `GET /v1/services/<name>/policy` | the policy exactly as stored, read from the store (so a write is seen at once), with `refused` (why validation refused it, else null) and `in_force` (the policy this control plane serves); 404 if there is none |
 //! | `PUT /v1/services/<name>/policy` | validate the body (TOML) with `weft-config` and store it; 400 with the same message `weft-proxy check` gives, nothing written, if it is invalid |
 //! | `DELETE /v1/services/<name>/policy` | remove the policy |
-//! | `GET /live`, `GET /ready` | liveness; readiness (the directory view follows the store; 503 too while waiting for the store at start, when only these and `/metrics` answer) |
+//! | `GET /version` | this control plane's version and git commit |
+//! | `GET /live`, `GET /ready` | liveness (`{"status": "live"}`); readiness (the directory view follows the store; 503 too while waiting for the store at start, when only these and `/metrics` answer) |
 //! | `GET /metrics` | Prometheus metrics (see [`crate::metrics`]); no token, like `/live` and `/ready` |
 //!
 //! Reads come from the in-memory view (the same one sidecars are served from);
@@ -63,6 +64,11 @@ fn error(status: StatusCode, message: impl Into<String>) -> Rsp {
     json_rsp(status, &json!({ "error": message.into() }))
 }
 
+/// `GET /live`: the process answers.
+fn live() -> Rsp {
+    json_rsp(StatusCode::OK, &json!({ "status": "live" }))
+}
+
 /// Handle one admin request.
 pub async fn handle<S: Store>(
     state: Arc<AdminState<S>>,
@@ -70,7 +76,7 @@ pub async fn handle<S: Store>(
 ) -> Result<Rsp, Infallible> {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/live") => return Ok(error(StatusCode::OK, "live")),
+        (&Method::GET, "/live") => return Ok(live()),
         (&Method::GET, "/ready") => {
             let live = state.view.borrow().live;
             return Ok(if live {
@@ -97,6 +103,10 @@ pub async fn handle<S: Store>(
     }
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let rsp = match (req.method().clone(), segments.as_slice()) {
+        (Method::GET, ["version"]) => json_rsp(
+            StatusCode::OK,
+            &json!({ "version": crate::VERSION, "commit": crate::COMMIT }),
+        ),
         (Method::GET, ["v1", "services"]) => list(&state),
         (Method::GET, ["v1", "services", name]) => get(&state, name),
         (Method::GET, ["v1", "services", name, "policy"]) => get_policy(&state, name).await,
@@ -118,7 +128,7 @@ pub async fn handle<S: Store>(
 /// 503.
 pub fn starting<B>(metrics: &Arc<Metrics>, req: &Request<B>) -> Rsp {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/live") => error(StatusCode::OK, "live"),
+        (&Method::GET, "/live") => live(),
         (&Method::GET, "/ready") => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the store has not answered yet",

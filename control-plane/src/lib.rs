@@ -39,3 +39,10 @@ pub mod store;
 pub mod tasks;
 pub mod tls;
 pub mod view;
+
+/// This build's version (the workspace's).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit this build is from (`git rev-parse --short HEAD` at build
+/// time, or the `WEFT_GIT_COMMIT` environment variable), "unknown" without
+/// git.
+pub const COMMIT: &str = env!("WEFT_GIT_COMMIT");

@@ -61,7 +61,11 @@ fn exercise(cp: &ControlPlane) {
     .unwrap();
 
     // Apply, then read back the policy, the service and its instances.
-    let out = weftctl(cp, Some(&token), &["apply", "-f", policy.to_str().unwrap()]);
+    let out = weftctl(
+        cp,
+        Some(&token),
+        &["apply", "--create", "-f", policy.to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("created"), "{}", text(&out));
     let out = weftctl(cp, Some(&token), &["get", "policy", "billing"]);
@@ -81,7 +85,11 @@ fn exercise(cp: &ControlPlane) {
         "service = \"billing\"\n\n[outbound]\nload_balancer = \"random\"\n",
     )
     .unwrap();
-    let out = weftctl(cp, Some(&token), &["apply", "-f", bad.to_str().unwrap()]);
+    let out = weftctl(
+        cp,
+        Some(&token),
+        &["apply", "--create", "-f", bad.to_str().unwrap()],
+    );
     assert!(!out.status.success());
     let t = text(&out);
     assert!(t.contains("bad.toml:4:17: outbound.load_balancer:"), "{t}");
@@ -126,6 +134,45 @@ fn exercise(cp: &ControlPlane) {
     assert!(text(&out).contains("404"), "{}", text(&out));
 }
 
+/// A GET over a raw socket; returns the whole response text.
+fn raw_get(cp: &ControlPlane, path: &str, token: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(cp.admin()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: cp\r\n{auth}connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The JSON body of a raw response.
+fn body(rsp: &str) -> serde_json::Value {
+    let (_, body) = rsp.split_once("\r\n\r\n").unwrap();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {rsp}"))
+}
+
+/// `/live` says it is live (not as an error object); `/version` names the
+/// build, and needs the token like every other read.
+fn probes_and_version(cp: &ControlPlane) {
+    let rsp = raw_get(cp, "/live", None);
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    assert_eq!(body(&rsp), serde_json::json!({ "status": "live" }), "{rsp}");
+    let rsp = raw_get(cp, "/version", None);
+    assert!(rsp.starts_with("HTTP/1.1 401"), "{rsp}");
+    let rsp = raw_get(cp, "/version", Some(TOKEN));
+    assert!(rsp.starts_with("HTTP/1.1 200"), "{rsp}");
+    let v = body(&rsp);
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"), "{rsp}");
+    assert!(v["commit"].as_str().is_some_and(|c| !c.is_empty()), "{rsp}");
+}
+
 /// A PUT of a policy over a raw socket; returns the whole response text.
 fn raw_put(cp: &ControlPlane, service: &str, body: &str, token: Option<&str>) -> String {
     use std::io::{Read, Write};
@@ -149,6 +196,7 @@ fn raw_put(cp: &ControlPlane, service: &str, body: &str, token: Option<&str>) ->
 #[test]
 fn admin_api_on_the_embedded_store() {
     let cp = start(ControlPlane::dev());
+    probes_and_version(&cp);
     exercise(&cp);
 }
 

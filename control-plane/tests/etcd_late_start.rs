@@ -59,7 +59,7 @@ async fn a_control_plane_started_before_etcd_waits_not_ready_then_serves() -> an
     .await?;
     let file = cp.dir().path().join("billing.toml");
     std::fs::write(&file, "service = \"billing\"\n")?;
-    cp.weftctl_ok(&["apply", "-f", file.to_str().unwrap()])
+    cp.weftctl_ok(&["apply", "--create", "-f", file.to_str().unwrap()])
         .await?;
     let _registration = register(&cp.grpc_url(), instance("billing", "a", 7001)).await;
     let mut sub = subscribe(&cp.grpc_url(), &["billing"]).await;

@@ -7,50 +7,16 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use weft_api::v1::{Instance, Metadata};
 
 use support::start;
+use support::weftctl::{Run, run, run_offline, run_with_stdin};
 use weft_tests::control_plane::{ControlPlane, TOKEN};
 use weft_tests::etcd::EtcdServer;
 use weft_tests::grpc::register;
 use weft_tests::process::TempDir;
-
-/// `weftctl --control-plane URL [--token-file FILE] ARGS`, with nothing taken
-/// from the environment.
-fn weftctl(url: &str, token: Option<&Path>, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weftctl"));
-    cmd.arg("--control-plane").arg(url);
-    if let Some(t) = token {
-        cmd.arg("--token-file").arg(t);
-    }
-    cmd.env_remove("WEFT_TOKEN_FILE")
-        .env_remove("WEFT_CONTROL_PLANE");
-    cmd.args(args).output().unwrap()
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn all(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-}
-
-fn run(url: &str, token: Option<&Path>, args: &[&str]) -> Run {
-    let out = weftctl(url, token, args);
-    Run {
-        code: out.status.code().expect("weftctl was killed"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// A dev control plane and its token file.
 struct Cp {
@@ -115,23 +81,23 @@ fn check_validates_offline_with_located_messages() {
     std::fs::write(&good, RR).unwrap();
     std::fs::write(&bad, BAD).unwrap();
     let (good, bad) = (good.to_str().unwrap(), bad.to_str().unwrap());
-    // Nothing listens on port 1: check must not need the control plane.
-    let offline = "http://127.0.0.1:1";
 
-    let r = run(offline, None, &["check", "-f", good]);
+    // No --control-plane (and none in the environment): nothing to ask.
+    let r = run_offline(&["check", "-f", good]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert_eq!(
         r.stdout,
         format!("{good}: ok (policy for service billing)\n")
     );
 
-    let r = run(offline, None, &["check", "-f", good, "-f", bad]);
+    let r = run_offline(&["check", "-f", good, "-f", bad]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(r.stdout.contains(&format!("{good}: ok")), "{}", r.all());
-    // weft-config's message: file:line:col: key: what, then the line quoted.
+    // weft-config's message: file:line:col: key: what, then the line quoted,
+    // after `error: ` as `weft-proxy check` prints it.
     assert!(
         r.stderr.starts_with(&format!(
-            "{bad}:4:17: outbound.load_balancer: unknown value \"random\""
+            "error: {bad}:4:17: outbound.load_balancer: unknown value \"random\""
         )),
         "{}",
         r.all()
@@ -143,11 +109,11 @@ fn check_validates_offline_with_located_messages() {
     );
 
     let missing = dir.path().join("missing.toml");
-    let r = run(offline, None, &["check", "-f", missing.to_str().unwrap()]);
+    let r = run_offline(&["check", "-f", missing.to_str().unwrap()]);
     assert_eq!(r.code, 1, "{}", r.all());
     assert!(
         r.stderr
-            .contains(&format!("cannot read {}", missing.display())),
+            .starts_with(&format!("error: cannot read {}", missing.display())),
         "{}",
         r.all()
     );
@@ -158,7 +124,7 @@ fn apply_reports_created_unchanged_and_updated_lines() {
     let cp = Cp::start();
     let file = cp.write("billing.toml", RR);
 
-    let r = cp.run(&["apply", "-f", &file]);
+    let r = cp.run(&["apply", "--create", "-f", &file]);
     assert_eq!(r.code, 0, "{}", r.all());
     assert!(
         r.stdout
@@ -232,7 +198,7 @@ fn diff_exits_0_when_identical_and_1_with_the_changed_lines() {
         ]
     );
 
-    assert_eq!(cp.run(&["apply", "-f", &file]).code, 0);
+    assert_eq!(cp.run(&["apply", "--create", "-f", &file]).code, 0);
     let r = cp.run(&["diff", "-f", &file]);
     assert_eq!((r.code, r.all().as_str()), (0, ""));
 
@@ -284,7 +250,7 @@ fn instance(id: &str, port: u16) -> Instance {
 fn get_services_instances_policy_and_delete_policy() {
     let cp = Cp::start();
     let file = cp.write("billing.toml", RR);
-    assert_eq!(cp.run(&["apply", "-f", &file]).code, 0);
+    assert_eq!(cp.run(&["apply", "--create", "-f", &file]).code, 0);
     cp.eventually(&["get", "services"], |t| {
         has_row(t, &["SERVICE", "INSTANCES", "POLICY"]) && has_row(t, &["billing", "0", "yes"])
     });
@@ -522,7 +488,7 @@ fn get_policy_shows_the_policy_in_force_when_the_stored_one_was_refused() {
     let ctl = |cp: &ControlPlane, args: &[&str]| run(&cp.admin_url(), Some(&token), args);
     let file = cp.dir().path().join("billing.toml");
     std::fs::write(&file, RR).unwrap();
-    let r = ctl(&cp, &["apply", "-f", file.to_str().unwrap()]);
+    let r = ctl(&cp, &["apply", "--create", "-f", file.to_str().unwrap()]);
     assert_eq!(r.code, 0, "{}", r.all());
 
     // An invalid policy, straight to etcd.
@@ -599,6 +565,438 @@ fn get_policy_shows_the_policy_in_force_when_the_stored_one_was_refused() {
     assert!(
         r.stderr
             .contains("service \"billing\" has no policy in force: the one stored (revision"),
+        "{}",
+        r.all()
+    );
+}
+
+/// Registers `instance` with `cp`; the registration lasts as long as the
+/// returned sender and runtime.
+fn keep_registered(
+    rt: &tokio::runtime::Runtime,
+    cp: &Cp,
+    instance: Instance,
+) -> tokio::sync::mpsc::Sender<weft_api::v1::RegisterRequest> {
+    rt.block_on(register(&cp.cp.grpc_url(), instance))
+}
+
+#[test]
+fn get_and_diff_print_json_documents_for_scripts() {
+    let cp = Cp::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _a = keep_registered(&rt, &cp, instance("a", 7001));
+    let mut plain = instance("b", 7002);
+    plain.metadata = None;
+    plain.admin_address = String::new();
+    let _b = keep_registered(&rt, &cp, plain);
+    let file = cp.write("billing.toml", RR);
+    cp.eventually(&["get", "services"], |t| {
+        has_row(t, &["billing", "2", "no"])
+    });
+    assert_eq!(cp.run(&["apply", "-f", &file]).code, 0);
+
+    let doc = |args: &[&str]| serde_json::from_str::<serde_json::Value>(&cp.run(args).stdout);
+    cp.eventually(&["get", "services", "-o", "json"], |t| {
+        serde_json::from_str::<serde_json::Value>(t).ok()
+            == Some(serde_json::json!({
+                "live": true,
+                "services": [{ "name": "billing", "instances": 2, "policy": true }],
+            }))
+    });
+    let r = cp.run(&["get", "instances", "billing", "--output", "json"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(
+        r.json(),
+        serde_json::json!({
+            "service": "billing",
+            "instances": [
+                {
+                    "id": "a", "address": "127.0.0.1:7001", "health": "healthy",
+                    "zone": "z1", "version": "v2", "weight": 50, "labels": {},
+                    "admin_address": "127.0.0.1:9901",
+                },
+                {
+                    "id": "b", "address": "127.0.0.1:7002", "health": "healthy",
+                    "zone": null, "version": null, "weight": 100, "labels": {},
+                    "admin_address": null,
+                },
+            ],
+        }),
+        "{}",
+        r.all()
+    );
+
+    // The policy: stored text, revision, not refused, and (once the view
+    // has it) in force.
+    let got = cp.eventually(&["get", "policy", "billing", "-o", "json"], |t| {
+        serde_json::from_str::<serde_json::Value>(t).is_ok_and(|v| v["in_force"] == RR)
+    });
+    let v: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(
+        (&v["service"], &v["policy"], &v["refused"]),
+        (&"billing".into(), &RR.into(), &serde_json::Value::Null),
+        "{v}"
+    );
+    let revision = v["revision"].as_i64().unwrap();
+    assert!(revision > 0, "{v}");
+
+    // diff: identical (exit 0), then different (exit 1), the same document.
+    let r = cp.run(&["diff", "-f", &file, "-o", "json"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(
+        r.json(),
+        serde_json::json!({
+            "service": "billing", "file": file, "stored": true, "revision": revision,
+            "identical": true, "diff": "",
+        })
+    );
+    cp.write("billing.toml", LR);
+    let r = cp.run(&["diff", "-f", &file, "-o", "json"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let v = r.json();
+    assert_eq!(
+        (&v["identical"], &v["stored"]),
+        (&false.into(), &true.into())
+    );
+    let diff = v["diff"].as_str().unwrap();
+    assert!(
+        diff.starts_with(&format!("--- stored\n+++ {file}\n@@ "))
+            && diff.ends_with(
+                "-load_balancer = \"round-robin\"\n+load_balancer = \"least-request\"\n"
+            ),
+        "{v}"
+    );
+    // A service without a policy, from standard input.
+    let r = run_with_stdin(
+        &cp.cp.admin_url(),
+        Some(&cp.token),
+        &["diff", "-f", "-", "-o", "json"],
+        "service = \"web\"\n",
+    );
+    assert_eq!(r.code, 1, "{}", r.all());
+    let v = r.json();
+    assert_eq!(
+        (&v["service"], &v["file"], &v["stored"], &v["revision"]),
+        (
+            &"web".into(),
+            &"<stdin>".into(),
+            &false.into(),
+            &serde_json::Value::Null
+        ),
+        "{v}"
+    );
+
+    // Errors stay one `error:` line on stderr, nothing on stdout.
+    let r = cp.run(&["get", "policy", "web", "-o", "json"]);
+    assert_eq!((r.code, r.stdout.as_str()), (1, ""), "{}", r.all());
+    assert!(r.stderr.starts_with("error: "), "{}", r.all());
+    assert!(doc(&["get", "instances", "nope", "-o", "json"]).is_err());
+    let r = cp.run(&["get", "services", "-o", "yaml"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+}
+
+#[test]
+fn version_names_the_client_and_the_control_plane_build() {
+    let cp = Cp::start();
+    let r = cp.run(&["version"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", r.all());
+    let version = env!("CARGO_PKG_VERSION");
+    let client = lines[0]
+        .strip_prefix(&format!("weftctl {version} (commit "))
+        .and_then(|l| l.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{}", r.all()));
+    // A short git hash, or "unknown" when built without git.
+    assert!(
+        client == "unknown" || (client.len() >= 7 && client.chars().all(|c| c.is_ascii_hexdigit())),
+        "{}",
+        r.all()
+    );
+    // Both binaries come from this build.
+    assert_eq!(
+        lines[1],
+        format!(
+            "weft-control-plane {version} (commit {client}) at {}",
+            cp.cp.admin_url()
+        )
+    );
+
+    let r = cp.run(&["version", "-o", "json"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(
+        r.json(),
+        serde_json::json!({
+            "client": { "version": version, "commit": client },
+            "control_plane": { "url": cp.cp.admin_url(), "version": version, "commit": client },
+        })
+    );
+
+    // --client needs no control plane; without --client an unreachable or
+    // refusing control plane is an error after the client's line.
+    let nowhere = refused_url();
+    let r = run(&nowhere, None, &["version", "--client"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(
+        r.stdout,
+        format!("weftctl {version} (commit {client})\n"),
+        "{}",
+        r.all()
+    );
+    let r = run(&nowhere, None, &["version"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert_eq!(r.stdout.lines().count(), 1, "{}", r.all());
+    assert!(
+        r.stderr.starts_with(&format!(
+            "error: cannot reach the control plane at {nowhere}"
+        )),
+        "{}",
+        r.all()
+    );
+    // GET /version needs the token, like every other read.
+    let r = run(&cp.cp.admin_url(), None, &["version"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("requires a token"), "{}", r.all());
+}
+
+#[test]
+fn completion_prints_a_script_naming_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let r = run_offline(&["completion", shell]);
+        assert_eq!(r.code, 0, "{shell}: {}", r.all());
+        assert!(r.stdout.lines().count() > 10, "{shell}: {}", r.all());
+        for word in [
+            "weftctl",
+            "apply",
+            "check",
+            "diff",
+            "get",
+            "delete",
+            "stat",
+            "certs",
+            "version",
+            "completion",
+            "create",
+            "output",
+        ] {
+            assert!(
+                r.stdout.contains(word),
+                "{shell}: no {word:?} in\n{}",
+                r.stdout
+            );
+        }
+    }
+    let r = run_offline(&["completion", "tcsh"]);
+    assert_eq!(r.code, 2, "{}", r.all());
+}
+
+const WEB: &str = "service = \"web\"\n\n[outbound]\nload_balancer = \"round-robin\"\n";
+
+#[test]
+fn apply_takes_a_directory_or_standard_input_and_validates_every_file_first() {
+    let cp = Cp::start();
+    let root = cp.cp.dir().path();
+    // A directory: its *.toml files in name order; other files, hidden files
+    // and subdirectories are not read.
+    let dir = root.join("policies");
+    std::fs::create_dir_all(dir.join("old")).unwrap();
+    std::fs::write(dir.join("web.toml"), WEB).unwrap();
+    std::fs::write(dir.join("billing.toml"), RR).unwrap();
+    std::fs::write(dir.join("README.txt"), "not a policy").unwrap();
+    std::fs::write(dir.join(".billing.toml.swp.toml"), BAD).unwrap();
+    std::fs::write(dir.join("old/billing.toml"), BAD).unwrap();
+    let d = dir.to_str().unwrap();
+
+    let r = run_offline(&["check", "-f", d]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(
+        r.stdout,
+        format!(
+            "{d}/billing.toml: ok (policy for service billing)\n{d}/web.toml: ok (policy for service web)\n"
+        )
+    );
+    let r = cp.run(&["apply", "--create", "-f", d]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", r.all());
+    assert!(
+        lines[0].starts_with(&format!(
+            "policy billing created from {d}/billing.toml (revision"
+        )) && lines[1].starts_with(&format!("policy web created from {d}/web.toml (revision")),
+        "{}",
+        r.all()
+    );
+
+    // One invalid file in the directory: its file, line and key; nothing
+    // applied, not even the valid file before it.
+    let mixed = root.join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::write(mixed.join("a-billing.toml"), LR).unwrap();
+    std::fs::write(
+        mixed.join("b-web.toml"),
+        WEB.replace("round-robin", "random"),
+    )
+    .unwrap();
+    let m = mixed.to_str().unwrap();
+    let r = cp.run(&["apply", "-f", m]);
+    assert_eq!((r.code, r.stdout.as_str()), (1, ""), "{}", r.all());
+    assert!(
+        r.stderr.starts_with(&format!(
+            "error: {m}/b-web.toml:4:17: outbound.load_balancer: unknown value \"random\""
+        )),
+        "{}",
+        r.all()
+    );
+    assert!(r.stderr.contains("nothing applied"), "{}", r.all());
+    assert_eq!(cp.run(&["get", "policy", "billing"]).stdout, RR);
+
+    // Two files for one service: nothing applied.
+    std::fs::write(mixed.join("b-web.toml"), LR).unwrap();
+    let r = cp.run(&["apply", "-f", m]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr.contains(&format!(
+            "nothing applied: {m}/a-billing.toml and {m}/b-web.toml are both policies for service billing"
+        )),
+        "{}",
+        r.all()
+    );
+    assert_eq!(cp.run(&["get", "policy", "billing"]).stdout, RR);
+
+    // Standard input, named <stdin>.
+    let (url, token) = (cp.cp.admin_url(), Some(cp.token.as_path()));
+    let r = run_with_stdin(&url, token, &["apply", "-f", "-"], LR);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stdout
+            .starts_with("policy billing updated from <stdin> (revision"),
+        "{}",
+        r.all()
+    );
+    assert_eq!(cp.run(&["get", "policy", "billing"]).stdout, LR);
+    let r = run_with_stdin(&url, token, &["apply", "-f", "-"], BAD);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(
+        r.stderr
+            .starts_with("error: <stdin>:4:17: outbound.load_balancer:"),
+        "{}",
+        r.all()
+    );
+    assert_eq!(cp.run(&["get", "policy", "billing"]).stdout, LR);
+
+    // A directory with no policy in it is an error, not a silent no-op.
+    let empty = root.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let r = cp.run(&["apply", "-f", empty.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    assert!(r.stderr.contains("holds no *.toml file"), "{}", r.all());
+}
+
+#[test]
+fn apply_refuses_a_service_that_never_registered_unless_create() {
+    let cp = Cp::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _a = keep_registered(&rt, &cp, instance("a", 7001));
+    cp.eventually(&["get", "services"], |t| {
+        has_row(t, &["billing", "1", "no"])
+    });
+
+    // A typo: refused, nothing written, even for the good file beside it.
+    let typo = cp.write("biling.toml", &RR.replace("billing", "biling"));
+    let good = cp.write("billing.toml", RR);
+    let r = cp.run(&["apply", "-f", &good, "-f", &typo]);
+    assert_eq!((r.code, r.stdout.as_str()), (1, ""), "{}", r.all());
+    assert!(
+        r.stderr.starts_with(&format!(
+            "error: {typo}: service \"biling\" has never registered with the control plane (no instances, no policy)\n"
+        )),
+        "{}",
+        r.all()
+    );
+    assert!(
+        r.stderr.contains("nothing applied") && r.stderr.contains("--create"),
+        "{}",
+        r.all()
+    );
+    for service in ["billing", "biling"] {
+        let r = cp.run(&["get", "policy", service]);
+        assert_eq!(r.code, 1, "{service}: {}", r.all());
+    }
+
+    // A registered service needs no --create; a policy applied with
+    // --create makes its service known.
+    let r = cp.run(&["apply", "-f", &good]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let r = cp.run(&["apply", "--create", "-f", &typo]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.starts_with("policy biling created"), "{}", r.all());
+    cp.write("biling.toml", &LR.replace("billing", "biling"));
+    let r = cp.run(&["apply", "-f", &typo]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(r.stdout.starts_with("policy biling updated"), "{}", r.all());
+}
+
+#[test]
+fn check_warns_about_names_the_control_plane_has_never_seen() {
+    let cp = Cp::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _a = keep_registered(&rt, &cp, instance("a", 7001));
+    let _w = keep_registered(&rt, &cp, support::grpc::instance("web", "w-1", 7101));
+    cp.eventually(&["get", "services"], |t| has_row(t, &["web", "1", "no"]));
+    let file = cp.write(
+        "billing.toml",
+        "service = \"billing\"\n\n[inbound]\nallow = [\"web\", \"ordrs\", \"spiffe://weft.local/service/ledgr\"]\n\n\
+         [[routes]]\nname = \"charge\"\nmatch = { path_prefix = \"/charge\" }\nallow = [\"web\", \"chekout\"]\n",
+    );
+    let typo = cp.write("biling.toml", &RR.replace("billing", "biling"));
+    let url = cp.cp.admin_url();
+
+    // Offline (no --control-plane): it cannot know, says nothing.
+    let r = run_offline(&["check", "-f", &file, "-f", &typo]);
+    assert_eq!((r.code, r.stderr.as_str()), (0, ""), "{}", r.all());
+
+    let r = cp.run(&["check", "-f", &file, "-f", &typo]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert_eq!(
+        r.stdout,
+        format!(
+            "{file}: ok (policy for service billing)\n{typo}: ok (policy for service biling)\n"
+        )
+    );
+    let never = |what: &str| {
+        format!(
+            "{what} has never registered with the control plane at {url} (no instances, no policy)"
+        )
+    };
+    assert_eq!(
+        r.stderr.lines().collect::<Vec<_>>(),
+        [
+            format!(
+                "warning: {file}: inbound.allow: {}",
+                never("service \"ordrs\"")
+            ),
+            format!(
+                "warning: {file}: inbound.allow: {}",
+                never("service \"ledgr\"")
+            ),
+            format!(
+                "warning: {file}: routes[0].allow: {}",
+                never("service \"chekout\"")
+            ),
+            format!("warning: {typo}: {}", never("service \"biling\"")),
+        ],
+        "{}",
+        r.all()
+    );
+
+    // An unreachable control plane: one warning, the files still checked.
+    let nowhere = refused_url();
+    let r = run(&nowhere, None, &["check", "-f", &file]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    assert!(
+        r.stderr.starts_with(&format!(
+            "warning: the service names were not checked: cannot reach the control plane at {nowhere}"
+        )),
         "{}",
         r.all()
     );

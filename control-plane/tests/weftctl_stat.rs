@@ -22,6 +22,7 @@ use weft_api::v1::RegisterRequest;
 
 use support::grpc;
 use support::start;
+use support::weftctl::{Run, run, weftctl};
 use weft_tests::control_plane::ControlPlane;
 
 /// The duration histogram's bucket bounds in these expositions.
@@ -158,38 +159,6 @@ fn restarting(series: Vec<Series>) -> impl Fn(u64) -> String + Send + Sync + 'st
 fn closed_port() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn all(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-}
-
-fn weftctl(url: &str, token: Option<&PathBuf>) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weftctl"));
-    cmd.arg("--control-plane").arg(url);
-    if let Some(t) = token {
-        cmd.arg("--token-file").arg(t);
-    }
-    cmd.env_remove("WEFT_TOKEN_FILE")
-        .env_remove("WEFT_CONTROL_PLANE");
-    cmd
-}
-
-fn run(url: &str, token: Option<&PathBuf>, args: &[&str]) -> Run {
-    let out = weftctl(url, token).args(args).output().unwrap();
-    Run {
-        code: out.status.code().expect("weftctl was killed"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 /// The lines of `text`, each as its whitespace-separated cells.
@@ -531,7 +500,7 @@ fn watch_redraws_every_interval_until_interrupted() {
     mesh.register("billing", "b-1", Some(server));
     mesh.wait_for_services(&[&["billing", "1", "no"]]);
 
-    let child = weftctl(&mesh.cp.admin_url(), Some(&mesh.token))
+    let child = weftctl(Some(&mesh.cp.admin_url()), Some(&mesh.token))
         .args(["stat", "--watch", "--interval", "200ms"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -346,7 +346,7 @@ async fn an_allow_list_pushed_by_the_control_plane_applies_live() -> anyhow::Res
         let path = dir.write("billing.toml", &policy_file("billing", body));
         async move {
             let path = path?;
-            cp.weftctl_ok(&["apply", "-f", path.to_str().context("path")?])
+            cp.weftctl_ok(&["apply", "--create", "-f", path.to_str().context("path")?])
                 .await
         }
     };

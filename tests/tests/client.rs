@@ -86,7 +86,7 @@ impl Caller {
 /// Applies `body` as billing's policy with `weftctl apply`.
 async fn apply(cp: &ControlPlane, dir: &TempDir, body: &str) -> anyhow::Result<()> {
     let file = dir.write("billing.toml", &format!("service = \"billing\"\n{body}"))?;
-    cp.weftctl_ok(&["apply", "-f", file.to_str().context("path")?])
+    cp.weftctl_ok(&["apply", "--create", "-f", file.to_str().context("path")?])
         .await?;
     Ok(())
 }

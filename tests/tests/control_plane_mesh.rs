@@ -112,7 +112,7 @@ async fn services_find_each_other_through_the_control_plane() -> anyhow::Result<
         "billing.toml",
         "service = \"billing\"\n\n[[routes]]\nname = \"slow\"\nmatch = { path_prefix = \"/slow\" }\ntimeout = \"200ms\"\n",
     )?;
-    weftctl(cp, &["apply", "-f", policy.to_str().unwrap()]).await?;
+    weftctl(cp, &["apply", "--create", "-f", policy.to_str().unwrap()]).await?;
     eventually(Duration::from_secs(10), || async {
         let reply = client.get("http://billing/slow?ms=2000").await?;
         ensure!(reply.status == 504, "status {}", reply.status);
@@ -225,7 +225,7 @@ async fn a_service_takes_its_policy_and_share_from_the_control_plane() -> anyhow
         "billing.toml",
         "service = \"billing\"\n\n[inbound]\nrate_limit = { per_second = 40, burst = 4 }\n",
     )?;
-    weftctl(&cp, &["apply", "-f", policy.to_str().unwrap()]).await?;
+    weftctl(&cp, &["apply", "--create", "-f", policy.to_str().unwrap()]).await?;
     expect_local(&one, "control-plane", 2, Some((20.0, 2))).await?;
     expect_local(&two, "control-plane", 2, Some((20.0, 2))).await?;
 
@@ -364,7 +364,11 @@ async fn instances_join_and_leave_under_steady_traffic() -> anyhow::Result<()> {
         "billing.toml",
         "service = \"billing\"\n\n[outbound]\nload_balancer = \"round-robin\"\n",
     )?;
-    weftctl(cp, &["apply", "-f", policy.to_str().context("path")?]).await?;
+    weftctl(
+        cp,
+        &["apply", "--create", "-f", policy.to_str().context("path")?],
+    )
+    .await?;
     let admin = caller.admin_client();
     eventually(Duration::from_secs(5), || async {
         let endpoints = admin.endpoints().await?;
@@ -465,7 +469,7 @@ async fn a_policy_change_reaches_sidecars_without_dropping_requests() -> anyhow:
     )?;
     let good = good.to_str().context("path")?;
     let before_apply = traffic.now();
-    weftctl(cp, &["apply", "-f", good]).await?;
+    weftctl(cp, &["apply", "--create", "-f", good]).await?;
     let applied = traffic.now();
     let admin = mesh.instance("billing-1").sidecar.admin_client();
     eventually(Duration::from_secs(5), || async {
@@ -506,7 +510,7 @@ async fn a_policy_change_reaches_sidecars_without_dropping_requests() -> anyhow:
         "service = \"billing\"\n\n[inbound]\nrate_limit = { per_second = 1000, burst = 5 }\nmax_concurrency = \"many\"\n",
     )?;
     let bad = bad.to_str().context("path")?;
-    let refused = cp.weftctl(&["apply", "-f", bad]).await?;
+    let refused = cp.weftctl(&["apply", "--create", "-f", bad]).await?;
     ensure!(refused.code() == 1, "{}", refused.all());
     ensure!(
         refused.stderr.contains(&format!("{bad}:5:"))

@@ -391,7 +391,7 @@ async fn a_restarted_control_plane_serves_the_last_valid_policy_to_new_sidecars(
     let dir = TempDir::new()?;
     let valid = "service = \"billing\"\n\n[outbound]\ntimeout = \"300ms\"\n";
     let file = dir.write("billing.toml", valid)?;
-    cp.weftctl_ok(&["apply", "-f", file.to_str().context("path")?])
+    cp.weftctl_ok(&["apply", "--create", "-f", file.to_str().context("path")?])
         .await?;
     // The control plane records the valid policy once its view has it.
     eventually(Duration::from_secs(5), || async {
@@ -643,7 +643,7 @@ async fn two_replicas_survive_losing_one_replica_and_the_etcd_leader() -> anyhow
          [inbound]\nrate_limit = { per_second = 1000, burst = 100 }\n",
     )?;
     survivor_cp
-        .weftctl_ok(&["apply", "-f", policy.to_str().context("path")?])
+        .weftctl_ok(&["apply", "--create", "-f", policy.to_str().context("path")?])
         .await?;
     let admin = caller.admin_client();
     eventually(Duration::from_secs(5), || async {

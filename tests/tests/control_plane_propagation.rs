@@ -76,7 +76,7 @@ async fn policy_propagation_to_five_callers() -> anyhow::Result<()> {
             "billing.toml",
             &format!("service = \"billing\"\n\n[outbound]\nload_balancer = \"{balancer}\"\n"),
         )?;
-        cp.weftctl_ok(&["apply", "-f", file.to_str().context("path")?])
+        cp.weftctl_ok(&["apply", "--create", "-f", file.to_str().context("path")?])
             .await?;
         let returned = Instant::now();
         let mut pollers = Vec::with_capacity(CALLERS);

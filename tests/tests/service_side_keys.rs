@@ -143,7 +143,7 @@ async fn a_mesh_caller_whose_instances_are_sidecars_has_no_warning() -> anyhow::
     let _billing = registered("billing", "billing-1", app.addr(), &addresses).await?;
     let dir = TempDir::new()?;
     let file = dir.write("billing.toml", &policy_file("billing", LIMITED))?;
-    cp.weftctl_ok(&["apply", "-f", file.to_str().context("path")?])
+    cp.weftctl_ok(&["apply", "--create", "-f", file.to_str().context("path")?])
         .await?;
     let proxy = mesh_caller(&addresses).await?;
 

@@ -34,7 +34,11 @@ use weft_control_plane::tls::{ServerTls, TlsPaths};
 use weft_control_plane::view;
 
 #[derive(Debug, Parser)]
-#[command(name = "weft-control-plane", version, about = "The Weft control plane")]
+#[command(
+    name = "weft-control-plane",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("WEFT_GIT_COMMIT"), ")"),
+    about = "The Weft control plane"
+)]
 struct Args {
     /// Use an embedded in-memory store instead of etcd. Nothing persists.
     #[arg(long, conflicts_with = "etcd")]

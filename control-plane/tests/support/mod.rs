@@ -1,13 +1,15 @@
 //! Test support shared by the control plane's black-box tests: gRPC and
 //! admin clients for a running control plane (`grpc`), certificates for TLS
-//! tests (`tls`) and bounded polling. The control-plane process and etcd
-//! harnesses are weft-tests' (`weft_tests::control_plane`, `weft_tests::etcd`),
-//! shared with the mesh scenarios.
+//! tests (`tls`), running the `weftctl` binary (`weftctl`) and bounded
+//! polling. The control-plane process and etcd harnesses are weft-tests'
+//! (`weft_tests::control_plane`, `weft_tests::etcd`), shared with the mesh
+//! scenarios.
 
 #![allow(dead_code)] // each test binary uses its own part of this module
 
 pub mod grpc;
 pub mod tls;
+pub mod weftctl;
 
 use std::future::Future;
 use std::time::Duration;

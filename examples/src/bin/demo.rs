@@ -410,7 +410,7 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
                 args,
                 cp_admin,
                 &token,
-                &["apply", "-f", &file.display().to_string()]
+                &["apply", "--create", "-f", &file.display().to_string()]
             )
             .await?
         );

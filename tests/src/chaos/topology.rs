@@ -498,7 +498,7 @@ impl Mesh {
         let n = FILES.fetch_add(1, Ordering::Relaxed);
         let path = self.files.write(&format!("{service}-{n}.toml"), text)?;
         let path = path.display().to_string();
-        self.weftctl(0, &["apply", "-f", &path]).await
+        self.weftctl(0, &["apply", "--create", "-f", &path]).await
     }
 
     /// The store revision each control plane that is up reflects (its

@@ -1,12 +1,17 @@
 //! `weftctl`: check, apply, diff, get and delete service policies, list
 //! services and instances, through the control plane's admin API; `stat`,
-//! live traffic numbers from the sidecars' metrics; and `certs`, development
-//! certificates for mTLS between sidecars (offline, with `weft-certs`).
+//! live traffic numbers from the sidecars' metrics; `certs`, development
+//! certificates for mTLS between sidecars (offline, with `weft-certs`);
+//! `version`; and `completion`, shell completion scripts.
 //!
 //! A policy file is validated locally first with `weft-config` (the same check
 //! and message as the control plane and `weft-proxy check --policy`); the control
 //! plane validates it again before writing it to the store. `check` needs no
-//! control plane at all.
+//! control plane; given `--control-plane` on the command line, it also warns
+//! about service names the control plane has never seen.
+//!
+//! Read commands (`get`, `stat`, `diff`, `version`) take `-o json` for scripts
+//! (see [`output`]).
 //!
 //! Exit codes: 0 success; 1 failure (an invalid file, a refused or failed
 //! request); `diff` exits 0 when the file matches the stored policy, 1 when it
@@ -18,18 +23,25 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use http::{Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
-use similar::{ChangeTag, TextDiff};
-use weft_config::{ConfigError, ServiceName};
+use serde_json::{Value, json};
+use weft_config::ServiceName;
 
 mod certs;
+mod files;
+mod get;
+mod output;
+mod policies;
 mod stat;
+
+use files::PolicyFile;
+use output::Output;
 
 /// How long connecting to the control plane may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,7 +51,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Parser)]
 #[command(
     name = "weftctl",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("WEFT_GIT_COMMIT"), ")"),
     about = "Manage Weft service policies through the control plane",
     after_help = "Exit codes: 0 success; 1 failure (invalid file, refused or failed request); \
                   diff: 0 identical, 1 different, 2 error; usage errors 2."
@@ -62,24 +74,37 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate policy files, write them and print what changed (nothing is
-    /// written if any file is invalid).
+    /// written if any file is invalid, or names a service the control plane
+    /// has never seen, without --create).
     Apply {
+        /// A policy file, a directory (its *.toml files, in name order) or
+        /// `-` (standard input); repeatable.
         #[arg(short = 'f', long = "file", value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
+        /// Apply a policy even for a service that has never registered (no
+        /// instances and no policy yet).
+        #[arg(long)]
+        create: bool,
     },
-    /// Validate policy files offline; no control plane needed.
+    /// Validate policy files offline; with --control-plane on the command
+    /// line, also warn about services the control plane has never seen.
     Check {
+        /// A policy file, a directory (its *.toml files, in name order) or
+        /// `-` (standard input); repeatable.
         #[arg(short = 'f', long = "file", value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
     },
     /// Show how a policy file differs from the policy stored for its service.
     Diff {
+        /// The policy file, or `-` (standard input).
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
+        #[command(flatten)]
+        output: Output,
     },
     /// Show services, a service's instances or its policy.
     #[command(subcommand)]
-    Get(Get),
+    Get(get::Get),
     /// Delete a service's policy.
     #[command(subcommand)]
     Delete(Delete),
@@ -91,17 +116,20 @@ enum Command {
     /// service certificates (offline; for development and tests).
     #[command(subcommand, long_about = certs::LONG_ABOUT)]
     Certs(certs::Certs),
-}
-
-#[derive(Debug, Subcommand)]
-enum Get {
-    /// Every known service: live instances, whether it has a policy.
-    Services,
-    /// A service's live instances.
-    Instances { service: ServiceName },
-    /// A service's policy, exactly as applied; if the control plane refused
-    /// the stored one, the policy in force, flagged.
-    Policy { service: ServiceName },
+    /// The version and commit of weftctl and of the control plane.
+    Version {
+        /// weftctl's own only (offline).
+        #[arg(long)]
+        client: bool,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Print a shell completion script, e.g. `weftctl completion bash >
+    /// /etc/bash_completion.d/weftctl`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,27 +138,11 @@ enum Delete {
     Policy { service: ServiceName },
 }
 
-/// A policy file, read and validated.
-struct PolicyFile<'a> {
-    path: &'a Path,
+/// A policy as stored, and its store revision.
+#[derive(Debug, Clone)]
+struct Stored {
     text: String,
-    service: String,
-}
-
-/// Read and validate a policy file; the error is `weft-config`'s own message
-/// (file:line:col: key: what, and the line quoted).
-fn load(path: &Path) -> Result<PolicyFile<'_>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-        file: path.to_owned(),
-        context: None,
-        source,
-    })?;
-    let policy = weft_config::parse_policy(&text, path)?;
-    Ok(PolicyFile {
-        path,
-        service: policy.service.as_str().to_owned(),
-        text,
-    })
+    revision: i64,
 }
 
 /// The token and the file it came from.
@@ -187,7 +199,7 @@ impl Api {
         &self,
         method: Method,
         path: &str,
-        body: Option<&PolicyFile<'_>>,
+        body: Option<&PolicyFile>,
     ) -> anyhow::Result<(StatusCode, Value)> {
         let mut req = Request::builder()
             .method(method)
@@ -197,7 +209,7 @@ impl Api {
         }
         let content = match body {
             Some(file) => {
-                req = req.header("weft-file-name", file.path.display().to_string());
+                req = req.header("weft-file-name", file.name().to_string());
                 Bytes::from(file.text.clone())
             }
             None => Bytes::new(),
@@ -256,7 +268,7 @@ impl Api {
         &self,
         method: Method,
         path: &str,
-        body: Option<&PolicyFile<'_>>,
+        body: Option<&PolicyFile>,
     ) -> anyhow::Result<Value> {
         let (status, value) = self.call(method, path, body).await?;
         if !status.is_success() {
@@ -266,7 +278,7 @@ impl Api {
     }
 
     /// The policy stored for `service`, if any.
-    async fn stored_policy(&self, service: &str) -> anyhow::Result<Option<String>> {
+    async fn stored_policy(&self, service: &str) -> anyhow::Result<Option<Stored>> {
         let (status, value) = self
             .call(Method::GET, &format!("/v1/services/{service}/policy"), None)
             .await?;
@@ -277,12 +289,26 @@ impl Api {
             return Err(self.refused(status, &value));
         }
         match value["policy"].as_str() {
-            Some(text) => Ok(Some(text.to_owned())),
+            Some(text) => Ok(Some(Stored {
+                text: text.to_owned(),
+                revision: value["revision"].as_i64().unwrap_or_default(),
+            })),
             None => bail!(
                 "the control plane at {} answered without a policy: {value}",
                 self.base
             ),
         }
+    }
+
+    /// Every service the control plane knows (live instances or a policy).
+    async fn service_names(&self) -> anyhow::Result<std::collections::BTreeSet<String>> {
+        let value = self.ok(Method::GET, "/v1/services", None).await?;
+        Ok(value["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["name"].as_str().map(str::to_owned))
+            .collect())
     }
 
     fn refused(&self, status: StatusCode, value: &Value) -> anyhow::Error {
@@ -306,278 +332,89 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// Rows as columns separated by three spaces, one line each; the first row
-/// is the header.
-fn format_table(rows: &[Vec<String>]) -> String {
-    let columns = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..columns)
-        .map(|c| {
-            rows.iter()
-                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for row in rows {
-        for (c, cell) in row.iter().enumerate() {
-            if c + 1 == row.len() {
-                out.push_str(cell);
-            } else {
-                let width = widths.get(c).copied().unwrap_or(0);
-                out.push_str(&format!("{cell:<width$}   "));
-            }
-        }
-        out.push('\n');
-    }
-    out
-}
-
-/// Print rows as columns separated by three spaces; the first row is the header.
-fn print_table(rows: &[Vec<String>]) {
-    print!("{}", format_table(rows));
-}
-
-/// A JSON string field, or `-`.
-fn field(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".to_owned(),
-        other => other.to_string(),
-    }
-}
-
-/// The changed lines only, each `  -old` or `  +new`.
-fn changed_lines(old: &str, new: &str) -> String {
-    let diff = TextDiff::from_lines(old, new);
-    let mut out = String::new();
-    for change in diff.iter_all_changes() {
-        let sign = match change.tag() {
-            ChangeTag::Equal => continue,
-            ChangeTag::Delete => '-',
-            ChangeTag::Insert => '+',
+/// `version`: weftctl's version and commit, then the control plane's (from
+/// its `GET /version`) unless `--client`. JSON: `{"client": {"version",
+/// "commit"}, "control_plane": {"url", "version", "commit"}}` (no
+/// `control_plane` with `--client`; null when it cannot be asked, and exit 1).
+async fn version(
+    api: impl FnOnce() -> anyhow::Result<Api>,
+    client_only: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let client = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "commit": env!("WEFT_GIT_COMMIT"),
+    });
+    let server =
+        if client_only {
+            None
+        } else {
+            let api = api()?;
+            Some(api.ok(Method::GET, "/version", None).await.map(
+                |v| json!({ "url": api.base, "version": v["version"], "commit": v["commit"] }),
+            ))
         };
-        out.push_str(&format!(
-            "  {sign}{}\n",
-            change.value().trim_end_matches(['\n', '\r'])
-        ));
-    }
-    out
-}
-
-/// Validate every file; print each problem. `None` if any is invalid.
-fn load_all(files: &[PathBuf]) -> Option<Vec<PolicyFile<'_>>> {
-    let mut loaded = Vec::with_capacity(files.len());
-    let mut valid = true;
-    for path in files {
-        match load(path) {
-            Ok(file) => loaded.push(file),
-            Err(e) => {
-                eprintln!("{e}");
-                valid = false;
-            }
+    if output.json() {
+        let mut doc = json!({ "client": client });
+        if let Some(server) = &server {
+            doc["control_plane"] = server.as_ref().map_or(Value::Null, Clone::clone);
         }
-    }
-    valid.then_some(loaded)
-}
-
-async fn apply(api: &Api, files: &[PathBuf]) -> anyhow::Result<()> {
-    let Some(loaded) = load_all(files) else {
-        bail!("nothing applied: fix the invalid file(s) above");
-    };
-    for file in &loaded {
-        let service = &file.service;
-        let path = file.path.display();
-        let stored = api
-            .stored_policy(service)
-            .await
-            .with_context(|| format!("applying {path}"))?;
-        if stored.as_deref() == Some(file.text.as_str()) {
-            println!("policy {service} unchanged ({path})");
-            continue;
-        }
-        let value = api
-            .ok(
-                Method::PUT,
-                &format!("/v1/services/{service}/policy"),
-                Some(file),
-            )
-            .await
-            .with_context(|| format!("applying {path}"))?;
-        let revision = &value["revision"];
-        match stored {
-            None => println!("policy {service} created from {path} (revision {revision})"),
-            Some(old) => {
-                println!("policy {service} updated from {path} (revision {revision})");
-                print!("{}", changed_lines(&old, &file.text));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn check(files: &[PathBuf]) -> ExitCode {
-    let mut code = ExitCode::SUCCESS;
-    for path in files {
-        match load(path) {
-            Ok(file) => println!(
-                "{}: ok (policy for service {})",
-                path.display(),
-                file.service
-            ),
-            Err(e) => {
-                eprintln!("{e}");
-                code = ExitCode::FAILURE;
-            }
-        }
-    }
-    code
-}
-
-async fn diff(api: &Api, path: &Path) -> anyhow::Result<ExitCode> {
-    let file = load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let stored = api
-        .stored_policy(&file.service)
-        .await
-        .with_context(|| format!("comparing {}", path.display()))?;
-    if stored.as_deref() == Some(file.text.as_str()) {
-        return Ok(ExitCode::SUCCESS);
-    }
-    let old = stored.as_deref().unwrap_or("");
-    let label = if stored.is_some() {
-        "stored".to_owned()
+        print!("{}", output::json(&doc));
     } else {
-        format!("stored (service {} has no policy)", file.service)
-    };
-    let diff = TextDiff::from_lines(old, file.text.as_str());
-    print!(
-        "{}",
-        diff.unified_diff()
-            .header(&label, &path.display().to_string())
-    );
-    Ok(ExitCode::FAILURE)
-}
-
-async fn get(api: &Api, what: Get) -> anyhow::Result<()> {
-    match what {
-        Get::Services => {
-            let value = api.ok(Method::GET, "/v1/services", None).await?;
-            let mut rows = vec![vec![
-                "SERVICE".to_owned(),
-                "INSTANCES".to_owned(),
-                "POLICY".to_owned(),
-            ]];
-            for s in value["services"].as_array().into_iter().flatten() {
-                rows.push(vec![
-                    field(&s["name"]),
-                    field(&s["instances"]),
-                    if s["policy"].as_bool() == Some(true) {
-                        "yes"
-                    } else {
-                        "no"
-                    }
-                    .to_owned(),
-                ]);
-            }
-            print_table(&rows);
-            if value["live"].as_bool() == Some(false) {
-                bail!(
-                    "the control plane at {} is not following its store: this is its last known view",
-                    api.base
-                );
-            }
+        println!(
+            "weftctl {} (commit {})",
+            env!("CARGO_PKG_VERSION"),
+            env!("WEFT_GIT_COMMIT")
+        );
+        if let Some(Ok(v)) = &server {
+            println!(
+                "weft-control-plane {} (commit {}) at {}",
+                text(&v["version"]),
+                text(&v["commit"]),
+                text(&v["url"])
+            );
         }
-        Get::Instances { service } => {
-            let value = api
-                .ok(Method::GET, &format!("/v1/services/{service}"), None)
-                .await?;
-            let mut rows = vec![
-                [
-                    "ID", "ADDRESS", "HEALTH", "ZONE", "VERSION", "WEIGHT", "ADMIN",
-                ]
-                .map(str::to_owned)
-                .to_vec(),
-            ];
-            for i in value["instances"].as_array().into_iter().flatten() {
-                let m = &i["metadata"];
-                rows.push(vec![
-                    field(&i["id"]),
-                    field(&i["address"]),
-                    // Records stored before health existed are healthy.
-                    i["health"].as_str().unwrap_or("healthy").to_owned(),
-                    field(&m["zone"]),
-                    field(&m["version"]),
-                    field(&m["weight"]),
-                    field(&i["admin_address"]),
-                ]);
-            }
-            print_table(&rows);
-        }
-        Get::Policy { service } => get_policy(api, service.as_str()).await?,
     }
-    Ok(())
+    match server {
+        Some(Err(e)) => Err(e),
+        _ => Ok(()),
+    }
 }
 
-/// `get policy`: the stored policy; if the control plane refused it (it was
-/// written to the store by other means and fails validation), the policy in
-/// force instead, under comment lines that flag the stored one and say why (so
-/// the output is still a valid policy file), and a warning on stderr.
-async fn get_policy(api: &Api, service: &str) -> anyhow::Result<()> {
-    let (status, value) = api
-        .call(Method::GET, &format!("/v1/services/{service}/policy"), None)
-        .await?;
-    if status == StatusCode::NOT_FOUND && value["policy"].is_null() {
-        bail!(
-            "service {service:?} has no policy (control plane at {})",
-            api.base
-        );
-    }
-    if !status.is_success() {
-        return Err(api.refused(status, &value));
-    }
-    let Some(stored) = value["policy"].as_str() else {
-        bail!(
-            "the control plane at {} answered without a policy: {value}",
-            api.base
-        );
-    };
-    let Some(reason) = value["refused"].as_str() else {
-        print!("{stored}");
-        return Ok(());
-    };
-    let revision = value["revision"].as_i64().unwrap_or_default();
-    let Some(in_force) = value["in_force"].as_str() else {
-        bail!(
-            "service {service:?} has no policy in force: the one stored (revision {revision}) \
-             was refused by the control plane at {}: {reason}",
-            api.base
-        );
-    };
-    eprintln!(
-        "warning: the policy stored for {service} (revision {revision}) was refused by the \
-         control plane ({}); printing the policy in force",
-        reason.lines().next().unwrap_or_default()
-    );
-    println!(
-        "# REFUSED: the policy stored for {service} (revision {revision}) fails validation; \
-         the control plane ignores it and serves this one:"
-    );
-    for line in reason.lines() {
-        println!("#   {line}");
-    }
-    print!("{in_force}");
-    Ok(())
+/// A JSON string as is; anything else as JSON.
+fn text(value: &Value) -> String {
+    value
+        .as_str()
+        .map_or_else(|| value.to_string(), str::to_owned)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    // `check` works offline: no control plane, no token.
+async fn run(cli: Cli, control_plane_given: bool) -> anyhow::Result<ExitCode> {
     let api = || Api::new(&cli.control_plane, cli.token_file.as_deref());
     match cli.command {
-        Command::Check { files } => return Ok(check(&files)),
+        // `check` works offline, unless asked to look names up.
+        Command::Check { files } => {
+            let api = if control_plane_given {
+                match api() {
+                    Ok(api) => Some(api),
+                    Err(e) => {
+                        eprintln!("warning: the service names were not checked: {e:#}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            return Ok(policies::check(&files, api.as_ref()).await);
+        }
+        Command::Completion { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "weftctl", &mut std::io::stdout());
+        }
+        Command::Version { client, output } => version(api, client, output).await?,
         Command::Certs(what) => certs::run(what)?,
-        Command::Apply { files } => apply(&api()?, &files).await?,
-        Command::Diff { file } => return diff(&api()?, &file).await,
-        Command::Get(what) => get(&api()?, what).await?,
+        Command::Apply { files, create } => policies::apply(&api()?, &files, create).await?,
+        Command::Diff { file, output } => return policies::diff(&api()?, &file, output).await,
+        Command::Get(what) => get::run(&api()?, what).await?,
         Command::Delete(Delete::Policy { service }) => {
             api()?
                 .ok(
@@ -594,7 +431,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // Only an address given on the command line makes `check` go online
+    // (WEFT_CONTROL_PLANE, often exported, does not).
+    let control_plane_given =
+        matches.value_source("control_plane") == Some(ValueSource::CommandLine);
     // `diff` uses 1 for "different", so its errors are 2, as diff(1)'s are.
     let error = if matches!(cli.command, Command::Diff { .. }) {
         ExitCode::from(2)
@@ -611,7 +456,7 @@ fn main() -> ExitCode {
             return error;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, control_plane_given)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

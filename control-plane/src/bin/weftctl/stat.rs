@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
@@ -26,7 +26,8 @@ use tokio::time::Instant;
 use weft_config::ServiceName;
 use weft_control_plane::stat::{self, Direction, Row, Scrape, View};
 
-use super::{Api, format_table, root_cause};
+use super::{Api, root_cause};
+use crate::output::{self, Format};
 
 /// How long one scrape may take, connection included.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -70,12 +71,6 @@ pub struct StatArgs {
     /// per line with --watch).
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
     output: Format,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
-    Table,
-    Json,
 }
 
 /// One sidecar the control plane knows.
@@ -392,7 +387,7 @@ fn render(
             Ok(out)
         }
         Format::Table => {
-            let mut out = format_table(&stat::table(&rows));
+            let mut out = output::table(&stat::table(&rows));
             if after.is_empty() {
                 out.push_str("no sidecars registered\n");
             } else if !left_out.is_empty() {
