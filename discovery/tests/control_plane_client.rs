@@ -143,6 +143,7 @@ impl ControlPlane {
             .arg("--control-plane")
             .arg(format!("http://{}", self.admin))
             .arg("apply")
+            .arg("--create")
             .arg("-f")
             .arg(file)
             .env_remove("WEFT_TOKEN_FILE")
