@@ -56,6 +56,19 @@ impl Scrape {
             .get(&full)
             .unwrap_or_else(|| panic!("no {full} in:\n{}", self.text))
     }
+
+    /// `store_errors_total` summed over its series, and how many there are
+    /// (exported at 0 from the start, for every operation and error).
+    fn store_errors(&self) -> (f64, usize) {
+        let prefix = format!("{P}store_errors_total{{");
+        let series: Vec<f64> = self
+            .samples
+            .iter()
+            .filter(|(name, _)| name.starts_with(&prefix))
+            .map(|(_, v)| *v)
+            .collect();
+        (series.iter().sum(), series.len())
+    }
 }
 
 /// `METHOD path` on the admin API with the test token: (status, headers, body).
@@ -254,8 +267,10 @@ async fn metrics_follow_a_known_sequence() {
         m.get("admin_requests_total{method=\"GET\",route=\"/ready\",status=\"200\"}"),
         1.0
     );
-    assert!(
-        !m.text.contains("store_errors_total{"),
+    let (errors, series) = m.store_errors();
+    assert!(series > 0, "store errors are exported at 0:\n{}", m.text);
+    assert_eq!(
+        errors, 0.0,
         "the embedded store never fails here:\n{}",
         m.text
     );
@@ -361,7 +376,8 @@ async fn store_errors_are_counted_when_etcd_goes_away() {
         m.get("store_ready") == 1.0
     })
     .await;
-    assert!(!m.text.contains("store_errors_total{"), "{}", m.text);
+    let (errors, series) = m.store_errors();
+    assert!(series > 0 && errors == 0.0, "{}", m.text);
 
     drop(etcd);
     let m = scrape_until(&cp.admin_url(), "the view to lose etcd", |m| {
