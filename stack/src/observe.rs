@@ -263,9 +263,9 @@ mod tests {
 
     /// An observer whose observations all report into one shared log.
     #[derive(Debug, Default)]
-    struct Shared(Arc<Recorder>);
+    struct Logging(Arc<Recorder>);
 
-    impl Observer for Shared {
+    impl Observer for Logging {
         type Observation = Recording;
         fn start<B>(&self, req: &mut Request<B>) -> Recording {
             self.0.push(format!("start {}", req.uri().path()));
@@ -280,7 +280,7 @@ mod tests {
     #[tokio::test]
     async fn an_observation_finishes_when_the_body_ends_not_before() {
         let log = Arc::new(Recorder::default());
-        let observe = ObserveLayer::new(Arc::new(Shared(Arc::clone(&log)))).layer(
+        let observe = ObserveLayer::new(Arc::new(Logging(Arc::clone(&log)))).layer(
             tower::service_fn(|_: Request<()>| async { Ok::<_, Infallible>(ok()) }),
         );
         let req = Request::get("/orders").body(()).unwrap();
@@ -307,7 +307,7 @@ mod tests {
                 frames,
             ))))
         });
-        let observe = ObserveLayer::new(Arc::new(Shared(Arc::clone(&log)))).layer(inner);
+        let observe = ObserveLayer::new(Arc::new(Logging(Arc::clone(&log)))).layer(inner);
         let rsp = observe.oneshot(Request::new(())).await.unwrap();
         rsp.into_body().collect().await.unwrap();
         assert_eq!(
@@ -320,11 +320,11 @@ mod tests {
             ]
         );
 
-        let empty = ObserveLayer::new(Arc::new(Shared(Arc::clone(&log)))).layer(tower::service_fn(
-            |_: Request<()>| async {
+        let empty = ObserveLayer::new(Arc::new(Logging(Arc::clone(&log)))).layer(
+            tower::service_fn(|_: Request<()>| async {
                 Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
-            },
-        ));
+            }),
+        );
         let _rsp = empty.oneshot(Request::new(())).await.unwrap();
         assert_eq!(
             log.events()[4..],
@@ -335,7 +335,7 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_body_is_never_finished_as_a_success() {
         let log = Arc::new(Recorder::default());
-        let observe = ObserveLayer::new(Arc::new(Shared(Arc::clone(&log)))).layer(
+        let observe = ObserveLayer::new(Arc::new(Logging(Arc::clone(&log)))).layer(
             tower::service_fn(|_: Request<()>| async { Ok::<_, Infallible>(ok()) }),
         );
         let rsp = observe.oneshot(Request::new(())).await.unwrap();
