@@ -109,7 +109,7 @@ impl UpstreamClient {
         }
     }
 
-    fn pool(&self, endpoint: SocketAddr) -> Pool {
+    pub(crate) fn pool(&self, endpoint: SocketAddr) -> Pool {
         Pool::new(
             endpoint,
             Arc::clone(&self.connector),

@@ -31,7 +31,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::{Bytes, Incoming};
 use pin_project_lite::pin_project;
@@ -220,7 +220,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// An HTTP/1.1 request line carries the path, not the whole URI.
 fn origin_form(req: &mut Request<ProxyBody>) {
-    if req.version() == Version::HTTP_2 || req.uri().authority().is_none() {
+    if req.uri().authority().is_none() {
         return;
     }
     let path = req

@@ -25,6 +25,7 @@ use crate::forward::send_error;
 struct Counts {
     accepted: AtomicUsize,
     closed: AtomicUsize,
+    requests: AtomicUsize,
 }
 
 impl Counts {
@@ -34,11 +35,17 @@ impl Counts {
     fn closed(&self) -> usize {
         self.closed.load(Ordering::SeqCst)
     }
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
 }
 
-/// A server answering `ok` after `delay`, HTTP/1.1 or HTTP/2 (prior
-/// knowledge).
-async fn server(http2: bool, delay: Duration) -> (SocketAddr, Arc<Counts>) {
+/// A server answering `ok`; the `n`th request it receives waits until the
+/// gate reaches `n` (an open gate: `usize::MAX`).
+async fn server(
+    http2: bool,
+    gate: tokio::sync::watch::Receiver<usize>,
+) -> (SocketAddr, Arc<Counts>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let counts = Arc::new(Counts::default());
@@ -50,12 +57,17 @@ async fn server(http2: bool, delay: Duration) -> (SocketAddr, Arc<Counts>) {
             };
             c.accepted.fetch_add(1, Ordering::SeqCst);
             let c = Arc::clone(&c);
+            let gate = gate.clone();
             tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |_req: Request<Incoming>| async move {
-                        tokio::time::sleep(delay).await;
+                let arrivals = Arc::clone(&c);
+                let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let n = arrivals.requests.fetch_add(1, Ordering::SeqCst) + 1;
+                    let mut gate = gate.clone();
+                    async move {
+                        let _ = gate.wait_for(|open| *open >= n).await;
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    });
+                    }
+                });
                 let io = TokioIo::new(stream);
                 if http2 {
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -71,6 +83,14 @@ async fn server(http2: bool, delay: Duration) -> (SocketAddr, Arc<Counts>) {
         }
     });
     (addr, counts)
+}
+
+/// A server whose requests are all answered at once.
+async fn open_server(http2: bool) -> (SocketAddr, Arc<Counts>) {
+    let (gate, rx) = tokio::sync::watch::channel(usize::MAX);
+    // The receivers it hands out outlive this sender: the gate stays open.
+    drop(gate);
+    server(http2, rx).await
 }
 
 fn client(idle_timeout: Duration, max_idle: usize) -> UpstreamClient {
@@ -117,7 +137,7 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
 
 #[tokio::test]
 async fn sequential_requests_reuse_one_connection() {
-    let (addr, counts) = server(false, Duration::ZERO).await;
+    let (addr, counts) = open_server(false).await;
     let client = client(Duration::from_secs(30), 8);
     let pools = EndpointPools::default();
     for _ in 0..5 {
@@ -128,7 +148,7 @@ async fn sequential_requests_reuse_one_connection() {
 
 #[tokio::test]
 async fn an_unread_body_is_not_pooled_and_a_read_one_is() {
-    let (addr, counts) = server(false, Duration::ZERO).await;
+    let (addr, counts) = open_server(false).await;
     let client = client(Duration::from_secs(30), 8);
     let pools = EndpointPools::default();
     let rsp = client
@@ -146,7 +166,8 @@ async fn an_unread_body_is_not_pooled_and_a_read_one_is() {
 
 #[tokio::test]
 async fn at_most_max_idle_connections_are_kept_and_dropping_the_pool_closes_them() {
-    let (addr, counts) = server(false, Duration::from_millis(50)).await;
+    let (gate, rx) = tokio::sync::watch::channel(0);
+    let (addr, counts) = server(false, rx).await;
     let client = Arc::new(client(Duration::from_secs(30), 2));
     let pools = Arc::new(EndpointPools::default());
     let tries: Vec<_> = (0..4)
@@ -155,6 +176,8 @@ async fn at_most_max_idle_connections_are_kept_and_dropping_the_pool_closes_them
             tokio::spawn(async move { ok(&client, addr, false, &pools).await })
         })
         .collect();
+    eventually("four requests in flight", || counts.requests() == 4).await;
+    gate.send_replace(usize::MAX);
     for t in tries {
         t.await.unwrap();
     }
@@ -198,17 +221,18 @@ async fn closing_server() -> (SocketAddr, Arc<Counts>) {
 async fn a_connection_the_server_closed_is_not_reused() {
     let (addr, counts) = closing_server().await;
     let client = client(Duration::from_secs(30), 8);
-    let pools = EndpointPools::default();
+    let pool = Arc::new(client.pool(addr));
     for _ in 0..3 {
-        ok(&client, addr, false, &pools).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let rsp = pool.send(get(addr, false), false).await.unwrap();
+        assert_eq!(rsp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        eventually("the pool notices the close", || pool.is_empty()).await;
     }
     assert_eq!(counts.accepted(), 3);
 }
 
 #[tokio::test]
 async fn idle_connections_close_after_the_idle_timeout() {
-    let (addr, counts) = server(false, Duration::ZERO).await;
+    let (addr, counts) = open_server(false).await;
     let client = client(Duration::from_millis(200), 8);
     let pools = EndpointPools::default();
     ok(&client, addr, false, &pools).await;
@@ -219,17 +243,23 @@ async fn idle_connections_close_after_the_idle_timeout() {
 
 #[tokio::test]
 async fn http2_requests_share_a_connection_until_its_stream_limit() {
-    let (addr, counts) = server(true, Duration::from_millis(300)).await;
+    let (gate, rx) = tokio::sync::watch::channel(0);
+    let (addr, counts) = server(true, rx).await;
     let client = Arc::new(client(Duration::from_secs(30), 8));
     let pools = Arc::new(EndpointPools::default());
+    // `n` requests all in flight at once, then answered.
     let run = |n: usize| {
+        let target = counts.requests() + n;
         let tries: Vec<_> = (0..n)
             .map(|_| {
                 let (client, pools) = (Arc::clone(&client), Arc::clone(&pools));
                 tokio::spawn(async move { ok(&client, addr, true, &pools).await })
             })
             .collect();
+        let (counts, gate) = (Arc::clone(&counts), gate.clone());
         async move {
+            eventually("all in flight", || counts.requests() == target).await;
+            gate.send_replace(target);
             for t in tries {
                 t.await.unwrap();
             }
