@@ -4,7 +4,7 @@
 //! | path | meaning |
 //! |---|---|
 //! | `GET /live` | 200 while the process runs |
-//! | `GET /ready` | 200 when listeners are bound, the directory is loaded, the local app answers its health check (`[service] health`) and, with a control plane, its first snapshot arrived (or `[control_plane] ready_timeout` passed); 503 otherwise (and while draining), the body saying why |
+//! | `GET /ready` | 200 when listeners are bound, the directory is loaded, the local app answers its health check (`[service] health`) and, with a control plane, its first snapshot arrived (or `[control_plane] ready_timeout` passed, or it was found unreachable with a cached snapshot); 503 otherwise (and while draining), the body saying why |
 //! | `GET /config` | the effective configuration and its version, JSON |
 //! | `GET /endpoints` | every service's endpoints and their state, and its policy's service-side keys (whether anything may enforce them), JSON |
 //! | `GET /metrics` | Prometheus text (`docs/telemetry.md`) |

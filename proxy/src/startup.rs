@@ -34,7 +34,7 @@ use crate::outbound::Outbound;
 use crate::state::{Bound, LiveState};
 use crate::telemetry::{Direction, otlp_metrics};
 use weft_core::authz::MeshRule;
-use weft_discovery::control_plane::{ControlPlaneClient, Registration};
+use weft_discovery::control_plane::{ConnectionState, ControlPlaneClient, Registration};
 use weft_discovery::remote::RemoteServices;
 use weft_transport::server::{Hardening, serve};
 use weft_transport::tls::accept::InboundTls;
@@ -125,6 +125,9 @@ fn registration(
 /// snapshot: a sidecar that answered `/ready` with an empty directory would
 /// take traffic it cannot route. After the timeout it is ready on what it
 /// has (the cached snapshot, if one was loaded, else the static directory).
+/// With a cached snapshot it does not wait for a control plane it could not
+/// reach: the first failed attempt makes it ready on the cache (it serves
+/// from the cache meanwhile anyway; a later snapshot replaces it).
 fn wait_for_first_snapshot(
     shared: &Arc<LiveState>,
     client: &ControlPlaneClient,
@@ -133,8 +136,21 @@ fn wait_for_first_snapshot(
     let (shared, client) = (Arc::clone(shared), client.clone());
     let stop = shared.shutdown.clone();
     shared.tasks.clone().spawn(async move {
+        let cached = client.snapshot().borrow().version;
+        let mut states = client.state_changes();
+        let unreachable = async {
+            if cached == 0
+                || states
+                    .wait_for(|s| matches!(s, ConnectionState::Disconnected { .. }))
+                    .await
+                    .is_err()
+            {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = stop.cancelled() => return,
+            () = unreachable => tracing::warn!(snapshot.version = cached, "the control plane is unreachable; ready on the cached snapshot"),
             waited = tokio::time::timeout(timeout, client.first_snapshot()) => match waited {
                 Ok(()) => tracing::info!("first snapshot from the control plane received"),
                 Err(_) => {

@@ -364,6 +364,63 @@ async fn ready_waits_for_the_first_snapshot_at_most_ready_timeout() -> anyhow::R
     Ok(())
 }
 
+/// A sidecar that starts while its control plane is down serves from its
+/// snapshot cache and is ready as soon as the control plane is found
+/// unreachable, without waiting out `ready_timeout` (a minute here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_snapshot_makes_a_sidecar_ready_while_the_control_plane_is_down()
+-> anyhow::Result<()> {
+    let mut cp = ControlPlane::dev().start().await?;
+    let app = Backend::start("billing-1").await?;
+    let _billing =
+        weft_tests::mesh::registered("billing", "billing-1", app.addr(), &[cp.grpc_url()]).await?;
+    let cache_dir = weft_tests::process::TempDir::new()?;
+    let cache = cache_dir.path().join("snapshot.json");
+    let bootstrap = Bootstrap::new()
+        .control_plane([cp.grpc_url()])
+        .control_plane_key("cache", &format!("{:?}", cache.display().to_string()))
+        .control_plane_key("ready_timeout", "\"60s\"")
+        .render();
+
+    // A first run with the control plane up learns billing and caches it.
+    let first = Proxy::start(bootstrap.clone()).await?;
+    let client = Client::host_header(first.outbound());
+    eventually(Duration::from_secs(20), || async {
+        client.get("http://billing/").await?.expect_status(200)?;
+        let cached = std::fs::read_to_string(&cache).unwrap_or_default();
+        ensure!(
+            cached.contains("billing"),
+            "billing is not in the cache yet"
+        );
+        Ok(())
+    })
+    .await?;
+    drop(first);
+    cp.kill()?;
+
+    // The second starts on the cache alone.
+    let second = Proxy::builder(bootstrap).start_bound().await?;
+    let admin = second.admin_client();
+    eventually(Duration::from_secs(20), || async {
+        let (status, body) = ready(&admin).await?;
+        ensure!(status == 200, "/ready: {status} {body}");
+        Ok(())
+    })
+    .await?;
+    ensure!(
+        second
+            .logs()
+            .contains("the control plane is unreachable; ready on the cached snapshot"),
+        "ready, but not on the cache:\n{}",
+        second.logs()
+    );
+    Client::host_header(second.outbound())
+        .get("http://billing/")
+        .await?
+        .expect_status(200)?;
+    Ok(())
+}
+
 /// With `path`, the check is an HTTP GET: an app that accepts connections
 /// but answers its health path with 503 is unhealthy (a TCP check would pass),
 /// and healthy again once it answers 2xx.
