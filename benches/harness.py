@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Drives the macro benches: benches/data-plane.sh and benches/soak.sh.
+"""Drives the macro benches: benches/data-plane.sh, benches/soak.sh and
+benches/cold-start.sh (in cold_start.py).
 
 Starts every process itself (backends, weft-proxy sidecars, nginx, HAProxy),
 pins them with taskset, runs weft-load against each target in turns, reads CPU
@@ -428,18 +429,20 @@ def data_plane(args):
         if only:
             targets = [t for t in targets if t.name in only]
         rates = [int(r) for r in args.rates.split(",") if r]
+        conns = [int(c) for c in str(args.connections).split(",") if c]
         log(f"backends {backends}; {args.rounds} rounds x {len(targets)} targets ({' '.join(t.name for t in targets)}); "
-            f"closed loop {args.connections} connections {args.seconds}s, open loop {rates} req/s {args.seconds}s")
+            f"closed loop {conns} connections {args.seconds}s, open loop {rates} req/s {args.seconds}s")
         runs = []
         for rnd in range(1, args.rounds + 1):
             for t in targets:
-                la = load_avg()
-                r = run_load(bindir, t, t.name, args.connections, args.seconds, args.warmup)
-                r.update(target=t.name, round=rnd, mode="max", loadavg=la)
-                runs.append(r)
-                log(f"round {rnd} {t.name:8} max   {r['rps']:9.0f} req/s  p99 {r['p99_ms']:.3f} ms"
-                    + (f"  proxy cpu {r['proxy_cpu_util']*100:.0f}%" if "proxy_cpu_util" in r else "")
-                    + f"  errors {r['errors']}  load {la:.2f}")
+                for c in conns:
+                    la = load_avg()
+                    r = run_load(bindir, t, t.name, c, args.seconds, args.warmup)
+                    r.update(target=t.name, round=rnd, mode=f"max{c}", loadavg=la)
+                    runs.append(r)
+                    log(f"round {rnd} {t.name:8} max {c:3}c {r['rps']:9.0f} req/s  p99 {r['p99_ms']:.3f} ms"
+                        + (f"  proxy cpu {r['proxy_cpu_util']*100:.0f}%" if "proxy_cpu_util" in r else "")
+                        + f"  errors {r['errors']}  load {la:.2f}")
                 for rate in rates:
                     r = run_load(bindir, t, t.name, args.open_connections, args.seconds, args.warmup, rate=rate)
                     r.update(target=t.name, round=rnd, mode=f"rate{rate}", loadavg=load_avg())
@@ -450,7 +453,7 @@ def data_plane(args):
         idle = idle_rss(procs, bindir, work, backends) if not only or "weft" in only else None
     finally:
         procs.stop_all()
-    report = summarise(args, targets, runs, peaks, rates, idle)
+    report = summarise(args, targets, runs, peaks, rates, conns, idle)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "data-plane.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -458,6 +461,10 @@ def data_plane(args):
     with open(os.path.join(args.out, "data-plane.md"), "w") as f:
         f.write(md)
     print(md)
+    import plot
+
+    for path in plot.data_plane(report, args.out):
+        log(f"wrote {path}")
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -486,13 +493,13 @@ def versions():
     return v
 
 
-def summarise(args, targets, runs, peaks, rates, idle):
+def summarise(args, targets, runs, peaks, rates, conns, idle):
     out = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine(),
         "versions": versions(),
         "settings": {"rounds": args.rounds, "seconds": args.seconds, "warmup": args.warmup,
-                     "connections_closed_loop": args.connections,
+                     "connections_closed_loop": conns,
                      "connections_open_loop": args.open_connections, "rates": rates,
                      "pinning": "proxies on CPU 0; load generator and the 3 backends on CPU 1"},
         "targets": {},
@@ -501,21 +508,23 @@ def summarise(args, targets, runs, peaks, rates, idle):
     }
     for t in targets:
         mine = [r for r in runs if r["target"] == t.name]
-        maxr = [r for r in mine if r["mode"] == "max"]
-        s = {
-            "title": t.title,
-            "max_rps": med([r["rps"] for r in maxr]),
-            "max_errors": sum(r["errors"] for r in maxr),
-            "max_proxy_cpu_util": med([r.get("proxy_cpu_util") for r in maxr]),
-            "rps_per_core": med([r.get("rps_per_core") for r in maxr]),
-            "cpu_ms_per_10k_at_max": med([r.get("cpu_ms_per_10k") for r in maxr]),
-            "peak_rss_kb": peaks.get(t.name),
-            "rates": {},
-        }
+        s = {"title": t.title, "peak_rss_kb": peaks.get(t.name), "closed": {}, "rates": {}}
+        for c in conns:
+            maxr = [r for r in mine if r["mode"] == f"max{c}"]
+            s["closed"][str(c)] = {
+                "max_rps": med([r["rps"] for r in maxr]),
+                "errors": sum(r["errors"] for r in maxr),
+                "proxy_cpu_util": med([r.get("proxy_cpu_util") for r in maxr]),
+                "rps_per_core": med([r.get("rps_per_core") for r in maxr]),
+                "cpu_ms_per_10k": med([r.get("cpu_ms_per_10k") for r in maxr]),
+                "p99_ms": med([r["p99_ms"] for r in maxr]),
+            }
         for rate in rates:
             rr = [r for r in mine if r["mode"] == f"rate{rate}"]
+            curves = [r.get("percentiles_ms") for r in rr if r.get("percentiles_ms")]
             s["rates"][str(rate)] = {
-                **{k: med([r[k] for r in rr]) for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "rps")},
+                **{k: med([r.get(k) for r in rr]) for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "p9999_ms", "rps")},
+                "percentiles_ms": {p: statistics.median(c[p] for c in curves) for p in curves[0]} if curves else None,
                 "errors": sum(r["errors"] for r in rr),
                 "cpu_ms_per_10k": med([r.get("cpu_ms_per_10k") for r in rr]),
                 "pacer_lag_p99_ms": med([r["pacer_lag_p99_ms"] for r in rr]),
@@ -545,21 +554,24 @@ def ratio(a, b, f="{:.2f}"):
 def markdown(rep):
     T = rep["targets"]
     rates = rep["settings"]["rates"]
+    conns = rep["settings"]["connections_closed_loop"]
     lines = []
     m = rep["machine"]
     st = rep["settings"]
     lines.append(f"Data-plane bench, {rep['date']}: {m.get('Model name', '?')}, {m.get('CPU(s)', '?')} CPUs; "
-                 f"{st['pinning']}; {st['rounds']} rounds of A B C D E, {st['seconds']} s per run "
-                 f"(+{st['warmup']} s warm-up); closed loop {st['connections_closed_loop']} connections, "
+                 f"{st['pinning']}; {st['rounds']} rounds of every path in turn, {st['seconds']} s per run "
+                 f"(+{st['warmup']} s warm-up); closed loop with {', '.join(map(str, conns))} connections, "
                  f"open loop {st['connections_open_loop']} connections. Median of the rounds (min-max).")
     lines.append("")
-    head = "| path | max req/s | proxy CPU at max | req/s per proxy core |"
-    sep = "|---|---|---|---|"
-    for rate in rates:
-        head += f" {rate:,} req/s: p50 / p90 / p99 / p99.9 ms | added p50 / p99 ms |"
-        sep += "---|---|"
-    head += f" CPU ms per 10k req at {rates[-1]:,}/s | peak RSS MB |"
-    sep += "---|---|"
+    lines.append("Closed loop (requests back to back): max req/s, the proxy's CPU use, and req/s per proxy core "
+                 "(requests / the proxy processes' CPU seconds).")
+    lines.append("")
+    head, sep = "| path |", "|---|"
+    for c in conns:
+        head += f" {c} conn: max req/s | CPU | req/s per core |"
+        sep += "---|---|---|"
+    head += " peak RSS MB |"
+    sep += "---|"
     lines += [head, sep]
     for name, s in T.items():
         peak = s["peak_rss_kb"]
@@ -568,22 +580,38 @@ def markdown(rep):
             rss = f"{total:.1f}" if len(peak) == 1 else f"{total:.1f} ({' + '.join(f'{v/1024:.1f}' for v in peak.values())})"
         else:
             rss = "-"
-        util = s["max_proxy_cpu_util"]
-        util = "-" if not util else f"{util['median'] * 100:.0f}%"
-        row = f"| {s['title']} | {fmt_range(s['max_rps'])} | {util} | {fmt_range(s['rps_per_core'])} |"
+        row = f"| {s['title']} |"
+        for c in conns:
+            x = s["closed"][str(c)]
+            util = x["proxy_cpu_util"]
+            util = "-" if not util else f"{util['median'] * 100:.0f}%"
+            row += f" {fmt_range(x['max_rps'])} | {util} | {fmt_range(x['rps_per_core'])} |"
+        lines.append(row + f" {rss} |")
+    lines.append("")
+    lines.append("Open loop (a fixed rate, latency from each request's scheduled time), ms; "
+                 "CPU ms the proxy processes spent per 10,000 requests.")
+    lines.append("")
+    head, sep = "| path |", "|---|"
+    for rate in rates:
+        head += f" {rate:,} req/s: p50 / p90 / p99 / p99.9 / p99.99 | added p50 / p99 | CPU per 10k |"
+        sep += "---|---|---|"
+    lines += [head, sep]
+    for name, s in T.items():
+        row = f"| {s['title']} |"
         for rate in rates:
             x = s["rates"][str(rate)]
-            row += (f" {x['p50_ms']['median']:.3f} / {x['p90_ms']['median']:.3f} / {x['p99_ms']['median']:.3f}"
-                    f" / {x['p999_ms']['median']:.3f} |")
+            cells = [x[k]["median"] if x.get(k) else None for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "p9999_ms")]
+            row += " " + " / ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |"
             a = x.get("added_ms")
             row += " - |" if name == "direct" or not a else f" {a['p50_ms']:+.3f} / {a['p99_ms']:+.3f} |"
-        c = s["rates"][str(rates[-1])]["cpu_ms_per_10k"]
-        row += f" {fmt_range(c, '{:.0f}')} | {rss} |"
+            row += f" {fmt_range(x['cpu_ms_per_10k'], '{:.0f}')} |"
         lines.append(row)
     lines.append("")
-    errors = {n: s["max_errors"] + sum(x["errors"] for x in s["rates"].values()) for n, s in T.items()}
+    errors = {n: sum(x["errors"] for x in s["closed"].values()) + sum(x["errors"] for x in s["rates"].values())
+              for n, s in T.items()}
     lines.append("Errors: " + ", ".join(f"{n} {e}" for n, e in errors.items()) + ".")
-    lag = max((x["pacer_lag_p99_ms"]["median"] for s in T.values() for x in s["rates"].values()), default=0)
+    lag = max((x["pacer_lag_p99_ms"]["median"] for s in T.values() for x in s["rates"].values()
+               if x.get("pacer_lag_p99_ms")), default=0)
     lines.append(f"Open-loop latency runs from each request's scheduled time (the pacer's own p99 lateness, "
                  f"included in every figure alike: {lag:.3f} ms).")
     lines.append("")
@@ -592,15 +620,16 @@ def markdown(rep):
     weft = [n for n in ("weft", "mesh") if n in T]
     if weft and refs:
         metrics = [
-            ("max req/s", lambda s: s["max_rps"]),
-            ("req/s per proxy core", lambda s: s["rps_per_core"]),
-            *[(f"p99 at {r:,} req/s", lambda s, r=r: s["rates"][str(r)]["p99_ms"]) for r in rates],
-            (f"CPU per request at {rates[-1]:,} req/s", lambda s: s["rates"][str(rates[-1])]["cpu_ms_per_10k"]),
+            *[(f"req/s per proxy core, {c} connections", lambda s, c=c: s["closed"][str(c)]["rps_per_core"])
+              for c in conns],
+            *[(f"{q} at {r:,} req/s", lambda s, r=r, k=k: s["rates"][str(r)].get(k))
+              for r in rates for q, k in (("p99", "p99_ms"), ("p99.9", "p999_ms"))],
+            *[(f"CPU per request at {r:,} req/s", lambda s, r=r: s["rates"][str(r)]["cpu_ms_per_10k"]) for r in rates],
             ("peak RSS", lambda s: {"median": sum(s["peak_rss_kb"].values())} if s["peak_rss_kb"] else None),
         ]
         short = {"weft": "one hop", "mesh": "mesh path"}
         cols = [(w, r) for w in weft for r in refs]
-        lines.append("Ratios, Weft / other (medians):")
+        lines.append("Ratios, Weft / other (medians; for req/s per core higher is better, for the rest lower):")
         lines.append("")
         lines.append("| figure |" + "".join(f" {short[w]} / {r} |" for w, r in cols))
         lines.append("|---|" + "---|" * len(cols))
@@ -612,13 +641,18 @@ def markdown(rep):
             lines.append(row)
     if "weft-baseline" in T and "weft" in T:
         a, b = T["weft"], T["weft-baseline"]
-        last = str(rates[-1])
+        parts = []
+        for c in conns:
+            x, y = a["closed"][str(c)], b["closed"][str(c)]
+            parts.append(f"req/s per proxy core at {c} connections "
+                         f"{ratio((x['rps_per_core'] or {}).get('median'), (y['rps_per_core'] or {}).get('median'))}")
+        for r in rates:
+            x, y = a["rates"][str(r)], b["rates"][str(r)]
+            parts.append(f"CPU per request at {r:,} req/s "
+                         f"{ratio((x['cpu_ms_per_10k'] or {}).get('median'), (y['cpu_ms_per_10k'] or {}).get('median'))}, "
+                         f"p99 {ratio(x['p99_ms']['median'], y['p99_ms']['median'])}")
         lines.append("")
-        lines.append("This build / the baseline build, one hop: max req/s "
-                     f"{ratio(a['max_rps']['median'], b['max_rps']['median'])}, req/s per proxy core "
-                     f"{ratio((a['rps_per_core'] or {}).get('median'), (b['rps_per_core'] or {}).get('median'))}, CPU per request at "
-                     f"{rates[-1]:,} req/s {ratio((a['rates'][last]['cpu_ms_per_10k'] or {}).get('median'), (b['rates'][last]['cpu_ms_per_10k'] or {}).get('median'))}, "
-                     + ", ".join(f"p99 at {r:,} req/s {ratio(a['rates'][str(r)]['p99_ms']['median'], b['rates'][str(r)]['p99_ms']['median'])}" for r in rates) + ".")
+        lines.append("This build / the baseline build, one hop: " + "; ".join(parts) + ".")
     idle = rep.get("idle_rss")
     if idle:
         lines.append("")
@@ -628,6 +662,8 @@ def markdown(rep):
                      + (f" (of which heap and stacks, RssAnon: {idle['start_split_kb']['RssAnon']/1024:.1f} and "
                         f"{idle['after_split_kb']['RssAnon']/1024:.1f} MB; the rest is the binary's mapped pages, RssFile)"
                         if "start_split_kb" in idle else "") + ".")
+    lines.append("")
+    lines.append("Plots: `data-plane-rps-per-core.svg`, " + ", ".join(f"`data-plane-latency-{r}.svg`" for r in rates) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -772,18 +808,26 @@ def main():
     dp.add_argument("--rounds", type=int, default=3)
     dp.add_argument("--seconds", type=float, default=10)
     dp.add_argument("--warmup", type=float, default=1)
-    dp.add_argument("--connections", type=int, default=32)
+    dp.add_argument("--connections", default="16,64,256", help="closed-loop connection counts, comma-separated")
     dp.add_argument("--open-connections", type=int, default=64)
-    dp.add_argument("--rates", default="1000,5000")
+    dp.add_argument("--rates", default="1000,2000,5000")
     dp.add_argument("--targets", default="", help="comma-separated subset: direct,weft,mesh,nginx,haproxy")
     sk = sub.add_parser("soak")
     sk.add_argument("--minutes", type=float, default=30)
     sk.add_argument("--rate", type=int, default=2000)
     sk.add_argument("--connections", type=int, default=64)
     sk.add_argument("--churn-every", type=float, default=10)
+    cs = sub.add_parser("cold-start")
+    cs.add_argument("--rounds", type=int, default=20)
+    cs.add_argument("--cases", default="", help="comma-separated subset: weft-static,weft-cp-live,weft-cp-cache,haproxy,nginx")
     args = ap.parse_args()
     if args.cmd == "data-plane":
         data_plane(args)
+        return 0
+    if args.cmd == "cold-start":
+        import cold_start
+
+        cold_start.run(args)
         return 0
     return soak(args)
 

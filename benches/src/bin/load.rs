@@ -221,6 +221,9 @@ fn pacer(
     lag
 }
 
+/// Percentiles reported for the latency plots, p50 to p99.99.
+const PLOTTED_PERCENTILES: [f64; 9] = [50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99];
+
 fn summary_json(label: &str, kind: &str, seconds: f64, tally: &Tally, extra: &str) -> String {
     let q = |p: f64| tally.hist.value_at_quantile(p) as f64 / 1000.0;
     let max = if tally.hist.is_empty() {
@@ -228,12 +231,18 @@ fn summary_json(label: &str, kind: &str, seconds: f64, tally: &Tally, extra: &st
     } else {
         tally.hist.max() as f64 / 1000.0
     };
+    // The latency curve the bench plots (benches/plot.py): percentile -> ms.
+    let percentiles = PLOTTED_PERCENTILES
+        .iter()
+        .map(|p| format!("\"{p}\":{:.3}", q(p / 100.0)))
+        .collect::<Vec<_>>()
+        .join(",");
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or_default();
     format!(
-        "{{\"label\":\"{label}\",\"kind\":\"{kind}\",\"time\":{now:.1},\"seconds\":{seconds:.3},\"requests\":{},\"rps\":{:.1},\"errors\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"max_ms\":{max:.3}{extra}}}",
+        "{{\"label\":\"{label}\",\"kind\":\"{kind}\",\"time\":{now:.1},\"seconds\":{seconds:.3},\"requests\":{},\"rps\":{:.1},\"errors\":{},\"p50_ms\":{:.3},\"p90_ms\":{:.3},\"p99_ms\":{:.3},\"p999_ms\":{:.3},\"p9999_ms\":{:.3},\"max_ms\":{max:.3},\"percentiles_ms\":{{{percentiles}}}{extra}}}",
         tally.ok,
         tally.ok as f64 / seconds,
         tally.errors,
@@ -241,6 +250,7 @@ fn summary_json(label: &str, kind: &str, seconds: f64, tally: &Tally, extra: &st
         q(0.9),
         q(0.99),
         q(0.999),
+        q(0.9999),
     )
 }
 
