@@ -27,7 +27,7 @@ enum Kind {
 /// ConfigMaps and Secrets the manifests use that no kustomization generates:
 /// each is made by hand (kind, name, the README section of the kustomization's
 /// directory that creates it, its keys). The test checks that the section
-/// exists and names the object.
+/// has the `kubectl create secret generic NAME` command.
 const MADE_BY_HAND: &[(Kind, &str, &str, &[&str])] = &[
     (
         Kind::Secret,
@@ -72,7 +72,7 @@ impl Object {
 }
 
 /// What a kustomization renders to: its objects and the ConfigMaps and Secrets
-/// its generators make (name -> key -> source file or literal).
+/// its generators make ((kind, name) -> keys).
 #[derive(Debug, Default)]
 struct Rendered {
     objects: Vec<Object>,
@@ -287,16 +287,15 @@ fn problems(rendered: &Rendered, readme: &str) -> Vec<String> {
     for object in &rendered.objects {
         let what = object.what();
         match object.kind() {
-            "Namespace" => {
+            "Namespace"
                 if str_at(
                     &object.value,
                     &["metadata", "labels", "pod-security.kubernetes.io/enforce"],
-                ) != Some("restricted")
-                {
-                    problems.push(format!(
-                        "{what}: no label pod-security.kubernetes.io/enforce: restricted"
-                    ));
-                }
+                ) != Some("restricted") =>
+            {
+                problems.push(format!(
+                    "{what}: no label pod-security.kubernetes.io/enforce: restricted"
+                ));
             }
             "Service" => {
                 let selector = get(&object.value, &["spec", "selector"]).unwrap_or(&Value::Null);
