@@ -361,12 +361,12 @@ async fn version(
                 |v| json!({ "url": api.base, "version": v["version"], "commit": v["commit"] }),
             ))
         };
-    if output.json() {
+    if output.structured() {
         let mut doc = json!({ "client": client });
         if let Some(server) = &server {
             doc["control_plane"] = server.as_ref().map_or(Value::Null, Clone::clone);
         }
-        print!("{}", output::json(&doc));
+        print!("{}", output.document(&doc));
     } else {
         println!(
             "weftctl {} (commit {})",
