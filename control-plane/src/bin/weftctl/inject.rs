@@ -39,7 +39,8 @@ written unchanged. Injecting an injected manifest again changes nothing.
 
 The YAML is re-written: comments are lost and formatting may change (key order is kept). \
 The ConfigMap and the Secret are not created: see the Kubernetes example \
-(examples/deploy/kubernetes).";
+(examples/deploy/kubernetes). With TLS, the bootstrap file's [tls] section names \
+/etc/weft/tls/ca.crt, /etc/weft/tls/tls.crt and /etc/weft/tls/tls.key.";
 
 #[derive(Debug, Args)]
 pub struct InjectArgs {
