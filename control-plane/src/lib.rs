@@ -25,11 +25,14 @@
 //!   cancellation token), which shutdown stops and awaits.
 //! - [`metrics`]: the Prometheus metrics on the admin listener's `/metrics`,
 //!   and the store wrapper that counts store errors.
+//! - [`inject`]: what `weftctl inject` does to Kubernetes manifests: the
+//!   weft-proxy sidecar, its volumes and the app containers' HTTP_PROXY.
 //! - [`stat`]: what `weftctl stat` computes from the sidecars' metrics: the
 //!   exposition parser, counter increases, rates and latency quantiles.
 
 pub mod admin;
 pub mod auth;
+pub mod inject;
 pub mod keys;
 pub mod metrics;
 pub mod push;

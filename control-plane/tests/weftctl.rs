@@ -691,8 +691,70 @@ fn get_and_diff_print_json_documents_for_scripts() {
     assert_eq!((r.code, r.stdout.as_str()), (1, ""), "{}", r.all());
     assert!(r.stderr.starts_with("error: "), "{}", r.all());
     assert!(doc(&["get", "instances", "nope", "-o", "json"]).is_err());
-    let r = cp.run(&["get", "services", "-o", "yaml"]);
+    let r = cp.run(&["get", "services", "-o", "xml"]);
     assert_eq!(r.code, 2, "{}", r.all());
+}
+
+/// stdout as YAML, converted to JSON for comparing with `-o json`'s.
+fn yaml(r: &Run) -> serde_json::Value {
+    assert_eq!(r.code, 0, "{}", r.all());
+    serde_norway::from_str(&r.stdout).unwrap_or_else(|e| panic!("not YAML ({e}): {}", r.all()))
+}
+
+#[test]
+fn read_commands_print_the_json_document_as_yaml() {
+    let cp = Cp::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _a = keep_registered(&rt, &cp, instance("a", 7001));
+    let file = cp.write("billing.toml", RR);
+    cp.eventually(&["get", "services"], |t| {
+        has_row(t, &["billing", "1", "no"])
+    });
+    assert_eq!(cp.run(&["apply", "-f", &file]).code, 0);
+    cp.eventually(&["get", "policy", "billing", "-o", "json"], |t| {
+        serde_json::from_str::<serde_json::Value>(t).is_ok_and(|v| v["in_force"] == RR)
+    });
+
+    // get services / instances / policy, diff and version: the same document.
+    let cases: [&[&str]; 5] = [
+        &["get", "services"],
+        &["get", "instances", "billing"],
+        &["get", "policy", "billing"],
+        &["diff", "-f", file.as_str()],
+        &["version"],
+    ];
+    for args in cases {
+        let json = cp.run(&[args, &["-o", "json"]].concat());
+        let yaml_run = cp.run(&[args, &["--output", "yaml"]].concat());
+        assert_eq!(yaml(&yaml_run), json.json(), "{args:?}: {}", yaml_run.all());
+    }
+    // Multi-line strings are literal blocks, readable as the policy file.
+    let r = cp.run(&["get", "policy", "billing", "-o", "yaml"]);
+    assert!(
+        r.stdout
+            .contains("policy: |\n  service = \"billing\"\n\n  [outbound]\n"),
+        "{}",
+        r.all()
+    );
+    let v = yaml(&r);
+    assert_eq!(
+        (&v["service"], &v["policy"]),
+        (&"billing".into(), &RR.into())
+    );
+    // diff keeps its exit codes: 1 when the file differs.
+    cp.write("billing.toml", LR);
+    let r = cp.run(&["diff", "-f", &file, "-o", "yaml"]);
+    assert_eq!(r.code, 1, "{}", r.all());
+    let v: serde_json::Value = serde_norway::from_str(&r.stdout).unwrap();
+    assert_eq!(v["identical"], false, "{}", r.all());
+    // Errors stay one line on stderr, nothing on stdout.
+    let r = cp.run(&["get", "policy", "web", "-o", "yaml"]);
+    assert_eq!((r.code, r.stdout.as_str()), (1, ""), "{}", r.all());
+    let r = run_offline(&["version", "--client", "-o", "yaml"]);
+    assert_eq!(
+        yaml(&r),
+        run_offline(&["version", "--client", "-o", "json"]).json()
+    );
 }
 
 #[test]

@@ -387,6 +387,22 @@ fn stat_reports_rates_success_latency_and_refusals_from_every_sidecar() {
     assert_eq!(unreachable[2]["error"], "no admin address");
     assert_eq!(unreachable[3]["admin_address"], "127.0.0.1:4191");
 
+    // The same document as YAML.
+    let r = mesh.run(&["stat", "--interval", "500ms", "-o", "yaml"]);
+    assert_eq!(r.code, 0, "{}", r.all());
+    let y: serde_json::Value =
+        serde_norway::from_str(&r.stdout).unwrap_or_else(|e| panic!("not YAML ({e}): {}", r.all()));
+    for key in [
+        "direction",
+        "interval_seconds",
+        "service",
+        "rows",
+        "sidecars",
+    ] {
+        assert_eq!(y[key], v[key], "{key}: {}", r.all());
+    }
+    assert_eq!(y["unreachable"].as_array().map(Vec::len), Some(4), "{y}");
+
     // One service's routes: only its own sidecars are scraped.
     // (none): b-2's buckets 4, 8, 8, 8, 10, 10: p50 = 5 + 5 * 1/4 ms,
     // p99 = 50 + 50 * 1.9/2 ms. charge: b-1's 2, 6, 8, 9, 10, 10: p50 = 5 +
@@ -529,5 +545,31 @@ fn watch_redraws_every_interval_until_interrupted() {
         assert_eq!(rows[1][0], "billing", "{stdout}");
         assert_eq!(rows[1][2], "100.00%", "{stdout}");
         assert_eq!(rows.len(), 2, "{stdout}");
+    }
+
+    // -o yaml: a YAML stream, a `---` document per redraw.
+    let child = weftctl(Some(&mesh.cp.admin_url()), Some(&mesh.token))
+        .args(["stat", "--watch", "--interval", "200ms", "-o", "yaml"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1300));
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.starts_with("---\n"), "{stdout}");
+    let documents: Vec<serde_json::Value> = serde_norway::Deserializer::from_str(&stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    assert!(documents.len() >= 3, "{stdout}");
+    for d in documents {
+        assert_eq!(d["rows"][0]["service"], "billing", "{stdout}");
+        assert_eq!(d["rows"][0]["success_rate"], 1.0, "{stdout}");
     }
 }

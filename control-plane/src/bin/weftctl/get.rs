@@ -66,10 +66,10 @@ async fn services(api: &Api, output: Output) -> anyhow::Result<()> {
             })
         })
         .collect();
-    if output.json() {
+    if output.structured() {
         print!(
             "{}",
-            output::json(&json!({ "live": live, "services": services }))
+            output.document(&json!({ "live": live, "services": services }))
         );
     } else {
         let mut rows = vec![
@@ -121,10 +121,10 @@ async fn instances(api: &Api, service: &str, output: Output) -> anyhow::Result<(
             })
         })
         .collect();
-    if output.json() {
+    if output.structured() {
         print!(
             "{}",
-            output::json(&json!({ "service": service, "instances": instances }))
+            output.document(&json!({ "service": service, "instances": instances }))
         );
         return Ok(());
     }
@@ -184,10 +184,10 @@ async fn policy(api: &Api, service: &str, output: Output) -> anyhow::Result<()> 
     let refused = value["refused"].as_str();
     let in_force = value["in_force"].as_str();
     let revision = value["revision"].as_i64().unwrap_or_default();
-    if output.json() {
+    if output.structured() {
         print!(
             "{}",
-            output::json(&json!({
+            output.document(&json!({
                 "service": service,
                 "policy": stored,
                 "revision": revision,
@@ -197,7 +197,7 @@ async fn policy(api: &Api, service: &str, output: Output) -> anyhow::Result<()> 
         );
     }
     let Some(reason) = refused else {
-        if !output.json() {
+        if !output.structured() {
             print!("{stored}");
         }
         return Ok(());
@@ -213,13 +213,13 @@ async fn policy(api: &Api, service: &str, output: Output) -> anyhow::Result<()> 
         "warning: the policy stored for {service} (revision {revision}) was refused by the \
          control plane ({}); {}",
         reason.lines().next().unwrap_or_default(),
-        if output.json() {
+        if output.structured() {
             "in_force is the policy it serves"
         } else {
             "printing the policy in force"
         }
     );
-    if output.json() {
+    if output.structured() {
         return Ok(());
     }
     println!(

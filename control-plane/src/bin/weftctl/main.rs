@@ -2,7 +2,9 @@
 //! services and instances, through the control plane's admin API; `stat`,
 //! live traffic numbers from the sidecars' metrics; `certs`, development
 //! certificates for mTLS between sidecars (offline, with `weft-certs`);
-//! `version`; and `completion`, shell completion scripts.
+//! `inject`, the weft-proxy sidecar added to Kubernetes manifests (offline,
+//! with [`weft_control_plane::inject`]); `version`; and `completion`, shell
+//! completion scripts.
 //!
 //! A policy file is validated locally first with `weft-config` (the same check
 //! and message as the control plane and `weft-proxy check --policy`); the control
@@ -36,6 +38,7 @@ use weft_config::ServiceName;
 mod certs;
 mod files;
 mod get;
+mod inject;
 mod output;
 mod policies;
 mod stat;
@@ -116,6 +119,10 @@ enum Command {
     /// service certificates (offline; for development and tests).
     #[command(subcommand, long_about = certs::LONG_ABOUT)]
     Certs(certs::Certs),
+    /// Add the weft-proxy sidecar to Kubernetes manifests (offline): reads
+    /// YAML, writes YAML (comments are lost).
+    #[command(long_about = inject::LONG_ABOUT)]
+    Inject(inject::InjectArgs),
     /// The version and commit of weftctl and of the control plane.
     Version {
         /// weftctl's own only (offline).
@@ -354,12 +361,12 @@ async fn version(
                 |v| json!({ "url": api.base, "version": v["version"], "commit": v["commit"] }),
             ))
         };
-    if output.json() {
+    if output.structured() {
         let mut doc = json!({ "client": client });
         if let Some(server) = &server {
             doc["control_plane"] = server.as_ref().map_or(Value::Null, Clone::clone);
         }
-        print!("{}", output::json(&doc));
+        print!("{}", output.document(&doc));
     } else {
         println!(
             "weftctl {} (commit {})",
@@ -412,6 +419,7 @@ async fn run(cli: Cli, control_plane_given: bool) -> anyhow::Result<ExitCode> {
         }
         Command::Version { client, output } => version(api, client, output).await?,
         Command::Certs(what) => certs::run(what)?,
+        Command::Inject(args) => inject::run(args)?,
         Command::Apply { files, create } => policies::apply(&api()?, &files, create).await?,
         Command::Diff { file, output } => return policies::diff(&api()?, &file, output).await,
         Command::Get(what) => get::run(&api()?, what).await?,

@@ -17,7 +17,7 @@ use weft_config::CallerId;
 
 use super::{Api, Stored};
 use crate::files::{self, PolicyFile};
-use crate::output::{self, Output};
+use crate::output::Output;
 
 /// The changed lines only, each `  -old` or `  +new`.
 fn changed_lines(old: &str, new: &str) -> String {
@@ -235,10 +235,10 @@ pub async fn diff(api: &Api, arg: &Path, output: Output) -> anyhow::Result<ExitC
             .header(&label, &name)
             .to_string()
     };
-    if output.json() {
+    if output.structured() {
         print!(
             "{}",
-            output::json(&json!({
+            output.document(&json!({
                 "service": file.service(),
                 "file": name,
                 "stored": stored.is_some(),

@@ -68,7 +68,8 @@ pub struct StatArgs {
     #[arg(long)]
     outbound: bool,
     /// Output format; `json` prints the same rows for scripts (one document
-    /// per line with --watch).
+    /// per line with --watch), `yaml` as YAML (a `---` document each redraw
+    /// with --watch).
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
     output: Format,
 }
@@ -368,7 +369,7 @@ fn render(
     };
     let rows = stat::aggregate(&increases, direction, view, known, interval);
     match args.output {
-        Format::Json => {
+        Format::Json | Format::Yaml => {
             let value = json(
                 args,
                 direction,
@@ -378,13 +379,15 @@ fn render(
                 &left_out,
                 note,
             );
-            let mut out = if args.watch {
-                serde_json::to_string(&value)?
+            Ok(if !args.watch {
+                args.output.document(&value)
+            } else if args.output == Format::Yaml {
+                // A YAML stream: each document opens with `---`.
+                format!("---\n{}", output::yaml(&value))
             } else {
-                serde_json::to_string_pretty(&value)?
-            };
-            out.push('\n');
-            Ok(out)
+                // One JSON document per line.
+                format!("{}\n", serde_json::to_string(&value)?)
+            })
         }
         Format::Table => {
             let mut out = output::table(&stat::table(&rows));
