@@ -19,7 +19,8 @@
 //!   app container that sets no HTTP_PROXY of its own;
 //! - `terminationGracePeriodSeconds` raised to 30 if set lower (longer than
 //!   the sidecar's drain grace plus deregistration);
-//! - the annotations `weft.dev/injected: <version>` and `weft.dev/service`.
+//! - the annotations `weft.dev/injected: <version>` and `weft.dev/service`,
+//!   and the label `weft.dev/meshed: "true"` (the example NetworkPolicy's).
 //!
 //! Invariants: documents of other kinds come out unchanged (apart from YAML
 //! formatting: comments are lost, key order is kept); a pod annotated
@@ -49,6 +50,10 @@ pub const ANNOTATION_INJECT: &str = "weft.dev/inject";
 pub const ANNOTATION_INJECTED: &str = "weft.dev/injected";
 /// The service the pod's sidecar registers as (also read, to name it).
 pub const ANNOTATION_SERVICE: &str = "weft.dev/service";
+/// The pod label `"true"` that marks a meshed pod: the NetworkPolicy of
+/// examples/deploy/kubernetes lets such pods reach the control plane and
+/// other sidecars' inbound ports.
+pub const LABEL_MESHED: &str = "weft.dev/meshed";
 /// What app containers get as HTTP_PROXY: the sidecar's outbound listener.
 pub const OUTBOUND_PROXY: &str = "http://127.0.0.1:4140";
 /// What app containers get as NO_PROXY with it: their own loopback.
@@ -561,8 +566,8 @@ fn kubernetes_name(service: &str) -> Result<(), &'static str> {
 /// it should be.
 struct BadPath(String, &'static str);
 
-/// Adds the sidecar, the app containers' env, the volumes and the
-/// annotations to one pod (template): a mapping with `metadata` and `spec`.
+/// Adds the sidecar, the app containers' env, the volumes, the annotations
+/// and the meshed label to one pod (template): a mapping with `metadata` and `spec`.
 fn pod(template: &mut Mapping, service: &ServiceName, options: &Options) -> Result<(), BadPath> {
     let metadata = entry_mapping(template, "metadata")
         .ok_or_else(|| BadPath("metadata".to_owned(), "mapping"))?;
@@ -576,6 +581,9 @@ fn pod(template: &mut Mapping, service: &ServiceName, options: &Options) -> Resu
         ANNOTATION_SERVICE.into(),
         Value::String(service.as_str().to_owned()),
     );
+    let labels = entry_mapping(metadata, "labels")
+        .ok_or_else(|| BadPath("metadata.labels".to_owned(), "mapping"))?;
+    labels.insert(LABEL_MESHED.into(), Value::String("true".to_owned()));
 
     let Some(Value::Mapping(spec)) = template.get_mut("spec") else {
         return Err(BadPath("spec".to_owned(), "mapping"));
