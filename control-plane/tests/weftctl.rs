@@ -773,6 +773,8 @@ fn completion_prints_a_script_naming_every_subcommand() {
             "get",
             "delete",
             "stat",
+            "edges",
+            "top",
             "certs",
             "version",
             "completion",
