@@ -145,6 +145,7 @@ fn every_key_example_loads() {
     assert_eq!(b.limits.http2_keep_alive_interval.to_string(), "30s");
     assert!(b.telemetry.otlp_metrics);
     assert_eq!(b.telemetry.otlp_metrics_interval.to_string(), "30s");
+    assert_eq!(b.telemetry.max_callers, 50);
 
     let checkout = &loaded.policies[&name("checkout")];
     assert_eq!(checkout.outbound.load_balancer, LoadBalancer::LeastRequest);

@@ -1,7 +1,8 @@
-//! What `weftctl stat` computes from the sidecars' metrics: a parser for the
-//! Prometheus / OpenMetrics text exposition, the increase of counters between
-//! two scrapes, and per-service (or per-route) request rate, success rate,
-//! latency quantiles and refusal rates.
+//! What `weftctl stat`, `edges` and `top` compute from the sidecars'
+//! metrics: a parser for the Prometheus / OpenMetrics text exposition, the
+//! increase of counters between two scrapes, and per-service (per-route, per
+//! caller -> service edge) request rate, success rate, latency quantiles and
+//! refusal rates.
 //!
 //! The metric names and labels are the sidecar's contract in
 //! `docs/telemetry.md`: `weft_requests_total`, `weft_request_duration_seconds`
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-/// Requests completed, by direction, service, route, status code and
+/// Requests completed, by direction, caller, service, route, status code and
 /// classification.
 pub const REQUESTS: &str = "weft_requests_total";
 /// The buckets of the request duration histogram (same labels, plus `le`).
@@ -270,16 +271,50 @@ impl Direction {
     }
 }
 
-/// One row per service, or one per route of one service.
+/// What a row stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View<'a> {
+    /// One row per service (`weftctl stat`).
     Services,
+    /// One row per route of one service (`weftctl stat SERVICE`).
     Routes { service: &'a str },
+    /// One row per route of every service (`weftctl top`).
+    AllRoutes,
+    /// One row per caller -> service edge, by the `caller` label
+    /// (`weftctl edges`); `service` keeps the edges into that service only.
+    Edges { service: Option<&'a str> },
 }
 
-/// One row of `weftctl stat`.
+/// What rows are summed by: (caller, service, route), as the view uses them.
+type RowKey = (Option<String>, String, Option<String>);
+
+impl View<'_> {
+    /// The row a series with `label`s is counted in; `None` for a series
+    /// the view leaves out.
+    fn key<'l>(self, label: impl Fn(&str) -> &'l str) -> Option<RowKey> {
+        let service = label("service");
+        Some(match self {
+            View::Services => (None, service.to_owned(), None),
+            View::Routes { service: only } if service == only => {
+                (None, service.to_owned(), Some(label("route").to_owned()))
+            }
+            View::Routes { .. } => return None,
+            View::AllRoutes => (None, service.to_owned(), Some(label("route").to_owned())),
+            View::Edges {
+                service: Some(only),
+            } if service != only => return None,
+            View::Edges { .. } => (Some(label("caller").to_owned()), service.to_owned(), None),
+        })
+    }
+}
+
+/// One row of `weftctl stat` (and `edges`, `top`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Row {
+    /// Only in the edges view: the calling service (the `caller` label;
+    /// `anonymous`, `other`, or `""` from a sidecar without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caller: Option<String>,
     pub service: String,
     /// Only in the per-route view; `""` is "no route matched".
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -304,9 +339,10 @@ struct Totals {
     refusals: BTreeMap<String, f64>,
 }
 
-/// Sum the increases of every sidecar into rows, sorted by service (or
-/// route) name. `known` names get a row even without any series (a service
-/// without traffic); `interval` is the time between the two scrapes.
+/// Sum the increases of every sidecar into rows, sorted by (caller,)
+/// service (and route) name. `known` service names get a row even without
+/// any series (a service without traffic) in the per-service view;
+/// `interval` is the time between the two scrapes.
 pub fn aggregate(
     increases: &[Scrape],
     direction: Direction,
@@ -314,9 +350,13 @@ pub fn aggregate(
     known: &[String],
     interval: Duration,
 ) -> Vec<Row> {
-    let mut totals: BTreeMap<String, Totals> = known
+    let known = match view {
+        View::Services => known,
+        _ => &[],
+    };
+    let mut totals: BTreeMap<RowKey, Totals> = known
         .iter()
-        .map(|name| (name.clone(), Totals::default()))
+        .map(|name| ((None, name.clone(), None), Totals::default()))
         .collect();
     for scrape in increases {
         for ((name, labels), &increase) in &scrape.series {
@@ -324,12 +364,10 @@ pub fn aggregate(
             if label("direction") != direction.label() {
                 continue;
             }
-            let key = match view {
-                View::Services => label("service"),
-                View::Routes { service } if label("service") == service => label("route"),
-                View::Routes { .. } => continue,
+            let Some(key) = view.key(label) else {
+                continue;
             };
-            let t = totals.entry(key.to_owned()).or_default();
+            let t = totals.entry(key).or_default();
             match name.as_str() {
                 REQUESTS => {
                     t.requests += increase;
@@ -353,14 +391,11 @@ pub fn aggregate(
     let per_second = |n: f64| if seconds > 0.0 { n / seconds } else { 0.0 };
     totals
         .into_iter()
-        .map(|(key, t)| {
+        .map(|((caller, service, route), t)| {
             let buckets = merge_buckets(t.buckets);
-            let (service, route) = match view {
-                View::Services => (key, None),
-                View::Routes { service } => (service.to_owned(), Some(key)),
-            };
             let judged = t.success + t.failure;
             Row {
+                caller,
                 service,
                 route,
                 rps: per_second(t.requests),
@@ -512,6 +547,65 @@ pub fn table(rows: &[Row]) -> Vec<Vec<String>> {
             format_latency(row.p50_seconds),
             format_latency(row.p99_seconds),
             format_refusals(&row.refusals_per_second),
+        ]);
+    }
+    out
+}
+
+/// The table `weftctl edges` prints, header first: CALLER, SERVICE, RPS,
+/// SUCCESS, P99 (`-` for a caller a sidecar did not label).
+pub fn edges_table(rows: &[Row]) -> Vec<Vec<String>> {
+    let mut out = vec![
+        ["CALLER", "SERVICE", "RPS", "SUCCESS", "P99"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    for row in rows {
+        let caller = match row.caller.as_deref() {
+            None | Some("") => "-".to_owned(),
+            Some(caller) => caller.to_owned(),
+        };
+        out.push(vec![
+            caller,
+            row.service.clone(),
+            format_rate(row.rps),
+            format_success(row.success_rate),
+            format_latency(row.p99_seconds),
+        ]);
+    }
+    out
+}
+
+/// The `n` busiest rows, by request rate (ties by name), leaving out rows
+/// without requests.
+pub fn busiest(mut rows: Vec<Row>, n: usize) -> Vec<Row> {
+    rows.retain(|r| r.rps > 0.0);
+    // Stable: rows come sorted by name, which breaks ties.
+    rows.sort_by(|a, b| b.rps.total_cmp(&a.rps));
+    rows.truncate(n);
+    rows
+}
+
+/// The table `weftctl top` prints, header first: SERVICE, ROUTE (`(none)`
+/// for the empty route), RPS, SUCCESS, P50, P99.
+pub fn top_table(rows: &[Row]) -> Vec<Vec<String>> {
+    let mut out = vec![
+        ["SERVICE", "ROUTE", "RPS", "SUCCESS", "P50", "P99"]
+            .map(str::to_owned)
+            .to_vec(),
+    ];
+    for row in rows {
+        let route = match row.route.as_deref() {
+            None | Some("") => "(none)".to_owned(),
+            Some(route) => route.to_owned(),
+        };
+        out.push(vec![
+            row.service.clone(),
+            route,
+            format_rate(row.rps),
+            format_success(row.success_rate),
+            format_latency(row.p50_seconds),
+            format_latency(row.p99_seconds),
         ]);
     }
     out
@@ -825,6 +919,7 @@ mod tests {
             rows,
             vec![
                 Row {
+                    caller: None,
                     service: "billing".into(),
                     route: None,
                     rps: 8.0,
@@ -834,6 +929,7 @@ mod tests {
                     refusals_per_second: [("rate-limit".to_owned(), 8.0)].into(),
                 },
                 Row {
+                    caller: None,
                     service: "idle".into(),
                     route: None,
                     rps: 0.0,
@@ -890,6 +986,118 @@ mod tests {
                 "rate-limit=6.0/s"
             ]
         );
+    }
+
+    #[test]
+    fn edges_are_summed_by_caller_and_service_from_the_inbound_series() {
+        let series = |caller: &str, service: &str, route: &str| {
+            format!(r#"direction="inbound",caller="{caller}",service="{service}",route="{route}""#)
+        };
+        let one = exposition(&[
+            (
+                REQUESTS,
+                &requests("success", "200", &series("web", "billing", "a")),
+                6.0,
+            ),
+            (
+                REQUESTS,
+                &requests("failure", "503", &series("web", "billing", "b")),
+                2.0,
+            ),
+            (
+                REQUESTS,
+                &requests("success", "200", &series("cron", "billing", "a")),
+                4.0,
+            ),
+            (
+                DURATION_BUCKETS,
+                &bucket("0.01", &series("web", "billing", "a")),
+                6.0,
+            ),
+            (
+                DURATION_BUCKETS,
+                &bucket("+Inf", &series("web", "billing", "a")),
+                6.0,
+            ),
+            // The caller's own view of the edge: not counted twice.
+            (
+                REQUESTS,
+                &requests(
+                    "success",
+                    "200",
+                    r#"direction="outbound",caller="web",service="billing",route="a""#,
+                ),
+                100.0,
+            ),
+        ]);
+        let two = exposition(&[
+            (
+                REQUESTS,
+                &requests("success", "200", &series("web", "ledger", "")),
+                2.0,
+            ),
+            // A sidecar from before the caller label.
+            (REQUESTS, &requests("success", "200", IN_B), 2.0),
+        ]);
+        let empty = Scrape::default();
+        let incs = [one.increase_since(&empty), two.increase_since(&empty)];
+        let second = Duration::from_secs(1);
+        let known = ["idle".to_owned()];
+        let rows = aggregate(
+            &incs,
+            Direction::Inbound,
+            View::Edges { service: None },
+            &known,
+            second,
+        );
+        let edges: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.caller.as_deref().unwrap(),
+                    r.service.as_str(),
+                    r.rps,
+                    r.success_rate,
+                )
+            })
+            .collect();
+        assert_eq!(
+            edges,
+            [
+                ("", "billing", 2.0, Some(1.0)),
+                ("cron", "billing", 4.0, Some(1.0)),
+                ("web", "billing", 8.0, Some(0.75)),
+                ("web", "ledger", 2.0, Some(1.0)),
+            ]
+        );
+        approx(rows[2].p99_seconds, 0.0099);
+        let t = edges_table(&rows);
+        assert_eq!(t[0], ["CALLER", "SERVICE", "RPS", "SUCCESS", "P99"]);
+        assert_eq!(t[1], ["-", "billing", "2.0", "100.00%", "-"]);
+        assert_eq!(t[3], ["web", "billing", "8.0", "75.00%", "9.90ms"]);
+        let into_ledger = aggregate(
+            &incs,
+            Direction::Inbound,
+            View::Edges {
+                service: Some("ledger"),
+            },
+            &[],
+            second,
+        );
+        assert_eq!(into_ledger.len(), 1);
+        assert_eq!(into_ledger[0].caller.as_deref(), Some("web"));
+
+        // top: every route of every service, busiest first.
+        let rows = aggregate(&incs, Direction::Inbound, View::AllRoutes, &known, second);
+        let top = busiest(rows, 2);
+        let names: Vec<_> = top
+            .iter()
+            .map(|r| (r.service.as_str(), r.route.as_deref().unwrap(), r.rps))
+            .collect();
+        assert_eq!(names, [("billing", "a", 10.0), ("billing", "b", 2.0)]);
+        let t = top_table(&top);
+        assert_eq!(t[0], ["SERVICE", "ROUTE", "RPS", "SUCCESS", "P50", "P99"]);
+        assert_eq!(t[2], ["billing", "b", "2.0", "0.00%", "-", "-"]);
     }
 
     #[test]

@@ -835,6 +835,8 @@ fn completion_prints_a_script_naming_every_subcommand() {
             "get",
             "delete",
             "stat",
+            "edges",
+            "top",
             "certs",
             "version",
             "completion",

@@ -55,9 +55,15 @@ fn telemetry(c: &mut Criterion) {
     let mut req = Request::new(());
     let service: Arc<str> = Arc::from("billing");
     let route: Arc<str> = Arc::from("charge");
+    let caller: Arc<str> = Arc::from("checkout");
     c.bench_function("telemetry/observe", |b| {
         b.iter(|| {
-            let mut obs = Observation::start(&reporters, Direction::Outbound, &mut req);
+            let mut obs = Observation::start(
+                &reporters,
+                Direction::Outbound,
+                Arc::clone(&caller),
+                &mut req,
+            );
             obs.context().set_service(&service, None);
             obs.context().set_route(&route);
             let rsp = Response::new(body::empty());
@@ -71,7 +77,12 @@ fn telemetry(c: &mut Criterion) {
             service: "billing".into(),
         };
         b.iter(|| {
-            let mut obs = Observation::start(&reporters, Direction::Outbound, &mut req);
+            let mut obs = Observation::start(
+                &reporters,
+                Direction::Outbound,
+                Arc::clone(&caller),
+                &mut req,
+            );
             obs.context().set_service(&service, None);
             obs.context().set_route(&route);
             let rsp = error_response(&error, false);
@@ -99,7 +110,8 @@ fn telemetry(c: &mut Criterion) {
         .unwrap();
     c.bench_function("telemetry/observe_traced", |b| {
         b.iter(|| {
-            let mut obs = Observation::start(&traced, Direction::Outbound, &mut req);
+            let mut obs =
+                Observation::start(&traced, Direction::Outbound, Arc::clone(&caller), &mut req);
             obs.context().set_service(&service, None);
             obs.context().set_route(&route);
             let rsp = Response::new(body::empty());

@@ -151,7 +151,13 @@ impl LiveState {
     pub fn new(loaded: Loaded) -> Result<Arc<Self>, String> {
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
-        let metrics = Metrics::new(loaded.bootstrap.control_plane.is_some());
+        let own_name = loaded
+            .bootstrap
+            .service
+            .as_ref()
+            .map_or("", |s| s.name.as_str());
+        let metrics = Metrics::new(loaded.bootstrap.control_plane.is_some())
+            .with_callers(loaded.bootstrap.telemetry.max_callers, own_name);
         let metrics = if loaded.bootstrap.service.is_some() {
             metrics.with_app_health()
         } else {

@@ -14,15 +14,19 @@ use weft_tests::process::Proxy;
 
 const NO_EJECTION: &str = "outlier = { consecutive_failures = 1000 }";
 
+/// The labels of `weft_requests_total`; `caller` is the sidecar's own
+/// `[service] name` outbound (`""` without one), the calling service inbound.
 fn req<'a>(
     direction: &'a str,
+    caller: &'a str,
     service: &'a str,
     route: &'a str,
     status: &'a str,
     classification: &'a str,
-) -> [(&'a str, &'a str); 5] {
+) -> [(&'a str, &'a str); 6] {
     [
         ("direction", direction),
+        ("caller", caller),
         ("service", service),
         ("route", route),
         ("status_code", status),
@@ -146,15 +150,42 @@ async fn known_traffic_gives_exact_counts() -> anyhow::Result<()> {
     let count = |labels: &[(&str, &str)]| m.value("weft_requests_total", labels);
     let hist = |labels: &[(&str, &str)]| m.value("weft_request_duration_seconds_count", labels);
     for (labels, n) in [
-        (req("outbound", "billing", "", "200", "success"), 4.0),
-        (req("outbound", "billing", "", "500", "failure"), 1.0),
-        (req("outbound", "billing", "slow", "504", "failure"), 2.0),
-        (req("outbound", "flaky", "", "503", "failure"), 2.0),
-        (req("outbound", "stingy", "", "503", "failure"), 1.0),
-        (req("outbound", "solo", "", "503", "failure"), 1.0),
-        (req("outbound", "limited", "", "200", "success"), 1.0),
-        (req("outbound", "limited", "", "429", "success"), 1.0),
-        (req("inbound", "checkout", "", "200", "success"), 3.0),
+        (
+            req("outbound", "checkout", "billing", "", "200", "success"),
+            4.0,
+        ),
+        (
+            req("outbound", "checkout", "billing", "", "500", "failure"),
+            1.0,
+        ),
+        (
+            req("outbound", "checkout", "billing", "slow", "504", "failure"),
+            2.0,
+        ),
+        (
+            req("outbound", "checkout", "flaky", "", "503", "failure"),
+            2.0,
+        ),
+        (
+            req("outbound", "checkout", "stingy", "", "503", "failure"),
+            1.0,
+        ),
+        (
+            req("outbound", "checkout", "solo", "", "503", "failure"),
+            1.0,
+        ),
+        (
+            req("outbound", "checkout", "limited", "", "200", "success"),
+            1.0,
+        ),
+        (
+            req("outbound", "checkout", "limited", "", "429", "success"),
+            1.0,
+        ),
+        (
+            req("inbound", "anonymous", "checkout", "", "200", "success"),
+            3.0,
+        ),
     ] {
         ensure!(
             count(&labels)? == n,
@@ -173,6 +204,7 @@ async fn known_traffic_gives_exact_counts() -> anyhow::Result<()> {
             "weft_refusals_total",
             &[
                 ("direction", "outbound"),
+                ("caller", "checkout"),
                 ("service", service),
                 ("route", route),
                 ("reason", reason),
@@ -268,7 +300,7 @@ async fn grpc_errors_in_trailers_are_failures() -> anyhow::Result<()> {
     ensure!(
         m.value(
             "weft_requests_total",
-            &req("outbound", "greeter", "", "200", "success")
+            &req("outbound", "", "greeter", "", "200", "success")
         )? == 1.0,
         "{}",
         m.text
@@ -276,7 +308,7 @@ async fn grpc_errors_in_trailers_are_failures() -> anyhow::Result<()> {
     ensure!(
         m.value(
             "weft_requests_total",
-            &req("outbound", "greeter", "", "200", "failure")
+            &req("outbound", "", "greeter", "", "200", "failure")
         )? == 1.0,
         "{}",
         m.text

@@ -50,6 +50,8 @@ async fn start(collector: &Collector, app: &Backend, keys: &str) -> anyhow::Resu
 fn billing_ok() -> BTreeMap<String, Attr> {
     [
         ("direction", "outbound"),
+        // The sidecar's own [service] name: the calling side of the edge.
+        ("caller", "checkout"),
         ("service", "billing"),
         ("route", ""),
         ("status_code", "200"),

@@ -712,3 +712,84 @@ fn without_kubernetes_sd_replaces_whole_blocks() {
         )
     );
 }
+
+/// The caller -> service table of the shipped dashboard: its three instant
+/// queries, evaluated by `promtool test rules` on two callers' series, give
+/// each edge's request rate, success ratio and p99 (the merge transformation
+/// joins them on `caller` and `service`).
+#[test]
+fn the_caller_table_gives_rate_success_and_p99_per_edge() -> anyhow::Result<()> {
+    promtool()?;
+    let (path, dashboard) = dashboards()?
+        .into_iter()
+        .find(|(path, _)| file_name(path) == "weft-mesh.json")
+        .context("no weft-mesh.json")?;
+    let panel = panels(&dashboard)
+        .into_iter()
+        .find(|p| p["title"] == "Callers -> services")
+        .with_context(|| format!("{}: no caller -> service table", path.display()))?;
+    ensure!(panel["type"] == "table", "{panel}");
+    let targets = panel["targets"].as_array().context("targets")?;
+    let exprs: Vec<String> = targets
+        .iter()
+        .map(|t| {
+            ensure!(t["instant"] == true && t["format"] == "table", "{t}");
+            let expr = t["expr"].as_str().context("expr")?;
+            ensure!(expr.contains("by (caller, service"), "not per edge: {expr}");
+            ensure!(
+                expr.contains(r#"direction="inbound""#),
+                "not the callee's view: {expr}"
+            );
+            fill_template(expr)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(exprs.len() == 3, "rate, success, p99: {exprs:?}");
+
+    // Over the last hour (`$__range`): web -> billing 1/s ok and 1/s failed,
+    // all within 1 s; cron -> billing 2/s ok, no histogram.
+    let series = |labels: &str, per_minute: u32| json!({"series": format!("{{{labels}}}"), "values": format!("0+{per_minute}x70")});
+    let web = r#"direction="inbound",caller="web",service="billing",route="""#;
+    let cron = r#"direction="inbound",caller="cron",service="billing",route="""#;
+    let input = [
+        series(
+            &format!(r#"__name__="weft_requests_total",{web},classification="success""#),
+            60,
+        ),
+        series(
+            &format!(r#"__name__="weft_requests_total",{web},classification="failure""#),
+            60,
+        ),
+        series(
+            &format!(r#"__name__="weft_requests_total",{cron},classification="success""#),
+            120,
+        ),
+        series(
+            &format!(r#"__name__="weft_request_duration_seconds_bucket",{web},le="1""#),
+            120,
+        ),
+        series(
+            &format!(r#"__name__="weft_request_duration_seconds_bucket",{web},le="+Inf""#),
+            120,
+        ),
+    ];
+    let edge = |caller: &str, value: f64| json!({"labels": format!(r#"{{caller="{caller}",service="billing"}}"#), "value": value});
+    let expected = [
+        vec![edge("cron", 2.0), edge("web", 2.0)],
+        vec![edge("cron", 1.0), edge("web", 0.5)],
+        vec![edge("web", 0.99)],
+    ];
+    let tests: Vec<Value> = exprs
+        .iter()
+        .zip(expected)
+        .map(|(expr, samples)| json!({"expr": expr, "eval_time": "70m", "exp_samples": samples}))
+        .collect();
+    let scratch = TempDir::new()?;
+    scratch.write("none.yml", "groups: []\n")?;
+    let test = json!({
+        "rule_files": ["none.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": input, "promql_expr_test": tests}],
+    });
+    let file = scratch.write("edges.test.yml", &serde_json::to_string_pretty(&test)?)?;
+    check_promtool(scratch.path(), &["test", "rules", path_str(&file)?])
+}

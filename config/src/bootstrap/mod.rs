@@ -680,6 +680,11 @@ pub struct Telemetry {
     /// Default `15s`.
     #[serde(deserialize_with = "otlp_metrics_interval")]
     pub otlp_metrics_interval: Duration,
+    /// The distinct callers the request metrics' `caller` label shows, 1 to
+    /// [`Telemetry::MAX_CALLERS`]; callers past it are counted as `other`.
+    /// Default 100.
+    #[serde(deserialize_with = "max_callers")]
+    pub max_callers: usize,
 }
 
 impl Default for Telemetry {
@@ -691,6 +696,7 @@ impl Default for Telemetry {
             access_log: false,
             otlp_metrics: false,
             otlp_metrics_interval: Duration::from_secs(15),
+            max_callers: Self::DEFAULT_MAX_CALLERS,
         }
     }
 }
@@ -702,6 +708,10 @@ impl Telemetry {
     pub const MIN_METRICS_INTERVAL: Duration = Duration::from_secs(1);
     /// The longest `otlp_metrics_interval`.
     pub const MAX_METRICS_INTERVAL: Duration = Duration::from_secs(10 * 60);
+    /// `max_callers` when not set.
+    pub const DEFAULT_MAX_CALLERS: usize = 100;
+    /// The largest `max_callers`.
+    pub const MAX_CALLERS: usize = 10_000;
 }
 
 impl Bootstrap {
@@ -764,6 +774,18 @@ fn otlp_metrics_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D:
         )));
     }
     Ok(interval)
+}
+
+/// `max_callers`: from 1 to [`Telemetry::MAX_CALLERS`].
+fn max_callers<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = u64::deserialize(d)?;
+    match usize::try_from(n) {
+        Ok(n) if (1..=Telemetry::MAX_CALLERS).contains(&n) => Ok(n),
+        _ => Err(de::Error::custom(format!(
+            "must be from 1 to {}, found {n}",
+            Telemetry::MAX_CALLERS
+        ))),
+    }
 }
 
 /// A `service.name`: not empty, at most 255 characters, no control characters.

@@ -20,6 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::callers::Callers;
 use super::series;
 pub use weft_transport::io::ConnectionMetrics;
 
@@ -63,6 +64,7 @@ impl Classification {
 #[derive(Debug, Clone, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     direction: &'static str,
+    caller: Arc<str>,
     service: Arc<str>,
     route: Arc<str>,
     status_code: u16,
@@ -85,6 +87,7 @@ impl std::hash::Hash for RequestLabels {
             h = (h ^ 0xff).wrapping_mul(PRIME);
         };
         eat(self.direction.as_bytes());
+        eat(self.caller.as_bytes());
         eat(self.service.as_bytes());
         eat(self.route.as_bytes());
         eat(&self.status_code.to_le_bytes());
@@ -96,6 +99,7 @@ impl std::hash::Hash for RequestLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RefusalLabels {
     direction: &'static str,
+    caller: Arc<str>,
     service: Arc<str>,
     route: Arc<str>,
     reason: &'static str,
@@ -176,6 +180,8 @@ impl RetrySkipped {
 #[derive(Debug)]
 pub struct Finished<'a> {
     pub direction: Direction,
+    /// The `caller` label ([`Callers`]).
+    pub caller: &'a Arc<str>,
     pub service: &'a Arc<str>,
     pub route: &'a Arc<str>,
     pub status_code: u16,
@@ -350,6 +356,9 @@ pub struct Metrics {
     durations: Family<RequestLabels, Histogram, fn() -> Histogram>,
     /// Handles of the two above, by label address (see [`series`]).
     recent: series::RecentSeries,
+    /// The `caller` labels.
+    callers: Callers,
+    callers_folded: Counter,
     refusals: Family<RefusalLabels, Counter>,
     retries: Family<RouteLabels, Counter>,
     retries_skipped: Family<SkipLabels, Counter>,
@@ -384,6 +393,7 @@ struct RequestFamilies {
     retries: Family<RouteLabels, Counter>,
     retries_skipped: Family<SkipLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
+    callers_folded: Counter,
 }
 
 impl RequestFamilies {
@@ -420,6 +430,12 @@ impl RequestFamilies {
             "Endpoints ejected by outlier detection",
             ejections.clone(),
         );
+        let callers_folded = Counter::default();
+        registry.register(
+            "callers_folded",
+            "Distinct callers counted as caller=\"other\" because [telemetry] max_callers were already shown",
+            callers_folded.clone(),
+        );
         Self {
             requests,
             durations,
@@ -427,6 +443,7 @@ impl RequestFamilies {
             retries,
             retries_skipped,
             ejections,
+            callers_folded,
         }
     }
 }
@@ -649,6 +666,7 @@ impl Metrics {
             retries,
             retries_skipped,
             ejections,
+            callers_folded,
         } = RequestFamilies::register(registry);
         let EndpointFamilies { endpoints, budgets } = EndpointFamilies::register(registry);
         let connections = ListenerConnections::register(registry);
@@ -669,6 +687,12 @@ impl Metrics {
             requests,
             durations,
             recent: series::RecentSeries::default(),
+            callers: Callers::new(
+                weft_config::Telemetry::DEFAULT_MAX_CALLERS,
+                "",
+                callers_folded.clone(),
+            ),
+            callers_folded,
             refusals,
             retries,
             retries_skipped,
@@ -702,6 +726,20 @@ impl Metrics {
             .inc();
     }
 
+    /// Shows at most `max` distinct inbound callers in the `caller` label
+    /// (`[telemetry] max_callers`); outbound requests are labelled `own`
+    /// (`[service] name`, else empty).
+    #[must_use]
+    pub fn with_callers(mut self, max: usize, own: &str) -> Self {
+        self.callers = Callers::new(max, own, self.callers_folded.clone());
+        self
+    }
+
+    /// The `caller` labels.
+    pub fn callers(&self) -> &Callers {
+        &self.callers
+    }
+
     /// When the metrics were created: the start of every cumulative value.
     pub fn created(&self) -> SystemTime {
         self.created
@@ -722,6 +760,7 @@ impl Metrics {
         let seconds = f.duration.as_secs_f64();
         let key = series::Key::new(
             f.direction as u8,
+            f.caller,
             f.service,
             f.route,
             f.status_code,
@@ -732,6 +771,7 @@ impl Metrics {
         }
         let labels = RequestLabels {
             direction: f.direction.as_str(),
+            caller: Arc::clone(f.caller),
             service: Arc::clone(f.service),
             route: Arc::clone(f.route),
             status_code: f.status_code,
@@ -743,7 +783,7 @@ impl Metrics {
         durations.observe(seconds);
         self.recent.insert(
             key,
-            series::Series::new(requests, durations, f.service, f.route),
+            series::Series::new(requests, durations, [f.caller, f.service, f.route]),
         );
     }
 
@@ -751,6 +791,7 @@ impl Metrics {
     pub fn refusal(
         &self,
         direction: Direction,
+        caller: &Arc<str>,
         service: &Arc<str>,
         route: &Arc<str>,
         reason: &'static str,
@@ -759,6 +800,7 @@ impl Metrics {
         self.refusals
             .get_or_create(&RefusalLabels {
                 direction: direction.as_str(),
+                caller: Arc::clone(caller),
                 service: Arc::clone(service),
                 route: Arc::clone(route),
                 reason,

@@ -9,7 +9,9 @@
 //! | [`observe`] | one request's observation, finished when its response body ends: metrics, span, access log |
 //! | [`trace`] | the tracer, W3C trace-context propagation, and the bounded span export queue |
 //! | [`series`] | the series a finished request is counted in, by its labels' addresses |
+//! | [`callers`] | the `caller` label: interned, at most `[telemetry] max_callers` distinct |
 
+pub mod callers;
 pub mod metrics;
 pub mod observe;
 pub mod otlp_metrics;

@@ -16,7 +16,7 @@
 //! need are only kept when `[telemetry]` asks for them ([`Reporters`]).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use http::{HeaderMap, Method, Request, Response, header};
@@ -31,6 +31,8 @@ use weft_core::error::Refusal;
 use weft_core::error::{WEFT_LIMIT, WEFT_REASON};
 use weft_core::retry::classify::grpc_status;
 use weft_stack::observe::Observer;
+use weft_stack::rate_limit;
+use weft_transport::tls::CallerIdentity;
 
 impl Events for Reporters {
     fn retry(&self, service: &Arc<str>, route: &Arc<str>) {
@@ -52,20 +54,38 @@ impl Events for Reporters {
     }
 }
 
-/// The stack's observer for one direction: every request through it is
-/// observed into the [`Reporters`].
+/// The stack's observer for one direction and one client connection: every
+/// request through it is observed into the [`Reporters`].
 #[derive(Debug)]
 pub struct RequestObserver {
     reporters: Arc<Reporters>,
     direction: Direction,
+    /// The `caller` label of an mTLS connection's requests, which all carry
+    /// the same identity: resolved at its first request.
+    verified_caller: OnceLock<Arc<str>>,
 }
 
 impl RequestObserver {
+    /// The observer of one connection's requests.
     pub fn new(reporters: Arc<Reporters>, direction: Direction) -> Arc<Self> {
         Arc::new(Self {
             reporters,
             direction,
+            verified_caller: OnceLock::new(),
         })
+    }
+
+    /// The `caller` label of `req` (see [`super::callers`]).
+    fn caller<B>(&self, req: &Request<B>) -> Arc<str> {
+        let callers = self.reporters.metrics.callers();
+        match self.direction {
+            Direction::Outbound => Arc::clone(callers.own()),
+            Direction::Inbound if req.extensions().get::<CallerIdentity>().is_some() => Arc::clone(
+                self.verified_caller
+                    .get_or_init(|| callers.label(rate_limit::caller(req))),
+            ),
+            Direction::Inbound => callers.label(rate_limit::caller(req)),
+        }
     }
 }
 
@@ -73,7 +93,8 @@ impl Observer for RequestObserver {
     type Observation = Observation;
 
     fn start<B>(&self, req: &mut Request<B>) -> Observation {
-        Observation::start(&self.reporters, self.direction, req)
+        let caller = self.caller(req);
+        Observation::start(&self.reporters, self.direction, caller, req)
     }
 }
 
@@ -82,6 +103,8 @@ impl Observer for RequestObserver {
 pub struct Observation {
     reporters: Arc<Reporters>,
     direction: Direction,
+    /// The `caller` label.
+    caller: Arc<str>,
     start: Instant,
     /// The service, the route and what happened on the way, told by the
     /// layers below (they find it in the request's extensions).
@@ -115,6 +138,7 @@ impl Observation {
     pub fn start<B>(
         reporters: &Arc<Reporters>,
         direction: Direction,
+        caller: Arc<str>,
         req: &mut Request<B>,
     ) -> Self {
         let start = Instant::now();
@@ -155,6 +179,7 @@ impl Observation {
         Self {
             reporters: Arc::clone(reporters),
             direction,
+            caller,
             start,
             context,
             status: 0,
@@ -178,6 +203,7 @@ impl Observation {
         let limit = refusal.limit.as_ref().unwrap_or(&NO_LIMIT);
         self.reporters.metrics.refusal(
             self.direction,
+            &self.caller,
             context.service(),
             context.route(),
             refusal.reason.as_str(),
@@ -198,6 +224,7 @@ impl Observation {
         };
         let finished = Finished {
             direction: self.direction,
+            caller: &self.caller,
             service: self.context.service(),
             route: self.context.route(),
             status_code: self.status,

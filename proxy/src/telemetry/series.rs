@@ -4,8 +4,8 @@
 //! Every finished request adds to one counter and one histogram of
 //! `weft_requests_total` / `weft_request_duration_seconds`. Looking them up
 //! in their families hashes and compares the label text, twice. The labels
-//! of a request are `Arc<str>`s shared by every request to the same
-//! service and route, so their addresses (with the status, the
+//! of a request are `Arc<str>`s shared by every request from the same
+//! caller to the same service and route, so their addresses (with the status, the
 //! classification and the direction) identify the series: [`RecentSeries`]
 //! maps those to the two series' handles (which share their values with the
 //! families). It keeps the label `Arc`s alive, so an address is never
@@ -26,6 +26,7 @@ pub const MAX: usize = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
     pub direction: u8,
+    pub caller: usize,
     pub service: usize,
     pub route: usize,
     pub status: u16,
@@ -35,6 +36,7 @@ pub struct Key {
 impl Key {
     pub fn new(
         direction: u8,
+        caller: &Arc<str>,
         service: &Arc<str>,
         route: &Arc<str>,
         status: u16,
@@ -42,6 +44,7 @@ impl Key {
     ) -> Self {
         Self {
             direction,
+            caller: Arc::as_ptr(caller).cast::<u8>() as usize,
             service: Arc::as_ptr(service).cast::<u8>() as usize,
             route: Arc::as_ptr(route).cast::<u8>() as usize,
             status,
@@ -55,20 +58,16 @@ impl Key {
 pub struct Series {
     pub requests: Counter,
     pub durations: Histogram,
-    _labels: (Arc<str>, Arc<str>),
+    _labels: [Arc<str>; 3],
 }
 
 impl Series {
-    pub fn new(
-        requests: Counter,
-        durations: Histogram,
-        service: &Arc<str>,
-        route: &Arc<str>,
-    ) -> Self {
+    /// `labels`: the caller, the service and the route.
+    pub fn new(requests: Counter, durations: Histogram, labels: [&Arc<str>; 3]) -> Self {
         Self {
             requests,
             durations,
-            _labels: (Arc::clone(service), Arc::clone(route)),
+            _labels: labels.map(Arc::clone),
         }
     }
 }
@@ -151,13 +150,18 @@ mod tests {
     use super::*;
 
     fn series(service: &Arc<str>, route: &Arc<str>) -> Series {
-        Series::new(Counter::default(), Histogram::new([0.1]), service, route)
+        Series::new(
+            Counter::default(),
+            Histogram::new([0.1]),
+            [&Arc::from("checkout"), service, route],
+        )
     }
 
     #[test]
     fn a_known_series_is_counted_by_address_and_the_map_stays_bounded() {
         let (billing, route) = (Arc::<str>::from("billing"), Arc::<str>::from(""));
-        let key = Key::new(1, &billing, &route, 200, false);
+        let caller = Arc::<str>::from("checkout");
+        let key = Key::new(1, &caller, &billing, &route, 200, false);
         let recent = RecentSeries::default();
         assert!(!recent.record(&key, 0.01), "unknown until inserted");
         let s = series(&billing, &route);
@@ -167,13 +171,18 @@ mod tests {
         assert_eq!(s.requests.get(), 2);
         // The same text at another address is another key.
         let other = Arc::<str>::from("billing");
-        assert!(!recent.record(&Key::new(1, &other, &route, 200, false), 0.01));
-        assert!(!recent.record(&Key::new(1, &billing, &route, 503, false), 0.01));
+        assert!(!recent.record(&Key::new(1, &caller, &other, &route, 200, false), 0.01));
+        assert!(!recent.record(&Key::new(1, &caller, &billing, &route, 503, false), 0.01));
+        let other_caller = Arc::<str>::from("orders");
+        assert!(!recent.record(
+            &Key::new(1, &other_caller, &billing, &route, 200, false),
+            0.01
+        ));
 
         for i in 0..MAX + 10 {
             let service = Arc::<str>::from(format!("s{i}"));
             recent.insert(
-                Key::new(0, &service, &route, 200, false),
+                Key::new(0, &caller, &service, &route, 200, false),
                 series(&service, &route),
             );
         }

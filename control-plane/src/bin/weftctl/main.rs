@@ -1,6 +1,6 @@
 //! `weftctl`: check, apply, diff, get and delete service policies, list
 //! services and instances, through the control plane's admin API; `stat`,
-//! live traffic numbers from the sidecars' metrics; `certs`, development
+//! `edges` and `top`, live traffic numbers from the sidecars' metrics; `certs`, development
 //! certificates for mTLS between sidecars (offline, with `weft-certs`);
 //! `inject`, the weft-proxy sidecar added to Kubernetes manifests (offline,
 //! with [`weft_control_plane::inject`]); `version`; and `completion`, shell
@@ -12,7 +12,7 @@
 //! control plane; given `--control-plane` on the command line, it also warns
 //! about service names the control plane has never seen.
 //!
-//! Read commands (`get`, `stat`, `diff`, `version`) take `-o json` for scripts
+//! Read commands (`get`, `stat`, `edges`, `top`, `diff`, `version`) take `-o json` for scripts
 //! (see [`output`]).
 //!
 //! Exit codes: 0 success; 1 failure (an invalid file, a refused or failed
@@ -36,12 +36,14 @@ use serde_json::{Value, json};
 use weft_config::ServiceName;
 
 mod certs;
+mod edges;
 mod files;
 mod get;
 mod inject;
 mod output;
 mod policies;
 mod stat;
+mod top;
 
 use files::PolicyFile;
 use output::Output;
@@ -115,6 +117,13 @@ enum Command {
     /// service (per route with SERVICE), from the sidecars' metrics.
     #[command(long_about = stat::LONG_ABOUT)]
     Stat(stat::StatArgs),
+    /// Who calls whom: request rate, success rate and p99 per caller ->
+    /// service edge, from the sidecars' metrics.
+    #[command(long_about = edges::LONG_ABOUT)]
+    Edges(edges::EdgesArgs),
+    /// The busiest routes (rate, success, p50/p99), redrawn every interval.
+    #[command(long_about = top::LONG_ABOUT)]
+    Top(top::TopArgs),
     /// Development certificates for mTLS between sidecars: a mesh CA and
     /// service certificates (offline; for development and tests).
     #[command(subcommand, long_about = certs::LONG_ABOUT)]
@@ -434,6 +443,8 @@ async fn run(cli: Cli, control_plane_given: bool) -> anyhow::Result<ExitCode> {
             println!("policy {service} deleted");
         }
         Command::Stat(args) => stat::run(&api()?, args).await?,
+        Command::Edges(args) => edges::run(&api()?, args).await?,
+        Command::Top(args) => top::run(&api()?, args).await?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -7,6 +7,10 @@
 //! increases are summed by `weft_control_plane::stat`. Sidecars without an
 //! admin address, or whose scrape fails, are named in a footer line and left
 //! out; they never make the command fail.
+//!
+//! `weftctl edges` and `weftctl top` scrape the same way (their modules use
+//! [`Scraper`], [`mesh`], [`repeat`] and the footer from here) and sum other
+//! rows ([`View`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
@@ -76,7 +80,7 @@ pub struct StatArgs {
 
 /// One sidecar the control plane knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Sidecar {
+pub struct Sidecar {
     service: String,
     id: String,
     /// The admin address as registered.
@@ -93,63 +97,128 @@ impl Sidecar {
 
 /// What the control plane says there is to scrape.
 #[derive(Debug, Clone, Default)]
-struct Mesh {
+pub struct Mesh {
     sidecars: Vec<Sidecar>,
     /// Services shown even without traffic (the per-service view).
-    services: Vec<String>,
+    pub services: Vec<String>,
 }
 
 /// One scrape of every sidecar, by (service, id).
-type Round = BTreeMap<(String, String), (Sidecar, Result<Scrape, String>)>;
+pub type Round = BTreeMap<(String, String), (Sidecar, Result<Scrape, String>)>;
 
-pub async fn run(api: &Api, args: StatArgs) -> anyhow::Result<()> {
-    if args.watch {
-        tokio::select! {
-            result = watch(api, &args) => result,
-            signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C"),
-        }
-    } else {
-        let scraper = Scraper::new();
-        let mesh = mesh(api, &args).await?;
-        let start = Instant::now();
-        let first = scraper.round(&mesh).await;
-        let end = tick(start, args.interval).await;
-        let second = scraper.round(&mesh).await;
-        let frame = render(&args, &mesh, &first, &second, end - start, None)?;
-        print!("{frame}");
-        Ok(())
-    }
+/// Two rounds of scrapes and what they show: the frame a command prints.
+pub struct Frame<'a> {
+    pub mesh: &'a Mesh,
+    pub before: &'a Round,
+    pub after: &'a Round,
+    /// The time between the two rounds.
+    pub interval: Duration,
+    /// A problem to mention under the numbers.
+    pub note: Option<String>,
+    /// Whether more frames follow (`--watch`, `top`).
+    pub repeating: bool,
 }
 
-async fn watch(api: &Api, args: &StatArgs) -> anyhow::Result<()> {
-    let scraper = Scraper::new();
-    let clear = args.output == Format::Table && std::io::stdout().is_terminal();
-    let mut mesh = mesh(api, args).await?;
-    let mut at = Instant::now();
-    let mut previous = scraper.round(&mesh).await;
-    let mut note = None;
-    let mut first = true;
-    loop {
-        let now = tick(at, args.interval).await;
-        let current = scraper.round(&mesh).await;
-        let frame = render(args, &mesh, &previous, &current, now - at, note.take())?;
-        let mut out = std::io::stdout().lock();
-        if clear {
-            write!(out, "\x1b[H\x1b[2J")?;
-        } else if !first && args.output == Format::Table {
-            writeln!(out)?;
+pub async fn run(api: &Api, args: StatArgs) -> anyhow::Result<()> {
+    let only = if args.outbound {
+        None
+    } else {
+        args.service.as_ref()
+    };
+    let repeat = Repeat {
+        interval: args.interval,
+        once: !args.watch,
+        table: args.output == Format::Table,
+    };
+    repeat.run(api, only, |frame| render(&args, &frame)).await
+}
+
+/// How a command shows its frames: once, or redrawn every `interval` until
+/// interrupted (Ctrl-C).
+#[derive(Debug, Clone, Copy)]
+pub struct Repeat {
+    pub interval: Duration,
+    pub once: bool,
+    /// Frames are tables: cleared between frames on a terminal (ANSI), else
+    /// separated by a blank line.
+    pub table: bool,
+}
+
+impl Repeat {
+    /// Scrape the sidecars `mesh(api, only)` lists and print what `render`
+    /// makes of every two consecutive rounds.
+    pub async fn run(
+        self,
+        api: &Api,
+        only: Option<&ServiceName>,
+        render: impl Fn(Frame<'_>) -> anyhow::Result<String>,
+    ) -> anyhow::Result<()> {
+        if self.once {
+            let scraper = Scraper::new();
+            let mesh = mesh(api, only).await?;
+            let start = Instant::now();
+            let first = scraper.round(&mesh).await;
+            let end = tick(start, self.interval).await;
+            let second = scraper.round(&mesh).await;
+            let frame = render(Frame {
+                mesh: &mesh,
+                before: &first,
+                after: &second,
+                interval: end - start,
+                note: None,
+                repeating: false,
+            })?;
+            print!("{frame}");
+            return Ok(());
         }
-        write!(out, "{frame}")?;
-        out.flush()?;
-        drop(out);
-        // The directory changes as sidecars come and go (it is read after the
-        // round, so scrapes stay an interval apart); a control plane that
-        // stops answering leaves the last list in use.
-        match self::mesh(api, args).await {
-            Ok(m) => mesh = m,
-            Err(e) => note = Some(format!("{e:#}; showing the sidecars it listed last")),
+        tokio::select! {
+            result = self.watch(api, only, render) => result,
+            signal = tokio::signal::ctrl_c() => signal.context("waiting for Ctrl-C"),
         }
-        (previous, at, first) = (current, now, false);
+    }
+
+    async fn watch(
+        self,
+        api: &Api,
+        only: Option<&ServiceName>,
+        render: impl Fn(Frame<'_>) -> anyhow::Result<String>,
+    ) -> anyhow::Result<()> {
+        let scraper = Scraper::new();
+        let clear = self.table && std::io::stdout().is_terminal();
+        let mut mesh = mesh(api, only).await?;
+        let mut at = Instant::now();
+        let mut previous = scraper.round(&mesh).await;
+        let mut note = None;
+        let mut first = true;
+        loop {
+            let now = tick(at, self.interval).await;
+            let current = scraper.round(&mesh).await;
+            let frame = render(Frame {
+                mesh: &mesh,
+                before: &previous,
+                after: &current,
+                interval: now - at,
+                note: note.take(),
+                repeating: true,
+            })?;
+            let mut out = std::io::stdout().lock();
+            if clear {
+                write!(out, "\x1b[H\x1b[2J")?;
+            } else if !first && self.table {
+                writeln!(out)?;
+            }
+            write!(out, "{frame}")?;
+            out.flush()?;
+            drop(out);
+            // The directory changes as sidecars come and go (it is read after the
+            // round, so scrapes stay an interval apart); a control plane that
+            // stops answering leaves the last list in use.
+            match self::mesh(api, only).await {
+                Ok(m) => mesh = m,
+                Err(e) => note = Some(format!("{e:#}; showing the sidecars it listed last")),
+            }
+            (previous, at, first) = (current, now, false);
+        }
     }
 }
 
@@ -166,11 +235,11 @@ async fn tick(start: Instant, interval: Duration) -> Instant {
 }
 
 /// The sidecars to scrape: every instance of every service, or only
-/// SERVICE's own for its inbound view.
-async fn mesh(api: &Api, args: &StatArgs) -> anyhow::Result<Mesh> {
-    let names: Vec<String> = match (&args.service, args.outbound) {
-        (Some(service), false) => vec![service.as_str().to_owned()],
-        _ => {
+/// `only`'s own (a service's inbound view; it must exist).
+pub async fn mesh(api: &Api, only: Option<&ServiceName>) -> anyhow::Result<Mesh> {
+    let names: Vec<String> = match only {
+        Some(service) => vec![service.as_str().to_owned()],
+        None => {
             let value = api.ok(Method::GET, "/v1/services", None).await?;
             value["services"]
                 .as_array()
@@ -184,7 +253,7 @@ async fn mesh(api: &Api, args: &StatArgs) -> anyhow::Result<Mesh> {
     let mut sidecars = Vec::new();
     for name in &names {
         let path = format!("/v1/services/{name}");
-        let value = if args.service.is_some() && !args.outbound {
+        let value = if only.is_some() {
             // The one service asked for: it must exist.
             api.ok(Method::GET, &path, None).await?
         } else {
@@ -248,7 +317,7 @@ fn sidecar(service: &str, instance: &Value) -> Sidecar {
     }
 }
 
-struct Scraper {
+pub struct Scraper {
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -330,16 +399,9 @@ fn reason(e: &(dyn std::error::Error + 'static)) -> String {
     root_cause(e)
 }
 
-/// The table (or JSON) for the increases from `before` to `after`, and the
-/// footer naming the sidecars left out.
-fn render(
-    args: &StatArgs,
-    mesh: &Mesh,
-    before: &Round,
-    after: &Round,
-    interval: Duration,
-    note: Option<String>,
-) -> anyhow::Result<String> {
+/// What every sidecar's series grew by from `before` to `after`, and the
+/// sidecars left out with why.
+pub fn increases(before: &Round, after: &Round) -> (Vec<Scrape>, Vec<(Sidecar, String)>) {
     let mut increases = Vec::new();
     let mut left_out: Vec<(Sidecar, String)> = Vec::new();
     for (key, (sidecar, result)) in after {
@@ -353,6 +415,68 @@ fn render(
             (Ok(_), _) => {}
         }
     }
+    (increases, left_out)
+}
+
+/// The lines under a table: no sidecars, the sidecars left out, the note.
+pub fn footer(sidecars: usize, left_out: &[(Sidecar, String)], note: Option<&str>) -> String {
+    let mut out = String::new();
+    if sidecars == 0 {
+        out.push_str("no sidecars registered\n");
+    } else if !left_out.is_empty() {
+        let names: Vec<String> = left_out
+            .iter()
+            .map(|(s, e)| format!("{} ({e})", s.name()))
+            .collect();
+        out.push_str(&format!(
+            "{} of {} sidecars unreachable: {}\n",
+            left_out.len(),
+            sidecars,
+            names.join(", ")
+        ));
+    }
+    if let Some(note) = note {
+        out.push_str(&format!("note: {note}\n"));
+    }
+    out
+}
+
+/// The sidecars left out, for `-o json`.
+pub fn unreachable(left_out: &[(Sidecar, String)]) -> Vec<Value> {
+    left_out
+        .iter()
+        .map(|(s, e)| {
+            json!({
+                "service": s.service,
+                "id": s.id,
+                "admin_address": s.admin_address,
+                "error": e,
+            })
+        })
+        .collect()
+}
+
+/// One document for scripts: JSON indented, or on one line when more follow;
+/// YAML, opening with `---` when more follow.
+pub fn document(format: Format, value: &Value, repeating: bool) -> anyhow::Result<String> {
+    Ok(match (format, repeating) {
+        (Format::Yaml, false) => output::yaml(value),
+        // A YAML stream: each document opens with `---`.
+        (Format::Yaml, true) => format!("---\n{}", output::yaml(value)),
+        // One JSON document per line.
+        (Format::Json | Format::Table, true) => format!("{}\n", serde_json::to_string(value)?),
+        (Format::Json | Format::Table, false) => {
+            format!("{}\n", serde_json::to_string_pretty(value)?)
+        }
+    })
+}
+
+/// The table (or JSON) for the increases from `before` to `after`, and the
+/// footer naming the sidecars left out.
+fn render(args: &StatArgs, frame: &Frame<'_>) -> anyhow::Result<String> {
+    let (increases, left_out) = increases(frame.before, frame.after);
+    let (mesh, after, interval) = (frame.mesh, frame.after, frame.interval);
+    let note = frame.note.clone();
     let direction = if args.outbound {
         Direction::Outbound
     } else {
@@ -379,35 +503,11 @@ fn render(
                 &left_out,
                 note,
             );
-            Ok(if !args.watch {
-                args.output.document(&value)
-            } else if args.output == Format::Yaml {
-                // A YAML stream: each document opens with `---`.
-                format!("---\n{}", output::yaml(&value))
-            } else {
-                // One JSON document per line.
-                format!("{}\n", serde_json::to_string(&value)?)
-            })
+            document(args.output, &value, frame.repeating)
         }
         Format::Table => {
             let mut out = output::table(&stat::table(&rows));
-            if after.is_empty() {
-                out.push_str("no sidecars registered\n");
-            } else if !left_out.is_empty() {
-                let names: Vec<String> = left_out
-                    .iter()
-                    .map(|(s, e)| format!("{} ({e})", s.name()))
-                    .collect();
-                out.push_str(&format!(
-                    "{} of {} sidecars unreachable: {}\n",
-                    left_out.len(),
-                    after.len(),
-                    names.join(", ")
-                ));
-            }
-            if let Some(note) = note {
-                out.push_str(&format!("note: {note}\n"));
-            }
+            out.push_str(&footer(after.len(), &left_out, note.as_deref()));
             Ok(out)
         }
     }
@@ -422,17 +522,7 @@ fn json(
     left_out: &[(Sidecar, String)],
     note: Option<String>,
 ) -> Value {
-    let unreachable: Vec<Value> = left_out
-        .iter()
-        .map(|(s, e)| {
-            json!({
-                "service": s.service,
-                "id": s.id,
-                "admin_address": s.admin_address,
-                "error": e,
-            })
-        })
-        .collect();
+    let unreachable = unreachable(left_out);
     let mut value = json!({
         "direction": direction,
         "interval_seconds": interval.as_secs_f64(),
