@@ -12,8 +12,9 @@
 //!
 //! Either listener may be TLS ([`Tls`]): a failed handshake closes the
 //! connection and is counted by reason. On the admin listener, a client
-//! speaking plain HTTP to the TLS port gets a plain-text 400 saying to use
-//! `https://` (counted as `plaintext`) rather than a TLS alert it cannot read.
+//! speaking plain HTTP to the TLS port gets a 400 (JSON, as every admin
+//! error) saying to use `https://` (counted as `plaintext`) rather than a TLS
+//! alert it cannot read.
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -154,7 +154,7 @@ impl ServerTls {
             ca: paths.ca,
             trust_domain,
         };
-        let this = Self::new(role, paths.cert, paths.key, expiry)?;
+        let this = Self::load_role(role, paths.cert, paths.key, expiry)?;
         tracing::info!(identity = %this.identity, "mTLS on the gRPC listener: sidecars must present a mesh certificate");
         Ok(this.tls)
     }
@@ -163,12 +163,17 @@ impl ServerTls {
     /// first, leaf first) and its key. `expiry` is set to its notAfter, and
     /// to each new one's.
     pub fn load_admin(cert: PathBuf, key: PathBuf, expiry: Gauge) -> Result<Arc<Self>, TlsError> {
-        let this = Self::new(Role::Admin, cert, key, expiry)?;
+        let this = Self::load_role(Role::Admin, cert, key, expiry)?;
         tracing::info!(cert = %this.tls.cert.display(), "TLS on the admin listener: the admin API is HTTPS only");
         Ok(this.tls)
     }
 
-    fn new(role: Role, cert: PathBuf, key: PathBuf, expiry: Gauge) -> Result<Loaded, TlsError> {
+    fn load_role(
+        role: Role,
+        cert: PathBuf,
+        key: PathBuf,
+        expiry: Gauge,
+    ) -> Result<Loaded, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let seen = stamps(&role, &cert, &key);
         let Built {

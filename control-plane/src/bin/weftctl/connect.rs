@@ -127,7 +127,7 @@ impl tower::Service<Uri> for Connector {
                 .connect(name, tcp.into_inner())
                 .await
                 .map_err(|e| ConnectError(handshake_error(&e, &host, &trust.file)))?;
-            Ok(Stream::Tls(TokioIo::new(tls)))
+            Ok(Stream::Tls(Box::new(TokioIo::new(tls))))
         })
     }
 }
@@ -165,7 +165,8 @@ fn handshake_error(e: &std::io::Error, host: &str, ca_file: &Path) -> String {
 /// A connection to the admin API, plain or TLS.
 pub enum Stream {
     Plain(TokioIo<TcpStream>),
-    Tls(TokioIo<TlsStream<TcpStream>>),
+    // Boxed: a TLS connection's state is a kilobyte.
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
 }
 
 impl Connection for Stream {
@@ -185,7 +186,7 @@ impl hyper::rt::Read for Stream {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => hyper::rt::Read::poll_read(Pin::new(s), cx, buf),
-            Stream::Tls(s) => hyper::rt::Read::poll_read(Pin::new(s), cx, buf),
+            Stream::Tls(s) => hyper::rt::Read::poll_read(Pin::new(&mut **s), cx, buf),
         }
     }
 }
@@ -198,21 +199,21 @@ impl hyper::rt::Write for Stream {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => hyper::rt::Write::poll_write(Pin::new(s), cx, buf),
-            Stream::Tls(s) => hyper::rt::Write::poll_write(Pin::new(s), cx, buf),
+            Stream::Tls(s) => hyper::rt::Write::poll_write(Pin::new(&mut **s), cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => hyper::rt::Write::poll_flush(Pin::new(s), cx),
-            Stream::Tls(s) => hyper::rt::Write::poll_flush(Pin::new(s), cx),
+            Stream::Tls(s) => hyper::rt::Write::poll_flush(Pin::new(&mut **s), cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => hyper::rt::Write::poll_shutdown(Pin::new(s), cx),
-            Stream::Tls(s) => hyper::rt::Write::poll_shutdown(Pin::new(s), cx),
+            Stream::Tls(s) => hyper::rt::Write::poll_shutdown(Pin::new(&mut **s), cx),
         }
     }
 }
