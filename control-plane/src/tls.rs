@@ -69,21 +69,21 @@ impl Role {
 /// Why the TLS files cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {path}: {source}")]
+    // The cause is in the message, not a `source`: callers print the whole
+    // chain (`{:#}`) or only this (the reload log), and either way it shows once.
+    #[error("reading {path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: rustls_pki_types::pem::Error,
+        error: rustls_pki_types::pem::Error,
     },
     #[error("{path} holds no certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path}: the CA certificate is not usable: {reason}")]
     BadCa { path: PathBuf, reason: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Identity {
         path: PathBuf,
-        #[source]
-        source: weft_certs::CertIdentityError,
+        error: weft_certs::CertIdentityError,
     },
     #[error("{path} is for {found}; the control plane's certificate must be {expected}")]
     WrongIdentity {
@@ -284,9 +284,9 @@ impl ServerTls {
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read = |source| TlsError::Read {
+    let read = |error| TlsError::Read {
         path: path.to_owned(),
-        source,
+        error,
     };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(read)?
@@ -334,11 +334,11 @@ fn build(
         .and_then(|c| weft_certs::not_after_of(c))
         .ok_or_else(|| TlsError::Identity {
             path: cert.to_owned(),
-            source: weft_certs::CertIdentityError::Unparsable,
+            error: weft_certs::CertIdentityError::Unparsable,
         })?;
-    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Read {
+    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|error| TlsError::Read {
         path: key.to_owned(),
-        source,
+        error,
     })?;
     let setup = |e: rustls::Error| TlsError::Setup {
         cert: cert.to_owned(),
@@ -401,9 +401,9 @@ fn control_plane_identity(
         .first()
         .map(|c| weft_certs::spiffe_id_of(c))
         .transpose()
-        .map_err(|source| TlsError::Identity {
+        .map_err(|error| TlsError::Identity {
             path: path.to_owned(),
-            source,
+            error,
         })?
         .ok_or_else(|| TlsError::NoCertificate {
             path: path.to_owned(),

@@ -481,6 +481,8 @@ fn the_control_plane_does_not_start_with_a_bad_admin_certificate_or_key() {
         "{log}"
     );
     assert!(log.contains(&missing), "{log}");
+    // The cause once, not repeated by the error chain.
+    assert_eq!(log.matches("No such file").count(), 1, "{log}");
 
     let garbage = files.dir.write("garbage.pem", "not a key\n").unwrap();
     let garbage = garbage.display().to_string();
