@@ -160,21 +160,24 @@ impl Ca {
 
     /// A certificate for the control plane
     /// (`spiffe://<trust-domain>/control-plane`), valid for `valid_for` from
-    /// now; `hosts` (DNS names) are added as subject alternative names for
-    /// clients that check them (sidecars check the SPIFFE ID).
+    /// now; `sans` (DNS names or IP addresses) are added as subject
+    /// alternative names for clients that check them: sidecars check the
+    /// SPIFFE ID, `weftctl` over `https://` the name or address it dialled.
     pub fn issue_control_plane(
         &self,
-        hosts: &[&str],
+        sans: &[&str],
         valid_for: Duration,
     ) -> Result<Issued, CertError> {
         self.issue_for(
             SpiffeId::for_control_plane(&self.trust_domain),
             CONTROL_PLANE_FILE_STEM,
-            hosts,
+            sans,
             valid_for,
         )
     }
 
+    /// `hosts`: DNS names or IP addresses, as subject alternative names
+    /// beside the SPIFFE ID (and 127.0.0.1, always).
     fn issue_for(
         &self,
         identity: SpiffeId,
@@ -189,10 +192,18 @@ impl Ca {
             .distinguished_name
             .push(DnType::OrganizationName, "Weft");
         let mut sans = vec![SanType::URI(identity.to_string().try_into()?)];
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         for host in hosts {
-            sans.push(SanType::DnsName((*host).try_into()?));
+            // An IP address is an IP SAN (a DNS SAN never matches one).
+            let san = match host.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName((*host).try_into()?),
+            };
+            if !sans.contains(&san) && san != SanType::IpAddress(localhost) {
+                sans.push(san);
+            }
         }
-        sans.push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        sans.push(SanType::IpAddress(localhost));
         params.subject_alt_names = sans;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -401,5 +412,47 @@ mod tests {
         assert!(err.to_string().contains("names no trust domain"), "{err}");
         let err = Ca::load(&dir.path().join("missing")).unwrap_err();
         assert!(err.to_string().starts_with("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn the_control_plane_certificate_carries_dns_and_ip_sans_beside_its_spiffe_id() {
+        use x509_parser::extensions::GeneralName;
+        let ca = Ca::generate(&TrustDomain::default()).unwrap();
+        let issued = ca
+            .issue_control_plane(
+                &["weft-cp.internal", "10.0.0.5", "::1", "127.0.0.1"],
+                DEFAULT_VALIDITY,
+            )
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(issued.cert_der()).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let mut names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::URI(u) => format!("uri:{u}"),
+                GeneralName::DNSName(d) => format!("dns:{d}"),
+                GeneralName::IPAddress(ip) => format!("ip:{}", ip.len()),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        names.sort();
+        // 127.0.0.1 once (it is always there), ::1 as a 16-byte IP SAN.
+        assert_eq!(
+            names,
+            [
+                "dns:weft-cp.internal",
+                "ip:16",
+                "ip:4",
+                "ip:4",
+                "uri:spiffe://weft.local/control-plane"
+            ]
+        );
+        // Still exactly one URI SAN: the identity sidecars check.
+        assert_eq!(
+            crate::spiffe_id_of(issued.cert_der()).unwrap().to_string(),
+            "spiffe://weft.local/control-plane"
+        );
     }
 }

@@ -24,6 +24,8 @@
 //! | `admin_requests_total` | counter | `method`, `route`, `status` | admin API requests answered |
 //! | `tls_handshake_failures_total` | counter | `reason` | gRPC connections refused in the TLS handshake (with mTLS: every reason at 0 from the start) |
 //! | `tls_certificate_expiry_timestamp_seconds` | gauge | | the gRPC listener certificate's notAfter (with mTLS only; [`Metrics::with_tls`]) |
+//! | `admin_tls_handshake_failures_total` | counter | `reason` | admin connections refused in the TLS handshake (`handshake`, `timeout`), or speaking plain HTTP (`plaintext`); with admin TLS every reason at 0 from the start |
+//! | `admin_tls_certificate_expiry_timestamp_seconds` | gauge | | the admin listener certificate's notAfter (with admin TLS only; [`Metrics::with_admin_tls`]) |
 //! | `tasks` | gauge | | tasks running (see [`crate::tasks`]): listeners, connections, Register and Subscribe streams, lease-expiry checks, the view |
 
 use std::collections::BTreeMap;
@@ -110,6 +112,8 @@ const STORE_ERRORS: [&str; 6] = [
 
 /// The `reason` label of `tls_handshake_failures_total`.
 const TLS_FAILURES: [&str; 3] = ["handshake", "timeout", "identity"];
+/// The `reason` label of `admin_tls_handshake_failures_total`.
+const ADMIN_TLS_FAILURES: [&str; 3] = ["handshake", "plaintext", "timeout"];
 
 /// Why a Register stream was refused (the `reason` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +147,19 @@ impl Rejection {
     }
 }
 
+/// One listener's counter of connections refused in the TLS handshake, by
+/// reason (`handshake`, `timeout`; `identity` on the gRPC listener,
+/// `plaintext` on the admin listener).
+#[derive(Debug, Clone)]
+pub struct TlsFailures(Family<ReasonLabels, Counter>);
+
+impl TlsFailures {
+    /// Counts one refused connection.
+    pub fn inc(&self, reason: &'static str) {
+        self.0.get_or_create(&ReasonLabels { reason }).inc();
+    }
+}
+
 /// Puts by this replica whose revision the view has not applied yet.
 #[derive(Debug, Default)]
 struct PendingWrites {
@@ -173,6 +190,8 @@ pub struct Metrics {
     connections_refused: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Family<ReasonLabels, Counter>,
     tls_certificate_expiry: Gauge,
+    admin_tls_handshake_failures: Family<ReasonLabels, Counter>,
+    admin_tls_certificate_expiry: Gauge,
     tasks: Gauge,
     pending_writes: Mutex<PendingWrites>,
 }
@@ -206,6 +225,8 @@ impl Metrics {
             connections_refused: Family::default(),
             tls_handshake_failures: Family::default(),
             tls_certificate_expiry: Gauge::default(),
+            admin_tls_handshake_failures: Family::default(),
+            admin_tls_certificate_expiry: Gauge::default(),
             tasks: Gauge::default(),
             pending_writes: Mutex::default(),
         };
@@ -258,6 +279,42 @@ impl Metrics {
             self.tls_certificate_expiry.clone(),
         );
         self
+    }
+
+    /// With TLS on the admin listener: adds
+    /// `admin_tls_certificate_expiry_timestamp_seconds` (set through
+    /// [`Metrics::admin_tls_certificate_expiry`]) and shows every reason of
+    /// `admin_tls_handshake_failures_total` at 0.
+    #[must_use]
+    pub fn with_admin_tls(mut self) -> Self {
+        for reason in ADMIN_TLS_FAILURES {
+            drop(
+                self.admin_tls_handshake_failures
+                    .get_or_create(&ReasonLabels { reason }),
+            );
+        }
+        self.registry.sub_registry_with_prefix(PREFIX).register(
+            "admin_tls_certificate_expiry_timestamp_seconds",
+            "When the admin listener's certificate expires (its notAfter), in seconds since the Unix epoch",
+            self.admin_tls_certificate_expiry.clone(),
+        );
+        self
+    }
+
+    /// The gauge of the admin listener certificate's expiry, for
+    /// [`crate::tls::ServerTls`] to set on every (re)load.
+    pub fn admin_tls_certificate_expiry(&self) -> Gauge {
+        self.admin_tls_certificate_expiry.clone()
+    }
+
+    /// Where the gRPC listener counts its refused handshakes.
+    pub fn tls_failures(&self) -> TlsFailures {
+        TlsFailures(self.tls_handshake_failures.clone())
+    }
+
+    /// Where the admin listener counts its refused handshakes.
+    pub fn admin_tls_failures(&self) -> TlsFailures {
+        TlsFailures(self.admin_tls_handshake_failures.clone())
     }
 
     /// The gauge of the gRPC listener certificate's expiry, for
@@ -358,6 +415,11 @@ impl Metrics {
             m.tls_handshake_failures.clone(),
         );
         r.register(
+            "admin_tls_handshake_failures",
+            "Connections to the TLS admin listener closed because the TLS handshake failed or the client spoke plain HTTP, by reason",
+            m.admin_tls_handshake_failures.clone(),
+        );
+        r.register(
             "tasks",
             "Control-plane tasks running: listeners, connections, Register and Subscribe streams, lease-expiry checks, the directory view",
             m.tasks.clone(),
@@ -365,14 +427,6 @@ impl Metrics {
     }
 
     /// The counter of connections `listener` (`grpc` or `admin`) refused.
-    /// Counts a connection refused in the TLS handshake for `reason`
-    /// (`handshake`, `timeout`, `identity`).
-    pub fn tls_handshake_failed(&self, reason: &'static str) {
-        self.tls_handshake_failures
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
-    }
-
     pub fn connections_refused(&self, listener: &'static str) -> Counter {
         self.connections_refused
             .get_or_create_owned(&ListenerLabels { listener })

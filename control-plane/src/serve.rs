@@ -9,6 +9,12 @@
 //! and must arrive within that timeout (hyper's timer, which also closes an
 //! HTTP/1 connection idle that long); HTTP/2 streams, header lists, reset
 //! floods and dead peers are bounded explicitly.
+//!
+//! Either listener may be TLS ([`Tls`]): a failed handshake closes the
+//! connection and is counted by reason. On the admin listener, a client
+//! speaking plain HTTP to the TLS port gets a 400 (JSON, as every admin
+//! error) saying to use `https://` (counted as `plaintext`) rather than a TLS
+//! alert it cannot read.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,13 +29,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
 
-use crate::metrics::Metrics;
+use crate::metrics::TlsFailures;
 use crate::tasks::Tasks;
 use crate::tls::{PeerService, ServerTls};
 
@@ -81,9 +88,14 @@ fn harden(builder: &mut auto::Builder<TokioExecutor>) {
 }
 
 /// Serve `handler` on `listener` until `tasks` stop; each connection is a
-/// task of theirs.
-pub async fn http<F, Fut>(listener: TcpListener, limits: Limits, tasks: Tasks, handler: F)
-where
+/// task of theirs. With `tls`, HTTPS only.
+pub async fn http<F, Fut>(
+    listener: TcpListener,
+    limits: Limits,
+    tls: Option<Tls>,
+    tasks: Tasks,
+    handler: F,
+) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
@@ -93,7 +105,7 @@ where
         "admin",
         listener,
         limits,
-        None,
+        tls,
         tasks,
         builder,
         hyper::service::service_fn(handler),
@@ -101,11 +113,11 @@ where
     .await;
 }
 
-/// mTLS on a listener: the configuration, and where handshake failures count.
+/// TLS on a listener: the configuration, and where handshake failures count.
 #[derive(Debug, Clone)]
 pub struct Tls {
     pub server: Arc<ServerTls>,
-    pub metrics: Arc<Metrics>,
+    pub failures: TlsFailures,
 }
 
 /// Serve a gRPC service (HTTP/2 only) on `listener` until `tasks` stop; with
@@ -204,12 +216,24 @@ async fn accept_loop<S, B>(
                 }
                 () = stop.cancelled() => return,
             }
+            // Only the admin listener answers plain HTTP; the gRPC one
+            // fails the handshake, as sidecars expect.
+            let plaintext = match &tls {
+                Some(tls) if !tls.server.is_mesh() => is_plaintext(&stream).await,
+                _ => false,
+            };
             let (io, peer_service) = match tls {
                 None => (Either::Left(stream), None),
+                Some(tls) if plaintext => {
+                    tls.failures.inc("plaintext");
+                    tracing::debug!(listener = name, client.addr = %peer, "plain HTTP on the TLS listener; answered 400");
+                    refuse_plaintext(stream).await;
+                    return;
+                }
                 Some(tls) => match handshake(&tls, stream).await {
-                    Ok((stream, service)) => (Either::Right(stream), Some(service)),
+                    Ok((stream, service)) => (Either::Right(stream), service),
                     Err((reason, error)) => {
-                        tls.metrics.tls_handshake_failed(reason);
+                        tls.failures.inc(reason);
                         tracing::debug!(listener = name, client.addr = %peer, reason, %error, "TLS handshake refused");
                         return;
                     }
@@ -231,18 +255,22 @@ async fn accept_loop<S, B>(
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
 }
 
-/// The TLS handshake (bounded by [`HEADER_READ_TIMEOUT`]) and the client's
-/// service; on failure, the refusal's reason label and what went wrong.
+/// The TLS handshake (bounded by [`HEADER_READ_TIMEOUT`]) and, on the mesh
+/// listener, the client's service; on failure, the refusal's reason label
+/// and what went wrong.
 async fn handshake(
     tls: &Tls,
     stream: TcpStream,
-) -> Result<(TlsStream<TcpStream>, PeerService), (&'static str, String)> {
+) -> Result<(TlsStream<TcpStream>, Option<PeerService>), (&'static str, String)> {
     let acceptor = TlsAcceptor::from(tls.server.config());
     let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
         Err(_) => return Err(("timeout", "no TLS handshake within the timeout".to_owned())),
         Ok(Err(error)) => return Err(("handshake", error.to_string())),
         Ok(Ok(stream)) => stream,
     };
+    if !tls.server.is_mesh() {
+        return Ok((stream, None));
+    }
     let cert = stream
         .get_ref()
         .1
@@ -253,7 +281,38 @@ async fn handshake(
         .server
         .peer_service(cert)
         .map_err(|error| ("identity", error))?;
-    Ok((stream, service))
+    Ok((stream, Some(service)))
+}
+
+/// A TLS connection starts with a handshake record (content type 22); an
+/// HTTP request with a method name.
+async fn is_plaintext(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
+}
+
+/// The body of the 400 a plain-HTTP client on the TLS admin listener reads.
+const PLAINTEXT_REFUSAL: &str =
+    "{\"error\": \"this admin API is served over TLS: use https:// (weftctl: with --ca-file)\"}\n";
+
+/// Answers a plain-HTTP client with [`PLAINTEXT_REFUSAL`] and closes,
+/// reading what it sent (bounded) so that closing does not reset the
+/// connection before it reads the answer.
+async fn refuse_plaintext(mut stream: TcpStream) {
+    let mut buf = [0u8; 4096];
+    let _ = stream.try_read(&mut buf);
+    let answer = async {
+        let text = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{PLAINTEXT_REFUSAL}",
+            PLAINTEXT_REFUSAL.len()
+        );
+        stream.write_all(text.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Until the client closes (it read the answer), or a bounded time.
+        while stream.read(&mut buf).await? > 0 {}
+        std::io::Result::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
 }
 
 /// A service that puts the connection's [`PeerService`] (if any) into each

@@ -1,19 +1,26 @@
-//! mTLS on the sidecar-facing gRPC listener.
+//! TLS on the control plane's listeners.
 //!
-//! With `--tls-ca`, `--tls-cert` and `--tls-key`, every connection to the gRPC
-//! listener must be TLS 1.3 with a client certificate signed by the mesh CA
-//! whose SPIFFE ID names a service of the trust domain
-//! (`spiffe://<td>/service/<name>`); anything else is closed in the handshake
-//! and counted. The authenticated service goes into every request's
-//! extensions as a [`PeerService`]: a registration must be for that service.
-//! The control plane's own certificate must carry
+//! The sidecar-facing gRPC listener ([`ServerTls::load`], `--tls-ca`,
+//! `--tls-cert`, `--tls-key`) is mTLS: every connection must be TLS 1.3 with a
+//! client certificate signed by the mesh CA whose SPIFFE ID names a service of
+//! the trust domain (`spiffe://<td>/service/<name>`); anything else is closed
+//! in the handshake and counted. The authenticated service goes into every
+//! request's extensions as a [`PeerService`]: a registration must be for that
+//! service. The control plane's own certificate must carry
 //! `spiffe://<td>/control-plane`, which is what sidecars check.
 //!
-//! The three files are checked every [`ServerTls::watch`] interval; when they
-//! change and are consistent, new connections use them (established ones are
-//! not touched); otherwise the current ones stay and the refusal is logged
-//! once per change. The certificate in force's expiry goes into a gauge
-//! (`weft_control_plane_tls_certificate_expiry_timestamp_seconds`).
+//! The admin listener ([`ServerTls::load_admin`], `--admin-tls-cert`,
+//! `--admin-tls-key`) is plain server TLS (1.2 or 1.3, HTTP/1.1 or HTTP/2):
+//! its certificate may be any, `weftctl` checks the DNS name or IP address
+//! it dialled against its `--ca-file`. Clients present no certificate; the
+//! bearer token still authenticates them.
+//!
+//! Either listener's files are checked every [`ServerTls::watch`] interval;
+//! when they change and are consistent, new connections use them
+//! (established ones are not touched); otherwise the current ones stay and
+//! the refusal is logged once per change. The certificate in force's expiry
+//! goes into a gauge (`weft_control_plane_tls_certificate_expiry_timestamp_seconds`,
+//! `weft_control_plane_admin_tls_certificate_expiry_timestamp_seconds`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -29,7 +36,7 @@ use weft_config::{ServiceName, SpiffeId, TrustDomain};
 
 use crate::tasks::Tasks;
 
-/// The files behind the listener's TLS.
+/// The files behind the gRPC listener's mTLS.
 #[derive(Debug, Clone)]
 pub struct TlsPaths {
     pub ca: PathBuf,
@@ -37,24 +44,46 @@ pub struct TlsPaths {
     pub key: PathBuf,
 }
 
+/// Which listener a [`ServerTls`] serves, and so what it checks.
+#[derive(Debug, Clone)]
+enum Role {
+    /// The gRPC listener: mTLS with the mesh CA in `ca`; the certificate
+    /// must be the control plane's SPIFFE ID in `trust_domain`.
+    Mesh {
+        ca: PathBuf,
+        trust_domain: TrustDomain,
+    },
+    /// The admin listener: server TLS only, any certificate.
+    Admin,
+}
+
+impl Role {
+    fn listener(&self) -> &'static str {
+        match self {
+            Role::Mesh { .. } => "gRPC",
+            Role::Admin => "admin",
+        }
+    }
+}
+
 /// Why the TLS files cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {path}: {source}")]
+    // The cause is in the message, not a `source`: callers print the whole
+    // chain (`{:#}`) or only this (the reload log), and either way it shows once.
+    #[error("reading {path}: {error}")]
     Read {
         path: PathBuf,
-        #[source]
-        source: rustls_pki_types::pem::Error,
+        error: rustls_pki_types::pem::Error,
     },
     #[error("{path} holds no certificate")]
     NoCertificate { path: PathBuf },
     #[error("{path}: the CA certificate is not usable: {reason}")]
     BadCa { path: PathBuf, reason: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Identity {
         path: PathBuf,
-        #[source]
-        source: weft_certs::CertIdentityError,
+        error: weft_certs::CertIdentityError,
     },
     #[error("{path} is for {found}; the control plane's certificate must be {expected}")]
     WrongIdentity {
@@ -62,8 +91,12 @@ pub enum TlsError {
         found: SpiffeId,
         expected: SpiffeId,
     },
-    #[error("the certificate and key do not make a TLS configuration: {0}")]
-    Setup(String),
+    #[error("{cert} and {key} do not make a TLS configuration: {reason}")]
+    Setup {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
 }
 
 /// The authenticated service of the sidecar that sent a request.
@@ -73,18 +106,23 @@ pub struct PeerService(pub ServiceName);
 /// Size and modification time of each file, to notice changes.
 type Stamps = [Option<(u64, SystemTime)>; 3];
 
-fn stamps(paths: &TlsPaths) -> Stamps {
-    [&paths.ca, &paths.cert, &paths.key].map(|p| {
-        std::fs::metadata(p)
+fn stamps(role: &Role, cert: &Path, key: &Path) -> Stamps {
+    let ca = match role {
+        Role::Mesh { ca, .. } => Some(ca.as_path()),
+        Role::Admin => None,
+    };
+    [ca, Some(cert), Some(key)].map(|p| {
+        std::fs::metadata(p?)
             .ok()
             .and_then(|m| Some((m.len(), m.modified().ok()?)))
     })
 }
 
-/// The gRPC listener's TLS configuration, reloaded when its files change.
+/// A listener's TLS configuration, reloaded when its files change.
 pub struct ServerTls {
-    paths: TlsPaths,
-    trust_domain: TrustDomain,
+    role: Role,
+    cert: PathBuf,
+    key: PathBuf,
     provider: Arc<CryptoProvider>,
     config: Mutex<Arc<ServerConfig>>,
     /// Set to the certificate's notAfter (Unix seconds) whenever one loads.
@@ -96,42 +134,72 @@ pub struct ServerTls {
 impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls")
-            .field("paths", &self.paths)
-            .field("trust_domain", &self.trust_domain)
+            .field("role", &self.role)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
             .finish_non_exhaustive()
     }
 }
 
 impl ServerTls {
-    /// Loads the files; the certificate must be the control plane's.
-    /// `expiry` is set to its notAfter, and to each new one's.
+    /// The gRPC listener's mTLS: loads the files; the certificate must be
+    /// the control plane's. `expiry` is set to its notAfter, and to each new
+    /// one's.
     pub fn load(
         paths: TlsPaths,
         trust_domain: TrustDomain,
         expiry: Gauge,
     ) -> Result<Arc<Self>, TlsError> {
+        let role = Role::Mesh {
+            ca: paths.ca,
+            trust_domain,
+        };
+        let this = Self::load_role(role, paths.cert, paths.key, expiry)?;
+        tracing::info!(identity = %this.identity, "mTLS on the gRPC listener: sidecars must present a mesh certificate");
+        Ok(this.tls)
+    }
+
+    /// The admin listener's TLS: loads the certificate (any; the chain
+    /// first, leaf first) and its key. `expiry` is set to its notAfter, and
+    /// to each new one's.
+    pub fn load_admin(cert: PathBuf, key: PathBuf, expiry: Gauge) -> Result<Arc<Self>, TlsError> {
+        let this = Self::load_role(Role::Admin, cert, key, expiry)?;
+        tracing::info!(cert = %this.tls.cert.display(), "TLS on the admin listener: the admin API is HTTPS only");
+        Ok(this.tls)
+    }
+
+    fn load_role(
+        role: Role,
+        cert: PathBuf,
+        key: PathBuf,
+        expiry: Gauge,
+    ) -> Result<Loaded, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let seen = stamps(&paths);
+        let seen = stamps(&role, &cert, &key);
         let Built {
             config,
             identity,
             not_after,
-        } = build(&paths, &trust_domain, &provider)?;
+        } = build(&role, &cert, &key, &provider)?;
         expiry.set(not_after);
-        tracing::info!(%identity, "mTLS on the gRPC listener: sidecars must present a mesh certificate");
-        Ok(Arc::new(Self {
-            paths,
-            trust_domain,
-            provider,
-            config: Mutex::new(config),
-            expiry,
-            seen: Mutex::new((seen, None)),
-        }))
+        Ok(Loaded {
+            tls: Arc::new(Self {
+                role,
+                cert,
+                key,
+                provider,
+                config: Mutex::new(config),
+                expiry,
+                seen: Mutex::new((seen, None)),
+            }),
+            identity: identity.map_or_else(String::new, |id| id.to_string()),
+        })
     }
 
-    /// The trust domain client certificates must be in.
-    pub fn trust_domain(&self) -> &TrustDomain {
-        &self.trust_domain
+    /// True for the gRPC listener's mTLS, whose clients must name a service
+    /// ([`ServerTls::peer_service`]).
+    pub fn is_mesh(&self) -> bool {
+        matches!(self.role, Role::Mesh { .. })
     }
 
     /// The configuration new connections use.
@@ -142,12 +210,12 @@ impl ServerTls {
     /// Reloads the files if they changed: `Ok(true)` when new ones are in
     /// force, `Err` (logged by the caller) when they were refused.
     pub fn refresh(&self) -> Result<bool, TlsError> {
-        let now = stamps(&self.paths);
+        let now = stamps(&self.role, &self.cert, &self.key);
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         if now == seen.0 || seen.1.as_ref() == Some(&now) {
             return Ok(false);
         }
-        match build(&self.paths, &self.trust_domain, &self.provider) {
+        match build(&self.role, &self.cert, &self.key, &self.provider) {
             Ok(Built {
                 config, not_after, ..
             }) => {
@@ -168,6 +236,7 @@ impl ServerTls {
     pub fn watch(self: &Arc<Self>, interval: Duration, tasks: &Tasks) {
         let this = Arc::clone(self);
         let stop = tasks.stop().clone();
+        let listener = self.role.listener();
         tasks.spawn("tls-reload", async move {
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -180,14 +249,20 @@ impl ServerTls {
                 let tls = Arc::clone(&this);
                 match tokio::task::spawn_blocking(move || tls.refresh()).await {
                     Ok(Ok(true)) => {
-                        tracing::info!("TLS certificate reloaded; new connections use it");
+                        tracing::info!(
+                            listener,
+                            "TLS certificate reloaded; new connections use it"
+                        );
                     }
                     Ok(Err(error)) => tracing::error!(
+                        listener,
                         %error,
                         "new TLS files refused; keeping the current certificate"
                     ),
                     Ok(Ok(false)) => {}
-                    Err(error) => tracing::error!(%error, "checking the TLS files failed"),
+                    Err(error) => {
+                        tracing::error!(listener, %error, "checking the TLS files failed")
+                    }
                 }
             }
         });
@@ -195,9 +270,12 @@ impl ServerTls {
 
     /// The service a client certificate (DER, the chain's first) names.
     pub fn peer_service(&self, cert: &[u8]) -> Result<PeerService, String> {
+        let Role::Mesh { trust_domain, .. } = &self.role else {
+            return Err("the admin listener takes no client certificates".to_owned());
+        };
         let id = weft_certs::spiffe_id_of(cert).map_err(|e| e.to_string())?;
-        if id.trust_domain() != &self.trust_domain {
-            return Err(format!("{id} is not in trust domain {}", self.trust_domain));
+        if id.trust_domain() != trust_domain {
+            return Err(format!("{id} is not in trust domain {trust_domain}"));
         }
         id.service()
             .map(PeerService)
@@ -206,9 +284,9 @@ impl ServerTls {
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let read = |source| TlsError::Read {
+    let read = |error| TlsError::Read {
         path: path.to_owned(),
-        source,
+        error,
     };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(read)?
@@ -222,72 +300,87 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// A freshly loaded [`ServerTls`] and the identity to log.
+struct Loaded {
+    tls: Arc<ServerTls>,
+    identity: String,
+}
+
 /// A usable set of files.
 struct Built {
     config: Arc<ServerConfig>,
-    identity: SpiffeId,
+    /// The control plane's SPIFFE ID (gRPC listener only).
+    identity: Option<SpiffeId>,
     /// The certificate's notAfter, in Unix seconds.
     not_after: i64,
 }
 
 fn build(
-    paths: &TlsPaths,
-    trust_domain: &TrustDomain,
+    role: &Role,
+    cert: &Path,
+    key: &Path,
     provider: &Arc<CryptoProvider>,
 ) -> Result<Built, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for ca in certificates(&paths.ca)? {
-        roots.add(ca).map_err(|e| TlsError::BadCa {
-            path: paths.ca.clone(),
-            reason: e.to_string(),
-        })?;
-    }
-    let chain = certificates(&paths.cert)?;
-    let expected = SpiffeId::for_control_plane(trust_domain);
-    let identity = chain
-        .first()
-        .map(|c| weft_certs::spiffe_id_of(c))
-        .transpose()
-        .map_err(|source| TlsError::Identity {
-            path: paths.cert.clone(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::NoCertificate {
-            path: paths.cert.clone(),
-        })?;
-    if identity != expected {
-        return Err(TlsError::WrongIdentity {
-            path: paths.cert.clone(),
-            found: identity,
-            expected,
-        });
-    }
-    // The leaf parsed above, so it parses again.
+    let chain = certificates(cert)?;
+    let identity = match role {
+        Role::Mesh { trust_domain, .. } => {
+            Some(control_plane_identity(&chain, cert, trust_domain)?)
+        }
+        Role::Admin => None,
+    };
+    // An unparsable leaf has no notAfter.
     let not_after = chain
         .first()
         .and_then(|c| weft_certs::not_after_of(c))
-        .ok_or_else(|| TlsError::NoCertificate {
-            path: paths.cert.clone(),
+        .ok_or_else(|| TlsError::Identity {
+            path: cert.to_owned(),
+            error: weft_certs::CertIdentityError::Unparsable,
         })?;
-    let key = PrivateKeyDer::from_pem_file(&paths.key).map_err(|source| TlsError::Read {
-        path: paths.key.clone(),
-        source,
+    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|error| TlsError::Read {
+        path: key.to_owned(),
+        error,
     })?;
-    let setup = |e: rustls::Error| TlsError::Setup(e.to_string());
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
-            .build()
-            .map_err(|e| TlsError::BadCa {
-                path: paths.ca.clone(),
-                reason: e.to_string(),
-            })?;
-    let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(setup)?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(setup)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    let setup = |e: rustls::Error| TlsError::Setup {
+        cert: cert.to_owned(),
+        key: key.to_owned(),
+        reason: e.to_string(),
+    };
+    let mut config = match role {
+        Role::Mesh { ca, .. } => {
+            let mut roots = RootCertStore::empty();
+            for ca_cert in certificates(ca)? {
+                roots.add(ca_cert).map_err(|e| TlsError::BadCa {
+                    path: ca.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
+                    .build()
+                    .map_err(|e| TlsError::BadCa {
+                        path: ca.clone(),
+                        reason: e.to_string(),
+                    })?;
+            let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(setup)?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(chain, private_key)
+                .map_err(setup)?;
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            config
+        }
+        Role::Admin => {
+            let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
+                .with_safe_default_protocol_versions()
+                .map_err(setup)?
+                .with_no_client_auth()
+                .with_single_cert(chain, private_key)
+                .map_err(setup)?;
+            config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            config
+        }
+    };
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Built {
@@ -295,4 +388,32 @@ fn build(
         identity,
         not_after,
     })
+}
+
+/// The SPIFFE ID of `chain`'s leaf, which must be the control plane's.
+fn control_plane_identity(
+    chain: &[CertificateDer<'static>],
+    path: &Path,
+    trust_domain: &TrustDomain,
+) -> Result<SpiffeId, TlsError> {
+    let expected = SpiffeId::for_control_plane(trust_domain);
+    let identity = chain
+        .first()
+        .map(|c| weft_certs::spiffe_id_of(c))
+        .transpose()
+        .map_err(|error| TlsError::Identity {
+            path: path.to_owned(),
+            error,
+        })?
+        .ok_or_else(|| TlsError::NoCertificate {
+            path: path.to_owned(),
+        })?;
+    if identity != expected {
+        return Err(TlsError::WrongIdentity {
+            path: path.to_owned(),
+            found: identity,
+            expected,
+        });
+    }
+    Ok(identity)
 }

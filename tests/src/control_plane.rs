@@ -492,6 +492,7 @@ pub fn weftctl_command(admin_url: &str, token_file: Option<&Path>) -> anyhow::Re
     command
         .env_remove("WEFT_TOKEN_FILE")
         .env_remove("WEFT_CONTROL_PLANE")
+        .env_remove("WEFT_CA_FILE")
         .stdin(Stdio::null());
     Ok(command)
 }

@@ -62,9 +62,14 @@ impl Pki {
     }
 
     /// A new certificate (and key) for the control plane
-    /// (`spiffe://weft.local/control-plane`).
+    /// (`spiffe://weft.local/control-plane`), with the DNS SAN `localhost`
+    /// and the IP SANs 127.0.0.1 and ::1 beside it, as one made with
+    /// `weftctl certs control-plane --san` for the admin API too: sidecars
+    /// must still accept it (they check the SPIFFE ID only).
     pub fn issue_control_plane(&self) -> Issued {
-        self.ca.issue_control_plane(&[], VALIDITY).unwrap()
+        self.ca
+            .issue_control_plane(&["localhost", "::1"], VALIDITY)
+            .unwrap()
     }
 
     /// `ca.pem`, `control-plane.pem` and `control-plane-key.pem` (a new

@@ -1,7 +1,7 @@
 //! `weft-control-plane`: keeps the directory and every service's policy in a
 //! store (etcd, or an embedded in-memory store with `--dev`) and serves them.
 //!
-//! Start-up: the TLS files are read and both listeners bound first (a mistake
+//! Start-up: the TLS files (gRPC and admin) are read and both listeners bound first (a mistake
 //! there exits at once); the admin listener answers from then on. If etcd does
 //! not answer yet, the control plane keeps trying with backoff, logging each
 //! try, and stays alive and not ready (`/ready` 503, `/live` 200) until it
@@ -89,12 +89,22 @@ struct Args {
     /// The mesh's SPIFFE trust domain.
     #[arg(long, default_value = weft_config::TrustDomain::DEFAULT)]
     trust_domain: weft_config::TrustDomain,
-    /// How often the TLS files are checked for a new certificate.
+    /// How often the TLS files (--tls-*, --admin-tls-*) are checked for a
+    /// new certificate.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     tls_watch_interval: std::time::Duration,
     /// The admin API (weftctl).
     #[arg(long, default_value = "127.0.0.1:8444")]
     admin: SocketAddr,
+    /// Serve the admin API over TLS (HTTPS only) with this certificate
+    /// (PEM, leaf first; e.g. the --tls-cert one, issued with
+    /// `weftctl certs control-plane --san NAME_OR_IP`). Reloaded when it
+    /// changes, like --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "admin_tls_key")]
+    admin_tls_cert: Option<PathBuf>,
+    /// The admin certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "admin_tls_cert")]
+    admin_tls_key: Option<PathBuf>,
     /// Bearer tokens accepted by the admin API, one per line. Required unless --dev.
     #[arg(long, required_unless_present = "dev")]
     token_file: Option<PathBuf>,
@@ -201,14 +211,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None
         }
     };
-    let metrics = Metrics::new();
-    let metrics = Arc::new(if tls_files(&args).is_some() {
-        metrics.with_tls()
-    } else {
-        metrics
-    });
+    let mut metrics = Metrics::new();
+    if tls_files(&args).is_some() {
+        metrics = metrics.with_tls();
+    }
+    if args.admin_tls_cert.is_some() {
+        metrics = metrics.with_admin_tls();
+    }
+    let metrics = Arc::new(metrics);
     let tasks = Tasks::new(CancellationToken::new(), metrics.tasks());
     let tls = grpc_tls(&args, &metrics, &tasks)?;
+    let admin_tls = admin_tls(&args, &metrics, &tasks)?;
     let admin_listener = TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("binding the admin listener to {}", args.admin))?;
@@ -219,7 +232,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let grpc_addr = grpc_listener.local_addr()?;
 
     let state = AdminCell::default();
-    spawn_admin(&args, admin_listener, &state, &metrics, &tasks);
+    spawn_admin(&args, admin_listener, admin_tls, &state, &metrics, &tasks);
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -313,7 +326,30 @@ fn grpc_tls(
     server.watch(args.tls_watch_interval, tasks);
     Ok(Some(serve::Tls {
         server,
-        metrics: Arc::clone(metrics),
+        failures: metrics.tls_failures(),
+    }))
+}
+
+/// TLS on the admin listener, with --admin-tls-cert and --admin-tls-key
+/// (the files are then watched for a new certificate).
+fn admin_tls(
+    args: &Args,
+    metrics: &Arc<Metrics>,
+    tasks: &Tasks,
+) -> anyhow::Result<Option<serve::Tls>> {
+    let (Some(cert), Some(key)) = (&args.admin_tls_cert, &args.admin_tls_key) else {
+        return Ok(None);
+    };
+    let server = ServerTls::load_admin(
+        cert.clone(),
+        key.clone(),
+        metrics.admin_tls_certificate_expiry(),
+    )
+    .context("setting up TLS on the admin listener")?;
+    server.watch(args.tls_watch_interval, tasks);
+    Ok(Some(serve::Tls {
+        server,
+        failures: metrics.admin_tls_failures(),
     }))
 }
 
@@ -322,6 +358,7 @@ fn grpc_tls(
 fn spawn_admin(
     args: &Args,
     listener: TcpListener,
+    tls: Option<serve::Tls>,
     state: &AdminCell,
     metrics: &Arc<Metrics>,
     tasks: &Tasks,
@@ -347,7 +384,7 @@ fn spawn_admin(
     };
     tasks.spawn(
         "admin-listener",
-        serve::http(listener, limits, tasks.clone(), handler),
+        serve::http(listener, limits, tls, tasks.clone(), handler),
     );
 }
 

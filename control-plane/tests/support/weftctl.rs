@@ -49,6 +49,7 @@ pub fn weftctl(url: Option<&str>, token: Option<&Path>) -> Command {
     }
     cmd.env_remove("WEFT_TOKEN_FILE")
         .env_remove("WEFT_CONTROL_PLANE")
+        .env_remove("WEFT_CA_FILE")
         .stdin(Stdio::null());
     cmd
 }

@@ -14,6 +14,8 @@
 //! one certificate per service with `weft-certs` (what `weftctl certs` uses),
 //! and every sidecar's bootstrap has `[tls]`, so sidecars talk TLS 1.3 +
 //! HTTP/2 to each other, verify each other's identity, and refuse plaintext.
+//! The control plane's certificate also serves its admin API over HTTPS, which
+//! `weftctl` reaches with `--ca-file`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -215,20 +217,27 @@ fn make_certs(dir: &Path, services: &[&str]) -> anyhow::Result<weft_config::Trus
         ca.issue(&service.parse()?, weft_certs::DEFAULT_VALIDITY)?
             .write(&certs)?;
     }
-    ca.issue_control_plane(&[], weft_certs::DEFAULT_VALIDITY)?
+    // 127.0.0.1 (always in it) is where weftctl reaches the admin API.
+    ca.issue_control_plane(&["localhost"], weft_certs::DEFAULT_VALIDITY)?
         .write(&certs)?;
     Ok(trust_domain)
 }
 
+/// `weftctl` against the control plane's admin API, over HTTPS (the demo
+/// CA signed its certificate).
 async fn weftctl(
     args: &Args,
     cp_admin: SocketAddr,
     token: &Path,
     cmd: &[&str],
 ) -> anyhow::Result<String> {
+    // The demo's certs/ directory is beside the token file.
+    let ca = token.with_file_name("certs").join("ca.pem");
     let out = Command::new(args.bin_dir.join("weftctl"))
         .arg("--control-plane")
-        .arg(format!("http://{cp_admin}"))
+        .arg(format!("https://{cp_admin}"))
+        .arg("--ca-file")
+        .arg(ca)
         .arg("--token-file")
         .arg(token)
         .args(cmd)
@@ -380,13 +389,20 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
             dir.join("certs/control-plane-key.pem")
                 .display()
                 .to_string(),
+            // The same certificate serves the admin API over HTTPS.
+            "--admin-tls-cert".into(),
+            dir.join("certs/control-plane.pem").display().to_string(),
+            "--admin-tls-key".into(),
+            dir.join("certs/control-plane-key.pem")
+                .display()
+                .to_string(),
         ],
         dir,
     )
     .await?;
     let (cp_grpc, cp_admin) = (addr(&cp_bound, "listen")?, addr(&cp_bound, "admin")?);
     println!(
-        "weft-control-plane --dev (pid {}): gRPC over mTLS {cp_grpc}, admin {cp_admin}",
+        "weft-control-plane --dev (pid {}): gRPC over mTLS {cp_grpc}, admin https://{cp_admin}",
         cp.pid()?
     );
 

@@ -26,7 +26,7 @@ spiffe://<trust-domain>/service/<name>, with its key ([tls] ca, cert, key).
   weftctl certs ca --out certs/                  # certs/ca.pem, certs/ca-key.pem
   weftctl certs issue billing --ca certs/ --out certs/billing/
                                                  # billing.pem, billing-key.pem
-  weftctl certs control-plane --ca certs/ --out certs/cp/ --host weft-cp.internal
+  weftctl certs control-plane --ca certs/ --out certs/cp/ --san weft-cp.internal
                                                  # control-plane.pem, control-plane-key.pem
 
 Issuing again makes a new key and certificate: write them over the sidecar's
@@ -71,15 +71,26 @@ pub enum Certs {
         /// Directory to write into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// A DNS name the replicas answer on (repeatable); sidecars check the
-        /// SPIFFE ID, other clients may check these.
-        #[arg(long = "host", value_name = "NAME")]
-        hosts: Vec<String>,
+        /// A DNS name or IP address the control plane is reached at
+        /// (repeatable), added as a SAN: sidecars check the SPIFFE ID, weftctl
+        /// over https:// checks the name or address of --control-plane.
+        /// 127.0.0.1 is always included.
+        #[arg(long = "san", alias = "host", value_name = "NAME_OR_IP",
+              value_parser = parse_san)]
+        sans: Vec<String>,
         /// Days the certificate is valid.
         #[arg(long, value_name = "N", default_value_t = 30,
               value_parser = clap::value_parser!(u32).range(1..=3650))]
         days: u32,
     },
+}
+
+/// A `--san`: a DNS name or an IP address (as a TLS client would dial it).
+fn parse_san(s: &str) -> Result<String, String> {
+    let bare = s.trim_start_matches('[').trim_end_matches(']');
+    rustls_pki_types::ServerName::try_from(bare)
+        .map(|_| bare.to_owned())
+        .map_err(|_| format!("{s:?} is neither a DNS name nor an IP address"))
 }
 
 pub fn run(what: Certs) -> anyhow::Result<()> {
@@ -118,13 +129,13 @@ pub fn run(what: Certs) -> anyhow::Result<()> {
         Certs::ControlPlane {
             ca,
             out,
-            hosts,
+            sans,
             days,
         } => {
             let ca = Ca::load(&ca).context("loading the CA")?;
-            let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+            let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
             let issued =
-                ca.issue_control_plane(&hosts, Duration::from_secs(u64::from(days) * 24 * 3600))?;
+                ca.issue_control_plane(&sans, Duration::from_secs(u64::from(days) * 24 * 3600))?;
             for file in issued.write(&out)? {
                 println!("wrote {}", file.display());
             }

@@ -36,6 +36,7 @@ use serde_json::{Value, json};
 use weft_config::ServiceName;
 
 mod certs;
+mod connect;
 mod edges;
 mod files;
 mod get;
@@ -62,13 +63,18 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
                   diff: 0 identical, 1 different, 2 error; usage errors 2."
 )]
 struct Cli {
-    /// The control plane's admin API.
+    /// The control plane's admin API: http://HOST:PORT, or https://HOST:PORT
+    /// (with --ca-file) when it runs with --admin-tls-cert.
     #[arg(
         long,
         env = "WEFT_CONTROL_PLANE",
         default_value = "http://127.0.0.1:8444"
     )]
     control_plane: String,
+    /// The CA certificate (PEM) that signed the admin API's certificate, for
+    /// an https:// --control-plane (weftctl uses no system roots).
+    #[arg(long, env = "WEFT_CA_FILE", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// A file holding the bearer token (first non-comment line).
     #[arg(long, env = "WEFT_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -186,27 +192,41 @@ struct Api {
     /// The admin API's base URL, without a trailing `/`.
     base: String,
     token: Option<Token>,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<connect::Connector, Full<Bytes>>,
 }
 
 impl Api {
-    fn new(base: &str, token_file: Option<&Path>) -> anyhow::Result<Self> {
+    fn new(base: &str, token_file: Option<&Path>, ca_file: Option<&Path>) -> anyhow::Result<Self> {
         let base = base.trim_end_matches('/');
         let uri: Uri = base
             .parse()
             .with_context(|| format!("--control-plane {base:?} is not a URL"))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-            bail!(
-                "--control-plane {base:?}: expected http://HOST:PORT (the admin API is plain HTTP)"
-            );
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => bail!("--control-plane {base:?}: expected http://HOST:PORT or https://HOST:PORT"),
+        };
+        if uri.authority().is_none() {
+            bail!("--control-plane {base:?}: expected http://HOST:PORT or https://HOST:PORT");
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        connector.set_nodelay(true);
+        // The CA is only read for https:// (WEFT_CA_FILE may be exported
+        // for another control plane).
+        let trust = match (https, ca_file) {
+            (false, _) => None,
+            (true, Some(file)) => Some(connect::Trust::load(file)?),
+            (true, None) => bail!(
+                "--control-plane {base}: https:// needs the CA that signed the admin API's \
+                 certificate: pass --ca-file FILE or set WEFT_CA_FILE (weftctl uses no system roots)"
+            ),
+        };
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        tcp.set_nodelay(true);
         Ok(Self {
             base: base.to_owned(),
             token: token(token_file)?,
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: Client::builder(TokioExecutor::new())
+                .build(connect::Connector::new(tcp, trust)),
         })
     }
 
@@ -405,7 +425,13 @@ fn text(value: &Value) -> String {
 }
 
 async fn run(cli: Cli, control_plane_given: bool) -> anyhow::Result<ExitCode> {
-    let api = || Api::new(&cli.control_plane, cli.token_file.as_deref());
+    let api = || {
+        Api::new(
+            &cli.control_plane,
+            cli.token_file.as_deref(),
+            cli.ca_file.as_deref(),
+        )
+    };
     match cli.command {
         // `check` works offline, unless asked to look names up.
         Command::Check { files } => {
