@@ -107,7 +107,10 @@ impl Pool {
         loop {
             let (mut conn, pooled) = match self.idle_http1() {
                 Some(conn) => (conn, true),
-                None => (self.connector.http1(self.endpoint).await?, false),
+                // Boxed: connecting (TCP, maybe a TLS handshake) is the
+                // cold path; inline, its state would make every request's
+                // future as large, and be copied with it.
+                None => (Box::pin(self.connector.http1(self.endpoint)).await?, false),
             };
             if let Err(error) = std::future::poll_fn(|cx| conn.sender.poll_ready(cx)).await {
                 if pooled {
@@ -175,7 +178,8 @@ impl Pool {
         loop {
             let (mut conn, pooled) = match self.open_http2() {
                 Some(conn) => (conn, true),
-                None => self.connect_http2().await?,
+                // Boxed, as for HTTP/1.1: the cold path.
+                None => Box::pin(self.connect_http2()).await?,
             };
             conn.activity.acquire();
             let stream = Stream(Arc::clone(&conn.activity));
