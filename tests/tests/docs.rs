@@ -148,10 +148,11 @@ fn toml_strings(text: &str, section: &str, key: &str) -> Vec<String> {
         let Some((name, value)) = line.split_once('=') else {
             continue;
         };
-        if current == section && name.trim() == key {
-            if let Some(value) = value.trim().strip_prefix('"') {
-                values.extend(value.split('"').next().map(str::to_owned));
-            }
+        if current == section
+            && name.trim() == key
+            && let Some(value) = value.trim().strip_prefix('"')
+        {
+            values.extend(value.split('"').next().map(str::to_owned));
         }
     }
     values
