@@ -20,6 +20,10 @@
 //!   that help output. Comments (` # ...`) and what follows a ` | ` are not
 //!   part of the command; `\` continues a line; `[--flag]` counts as `--flag`.
 //!
+//! And every relative link (`[text](path#anchor)`, outside code) of these
+//! pages, `ARCHITECTURE.md` and the benches' and examples' READMEs must reach
+//! a file, and a heading or `<a id>` in it when it names an anchor.
+//!
 //! Every failure is reported as `file:line` with what failed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -472,6 +476,128 @@ fn every_documented_command_line_names_real_subcommands_and_flags() -> anyhow::R
     ensure!(
         failures.is_empty(),
         "{} documented command line(s) do not match the binaries:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Links
+// ---------------------------------------------------------------------------
+
+/// GitHub's anchor for a heading: lower case, punctuation dropped, spaces to `-`.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, '-' | '_' | ' '))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The anchors a Markdown page offers: its headings' and `<a id="...">`s.
+fn anchors(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        if let Some(heading) = line.strip_prefix('#') {
+            found.push(slug(heading.trim_start_matches('#')));
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("<a id=\"") {
+            rest = &rest[at + 7..];
+            if let Some(end) = rest.find('"') {
+                found.push(rest[..end].to_owned());
+            }
+        }
+    }
+    found
+}
+
+/// The `[text](target)` targets of a page outside code, with their line numbers.
+fn links(text: &str) -> Vec<(usize, String)> {
+    let mut found = Vec::new();
+    let mut fenced = false;
+    for (index, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        let mut rest = line;
+        while let Some(at) = rest.find("](") {
+            rest = &rest[at + 2..];
+            if let Some(end) = rest.find(')') {
+                found.push((index + 1, rest[..end].to_owned()));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_relative_link_in_the_docs_reaches_a_file_and_anchor() -> anyhow::Result<()> {
+    let root = root();
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    let mut all = pages()?;
+    // The other pages that link into these.
+    for name in [
+        "ARCHITECTURE.md",
+        "benches/README.md",
+        "examples/deploy/README.md",
+        "examples/deploy/kubernetes/README.md",
+        "examples/deploy/systemd/README.md",
+        "examples/telemetry/README.md",
+    ] {
+        all.push((name.to_owned(), fs::read_to_string(root.join(name))?));
+    }
+    for (name, text) in all {
+        let dir = Path::new(&name)
+            .parent()
+            .unwrap_or(Path::new(""))
+            .to_owned();
+        for (number, target) in links(&text) {
+            if target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            checked += 1;
+            let (path, fragment) = target.split_once('#').unwrap_or((&target, ""));
+            let file = if path.is_empty() {
+                root.join(&name)
+            } else {
+                root.join(&dir).join(path)
+            };
+            if !file.exists() {
+                failures.push(format!("{name}:{number}: ({target}): no such file"));
+                continue;
+            }
+            if fragment.is_empty() || file.extension().is_none_or(|e| e != "md") {
+                continue;
+            }
+            let page = fs::read_to_string(&file)?;
+            if !anchors(&page).iter().any(|a| a == fragment) {
+                failures.push(format!(
+                    "{name}:{number}: ({target}): no heading or <a id> `{fragment}` there"
+                ));
+            }
+        }
+    }
+    ensure!(checked > 20, "only {checked} relative links found");
+    ensure!(
+        failures.is_empty(),
+        "{} broken link(s):\n{}",
         failures.len(),
         failures.join("\n")
     );
