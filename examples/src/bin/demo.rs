@@ -742,6 +742,8 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
         let status = tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await??;
         println!("  {:<14} exited with {status}", p.name);
     }
-    println!("\nDone. See README.md for the configuration reference.");
+    println!(
+        "\nDone. See docs/ for the configuration reference (docs/operations.md, docs/policies.md)."
+    );
     Ok(())
 }
