@@ -45,7 +45,7 @@ fn design_bootstrap_example_loads_with_its_policy() {
     assert_eq!(cp.addresses, ["https://weft-cp.internal:8443"]);
     assert_eq!(b.drain.grace.get(), std::time::Duration::from_secs(20));
     assert_eq!(b.dns.attempts, 2, "defaults fill the tables left out");
-    assert_eq!(b.pool.max_idle_per_endpoint, 32);
+    assert_eq!(b.pool.max_idle_per_endpoint, 256);
     assert_eq!(b.telemetry, weft_config::Telemetry::default());
     assert_eq!(b.telemetry.sampling_ratio.get(), 1.0);
     assert!(!b.telemetry.otlp_metrics);
