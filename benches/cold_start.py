@@ -28,6 +28,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
 
 import harness as h
@@ -104,7 +105,7 @@ def start_once(case, what, errlog):
     return t1 - t0, rss
 
 
-def weft_cases(bindir, work, backend, cp_port, cp_admin, cp_proc_ref):
+def weft_cases(bindir, work, backend, cp_port, cp_proc_ref):
     env = dict(os.environ, WEFT_LOG="warn")
     cases = []
 
@@ -147,57 +148,13 @@ def weft_cases(bindir, work, backend, cp_port, cp_admin, cp_proc_ref):
 
 
 def haproxy_case(work, backend):
-    port = h.free_port()
-    path = os.path.join(work, "haproxy-cold.cfg")
-    with open(path, "w") as f:
-        f.write(f"""global
-  nbthread 1
-  maxconn 4096
-
-defaults
-  mode http
-  timeout connect 1s
-  timeout client 120s
-  timeout server 120s
-
-frontend fe
-  bind 127.0.0.1:{port}
-  default_backend be
-
-backend be
-  server s0 {backend}
-""")
-    exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    return Case("haproxy", "HAProxy (nbthread 1)", [exe, "-db", "-f", path], port)
+    cmd, port = h.haproxy_command(work, [backend], name="haproxy-cold")
+    return Case("haproxy", "HAProxy (nbthread 1)", cmd, port)
 
 
 def nginx_case(work, backend):
-    port = h.free_port()
-    prefix = os.path.join(work, "nginx-cold")
-    os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
-    path = os.path.join(prefix, "nginx.conf")
-    with open(path, "w") as f:
-        f.write(f"""worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/logs/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {prefix}/body;
-  proxy_temp_path {prefix}/proxy;
-  fastcgi_temp_path {prefix}/fastcgi;
-  uwsgi_temp_path {prefix}/uwsgi;
-  scgi_temp_path {prefix}/scgi;
-  upstream bench {{ server {backend}; keepalive 16; }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{ proxy_pass http://bench; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-  }}
-}}
-""")
-    exe = shutil.which("nginx") or "/usr/sbin/nginx"
-    return Case("nginx", "nginx (1 worker)", [exe, "-p", prefix, "-e", f"{prefix}/logs/error.log", "-c", path], port)
+    cmd, port = h.nginx_command(work, [backend], name="nginx-cold")
+    return Case("nginx", "nginx (1 worker)", cmd, port)
 
 
 def start_control_plane(procs, bindir, work):
@@ -208,7 +165,7 @@ def start_control_plane(procs, bindir, work):
                      "--admin", f"127.0.0.1:{admin}", "--bound-file", bound],
                     cpu=h.LOAD_CPU, stdout=log, stderr=log, env=dict(os.environ, WEFT_LOG="warn"))
     h.wait_for(lambda: os.path.exists(bound), "the control plane")
-    return p, port, admin
+    return p, port
 
 
 def register_server(procs, bindir, work, backend, cp_port):
@@ -245,15 +202,15 @@ def stats(values):
 def run(args):
     os.sched_setaffinity(0, {1})
     bindir = args.bin
-    work = os.path.realpath(__import__("tempfile").mkdtemp(prefix="weft-cold-"))
+    work = os.path.realpath(tempfile.mkdtemp(prefix="weft-cold-"))
     procs = h.Procs()
     results = {}
     try:
         backend = h.start_backends(procs, bindir, n=1)[0]
-        cp_proc, cp_port, cp_admin = start_control_plane(procs, bindir, work)
+        cp_proc, cp_port = start_control_plane(procs, bindir, work)
         register_server(procs, bindir, work, backend, cp_port)
         ref = {"proc": cp_proc}
-        cases = weft_cases(bindir, work, backend, cp_port, cp_admin, ref)
+        cases = weft_cases(bindir, work, backend, cp_port, ref)
         cases += [haproxy_case(work, backend), nginx_case(work, backend)]
         only = set(args.cases.split(",")) if args.cases else None
         # The cache case must come after the live one (it stops the control plane).

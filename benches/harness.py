@@ -241,10 +241,12 @@ def weft_mesh(procs, bindir, work, backends):
     return t
 
 
-def nginx(procs, work, backends):
+def nginx_command(work, backends, name="nginx"):
+    """Writes an nginx config (1 worker, an upstream of `backends`, keep-alive
+    both sides) under work/name; returns (command, port)."""
     exe = shutil.which("nginx") or "/usr/sbin/nginx"
     port = free_port()
-    prefix = os.path.join(work, "nginx")
+    prefix = os.path.join(work, name)
     os.makedirs(os.path.join(prefix, "logs"), exist_ok=True)
     servers = "".join(f"    server {a};\n" for a in backends)
     conf = f"""worker_processes 1;
@@ -278,9 +280,13 @@ http {{
     path = os.path.join(prefix, "nginx.conf")
     with open(path, "w") as f:
         f.write(conf)
-    errlog = open(os.path.join(prefix, "stderr.log"), "w")
-    p = procs.start([exe, "-p", prefix, "-e", f"{prefix}/logs/error.log", "-c", path],
-                    cpu=PROXY_CPU, stdout=errlog, stderr=errlog)
+    return [exe, "-p", prefix, "-e", f"{prefix}/logs/error.log", "-c", path], port
+
+
+def nginx(procs, work, backends):
+    cmd, port = nginx_command(work, backends)
+    errlog = open(os.path.join(work, "nginx", "stderr.log"), "w")
+    p = procs.start(cmd, cpu=PROXY_CPU, stdout=errlog, stderr=errlog)
     addr = f"127.0.0.1:{port}"
     wait_for(lambda: p.poll() is None and port_open(addr), "nginx")
     t = Target("nginx", "nginx (1 worker)", [addr])
@@ -288,7 +294,9 @@ http {{
     return t
 
 
-def haproxy(procs, work, backends):
+def haproxy_command(work, backends, name="haproxy"):
+    """Writes an HAProxy config (`nbthread 1`, round robin over `backends`,
+    keep-alive both sides) to work/name.cfg; returns (command, port)."""
     exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
     port = free_port()
     servers = "".join(f"  server s{i} {a}\n" for i, a in enumerate(backends))
@@ -309,11 +317,16 @@ frontend fe
 backend be
   balance roundrobin
 {servers}"""
-    path = os.path.join(work, "haproxy.cfg")
+    path = os.path.join(work, f"{name}.cfg")
     with open(path, "w") as f:
         f.write(conf)
+    return [exe, "-db", "-f", path], port
+
+
+def haproxy(procs, work, backends):
+    cmd, port = haproxy_command(work, backends)
     errlog = open(os.path.join(work, "haproxy.log"), "w")
-    p = procs.start([exe, "-db", "-f", path], cpu=PROXY_CPU, stdout=errlog, stderr=errlog)
+    p = procs.start(cmd, cpu=PROXY_CPU, stdout=errlog, stderr=errlog)
     addr = f"127.0.0.1:{port}"
     wait_for(lambda: p.poll() is None and port_open(addr), "haproxy")
     t = Target("haproxy", "HAProxy (nbthread 1)", [addr])

@@ -16,11 +16,9 @@
 
 mod support;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
-use support::weftctl::{Run, run_offline, weftctl};
+use support::weftctl::{Run, run_offline, run_offline_with_stdin};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -30,21 +28,6 @@ fn dir() -> PathBuf {
 
 fn input(name: &str) -> PathBuf {
     dir().join(format!("{name}.yaml"))
-}
-
-/// `weftctl ARGS` with `stdin` on its standard input.
-fn run_stdin(args: &[&str], stdin: &str) -> Run {
-    let mut child = weftctl(None, None)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut pipe = child.stdin.take().unwrap();
-    pipe.write_all(stdin.as_bytes()).unwrap();
-    drop(pipe);
-    child.wait_with_output().unwrap().into()
 }
 
 /// Injects `tests/inject/NAME.yaml` with `flags` (by `-f`), compares stdout
@@ -79,7 +62,7 @@ fn golden(name: &str, flags: &[&str]) -> Run {
     let mut stdin_args = vec!["inject"];
     stdin_args.extend_from_slice(flags);
     let text = std::fs::read_to_string(&file).unwrap();
-    let from_stdin = run_stdin(&stdin_args, &text);
+    let from_stdin = run_offline_with_stdin(&stdin_args, &text);
     assert_eq!(
         (from_stdin.code, &from_stdin.stdout, &from_stdin.stderr),
         (0, &r.stdout, &r.stderr),
@@ -89,7 +72,7 @@ fn golden(name: &str, flags: &[&str]) -> Run {
     // Idempotence: the output injected again is the output.
     let mut again_args = vec!["inject", "-f", "-"];
     again_args.extend_from_slice(flags);
-    let again = run_stdin(&again_args, &r.stdout);
+    let again = run_offline_with_stdin(&again_args, &r.stdout);
     assert_eq!(again.code, 0, "{}", again.all());
     assert!(
         again.stdout == r.stdout,
@@ -229,7 +212,7 @@ fn a_bad_service_name_fails_naming_the_file_and_document() {
 
 #[test]
 fn yaml_errors_name_the_document_and_the_line() {
-    let r = run_stdin(
+    let r = run_offline_with_stdin(
         &["inject"],
         "kind: ConfigMap\n---\nkind: Pod\nmetadata:\n  name: [x\n",
     );
@@ -241,7 +224,7 @@ fn yaml_errors_name_the_document_and_the_line() {
         "{}",
         r.all()
     );
-    let r = run_stdin(&["inject"], "apiVersion: v1\nmetadata: {}\n");
+    let r = run_offline_with_stdin(&["inject"], "apiVersion: v1\nmetadata: {}\n");
     assert_eq!(r.code, 1, "{}", r.all());
     assert_eq!(r.stderr, "error: <stdin>: document 1: no `kind`\n");
     // A missing file, an invalid flag value.

@@ -42,6 +42,16 @@ async fn ready(admin: &Admin) -> anyhow::Result<(u16, String)> {
     Ok((reply.status.as_u16(), reply.text()))
 }
 
+/// Waits (at most 20 s) until `/ready` answers 200.
+async fn until_ready(admin: &Admin) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(20), || async {
+        let (status, body) = ready(admin).await?;
+        ensure!(status == 200, "/ready: {status} {body}");
+        Ok(())
+    })
+    .await
+}
+
 /// The HEALTH column of `id` in `weftctl get instances billing`; `None`
 /// when it is not listed.
 async fn listed_health(cp: &ControlPlane, id: &str) -> anyhow::Result<Option<String>> {
@@ -325,12 +335,7 @@ async fn ready_waits_for_the_first_snapshot_at_most_ready_timeout() -> anyhow::R
     // ...until the control plane answers (well before the default 10s
     // ready_timeout).
     let _cp = ControlPlane::dev().listen(cp_addr).start().await?;
-    eventually(Duration::from_secs(20), || async {
-        let (status, body) = ready(&admin).await?;
-        ensure!(status == 200, "/ready: {status} {body}");
-        Ok(())
-    })
-    .await?;
+    until_ready(&admin).await?;
     ensure!(
         caller
             .logs()
@@ -401,12 +406,7 @@ async fn a_cached_snapshot_makes_a_sidecar_ready_while_the_control_plane_is_down
     // The second starts on the cache alone.
     let second = Proxy::builder(bootstrap).start_bound().await?;
     let admin = second.admin_client();
-    eventually(Duration::from_secs(20), || async {
-        let (status, body) = ready(&admin).await?;
-        ensure!(status == 200, "/ready: {status} {body}");
-        Ok(())
-    })
-    .await?;
+    until_ready(&admin).await?;
     ensure!(
         second
             .logs()

@@ -71,7 +71,16 @@ pub fn run_offline(args: &[&str]) -> Run {
 /// `weftctl --control-plane URL [--token-file FILE] ARGS` with `stdin` on its
 /// standard input.
 pub fn run_with_stdin(url: &str, token: Option<&Path>, args: &[&str], stdin: &str) -> Run {
-    let mut child = weftctl(Some(url), token)
+    with_stdin(weftctl(Some(url), token), args, stdin)
+}
+
+/// `weftctl ARGS`, without `--control-plane`, with `stdin` on its standard input.
+pub fn run_offline_with_stdin(args: &[&str], stdin: &str) -> Run {
+    with_stdin(weftctl(None, None), args, stdin)
+}
+
+fn with_stdin(mut weftctl: Command, args: &[&str], stdin: &str) -> Run {
+    let mut child = weftctl
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

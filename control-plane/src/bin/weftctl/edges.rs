@@ -6,13 +6,13 @@
 use std::time::Duration;
 
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::json;
 use weft_config::ServiceName;
 use weft_control_plane::stat::{self, Direction, View};
 
 use super::Api;
-use super::stat::{Frame, Repeat, document, footer, increases, unreachable};
-use crate::output::{self, Format};
+use super::stat::{Frame, Repeat, increases, view_output};
+use crate::output::Format;
 
 /// The long help of `weftctl edges --help`.
 pub const LONG_ABOUT: &str = "\
@@ -60,25 +60,12 @@ fn render(args: &EdgesArgs, frame: Frame<'_>) -> anyhow::Result<String> {
         service: args.service.as_ref().map(ServiceName::as_str),
     };
     let rows = stat::aggregate(&increases, Direction::Inbound, view, &[], frame.interval);
-    let sidecars = frame.after.len();
-    match args.output {
-        Format::Json | Format::Yaml => {
-            let mut value = json!({
-                "interval_seconds": frame.interval.as_secs_f64(),
-                "service": args.service.as_ref().map(ServiceName::as_str),
-                "edges": rows,
-                "sidecars": sidecars,
-                "unreachable": unreachable(&left_out),
-            });
-            if let Some(note) = frame.note {
-                value["note"] = Value::String(note);
-            }
-            document(args.output, &value, frame.repeating)
-        }
-        Format::Table => {
-            let mut out = output::table(&stat::edges_table(&rows));
-            out.push_str(&footer(sidecars, &left_out, frame.note.as_deref()));
-            Ok(out)
-        }
-    }
+    let fields = json!({
+        "interval_seconds": frame.interval.as_secs_f64(),
+        "service": args.service.as_ref().map(ServiceName::as_str),
+        "edges": rows,
+    });
+    view_output(args.output, frame, &left_out, fields, || {
+        stat::edges_table(&rows)
+    })
 }

@@ -456,6 +456,34 @@ pub fn unreachable(left_out: &[(Sidecar, String)]) -> Vec<Value> {
         .collect()
 }
 
+/// What `edges` and `top` print for one frame: `fields` (an object) with the
+/// sidecar counts and the note, as a document; or the rows of `table` and
+/// the footer naming the sidecars left out.
+pub fn view_output(
+    format: Format,
+    frame: Frame<'_>,
+    left_out: &[(Sidecar, String)],
+    mut fields: Value,
+    table: impl FnOnce() -> Vec<Vec<String>>,
+) -> anyhow::Result<String> {
+    let sidecars = frame.after.len();
+    match format {
+        Format::Json | Format::Yaml => {
+            fields["sidecars"] = json!(sidecars);
+            fields["unreachable"] = Value::Array(unreachable(left_out));
+            if let Some(note) = frame.note {
+                fields["note"] = Value::String(note);
+            }
+            document(format, &fields, frame.repeating)
+        }
+        Format::Table => {
+            let mut out = output::table(&table());
+            out.push_str(&footer(sidecars, left_out, frame.note.as_deref()));
+            Ok(out)
+        }
+    }
+}
+
 /// One document for scripts: JSON indented, or on one line when more follow;
 /// YAML, opening with `---` when more follow.
 pub fn document(format: Format, value: &Value, repeating: bool) -> anyhow::Result<String> {

@@ -6,12 +6,12 @@
 use std::time::Duration;
 
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::json;
 use weft_control_plane::stat::{self, Direction, View};
 
 use super::Api;
-use super::stat::{Frame, Repeat, document, footer, increases, unreachable};
-use crate::output::{self, Format};
+use super::stat::{Frame, Repeat, increases, view_output};
+use crate::output::Format;
 
 /// The long help of `weftctl top --help`.
 pub const LONG_ABOUT: &str = "\
@@ -58,24 +58,11 @@ fn render(args: &TopArgs, frame: Frame<'_>) -> anyhow::Result<String> {
         frame.interval,
     );
     let rows = stat::busiest(rows, args.rows);
-    let sidecars = frame.after.len();
-    match args.output {
-        Format::Json | Format::Yaml => {
-            let mut value = json!({
-                "interval_seconds": frame.interval.as_secs_f64(),
-                "routes": rows,
-                "sidecars": sidecars,
-                "unreachable": unreachable(&left_out),
-            });
-            if let Some(note) = frame.note {
-                value["note"] = Value::String(note);
-            }
-            document(args.output, &value, frame.repeating)
-        }
-        Format::Table => {
-            let mut out = output::table(&stat::top_table(&rows));
-            out.push_str(&footer(sidecars, &left_out, frame.note.as_deref()));
-            Ok(out)
-        }
-    }
+    let fields = json!({
+        "interval_seconds": frame.interval.as_secs_f64(),
+        "routes": rows,
+    });
+    view_output(args.output, frame, &left_out, fields, || {
+        stat::top_table(&rows)
+    })
 }
