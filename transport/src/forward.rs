@@ -121,6 +121,10 @@ pub fn send_error(endpoint: SocketAddr, source: SendError) -> ProxyError {
             endpoint,
             source: Box::new(error),
         },
+        SendError::Http2(error) => ProxyError::Upstream {
+            endpoint,
+            source: Box::new(error),
+        },
     }
 }
 

@@ -1,17 +1,20 @@
 //! Opening one connection to an endpoint: TCP (no delay, keep-alive), mTLS
-//! towards a sidecar, then the HTTP/1.1 or HTTP/2 handshake, with the
-//! connection's task spawned so that it closes itself once idle too long.
+//! towards a sidecar, then the HTTP/1.1 (hyper) or HTTP/2 (`h2`) handshake,
+//! with the connection's task spawned so that it closes itself once idle too
+//! long (and, HTTP/2, once a keep-alive ping goes unanswered).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::{http1, http2};
+use bytes::Bytes;
+use hyper::client::conn::http1;
 use hyper::rt::{Read, Write};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use socket2::{SockRef, TcpKeepalive};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::tls::connect::{MeshConnectError, MeshConnector};
@@ -22,6 +25,17 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// HTTP/2 pings find a dead connection the kernel has not noticed.
 const H2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const H2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 flow-control windows we grant the peer (hyper's defaults): a
+/// response of up to 2 MiB, and 5 MiB over all streams, need no
+/// WINDOW_UPDATE round trip. Fixed rather than adaptive: adaptive windows
+/// cost a ping per burst of data to estimate the bandwidth-delay product.
+const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// Streams opened before the peer's SETTINGS say how many it allows.
+const H2_INITIAL_MAX_STREAMS: usize = 100;
+/// The largest response head accepted, and request body buffered per stream.
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+const H2_MAX_SEND_BUFFER: usize = 1024 * 1024;
 
 /// Why a connection could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -45,16 +59,24 @@ pub enum ConnectError {
         #[source]
         source: hyper::Error,
     },
+    #[error("HTTP/2 handshake with {endpoint}: {source}")]
+    Http2Handshake {
+        endpoint: SocketAddr,
+        #[source]
+        source: h2::Error,
+    },
 }
 
 /// How a connection is in use: by how many requests (HTTP/1.1: zero or one;
 /// HTTP/2: its open streams), and since when by none. The connection's task
-/// reads it to close the connection after `[pool] idle_timeout` unused.
+/// reads it to close the connection after `[pool] idle_timeout` unused, and
+/// marks it closed when it ends.
 #[derive(Debug, Default)]
 pub(crate) struct Activity {
     in_use: AtomicU32,
     /// Milliseconds since [`EPOCH`] when `in_use` last fell to zero.
     idle_since: AtomicU64,
+    closed: AtomicBool,
 }
 
 /// The clock `Activity` counts idle time on.
@@ -77,6 +99,16 @@ impl Activity {
 
     pub(crate) fn acquire(&self) {
         self.in_use.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the connection is known to be closed (or unable to take
+    /// another request): no request is given to it any more.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
     }
 
     pub(crate) fn release(&self) {
@@ -107,7 +139,7 @@ pub(crate) struct Http1Conn {
 /// An HTTP/2 connection's sending half (cloned per request).
 #[derive(Debug, Clone)]
 pub(crate) struct Http2Conn {
-    pub(crate) sender: http2::SendRequest<ProxyBody>,
+    pub(crate) sender: h2::client::SendRequest<Bytes>,
     pub(crate) activity: Arc<Activity>,
 }
 
@@ -157,10 +189,10 @@ impl Connector {
     pub(crate) async fn http2(&self, endpoint: SocketAddr) -> Result<Http2Conn, ConnectError> {
         let tcp = self.tcp(endpoint).await?;
         match &self.mesh {
-            None => self.spawn_http2(endpoint, TokioIo::new(tcp)).await,
+            None => self.spawn_http2(endpoint, tcp).await,
             Some((_, h2)) => {
                 let tls = h2.handshake(endpoint, tcp).await?;
-                self.spawn_http2(endpoint, TokioIo::new(tls)).await
+                self.spawn_http2(endpoint, tls).await
             }
         }
     }
@@ -188,23 +220,112 @@ impl Connector {
 
     async fn spawn_http2<T>(&self, endpoint: SocketAddr, io: T) -> Result<Http2Conn, ConnectError>
     where
-        T: Read + Write + Unpin + Send + 'static,
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .keep_alive_interval(H2_KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(H2_KEEPALIVE_TIMEOUT)
-            .handshake(io)
+        let (sender, mut conn) = h2::client::Builder::new()
+            .initial_max_send_streams(H2_INITIAL_MAX_STREAMS)
+            .initial_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_header_list_size(H2_MAX_HEADER_LIST)
+            .max_send_buffer_size(H2_MAX_SEND_BUFFER)
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
             .await
-            .map_err(|source| ConnectError::Handshake { endpoint, source })?;
+            .map_err(|source| ConnectError::Http2Handshake { endpoint, source })?;
         let activity = Activity::new();
         let watched = Arc::clone(&activity);
         let idle_timeout = self.idle_timeout;
+        let pings = conn.ping_pong();
         tokio::spawn(async move {
+            let conn = KeepAlive::new(conn, pings, Arc::clone(&watched));
             until_idle(conn, &watched, idle_timeout, endpoint).await;
+            watched.close();
         });
         Ok(Http2Conn { sender, activity })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/2 connection that pings its peer every
+    /// [`H2_KEEPALIVE_INTERVAL`] while streams are open, and ends when a ping
+    /// goes unanswered for [`H2_KEEPALIVE_TIMEOUT`].
+    struct KeepAlive<T> {
+        #[pin]
+        conn: h2::client::Connection<T, Bytes>,
+        pings: Option<h2::PingPong>,
+        activity: Arc<Activity>,
+        #[pin]
+        timer: tokio::time::Sleep,
+        awaiting_pong: bool,
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> KeepAlive<T> {
+    fn new(
+        conn: h2::client::Connection<T, Bytes>,
+        pings: Option<h2::PingPong>,
+        activity: Arc<Activity>,
+    ) -> Self {
+        Self {
+            conn,
+            pings,
+            activity,
+            timer: tokio::time::sleep(H2_KEEPALIVE_INTERVAL),
+            awaiting_pong: false,
+        }
+    }
+}
+
+/// Why an HTTP/2 connection ended.
+#[derive(Debug, thiserror::Error)]
+enum Http2Ended {
+    #[error(transparent)]
+    Failed(#[from] h2::Error),
+    #[error("no answer to a keep-alive ping within {H2_KEEPALIVE_TIMEOUT:?}")]
+    PingTimeout,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> std::future::Future for KeepAlive<T> {
+    type Output = Result<(), Http2Ended>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let mut this = self.project();
+        if let Poll::Ready(ended) = this.conn.poll(cx) {
+            return Poll::Ready(ended.map_err(Into::into));
+        }
+        let Some(pings) = this.pings.as_mut() else {
+            return Poll::Pending;
+        };
+        loop {
+            if *this.awaiting_pong {
+                match pings.poll_pong(cx) {
+                    Poll::Ready(Ok(_)) => {
+                        *this.awaiting_pong = false;
+                        let next = tokio::time::Instant::now() + H2_KEEPALIVE_INTERVAL;
+                        this.timer.as_mut().reset(next);
+                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
+                    Poll::Pending => {}
+                }
+            }
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if *this.awaiting_pong {
+                return Poll::Ready(Err(Http2Ended::PingTimeout));
+            }
+            let now = tokio::time::Instant::now();
+            if this.activity.in_use() > 0 && pings.send_ping(h2::Ping::opaque()).is_ok() {
+                *this.awaiting_pong = true;
+                this.timer.as_mut().reset(now + H2_KEEPALIVE_TIMEOUT);
+            } else {
+                this.timer.as_mut().reset(now + H2_KEEPALIVE_INTERVAL);
+            }
+        }
     }
 }
 

@@ -7,13 +7,14 @@
 //!   `[pool] max_idle_per_endpoint` of them. A body dropped before its end,
 //!   a failed request and a `101 Switching Protocols` answer (the upgrade
 //!   takes the connection) close the connection instead.
-//! - **HTTP/2**: requests share one connection, up to
-//!   [`MAX_STREAMS_PER_CONNECTION`] streams in flight; past that a second is
-//!   opened. Only one request opens a connection at a time, the others wait
-//!   for it.
+//! - **HTTP/2** ([`http2`], on the `h2` crate): requests share one
+//!   connection, up to as many streams in flight as the peer allows
+//!   (`SETTINGS_MAX_CONCURRENT_STREAMS`); past that a second is opened. Only
+//!   one request opens a connection at a time, the others wait for it.
 //! - **Stale connections**: a request that a pooled connection could not take
-//!   (the peer closed it while idle, and it has not been noticed yet) is sent
-//!   again on another connection; hyper hands such a request back unsent.
+//!   (the peer closed it while idle, or sent GOAWAY, and it has not been
+//!   noticed yet) is sent again on another connection; hyper hands such an
+//!   HTTP/1.1 request back unsent, `h2` says so before the stream opens.
 //! - **Idle timeout**: each connection's task closes it once it has been
 //!   unused for `[pool] idle_timeout` ([`connect`]).
 //!
@@ -22,6 +23,7 @@
 //! whose hyper types cannot be named.
 
 pub(crate) mod connect;
+mod http2;
 #[cfg(test)]
 mod tests;
 
@@ -38,10 +40,7 @@ use pin_project_lite::pin_project;
 use weft_core::body::ProxyBody;
 
 use self::connect::{Activity, ConnectError, Connector, Http1Conn, Http2Conn};
-
-/// HTTP/2 streams in flight on one connection before another is opened: the
-/// least a peer should allow (RFC 9113 §6.5.2 recommends no fewer than 100).
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+use self::http2::Http2Body;
 
 /// Why a request could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +49,8 @@ pub enum SendError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Http(#[from] hyper::Error),
+    #[error(transparent)]
+    Http2(#[from] h2::Error),
 }
 
 /// A request on its way: boxed, as hyper's send futures have no name.
@@ -85,7 +86,7 @@ impl Pool {
     /// Whether the pool holds no open connection (a shared pool may then go).
     pub(crate) fn is_empty(&self) -> bool {
         lock(&self.http1).iter().all(|c| c.sender.is_closed())
-            && lock(&self.http2).iter().all(|c| c.sender.is_closed())
+            && lock(&self.http2).iter().all(|c| c.activity.is_closed())
     }
 
     /// Send `req` over HTTP/2 or HTTP/1.1 (its URI names the endpoint; an
@@ -148,14 +149,14 @@ impl Pool {
     ) -> Response<ResponseBody> {
         if rsp.status() == StatusCode::SWITCHING_PROTOCOLS {
             // The upgrade takes the connection.
-            return rsp.map(|inner| ResponseBody { inner, done: None });
+            return rsp.map(|inner| ResponseBody::http1(inner, None));
         }
         if rsp.body().is_end_stream() {
             self.put_back(conn);
-            return rsp.map(|inner| ResponseBody { inner, done: None });
+            return rsp.map(|inner| ResponseBody::http1(inner, None));
         }
         let done = Some(Done::Http1 { conn, pool: self });
-        rsp.map(|inner| ResponseBody { inner, done })
+        rsp.map(|inner| ResponseBody::http1(inner, done))
     }
 
     /// A connection whose response ended goes back to the idle list (at most
@@ -169,52 +170,6 @@ impl Pool {
         if idle.len() < self.max_idle {
             idle.push(conn);
         }
-    }
-
-    async fn send_http2(
-        self: Arc<Self>,
-        mut req: Request<ProxyBody>,
-    ) -> Result<Response<ResponseBody>, SendError> {
-        loop {
-            let (mut conn, pooled) = match self.open_http2() {
-                Some(conn) => (conn, true),
-                // Boxed, as for HTTP/1.1: the cold path.
-                None => Box::pin(self.connect_http2()).await?,
-            };
-            conn.activity.acquire();
-            let stream = Stream(Arc::clone(&conn.activity));
-            match conn.sender.try_send_request(req).await {
-                Ok(rsp) => {
-                    let done = Some(Done::Http2(stream));
-                    return Ok(rsp.map(|inner| ResponseBody { inner, done }));
-                }
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if pooled => req = unsent,
-                    _ => return Err(error.into_error().into()),
-                },
-            }
-        }
-    }
-
-    /// An open HTTP/2 connection with a stream to spare.
-    fn open_http2(&self) -> Option<Http2Conn> {
-        let mut open = lock(&self.http2);
-        open.retain(|conn| !conn.sender.is_closed());
-        open.iter()
-            .find(|conn| conn.activity.in_use() < MAX_STREAMS_PER_CONNECTION)
-            .cloned()
-    }
-
-    /// A new HTTP/2 connection, unless one appeared while waiting for the
-    /// right to open it (then that one, as pooled).
-    async fn connect_http2(&self) -> Result<(Http2Conn, bool), ConnectError> {
-        let _opening = self.opening.lock().await;
-        if let Some(conn) = self.open_http2() {
-            return Ok((conn, true));
-        }
-        let conn = self.connector.http2(self.endpoint).await?;
-        lock(&self.http2).push(conn.clone());
-        Ok((conn, false))
     }
 }
 
@@ -251,15 +206,19 @@ impl Drop for Stream {
 enum Done {
     /// The connection, to its pool.
     Http1 { conn: Http1Conn, pool: Arc<Pool> },
-    /// The stream's place on its connection.
-    Http2(Stream),
+    /// The stream's place on its connection, and what cancels the task
+    /// still sending the request body, if one is.
+    Http2 {
+        stream: Stream,
+        cancel: Option<tokio::sync::oneshot::Sender<()>>,
+    },
 }
 
 impl Done {
     fn finish(self) {
         match self {
             Self::Http1 { conn, pool } => pool.put_back(conn),
-            Self::Http2(stream) => drop(stream),
+            Self::Http2 { stream, cancel } => drop((stream, cancel)),
         }
     }
 }
@@ -270,28 +229,73 @@ pin_project! {
     #[derive(Debug)]
     pub struct ResponseBody {
         #[pin]
-        inner: Incoming,
+        inner: Inner,
         done: Option<Done>,
     }
 }
 
+pin_project! {
+    #[project = InnerProj]
+    #[derive(Debug)]
+    enum Inner {
+        Http1 { #[pin] body: Incoming },
+        Http2 { body: Http2Body },
+    }
+}
+
+impl ResponseBody {
+    fn http1(body: Incoming, done: Option<Done>) -> Self {
+        Self {
+            inner: Inner::Http1 { body },
+            done,
+        }
+    }
+
+    fn http2(body: Http2Body, done: Option<Done>) -> Self {
+        Self {
+            inner: Inner::Http2 { body },
+            done,
+        }
+    }
+}
+
+/// A response body's failure: the HTTP/1.1 connection's or the HTTP/2
+/// stream's.
+#[derive(Debug, thiserror::Error)]
+pub enum ResponseBodyError {
+    #[error(transparent)]
+    Http1(#[from] hyper::Error),
+    #[error(transparent)]
+    Http2(#[from] h2::Error),
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ResponseBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        let polled = this.inner.as_mut().poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+        let this = self.project();
+        let (polled, ended) = match this.inner.project() {
+            InnerProj::Http1 { mut body } => {
+                let polled = body.as_mut().poll_frame(cx).map_err(Into::into);
+                let ended = body.is_end_stream();
+                (polled, ended)
+            }
+            InnerProj::Http2 { body } => {
+                let polled = body.poll_frame(cx).map_err(Into::into);
+                (polled, body.is_end_stream())
+            }
+        };
         match &polled {
             Poll::Ready(None) => {
                 if let Some(done) = this.done.take() {
                     done.finish();
                 }
             }
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => {
+            Poll::Ready(Some(Ok(_))) if ended => {
                 if let Some(done) = this.done.take() {
                     done.finish();
                 }
@@ -304,10 +308,16 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            Inner::Http1 { body } => body.is_end_stream(),
+            Inner::Http2 { body } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Http1 { body } => body.size_hint(),
+            Inner::Http2 { body } => body.size_hint(),
+        }
     }
 }

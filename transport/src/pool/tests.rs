@@ -46,6 +46,15 @@ async fn server(
     http2: bool,
     gate: tokio::sync::watch::Receiver<usize>,
 ) -> (SocketAddr, Arc<Counts>) {
+    server_with_streams(http2, gate, 200).await
+}
+
+/// [`server`], allowing `max_streams` HTTP/2 streams per connection.
+async fn server_with_streams(
+    http2: bool,
+    gate: tokio::sync::watch::Receiver<usize>,
+    max_streams: u32,
+) -> (SocketAddr, Arc<Counts>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let counts = Arc::new(Counts::default());
@@ -71,6 +80,7 @@ async fn server(
                 let io = TokioIo::new(stream);
                 if http2 {
                     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
                         .serve_connection(io, service)
                         .await;
                 } else {
@@ -242,9 +252,9 @@ async fn idle_connections_close_after_the_idle_timeout() {
 }
 
 #[tokio::test]
-async fn http2_requests_share_a_connection_until_its_stream_limit() {
+async fn http2_requests_share_a_connection_until_the_peers_stream_limit() {
     let (gate, rx) = tokio::sync::watch::channel(0);
-    let (addr, counts) = server(true, rx).await;
+    let (addr, counts) = server_with_streams(true, rx, 30).await;
     let client = Arc::new(client(Duration::from_secs(30), 8));
     let pools = Arc::new(EndpointPools::default());
     // `n` requests all in flight at once, then answered.
@@ -267,7 +277,8 @@ async fn http2_requests_share_a_connection_until_its_stream_limit() {
     };
     run(20).await;
     assert_eq!(counts.accepted(), 1, "20 streams: one connection");
-    let over = super::MAX_STREAMS_PER_CONNECTION as usize + 20;
+    // The server allows 30 streams per connection (its SETTINGS).
+    let over = 50;
     run(over).await;
     assert_eq!(counts.accepted(), 2, "{over} streams: a second connection");
 }
@@ -323,4 +334,154 @@ async fn stream_resets_are_told_apart() {
     );
     let internal = h2_resetting(h2::Reason::INTERNAL_ERROR).await;
     assert_eq!(outcome(&client, internal, true).await, Outcome::Reset);
+}
+
+/// An HTTP/2 server (the `h2` crate's) whose every stream answers with
+/// `answer`, counting connections.
+async fn h2_server<F, Fut>(answer: F) -> (SocketAddr, Arc<Counts>)
+where
+    F: Fn(Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counts = Arc::new(Counts::default());
+    let c = Arc::clone(&counts);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            let (c, answer) = (Arc::clone(&c), answer.clone());
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(stream).await.unwrap();
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    c.requests.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(answer.clone()(req, respond));
+                }
+                c.closed.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, counts)
+}
+
+/// Echoes the request's body and trailers back.
+async fn echo(req: Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
+    let mut body = req.into_body();
+    let mut send = respond.send_response(Response::new(()), false).unwrap();
+    while let Some(data) = body.data().await {
+        let data = data.unwrap();
+        body.flow_control().release_capacity(data.len()).unwrap();
+        send.send_data(data, false).unwrap();
+    }
+    match body.trailers().await.unwrap() {
+        Some(trailers) => send.send_trailers(trailers).unwrap(),
+        None => send.send_data(Bytes::new(), true).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn http2_request_and_response_bodies_stream_with_their_trailers() {
+    let (addr, _) = h2_server(echo).await;
+    let client = client(Duration::from_secs(30), 8);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, Infallible>>(1);
+    let mut rx = rx;
+    let body =
+        http_body_util::StreamBody::new(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+    let mut req = Request::post(format!("http://{addr}/echo"))
+        .body(body::boxed(body))
+        .unwrap();
+    *req.version_mut() = Version::HTTP_2;
+    let sent = tokio::spawn(async move {
+        // The body comes after the request went out: it is piped.
+        for chunk in ["one ", "two ", "three"] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let frame = http_body::Frame::data(Bytes::from_static(chunk.as_bytes()));
+            tx.send(Ok(frame)).await.unwrap();
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        tx.send(Ok(http_body::Frame::trailers(trailers)))
+            .await
+            .unwrap();
+    });
+    let rsp = client.request(req, true, addr, None).await.unwrap();
+    let collected = rsp.into_body().collect().await.unwrap();
+    sent.await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap();
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(collected.to_bytes(), "one two three");
+}
+
+#[tokio::test]
+async fn a_dropped_http2_response_resets_its_stream_and_frees_its_place() {
+    let (reset_tx, mut reset_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, counts) = h2_server(move |_req, mut respond| {
+        let reset_tx = reset_tx.clone();
+        async move {
+            // A body that never ends, until the client gives up on it.
+            let mut send = respond.send_response(Response::new(()), false).unwrap();
+            send.send_data(Bytes::from_static(b"first"), false).unwrap();
+            let reason = std::future::poll_fn(|cx| send.poll_reset(cx)).await;
+            reset_tx.send(reason.unwrap()).unwrap();
+        }
+    })
+    .await;
+    let client = client(Duration::from_secs(30), 8);
+    let pool = Arc::new(client.pool(addr));
+    for _ in 0..3 {
+        let rsp = pool.send(get(addr, true), true).await.unwrap();
+        let mut body = rsp.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "first");
+        drop(body);
+        let reason = tokio::time::timeout(Duration::from_secs(5), reset_rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(reason, Some(h2::Reason::CANCEL));
+    }
+    assert_eq!(counts.accepted(), 1, "one connection throughout");
+    assert!(
+        super::lock(&pool.http2)
+            .iter()
+            .all(|c| c.activity.in_use() == 0),
+        "every stream's place was given back"
+    );
+}
+
+#[tokio::test]
+async fn http2_connections_close_when_idle_and_with_their_pool() {
+    let (addr, counts) = h2_server(echo).await;
+    let client = client(Duration::from_millis(200), 8);
+    let pools = EndpointPools::default();
+    let send = |pools: &EndpointPools| client.request(get(addr, true), true, addr, Some(pools));
+    send(&pools)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    eventually("the idle connection closes", || counts.closed() == 1).await;
+    send(&pools)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    assert_eq!(counts.accepted(), 2, "a closed connection is not reused");
+    let long = self::client(Duration::from_secs(30), 8);
+    let kept = EndpointPools::default();
+    long.request(get(addr, true), true, addr, Some(&kept))
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
+    drop(kept);
+    eventually("the connection closes with its pool", || {
+        counts.closed() == 3
+    })
+    .await;
 }
