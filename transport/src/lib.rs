@@ -6,7 +6,7 @@
 //! | module | responsibility |
 //! |---|---|
 //! | [`client`] | pooled HTTP/1.1 and HTTP/2 connections to endpoints, plaintext or mTLS |
-//! | [`pool`] | one endpoint's connections over `hyper::client::conn`: HTTP/1.1 idle lists, multiplexed HTTP/2, idle timeouts |
+//! | [`pool`] | one endpoint's connections: HTTP/1.1 idle lists over `hyper::client::conn`, multiplexed HTTP/2 over `h2` (up to the peer's stream limit), idle timeouts |
 //! | [`forward`] | the mechanics of the last hop: cleaning a request once, classifying send failures, joining upgrades |
 //! | [`server`] | the listeners' accept loop, connection caps and hyper's limits, HTTP/1.1 + HTTP/2 serving (plaintext or mTLS, detected per connection) with graceful shutdown |
 //! | [`tls`] | mTLS between sidecars: identity, rotation, handshakes on both sides, the caller's identity |
