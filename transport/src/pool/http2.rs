@@ -19,7 +19,6 @@ use http::{HeaderMap, Method, Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use weft_core::body::ProxyBody;
-use weft_core::headers;
 
 use super::connect::Http2Conn;
 use super::{Done, Pool, ResponseBody, SendError, Stream, lock};
@@ -84,11 +83,12 @@ impl Pool {
     }
 }
 
-/// What hyper's client did to a head before handing it to `h2`: no
-/// connection-specific header (`h2` refuses them), and the body's length
-/// when it is known and the header is missing.
+/// What hyper's client did to a head before handing it to `h2`: the
+/// body's length when it is known and the header is missing. (It also
+/// removed connection-specific headers, which `h2` refuses: the stacks'
+/// Forwarded layer has removed them already, and a request that still has
+/// one fails as a malformed request rather than going out.)
 fn prepare_head(head: &mut Request<()>, body: &ProxyBody) {
-    headers::strip_hop_by_hop(head.headers_mut(), false);
     if let Some(len) = body.size_hint().exact()
         && (len != 0 || has_payload_semantics(head.method()))
         && !head.headers().contains_key(header::CONTENT_LENGTH)
