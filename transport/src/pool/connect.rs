@@ -211,10 +211,12 @@ impl Connector {
         activity.acquire();
         let watched = Arc::clone(&activity);
         let idle_timeout = self.idle_timeout;
-        tokio::spawn(async move {
-            let conn = conn.with_upgrades();
-            until_idle(conn, &watched, idle_timeout, endpoint).await;
-        });
+        tokio::spawn(until_idle(
+            conn.with_upgrades(),
+            watched,
+            idle_timeout,
+            endpoint,
+        ));
         Ok(Http1Conn { sender, activity })
     }
 
@@ -238,7 +240,7 @@ impl Connector {
         let pings = conn.ping_pong();
         tokio::spawn(async move {
             let conn = KeepAlive::new(conn, pings, Arc::clone(&watched));
-            until_idle(conn, &watched, idle_timeout, endpoint).await;
+            until_idle(conn, Arc::clone(&watched), idle_timeout, endpoint).await;
             watched.close();
         });
         Ok(Http2Conn { sender, activity })
@@ -256,6 +258,8 @@ pin_project_lite::pin_project! {
         activity: Arc<Activity>,
         #[pin]
         timer: tokio::time::Sleep,
+        // Whether the timer's waker is registered (see `UntilIdle`).
+        armed: bool,
         awaiting_pong: bool,
     }
 }
@@ -271,6 +275,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> KeepAlive<T> {
             pings,
             activity,
             timer: tokio::time::sleep(H2_KEEPALIVE_INTERVAL),
+            armed: false,
             awaiting_pong: false,
         }
     }
@@ -307,14 +312,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> std::future::Future for KeepAlive<T> {
                         *this.awaiting_pong = false;
                         let next = tokio::time::Instant::now() + H2_KEEPALIVE_INTERVAL;
                         this.timer.as_mut().reset(next);
+                        *this.armed = false;
                     }
                     Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
                     Poll::Pending => {}
                 }
             }
-            if this.timer.as_mut().poll(cx).is_pending() {
+            if *this.armed && !this.timer.is_elapsed() {
                 return Poll::Pending;
             }
+            if this.timer.as_mut().poll(cx).is_pending() {
+                *this.armed = true;
+                return Poll::Pending;
+            }
+            *this.armed = false;
             if *this.awaiting_pong {
                 return Poll::Ready(Err(Http2Ended::PingTimeout));
             }
@@ -329,34 +340,80 @@ impl<T: AsyncRead + AsyncWrite + Unpin> std::future::Future for KeepAlive<T> {
     }
 }
 
-/// Drive a connection until it ends, or until it has been unused for
-/// `idle_timeout` (then dropping it closes it).
-async fn until_idle<C, E>(
+pin_project_lite::pin_project! {
+    /// Drives a connection until it ends, or until it has been unused for
+    /// `idle_timeout` (then dropping it closes it).
+    ///
+    /// The idle timer is polled only when it has fired (or was just set, to
+    /// register it), not on every wake of the connection: its waker stays
+    /// registered until it fires, and polling a timer is not free.
+    struct UntilIdle<C> {
+        #[pin]
+        conn: C,
+        #[pin]
+        timer: tokio::time::Sleep,
+        armed: bool,
+        activity: Arc<Activity>,
+        idle_timeout: Duration,
+        endpoint: SocketAddr,
+    }
+}
+
+fn until_idle<C>(
     conn: C,
-    activity: &Activity,
+    activity: Arc<Activity>,
     idle_timeout: Duration,
     endpoint: SocketAddr,
-) where
+) -> UntilIdle<C> {
+    UntilIdle {
+        conn,
+        timer: tokio::time::sleep(idle_timeout),
+        armed: false,
+        activity,
+        idle_timeout,
+        endpoint,
+    }
+}
+
+impl<C, E> std::future::Future for UntilIdle<C>
+where
     C: std::future::Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    tokio::pin!(conn);
-    let mut wait = idle_timeout;
-    loop {
-        tokio::select! {
-            ended = &mut conn => {
-                if let Err(error) = ended {
-                    tracing::debug!(endpoint.addr = %endpoint, %error, "connection to endpoint failed");
-                }
-                return;
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let mut this = self.project();
+        if let Poll::Ready(ended) = this.conn.poll(cx) {
+            if let Err(error) = ended {
+                tracing::debug!(endpoint.addr = %this.endpoint, %error, "connection to endpoint failed");
             }
-            () = tokio::time::sleep(wait) => match activity.idle_left(idle_timeout) {
-                Some(left) => wait = left,
-                None => {
-                    tracing::trace!(endpoint.addr = %endpoint, "idle connection to endpoint closed");
-                    return;
+            return Poll::Ready(());
+        }
+        loop {
+            if *this.armed && !this.timer.is_elapsed() {
+                return Poll::Pending;
+            }
+            if this.timer.as_mut().poll(cx).is_pending() {
+                *this.armed = true;
+                return Poll::Pending;
+            }
+            match this.activity.idle_left(*this.idle_timeout) {
+                Some(left) => {
+                    this.timer
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + left);
+                    *this.armed = false;
                 }
-            },
+                None => {
+                    tracing::trace!(endpoint.addr = %this.endpoint, "idle connection to endpoint closed");
+                    return Poll::Ready(());
+                }
+            }
         }
     }
 }

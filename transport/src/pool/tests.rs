@@ -485,3 +485,33 @@ async fn http2_connections_close_when_idle_and_with_their_pool() {
     })
     .await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_http2_connection_whose_pings_go_unanswered_is_closed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut conn = h2::server::handshake(stream).await.unwrap();
+        let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+        // A response that stays open...
+        let _send = respond.send_response(Response::new(()), false).unwrap();
+        // ...sent, then a peer that stops reading (and so answering pings).
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.accept()).await;
+        std::future::pending::<()>().await;
+        drop(conn);
+    });
+    let client = client(Duration::from_secs(3600), 8);
+    let pool = Arc::new(client.pool(addr));
+    let rsp = pool.send(get(addr, true), true).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let read = rsp.into_body().collect().await;
+    assert!(read.is_err(), "the stream failed with its connection");
+    let after = started.elapsed();
+    // A ping after 30 s with the stream open, unanswered for 10 s.
+    assert!(
+        after >= Duration::from_secs(39) && after <= Duration::from_secs(45),
+        "closed after {after:?}"
+    );
+    eventually("the pool drops the connection", || pool.is_empty()).await;
+}
