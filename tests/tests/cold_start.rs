@@ -7,10 +7,11 @@
 //! registers (an app behind its own sidecar): every call is answered 200 by
 //! it, and the held gauge is back at 0.
 //!
-//! Then the bounds, on a service that never gets an instance: held calls
-//! are answered `503 cold-start-timeout` (`outbound.cold_start.hold`) after
-//! `hold` and well within a margin, and a call past `queue` is refused at
-//! once (`outbound.cold_start.queue`).
+//! Then the bounds, on a service that never gets an instance: a caller
+//! that hangs up frees its place, held calls are answered `503
+//! cold-start-timeout` (`outbound.cold_start.hold`) after `hold` and well
+//! within a margin, and a call past `queue` is refused at once
+//! (`outbound.cold_start.queue`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -165,6 +166,16 @@ async fn without_an_instance_held_calls_time_out_and_the_queue_overflows() -> an
     )
     .await?;
     let client = mesh.client();
+
+    // A caller that hangs up while held gives its place back.
+    let gone = {
+        let client = client.clone();
+        tokio::spawn(async move { client.get("http://sleepy/gone").await })
+    };
+    until_held(mesh.caller(), "sleepy", 1.0).await?;
+    gone.abort();
+    until_held(mesh.caller(), "sleepy", 0.0).await?;
+
     let started = Instant::now();
     let held_calls: Vec<_> = (0..3)
         .map(|_| {
