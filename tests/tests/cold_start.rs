@@ -7,8 +7,9 @@
 //! registers (an app behind its own sidecar): every call is answered 200 by
 //! it, and the held gauge is back at 0.
 //!
-//! Then the bounds, on a service that never gets an instance: a caller
-//! that hangs up frees its place, held calls are answered `503
+//! Then the bounds, on a service that never gets an instance (and whose
+//! activator does not answer: counted, and harmless): a caller that hangs
+//! up frees its place, held calls are answered `503
 //! cold-start-timeout` (`outbound.cold_start.hold`) after `hold` and well
 //! within a margin, and a call past `queue` is refused at once
 //! (`outbound.cold_start.queue`).
@@ -158,11 +159,16 @@ async fn without_an_instance_held_calls_time_out_and_the_queue_overflows() -> an
     const HOLD: Duration = Duration::from_secs(3);
     let mesh = Mesh::builder().build().await?;
     let dir = TempDir::new()?;
+    // An activator nobody answers: its failure is counted, the calls are
+    // held as usual.
+    let activator = weft_tests::closed_port()?;
     apply(
         &mesh,
         &dir,
         "sleepy",
-        "[outbound]\ncold_start = { hold = \"3s\", queue = 3 }\n",
+        &format!(
+            "[outbound]\ncold_start = {{ hold = \"3s\", queue = 3, activate = \"http://{activator}/up\" }}\n"
+        ),
     )
     .await?;
     let client = mesh.client();
@@ -212,5 +218,16 @@ async fn without_an_instance_held_calls_time_out_and_the_queue_overflows() -> an
         ensure!(have == want, "{outcome}: {have}, want {want}");
     }
     ensure!(held(mesh.caller(), "sleepy").await? == 0.0);
+    let activator_calls = |outcome| {
+        scrape.value(
+            "weft_activator_calls_total",
+            &[("service", "sleepy"), ("outcome", outcome)],
+        )
+    };
+    ensure!(
+        activator_calls("failure")? >= 1.0,
+        "the failed activator call is counted"
+    );
+    ensure!(activator_calls("success")? == 0.0);
     Ok(())
 }
