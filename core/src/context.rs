@@ -6,7 +6,7 @@
 //! (the retry layer puts one there when no observe layer did). Layers below
 //! name the service and the route there, the endpoint client records every
 //! endpoint a try went to (so the next retry goes elsewhere), and retries,
-//! retries not sent and ejections are reported through it: each with one
+//! retries not sent, ejections and cold starts are reported through it: each with one
 //! call, which updates the service's [`Stats`] and the telemetry [`Events`]
 //! together. A refusal is marked on its response instead
 //! ([`crate::error::Refusal`]). A request without a context (a stack used
@@ -38,11 +38,36 @@ impl RetrySkipped {
     }
 }
 
+/// How a call to a service with no endpoint ended its cold start
+/// (`outbound.cold_start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColdStartOutcome {
+    /// Held, then let through when an instance came.
+    Released,
+    /// Held for `hold`, then refused.
+    Timeout,
+    /// Refused at once: `queue` calls were held already.
+    Overflow,
+}
+
+impl ColdStartOutcome {
+    pub const ALL: [Self; 3] = [Self::Released, Self::Timeout, Self::Overflow];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Released => "released",
+            Self::Timeout => "timeout",
+            Self::Overflow => "overflow",
+        }
+    }
+}
+
 /// Where a request's events are counted (the sidecar's metrics).
 pub trait Events: Send + Sync + std::fmt::Debug {
     fn retry(&self, service: &Arc<str>, route: &Arc<str>);
     fn retry_skipped(&self, service: &Arc<str>, route: &Arc<str>, why: RetrySkipped);
     fn ejection(&self, service: &Arc<str>);
+    fn cold_start(&self, service: &Arc<str>, outcome: ColdStartOutcome);
 }
 
 /// Where a request's tries went.
@@ -196,6 +221,14 @@ impl RequestContext {
         }
         if let Some(events) = &self.0.events {
             events.ejection(self.service());
+        }
+    }
+
+    /// The request met its service with no endpoint (`outbound.cold_start`)
+    /// and this is how that ended.
+    pub fn cold_start(&self, outcome: ColdStartOutcome) {
+        if let Some(events) = &self.0.events {
+            events.cold_start(self.service(), outcome);
         }
     }
 }

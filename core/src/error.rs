@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::{HeaderValue, StatusCode};
 
 pub use crate::headers::{WEFT_LIMIT, WEFT_REASON};
-use crate::limits::{ConcurrencyCapped, RateLimited};
+use crate::limits::{ColdStartRefused, ConcurrencyCapped, RateLimited};
 use crate::retry::replay::BodyError;
 
 /// Why the proxy answered a request itself: the `weft-reason` header's value.
@@ -36,6 +36,7 @@ pub enum Reason {
     AmbiguousRequest,
     ForeignAuthority,
     Denied,
+    ColdStartTimeout,
 }
 
 impl Reason {
@@ -58,6 +59,7 @@ impl Reason {
             Self::AmbiguousRequest => "ambiguous-request",
             Self::ForeignAuthority => "foreign-authority",
             Self::Denied => "denied",
+            Self::ColdStartTimeout => "cold-start-timeout",
         }
     }
 }
@@ -150,6 +152,9 @@ pub enum ProxyError {
         service: String,
         limit: Arc<str>,
     },
+
+    #[error(transparent)]
+    ColdStart(#[from] ColdStartRefused),
 }
 
 impl ProxyError {
@@ -162,7 +167,8 @@ impl ProxyError {
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::ConcurrencyCapped(_)
             | Self::EndpointsSaturated { .. }
-            | Self::NoHealthyEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::NoHealthyEndpoints { .. }
+            | Self::ColdStart(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::BudgetExhausted { last } => last.status(),
             Self::UnknownService { .. } => StatusCode::BAD_GATEWAY,
@@ -199,6 +205,7 @@ impl ProxyError {
             Self::AmbiguousRequest { .. } => Reason::AmbiguousRequest,
             Self::ForeignAuthority { .. } => Reason::ForeignAuthority,
             Self::Denied { .. } => Reason::Denied,
+            Self::ColdStart(_) => Reason::ColdStartTimeout,
         }
     }
 
@@ -231,7 +238,8 @@ impl ProxyError {
             | Self::NoHealthyEndpoints { .. }
             | Self::Connect { .. }
             | Self::Upstream { .. }
-            | Self::NoLocalService => UNAVAILABLE,
+            | Self::NoLocalService
+            | Self::ColdStart(_) => UNAVAILABLE,
             Self::Loop { .. } => INTERNAL,
             Self::ForeignAuthority { .. } | Self::Denied { .. } => PERMISSION_DENIED,
         }
@@ -249,6 +257,7 @@ impl ProxyError {
             Self::BudgetExhausted { last } => last.limit(),
             Self::UriTooLong { .. } => Some("limits.max_uri_length"),
             Self::Denied { limit, .. } => Some(limit),
+            Self::ColdStart(e) => Some(e.limit()),
             _ => None,
         }
     }

@@ -8,7 +8,8 @@
 //! Which side enforces what:
 //! - [`OutboundPolicy`], in every caller's sidecar: `outbound.*` (this caller's rate
 //!   to the service, per-endpoint caps, connect/idle timeouts, outlier ejection,
-//!   retry budget, locality), `[[splits]]`, and per route `timeout`,
+//!   retry budget, locality, calls held while the service scales from zero),
+//!   `[[splits]]`, and per route `timeout`,
 //!   `per_try_timeout` and `retry` (with `[outbound]` defaults).
 //! - [`InboundPolicy`], in the service's own sidecar: `inbound.*` (service-wide rate
 //!   limit at this instance's share, per-caller limits, per-instance concurrency cap
@@ -27,7 +28,7 @@ use std::time::Duration;
 use weft_config::{Outbound, Policy, Retry, Route, Split};
 
 use crate::authz::Allow;
-use crate::limits::{CallerRateLimit, ConcurrencyLimit, RateLimit, Share};
+use crate::limits::{CallerRateLimit, ColdStartGate, ConcurrencyLimit, RateLimit, Share};
 use crate::retry::RetryBudget;
 use crate::route::RouteTable;
 use crate::stats::Stats;
@@ -86,6 +87,8 @@ pub struct OutboundPolicy {
     pub splits: Vec<Split>,
     pub rate_limit: Option<Arc<RateLimit>>,
     pub stats: Arc<Stats>,
+    /// `outbound.cold_start`: calls held while the service has no endpoint.
+    pub cold_start: Option<Arc<ColdStartGate>>,
 }
 
 fn named(after: Option<weft_config::Duration>, limit: String) -> Option<NamedTimeout> {
@@ -150,6 +153,7 @@ impl OutboundPolicy {
                 .as_ref()
                 .map(|rl| Arc::new(RateLimit::new("outbound.rate_limit", rl, Share::ONE))),
             splits: policy.map(|p| p.splits.clone()).unwrap_or_default(),
+            cold_start: outbound.cold_start.as_ref().map(ColdStartGate::new),
             outbound,
             stats,
         }

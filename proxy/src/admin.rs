@@ -189,6 +189,8 @@ fn service_json(svc: &MeshService, source: &str, policy: Value, now: Instant) ->
         "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, cap, now)).collect::<Vec<_>>(),
         "counters": svc.policy.stats.to_json(),
         "policy": policy,
+        // Calls held now for a cold start (null without `outbound.cold_start`).
+        "cold_start_held": svc.policy.cold_start.as_ref().map(|gate| gate.held()),
     })
 }
 

@@ -21,6 +21,7 @@
 //! | [`state`] | the effective config and directory snapshots, readiness, reload, the state `/metrics` copies into gauges |
 //! | [`outbound`] | the outbound stack (the app's calls to other services), built top to bottom; discovery of a request's destination |
 //! | [`inbound`] | the inbound stack (other sidecars' calls to the local app), built top to bottom |
+//! | [`activator`] | the call that tells a platform a service scaled to zero needs an instance (`outbound.cold_start.activate`) |
 //! | [`admin`] | `/live`, `/ready`, `/config`, `/endpoints`, `POST /reload` |
 //! | [`telemetry`] | `/metrics`, request spans (OTLP), the access log, and the observation every finished request is reported through (the stack's `Observer`) |
 //! | `fuzzing` (hidden) | what the fuzz targets in `fuzz/` run on each input |
@@ -30,6 +31,7 @@
 //! snapshots read from `watch` channels; nothing on the request path holds a
 //! lock across an await.
 
+pub mod activator;
 pub mod admin;
 #[doc(hidden)]
 pub mod fuzzing;

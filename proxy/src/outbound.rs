@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! per connection  Observe -> Respond -> Screen -> Discover
-//! per service     Route -> RateLimit -> Forwarded -> Timeout -> Retry -> Balance
+//! per service     Route -> RateLimit -> Forwarded -> Timeout -> ColdStart -> Retry -> Balance
 //! per endpoint    Timeout (per try) -> EndpointClient
 //! ```
 //!
@@ -34,6 +34,7 @@ use hyper::body::Incoming;
 use tower::{Service, ServiceBuilder};
 use weft_config::Protocol;
 
+use crate::activator::HttpActivator;
 use crate::state::LiveState;
 use crate::telemetry::{Direction, EXTERNAL, RequestObserver};
 use weft_core::body::ProxyBody;
@@ -44,6 +45,7 @@ use weft_discovery::balance::{Balancer, Endpoint};
 use weft_discovery::directory::{Directory, MeshService};
 use weft_discovery::endpoints::EndpointSet;
 use weft_stack::balance::{Balance, Endpoints, InFlightBody};
+use weft_stack::cold_start::{Activator, ColdStart, ColdStartLayer};
 use weft_stack::context::RequestContext;
 use weft_stack::endpoint::{AppProtocol, NewEndpoint};
 use weft_stack::forwarded::{self, Forwarded, ForwardedLayer};
@@ -71,8 +73,10 @@ pub use weft_core::headers::WEFT_CALLER;
 pub type NewEndpointStack = NewLayered<TimeoutLayer, NewEndpoint>;
 
 /// One service's stack.
-pub type ServiceStack =
-    Route<RateLimit<Forwarded<Timeout<Retry<Balance<NewEndpointStack>>>>>, OutboundPolicy>;
+pub type ServiceStack = Route<
+    RateLimit<Forwarded<Timeout<ColdStart<Retry<Balance<NewEndpointStack>>>>>>,
+    OutboundPolicy,
+>;
 
 /// What the stack of one destination is built from.
 #[derive(Debug)]
@@ -99,6 +103,9 @@ pub struct Caller {
     /// This sidecar's outbound listener (no try may loop back to it).
     pub listener: Option<SocketAddr>,
     pub tasks: tokio_util::task::TaskTracker,
+    /// Who is told when a service with `outbound.cold_start.activate` is
+    /// called at zero instances (directory and pushed services only).
+    pub activator: Option<Arc<dyn Activator>>,
 }
 
 impl Caller {
@@ -108,6 +115,21 @@ impl Caller {
             zone: directory.caller_zone.clone(),
             listener: shared.bound().map(|b| b.outbound),
             tasks: shared.tasks.clone(),
+            activator: None,
+        }
+    }
+
+    /// With the sidecar's activator (for a directory or pushed service).
+    fn with_activator(self, directory: &Directory, shared: &LiveState) -> Self {
+        let activator = HttpActivator {
+            client: Arc::clone(&shared.activator),
+            dns: Arc::clone(directory.dns()),
+            metrics: Arc::clone(&shared.metrics),
+            tasks: shared.tasks.clone(),
+        };
+        Self {
+            activator: Some(Arc::new(activator)),
+            ..self
         }
     }
 }
@@ -121,6 +143,12 @@ pub fn service_stack(parts: ServiceParts<'_>, caller: Caller) -> ServiceStack {
         caller.tasks,
     )
     .refuse_loops_to(caller.listener);
+    let cold_start = ColdStartLayer::new(
+        Arc::clone(&parts.service),
+        parts.endpoints.clone(),
+        policy.cold_start.clone(),
+        caller.activator,
+    );
     let new_endpoint = if parts.endpoint_pools {
         new_endpoint
     } else {
@@ -139,6 +167,11 @@ pub fn service_stack(parts: ServiceParts<'_>, caller: Caller) -> ServiceStack {
         // The whole request, around every try and backoff; to the response
         // headers only (a response that streams is never cut by it).
         .layer(TimeoutLayer::new(timeout::Which::Request))
+        // Below the whole-request timeout, which bounds a held call too (the
+        // shorter of the two wins); above the retries, so a held call's body
+        // is not buffered for replay (nor read at all) while it waits, and
+        // its released tries are budgeted as any others.
+        .layer(cold_start)
         // Above the balancer: each retry picks an endpoint afresh.
         .layer(RetryLayer)
         .service(Balance::new(
@@ -307,7 +340,7 @@ fn mesh_service<B: StackBody>(
                 protocol: svc.protocol,
                 policy: &svc.policy,
             },
-            Caller::of(directory, shared),
+            Caller::of(directory, shared).with_activator(directory, shared),
         )
     };
     let cached = svc.stack.get_or_init(|| CachedStack {

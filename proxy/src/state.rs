@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weft_config::Loaded;
 
+use crate::activator::ActivatorClient;
 use crate::telemetry::{Direction, Metrics, Reporters};
 use weft_discovery::control_plane::ControlPlaneClient;
 use weft_discovery::directory::{Directory, OwnService};
@@ -135,6 +136,8 @@ pub struct LiveState {
     pub tls: Option<Arc<MeshTls>>,
     /// Metrics, spans and the access log: what every request reports to.
     pub reporters: Arc<Reporters>,
+    /// The client of `outbound.cold_start.activate` calls.
+    pub activator: Arc<ActivatorClient>,
 }
 
 fn now_secs() -> u64 {
@@ -199,6 +202,7 @@ impl LiveState {
             metrics,
             tls,
             reporters: Arc::new(reporters),
+            activator: Arc::new(ActivatorClient::default()),
         });
         // The bootstrap file's services show their counters at 0 from the
         // start, before any request (later ones from the next scrape).

@@ -22,6 +22,7 @@
 //! | [`concurrency`] | caps with bounded queues; permit held until the body ends |
 //! | [`forwarded`] | forwarding headers, caller identity, hop-by-hop removal |
 //! | [`timeout`] | whole-request and per-try timeouts |
+//! | [`cold_start`] | calls held while the service has no endpoint, released when its first instance registers; the activator |
 //! | [`retry`] | budgeted retries to other endpoints, with replayable bodies |
 //! | [`balance`] | the endpoint of each try; outlier ejection |
 //! | [`endpoint`] | one try to one endpoint over its pools |
@@ -33,6 +34,7 @@
 
 pub mod authorize;
 pub mod balance;
+pub mod cold_start;
 pub mod concurrency;
 /// The request context is `weft-core`'s (telemetry reads it too).
 pub use weft_core::context;

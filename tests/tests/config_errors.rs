@@ -281,6 +281,28 @@ async fn check_refuses_impossible_values() -> anyhow::Result<()> {
         Some(17),
         "outbound.load_balancer",
         "fastest",
+    )?;
+
+    // Calls held for an hour, and an activator without a URL scheme.
+    let bad = "service = \"lazy\"\n\n[outbound]\ncold_start = { hold = \"1h\" }\n";
+    let output = check("--policy", "bad.toml", bad, &[]).await?;
+    expect_refusal(
+        &output,
+        "bad.toml",
+        4,
+        Some(23),
+        "outbound.cold_start.hold",
+        "at most 5m, found 1h",
+    )?;
+    let bad = "service = \"lazy\"\n\n[outbound]\ncold_start = { activate = \"activator:8080\" }\n";
+    let output = check("--policy", "bad.toml", bad, &[]).await?;
+    expect_refusal(
+        &output,
+        "bad.toml",
+        4,
+        Some(27),
+        "outbound.cold_start.activate",
+        "invalid activator URL",
     )
 }
 

@@ -12,8 +12,10 @@
 //!
 //! Layout (private submodules, re-exported here): `limits` has the rate,
 //! queue, outlier, budget and locality tables; `retry` the retry table;
-//! `route` routes, matches and splits.
+//! `route` routes, matches and splits; `cold_start` the table of calls held
+//! while a service scales from zero.
 
+mod cold_start;
 mod limits;
 mod retry;
 mod route;
@@ -23,6 +25,7 @@ use std::num::NonZeroU32;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::cold_start::{ActivatorUrl, ColdStart};
 pub use self::limits::{CallerRateLimit, Locality, Outlier, Queue, RateLimit, RetryBudget};
 pub use self::retry::{ParseRetryOnError, Retry, RetryOn};
 pub use self::route::{HeaderMatch, HeaderName, Method, Route, RouteMatch, Split};
@@ -178,6 +181,10 @@ pub struct Outbound {
     /// Default retries for routes; `None` uses [`Retry::default`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
+    /// Hold calls while the service has no endpoint (it scales from zero).
+    /// Default none: such calls are refused at once (`no-endpoints`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold_start: Option<ColdStart>,
 }
 
 impl Default for Outbound {
@@ -194,6 +201,7 @@ impl Default for Outbound {
             timeout: None,
             per_try_timeout: None,
             retry: None,
+            cold_start: None,
         }
     }
 }

@@ -22,14 +22,21 @@
 //! service limit of this one caller sidecar (`outbound.rate_limit`) and caps per
 //! endpoint.
 //!
+//! - [`cold_start`]: how many calls to a service with no endpoint may wait
+//!   for its first instance, and for how long (`outbound.cold_start`), and
+//!   when its activator is due. [`ColdStartGate`] is shared by every request
+//!   to the service; its [`HeldSlot`] is held while a call waits.
+//!
 //! Every refusal ([`RateLimited`], [`ConcurrencyCapped`]) carries the name of
 //! the limit that refused, which is its policy key path (for example
 //! `inbound.rate_limit` or `routes.charge.max_concurrency`). The proxy returns
 //! it in the `weft-limit` response header so an operator can tell which setting
 //! to look at. Nothing here maps refusals to HTTP: that is `error`'s job.
 
+pub mod cold_start;
 pub mod concurrency;
 pub mod rate;
 
+pub use cold_start::{ColdStartGate, ColdStartRefused, HeldSlot};
 pub use concurrency::{ConcurrencyCapped, ConcurrencyLimit, ConcurrencyPermit};
 pub use rate::{CallerRateLimit, MAX_TRACKED_CALLERS, RateLimit, RateLimited, Share};

@@ -1,7 +1,8 @@
 //! The sidecar's live state as `/metrics` shows it: [`LiveState`] is the
 //! [`GaugeSource`] the metrics copy into their gauges when they are scraped
 //! or exported (the local app's health, the config version, every outbound
-//! service's endpoints and retry budgets, the control-plane client, the mesh
+//! service's endpoints, retry budgets and calls held for a cold start, the
+//! control-plane client, the mesh
 //! certificate's expiry). It also names each service's retry routes, whose
 //! counters then show at 0 before their first event.
 
@@ -69,6 +70,9 @@ fn service(gauges: &mut Gauges<'_>, svc: &MeshService, now: Instant) {
         .map(|plan| &plan.label);
     gauges.service_counters(&svc.label, routes);
     gauges.endpoints(&svc.label, states);
+    if let Some(gate) = &svc.policy.cold_start {
+        gauges.cold_start(&svc.label, gate.held(), gate.activator().is_some());
+    }
 }
 
 fn control_plane(client: &ControlPlaneClient) -> ControlPlaneStatus {

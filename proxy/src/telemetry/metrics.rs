@@ -22,6 +22,7 @@ use prometheus_client::registry::Registry;
 
 use super::callers::Callers;
 use super::series;
+use weft_core::context::ColdStartOutcome;
 pub use weft_transport::io::ConnectionMetrics;
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
@@ -125,6 +126,12 @@ struct ServiceLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    service: Arc<str>,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct EndpointLabels {
     service: Arc<str>,
     state: &'static str,
@@ -172,6 +179,29 @@ impl RetrySkipped {
             Self::BudgetExhausted => "budget-exhausted",
             Self::NotReplayable => "not-replayable",
             Self::NoEndpoint => "no-endpoint",
+        }
+    }
+}
+
+/// How a call to a service's activator ended (`outbound.cold_start.activate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivatorOutcome {
+    /// A 2xx answer.
+    Success,
+    /// Another status, or no answer (DNS, connect or request failure).
+    Failure,
+    /// No answer within the activator's timeout.
+    Timeout,
+}
+
+impl ActivatorOutcome {
+    const ALL: [Self; 3] = [Self::Success, Self::Failure, Self::Timeout];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failure => "failure",
+            Self::Timeout => "timeout",
         }
     }
 }
@@ -325,6 +355,32 @@ impl Gauges<'_> {
         }
     }
 
+    /// `weft_cold_start_held` of a service with `outbound.cold_start`; shows
+    /// its `weft_cold_start_total` (and, with an activator,
+    /// `weft_activator_calls_total`) at 0 before their first event.
+    pub fn cold_start(&mut self, service: &Arc<str>, held: u32, activator: bool) {
+        let m = self.metrics;
+        m.cold_start_held
+            .get_or_create(&ServiceLabels {
+                service: Arc::clone(service),
+            })
+            .set(i64::from(held));
+        for outcome in ColdStartOutcome::ALL {
+            drop(m.cold_starts.get_or_create(&OutcomeLabels {
+                service: Arc::clone(service),
+                outcome: outcome.as_str(),
+            }));
+        }
+        if activator {
+            for outcome in ActivatorOutcome::ALL {
+                drop(m.activator_calls.get_or_create(&OutcomeLabels {
+                    service: Arc::clone(service),
+                    outcome: outcome.as_str(),
+                }));
+            }
+        }
+    }
+
     /// `weft_tls_certificate_expiry_timestamp_seconds` (exported only with
     /// `[tls]`): the mesh certificate's notAfter, in Unix seconds.
     pub fn tls_certificate_expiry(&mut self, not_after: i64) {
@@ -378,6 +434,9 @@ pub struct Metrics {
     tls_certificate_expiry: Gauge,
     spans: SpanMetrics,
     otlp_exports: OtlpExportMetrics,
+    cold_start_held: Family<ServiceLabels, Gauge>,
+    cold_starts: Family<OutcomeLabels, Counter>,
+    activator_calls: Family<OutcomeLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -617,6 +676,41 @@ impl ExportCounters {
 }
 
 /// The control-plane client's gauges (registered only with a control plane).
+/// Calls held while a service scales from zero, and its activator.
+struct ColdStartFamilies {
+    held: Family<ServiceLabels, Gauge>,
+    outcomes: Family<OutcomeLabels, Counter>,
+    activator_calls: Family<OutcomeLabels, Counter>,
+}
+
+impl ColdStartFamilies {
+    fn register(registry: &mut Registry) -> Self {
+        let held = Family::default();
+        registry.register(
+            "cold_start_held",
+            "Calls held now because their service has no endpoint (outbound.cold_start)",
+            held.clone(),
+        );
+        let outcomes = Family::default();
+        registry.register(
+            "cold_start",
+            "Calls that met their service with no endpoint, by outcome (released, timeout, overflow)",
+            outcomes.clone(),
+        );
+        let activator_calls = Family::default();
+        registry.register(
+            "activator_calls",
+            "Calls to a service's activator (outbound.cold_start.activate), by outcome",
+            activator_calls.clone(),
+        );
+        Self {
+            held,
+            outcomes,
+            activator_calls,
+        }
+    }
+}
+
 struct ControlPlaneGauges {
     connected: Gauge,
     version: Gauge,
@@ -680,6 +774,7 @@ impl Metrics {
             otlp_exports,
         } = ExportCounters::register(registry);
         let control_plane = ControlPlaneGauges::register(registry, with_control_plane);
+        let cold_start = ColdStartFamilies::register(registry);
         Self {
             registry: root,
             created: SystemTime::now(),
@@ -712,6 +807,9 @@ impl Metrics {
             tls_certificate_expiry: Gauge::default(),
             spans,
             otlp_exports,
+            cold_start_held: cold_start.held,
+            cold_starts: cold_start.outcomes,
+            activator_calls: cold_start.activator_calls,
         }
     }
 
@@ -839,6 +937,26 @@ impl Metrics {
             .inc();
     }
 
+    /// A call that met `service` with no endpoint, and how that ended.
+    pub fn cold_start(&self, service: &Arc<str>, outcome: ColdStartOutcome) {
+        self.cold_starts
+            .get_or_create(&OutcomeLabels {
+                service: Arc::clone(service),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// A call to `service`'s activator, and how it ended.
+    pub fn activator_call(&self, service: &Arc<str>, outcome: ActivatorOutcome) {
+        self.activator_calls
+            .get_or_create(&OutcomeLabels {
+                service: Arc::clone(service),
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
     /// A reload, applied or rejected.
     pub fn reload(&self, applied: bool) {
         let result = if applied { "applied" } else { "rejected" };
@@ -929,6 +1047,7 @@ impl Metrics {
     fn refresh(&self, source: &dyn GaugeSource) {
         self.endpoints.clear();
         self.budgets.clear();
+        self.cold_start_held.clear();
         source.refresh(&mut Gauges { metrics: self });
     }
 }

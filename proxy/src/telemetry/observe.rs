@@ -26,7 +26,7 @@ use opentelemetry::trace::{Span as _, SpanKind, Status};
 use super::Reporters;
 use super::metrics::{Classification, Direction, Finished};
 use super::{NO_LIMIT, UNKNOWN};
-use weft_core::context::{Events, RequestContext, RetrySkipped};
+use weft_core::context::{ColdStartOutcome, Events, RequestContext, RetrySkipped};
 use weft_core::error::Refusal;
 use weft_core::error::{WEFT_LIMIT, WEFT_REASON};
 use weft_core::retry::classify::grpc_status;
@@ -51,6 +51,10 @@ impl Events for Reporters {
 
     fn ejection(&self, service: &Arc<str>) {
         self.metrics.ejection(service);
+    }
+
+    fn cold_start(&self, service: &Arc<str>, outcome: ColdStartOutcome) {
+        self.metrics.cold_start(service, outcome);
     }
 }
 
