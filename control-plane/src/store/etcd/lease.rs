@@ -160,7 +160,7 @@ struct Task {
 enum Event {
     Refresh(Option<Refresh>),
     Response(Result<Option<LeaseKeepAliveResponse>, etcd_client::Error>),
-    Opened(Result<Stream, StoreError>),
+    Opened(Box<Result<Stream, StoreError>>),
     Stuck,
 }
 
@@ -176,7 +176,7 @@ impl Task {
             let event = tokio::select! {
                 biased;
                 response = next_response(self.stream.as_mut()) => Event::Response(response),
-                opened = opened(self.opening.as_mut()) => Event::Opened(opened),
+                opened = opened(self.opening.as_mut()) => Event::Opened(Box::new(opened)),
                 () = sleep_until(stuck_at) => Event::Stuck,
                 refresh = self.requests.recv() => Event::Refresh(refresh),
             };
@@ -193,7 +193,7 @@ impl Task {
                 Event::Stuck => self.failed(timed_out(self.timeout)),
                 Event::Opened(result) => {
                     self.opening = None;
-                    self.opened(result).await;
+                    self.opened(*result).await;
                 }
             }
         }
