@@ -12,13 +12,22 @@
 # open, keep-alive requests per second, every gRPC message etcd received per
 # second, the CPU of the control plane and of etcd.
 #
+# CASE=storm: N simulated sidecars, each on its own connection and reconnecting
+# as weft-proxy does (jittered backoff), lose the control plane at once (it is
+# killed with SIGKILL and started again on the same address): the time until
+# every sidecar holds a snapshot at etcd's revision again, the new process's
+# peak CPU and RSS, etcd's gRPC messages meanwhile, snapshots going backwards.
+#
 # Usage: benches/control-plane.sh [SIDECARS="1000 5000 10000"] [CHURN/s=20] [SECONDS=10]
 #        CASE=leases benches/control-plane.sh [INSTANCES="10000"] [unused] [SECONDS=30]
+#        CASE=storm benches/control-plane.sh [SIDECARS="5000 10000 20000"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CASE=${CASE:-propagation}
 if [ "$CASE" = leases ]; then
   SIDECARS=${1:-10000}; SECS=${3:-30}
+elif [ "$CASE" = storm ]; then
+  SIDECARS=${1:-"5000 10000 20000"}; SECS=${3:-10}
 else
   SIDECARS=${1:-"1000 5000 10000"}; SECS=${3:-10}
 fi
@@ -51,7 +60,8 @@ for n in $SIDECARS; do
     sleep 0.05
   done
   printf 'bench-token-0123456789abcdef\n' > "$work/tokens"
-  listen=127.0.0.1:0
+  # The storm case restarts the control plane on the same address.
+  if [ "$CASE" = storm ]; then listen=127.0.0.1:$(free_port); else listen=127.0.0.1:0; fi
   start_cp() {
     rm -f "$work/bound.json"
     WEFT_LOG=warn pin 0 "$bin/weft-control-plane" --etcd "http://127.0.0.1:$client" \
@@ -67,12 +77,22 @@ for n in $SIDECARS; do
   grpc=$(python3 -c "import json; print(json.load(open('$work/bound.json'))['listen'])")
   case $CASE in
     leases) case_args=(--registrations "$n" --etcd-pid "$etcd_pid") ;;
+    storm) rm -f "$work/ready"
+      case_args=(--storm --sidecars "$n" --per-sidecar "$PER" --ready-file "$work/ready" --cp-pid-file "$work/cp.pid") ;;
     *) case_args=(--sidecars "$n" --per-sidecar "$PER" --churn "$CHURN") ;;
   esac
   pin 1 "$bin/weft-cp-bench" --control-plane "http://$grpc" --etcd "http://127.0.0.1:$client" \
     --cp-pid "$cp_pid" --services "$SERVICES" --duration "$SECS" "${case_args[@]}" \
     > "$work/out" &
   bench_pid=$!
+  if [ "$CASE" = storm ]; then
+    while [ ! -s "$work/ready" ] && kill -0 "$bench_pid" 2>/dev/null; do sleep 0.05; done
+    if [ -s "$work/ready" ]; then
+      # A crash: every sidecar's stream breaks at once; then the same replica again.
+      kill -9 "$cp_pid"; wait "$cp_pid" 2>/dev/null || true
+      start_cp; wait_cp
+    fi
+  fi
   wait "$bench_pid" || { cat "$work/out"; exit 1; }
   tee -a "$work/human.txt" < "$work/out"; tail -1 "$work/out" >> "$work/results.jsonl"
   kill "$cp_pid" "$etcd_pid"; wait "$cp_pid" "$etcd_pid" 2>/dev/null || true
@@ -81,6 +101,15 @@ echo
 python3 - "$work/results.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+if rows and rows[0].get("case") == "storm":
+    print("| sidecars | all current again after (s) | slowest sidecar's attempts | new CP peak CPU % (100 ms) | new CP peak RSS MiB | new CP CPU s until all current | etcd gRPC messages | snapshots backwards |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['sidecars']:,} | {r['all_current_seconds']:.2f} | {r['max_attempts']} | {r['cp_peak_cpu_percent']:.0f} | {r['cp_peak_rss_bytes'] / 1048576:.1f} | {r['cp_cpu_seconds']:.2f} | {r['etcd_messages']:.0f} | {r['backwards']} |")
+    print()
+    print("JSON:")
+    for r in rows: print(json.dumps(r))
+    sys.exit(0)
 if rows and rows[0].get("case") == "leases":
     print("| instances | etcd LeaseKeepAlive streams started/s | open | keep-alive requests/s | etcd gRPC messages/s | CP CPU % | etcd CPU % | CP RSS MiB | instance keys in etcd, start / end |")
     print("|---|---|---|---|---|---|---|---|---|")

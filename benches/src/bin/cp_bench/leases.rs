@@ -112,7 +112,7 @@ async fn register(
 
 /// One line per thousand instances that had to try again.
 fn report_retry(k: usize, e: &anyhow::Error) {
-    if k % 1000 == 0 {
+    if k.is_multiple_of(1000) {
         eprintln!("registering instance {k} failed, trying again: {e:#}");
     }
 }

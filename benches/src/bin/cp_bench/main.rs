@@ -37,6 +37,7 @@ use weft_api::v1::{SubscribeRequest, SubscribeResponse};
 use usage::{etcd_watchers, process_usage};
 
 mod leases;
+mod storm;
 mod usage;
 
 #[derive(Debug, Parser)]
@@ -80,6 +81,16 @@ struct Args {
     /// etcd's pid, for its CPU time (lease case).
     #[arg(long)]
     etcd_pid: Option<u32>,
+    /// The reconnect-storm case instead of propagation (see `storm`): every
+    /// sidecar on its own connection; once all hold a snapshot the bench
+    /// writes `--ready-file`, and the script restarts the control plane.
+    #[arg(long)]
+    storm: bool,
+    #[arg(long)]
+    ready_file: Option<std::path::PathBuf>,
+    /// Where the script writes the control plane's pid (storm case).
+    #[arg(long)]
+    cp_pid_file: Option<std::path::PathBuf>,
 }
 
 /// When each churned instance was written (by its sequence number).
@@ -196,6 +207,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
     if args.registrations > 0 {
         return leases::run(&args).await;
+    }
+    if args.storm {
+        return storm::run(&args).await;
     }
     if args.per_sidecar > args.services {
         bail!("--per-sidecar is larger than --services");
