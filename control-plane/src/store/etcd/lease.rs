@@ -281,10 +281,13 @@ impl Task {
         }
     }
 
-    /// Sends `refresh` on the open stream.
+    /// Sends `refresh` on the open stream; fails it if the stream just
+    /// failed (while the refreshes queued for it were being sent).
     async fn send(&mut self, refresh: Refresh) {
         let Some(stream) = self.stream.as_mut() else {
-            return self.open(refresh);
+            let failed = StoreError::unavailable("the lease keep-alive stream failed");
+            let _ = refresh.reply.send(Err(failed));
+            return;
         };
         stream.keeper.id = refresh.lease.0;
         // The request channel only fills when etcd stops reading: then the
