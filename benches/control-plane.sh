@@ -6,19 +6,40 @@
 # plane's CPU and RSS, and the watches etcd holds.
 # The control plane is pinned to CPU 0; etcd and the bench process to CPU 1.
 #
+# CASE=leases: instead, N instances registered through the control plane (one
+# Register stream each, held open; lease TTL 10 s) and, over SECONDS, what
+# keeping them alive costs: etcd LeaseKeepAlive streams set up per second and
+# open, keep-alive requests per second, every gRPC message etcd received per
+# second, the CPU of the control plane and of etcd.
+#
+# CASE=storm: N simulated sidecars, each on its own connection and reconnecting
+# as weft-proxy does (jittered backoff), lose the control plane at once (it is
+# killed with SIGKILL and started again on the same address): the time until
+# every sidecar holds a snapshot at etcd's revision again, the new process's
+# peak CPU and RSS, etcd's gRPC messages meanwhile, snapshots going backwards.
+#
 # Usage: benches/control-plane.sh [SIDECARS="1000 5000 10000"] [CHURN/s=20] [SECONDS=10]
+#        CASE=leases benches/control-plane.sh [INSTANCES="10000"] [unused] [SECONDS=30]
+#        CASE=storm benches/control-plane.sh [SIDECARS="5000 10000 20000"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SIDECARS=${1:-"1000 5000 10000"}
+CASE=${CASE:-propagation}
+if [ "$CASE" = leases ]; then
+  SIDECARS=${1:-10000}; SECS=${3:-30}
+elif [ "$CASE" = storm ]; then
+  SIDECARS=${1:-"5000 10000 20000"}; SECS=${3:-10}
+else
+  SIDECARS=${1:-"1000 5000 10000"}; SECS=${3:-10}
+fi
 CHURN=${2:-20}
-SECS=${3:-10}
 SERVICES=${SERVICES:-100}
 PER=${PER_SIDECAR:-3}
 source scripts/setup
-cargo build --release --locked -q -p weft-control-plane -p weft-benches
+[ -n "${NOBUILD:-}" ] || cargo build --release --locked -q -p weft-control-plane -p weft-benches
 bin=target/release
 work=$(mktemp -d)
 pids=()
+ulimit -n 65536 2>/dev/null || true
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 pin() { if command -v taskset >/dev/null; then exec taskset -c "$1" "${@:2}"; else exec "${@:2}"; fi; }
@@ -38,25 +59,68 @@ for n in $SIDECARS; do
     python3 -c "import socket; socket.create_connection(('127.0.0.1', $client), 0.2)" 2>/dev/null && break
     sleep 0.05
   done
-  rm -f "$work/bound.json"
   printf 'bench-token-0123456789abcdef\n' > "$work/tokens"
-  WEFT_LOG=warn pin 0 "$bin/weft-control-plane" --etcd "http://127.0.0.1:$client" \
-    --listen 127.0.0.1:0 --admin 127.0.0.1:0 --token-file "$work/tokens" \
-    --bound-file "$work/bound.json" > "$work/cp.log" 2>&1 &
-  cp_pid=$!; pids+=("$cp_pid")
-  for _ in $(seq 200); do [ -s "$work/bound.json" ] && break; sleep 0.05; done
-  [ -s "$work/bound.json" ] || { cat "$work/cp.log" "$work/etcd.log" >&2; exit 1; }
+  # The storm case restarts the control plane on the same address.
+  if [ "$CASE" = storm ]; then listen=127.0.0.1:$(free_port); else listen=127.0.0.1:0; fi
+  start_cp() {
+    rm -f "$work/bound.json"
+    WEFT_LOG=warn pin 0 "$bin/weft-control-plane" --etcd "http://127.0.0.1:$client" \
+      --listen "$listen" --admin 127.0.0.1:0 --token-file "$work/tokens" \
+      --max-connections $((n + 1000)) --bound-file "$work/bound.json" >> "$work/cp.log" 2>&1 &
+    cp_pid=$!; pids+=("$cp_pid"); echo "$cp_pid" > "$work/cp.pid"
+  }
+  wait_cp() {
+    for _ in $(seq 600); do [ -s "$work/bound.json" ] && return; sleep 0.05; done
+    cat "$work/cp.log" "$work/etcd.log" >&2; exit 1
+  }
+  start_cp; wait_cp
   grpc=$(python3 -c "import json; print(json.load(open('$work/bound.json'))['listen'])")
-  ulimit -n 65536 2>/dev/null || true
+  case $CASE in
+    leases) case_args=(--registrations "$n" --etcd-pid "$etcd_pid") ;;
+    storm) rm -f "$work/ready"
+      case_args=(--storm --sidecars "$n" --per-sidecar "$PER" --ready-file "$work/ready" --cp-pid-file "$work/cp.pid") ;;
+    *) case_args=(--sidecars "$n" --per-sidecar "$PER" --churn "$CHURN") ;;
+  esac
   pin 1 "$bin/weft-cp-bench" --control-plane "http://$grpc" --etcd "http://127.0.0.1:$client" \
-    --cp-pid "$cp_pid" --sidecars "$n" --services "$SERVICES" --per-sidecar "$PER" \
-    --churn "$CHURN" --duration "$SECS" | tee -a "$work/human.txt" | tail -1 >> "$work/results.jsonl"
+    --cp-pid "$cp_pid" --services "$SERVICES" --duration "$SECS" "${case_args[@]}" \
+    > "$work/out" &
+  bench_pid=$!
+  if [ "$CASE" = storm ]; then
+    while [ ! -s "$work/ready" ] && kill -0 "$bench_pid" 2>/dev/null; do sleep 0.05; done
+    if [ -s "$work/ready" ]; then
+      # A crash: every sidecar's stream breaks at once; then the same replica again.
+      kill -9 "$cp_pid"; wait "$cp_pid" 2>/dev/null || true
+      start_cp; wait_cp
+    fi
+  fi
+  wait "$bench_pid" || { cat "$work/out"; exit 1; }
+  tee -a "$work/human.txt" < "$work/out"; tail -1 "$work/out" >> "$work/results.jsonl"
   kill "$cp_pid" "$etcd_pid"; wait "$cp_pid" "$etcd_pid" 2>/dev/null || true
 done
 echo
 python3 - "$work/results.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+if rows and rows[0].get("case") == "storm":
+    print("| sidecars | all current again after (s) | slowest sidecar's attempts | new CP peak CPU % (100 ms) | new CP peak RSS MiB | new CP CPU s until all current | etcd gRPC messages | snapshots backwards |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['sidecars']:,} | {r['all_current_seconds']:.2f} | {r['max_attempts']} | {r['cp_peak_cpu_percent']:.0f} | {r['cp_peak_rss_bytes'] / 1048576:.1f} | {r['cp_cpu_seconds']:.2f} | {r['etcd_messages']:.0f} | {r['backwards']} |")
+    print()
+    print("JSON:")
+    for r in rows: print(json.dumps(r))
+    sys.exit(0)
+if rows and rows[0].get("case") == "leases":
+    print("| instances | etcd LeaseKeepAlive streams started/s | open | keep-alive requests/s | etcd gRPC messages/s | CP CPU % | etcd CPU % | CP RSS MiB | instance keys in etcd, start / end |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f = lambda v: "?" if v is None else f"{v:.1f}"
+        rss = None if r["cp_rss_bytes"] is None else r["cp_rss_bytes"] / 1048576
+        print(f"| {r['registrations']:,} | {r['keepalive_streams_started_per_second']:.1f} | {r['keepalive_streams_open']:.0f} | {r['keepalive_requests_per_second']:.1f} | {r['etcd_messages_received_per_second']:.1f} | {f(r['cp_cpu_percent'])} | {f(r['etcd_cpu_percent'])} | {f(rss)} | {r['instance_keys_start']:,} / {r['instance_keys']:,} |")
+    print()
+    print("JSON:")
+    for r in rows: print(json.dumps(r))
+    sys.exit(0)
 print("| sidecars | propagation p50 / p90 / p99 / max ms | deliveries | CP CPU % (per 1,000 sidecars) | CP RSS MiB (per 1,000 sidecars) | etcd watchers |")
 print("|---|---|---|---|---|---|")
 for r in rows:

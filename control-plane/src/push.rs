@@ -19,7 +19,9 @@
 //! **Subscribe**: a sidecar names the services it wants; the first response is a
 //! full snapshot of them, later responses carry only the services that changed
 //! (each complete) and those that disappeared. Every response carries the store
-//! revision it reflects, never going backwards on a stream. All subscribers read
+//! revision it reflects, never going backwards on a stream (nor from one replica
+//! to a fresh one: the first response waits until the view has listed the
+//! store). All subscribers read
 //! one in-memory [`DirectoryView`] (one store watch per replica); a change wakes
 //! each subscriber, which waits [`COALESCE`] for the burst to settle and then sends
 //! one message with the newest state. A slow subscriber only ever gets the newest
@@ -523,6 +525,7 @@ async fn serve_subscription(
     loop {
         // When the view applied the store change that woke this stream.
         let mut woken_at: Option<Instant> = None;
+        let loaded = view.borrow().observed_at.is_some();
         // The warm-up ended: say so with a full message.
         let mut warmed = false;
         tokio::select! {
@@ -545,7 +548,7 @@ async fn serve_subscription(
                 }
                 None => return Ok(()),
             },
-            changed = view.changed(), if !first => {
+            changed = view.changed(), if !first || !loaded => {
                 if changed.is_err() {
                     return Err(Status::unavailable("the control plane is shutting down"));
                 }
@@ -558,6 +561,13 @@ async fn serve_subscription(
             woken_at = view.borrow().observed_at;
         }
         let current = Arc::clone(&view.borrow_and_update());
+        if current.observed_at.is_none() {
+            // The view has not listed the store yet (a replica just
+            // started): it is empty, at revision 0, and a sidecar that
+            // knew a later revision would see its snapshot go backwards.
+            // The first message waits for the listing.
+            continue;
+        }
         let warming = Instant::now() < warm_until;
         let full = first || (warmed && !warming);
         if let Some(msg) = next_message(&current, &subscribed, &mut sent, full, warming) {

@@ -266,3 +266,91 @@ async fn losing_a_cluster_member_costs_a_retry_not_an_outage() -> anyhow::Result
     ensure!(store.get("later").await?.is_some());
     Ok(())
 }
+
+/// `LeaseKeepAlive` streams etcd has started, from its `/metrics`.
+async fn keep_alive_streams_started(server: &EtcdServer) -> anyhow::Result<f64> {
+    let addr = server
+        .client_url()
+        .trim_start_matches("http://")
+        .parse()
+        .context("etcd's client address")?;
+    let scrape = weft_tests::admin::Admin::new(addr).metrics().await?;
+    ensure!(
+        scrape.text.contains("grpc_server_started_total"),
+        "etcd's /metrics has no grpc_server_started_total"
+    );
+    Ok(scrape.sum(
+        "grpc_server_started_total",
+        &[("grpc_method", "LeaseKeepAlive")],
+    ))
+}
+
+#[tokio::test]
+async fn every_lease_is_kept_alive_over_one_stream() -> anyhow::Result<()> {
+    let server = EtcdServer::start().await?;
+    let store = EtcdStore::connect(EtcdOptions::new([server.client_url()])).await?;
+    let mut leases = Vec::new();
+    for _ in 0..100 {
+        leases.push(store.grant_lease(Duration::from_secs(60)).await?);
+    }
+    let before = keep_alive_streams_started(&server).await?;
+    for round in 0..3 {
+        let refreshes = leases.iter().map(|&lease| store.keep_alive(lease));
+        for (lease, refreshed) in leases
+            .iter()
+            .zip(futures_util::future::join_all(refreshes).await)
+        {
+            refreshed.with_context(|| format!("round {round}: refreshing lease {lease}"))?;
+        }
+    }
+    // A revoked lease's refresh says so; the others still refresh, on the
+    // same stream.
+    let (gone, kept) = (leases[0], leases[1]);
+    store.revoke(gone).await?;
+    match store.keep_alive(gone).await {
+        Err(StoreError::LeaseNotFound(lease)) if lease == gone => {}
+        other => bail!("refreshing a revoked lease gave {other:?}"),
+    }
+    store.keep_alive(kept).await?;
+    let after = keep_alive_streams_started(&server).await?;
+    ensure!(
+        after - before == 1.0,
+        "302 refreshes of 100 leases took {} LeaseKeepAlive streams",
+        after - before
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn lease_refreshes_fail_while_etcd_is_down_and_resume_when_it_is_back() -> anyhow::Result<()>
+{
+    let mut server = EtcdServer::start().await?;
+    let mut options = EtcdOptions::new([server.client_url()]);
+    options.request_timeout = Duration::from_millis(500);
+    let store = EtcdStore::connect(options).await?;
+    let lease = store.grant_lease(Duration::from_secs(60)).await?;
+    store.keep_alive(lease).await?;
+
+    server.kill()?;
+    // The stream breaks; every refresh fails retryably, and promptly.
+    for _ in 0..3 {
+        let started = Instant::now();
+        match store.keep_alive(lease).await {
+            Err(e) if e.is_retryable() => {}
+            other => bail!("a refresh with etcd down gave {other:?}"),
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(3),
+            "a refresh with etcd down took {:?}",
+            started.elapsed()
+        );
+    }
+
+    server.restart().await?;
+    weft_tests::eventually(Duration::from_secs(20), || async {
+        Ok(store.keep_alive(lease).await?)
+    })
+    .await
+    .context("refreshes did not resume once etcd was back")?;
+    Ok(())
+}

@@ -19,12 +19,14 @@
 //! large it is; if that revision is compacted away mid-listing, the listing
 //! starts over (a few times at most).
 //!
-//! Watches are in `watch`; errors are mapped in `convert`; connection
+//! Watches are in `watch`; lease refreshes, all over one long-lived
+//! keep-alive stream, in `lease`; errors are mapped in `convert`; connection
 //! settings are in `options`.
 //!
 //! Tested against etcd 3.4.23 (Debian bookworm) by the conformance suite.
 
 mod convert;
+mod lease;
 mod options;
 mod watch;
 
@@ -42,9 +44,11 @@ use etcd_client::{
 use tokio::time::Instant;
 
 use self::convert::{Op, key_value, map_error, prefix_range_end};
+use self::lease::KeepAlives;
 pub use self::options::{ClientCert, ConnectError, EtcdOptions, EtcdTls, EtcdUser, Password};
 use super::{
-    KeyValue, LeaseId, Revision, Store, StoreError, WatchStream, check_put, lease_ttl_secs,
+    ErrorChain, KeyValue, LeaseId, Revision, Store, StoreError, WatchStream, check_put,
+    lease_ttl_secs,
 };
 
 /// The largest response we decode: a page of a listing or a batch of watch
@@ -72,6 +76,8 @@ struct Inner {
     endpoints: Arc<[String]>,
     request_timeout: Duration,
     page_size: i64,
+    /// The task that sends every lease refresh over one stream.
+    keep_alives: KeepAlives,
 }
 
 /// One endpoint and its clients, connected when needed.
@@ -171,7 +177,7 @@ impl EtcdStore {
             }
         }
         let first = first_member(members.len());
-        let inner = Inner {
+        let inner = Arc::new_cyclic(|weak| Inner {
             members,
             current: AtomicUsize::new(first),
             connect_options,
@@ -179,10 +185,9 @@ impl EtcdStore {
             endpoints: options.endpoints.clone().into(),
             request_timeout: options.request_timeout,
             page_size: i64::from(options.list_page_size.get()),
-        };
-        let store = EtcdStore {
-            inner: Arc::new(inner),
-        };
+            keep_alives: KeepAlives::start(weak.clone(), options.request_timeout),
+        });
+        let store = EtcdStore { inner };
         store.ping().await.map_err(unreachable)?;
         tracing::info!(
             etcd.endpoints = %options.endpoints.join(","),
@@ -232,7 +237,21 @@ impl EtcdStore {
     /// sent to the next member. Every Weft request is safe to send twice
     /// (puts and deletes of whole values, lease refreshes and revocations; a
     /// lease granted twice expires unused).
-    async fn call<T, F, Fut>(&self, op: Op<'_>, mut request: F) -> Result<T, StoreError>
+    async fn call<T, F, Fut>(&self, op: Op<'_>, request: F) -> Result<T, StoreError>
+    where
+        F: FnMut(&Clients) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        Ok(self.call_on(op, request).await?.0)
+    }
+
+    /// [`call`](Self::call), also returning the member that answered and
+    /// its clients (for a stream that outlives the call).
+    async fn call_on<T, F, Fut>(
+        &self,
+        op: Op<'_>,
+        mut request: F,
+    ) -> Result<(T, usize, Arc<Clients>), StoreError>
     where
         F: FnMut(&Clients) -> Fut,
         Fut: Future<Output = Result<T, etcd_client::Error>>,
@@ -248,47 +267,52 @@ impl EtcdStore {
             let share = (deadline - now) / u32::try_from(count - tried).unwrap_or(1);
             let until = now + share;
             let index = self.inner.current.load(Ordering::Relaxed) % count;
-            let error = match tokio::time::timeout_at(until, self.member(index)).await {
-                Err(_) => timed_out(share),
-                Ok(Err(error)) => error,
+            let (error, clients) = match tokio::time::timeout_at(until, self.member(index)).await {
+                Err(_) => (timed_out(share), None),
+                Ok(Err(error)) => (error, None),
                 Ok(Ok(clients)) => match tokio::time::timeout_at(until, request(&clients)).await {
-                    Ok(Ok(value)) => return Ok(value),
-                    Ok(Err(error)) => {
-                        let error = map_error(error, op);
-                        if matches!(error, StoreError::Unavailable { .. }) {
-                            self.forget(index, &clients);
-                        }
-                        error
-                    }
-                    Err(_) => {
-                        self.forget(index, &clients);
-                        timed_out(share)
-                    }
+                    Ok(Ok(value)) => return Ok((value, index, clients)),
+                    Ok(Err(error)) => (map_error(error, op), Some(clients)),
+                    Err(_) => (timed_out(share), Some(clients)),
                 },
             };
             if !matches!(error, StoreError::Unavailable { .. }) {
                 return Err(error);
             }
-            if count > 1 {
-                // Move on from this member, unless another request did already.
-                let next = (index + 1) % count;
-                if self
-                    .inner
-                    .current
-                    .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-                {
-                    tracing::warn!(
-                        etcd.endpoint = %self.inner.members[index].url,
-                        etcd.next = %self.inner.members[next].url,
-                        %error,
-                        "etcd member failed a request; moving to the next one"
-                    );
-                }
-            }
+            self.member_failed(index, clients.as_ref(), &error);
             last = Some(error);
         }
         Err(last.unwrap_or_else(|| timed_out(self.inner.request_timeout)))
+    }
+
+    /// After member `index` failed a request with `error`: if it is
+    /// unavailable, drops `clients` (the channel the request went over, if it
+    /// got that far) and makes the next member current, unless another
+    /// request did already.
+    fn member_failed(&self, index: usize, clients: Option<&Arc<Clients>>, error: &StoreError) {
+        if !matches!(error, StoreError::Unavailable { .. }) {
+            return;
+        }
+        if let Some(clients) = clients {
+            self.forget(index, clients);
+        }
+        let count = self.inner.members.len();
+        if count > 1 {
+            let next = (index + 1) % count;
+            if self
+                .inner
+                .current
+                .compare_exchange(index, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                tracing::warn!(
+                    etcd.endpoint = %self.inner.members[index].url,
+                    etcd.next = %self.inner.members[next].url,
+                    error = %ErrorChain(error),
+                    "etcd member failed a request; moving to the next one"
+                );
+            }
+        }
     }
 
     /// Member `index`'s clients, connecting them if needed.
@@ -453,14 +477,11 @@ impl Store for EtcdStore {
     }
 
     async fn keep_alive(&self, id: LeaseId) -> Result<(), StoreError> {
-        // etcd-client sends one refresh and checks its answer; dropping the
-        // keeper and its stream ends the gRPC stream.
-        self.call(Op::Lease(id), |c| {
-            let mut lease = c.lease.clone();
-            async move { lease.keep_alive(id.0).await }
-        })
-        .await?;
-        Ok(())
+        // Over the store's one keep-alive stream (see `lease`).
+        self.inner
+            .keep_alives
+            .refresh(id, self.inner.request_timeout)
+            .await
     }
 
     async fn revoke(&self, id: LeaseId) -> Result<(), StoreError> {

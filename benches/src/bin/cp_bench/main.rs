@@ -34,6 +34,12 @@ use tonic::transport::{Channel, Endpoint};
 use weft_api::v1::control_plane_client::ControlPlaneClient;
 use weft_api::v1::{SubscribeRequest, SubscribeResponse};
 
+use usage::{etcd_watchers, process_usage};
+
+mod leases;
+mod storm;
+mod usage;
+
 #[derive(Debug, Parser)]
 struct Args {
     /// The control plane's gRPC address (`http://host:port`).
@@ -66,6 +72,25 @@ struct Args {
     /// Seconds to wait for late deliveries after the last write.
     #[arg(long, default_value_t = 3.0)]
     grace: f64,
+    /// The lease case instead of propagation: register this many instances
+    /// through the control plane (one Register stream each, held open) and
+    /// measure, over `--duration` seconds, what keeping their leases alive
+    /// costs etcd and the control plane.
+    #[arg(long, default_value_t = 0)]
+    registrations: usize,
+    /// etcd's pid, for its CPU time (lease case).
+    #[arg(long)]
+    etcd_pid: Option<u32>,
+    /// The reconnect-storm case instead of propagation (see `storm`): every
+    /// sidecar on its own connection; once all hold a snapshot the bench
+    /// writes `--ready-file`, and the script restarts the control plane.
+    #[arg(long)]
+    storm: bool,
+    #[arg(long)]
+    ready_file: Option<std::path::PathBuf>,
+    /// Where the script writes the control plane's pid (storm case).
+    #[arg(long)]
+    cp_pid_file: Option<std::path::PathBuf>,
 }
 
 /// When each churned instance was written (by its sequence number).
@@ -90,6 +115,19 @@ fn record(service: &str, id: &str, port: u16) -> String {
         "metadata": {},
     })
     .to_string()
+}
+
+/// Seeds every service with two instances.
+async fn seed(etcd: &mut etcd_client::Client, args: &Args) -> anyhow::Result<()> {
+    for i in 0..args.services {
+        let name = service(i);
+        for j in 0..2u16 {
+            let id = format!("seed-{j}");
+            let key = format!("{}services/{name}/instances/{id}", args.prefix);
+            etcd.put(key, record(&name, &id, 8000 + j), None).await?;
+        }
+    }
+    Ok(())
 }
 
 /// One simulated sidecar's subscription: reads pushes until `stop`, records
@@ -164,47 +202,15 @@ fn tokio_stream(
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
 }
 
-/// (utime + stime in seconds, RSS in bytes) of `pid`.
-fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rsplit_once(')').context("stat format")?.1;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // After the command: state is field 3; utime and stime are fields 14, 15.
-    let ticks: f64 = fields.get(11).context("utime")?.parse::<f64>()?
-        + fields.get(12).context("stime")?.parse::<f64>()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("VmRSS")?;
-    // USER_HZ is 100 on Linux for every architecture /proc reports in.
-    Ok((ticks / 100.0, rss_kb * 1024))
-}
-
-/// `etcd_debugging_mvcc_watcher_total` from etcd's /metrics.
-async fn etcd_watchers(etcd: &str) -> anyhow::Result<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = etcd.trim_start_matches("http://");
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(
-        format!("GET /metrics HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    out.lines()
-        .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
-        .context("no etcd_debugging_mvcc_watcher_total in etcd's /metrics")?
-        .trim()
-        .parse()
-        .context("watcher count")
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
+    if args.registrations > 0 {
+        return leases::run(&args).await;
+    }
+    if args.storm {
+        return storm::run(&args).await;
+    }
     if args.per_sidecar > args.services {
         bail!("--per-sidecar is larger than --services");
     }
@@ -212,16 +218,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to etcd")?;
     let key = |service: &str, id: &str| format!("{}services/{service}/instances/{id}", args.prefix);
-
-    // Seed: two instances per service.
-    for i in 0..args.services {
-        let name = service(i);
-        for j in 0..2u16 {
-            let id = format!("seed-{j}");
-            etcd.put(key(&name, &id), record(&name, &id, 8000 + j), None)
-                .await?;
-        }
-    }
+    seed(&mut etcd, &args).await?;
 
     // Subscribers, over shared connections (100 streams per connection by
     // default: below HTTP/2 servers' usual stream limits).

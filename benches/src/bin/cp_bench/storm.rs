@@ -1,0 +1,345 @@
+//! The reconnect-storm case (`--storm`): N simulated sidecars lose their
+//! control plane at once and reconnect.
+//!
+//! Each sidecar has its own HTTP/2 connection and one Subscribe stream (as a
+//! real sidecar has), subscribed to `--per-sidecar` of `--services` services,
+//! and reconnects as weft-proxy does: after a session that lasted
+//! `HEALTHY_SESSION`, full-jitter exponential backoff from 100 ms doubling to
+//! 10 s (`weft_discovery`'s `Backoff`, mirrored in [`Backoff`]). Once every
+//! sidecar holds its snapshot, the bench writes `--ready-file`; the script
+//! then kills the control plane (SIGKILL: every stream breaks at once) and
+//! starts it again on the same address, writing the new pid to
+//! `--cp-pid-file`. The bench reports:
+//!
+//! - the time from the first broken stream until every sidecar holds a
+//!   snapshot from the new process at etcd's current revision (and the
+//!   slowest sidecar's reconnect attempts);
+//! - the new control plane's peak CPU (per 100 ms sample) and RSS, and its
+//!   CPU time until the last sidecar was current;
+//! - gRPC messages etcd received in that time;
+//! - snapshots that went backwards (a revision lower than one the sidecar
+//!   already had): must be 0.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, ensure};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Endpoint;
+use weft_api::v1::SubscribeRequest;
+use weft_api::v1::control_plane_client::ControlPlaneClient;
+
+use crate::usage::{etcd_metrics, process_usage, sample_sum};
+use crate::{Args, service, subscriptions};
+
+/// weft-proxy's reconnect backoff (`weft_discovery::control_plane::session`).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+const HEALTHY_SESSION: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often the new control plane's CPU and RSS are sampled.
+const SAMPLE: Duration = Duration::from_millis(100);
+
+/// Full-jitter exponential backoff, as weft-proxy's; each sidecar draws
+/// from its own generator (splitmix64, seeded by its index).
+struct Backoff {
+    attempt: u32,
+    state: u64,
+}
+
+impl Backoff {
+    fn new(seed: u64) -> Self {
+        Self {
+            attempt: 0,
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = BACKOFF_MIN
+            .saturating_mul(2u32.saturating_pow(self.attempt.min(16)))
+            .min(BACKOFF_MAX);
+        self.attempt = self.attempt.saturating_add(1);
+        // splitmix64
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let fraction = (z >> 11) as f64 / (1u64 << 53) as f64;
+        ceiling.mul_f64(fraction)
+    }
+}
+
+/// What every sidecar shares with the main task.
+#[derive(Default)]
+struct Shared {
+    /// Sidecars that hold a snapshot from their first session.
+    subscribed: AtomicU64,
+    /// Sessions that ended (streams broken).
+    broken: AtomicU64,
+    /// Sidecars current again: a snapshot from a later session at or past
+    /// `target` revision.
+    current_again: AtomicU64,
+    /// Snapshots older than one the sidecar had.
+    backwards: AtomicU64,
+    /// The most connection attempts any sidecar needed to be current again.
+    max_attempts: AtomicU32,
+}
+
+/// One simulated sidecar: subscribes, and reconnects whenever its session ends,
+/// until `stop`.
+async fn sidecar(
+    k: usize,
+    address: String,
+    services: Vec<String>,
+    shared: Arc<Shared>,
+    target: watch::Receiver<i64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::new(k as u64);
+    let mut last_revision = 0i64;
+    let mut session = 0u32;
+    let mut attempts_since_break = 0u32;
+    let mut counted_current = false;
+    loop {
+        let started = Instant::now();
+        attempts_since_break += 1;
+        let run = run_session(
+            &address,
+            &services,
+            &shared,
+            &target,
+            &mut last_revision,
+            session,
+            &mut counted_current,
+            attempts_since_break,
+        );
+        let held_a_stream = tokio::select! {
+            _ = stop.changed() => return,
+            held = run => held,
+        };
+        if held_a_stream {
+            shared.broken.fetch_add(1, Ordering::Relaxed);
+            session += 1;
+            attempts_since_break = 0;
+        }
+        if started.elapsed() >= HEALTHY_SESSION {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// One connection and Subscribe stream; returns whether it got a snapshot
+/// (and so counts as a session that broke) when it ends.
+#[allow(clippy::too_many_arguments)]
+async fn run_session(
+    address: &str,
+    services: &[String],
+    shared: &Shared,
+    target: &watch::Receiver<i64>,
+    last_revision: &mut i64,
+    session: u32,
+    counted_current: &mut bool,
+    attempts: u32,
+) -> bool {
+    let Ok(endpoint) = Endpoint::from_shared(address.to_owned()) else {
+        return false;
+    };
+    let Ok(Ok(channel)) = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        endpoint.connect_timeout(CONNECT_TIMEOUT).connect(),
+    )
+    .await
+    else {
+        return false;
+    };
+    let (tx, rx) = mpsc::channel(1);
+    if tx
+        .send(SubscribeRequest {
+            add: services.to_vec(),
+            remove: vec![],
+        })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let requests =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let Ok(response) = ControlPlaneClient::new(channel).subscribe(requests).await else {
+        return false;
+    };
+    let mut stream = response.into_inner();
+    let mut got = false;
+    while let Ok(Some(msg)) = stream.message().await {
+        if msg.version < *last_revision {
+            shared.backwards.fetch_add(1, Ordering::Relaxed);
+        }
+        *last_revision = (*last_revision).max(msg.version);
+        if !got {
+            got = true;
+            if session == 0 {
+                shared.subscribed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let target = *target.borrow();
+        if session > 0 && !*counted_current && target > 0 && msg.version >= target {
+            *counted_current = true;
+            shared.current_again.fetch_add(1, Ordering::Relaxed);
+            shared.max_attempts.fetch_max(attempts, Ordering::Relaxed);
+        }
+    }
+    drop(tx);
+    got
+}
+
+/// The pid in `path`, once the script wrote a new one.
+fn read_pid(path: &std::path::Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+pub async fn run(args: &Args) -> anyhow::Result<()> {
+    let ready_file = args
+        .ready_file
+        .as_deref()
+        .context("--storm needs --ready-file")?;
+    let pid_file = args
+        .cp_pid_file
+        .as_deref()
+        .context("--storm needs --cp-pid-file")?;
+    let n = args.sidecars;
+    let mut etcd = etcd_client::Client::connect([args.etcd.as_str()], None)
+        .await
+        .context("connecting to etcd")?;
+    crate::seed(&mut etcd, args).await?;
+
+    let shared = Arc::new(Shared::default());
+    let (target_tx, target_rx) = watch::channel(0i64);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::with_capacity(n);
+    let started = Instant::now();
+    for k in 0..n {
+        tasks.push(tokio::spawn(sidecar(
+            k,
+            args.control_plane.clone(),
+            subscriptions(k, args).into_iter().map(service).collect(),
+            Arc::clone(&shared),
+            target_rx.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    while shared.subscribed.load(Ordering::Relaxed) < n as u64 {
+        ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "only {} of {n} sidecars subscribed within 300 s",
+            shared.subscribed.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let subscribe_time = started.elapsed();
+    let old_pid = read_pid(pid_file);
+    // Nothing writes during the storm: etcd's revision now is the one every
+    // sidecar must reach again.
+    let revision = etcd
+        .get("/", Some(etcd_client::GetOptions::new().with_count_only()))
+        .await?
+        .header()
+        .map(|h| h.revision())
+        .context("etcd response without a header")?;
+    target_tx.send_replace(revision);
+
+    // Go: the script kills the control plane and starts another.
+    std::fs::write(ready_file, b"ready\n")?;
+    let waited = Instant::now();
+    while shared.broken.load(Ordering::Relaxed) == 0 {
+        ensure!(
+            waited.elapsed() < Duration::from_secs(60),
+            "no stream broke within 60 s of the ready file"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let broke = Instant::now();
+    let etcd_before = etcd_metrics(&args.etcd).await?;
+
+    // The new process: sample its CPU and RSS until every sidecar is current.
+    let mut new_pid = None;
+    let mut samples: Vec<(Instant, f64, u64)> = Vec::new();
+    let deadline = Duration::from_secs(120);
+    while shared.current_again.load(Ordering::Relaxed) < n as u64 {
+        ensure!(
+            broke.elapsed() < deadline,
+            "only {} of {n} sidecars current again within {deadline:?}",
+            shared.current_again.load(Ordering::Relaxed)
+        );
+        if new_pid.is_none() {
+            new_pid = read_pid(pid_file).filter(|&p| Some(p) != old_pid);
+        }
+        if let Some(pid) = new_pid
+            && let Ok((cpu, rss)) = process_usage(pid)
+        {
+            samples.push((Instant::now(), cpu, rss));
+        }
+        tokio::time::sleep(SAMPLE).await;
+    }
+    let all_current = broke.elapsed();
+    if let Some(pid) = new_pid
+        && let Ok((cpu, rss)) = process_usage(pid)
+    {
+        samples.push((Instant::now(), cpu, rss));
+    }
+    let etcd_after = etcd_metrics(&args.etcd).await?;
+    stop_tx.send_replace(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+
+    let peak_cpu = samples
+        .windows(2)
+        .map(|w| 100.0 * (w[1].1 - w[0].1) / w[1].0.duration_since(w[0].0).as_secs_f64())
+        .fold(0.0f64, f64::max);
+    let peak_rss = samples.iter().map(|s| s.2).max().unwrap_or(0);
+    let cpu_seconds = samples.last().map_or(0.0, |s| s.1);
+    let etcd_messages = sample_sum(&etcd_after, "grpc_server_msg_received_total", &[])
+        - sample_sum(&etcd_before, "grpc_server_msg_received_total", &[]);
+    let backwards = shared.backwards.load(Ordering::Relaxed);
+    let attempts = shared.max_attempts.load(Ordering::Relaxed);
+    println!(
+        "storm: {n} sidecars (subscribed in {:.1} s) lost their control plane; all current again {:.2} s after the first broken stream (slowest: {attempts} connection attempts)",
+        subscribe_time.as_secs_f64(),
+        all_current.as_secs_f64()
+    );
+    println!(
+        "new control plane: peak CPU {peak_cpu:.0}% (per {}ms), peak RSS {:.1} MiB, {cpu_seconds:.2} s CPU until all current; etcd received {etcd_messages:.0} gRPC messages; snapshots backwards: {backwards}",
+        SAMPLE.as_millis(),
+        peak_rss as f64 / 1048576.0
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "case": "storm",
+            "sidecars": n,
+            "services": args.services,
+            "per_sidecar": args.per_sidecar,
+            "all_current_seconds": all_current.as_secs_f64(),
+            "max_attempts": attempts,
+            "cp_peak_cpu_percent": peak_cpu,
+            "cp_peak_rss_bytes": peak_rss,
+            "cp_cpu_seconds": cpu_seconds,
+            "etcd_messages": etcd_messages,
+            "backwards": backwards,
+        })
+    );
+    ensure!(backwards == 0, "{backwards} snapshots went backwards");
+    Ok(())
+}
