@@ -36,6 +36,7 @@ pub enum Reason {
     AmbiguousRequest,
     ForeignAuthority,
     Denied,
+    InjectedFault,
 }
 
 impl Reason {
@@ -58,6 +59,7 @@ impl Reason {
             Self::AmbiguousRequest => "ambiguous-request",
             Self::ForeignAuthority => "foreign-authority",
             Self::Denied => "denied",
+            Self::InjectedFault => "injected-fault",
         }
     }
 }
@@ -150,6 +152,9 @@ pub enum ProxyError {
         service: String,
         limit: Arc<str>,
     },
+
+    #[error("fault injected by the policy ({limit}): answered {status}")]
+    InjectedFault { status: StatusCode, limit: Arc<str> },
 }
 
 impl ProxyError {
@@ -174,6 +179,7 @@ impl ProxyError {
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::AmbiguousRequest { .. } => StatusCode::BAD_REQUEST,
             Self::ForeignAuthority { .. } | Self::Denied { .. } => StatusCode::FORBIDDEN,
+            Self::InjectedFault { status, .. } => *status,
         }
     }
 
@@ -199,6 +205,7 @@ impl ProxyError {
             Self::AmbiguousRequest { .. } => Reason::AmbiguousRequest,
             Self::ForeignAuthority { .. } => Reason::ForeignAuthority,
             Self::Denied { .. } => Reason::Denied,
+            Self::InjectedFault { .. } => Reason::InjectedFault,
         }
     }
 
@@ -207,13 +214,16 @@ impl ProxyError {
     /// try (later, or elsewhere) may succeed, PERMISSION_DENIED for a refused
     /// caller, INVALID_ARGUMENT for a request the proxy cannot forward.
     pub fn grpc_code(&self) -> u8 {
+        const UNKNOWN: u8 = 2;
         const INVALID_ARGUMENT: u8 = 3;
         const DEADLINE_EXCEEDED: u8 = 4;
         const NOT_FOUND: u8 = 5;
         const PERMISSION_DENIED: u8 = 7;
         const RESOURCE_EXHAUSTED: u8 = 8;
+        const UNIMPLEMENTED: u8 = 12;
         const INTERNAL: u8 = 13;
         const UNAVAILABLE: u8 = 14;
+        const UNAUTHENTICATED: u8 = 16;
         match self {
             Self::NoAuthority
             | Self::BadAuthority { .. }
@@ -234,6 +244,15 @@ impl ProxyError {
             | Self::NoLocalService => UNAVAILABLE,
             Self::Loop { .. } => INTERNAL,
             Self::ForeignAuthority { .. } | Self::Denied { .. } => PERMISSION_DENIED,
+            // gRPC's mapping of HTTP statuses (doc/http-grpc-status-mapping.md).
+            Self::InjectedFault { status, .. } => match status.as_u16() {
+                400 => INTERNAL,
+                401 => UNAUTHENTICATED,
+                403 => PERMISSION_DENIED,
+                404 => UNIMPLEMENTED,
+                429 | 502..=504 => UNAVAILABLE,
+                _ => UNKNOWN,
+            },
         }
     }
 }
@@ -248,7 +267,7 @@ impl ProxyError {
             Self::Timeout { limit, .. } => Some(limit),
             Self::BudgetExhausted { last } => last.limit(),
             Self::UriTooLong { .. } => Some("limits.max_uri_length"),
-            Self::Denied { limit, .. } => Some(limit),
+            Self::Denied { limit, .. } | Self::InjectedFault { limit, .. } => Some(limit),
             _ => None,
         }
     }

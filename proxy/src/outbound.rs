@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! per connection  Observe -> Respond -> Screen -> Discover
-//! per service     Route -> RateLimit -> Forwarded -> Timeout -> Retry -> Balance
+//! per service     Route -> Fault -> RateLimit -> Forwarded -> Timeout -> Retry -> Hedge -> Balance
 //! per endpoint    Timeout (per try) -> EndpointClient
 //! ```
 //!
@@ -46,7 +46,9 @@ use weft_discovery::endpoints::EndpointSet;
 use weft_stack::balance::{Balance, Endpoints, InFlightBody};
 use weft_stack::context::RequestContext;
 use weft_stack::endpoint::{AppProtocol, NewEndpoint};
+use weft_stack::fault::{Fault, FaultLayer};
 use weft_stack::forwarded::{self, Forwarded, ForwardedLayer};
+use weft_stack::hedge::{Hedge, HedgeLayer};
 use weft_stack::observe::{Observe, ObserveLayer};
 use weft_stack::rate_limit::{RateLimit, RateLimitLayer};
 use weft_stack::respond::{Respond, RespondLayer, Side};
@@ -71,8 +73,10 @@ pub use weft_core::headers::WEFT_CALLER;
 pub type NewEndpointStack = NewLayered<TimeoutLayer, NewEndpoint>;
 
 /// One service's stack.
-pub type ServiceStack =
-    Route<RateLimit<Forwarded<Timeout<Retry<Balance<NewEndpointStack>>>>>, OutboundPolicy>;
+pub type ServiceStack = Route<
+    Fault<RateLimit<Forwarded<Timeout<Retry<Hedge<Balance<NewEndpointStack>>>>>>>,
+    OutboundPolicy,
+>;
 
 /// What the stack of one destination is built from.
 #[derive(Debug)]
@@ -129,6 +133,11 @@ pub fn service_stack(parts: ServiceParts<'_>, caller: Caller) -> ServiceStack {
     ServiceBuilder::new()
         // First: every layer below reads the matched route's plan.
         .layer(RouteLayer::new(Arc::clone(policy)))
+        // Injected faults (where permitted), right after the route is
+        // known: an injected abort spends nothing below, and an injected
+        // delay is not counted against the route's timeouts (it stands for
+        // a slow network or service in front of them).
+        .layer(FaultLayer)
         // This sidecar's own rate to the service: refused before anything
         // else is spent on it.
         .layer(RateLimitLayer::service(policy.rate_limit.as_ref()))
@@ -141,6 +150,11 @@ pub fn service_stack(parts: ServiceParts<'_>, caller: Caller) -> ServiceStack {
         .layer(TimeoutLayer::new(timeout::Which::Request))
         // Above the balancer: each retry picks an endpoint afresh.
         .layer(RetryLayer)
+        // Below the retries, above the balancer: each try may be hedged to
+        // another endpoint (the balancer picks it, avoiding those tried),
+        // reusing the body the retry layer buffered and its budget; a
+        // failure still goes up to be retried.
+        .layer(HedgeLayer)
         .service(Balance::new(
             parts.service,
             parts.endpoints,

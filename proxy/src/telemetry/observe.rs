@@ -26,7 +26,7 @@ use opentelemetry::trace::{Span as _, SpanKind, Status};
 use super::Reporters;
 use super::metrics::{Classification, Direction, Finished};
 use super::{NO_LIMIT, UNKNOWN};
-use weft_core::context::{Events, RequestContext, RetrySkipped};
+use weft_core::context::{Events, FaultKind, HedgeOutcome, RequestContext, RetrySkipped};
 use weft_core::error::Refusal;
 use weft_core::error::{WEFT_LIMIT, WEFT_REASON};
 use weft_core::retry::classify::grpc_status;
@@ -51,6 +51,14 @@ impl Events for Reporters {
 
     fn ejection(&self, service: &Arc<str>) {
         self.metrics.ejection(service);
+    }
+
+    fn hedge(&self, service: &Arc<str>, route: &Arc<str>, outcome: HedgeOutcome, n: u32) {
+        self.metrics.hedge(service, route, outcome.as_str(), n);
+    }
+
+    fn injected_fault(&self, service: &Arc<str>, route: &Arc<str>, kind: FaultKind) {
+        self.metrics.injected_fault(service, route, kind.as_str());
     }
 }
 
@@ -217,7 +225,10 @@ impl Observation {
             return;
         }
         let failed = failed || self.status == 0 || self.status >= 500 || self.grpc_failed;
-        let classification = if failed {
+        // A request a fault was injected into is neither: SLOs leave it out.
+        let classification = if self.context.fault_injected() {
+            Classification::InjectedFault
+        } else if failed {
             Classification::Failure
         } else {
             Classification::Success
