@@ -54,7 +54,7 @@ where
 {
     type Response = S::Response;
     type Error = ProxyError;
-    type Future = ResponseFuture<S, B>;
+    type Future = ResponseFuture<S::Future, S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
@@ -108,9 +108,13 @@ where
 // ===== future =====
 
 pin_project! {
+    /// No trait bounds on the type itself (only on its `Future` impl): a
+    /// bound here makes rustc prove `S: Service<Request<B>>` for every
+    /// lifetime when an `async` block holds this future (the in-process
+    /// client's), which it cannot.
     #[project = Proj]
-    pub enum ResponseFuture<S: Service<Request<B>>, B> {
-        Direct { #[pin] future: S::Future },
+    pub enum ResponseFuture<F, S, B> {
+        Direct { #[pin] future: F },
         Delayed {
             #[pin]
             sleep: Sleep,
@@ -122,9 +126,10 @@ pin_project! {
     }
 }
 
-impl<S, B> Future for ResponseFuture<S, B>
+impl<F, S, B> Future for ResponseFuture<F, S, B>
 where
-    S: Service<Request<B>, Error = ProxyError>,
+    S: Service<Request<B>, Future = F, Error = ProxyError>,
+    F: Future<Output = Result<S::Response, ProxyError>>,
 {
     type Output = Result<S::Response, ProxyError>;
 
