@@ -105,7 +105,8 @@ pub enum HedgeDelay {
     Fixed(Duration),
     Percentile {
         percentile: f64,
-        estimate: LatencyEstimate,
+        /// Boxed: 64 counters.
+        estimate: Box<LatencyEstimate>,
     },
 }
 
@@ -123,7 +124,7 @@ impl HedgePlan {
             HedgeAfter::Delay(delay) => HedgeDelay::Fixed(delay.get()),
             HedgeAfter::Percentile(percentile) => HedgeDelay::Percentile {
                 percentile,
-                estimate: LatencyEstimate::default(),
+                estimate: Box::default(),
             },
         };
         Arc::new(Self {

@@ -138,10 +138,10 @@ where
             match self.as_mut().project() {
                 Proj::Direct { future } => return future.poll(cx),
                 Proj::Aborted { error } => {
-                    let error = error.take().unwrap_or(ProxyError::InjectedFault {
-                        status: StatusCode::SERVICE_UNAVAILABLE,
-                        limit: Arc::from("routes.fault"),
-                    });
+                    // Polled again after it answered: pending, as a finished future may be.
+                    let Some(error) = error.take() else {
+                        return Poll::Pending;
+                    };
                     return Poll::Ready(Err(error));
                 }
                 Proj::Delayed {
