@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Drives the macro benches: benches/data-plane.sh, benches/soak.sh and
-benches/cold-start.sh (in cold_start.py).
+"""Drives the macro benches: benches/data-plane.sh, benches/soak.sh,
+benches/hedge.sh and benches/cold-start.sh (in cold_start.py).
 
 Starts every process itself (backends, weft-proxy sidecars, nginx, HAProxy),
 pins them with taskset, runs weft-load against each target in turns, reads CPU
@@ -812,6 +812,90 @@ def soak_markdown(rep):
     return "\n".join(lines) + "\n"
 
 
+def metric_sum(addr, name, **labels):
+    """The sum of `name`'s samples with `labels` on a sidecar's /metrics."""
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, value = line.rsplit(" ", 1)
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+HEDGE_CASES = (
+    ("none", "without hedging", ""),
+    ("fixed", 'hedge = { after = "10ms" }', 'hedge = { after = "10ms" }\n'),
+    ("p95", 'hedge = { after = "p95" }', 'hedge = { after = "p95" }\n'),
+)
+
+
+def hedge(args):
+    """Open-loop latency through one sidecar to three backends, one of which
+    answers every `slow_every`-th request `slow_ms` late, without hedging and
+    with each hedge setting (a fresh sidecar per case, default retry budget)."""
+    bindir = args.bin
+    work = tempfile.mkdtemp(prefix="weft-hedge-")
+    procs = Procs()
+    rows = []
+    try:
+        slow = procs.start(
+            [f"{bindir}/weft-bench-backend", "--slow-every", str(args.slow_every), "--slow-ms", str(args.slow_ms)],
+            cpu=LOAD_CPU, stdout=subprocess.PIPE, text=True,
+        )
+        backends = [slow.stdout.readline().strip()] + start_backends(procs, bindir, 2)
+        for name, title, key in HEDGE_CASES:
+            with open(os.path.join(work, "bench.toml"), "w") as f:
+                f.write('service = "bench"\n\n[outbound]\nload_balancer = "round-robin"\n\n'
+                        f'[[routes]]\nname = "all"\n{key}')
+            p, bound, _ = start_weft(procs, bindir, work, f"hedge-{name}", caller_toml(backends))
+            t = Target(name, title, [bound["outbound"]])
+            t.roots.append(("sidecar", p))
+            log(f"hedge: {title}, {args.rate} req/s for {args.seconds}s")
+            r = run_load(bindir, t, name, args.connections, args.seconds, args.warmup, rate=args.rate)
+            r["title"] = title
+            r["hedges"] = {o: metric_sum(bound["admin"], "weft_hedges_total", outcome=o)
+                           for o in ("sent", "won", "lost", "no-budget", "no-endpoint")}
+            r["sidecar_requests"] = metric_sum(bound["admin"], "weft_requests_total", direction="outbound")
+            rows.append(r)
+            procs.stop(p)
+    finally:
+        procs.stop_all()
+    rep = {"machine": machine(), "load_avg": load_avg(), "rate": args.rate, "seconds": args.seconds,
+           "connections": args.connections, "slow_every": args.slow_every, "slow_ms": args.slow_ms, "runs": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "hedge.json"), "w") as f:
+        json.dump(rep, f, indent=1)
+    md = hedge_markdown(rep)
+    with open(os.path.join(args.out, "hedge.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+def hedge_markdown(rep):
+    out = [
+        f"Open loop, {rep['rate']} req/s over {rep['connections']} connections for {rep['seconds']} s "
+        f"through one sidecar (round-robin) to three backends; one answers every {rep['slow_every']}th "
+        f"request it gets {rep['slow_ms']} ms late (about 1 in {3 * rep['slow_every']} of all requests). "
+        f"Load average at the end: {rep['load_avg']:.2f}. Latency from each request's scheduled send time, ms.",
+        "",
+        "| route | p50 | p99 | p99.9 | max | errors | hedges sent | won | lost | no budget | extra load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rep["runs"]:
+        h = r["hedges"]
+        n = r.get("finished_all") or r.get("requests") or 0
+        extra = f"{100 * h['sent'] / n:.1f}%" if n else "-"
+        out.append(
+            f"| {r['title']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {r['max_ms']:.1f} | "
+            f"{r.get('errors', 0)} | {h['sent']:.0f} | {h['won']:.0f} | {h['lost']:.0f} | {h['no-budget']:.0f} | {extra} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -833,7 +917,17 @@ def main():
     cs = sub.add_parser("cold-start")
     cs.add_argument("--rounds", type=int, default=20)
     cs.add_argument("--cases", default="", help="comma-separated subset: weft-static,weft-cp-live,weft-cp-cache,haproxy,nginx")
+    hg = sub.add_parser("hedge")
+    hg.add_argument("--rate", type=int, default=500)
+    hg.add_argument("--seconds", type=float, default=20)
+    hg.add_argument("--warmup", type=float, default=2)
+    hg.add_argument("--connections", type=int, default=32)
+    hg.add_argument("--slow-every", type=int, default=10)
+    hg.add_argument("--slow-ms", type=int, default=100)
     args = ap.parse_args()
+    if args.cmd == "hedge":
+        hedge(args)
+        return 0
     if args.cmd == "data-plane":
         data_plane(args)
         return 0

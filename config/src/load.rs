@@ -82,7 +82,10 @@ pub fn load_bootstrap(path: &Path) -> Result<Loaded, ConfigError> {
         }
         let file = dir.join(relative);
         let text = read(&file, Some(format!("{key} in {}", path.display())))?;
-        let policy = crate::parse_policy(&text, &file)?;
+        let mut policy = crate::parse_policy(&text, &file)?;
+        // A local file's faults are the bootstrap's to permit, whatever the
+        // file says (the marker is the control plane's).
+        policy.allow_faults = bootstrap.directory.allow_faults;
         if policy.service != *service {
             let message = format!(
                 "policy is for service {:?} but is attached to {:?} by {key} in {}",

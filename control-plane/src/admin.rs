@@ -6,7 +6,7 @@
 //! | `GET /v1/services` | every service: name, whether it has a policy, live instances |
 //! | `GET /v1/services/<name>` | the service's policy (TOML source) and instances |
 //! | `GET /v1/services/<name>/policy` | the policy exactly as stored, read from the store (so a write is seen at once), with `refused` (why validation refused it, else null) and `in_force` (the policy this control plane serves); 404 if there is none |
-//! | `PUT /v1/services/<name>/policy` | validate the body (TOML) with `weft-config` and store it; 400 with the same message `weft-proxy check` gives, nothing written, if it is invalid |
+//! | `PUT /v1/services/<name>/policy` | validate the body (TOML) with `weft-config` and store it; 400 with the same message `weft-proxy check` gives, nothing written, if it is invalid. A policy with a route `fault` (or the `allow_faults` marker) is refused unless the query says `allow_faults=true` (`weftctl apply --allow-faults`); then it is stored with `allow_faults = true` as its first line |
 //! | `DELETE /v1/services/<name>/policy` | remove the policy |
 //! | `GET /version` | this control plane's version and git commit |
 //! | `GET /live`, `GET /ready` | liveness (`{"status": "live"}`); readiness (the directory view follows the store; 503 too while waiting for the store at start, when only these and `/metrics` answer) |
@@ -112,7 +112,11 @@ pub async fn handle<S: Store>(
         (Method::GET, ["v1", "services", name, "policy"]) => get_policy(&state, name).await,
         (Method::PUT, ["v1", "services", name, "policy"]) => {
             let name = (*name).to_owned();
-            put_policy(&state, &name, req).await
+            let allow_faults = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|pair| pair == "allow_faults=true"));
+            put_policy(&state, &name, req, allow_faults).await
         }
         (Method::DELETE, ["v1", "services", name, "policy"]) => delete_policy(&state, name).await,
         _ => error(
@@ -211,7 +215,12 @@ async fn get_policy<S: Store>(state: &AdminState<S>, name: &str) -> Rsp {
     }
 }
 
-async fn put_policy<S: Store>(state: &AdminState<S>, name: &str, req: Request<Incoming>) -> Rsp {
+async fn put_policy<S: Store>(
+    state: &AdminState<S>,
+    name: &str,
+    req: Request<Incoming>,
+    allow_faults: bool,
+) -> Rsp {
     let file = req
         .headers()
         .get("weft-file-name")
@@ -249,6 +258,11 @@ async fn put_policy<S: Store>(state: &AdminState<S>, name: &str, req: Request<In
             ),
         );
     }
+    let body = match fault_permission(&file, text, &policy, allow_faults) {
+        Ok(Some(marked)) => Bytes::from(marked),
+        Ok(None) => body,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
     let key = keys::policy_key(name);
     match state.store.put(&key, body, None).await {
         Ok(revision) => {
@@ -263,6 +277,36 @@ async fn put_policy<S: Store>(state: &AdminState<S>, name: &str, req: Request<In
             format!("writing the policy failed: {}", ErrorChain(&e)),
         ),
     }
+}
+
+/// Fault injection only from `weftctl apply --allow-faults` (`?allow_faults=true`):
+/// without it, a policy with a `fault`, or with the `allow_faults` marker, is
+/// refused; with it, a policy with a `fault` is stored with the marker (the
+/// text to store instead, `Some`), which is what lets sidecars run it.
+fn fault_permission(
+    file: &str,
+    text: &str,
+    policy: &weft_config::Policy,
+    allow_faults: bool,
+) -> Result<Option<String>, String> {
+    let faults = policy.fault_routes();
+    if allow_faults {
+        return Ok((!faults.is_empty() && !policy.allow_faults)
+            .then(|| weft_config::permit_faults(text, false)));
+    }
+    if let Some(route) = faults.first() {
+        return Err(format!(
+            "{file}: routes.{route}.fault injects faults: the control plane only stores it from \
+             `weftctl apply --allow-faults`"
+        ));
+    }
+    if policy.allow_faults {
+        return Err(format!(
+            "{file}: allow_faults is written by the control plane itself: apply with \
+             `weftctl apply --allow-faults`"
+        ));
+    }
+    Ok(None)
 }
 
 async fn delete_policy<S: Store>(state: &AdminState<S>, name: &str) -> Rsp {

@@ -377,7 +377,8 @@ pub fn aggregate(
                         _ => {}
                     }
                 }
-                DURATION_BUCKETS => {
+                // An injected delay is not the service's latency.
+                DURATION_BUCKETS if label("classification") != "injected-fault" => {
                     if let Some(le) = parse_value(label("le")) {
                         t.buckets.push((le, increase));
                     }

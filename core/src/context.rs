@@ -6,7 +6,8 @@
 //! (the retry layer puts one there when no observe layer did). Layers below
 //! name the service and the route there, the endpoint client records every
 //! endpoint a try went to (so the next retry goes elsewhere), and retries,
-//! retries not sent, ejections and cold starts are reported through it: each with one
+//! retries not sent, hedges, injected faults, ejections and cold starts are
+//! reported through it: each with one
 //! call, which updates the service's [`Stats`] and the telemetry [`Events`]
 //! together. A refusal is marked on its response instead
 //! ([`crate::error::Refusal`]). A request without a context (a stack used
@@ -62,12 +63,71 @@ impl ColdStartOutcome {
     }
 }
 
+/// What became of a hedge (`weft_hedges_total`'s `outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HedgeOutcome {
+    /// A hedge went to an endpoint.
+    Sent,
+    /// A hedge's response was the one returned.
+    Won,
+    /// A hedge was cancelled: another try answered first (or the request
+    /// ended otherwise).
+    Lost,
+    /// The delay passed but the retry budget had nothing left: not sent.
+    NoBudget,
+    /// The delay passed but no endpoint this request has not tried could
+    /// take it: not sent.
+    NoEndpoint,
+}
+
+impl HedgeOutcome {
+    pub const ALL: [Self; 5] = [
+        Self::Sent,
+        Self::Won,
+        Self::Lost,
+        Self::NoBudget,
+        Self::NoEndpoint,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Won => "won",
+            Self::Lost => "lost",
+            Self::NoBudget => "no-budget",
+            Self::NoEndpoint => "no-endpoint",
+        }
+    }
+}
+
+/// A fault injected into a request (`weft_injected_faults_total`'s `kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    Delay,
+    Abort,
+}
+
+impl FaultKind {
+    pub const ALL: [Self; 2] = [Self::Delay, Self::Abort];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Delay => "delay",
+            Self::Abort => "abort",
+        }
+    }
+}
+
 /// Where a request's events are counted (the sidecar's metrics).
 pub trait Events: Send + Sync + std::fmt::Debug {
     fn retry(&self, service: &Arc<str>, route: &Arc<str>);
     fn retry_skipped(&self, service: &Arc<str>, route: &Arc<str>, why: RetrySkipped);
     fn ejection(&self, service: &Arc<str>);
     fn cold_start(&self, service: &Arc<str>, outcome: ColdStartOutcome);
+    /// `n` hedges of a request ended in `outcome`.
+    fn hedge(&self, service: &Arc<str>, route: &Arc<str>, outcome: HedgeOutcome, n: u32);
+    /// A fault of `kind` was injected into a request.
+    fn injected_fault(&self, service: &Arc<str>, route: &Arc<str>, kind: FaultKind);
 }
 
 /// Where a request's tries went.
@@ -102,6 +162,9 @@ struct Inner {
     default_route: &'static Arc<str>,
     /// Whether any try went out yet (spares the lock on the first).
     sent: AtomicBool,
+    /// Whether a fault was injected (the request is kept out of the SLO
+    /// classification).
+    injected: AtomicBool,
     tries: Mutex<Tries>,
 }
 
@@ -122,6 +185,7 @@ impl RequestContext {
             default_service: service,
             default_route: route,
             sent: AtomicBool::new(false),
+            injected: AtomicBool::new(false),
             tries: Mutex::new(Tries::default()),
         }))
     }
@@ -212,6 +276,29 @@ impl RequestContext {
         if let Some(events) = &self.0.events {
             events.retry_skipped(self.service(), self.route(), why);
         }
+    }
+
+    /// `n` hedges ended in `outcome` (see [`HedgeOutcome`]).
+    pub fn hedge(&self, outcome: HedgeOutcome, n: u32) {
+        if n == 0 {
+            return;
+        }
+        if let Some(events) = &self.0.events {
+            events.hedge(self.service(), self.route(), outcome, n);
+        }
+    }
+
+    /// A fault of `kind` was injected into the request.
+    pub fn injected_fault(&self, kind: FaultKind) {
+        self.0.injected.store(true, Ordering::Relaxed);
+        if let Some(events) = &self.0.events {
+            events.injected_fault(self.service(), self.route(), kind);
+        }
+    }
+
+    /// Whether a fault was injected into the request.
+    pub fn fault_injected(&self) -> bool {
+        self.0.injected.load(Ordering::Relaxed)
     }
 
     /// An endpoint of the request's service was ejected.

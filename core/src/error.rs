@@ -37,6 +37,7 @@ pub enum Reason {
     ForeignAuthority,
     Denied,
     ColdStartTimeout,
+    InjectedFault,
 }
 
 impl Reason {
@@ -60,6 +61,7 @@ impl Reason {
             Self::ForeignAuthority => "foreign-authority",
             Self::Denied => "denied",
             Self::ColdStartTimeout => "cold-start-timeout",
+            Self::InjectedFault => "injected-fault",
         }
     }
 }
@@ -155,6 +157,8 @@ pub enum ProxyError {
 
     #[error(transparent)]
     ColdStart(#[from] ColdStartRefused),
+    #[error("fault injected by the policy ({limit}): answered {status}")]
+    InjectedFault { status: StatusCode, limit: Arc<str> },
 }
 
 impl ProxyError {
@@ -180,6 +184,7 @@ impl ProxyError {
             Self::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             Self::AmbiguousRequest { .. } => StatusCode::BAD_REQUEST,
             Self::ForeignAuthority { .. } | Self::Denied { .. } => StatusCode::FORBIDDEN,
+            Self::InjectedFault { status, .. } => *status,
         }
     }
 
@@ -206,6 +211,7 @@ impl ProxyError {
             Self::ForeignAuthority { .. } => Reason::ForeignAuthority,
             Self::Denied { .. } => Reason::Denied,
             Self::ColdStart(_) => Reason::ColdStartTimeout,
+            Self::InjectedFault { .. } => Reason::InjectedFault,
         }
     }
 
@@ -214,13 +220,16 @@ impl ProxyError {
     /// try (later, or elsewhere) may succeed, PERMISSION_DENIED for a refused
     /// caller, INVALID_ARGUMENT for a request the proxy cannot forward.
     pub fn grpc_code(&self) -> u8 {
+        const UNKNOWN: u8 = 2;
         const INVALID_ARGUMENT: u8 = 3;
         const DEADLINE_EXCEEDED: u8 = 4;
         const NOT_FOUND: u8 = 5;
         const PERMISSION_DENIED: u8 = 7;
         const RESOURCE_EXHAUSTED: u8 = 8;
+        const UNIMPLEMENTED: u8 = 12;
         const INTERNAL: u8 = 13;
         const UNAVAILABLE: u8 = 14;
+        const UNAUTHENTICATED: u8 = 16;
         match self {
             Self::NoAuthority
             | Self::BadAuthority { .. }
@@ -242,6 +251,15 @@ impl ProxyError {
             | Self::ColdStart(_) => UNAVAILABLE,
             Self::Loop { .. } => INTERNAL,
             Self::ForeignAuthority { .. } | Self::Denied { .. } => PERMISSION_DENIED,
+            // gRPC's mapping of HTTP statuses (doc/http-grpc-status-mapping.md).
+            Self::InjectedFault { status, .. } => match status.as_u16() {
+                400 => INTERNAL,
+                401 => UNAUTHENTICATED,
+                403 => PERMISSION_DENIED,
+                404 => UNIMPLEMENTED,
+                429 | 502..=504 => UNAVAILABLE,
+                _ => UNKNOWN,
+            },
         }
     }
 }
@@ -256,7 +274,7 @@ impl ProxyError {
             Self::Timeout { limit, .. } => Some(limit),
             Self::BudgetExhausted { last } => last.limit(),
             Self::UriTooLong { .. } => Some("limits.max_uri_length"),
-            Self::Denied { limit, .. } => Some(limit),
+            Self::Denied { limit, .. } | Self::InjectedFault { limit, .. } => Some(limit),
             Self::ColdStart(e) => Some(e.limit()),
             _ => None,
         }

@@ -15,6 +15,8 @@
 //! | [`route`] | route matching |
 //! | [`policy`] | service policies compiled for the request path (which side enforces what) |
 //! | [`limits`] | rate limits (governor) and concurrency caps |
+//! | [`fault`] | a route's fault injection (delays, aborts), compiled where permitted |
+//! | [`hedge`] | a route's hedging settings and the latency estimate of `after = "p95"` |
 //! | [`retry`] | retry classification, budgets, backoff, replayable bodies |
 //! | [`authz`] | who may call the local service: `allow` lists and `[tls] default_inbound` |
 //! | [`identity`] | the caller identity an mTLS client certificate proves |
@@ -27,8 +29,10 @@ pub mod body;
 pub mod context;
 pub mod endpoint_spec;
 pub mod error;
+pub mod fault;
 pub mod framing;
 pub mod headers;
+pub mod hedge;
 pub mod identity;
 pub mod limits;
 pub mod policy;

@@ -9,8 +9,8 @@
 //! - [`OutboundPolicy`], in every caller's sidecar: `outbound.*` (this caller's rate
 //!   to the service, per-endpoint caps, connect/idle timeouts, outlier ejection,
 //!   retry budget, locality, calls held while the service scales from zero),
-//!   `[[splits]]`, and per route `timeout`,
-//!   `per_try_timeout` and `retry` (with `[outbound]` defaults).
+//!   `[[splits]]`, and per route `timeout`, `per_try_timeout`, `retry`,
+//!   `hedge` and (where permitted) `fault` (with `[outbound]` defaults).
 //! - [`InboundPolicy`], in the service's own sidecar: `inbound.*` (service-wide rate
 //!   limit at this instance's share, per-caller limits, per-instance concurrency cap
 //!   with its queue, timeout, who may call: `allow`) and per route `rate_limit` (a
@@ -28,6 +28,8 @@ use std::time::Duration;
 use weft_config::{Outbound, Policy, Retry, Route, Split};
 
 use crate::authz::Allow;
+use crate::fault::FaultPlan;
+use crate::hedge::HedgePlan;
 use crate::limits::{CallerRateLimit, ColdStartGate, ConcurrencyLimit, RateLimit, Share};
 use crate::retry::RetryBudget;
 use crate::route::RouteTable;
@@ -70,6 +72,11 @@ pub struct RoutePlan {
     pub per_try_timeout: Option<NamedTimeout>,
     pub retry: Retry,
     pub budget: Arc<RetryBudget>,
+    /// `hedge`: hedged tries (spending `budget`). None: no hedging.
+    pub hedge: Option<Arc<HedgePlan>>,
+    /// `fault`, where the policy permits it (`allow_faults`). None: no
+    /// fault injection.
+    pub fault: Option<Arc<FaultPlan>>,
 }
 
 /// How this sidecar calls one service.
@@ -103,6 +110,17 @@ impl OutboundPolicy {
     pub fn new(policy: Option<&Policy>, stats: Arc<Stats>) -> Self {
         let outbound = policy.map(|p| p.outbound.clone()).unwrap_or_default();
         let routes: &[Route] = policy.map_or(&[], |p| &p.routes);
+        let faults_allowed = policy.is_some_and(|p| p.allow_faults);
+        if let Some(policy) = policy.filter(|_| !faults_allowed) {
+            for route in policy.fault_routes() {
+                tracing::warn!(
+                    service = policy.service.as_str(),
+                    route.name = route,
+                    "routes.{route}.fault is ignored: fault injection needs `weftctl apply --allow-faults`, \
+                     or `[directory] allow_faults = true` in the bootstrap for a local policy file"
+                );
+            }
+        }
         let table = RouteTable::new(routes);
         let default_retry = outbound.retry.clone().unwrap_or_default();
         let budget = budget(&outbound, default_retry.budget.map(|r| r.get()));
@@ -132,6 +150,12 @@ impl OutboundPolicy {
                         None => Arc::clone(&budget),
                     },
                     retry,
+                    hedge: r.hedge.as_ref().map(HedgePlan::new),
+                    fault: r
+                        .fault
+                        .as_ref()
+                        .filter(|_| faults_allowed)
+                        .map(|fault| FaultPlan::new(&r.name, fault)),
                 })
             })
             .collect();
@@ -144,6 +168,8 @@ impl OutboundPolicy {
                 per_try_timeout: default_per_try,
                 retry: default_retry,
                 budget: Arc::clone(&budget),
+                hedge: None,
+                fault: None,
             }),
             routes: table,
             route_plans,

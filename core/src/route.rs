@@ -187,6 +187,8 @@ mod tests {
             max_concurrency: None,
             queue: None,
             allow: None,
+            hedge: None,
+            fault: None,
         }
     }
 

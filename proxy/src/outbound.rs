@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! per connection  Observe -> Respond -> Screen -> Discover
-//! per service     Route -> RateLimit -> Forwarded -> Timeout -> ColdStart -> Retry -> Balance
+//! per service     Route -> Fault -> RateLimit -> Forwarded -> Timeout -> ColdStart -> Retry -> Hedge -> Balance
 //! per endpoint    Timeout (per try) -> EndpointClient
 //! ```
 //!
@@ -48,7 +48,9 @@ use weft_stack::balance::{Balance, Endpoints, InFlightBody};
 use weft_stack::cold_start::{Activator, ColdStart, ColdStartLayer};
 use weft_stack::context::RequestContext;
 use weft_stack::endpoint::{AppProtocol, NewEndpoint};
+use weft_stack::fault::{Fault, FaultLayer};
 use weft_stack::forwarded::{self, Forwarded, ForwardedLayer};
+use weft_stack::hedge::{Hedge, HedgeLayer};
 use weft_stack::observe::{Observe, ObserveLayer};
 use weft_stack::rate_limit::{RateLimit, RateLimitLayer};
 use weft_stack::respond::{Respond, RespondLayer, Side};
@@ -74,7 +76,7 @@ pub type NewEndpointStack = NewLayered<TimeoutLayer, NewEndpoint>;
 
 /// One service's stack.
 pub type ServiceStack = Route<
-    RateLimit<Forwarded<Timeout<ColdStart<Retry<Balance<NewEndpointStack>>>>>>,
+    Fault<RateLimit<Forwarded<Timeout<ColdStart<Retry<Hedge<Balance<NewEndpointStack>>>>>>>>,
     OutboundPolicy,
 >;
 
@@ -157,6 +159,11 @@ pub fn service_stack(parts: ServiceParts<'_>, caller: Caller) -> ServiceStack {
     ServiceBuilder::new()
         // First: every layer below reads the matched route's plan.
         .layer(RouteLayer::new(Arc::clone(policy)))
+        // Injected faults (where permitted), right after the route is
+        // known: an injected abort spends nothing below, and an injected
+        // delay is not counted against the route's timeouts (it stands for
+        // a slow network or service in front of them).
+        .layer(FaultLayer)
         // This sidecar's own rate to the service: refused before anything
         // else is spent on it.
         .layer(RateLimitLayer::service(policy.rate_limit.as_ref()))
@@ -174,6 +181,11 @@ pub fn service_stack(parts: ServiceParts<'_>, caller: Caller) -> ServiceStack {
         .layer(cold_start)
         // Above the balancer: each retry picks an endpoint afresh.
         .layer(RetryLayer)
+        // Below the retries, above the balancer: each try may be hedged to
+        // another endpoint (the balancer picks it, avoiding those tried),
+        // reusing the body the retry layer buffered and its budget; a
+        // failure still goes up to be retried.
+        .layer(HedgeLayer)
         .service(Balance::new(
             parts.service,
             parts.endpoints,

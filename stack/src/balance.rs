@@ -4,7 +4,8 @@
 //! unhealthy, weight above 0, below `outbound.endpoint_max_concurrency`: a
 //! full endpoint is skipped, not refused), then `[[splits]]`, the caller's
 //! zone (`outbound.locality`) and endpoints this request has not tried yet,
-//! each dropped when it would leave nothing, then the service's balancer
+//! each dropped when it would leave nothing (but a hedge, marked
+//! [`UntriedOnly`], goes to an untried endpoint or nowhere), then the service's balancer
 //! (p2c-ewma, least-request or round-robin). The endpoint's in-flight slot is
 //! claimed with the choice and held until the response body ends, and the
 //! try goes to the endpoint's own client (a [`NewService`] makes it from the
@@ -36,6 +37,13 @@ use weft_core::retry::classify::{Outcome, is_failure, outcome_of};
 use weft_discovery::balance::select::{SelectError, Selection, select};
 use weft_discovery::balance::{Balancer, Endpoint, InFlight};
 use weft_discovery::endpoints::{EndpointSet, EndpointsReader};
+
+/// Marks a try that must go to an endpoint the request has not tried (a
+/// hedge: sending it where a try is still in flight would gain nothing).
+/// Without an untried endpoint that can take it, it is refused
+/// ([`ProxyError::EndpointsSaturated`]) instead of going to a tried one.
+#[derive(Debug, Clone, Copy)]
+pub struct UntriedOnly;
 
 /// Where the endpoints come from.
 #[derive(Debug, Clone)]
@@ -133,6 +141,13 @@ where
             tried: &tried,
         };
         let in_flight = match select(&self.balancer, set.endpoints(), &selection) {
+            // Dropping the claim frees the endpoint's slot at once.
+            Ok(in_flight)
+                if req.extensions().get::<UntriedOnly>().is_some()
+                    && tried.contains(&in_flight.endpoint().addr()) =>
+            {
+                return Either::Left(ready_future(Err(self.refusal(SelectError::Saturated))));
+            }
             Ok(in_flight) => in_flight,
             Err(error) => return Either::Left(ready_future(Err(self.refusal(error)))),
         };

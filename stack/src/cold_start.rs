@@ -221,6 +221,8 @@ mod tests {
         fn cold_start(&self, _: &Arc<str>, outcome: ColdStartOutcome) {
             self.outcomes.lock().unwrap().push(outcome);
         }
+        fn hedge(&self, _: &Arc<str>, _: &Arc<str>, _: weft_core::context::HedgeOutcome, _: u32) {}
+        fn injected_fault(&self, _: &Arc<str>, _: &Arc<str>, _: weft_core::context::FaultKind) {}
     }
 
     impl Activator for Counts {

@@ -18,12 +18,14 @@
 //! | [`screen`] | URI length, HTTP/1 framing, inbound authority |
 //! | [`route`] | the matched route's settings into the extensions |
 //! | [`authorize`] | who may call the local service |
+//! | [`fault`] | a route's injected delays and aborts, where the policy permits them |
 //! | [`rate_limit`] | service share, per route, per caller, per caller sidecar |
 //! | [`concurrency`] | caps with bounded queues; permit held until the body ends |
 //! | [`forwarded`] | forwarding headers, caller identity, hop-by-hop removal |
 //! | [`timeout`] | whole-request and per-try timeouts |
 //! | [`cold_start`] | calls held while the service has no endpoint, released when its first instance registers; the activator |
 //! | [`retry`] | budgeted retries to other endpoints, with replayable bodies |
+//! | [`hedge`] | hedged tries to other endpoints after a delay, first answer wins, spending the retry budget |
 //! | [`balance`] | the endpoint of each try; outlier ejection |
 //! | [`endpoint`] | one try to one endpoint over its pools |
 //! | [`context`] | what one request's layers tell each other and the observation (`weft-core`'s) |
@@ -39,7 +41,9 @@ pub mod concurrency;
 /// The request context is `weft-core`'s (telemetry reads it too).
 pub use weft_core::context;
 pub mod endpoint;
+pub mod fault;
 pub mod forwarded;
+pub mod hedge;
 pub mod observe;
 pub mod rate_limit;
 pub mod respond;

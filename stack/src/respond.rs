@@ -149,6 +149,16 @@ impl Logged {
                 error = %chain(error),
                 "inbound request refused"
             ),
+            // Injected on purpose, maybe for every request: counted, not logged.
+            (Side::Outbound, ProxyError::InjectedFault { .. }) => tracing::debug!(
+                target: "weft_proxy::outbound",
+                reason = %error.reason(),
+                client.addr = %self.client,
+                http.method = %self.method,
+                http.path = %path,
+                limit = error.limit(),
+                "outbound request answered with an injected fault"
+            ),
             (Side::Outbound, _) => tracing::info!(
                 target: "weft_proxy::outbound",
                 reason = %error.reason(),

@@ -9,7 +9,10 @@
 //! A body of known length up to `max_replay_body` is read into memory before
 //! the first try so every try sends the same bytes; a larger one, or one of
 //! unknown length (a stream, which may wait for the response), is sent once
-//! and never retried. Upgrades are never retried.
+//! and never retried. Upgrades are never retried. On a route with `hedge`,
+//! the body is buffered the same way (even with `attempts = 0`) and each
+//! try carries its [`Replay`](weft_core::retry::replay::Replay) in its
+//! extensions for the hedge layer below.
 //!
 //! Each retry goes elsewhere: the balance layer below records in the
 //! request's [`RequestContext`] every endpoint a try went to and avoids them
@@ -81,6 +84,9 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let plan = req.extensions().get::<Arc<RoutePlan>>().cloned();
         let retries = plan.as_ref().is_some_and(|p| p.retry.attempts > 0);
+        // A hedged route replays its body too (the hedge layer below sends
+        // copies), and its hedges avoid the endpoints the context records.
+        let hedges = plan.as_ref().is_some_and(|p| p.hedge.is_some());
         let (mut parts, incoming) = req.into_parts();
         let upgrade = parts
             .extensions
@@ -93,7 +99,7 @@ where
         // deadlock.
         let known_length = incoming.is_end_stream() || incoming.size_hint().exact().is_some();
         let (state, body) = match plan.as_ref() {
-            Some(plan) if retries && !upgrade && known_length => {
+            Some(plan) if (retries || hedges) && !upgrade && known_length => {
                 if incoming.is_end_stream() {
                     (
                         State::Ready,
@@ -122,7 +128,7 @@ where
         // Retries avoid the endpoints tried, which the context records.
         let context = match parts.extensions.get::<RequestContext>() {
             Some(context) => Some(context.clone()),
-            None if retries => {
+            None if retries || hedges => {
                 let context = RequestContext::unobserved();
                 parts.extensions.insert(context.clone());
                 Some(context)
@@ -210,9 +216,17 @@ where
         plan: Option<&Arc<RoutePlan>>,
         context: Option<&RequestContext>,
     ) -> Request<ProxyBody> {
-        // Only a replayable body is ever sent again.
+        // Only a replayable body is ever sent again (by a retry, or by a
+        // hedge: the hedge layer below copies it from the extensions).
+        let hedge = plan.is_some_and(|p| p.hedge.is_some());
+        let mut hedge_body = None;
         let (body, again) = match body {
-            Some(RequestBody::Replayable(replay)) => (replay.body(), true),
+            Some(RequestBody::Replayable(replay)) => {
+                if hedge {
+                    hedge_body = Some(replay.clone());
+                }
+                (replay.body(), true)
+            }
             Some(RequestBody::Streaming(streaming)) => {
                 (std::mem::replace(streaming, body::empty()), false)
             }
@@ -245,6 +259,9 @@ where
                     req.extensions_mut().insert(context.clone());
                 }
             }
+        }
+        if let Some(replay) = hedge_body {
+            req.extensions_mut().insert(replay);
         }
         req
     }

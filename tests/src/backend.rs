@@ -24,9 +24,10 @@
 //! head for later assertions. Dropping the [`Backend`] stops it and closes its
 //! connections.
 //!
-//! Two switches change a running backend, so one test can make an instance
+//! Switches change a running backend, so one test can make an instance
 //! fail and heal, or turn slow: [`Backend::set_latency`] (a delay before every
-//! answer, also settable up front with [`BackendBuilder::latency`]) and
+//! answer, also settable up front with [`BackendBuilder::latency`]),
+//! [`Backend::set_slow_every`] (a slow tail: every n-th answer late) and
 //! [`Backend::set_status`] (answer every request, whatever its path, with one
 //! status after reading its whole body; `None` restores the routes above).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -76,6 +77,9 @@ struct State {
     id: String,
     /// Delay before every answer, in microseconds.
     latency_us: AtomicU64,
+    /// Every `slow_every`-th request (0: none) waits `slow_us` more.
+    slow_every: AtomicU64,
+    slow_us: AtomicU64,
     /// Status forced on every answer; 0 when the routes answer normally.
     forced_status: AtomicU16,
     /// Bumped by [`Backend::release`]; `/hold` waits for it to change.
@@ -136,6 +140,8 @@ impl BackendBuilder {
         let state = Arc::new(State {
             id: self.id,
             latency_us: AtomicU64::new(micros(self.latency)),
+            slow_every: AtomicU64::new(0),
+            slow_us: AtomicU64::new(0),
             forced_status: AtomicU16::new(0),
             release: watch::Sender::new(0),
             requests: AtomicUsize::new(0),
@@ -230,6 +236,13 @@ impl Backend {
             .store(micros(latency), Ordering::SeqCst);
     }
 
+    /// A slow tail: every `every`-th request (counting from the first this
+    /// backend received) waits `latency` more before its answer.
+    pub fn set_slow_every(&self, every: u64, latency: Duration) {
+        self.state.slow_us.store(micros(latency), Ordering::SeqCst);
+        self.state.slow_every.store(every, Ordering::SeqCst);
+    }
+
     /// Forces every answer to `status` (after reading the request body), or
     /// with `None` goes back to answering by path.
     pub fn set_status(&self, status: Option<u16>) {
@@ -319,7 +332,7 @@ async fn handle(
     // that sees it in flight and calls `release` always lets it go.
     let mut release = state.release.subscribe();
     let in_flight = InFlight::new(&state);
-    state.requests.fetch_add(1, Ordering::SeqCst);
+    let nth = state.requests.fetch_add(1, Ordering::SeqCst) as u64 + 1;
     let host = request
         .headers()
         .get(HOST)
@@ -341,7 +354,11 @@ async fn handle(
     };
     state.seen.lock().unwrap().push(seen.clone());
 
-    let latency = Duration::from_micros(state.latency_us.load(Ordering::SeqCst));
+    let mut latency = Duration::from_micros(state.latency_us.load(Ordering::SeqCst));
+    let slow_every = state.slow_every.load(Ordering::SeqCst);
+    if slow_every > 0 && nth.is_multiple_of(slow_every) {
+        latency += Duration::from_micros(state.slow_us.load(Ordering::SeqCst));
+    }
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }

@@ -102,6 +102,7 @@ pub struct Bootstrap {
     tls_keys: Vec<String>,
     control_plane: Vec<String>,
     control_plane_keys: Vec<String>,
+    directory_keys: Vec<String>,
 }
 
 impl Default for Bootstrap {
@@ -124,6 +125,7 @@ impl Bootstrap {
             tls_keys: Vec::new(),
             control_plane: Vec::new(),
             control_plane_keys: Vec::new(),
+            directory_keys: Vec::new(),
         }
     }
 
@@ -235,6 +237,12 @@ impl Bootstrap {
         self
     }
 
+    /// Adds `key = value` to `[directory]` (`value` is TOML).
+    pub fn directory_key(mut self, key: &str, value: &str) -> Self {
+        self.directory_keys.push(format!("{key} = {value}"));
+        self
+    }
+
     /// Adds a directory service.
     pub fn service(mut self, service: DirService) -> Self {
         self.services.push(service);
@@ -312,6 +320,9 @@ impl Bootstrap {
                 writeln!(out, "{line}").unwrap();
             }
             out.push('\n');
+        }
+        if !self.directory_keys.is_empty() {
+            writeln!(out, "[directory]\n{}\n", self.directory_keys.join("\n")).unwrap();
         }
         for service in &self.services {
             writeln!(out, "[[directory.services]]\nname = {:?}", service.name).unwrap();

@@ -541,6 +541,13 @@ fn http2_window<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
 pub struct Directory {
     /// `[[directory.services]]`, unique by name. Default empty.
     pub services: Vec<StaticService>,
+    /// Whether the `fault` keys of the policy files this bootstrap names
+    /// (`[service] policy`, `[[directory.services]] policy`) take effect:
+    /// fault injection from local files, for staging. Policies from the
+    /// control plane are permitted by `weftctl apply --allow-faults` instead.
+    /// Default false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_faults: bool,
 }
 
 /// One `[[directory.services]]` entry.

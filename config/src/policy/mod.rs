@@ -12,10 +12,13 @@
 //!
 //! Layout (private submodules, re-exported here): `limits` has the rate,
 //! queue, outlier, budget and locality tables; `retry` the retry table;
-//! `route` routes, matches and splits; `cold_start` the table of calls held
-//! while a service scales from zero.
+//! `route` routes, matches and splits; `hedge` a route's hedged requests;
+//! `fault` its fault injection; `cold_start` the table of calls held while a
+//! service scales from zero.
 
 mod cold_start;
+mod fault;
+mod hedge;
 mod limits;
 mod retry;
 mod route;
@@ -26,6 +29,8 @@ use std::num::NonZeroU32;
 use serde::{Deserialize, Serialize};
 
 pub use self::cold_start::{ActivatorUrl, ColdStart};
+pub use self::fault::{ALLOW_FAULTS_LINE, Fault, permit_faults};
+pub use self::hedge::{Hedge, HedgeAfter, ParseHedgeAfterError};
 pub use self::limits::{CallerRateLimit, Locality, Outlier, Queue, RateLimit, RetryBudget};
 pub use self::retry::{ParseRetryOnError, Retry, RetryOn};
 pub use self::route::{HeaderMatch, HeaderName, Method, Route, RouteMatch, Split};
@@ -52,9 +57,24 @@ pub struct Policy {
     /// Traffic splits by instance metadata. Default none.
     #[serde(default)]
     pub splits: Vec<Split>,
+    /// Whether the routes' `fault` keys may take effect. Written by the
+    /// control plane (`weftctl apply --allow-faults`), which refuses a plain
+    /// apply that carries it; for a local policy file the sidecar's bootstrap
+    /// (`[directory] allow_faults`) decides instead. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_faults: bool,
 }
 
 impl Policy {
+    /// The names of the routes with a `fault`, in file order.
+    pub fn fault_routes(&self) -> Vec<&str> {
+        self.routes
+            .iter()
+            .filter(|r| r.fault.is_some())
+            .map(|r| r.name.as_str())
+            .collect()
+    }
+
     /// The keys this policy sets that only the service's own sidecars enforce
     /// (`inbound.*`, and each route's `rate_limit`, `max_concurrency`, `queue`
     /// and `allow`), as key paths (`inbound.rate_limit`,

@@ -14,7 +14,7 @@ use std::str::FromStr;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
-use super::{Queue, RateLimit, Retry};
+use super::{Fault, Hedge, Queue, RateLimit, Retry};
 use crate::duration::{self, Duration};
 use crate::identity::CallerId;
 use crate::number::{self, Percent};
@@ -65,6 +65,14 @@ pub struct Route {
     /// requests the route matches (narrower or wider). Default: `inbound.allow`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub allow: Option<Vec<CallerId>>,
+    /// Hedged requests: another try to another endpoint when the first has
+    /// no response head after a delay. Default none.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub hedge: Option<Hedge>,
+    /// Fault injection (delays, aborts) for the route's requests, where
+    /// permitted (see `fault.rs`). Default none.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub fault: Option<Fault>,
 }
 
 fn route_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

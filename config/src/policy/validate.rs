@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 
-use super::{Policy, Queue};
+use super::{Method, Policy, Queue};
 use crate::diag::{KeyPath, Problem};
 use crate::duration::Duration;
 use crate::identity::CallerId;
@@ -59,6 +59,8 @@ impl Policy {
             ));
         }
         self.check_routes()?;
+        self.check_hedges()?;
+        self.check_faults()?;
         self.check_splits()
     }
 
@@ -84,6 +86,65 @@ impl Policy {
             check_timeouts(&at, "the route", route.timeout, route.per_try_timeout)?;
             check_queue(&at, route.max_concurrency, route.queue.as_ref())?;
             check_allow(&at, route.allow.as_deref())?;
+        }
+        Ok(())
+    }
+
+    /// A hedge is another try sent while the first may still be processed:
+    /// only for requests the route may retry safely (see `hedge.rs`).
+    fn check_hedges(&self) -> Result<(), Problem> {
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.hedge.is_none() {
+                continue;
+            }
+            let non_idempotent = route
+                .retry
+                .as_ref()
+                .or(self.outbound.retry.as_ref())
+                .is_some_and(|retry| retry.non_idempotent);
+            let methods = &route.r#match.method;
+            if non_idempotent || methods.is_empty() || methods.iter().any(is_idempotent) {
+                continue;
+            }
+            let listed: Vec<&str> = methods.iter().map(Method::as_str).collect();
+            return Err(Problem::new(
+                KeyPath::new(["routes"]).index(i).key("hedge"),
+                format!(
+                    "this route matches only {} (not idempotent): a hedge would send a request twice; \
+                     hedge routes of GET, HEAD, OPTIONS, TRACE, PUT or DELETE, or set retry.non_idempotent",
+                    listed.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A percent needs the fault it is a percent of; a fault needs a delay or
+    /// an abort.
+    fn check_faults(&self) -> Result<(), Problem> {
+        for (i, route) in self.routes.iter().enumerate() {
+            let Some(fault) = &route.fault else {
+                continue;
+            };
+            let at = KeyPath::new(["routes"]).index(i).key("fault");
+            if fault.delay_percent.is_some() && fault.delay.is_none() {
+                return Err(Problem::new(
+                    at.key("delay_percent"),
+                    "delay_percent needs a delay beside it, e.g. delay = \"200ms\"",
+                ));
+            }
+            if fault.abort_percent.is_some() && fault.abort.is_none() {
+                return Err(Problem::new(
+                    at.key("abort_percent"),
+                    "abort_percent needs an abort status beside it, e.g. abort = 503",
+                ));
+            }
+            if fault.delay.is_none() && fault.abort.is_none() {
+                return Err(Problem::new(
+                    at,
+                    "a fault needs a delay (delay = \"200ms\") or an abort (abort = 503)",
+                ));
+            }
         }
         Ok(())
     }
@@ -154,6 +215,14 @@ fn check_timeouts(
     }
 }
 
+/// The methods RFC 9110 calls idempotent (as the retry rules do).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        method.as_str(),
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -206,6 +275,62 @@ mod tests {
             crate::parse_policy(&format!("service = \"b\"\n{ok}"), Path::new("p")).unwrap();
         assert_eq!(policy.inbound.allow.as_deref(), Some(&[][..]));
         assert_eq!(policy.routes[0].allow.as_ref().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn hedges_only_on_routes_that_may_be_retried_safely() {
+        let post = "[[routes]]\nname = \"pay\"\nmatch = { method = \"POST\" }\nhedge = { after = \"20ms\" }";
+        let err = error(post);
+        assert!(
+            err.starts_with(
+                "p.toml:5:9: routes[0].hedge: this route matches only POST (not idempotent)"
+            ),
+            "{err}"
+        );
+        let parse =
+            |text: &str| crate::parse_policy(&format!("service = \"b\"\n{text}"), Path::new("p"));
+        // Any method, an idempotent one, or an opt-in to non-idempotent retries.
+        for ok in [
+            "[[routes]]\nname = \"a\"\nhedge = { after = \"p95\", max = 2 }",
+            "[[routes]]\nname = \"a\"\nmatch = { method = [\"POST\", \"GET\"] }\nhedge = { after = \"20ms\" }",
+            &format!("{post}\nretry = {{ non_idempotent = true }}"),
+        ] {
+            assert!(parse(ok).is_ok(), "{ok}");
+        }
+        let policy = parse("[[routes]]\nname = \"a\"\nhedge = { after = \"p95\" }").unwrap();
+        assert_eq!(policy.routes[0].hedge.as_ref().unwrap().max, 1);
+        assert!(
+            error("[[routes]]\nname = \"a\"\nhedge = { after = \"20ms\", max = 4 }")
+                .contains("must be from 1 to 3, found 4")
+        );
+    }
+
+    #[test]
+    fn faults_are_checked_key_by_key() {
+        let route = |fault: &str| format!("[[routes]]\nname = \"a\"\nfault = {fault}");
+        assert_eq!(
+            error(&route("{ delay_percent = 5 }")),
+            "p.toml:4:27: routes[0].fault.delay_percent: delay_percent needs a delay beside it, e.g. delay = \"200ms\""
+        );
+        assert!(
+            error(&route("{ abort_percent = 5 }")).contains("abort_percent needs an abort status")
+        );
+        assert!(error(&route("{}")).contains("routes[0].fault: a fault needs a delay"));
+        assert!(error(&route("{ abort = 200 }")).contains("a 4xx or 5xx status, found 200"));
+        assert!(error(&route("{ abort = 503, abort_percent = 101 }")).contains("from 0 to 100"));
+        let policy = crate::parse_policy(
+            &format!(
+                "service = \"b\"\n{}",
+                route("{ delay = \"200ms\", delay_percent = 0.5, abort = 503 }")
+            ),
+            Path::new("p"),
+        )
+        .unwrap();
+        let fault = policy.routes[0].fault.as_ref().unwrap();
+        assert_eq!(fault.delay().unwrap().1, 0.005);
+        assert_eq!(fault.abort(), Some((503, 1.0)));
+        assert!(!policy.allow_faults);
+        assert_eq!(policy.fault_routes(), ["a"]);
     }
 
     #[test]

@@ -51,6 +51,9 @@ impl Direction {
 pub enum Classification {
     Success,
     Failure,
+    /// A fault was injected (`routes[].fault`): kept apart from the other
+    /// two so that SLOs can leave it out.
+    InjectedFault,
 }
 
 impl Classification {
@@ -58,6 +61,7 @@ impl Classification {
         match self {
             Self::Success => "success",
             Self::Failure => "failure",
+            Self::InjectedFault => "injected-fault",
         }
     }
 }
@@ -118,6 +122,20 @@ struct SkipLabels {
     service: Arc<str>,
     route: Arc<str>,
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HedgeLabels {
+    service: Arc<str>,
+    route: Arc<str>,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FaultLabels {
+    service: Arc<str>,
+    route: Arc<str>,
+    kind: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -419,6 +437,8 @@ pub struct Metrics {
     retries: Family<RouteLabels, Counter>,
     retries_skipped: Family<SkipLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
+    hedges: Family<HedgeLabels, Counter>,
+    injected_faults: Family<FaultLabels, Counter>,
     endpoints: Family<EndpointLabels, Gauge>,
     budgets: Family<RouteLabels, Gauge>,
     inbound_connections: ConnectionMetrics,
@@ -453,6 +473,8 @@ struct RequestFamilies {
     retries_skipped: Family<SkipLabels, Counter>,
     ejections: Family<ServiceLabels, Counter>,
     callers_folded: Counter,
+    hedges: Family<HedgeLabels, Counter>,
+    injected_faults: Family<FaultLabels, Counter>,
 }
 
 impl RequestFamilies {
@@ -495,6 +517,18 @@ impl RequestFamilies {
             "Distinct callers counted as caller=\"other\" because [telemetry] max_callers were already shown",
             callers_folded.clone(),
         );
+        let hedges = Family::default();
+        registry.register(
+            "hedges",
+            "Hedged tries, by outcome (sent, won, lost; no-budget and no-endpoint: not sent)",
+            hedges.clone(),
+        );
+        let injected_faults = Family::default();
+        registry.register(
+            "injected_faults",
+            "Faults injected by routes[].fault, by kind (delay, abort); their requests are classified injected-fault",
+            injected_faults.clone(),
+        );
         Self {
             requests,
             durations,
@@ -503,6 +537,8 @@ impl RequestFamilies {
             retries_skipped,
             ejections,
             callers_folded,
+            hedges,
+            injected_faults,
         }
     }
 }
@@ -761,6 +797,8 @@ impl Metrics {
             retries_skipped,
             ejections,
             callers_folded,
+            hedges,
+            injected_faults,
         } = RequestFamilies::register(registry);
         let EndpointFamilies { endpoints, budgets } = EndpointFamilies::register(registry);
         let connections = ListenerConnections::register(registry);
@@ -792,6 +830,8 @@ impl Metrics {
             retries,
             retries_skipped,
             ejections,
+            hedges,
+            injected_faults,
             endpoints,
             budgets,
             inbound_connections: connections.inbound,
@@ -862,7 +902,7 @@ impl Metrics {
             f.service,
             f.route,
             f.status_code,
-            f.classification == Classification::Failure,
+            f.classification as u8,
         );
         if self.recent.record(&key, seconds) {
             return;
@@ -924,6 +964,30 @@ impl Metrics {
                 service: Arc::clone(service),
                 route: Arc::clone(route),
                 reason: why.as_str(),
+            })
+            .inc();
+    }
+
+    /// `n` hedges of a request to `service` on `route` ended in `outcome`
+    /// (`sent`, `won`, `lost`, `no-budget`, `no-endpoint`).
+    pub fn hedge(&self, service: &Arc<str>, route: &Arc<str>, outcome: &'static str, n: u32) {
+        self.hedges
+            .get_or_create(&HedgeLabels {
+                service: Arc::clone(service),
+                route: Arc::clone(route),
+                outcome,
+            })
+            .inc_by(u64::from(n));
+    }
+
+    /// A fault of `kind` (`delay`, `abort`) injected into a request to
+    /// `service` on `route`.
+    pub fn injected_fault(&self, service: &Arc<str>, route: &Arc<str>, kind: &'static str) {
+        self.injected_faults
+            .get_or_create(&FaultLabels {
+                service: Arc::clone(service),
+                route: Arc::clone(route),
+                kind,
             })
             .inc();
     }

@@ -26,7 +26,9 @@ use opentelemetry::trace::{Span as _, SpanKind, Status};
 use super::Reporters;
 use super::metrics::{Classification, Direction, Finished};
 use super::{NO_LIMIT, UNKNOWN};
-use weft_core::context::{ColdStartOutcome, Events, RequestContext, RetrySkipped};
+use weft_core::context::{
+    ColdStartOutcome, Events, FaultKind, HedgeOutcome, RequestContext, RetrySkipped,
+};
 use weft_core::error::Refusal;
 use weft_core::error::{WEFT_LIMIT, WEFT_REASON};
 use weft_core::retry::classify::grpc_status;
@@ -55,6 +57,14 @@ impl Events for Reporters {
 
     fn cold_start(&self, service: &Arc<str>, outcome: ColdStartOutcome) {
         self.metrics.cold_start(service, outcome);
+    }
+
+    fn hedge(&self, service: &Arc<str>, route: &Arc<str>, outcome: HedgeOutcome, n: u32) {
+        self.metrics.hedge(service, route, outcome.as_str(), n);
+    }
+
+    fn injected_fault(&self, service: &Arc<str>, route: &Arc<str>, kind: FaultKind) {
+        self.metrics.injected_fault(service, route, kind.as_str());
     }
 }
 
@@ -221,7 +231,10 @@ impl Observation {
             return;
         }
         let failed = failed || self.status == 0 || self.status >= 500 || self.grpc_failed;
-        let classification = if failed {
+        // A request a fault was injected into is neither: SLOs leave it out.
+        let classification = if self.context.fault_injected() {
+            Classification::InjectedFault
+        } else if failed {
             Classification::Failure
         } else {
             Classification::Success

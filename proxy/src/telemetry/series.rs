@@ -30,7 +30,8 @@ pub struct Key {
     pub service: usize,
     pub route: usize,
     pub status: u16,
-    pub failure: bool,
+    /// The classification, as its discriminant.
+    pub classification: u8,
 }
 
 impl Key {
@@ -40,7 +41,7 @@ impl Key {
         service: &Arc<str>,
         route: &Arc<str>,
         status: u16,
-        failure: bool,
+        classification: u8,
     ) -> Self {
         Self {
             direction,
@@ -48,7 +49,7 @@ impl Key {
             service: Arc::as_ptr(service).cast::<u8>() as usize,
             route: Arc::as_ptr(route).cast::<u8>() as usize,
             status,
-            failure,
+            classification,
         }
     }
 }
@@ -161,7 +162,7 @@ mod tests {
     fn a_known_series_is_counted_by_address_and_the_map_stays_bounded() {
         let (billing, route) = (Arc::<str>::from("billing"), Arc::<str>::from(""));
         let caller = Arc::<str>::from("checkout");
-        let key = Key::new(1, &caller, &billing, &route, 200, false);
+        let key = Key::new(1, &caller, &billing, &route, 200, 0);
         let recent = RecentSeries::default();
         assert!(!recent.record(&key, 0.01), "unknown until inserted");
         let s = series(&billing, &route);
@@ -171,18 +172,15 @@ mod tests {
         assert_eq!(s.requests.get(), 2);
         // The same text at another address is another key.
         let other = Arc::<str>::from("billing");
-        assert!(!recent.record(&Key::new(1, &caller, &other, &route, 200, false), 0.01));
-        assert!(!recent.record(&Key::new(1, &caller, &billing, &route, 503, false), 0.01));
+        assert!(!recent.record(&Key::new(1, &caller, &other, &route, 200, 0), 0.01));
+        assert!(!recent.record(&Key::new(1, &caller, &billing, &route, 503, 0), 0.01));
         let other_caller = Arc::<str>::from("orders");
-        assert!(!recent.record(
-            &Key::new(1, &other_caller, &billing, &route, 200, false),
-            0.01
-        ));
+        assert!(!recent.record(&Key::new(1, &other_caller, &billing, &route, 200, 0), 0.01));
 
         for i in 0..MAX + 10 {
             let service = Arc::<str>::from(format!("s{i}"));
             recent.insert(
-                Key::new(0, &caller, &service, &route, 200, false),
+                Key::new(0, &caller, &service, &route, 200, 0),
                 series(&service, &route),
             );
         }

@@ -96,6 +96,12 @@ enum Command {
         /// instances and no policy yet).
         #[arg(long)]
         create: bool,
+        /// Permit the files' `routes[].fault` keys (fault injection, for
+        /// staging): the control plane refuses them without this flag, and
+        /// stores the policy with `allow_faults = true`, which sidecars
+        /// require to inject faults.
+        #[arg(long)]
+        allow_faults: bool,
     },
     /// Validate policy files offline; with --control-plane on the command
     /// line, also warn about services the control plane has never seen.
@@ -455,7 +461,11 @@ async fn run(cli: Cli, control_plane_given: bool) -> anyhow::Result<ExitCode> {
         Command::Version { client, output } => version(api, client, output).await?,
         Command::Certs(what) => certs::run(what)?,
         Command::Inject(args) => inject::run(args)?,
-        Command::Apply { files, create } => policies::apply(&api()?, &files, create).await?,
+        Command::Apply {
+            files,
+            create,
+            allow_faults,
+        } => policies::apply(&api()?, &files, create, allow_faults).await?,
         Command::Diff { file, output } => return policies::diff(&api()?, &file, output).await,
         Command::Get(what) => get::run(&api()?, what).await?,
         Command::Delete(Delete::Policy { service }) => {

@@ -53,10 +53,46 @@ async fn known(api: &Api, service: &str, stored: Option<&Stored>) -> anyhow::Res
     }
 }
 
-pub async fn apply(api: &Api, args: &[PathBuf], create: bool) -> anyhow::Result<()> {
+pub async fn apply(
+    api: &Api,
+    args: &[PathBuf],
+    create: bool,
+    allow_faults: bool,
+) -> anyhow::Result<()> {
     let sources = files::expand(args)?;
-    let Ok(loaded) = files::load_all(sources) else {
+    let Ok(mut loaded) = files::load_all(sources) else {
         bail!("nothing applied: fix the invalid file(s) above");
+    };
+    // Faults only with --allow-faults (the control plane checks it too);
+    // with it, the text is sent as the control plane will store it, so an
+    // unchanged file reads as unchanged.
+    for file in &mut loaded {
+        let faults = file.policy.fault_routes();
+        if allow_faults {
+            if !faults.is_empty() {
+                file.text = weft_config::permit_faults(&file.text, file.policy.allow_faults);
+            }
+            continue;
+        }
+        if let Some(route) = faults.first() {
+            bail!(
+                "nothing applied: {}: routes.{route}.fault injects faults; pass --allow-faults \
+                 to permit fault injection for this policy",
+                file.name()
+            );
+        }
+        if file.policy.allow_faults {
+            bail!(
+                "nothing applied: {}: allow_faults is written by the control plane; pass \
+                 --allow-faults to apply a policy with it",
+                file.name()
+            );
+        }
+    }
+    let query = if allow_faults {
+        "?allow_faults=true"
+    } else {
+        ""
     };
     for (i, file) in loaded.iter().enumerate() {
         if let Some(earlier) = loaded[..i].iter().find(|f| f.service() == file.service()) {
@@ -105,7 +141,7 @@ pub async fn apply(api: &Api, args: &[PathBuf], create: bool) -> anyhow::Result<
         let value = api
             .ok(
                 Method::PUT,
-                &format!("/v1/services/{service}/policy"),
+                &format!("/v1/services/{service}/policy{query}"),
                 Some(file),
             )
             .await
