@@ -51,9 +51,9 @@ pub use load::{Loaded, load_bootstrap, load_policy};
 pub use name::ServiceName;
 pub use number::{Percent, Ratio, Weight};
 pub use policy::{
-    CallerRateLimit, HeaderMatch, HeaderName, Inbound, LoadBalancer, Locality, Method, Outbound,
-    Outlier, Policy, Queue, RateLimit, Retry, RetryBudget, RetryOn, Route, RouteMatch,
-    RouteSettings, Split,
+    AdaptiveConcurrency, CallerRateLimit, HeaderMatch, HeaderName, Inbound, LoadBalancer, Locality,
+    Method, Outbound, Outlier, Policy, Queue, RateLimit, Retry, RetryBudget, RetryOn, Route,
+    RouteMatch, RouteSettings, Split,
 };
 pub use size::ByteSize;
 

@@ -141,6 +141,10 @@ pub fn service_stack(parts: ServiceParts<'_>, caller: Caller) -> ServiceStack {
         .layer(TimeoutLayer::new(timeout::Which::Request))
         // Above the balancer: each retry picks an endpoint afresh.
         .layer(RetryLayer)
+        // Picks each try's endpoint; it also enforces the per-endpoint caps
+        // (`endpoint_max_concurrency`, or `adaptive_concurrency`, which the
+        // tries' latencies feed), since a full endpoint must be skipped, not
+        // refused, and only the balancer knows the others.
         .service(Balance::new(
             parts.service,
             parts.endpoints,

@@ -20,6 +20,7 @@
 //! | [`authorize`] | who may call the local service |
 //! | [`rate_limit`] | service share, per route, per caller, per caller sidecar |
 //! | [`concurrency`] | caps with bounded queues; permit held until the body ends |
+//! | [`adaptive_concurrency`] | a per-instance limit that follows the app's latency (`inbound.adaptive_concurrency`) |
 //! | [`forwarded`] | forwarding headers, caller identity, hop-by-hop removal |
 //! | [`timeout`] | whole-request and per-try timeouts |
 //! | [`retry`] | budgeted retries to other endpoints, with replayable bodies |
@@ -31,6 +32,7 @@
 //! and `inbound` modules), each as one builder, top to bottom; `weft-client`
 //! builds the outbound one in-process.
 
+pub mod adaptive_concurrency;
 pub mod authorize;
 pub mod balance;
 pub mod concurrency;

@@ -14,6 +14,7 @@
 //! queue, outlier, budget and locality tables; `retry` the retry table;
 //! `route` routes, matches and splits.
 
+mod adaptive;
 mod limits;
 mod retry;
 mod route;
@@ -23,6 +24,7 @@ use std::num::NonZeroU32;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::adaptive::AdaptiveConcurrency;
 pub use self::limits::{CallerRateLimit, Locality, Outlier, Queue, RateLimit, RetryBudget};
 pub use self::retry::{ParseRetryOnError, Retry, RetryOn};
 pub use self::route::{HeaderMatch, HeaderName, Method, Route, RouteMatch, Split};
@@ -67,6 +69,7 @@ impl Policy {
             ("allow", i.allow.is_some()),
             ("allow_plaintext", i.allow_plaintext),
             ("timeout", i.timeout.is_some()),
+            ("adaptive_concurrency", i.adaptive_concurrency.is_some()),
         ];
         let mut keys: Vec<String> = inbound
             .iter()
@@ -129,6 +132,10 @@ pub struct Inbound {
         deserialize_with = "duration::positive_opt"
     )]
     pub timeout: Option<Duration>,
+    /// A per-instance concurrency limit that follows measured latency; not
+    /// with `max_concurrency`. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
 }
 
 /// `[outbound]`: what each caller's sidecar does when calling the service.
@@ -178,6 +185,10 @@ pub struct Outbound {
     /// Default retries for routes; `None` uses [`Retry::default`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<Retry>,
+    /// A per-endpoint concurrency limit that follows measured latency, per
+    /// caller; not with `endpoint_max_concurrency`. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
 }
 
 impl Default for Outbound {
@@ -194,6 +205,7 @@ impl Default for Outbound {
             timeout: None,
             per_try_timeout: None,
             retry: None,
+            adaptive_concurrency: None,
         }
     }
 }

@@ -22,14 +22,20 @@
 //! service limit of this one caller sidecar (`outbound.rate_limit`) and caps per
 //! endpoint.
 //!
+//! - [`adaptive`]: a concurrency limit that follows measured latency
+//!   (`outbound.adaptive_concurrency` per endpoint, `inbound.adaptive_concurrency`
+//!   per instance), a gradient limiter in the spirit of Gradient2.
+//!
 //! Every refusal ([`RateLimited`], [`ConcurrencyCapped`]) carries the name of
 //! the limit that refused, which is its policy key path (for example
 //! `inbound.rate_limit` or `routes.charge.max_concurrency`). The proxy returns
 //! it in the `weft-limit` response header so an operator can tell which setting
 //! to look at. Nothing here maps refusals to HTTP: that is `error`'s job.
 
+pub mod adaptive;
 pub mod concurrency;
 pub mod rate;
 
+pub use adaptive::{AdaptiveConcurrency, AdaptivePermit, EndpointCap, GradientLimit};
 pub use concurrency::{ConcurrencyCapped, ConcurrencyLimit, ConcurrencyPermit};
 pub use rate::{CallerRateLimit, MAX_TRACKED_CALLERS, RateLimit, RateLimited, Share};

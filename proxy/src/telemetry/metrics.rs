@@ -131,6 +131,14 @@ struct EndpointLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AdaptiveLabels {
+    direction: &'static str,
+    service: Arc<str>,
+    /// The endpoint's address outbound, `""` inbound (the instance's own).
+    endpoint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -285,6 +293,26 @@ impl Gauges<'_> {
         }
     }
 
+    /// `weft_adaptive_concurrency_limit`: an adaptive limit's current value,
+    /// of one outbound endpoint (its address) or of this instance (inbound,
+    /// endpoint `""`).
+    pub fn adaptive_limit(
+        &mut self,
+        direction: Direction,
+        service: &Arc<str>,
+        endpoint: String,
+        limit: u32,
+    ) {
+        self.metrics
+            .adaptive_limits
+            .get_or_create(&AdaptiveLabels {
+                direction: direction.as_str(),
+                service: Arc::clone(service),
+                endpoint,
+            })
+            .set(i64::from(limit));
+    }
+
     /// `weft_retry_budget_available_retries` of one route of `service`.
     pub fn retry_budget(&mut self, service: &Arc<str>, route: &Arc<str>, available: u64) {
         self.metrics
@@ -365,6 +393,7 @@ pub struct Metrics {
     ejections: Family<ServiceLabels, Counter>,
     endpoints: Family<EndpointLabels, Gauge>,
     budgets: Family<RouteLabels, Gauge>,
+    adaptive_limits: Family<AdaptiveLabels, Gauge>,
     inbound_connections: ConnectionMetrics,
     outbound_connections: ConnectionMetrics,
     admin_connections: ConnectionMetrics,
@@ -452,6 +481,7 @@ impl RequestFamilies {
 struct EndpointFamilies {
     endpoints: Family<EndpointLabels, Gauge>,
     budgets: Family<RouteLabels, Gauge>,
+    adaptive_limits: Family<AdaptiveLabels, Gauge>,
 }
 
 impl EndpointFamilies {
@@ -468,7 +498,17 @@ impl EndpointFamilies {
             "Retries the retry budget allows now",
             budgets.clone(),
         );
-        Self { endpoints, budgets }
+        let adaptive_limits = Family::default();
+        registry.register(
+            "adaptive_concurrency_limit",
+            "Current adaptive concurrency limit, per outbound endpoint or of this instance (inbound)",
+            adaptive_limits.clone(),
+        );
+        Self {
+            endpoints,
+            budgets,
+            adaptive_limits,
+        }
     }
 }
 
@@ -668,7 +708,11 @@ impl Metrics {
             ejections,
             callers_folded,
         } = RequestFamilies::register(registry);
-        let EndpointFamilies { endpoints, budgets } = EndpointFamilies::register(registry);
+        let EndpointFamilies {
+            endpoints,
+            budgets,
+            adaptive_limits,
+        } = EndpointFamilies::register(registry);
         let connections = ListenerConnections::register(registry);
         let ConfigAndTls {
             config_version,
@@ -699,6 +743,7 @@ impl Metrics {
             ejections,
             endpoints,
             budgets,
+            adaptive_limits,
             inbound_connections: connections.inbound,
             outbound_connections: connections.outbound,
             admin_connections: connections.admin,
@@ -929,6 +974,7 @@ impl Metrics {
     fn refresh(&self, source: &dyn GaugeSource) {
         self.endpoints.clear();
         self.budgets.clear();
+        self.adaptive_limits.clear();
         source.refresh(&mut Gauges { metrics: self });
     }
 }
