@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${1:-1000}
-cargo build --release --locked -q -p weft-proxy -p weft-benches
+cargo build --release --locked -q -p weft-proxy -p weft-benches --bin weft-proxy --bin weft-bench-backend --bin weft-load
 bin=${CARGO_TARGET_DIR:-target}/release
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)" >&2
 exec python3 benches/adaptive.py --bin "$bin" --out benches/results \
