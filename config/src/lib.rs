@@ -51,9 +51,9 @@ pub use load::{Loaded, load_bootstrap, load_policy};
 pub use name::ServiceName;
 pub use number::{Percent, Ratio, Weight};
 pub use policy::{
-    ActivatorUrl, CallerRateLimit, ColdStart, Fault, HeaderMatch, HeaderName, Hedge, HedgeAfter,
-    Inbound, LoadBalancer, Locality, Method, Outbound, Outlier, Policy, Queue, RateLimit, Retry,
-    RetryBudget, RetryOn, Route, RouteMatch, RouteSettings, Split, permit_faults,
+    ActivatorUrl, AdaptiveConcurrency, CallerRateLimit, ColdStart, Fault, HeaderMatch, HeaderName,
+    Hedge, HedgeAfter, Inbound, LoadBalancer, Locality, Method, Outbound, Outlier, Policy, Queue,
+    RateLimit, Retry, RetryBudget, RetryOn, Route, RouteMatch, RouteSettings, Split, permit_faults,
 };
 pub use size::ByteSize;
 

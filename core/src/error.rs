@@ -116,10 +116,13 @@ pub enum ProxyError {
     #[error(transparent)]
     ConcurrencyCapped(#[from] ConcurrencyCapped),
 
-    #[error(
-        "every endpoint of {service:?} is at its concurrency cap (outbound.endpoint_max_concurrency)"
-    )]
-    EndpointsSaturated { service: String },
+    /// `limit`: `outbound.endpoint_max_concurrency` or
+    /// `outbound.adaptive_concurrency`.
+    #[error("every endpoint of {service:?} is at its concurrency cap ({limit})")]
+    EndpointsSaturated {
+        service: String,
+        limit: &'static str,
+    },
 
     #[error("no response within {after:?} ({limit})")]
     Timeout { limit: Arc<str>, after: Duration },
@@ -270,7 +273,7 @@ impl ProxyError {
         match self {
             Self::RateLimited(e) => Some(&e.limit),
             Self::ConcurrencyCapped(e) => Some(&e.limit),
-            Self::EndpointsSaturated { .. } => Some("outbound.endpoint_max_concurrency"),
+            Self::EndpointsSaturated { limit, .. } => Some(limit),
             Self::Timeout { limit, .. } => Some(limit),
             Self::BudgetExhausted { last } => last.limit(),
             Self::UriTooLong { .. } => Some("limits.max_uri_length"),

@@ -21,7 +21,6 @@
 //! the directory keeps the compiled policy instead of rebuilding it. Counters
 //! ([`Stats`]) survive every reload.
 
-use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +29,10 @@ use weft_config::{Outbound, Policy, Retry, Route, Split};
 use crate::authz::Allow;
 use crate::fault::FaultPlan;
 use crate::hedge::HedgePlan;
-use crate::limits::{CallerRateLimit, ColdStartGate, ConcurrencyLimit, RateLimit, Share};
+use crate::limits::{
+    AdaptiveConcurrency, CallerRateLimit, ColdStartGate, ConcurrencyLimit, EndpointCap, RateLimit,
+    Share,
+};
 use crate::retry::RetryBudget;
 use crate::route::RouteTable;
 use crate::stats::Stats;
@@ -212,8 +214,17 @@ impl OutboundPolicy {
         )
     }
 
-    pub fn endpoint_cap(&self) -> Option<u32> {
-        self.outbound.endpoint_max_concurrency.map(NonZeroU32::get)
+    /// The cap on each endpoint: `endpoint_max_concurrency`, or each
+    /// endpoint's own `adaptive_concurrency` limit (config allows one of them).
+    pub fn endpoint_cap(&self) -> EndpointCap<'_> {
+        match (
+            self.outbound.endpoint_max_concurrency,
+            &self.outbound.adaptive_concurrency,
+        ) {
+            (Some(max), _) => EndpointCap::Static(max.get()),
+            (None, Some(adaptive)) => EndpointCap::Adaptive(adaptive),
+            (None, None) => EndpointCap::None,
+        }
     }
 }
 
@@ -236,6 +247,9 @@ pub struct InboundPolicy {
     pub rate_limit: Option<Arc<RateLimit>>,
     pub caller_rate_limit: Option<Arc<CallerRateLimit>>,
     pub concurrency: Option<Arc<ConcurrencyLimit>>,
+    /// `inbound.adaptive_concurrency`: this instance's limit that follows
+    /// latency (config excludes it beside `inbound.max_concurrency`).
+    pub adaptive: Option<Arc<AdaptiveConcurrency>>,
     pub timeout: Option<NamedTimeout>,
     /// `inbound.allow`: the callers allowed (routes may replace it).
     pub allow: Option<Allow>,
@@ -303,6 +317,13 @@ impl InboundPolicy {
                     "inbound.max_concurrency",
                     max,
                     inbound.queue.as_ref(),
+                )
+            }),
+            adaptive: inbound.adaptive_concurrency.as_ref().map(|settings| {
+                AdaptiveConcurrency::reuse_or_new(
+                    previous.and_then(|p| p.adaptive.as_ref()),
+                    "inbound.adaptive_concurrency",
+                    settings,
                 )
             }),
             timeout: named(inbound.timeout, "inbound.timeout".into()),

@@ -24,6 +24,7 @@ use weft_config::Policy;
 
 use crate::state::{LiveState, Readiness};
 use weft_core::body::{self, ProxyBody};
+use weft_core::limits::EndpointCap;
 use weft_discovery::balance::Endpoint;
 use weft_discovery::control_plane::{ConnectionState, ControlPlaneClient};
 use weft_discovery::directory::{Directory, LocalApp, MeshService};
@@ -209,7 +210,7 @@ fn dns_json(target: &DnsTarget, directory: &Directory, now: Instant) -> Value {
         "dns_status": status,
         "load_balancer": directory.dns_balancer.strategy(),
         "protocol": "auto",
-        "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, None, now)).collect::<Vec<_>>(),
+        "endpoints": set.endpoints().iter().map(|e| endpoint_json(e, EndpointCap::None, now)).collect::<Vec<_>>(),
     })
 }
 
@@ -222,9 +223,14 @@ fn local_json(l: &LocalApp, app_health: &str) -> Value {
         "app_health": app_health,
         "policy_source": l.policy_source,
         "share": l.share.get(),
-        "in_flight": p.concurrency.as_ref().map(|c| c.in_flight()),
+        "in_flight": p
+            .concurrency
+            .as_ref()
+            .map(|c| c.in_flight())
+            .or_else(|| p.adaptive.as_ref().map(|a| a.in_flight())),
         "queued": p.concurrency.as_ref().map(|c| c.waiting()),
         "max_concurrency": p.concurrency.as_ref().map(|c| c.max()),
+        "adaptive_limit": p.adaptive.as_ref().map(|a| a.limit()),
         "rate_limit": p.rate_limit.as_ref().map(|r| {
             let (per_second, burst) = r.effective();
             json!({ "per_second": per_second, "burst": burst })
@@ -277,16 +283,20 @@ fn policy_json(policy: Option<&Policy>, unenforced: Option<&Unenforced>) -> Valu
     })
 }
 
-fn endpoint_json(e: &Endpoint, cap: Option<u32>, now: Instant) -> Value {
+fn endpoint_json(e: &Endpoint, cap: EndpointCap<'_>, now: Instant) -> Value {
     let ejected_for = e.outlier().ejected_for(now);
     let state = if !e.health().is_healthy() {
         "unhealthy"
     } else if ejected_for.is_some() {
         "ejected"
-    } else if cap.is_some_and(|c| e.in_flight() >= c) {
+    } else if e.cap(cap).is_some_and(|c| e.in_flight() >= c) {
         "saturated"
     } else {
         "active"
+    };
+    let adaptive_limit = match cap {
+        EndpointCap::Adaptive(settings) => Some(e.adaptive(settings).limit(settings)),
+        _ => None,
     };
     json!({
         "address": e.addr(),
@@ -298,6 +308,7 @@ fn endpoint_json(e: &Endpoint, cap: Option<u32>, now: Instant) -> Value {
         "requests": e.requests(),
         "latency_ewma_ms": e.latency_estimate(now).as_secs_f64() * 1000.0,
         "metadata": e.metadata(),
+        "adaptive_limit": adaptive_limit,
     })
 }
 

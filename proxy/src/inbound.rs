@@ -3,7 +3,8 @@
 //! ```text
 //! per connection  Observe -> Respond -> Local
 //! per local app   Screen -> Route -> Authorize -> RateLimit (route, service, caller)
-//!                 -> Concurrency (route, service) -> Forwarded -> Timeout -> EndpointClient
+//!                 -> Concurrency (route, service) -> Adaptive -> Forwarded -> Timeout
+//!                 -> EndpointClient
 //! ```
 //!
 //! Every request goes to the `[service] app` address, whatever its authority
@@ -35,6 +36,7 @@ use weft_core::authz::MeshRule;
 use weft_core::body::ProxyBody;
 use weft_core::error::ProxyError;
 use weft_discovery::directory::LocalApp;
+use weft_stack::adaptive_concurrency::{Adaptive, AdaptiveBody, AdaptiveLayer};
 use weft_stack::authorize::{Authorize, AuthorizeLayer};
 use weft_stack::concurrency::{self, Concurrency, ConcurrencyLayer, PermitBody};
 use weft_stack::context::RequestContext;
@@ -56,7 +58,11 @@ pub type AppStack = Screen<
     Route<
         Authorize<
             RateLimit<
-                RateLimit<RateLimit<Concurrency<Concurrency<Forwarded<Timeout<EndpointClient>>>>>>,
+                RateLimit<
+                    RateLimit<
+                        Concurrency<Concurrency<Adaptive<Forwarded<Timeout<EndpointClient>>>>>,
+                    >,
+                >,
             >,
         >,
         weft_core::policy::InboundPolicy,
@@ -116,6 +122,10 @@ pub fn app_stack(local: &LocalApp, listener: &Listener) -> AppStack {
         // slot), route first; permits held until the response body ends.
         .layer(ConcurrencyLayer::new(concurrency::Which::Route))
         .layer(ConcurrencyLayer::service(policy.concurrency.as_ref()))
+        // The instance's adaptive limit (config excludes it beside the static
+        // cap above), last of the limits: it measures the app's latency, so
+        // only requests that will reach the app count, timeout included.
+        .layer(AdaptiveLayer::new(policy.adaptive.as_ref()))
         .layer(ForwardedLayer::new(forwarded::Side::Inbound))
         // Innermost: bounds the app's answer, and frees the permits when it fires.
         .layer(TimeoutLayer::new(timeout::Which::Fixed(
@@ -188,13 +198,17 @@ pub struct Local {
 
 type LocalFuture = Pin<
     Box<
-        dyn Future<Output = Result<Response<PermitBody<PermitBody<ResponseBody>>>, ProxyError>>
-            + Send,
+        dyn Future<
+                Output = Result<
+                    Response<PermitBody<PermitBody<AdaptiveBody<ResponseBody>>>>,
+                    ProxyError,
+                >,
+            > + Send,
     >,
 >;
 
 impl Service<Request<Incoming>> for Local {
-    type Response = Response<PermitBody<PermitBody<ResponseBody>>>;
+    type Response = Response<PermitBody<PermitBody<AdaptiveBody<ResponseBody>>>>;
     type Error = ProxyError;
     type Future = LocalFuture;
 

@@ -186,6 +186,10 @@ pub fn service_stack(parts: ServiceParts<'_>, caller: Caller) -> ServiceStack {
         // reusing the body the retry layer buffered and its budget; a
         // failure still goes up to be retried.
         .layer(HedgeLayer)
+        // Picks each try's endpoint; it also enforces the per-endpoint caps
+        // (`endpoint_max_concurrency`, or `adaptive_concurrency`, which the
+        // tries' latencies feed), since a full endpoint must be skipped, not
+        // refused, and only the balancer knows the others.
         .service(Balance::new(
             parts.service,
             parts.endpoints,

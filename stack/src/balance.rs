@@ -1,8 +1,9 @@
 //! Balance: choose the endpoint of one try, and learn from its outcome.
 //!
 //! The choice is [`select`]'s: usable endpoints only (not ejected, app not
-//! unhealthy, weight above 0, below `outbound.endpoint_max_concurrency`: a
-//! full endpoint is skipped, not refused), then `[[splits]]`, the caller's
+//! unhealthy, weight above 0, below `outbound.endpoint_max_concurrency` or
+//! the endpoint's own `outbound.adaptive_concurrency` limit: a full endpoint
+//! is skipped, not refused), then `[[splits]]`, the caller's
 //! zone (`outbound.locality`) and endpoints this request has not tried yet,
 //! each dropped when it would leave nothing (but a hedge, marked
 //! [`UntriedOnly`], goes to an untried endpoint or nowhere), then the service's balancer
@@ -14,7 +15,11 @@
 //! The outcome feeds passive health (outlier ejection): a 5xx, a connect
 //! failure, a reset or a timeout counts towards `outbound.outlier`'s
 //! consecutive failures, within `max_ejected_percent`; anything else resets
-//! the count. The time to the response headers feeds the latency estimate.
+//! the count. The time to the response headers feeds the latency estimate
+//! and, under `outbound.adaptive_concurrency`, the endpoint's adaptive limit
+//! (successful tries only: a failed try's latency says nothing of the
+//! endpoint's queue). Headers rather than body end: a streaming body measures
+//! the stream, not the endpoint, and the balancer's estimate uses the same.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,6 +37,7 @@ use super::NewService;
 use super::context::RequestContext;
 use weft_core::body::{IdleTimeout, Tracked};
 use weft_core::error::ProxyError;
+use weft_core::limits::EndpointCap;
 use weft_core::policy::OutboundPolicy;
 use weft_core::retry::classify::{Outcome, is_failure, outcome_of};
 use weft_discovery::balance::select::{SelectError, Selection, select};
@@ -104,7 +110,14 @@ impl<N> Balance<N> {
         match error {
             SelectError::NoEndpoints => ProxyError::NoEndpoints { service },
             SelectError::NoHealthy => ProxyError::NoHealthyEndpoints { service },
-            SelectError::Saturated => ProxyError::EndpointsSaturated { service },
+            SelectError::Saturated => ProxyError::EndpointsSaturated {
+                service,
+                limit: self
+                    .policy
+                    .endpoint_cap()
+                    .key()
+                    .unwrap_or("outbound.endpoint_max_concurrency"),
+            },
         }
     }
 }
@@ -192,11 +205,17 @@ where
         let Some(in_flight) = this.in_flight.take() else {
             return Poll::Pending;
         };
-        if let Some(outcome) = outcome_of(&result)
+        let outcome = outcome_of(&result);
+        if let Some(outcome) = outcome
             && record_outcome(this.policy, this.set, in_flight.endpoint(), outcome)
             && let Some(context) = this.context
         {
             context.ejection();
+        }
+        if let EndpointCap::Adaptive(settings) = this.policy.endpoint_cap()
+            && outcome.is_some_and(|o| !is_failure(o))
+        {
+            in_flight.observe_adaptive(settings);
         }
         let rsp = result?;
         in_flight.observe_response();
@@ -355,6 +374,62 @@ mod tests {
             fake.tries().contains(&a.addr()),
             "back after its ejection time"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_endpoints_adaptive_limit_falls_and_its_load_moves() {
+        let (a, b) = (endpoint(1, "a", "v1"), endpoint(2, "a", "v1"));
+        let policy = "[outbound]\nadaptive_concurrency = { min_limit = 1, initial_limit = 4 }\n";
+        let (lb, fake) = balance(
+            &[Arc::clone(&a), Arc::clone(&b)],
+            policy,
+            None,
+            LoadBalancer::RoundRobin,
+        );
+        // Both answer in 10ms, then `a` takes 200ms. A limit less than
+        // half used does not move, so the waves keep both in use.
+        fake.delay(a.addr(), Duration::from_millis(10));
+        fake.delay(b.addr(), Duration::from_millis(10));
+        let wave = |n: usize| {
+            let lb = lb.clone();
+            async move {
+                let calls = (0..n).map(|_| lb.clone().oneshot(Request::new(())));
+                futures_util::future::join_all(calls).await
+            }
+        };
+        for _ in 0..50 {
+            drop(wave(8).await);
+        }
+        let settings = lb.policy.outbound.adaptive_concurrency.unwrap();
+        let healthy = a.adaptive(&settings).limit(&settings);
+        assert!(healthy >= 4, "{healthy}");
+        // Slower, so more at once (as under a steady rate): 16 per wave.
+        fake.delay(a.addr(), Duration::from_millis(200));
+        for _ in 0..20 {
+            drop(wave(16).await);
+        }
+        let slow = a.adaptive(&settings).limit(&settings);
+        assert!(slow < healthy && slow <= 2, "{healthy} -> {slow}");
+        assert!(b.adaptive(&settings).limit(&settings) >= healthy);
+
+        // Hold `a`'s slots and all of `b`'s: the next is refused, naming the limit.
+        let held = wave(usize::try_from(slow + b.adaptive(&settings).limit(&settings)).unwrap());
+        let held = tokio::spawn(held);
+        tokio::task::yield_now().await;
+        let refused = refusal(lb.clone().oneshot(Request::new(())).await);
+        assert!(
+            matches!(
+                refused,
+                ProxyError::EndpointsSaturated {
+                    limit: "outbound.adaptive_concurrency",
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        assert_eq!(refused.limit(), Some("outbound.adaptive_concurrency"));
+        drop(held.await);
+        assert!(lb.clone().oneshot(Request::new(())).await.is_ok());
     }
 
     #[tokio::test]

@@ -21,6 +21,7 @@
 //! | [`fault`] | a route's injected delays and aborts, where the policy permits them |
 //! | [`rate_limit`] | service share, per route, per caller, per caller sidecar |
 //! | [`concurrency`] | caps with bounded queues; permit held until the body ends |
+//! | [`adaptive_concurrency`] | a per-instance limit that follows the app's latency (`inbound.adaptive_concurrency`) |
 //! | [`forwarded`] | forwarding headers, caller identity, hop-by-hop removal |
 //! | [`timeout`] | whole-request and per-try timeouts |
 //! | [`cold_start`] | calls held while the service has no endpoint, released when its first instance registers; the activator |
@@ -34,6 +35,7 @@
 //! and `inbound` modules), each as one builder, top to bottom; `weft-client`
 //! builds the outbound one in-process.
 
+pub mod adaptive_concurrency;
 pub mod authorize;
 pub mod balance;
 pub mod cold_start;

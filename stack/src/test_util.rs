@@ -52,6 +52,8 @@ pub struct FakeEndpoints {
         std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, http::StatusCode>>,
     >,
     log: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    delays:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, Duration>>>,
 }
 
 impl FakeEndpoints {
@@ -61,6 +63,14 @@ impl FakeEndpoints {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(endpoint, status);
+    }
+
+    /// Answer after `delay` (tokio's clock: paused in tests).
+    pub fn delay(&self, endpoint: std::net::SocketAddr, delay: Duration) {
+        self.delays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(endpoint, delay);
     }
 
     /// The endpoints tries went to, in order (and forgets them).
@@ -97,7 +107,7 @@ pub struct FakeEndpoint {
 impl<B> tower::Service<http::Request<B>> for FakeEndpoint {
     type Response = http::Response<http_body_util::Full<bytes::Bytes>>;
     type Error = ProxyError;
-    type Future = std::future::Ready<Result<Self::Response, ProxyError>>;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, ProxyError>>;
 
     fn poll_ready(
         &mut self,
@@ -125,7 +135,19 @@ impl<B> tower::Service<http::Request<B>> for FakeEndpoint {
             .unwrap_or(http::StatusCode::OK);
         let mut rsp = http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
         *rsp.status_mut() = status;
-        std::future::ready(Ok(rsp))
+        let delay = self
+            .all
+            .delays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&self.addr)
+            .copied();
+        Box::pin(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(rsp)
+        })
     }
 }
 

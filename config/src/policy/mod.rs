@@ -16,6 +16,7 @@
 //! `fault` its fault injection; `cold_start` the table of calls held while a
 //! service scales from zero.
 
+mod adaptive;
 mod cold_start;
 mod fault;
 mod hedge;
@@ -28,6 +29,7 @@ use std::num::NonZeroU32;
 
 use serde::{Deserialize, Serialize};
 
+pub use self::adaptive::AdaptiveConcurrency;
 pub use self::cold_start::{ActivatorUrl, ColdStart};
 pub use self::fault::{ALLOW_FAULTS_LINE, Fault, permit_faults};
 pub use self::hedge::{Hedge, HedgeAfter, ParseHedgeAfterError};
@@ -90,6 +92,7 @@ impl Policy {
             ("allow", i.allow.is_some()),
             ("allow_plaintext", i.allow_plaintext),
             ("timeout", i.timeout.is_some()),
+            ("adaptive_concurrency", i.adaptive_concurrency.is_some()),
         ];
         let mut keys: Vec<String> = inbound
             .iter()
@@ -152,6 +155,10 @@ pub struct Inbound {
         deserialize_with = "duration::positive_opt"
     )]
     pub timeout: Option<Duration>,
+    /// A per-instance concurrency limit that follows measured latency; not
+    /// with `max_concurrency`. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
 }
 
 /// `[outbound]`: what each caller's sidecar does when calling the service.
@@ -205,6 +212,10 @@ pub struct Outbound {
     /// Default none: such calls are refused at once (`no-endpoints`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cold_start: Option<ColdStart>,
+    /// A per-endpoint concurrency limit that follows measured latency, per
+    /// caller; not with `endpoint_max_concurrency`. Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
 }
 
 impl Default for Outbound {
@@ -222,6 +233,7 @@ impl Default for Outbound {
             per_try_timeout: None,
             retry: None,
             cold_start: None,
+            adaptive_concurrency: None,
         }
     }
 }

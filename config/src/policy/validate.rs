@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 
-use super::{Method, Policy, Queue};
+use super::{AdaptiveConcurrency, Method, Policy, Queue};
 use crate::diag::{KeyPath, Problem};
 use crate::duration::Duration;
 use crate::identity::CallerId;
@@ -61,7 +61,42 @@ impl Policy {
         self.check_routes()?;
         self.check_hedges()?;
         self.check_faults()?;
-        self.check_splits()
+        self.check_splits()?;
+        self.check_adaptive_concurrency()
+    }
+
+    /// Adaptive limits: bounds in order, and not beside the static cap of
+    /// the same side (`max_limit` is the adaptive limit's upper bound).
+    fn check_adaptive_concurrency(&self) -> Result<(), Problem> {
+        let sides = [
+            (
+                "inbound",
+                self.inbound.adaptive_concurrency.as_ref(),
+                "max_concurrency",
+                self.inbound.max_concurrency.is_some(),
+            ),
+            (
+                "outbound",
+                self.outbound.adaptive_concurrency.as_ref(),
+                "endpoint_max_concurrency",
+                self.outbound.endpoint_max_concurrency.is_some(),
+            ),
+        ];
+        for (side, adaptive, static_key, static_set) in sides {
+            let Some(adaptive) = adaptive else { continue };
+            let at = KeyPath::new([side, "adaptive_concurrency"]);
+            if static_set {
+                return Err(Problem::new(
+                    at,
+                    format!(
+                        "set either {side}.{static_key} or {side}.adaptive_concurrency, not both \
+                         (max_limit bounds the adaptive limit)"
+                    ),
+                ));
+            }
+            check_adaptive_bounds(&at, adaptive)?;
+        }
+        Ok(())
     }
 
     fn check_routes(&self) -> Result<(), Problem> {
@@ -194,6 +229,27 @@ fn check_queue(
         return Err(Problem::new(
             at.key("queue"),
             "a queue needs max_concurrency beside it: requests wait only when that many are in flight",
+        ));
+    }
+    Ok(())
+}
+
+/// `min_limit <= initial_limit <= max_limit`.
+fn check_adaptive_bounds(at: &KeyPath, a: &AdaptiveConcurrency) -> Result<(), Problem> {
+    let (min, max) = (a.min_limit.get(), a.max_limit.get());
+    if min > max {
+        return Err(Problem::new(
+            at.key("min_limit"),
+            format!("min_limit ({min}) is more than max_limit ({max})"),
+        )
+        .or_at(at.key("max_limit")));
+    }
+    if let Some(initial) = a.initial_limit.map(NonZeroU32::get)
+        && !(min..=max).contains(&initial)
+    {
+        return Err(Problem::new(
+            at.key("initial_limit"),
+            format!("initial_limit ({initial}) is outside min_limit..max_limit ({min}..{max})"),
         ));
     }
     Ok(())
@@ -343,6 +399,44 @@ mod tests {
             error("[[routes]]\nname = \"a\"\ntimeout = \"1s\"\nper_try_timeout = \"1500ms\""),
             "p.toml:5:19: routes[0].per_try_timeout: 1500ms is longer than the route's timeout (1s)"
         );
+    }
+
+    #[test]
+    fn adaptive_concurrency_bounds_are_ordered_and_exclude_the_static_cap() {
+        assert_eq!(
+            error("[outbound]\nadaptive_concurrency = { min_limit = 50, max_limit = 10 }"),
+            "p.toml:3:38: outbound.adaptive_concurrency.min_limit: min_limit (50) is more than max_limit (10)"
+        );
+        // The default max_limit is 1000: the error points at the key written.
+        assert_eq!(
+            error("[inbound.adaptive_concurrency]\nmin_limit = 2000"),
+            "p.toml:3:13: inbound.adaptive_concurrency.min_limit: min_limit (2000) is more than max_limit (1000)"
+        );
+        assert_eq!(
+            error("[outbound]\nadaptive_concurrency = { max_limit = 10, initial_limit = 11 }"),
+            "p.toml:3:58: outbound.adaptive_concurrency.initial_limit: initial_limit (11) is outside min_limit..max_limit (1..10)"
+        );
+        assert!(
+            error("[outbound]\nendpoint_max_concurrency = 5\nadaptive_concurrency = {}")
+                .starts_with("p.toml:4:24: outbound.adaptive_concurrency: set either outbound.endpoint_max_concurrency or")
+        );
+        assert!(
+            error("[inbound]\nmax_concurrency = 5\nadaptive_concurrency = { smoothing = 0 }")
+                .contains("must be more than 0.0 and at most 1.0, found 0")
+        );
+        assert!(
+            error("[outbound]\nadaptive_concurrency = { max_limit = 0 }")
+                .contains("must be at least 1, found 0")
+        );
+        let src = "service = \"b\"\n[inbound]\nadaptive_concurrency = { max_limit = 10 }\n\
+                   [outbound]\nadaptive_concurrency = { min_limit = 30, tolerance = 2 }";
+        let policy = crate::parse_policy(src, Path::new("p")).unwrap();
+        let inbound = policy.inbound.adaptive_concurrency.unwrap();
+        assert_eq!((inbound.initial(), inbound.min_limit.get()), (10, 1));
+        let outbound = policy.outbound.adaptive_concurrency.unwrap();
+        assert_eq!((outbound.initial(), outbound.tolerance), (30, 2.0));
+        assert_eq!(outbound.smoothing, 0.2);
+        assert_eq!(policy.service_side_keys(), ["inbound.adaptive_concurrency"]);
     }
 
     #[test]

@@ -22,6 +22,9 @@
 //! service limit of this one caller sidecar (`outbound.rate_limit`) and caps per
 //! endpoint.
 //!
+//! - [`adaptive`]: a concurrency limit that follows measured latency
+//!   (`outbound.adaptive_concurrency` per endpoint, `inbound.adaptive_concurrency`
+//!   per instance), a gradient limiter in the spirit of Gradient2.
 //! - [`cold_start`]: how many calls to a service with no endpoint may wait
 //!   for its first instance, and for how long (`outbound.cold_start`), and
 //!   when its activator is due. [`ColdStartGate`] is shared by every request
@@ -33,10 +36,12 @@
 //! it in the `weft-limit` response header so an operator can tell which setting
 //! to look at. Nothing here maps refusals to HTTP: that is `error`'s job.
 
+pub mod adaptive;
 pub mod cold_start;
 pub mod concurrency;
 pub mod rate;
 
+pub use adaptive::{AdaptiveConcurrency, AdaptivePermit, EndpointCap, GradientLimit};
 pub use cold_start::{ColdStartGate, ColdStartRefused, HeldSlot};
 pub use concurrency::{ConcurrencyCapped, ConcurrencyLimit, ConcurrencyPermit};
 pub use rate::{CallerRateLimit, MAX_TRACKED_CALLERS, RateLimit, RateLimited, Share};

@@ -12,13 +12,14 @@
 //! measures the stream, not the endpoint's speed).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 use weft_api::Health;
-use weft_config::Metadata;
+use weft_config::{AdaptiveConcurrency, Metadata};
+use weft_core::limits::{EndpointCap, GradientLimit};
 
 use super::ewma::PeakEwma;
 use super::outlier::OutlierState;
@@ -39,6 +40,9 @@ pub struct Endpoint {
     unhealthy: AtomicBool,
     /// Its connection pools: they go when the endpoint does.
     pools: EndpointPools,
+    /// Its `outbound.adaptive_concurrency` limit, made the first time a
+    /// policy with one looks at the endpoint (never, without one).
+    adaptive: OnceLock<GradientLimit>,
 }
 
 impl Endpoint {
@@ -53,6 +57,21 @@ impl Endpoint {
             outlier: OutlierState::default(),
             unhealthy: AtomicBool::new(false),
             pools: EndpointPools::default(),
+            adaptive: OnceLock::new(),
+        }
+    }
+
+    /// Its adaptive limit under `settings` (made at the first call).
+    pub fn adaptive(&self, settings: &AdaptiveConcurrency) -> &GradientLimit {
+        self.adaptive.get_or_init(|| GradientLimit::new(settings))
+    }
+
+    /// The most requests `cap` lets be in flight to it (`None`: no cap).
+    pub fn cap(&self, cap: EndpointCap<'_>) -> Option<u32> {
+        match cap {
+            EndpointCap::None => None,
+            EndpointCap::Static(max) => Some(max),
+            EndpointCap::Adaptive(settings) => Some(self.adaptive(settings).limit(settings)),
         }
     }
 
@@ -152,7 +171,7 @@ impl Endpoint {
         self.requests.fetch_add(1, Ordering::Relaxed);
         InFlight {
             endpoint: Arc::clone(self),
-            started: Instant::now(),
+            started: tokio::time::Instant::now(),
         }
     }
 
@@ -170,7 +189,7 @@ impl Endpoint {
         self.requests.fetch_add(1, Ordering::Relaxed);
         Some(InFlight {
             endpoint: Arc::clone(self),
-            started: Instant::now(),
+            started: tokio::time::Instant::now(),
         })
     }
 
@@ -191,21 +210,30 @@ impl Endpoint {
 #[derive(Debug)]
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
-    started: Instant,
+    /// tokio's clock (the same as std's outside paused-time tests).
+    started: tokio::time::Instant,
 }
 
 impl InFlight {
     /// Feed the time from the start of the request to its response headers into the
     /// endpoint's latency estimate.
     pub fn observe_response(&self) {
-        let now = Instant::now();
         self.endpoint
             .latency
-            .observe(now.saturating_duration_since(self.started), now);
+            .observe(self.started.elapsed(), Instant::now());
     }
 
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.endpoint
+    }
+
+    /// Feed the time from the start of the request to now (its response
+    /// headers) into the endpoint's adaptive limit. Successful tries only.
+    pub fn observe_adaptive(&self, settings: &AdaptiveConcurrency) {
+        let endpoint = &self.endpoint;
+        endpoint
+            .adaptive(settings)
+            .sample(settings, self.started.elapsed(), endpoint.in_flight());
     }
 }
 

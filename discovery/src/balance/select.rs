@@ -3,7 +3,8 @@
 //!
 //! Filters, from hard to soft:
 //! 1. usable: not ejected by outlier detection, weight above 0, and below the
-//!    per-endpoint concurrency cap (`outbound.endpoint_max_concurrency`);
+//!    per-endpoint concurrency cap (`outbound.endpoint_max_concurrency`, or the
+//!    endpoint's own limit under `outbound.adaptive_concurrency`);
 //! 2. split: a roll of the dice picks one `[[splits]]` subset by weight (or the rest:
 //!    endpoints matching no split); if that group has no usable endpoint, any group;
 //! 3. locality: the caller's zone only, while at least `min_healthy_percent` of the
@@ -20,6 +21,7 @@ use std::time::Instant;
 
 use rand::Rng;
 use weft_config::{Locality, Split};
+use weft_core::limits::EndpointCap;
 
 use super::{Balancer, Endpoint, InFlight};
 
@@ -32,7 +34,7 @@ pub struct Selection<'a> {
     pub splits: &'a [Split],
     /// The caller's zone and the service's locality settings.
     pub locality: Option<(&'a str, Locality)>,
-    pub endpoint_cap: Option<u32>,
+    pub endpoint_cap: EndpointCap<'a>,
     /// Endpoints this request already tried.
     pub tried: &'a [SocketAddr],
 }
@@ -57,7 +59,7 @@ fn subset_matches(split: &Split, e: &Endpoint) -> bool {
 
 struct Filter<'a> {
     now: Instant,
-    cap: Option<u32>,
+    cap: EndpointCap<'a>,
     split: Option<(&'a [Split], Option<usize>)>,
     zone: Option<&'a str>,
     tried: &'a [SocketAddr],
@@ -71,7 +73,7 @@ impl Filter<'_> {
         e.weight() > 0 && e.health().is_healthy() && !e.outlier().is_ejected(self.now)
     }
     fn usable(&self, e: &Endpoint) -> bool {
-        self.healthy(e) && self.cap.is_none_or(|c| e.in_flight() < c)
+        self.healthy(e) && e.cap(self.cap).is_none_or(|c| e.in_flight() < c)
     }
     fn in_group(&self, e: &Endpoint) -> bool {
         match self.split {
@@ -161,7 +163,7 @@ pub fn select(
         let Some(endpoint) = balancer.pick(endpoints, |e| f.ok(e)) else {
             break;
         };
-        if let Some(in_flight) = endpoint.try_start(sel.endpoint_cap) {
+        if let Some(in_flight) = endpoint.try_start(endpoint.cap(sel.endpoint_cap)) {
             return Ok(in_flight);
         }
     }
@@ -241,7 +243,7 @@ mod tests {
         let eps = vec![ep(1, "z1", "v1"), ep(2, "z1", "v1")];
         let b = Balancer::new(LoadBalancer::P2cEwma);
         let sel = Selection {
-            endpoint_cap: Some(1),
+            endpoint_cap: EndpointCap::Static(1),
             ..Selection::default()
         };
         let a = select(&b, &eps, &sel).unwrap();
@@ -250,6 +252,37 @@ mod tests {
         assert_eq!(select(&b, &eps, &sel).unwrap_err(), SelectError::Saturated);
         drop(a);
         assert!(select(&b, &eps, &sel).is_ok());
+    }
+
+    #[test]
+    fn adaptive_caps_follow_each_endpoints_own_limit() {
+        let eps = vec![ep(1, "z1", "v1"), ep(2, "z1", "v1")];
+        let settings = weft_config::AdaptiveConcurrency {
+            min_limit: std::num::NonZeroU32::MIN,
+            initial_limit: std::num::NonZeroU32::new(2),
+            ..weft_config::AdaptiveConcurrency::default()
+        };
+        // Endpoint 1 got slow: its limit fell to 1; endpoint 2 kept 2.
+        let slow = eps[0].adaptive(&settings);
+        for (rtt, in_flight) in [(1, 0), (100, 2)] {
+            for _ in 0..50 {
+                slow.sample(&settings, std::time::Duration::from_millis(rtt), in_flight);
+            }
+        }
+        assert_eq!(eps[0].cap(EndpointCap::Adaptive(&settings)), Some(1));
+        assert_eq!(eps[1].cap(EndpointCap::Adaptive(&settings)), Some(2));
+        let b = Balancer::new(LoadBalancer::P2cEwma);
+        let sel = Selection {
+            endpoint_cap: EndpointCap::Adaptive(&settings),
+            ..Selection::default()
+        };
+        let held: Vec<_> = (0..3).map(|_| select(&b, &eps, &sel).unwrap()).collect();
+        let on_slow = held
+            .iter()
+            .filter(|g| g.endpoint().addr().port() == 1)
+            .count();
+        assert_eq!(on_slow, 1, "one at the slow endpoint, two at the other");
+        assert_eq!(select(&b, &eps, &sel).unwrap_err(), SelectError::Saturated);
     }
 
     #[test]

@@ -2,15 +2,17 @@
 //! [`GaugeSource`] the metrics copy into their gauges when they are scraped
 //! or exported (the local app's health, the config version, every outbound
 //! service's endpoints, retry budgets and calls held for a cold start, the
-//! control-plane client, the mesh
-//! certificate's expiry). It also names each service's retry routes, whose
+//! control-plane client, the mesh certificate's expiry, the adaptive
+//! concurrency limits). It also names each service's retry routes, whose
 //! counters then show at 0 before their first event.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::LiveState;
+use crate::telemetry::Direction;
 use crate::telemetry::metrics::{ControlPlaneStatus, EndpointStates, GaugeSource, Gauges};
+use weft_core::limits::EndpointCap;
 use weft_discovery::control_plane::{ConnectionState, ControlPlaneClient};
 use weft_discovery::directory::MeshService;
 
@@ -23,6 +25,16 @@ impl GaugeSource for LiveState {
         }
         let now = Instant::now();
         let directory = self.directory();
+        if let Some(local) = directory.local.as_ref()
+            && let Some(adaptive) = local.policy.adaptive.as_ref()
+        {
+            gauges.adaptive_limit(
+                Direction::Inbound,
+                &local.label,
+                String::new(),
+                adaptive.limit(),
+            );
+        }
         for svc in directory.services() {
             service(gauges, svc, now);
         }
@@ -47,12 +59,20 @@ fn service(gauges: &mut Gauges<'_>, svc: &MeshService, now: Instant) {
             &mut states.unhealthy
         } else if e.outlier().ejected_for(now).is_some() {
             &mut states.ejected
-        } else if cap.is_some_and(|c| e.in_flight() >= c) {
+        } else if e.cap(cap).is_some_and(|c| e.in_flight() >= c) {
             &mut states.saturated
         } else {
             &mut states.active
         };
         *n += 1;
+        if let EndpointCap::Adaptive(settings) = cap {
+            gauges.adaptive_limit(
+                Direction::Outbound,
+                &svc.label,
+                e.addr().to_string(),
+                e.adaptive(settings).limit(settings),
+            );
+        }
     }
     for (route, budget) in svc.policy.budgets() {
         gauges.retry_budget(&svc.label, route, budget.available());

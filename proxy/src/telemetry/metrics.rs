@@ -156,6 +156,14 @@ struct EndpointLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AdaptiveLabels {
+    direction: &'static str,
+    service: Arc<str>,
+    /// The endpoint's address outbound, `""` inbound (the instance's own).
+    endpoint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct DirectionLabels {
     direction: &'static str,
 }
@@ -333,6 +341,26 @@ impl Gauges<'_> {
         }
     }
 
+    /// `weft_adaptive_concurrency_limit`: an adaptive limit's current value,
+    /// of one outbound endpoint (its address) or of this instance (inbound,
+    /// endpoint `""`).
+    pub fn adaptive_limit(
+        &mut self,
+        direction: Direction,
+        service: &Arc<str>,
+        endpoint: String,
+        limit: u32,
+    ) {
+        self.metrics
+            .adaptive_limits
+            .get_or_create(&AdaptiveLabels {
+                direction: direction.as_str(),
+                service: Arc::clone(service),
+                endpoint,
+            })
+            .set(i64::from(limit));
+    }
+
     /// `weft_retry_budget_available_retries` of one route of `service`.
     pub fn retry_budget(&mut self, service: &Arc<str>, route: &Arc<str>, available: u64) {
         self.metrics
@@ -441,6 +469,7 @@ pub struct Metrics {
     injected_faults: Family<FaultLabels, Counter>,
     endpoints: Family<EndpointLabels, Gauge>,
     budgets: Family<RouteLabels, Gauge>,
+    adaptive_limits: Family<AdaptiveLabels, Gauge>,
     inbound_connections: ConnectionMetrics,
     outbound_connections: ConnectionMetrics,
     admin_connections: ConnectionMetrics,
@@ -547,6 +576,7 @@ impl RequestFamilies {
 struct EndpointFamilies {
     endpoints: Family<EndpointLabels, Gauge>,
     budgets: Family<RouteLabels, Gauge>,
+    adaptive_limits: Family<AdaptiveLabels, Gauge>,
 }
 
 impl EndpointFamilies {
@@ -563,7 +593,17 @@ impl EndpointFamilies {
             "Retries the retry budget allows now",
             budgets.clone(),
         );
-        Self { endpoints, budgets }
+        let adaptive_limits = Family::default();
+        registry.register(
+            "adaptive_concurrency_limit",
+            "Current adaptive concurrency limit, per outbound endpoint or of this instance (inbound)",
+            adaptive_limits.clone(),
+        );
+        Self {
+            endpoints,
+            budgets,
+            adaptive_limits,
+        }
     }
 }
 
@@ -800,7 +840,11 @@ impl Metrics {
             hedges,
             injected_faults,
         } = RequestFamilies::register(registry);
-        let EndpointFamilies { endpoints, budgets } = EndpointFamilies::register(registry);
+        let EndpointFamilies {
+            endpoints,
+            budgets,
+            adaptive_limits,
+        } = EndpointFamilies::register(registry);
         let connections = ListenerConnections::register(registry);
         let ConfigAndTls {
             config_version,
@@ -834,6 +878,7 @@ impl Metrics {
             injected_faults,
             endpoints,
             budgets,
+            adaptive_limits,
             inbound_connections: connections.inbound,
             outbound_connections: connections.outbound,
             admin_connections: connections.admin,
@@ -1112,6 +1157,7 @@ impl Metrics {
         self.endpoints.clear();
         self.budgets.clear();
         self.cold_start_held.clear();
+        self.adaptive_limits.clear();
         source.refresh(&mut Gauges { metrics: self });
     }
 }
