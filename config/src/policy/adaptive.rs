@@ -13,6 +13,7 @@ use std::num::NonZeroU32;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
+use crate::duration::Duration;
 use crate::number;
 
 /// Bounds and tuning of an adaptive concurrency limit.
@@ -36,21 +37,32 @@ pub struct AdaptiveConcurrency {
         deserialize_with = "number::nonzero_opt"
     )]
     pub initial_limit: Option<NonZeroU32>,
-    /// How far each measurement moves the limit towards its new target, more
-    /// than 0.0 and at most 1.0. Default 0.2.
+    /// How far a limit's worth of measurements (each moving it `smoothing /
+    /// limit`) moves the limit towards its new target, more than 0.0 and at
+    /// most 1.0. Default 0.2.
     #[serde(deserialize_with = "smoothing")]
     pub smoothing: f64,
-    /// How much slower than the long-term latency a response may be before the
-    /// limit falls, from 1.0 to 10.0 (1.5: 50% slower). Default 1.5.
+    /// How much slower than the baseline the current latency may be before
+    /// the limit falls, from 1.0 to 10.0 (1.5: 50% slower). Default 1.5.
     #[serde(deserialize_with = "tolerance")]
     pub tolerance: f64,
     /// Responses the long-term latency averages over (an exponential moving
     /// average), at least 1. Default 600.
     #[serde(deserialize_with = "number::nonzero")]
     pub long_window: NonZeroU32,
+    /// The baseline is the lowest long-term latency over this window: a
+    /// slower latency that lasts this long becomes the new normal. From 1s to
+    /// 1h. Default 60s.
+    #[serde(deserialize_with = "baseline_window")]
+    pub baseline_window: Duration,
 }
 
 impl AdaptiveConcurrency {
+    /// The shortest `baseline_window`.
+    pub const MIN_BASELINE_WINDOW: Duration = Duration::from_secs(1);
+    /// The longest `baseline_window`.
+    pub const MAX_BASELINE_WINDOW: Duration = Duration::from_secs(60 * 60);
+
     /// The initial limit when none is written.
     pub const DEFAULT_INITIAL_LIMIT: u32 = 20;
 
@@ -76,6 +88,7 @@ impl Default for AdaptiveConcurrency {
             smoothing: 0.2,
             tolerance: 1.5,
             long_window: NonZeroU32::new(600).unwrap_or(NonZeroU32::MAX),
+            baseline_window: Duration::from_secs(60),
         }
     }
 }
@@ -100,4 +113,18 @@ fn tolerance<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
             "must be from 1.0 to 10.0, found {value}"
         )))
     }
+}
+
+fn baseline_window<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let value = Duration::deserialize(d)?;
+    let (min, max) = (
+        AdaptiveConcurrency::MIN_BASELINE_WINDOW,
+        AdaptiveConcurrency::MAX_BASELINE_WINDOW,
+    );
+    if value < min || value > max {
+        return Err(de::Error::custom(format!(
+            "must be from {min} to {max}, found {value}"
+        )));
+    }
+    Ok(value)
 }

@@ -428,6 +428,10 @@ mod tests {
             error("[outbound]\nadaptive_concurrency = { max_limit = 0 }")
                 .contains("must be at least 1, found 0")
         );
+        assert_eq!(
+            error("[outbound]\nadaptive_concurrency = { baseline_window = \"500ms\" }"),
+            "p.toml:3:44: outbound.adaptive_concurrency.baseline_window: must be from 1s to 1h, found 500ms"
+        );
         let src = "service = \"b\"\n[inbound]\nadaptive_concurrency = { max_limit = 10 }\n\
                    [outbound]\nadaptive_concurrency = { min_limit = 30, tolerance = 2 }";
         let policy = crate::parse_policy(src, Path::new("p")).unwrap();
@@ -436,6 +440,10 @@ mod tests {
         let outbound = policy.outbound.adaptive_concurrency.unwrap();
         assert_eq!((outbound.initial(), outbound.tolerance), (30, 2.0));
         assert_eq!(outbound.smoothing, 0.2);
+        assert_eq!(
+            outbound.baseline_window,
+            crate::duration::Duration::from_secs(60)
+        );
         assert_eq!(policy.service_side_keys(), ["inbound.adaptive_concurrency"]);
     }
 

@@ -264,8 +264,9 @@ mod tests {
         };
         // Endpoint 1 got slow: its limit fell to 1; endpoint 2 kept 2.
         let slow = eps[0].adaptive(&settings);
-        for (rtt, in_flight) in [(1, 0), (100, 2)] {
-            for _ in 0..50 {
+        // 100 fast responses set its baseline; then it answers slowly.
+        for (rtt, in_flight, n) in [(1, 0, 100), (100, 2, 50)] {
+            for _ in 0..n {
                 slow.sample(&settings, std::time::Duration::from_millis(rtt), in_flight);
             }
         }
