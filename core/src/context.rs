@@ -261,6 +261,20 @@ impl RequestContext {
         self.0.sent.store(true, Ordering::Release);
     }
 
+    /// Of several tries in flight at once (hedges), the one that went to
+    /// `endpoint` answered: it becomes the request's endpoint, the others
+    /// count as tried before it.
+    pub fn answered_by(&self, endpoint: SocketAddr) {
+        let mut tries = self.tries();
+        if tries.endpoint == Some(endpoint) {
+            return;
+        }
+        tries.tried_before.retain(|e| *e != endpoint);
+        if let Some(last) = tries.endpoint.replace(endpoint) {
+            tries.tried_before.push(last);
+        }
+    }
+
     /// A retry attempt went to an endpoint.
     pub fn retry(&self) {
         self.tries().retries += 1;

@@ -10,14 +10,17 @@ use serde_json::{Value, json};
 
 use crate::error::Reason;
 
-/// Refusal reasons that are counted (the `weft-reason` values of limits).
-pub const REFUSALS: [Reason; 6] = [
+/// Refusal reasons that are counted (the `weft-reason` values of limits, and
+/// injected faults, counted apart so that they are never taken for failures).
+pub const REFUSALS: [Reason; 8] = [
     Reason::Denied,
     Reason::RateLimit,
     Reason::ConcurrencyCap,
     Reason::Timeout,
     Reason::NoHealthyEndpoints,
     Reason::BudgetExhausted,
+    Reason::ColdStartTimeout,
+    Reason::InjectedFault,
 ];
 
 #[derive(Debug, Default)]
@@ -84,11 +87,15 @@ mod tests {
         s.refusal(Reason::RateLimit);
         s.refusal(Reason::ConnectFailure);
         s.refusal(Reason::Denied);
+        s.refusal(Reason::ColdStartTimeout);
+        s.refusal(Reason::InjectedFault);
         s.request();
         let j = s.to_json();
         assert_eq!(j["refusals"]["rate-limit"], 2);
         assert_eq!(j["refusals"]["timeout"], 0);
         assert_eq!(j["refusals"]["denied"], 1);
+        assert_eq!(j["refusals"]["cold-start-timeout"], 1);
+        assert_eq!(j["refusals"]["injected-fault"], 1);
         assert_eq!(j["other_failures"], 1);
         assert_eq!(j["requests"], 1);
     }

@@ -37,6 +37,7 @@
 //! one. A hedged request boxes its state once.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -106,11 +107,13 @@ where
         // to be ready.
         let inner = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, inner);
+        let future = Box::pin(inner.call(req));
         let first = Try {
-            future: Box::pin(inner.call(req)),
+            future,
             started: Instant::now(),
             hedge: false,
             polled: false,
+            endpoint: template.endpoint(),
         };
         let delay = hedge.delay();
         ResponseFuture::Hedged {
@@ -153,6 +156,12 @@ struct Template {
 }
 
 impl Template {
+    /// Where the try just made went (the endpoint client records it in the
+    /// context as the balancer calls it).
+    fn endpoint(&self) -> Option<SocketAddr> {
+        self.context.as_ref().and_then(|c| c.tries().endpoint)
+    }
+
     fn request(&self) -> Request<ProxyBody> {
         let mut req = Request::new(self.replay.body());
         *req.method_mut() = self.method.clone();
@@ -202,6 +211,8 @@ struct Try<F> {
     hedge: bool,
     /// Polled at least once (a hedge the balancer refuses is refused then).
     polled: bool,
+    /// Where it went (None: nowhere yet, or not observed).
+    endpoint: Option<SocketAddr>,
 }
 
 /// A hedged request's state.
@@ -278,7 +289,9 @@ where
             };
             let attempt = self.tries.swap_remove(i);
             if attempt.hedge && refused(&result) {
-                // No untried endpoint could take it: no more hedges.
+                // No untried endpoint could take it: nothing was sent, so
+                // the budget gets its retry back; no more hedges.
+                self.template.plan.budget.refund();
                 self.count(HedgeOutcome::NoEndpoint, 1);
                 self.next = None;
                 continue;
@@ -291,6 +304,13 @@ where
             if !failed {
                 if result.is_ok() {
                     self.hedge.observe(attempt.started.elapsed());
+                }
+                if let (Some(context), Some(endpoint)) = (&self.template.context, attempt.endpoint)
+                    && self.sent > 0
+                {
+                    // Telemetry names the endpoint that answered, not the
+                    // last one a try went to.
+                    context.answered_by(endpoint);
                 }
                 self.won = attempt.hedge;
                 return Some(result);
@@ -330,6 +350,7 @@ where
             started: Instant::now(),
             hedge: true,
             polled: false,
+            endpoint: self.template.endpoint(),
         });
         self.issued += 1;
         if self.issued >= self.hedge.max {
@@ -359,7 +380,6 @@ impl<S: Service<Request<ProxyBody>>, RB> Drop for Hedging<S, RB> {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::net::SocketAddr;
     use std::sync::{LazyLock, Mutex};
     use std::time::Duration;
 
@@ -531,12 +551,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_first_try_wins_when_it_answers_first() {
         let mut s = setup(2, "");
-        let call = tokio::spawn(s.hedge.clone().oneshot(request(&s, Method::GET)));
-        let (_, first) = s.handle.next_request().await.unwrap();
+        let req = request(&s, Method::GET);
+        let context = RequestContext::of(&req).unwrap().clone();
+        let call = tokio::spawn(s.hedge.clone().oneshot(req));
+        let (first_req, first) = s.handle.next_request().await.unwrap();
         let (hedge, _slow) = s.handle.next_request().await.unwrap();
         first.send_response(answer("first"));
         let rsp = call.await.unwrap().unwrap();
         assert_eq!(rsp.headers()["from"], "first");
+        // Telemetry names the endpoint that answered.
+        let tries = context.tries();
+        assert_eq!(tries.endpoint, Some(endpoint_of(&first_req)));
+        assert_eq!(tries.tried_before, [endpoint_of(&hedge)]);
+        drop(tries);
         let hedged = endpoint_of(&hedge);
         let slot = s
             .endpoints
@@ -569,13 +596,10 @@ mod tests {
         assert!(s.counted.0.lock().unwrap().is_empty());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn no_hedge_without_budget() {
-        let mut s = setup(
-            2,
-            "[outbound]\nretry_budget = { ratio = 0.0, min_per_second = 0 }",
-        );
-        let call = tokio::spawn(s.hedge.clone().oneshot(request(&s, Method::GET)));
+    /// Sends one `method` request; checks that no hedge goes within 100ms
+    /// and that the first try's answer is the request's.
+    async fn expect_no_hedge(s: &mut Setup, method: Method) {
+        let call = tokio::spawn(s.hedge.clone().oneshot(request(s, method)));
         let (_, first) = s.handle.next_request().await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
@@ -584,6 +608,15 @@ mod tests {
         );
         first.send_response(answer("first"));
         assert_eq!(call.await.unwrap().unwrap().headers()["from"], "first");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_hedge_without_budget() {
+        let mut s = setup(
+            2,
+            "[outbound]\nretry_budget = { ratio = 0.0, min_per_second = 0 }",
+        );
+        expect_no_hedge(&mut s, Method::GET).await;
         assert_eq!(s.counted.of(HedgeOutcome::NoBudget), 1);
         assert_eq!(s.counted.of(HedgeOutcome::Sent), 0);
     }
@@ -591,32 +624,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_post_is_never_hedged() {
         let mut s = setup(2, "");
-        let call = tokio::spawn(s.hedge.clone().oneshot(request(&s, Method::POST)));
-        let (_, first) = s.handle.next_request().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(
-            test_util::arrived(&mut s.handle).await.is_none(),
-            "no hedge"
-        );
-        first.send_response(answer("first"));
-        assert_eq!(call.await.unwrap().unwrap().headers()["from"], "first");
+        expect_no_hedge(&mut s, Method::POST).await;
         assert!(s.counted.0.lock().unwrap().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_hedge_never_goes_to_an_endpoint_already_tried() {
         let mut s = setup(1, "");
-        let call = tokio::spawn(s.hedge.clone().oneshot(request(&s, Method::GET)));
-        let (_, first) = s.handle.next_request().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(
-            test_util::arrived(&mut s.handle).await.is_none(),
-            "no hedge"
-        );
-        first.send_response(answer("first"));
-        assert_eq!(call.await.unwrap().unwrap().headers()["from"], "first");
+        let budget = s.plan.budget.available();
+        expect_no_hedge(&mut s, Method::GET).await;
         assert_eq!(s.counted.of(HedgeOutcome::NoEndpoint), 1);
         assert_eq!(s.counted.of(HedgeOutcome::Sent), 0);
+        // Nothing was sent: the budget got its retry back.
+        assert_eq!(s.plan.budget.available(), budget);
     }
 
     #[tokio::test(start_paused = true)]

@@ -218,6 +218,15 @@ async fn without_an_instance_held_calls_time_out_and_the_queue_overflows() -> an
         ensure!(have == want, "{outcome}: {have}, want {want}");
     }
     ensure!(held(mesh.caller(), "sleepy").await? == 0.0);
+    // /endpoints counts the four refusals under their reason.
+    let counters = mesh.caller().admin_client().endpoints().await?;
+    let refused = counters
+        .counters("sleepy")?
+        .refusals("cold-start-timeout")?;
+    ensure!(
+        refused == 4,
+        "/endpoints counts {refused} cold-start-timeout refusals"
+    );
     let activator_calls = |outcome| {
         scrape.value(
             "weft_activator_calls_total",

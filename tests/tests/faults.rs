@@ -120,6 +120,9 @@ async fn the_control_plane_stores_faults_only_from_apply_with_allow_faults() -> 
         classified >= 11.0,
         "requests classified injected-fault: {classified}"
     );
+    let endpoints = caller.admin_client().endpoints().await?;
+    let counted = endpoints.counters("billing")?.refusals("injected-fault")?;
+    ensure!(counted >= 11, "/endpoints counts {counted} injected faults");
     let failures = metrics.sum(
         "weft_requests_total",
         &[

@@ -182,6 +182,25 @@ impl RetryBudget {
         })
     }
 
+    /// Give back a withdrawal that sent nothing (a hedge no endpoint could
+    /// take): taken from the latest slot that counts a retry, if the window
+    /// still holds one.
+    pub fn refund(&self) {
+        self.refund_at(Instant::now());
+    }
+
+    pub fn refund_at(&self, now: Instant) {
+        self.with_window(now, |w| {
+            let n = w.slots.len();
+            if let Some(i) = (0..SLOTS)
+                .map(|i| (w.head + n - i) % n)
+                .find(|&i| w.slots[i].retries > 0)
+            {
+                w.slots[i].retries -= 1;
+            }
+        });
+    }
+
     /// The retries the budget allows now.
     pub fn available(&self) -> u64 {
         self.available_at(Instant::now())
@@ -227,6 +246,24 @@ mod tests {
             most = most.max(last + 1 - first);
         }
         most
+    }
+
+    #[test]
+    fn a_refund_gives_back_one_withdrawal() {
+        let t0 = Instant::now();
+        let budget = RetryBudget::starting(Duration::from_secs(10), 0, 0.5, t0);
+        for _ in 0..4 {
+            budget.deposit_at(t0);
+        }
+        assert!(budget.withdraw_at(t0 + MS) && budget.withdraw_at(t0 + 2 * MS));
+        assert_eq!(budget.available_at(t0 + 2 * MS), 0);
+        budget.refund_at(t0 + 3 * MS);
+        assert_eq!(budget.available_at(t0 + 3 * MS), 1);
+        // Refunds never give more than was taken.
+        for _ in 0..5 {
+            budget.refund_at(t0 + 4 * MS);
+        }
+        assert_eq!(budget.available_at(t0 + 4 * MS), 2);
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use super::LiveState;
 use crate::telemetry::Direction;
-use crate::telemetry::metrics::{ControlPlaneStatus, EndpointStates, GaugeSource, Gauges};
+use crate::telemetry::metrics::{
+    ControlPlaneStatus, EndpointStates, GaugeSource, Gauges, RouteCounters,
+};
 use weft_core::limits::EndpointCap;
 use weft_discovery::control_plane::{ConnectionState, ControlPlaneClient};
 use weft_discovery::directory::MeshService;
@@ -77,7 +79,7 @@ fn service(gauges: &mut Gauges<'_>, svc: &MeshService, now: Instant) {
     for (route, budget) in svc.policy.budgets() {
         gauges.retry_budget(&svc.label, route, budget.available());
     }
-    // The route labels whose requests may be retried: no route matched
+    // The route labels: no route matched
     // (`plan(None)`), then each route until `plan` falls back to that one.
     let default = svc.policy.plan(None);
     let routes = std::iter::once(default)
@@ -86,8 +88,12 @@ fn service(gauges: &mut Gauges<'_>, svc: &MeshService, now: Instant) {
                 .map(|i| svc.policy.plan(Some(i)))
                 .take_while(|plan| !Arc::ptr_eq(plan, default)),
         )
-        .filter(|plan| plan.retry.attempts > 0)
-        .map(|plan| &plan.label);
+        .map(|plan| RouteCounters {
+            label: &plan.label,
+            retried: plan.retry.attempts > 0,
+            hedged: plan.hedge.is_some(),
+            faulted: plan.fault.is_some(),
+        });
     gauges.service_counters(&svc.label, routes);
     gauges.endpoints(&svc.label, states);
     if let Some(gate) = &svc.policy.cold_start {

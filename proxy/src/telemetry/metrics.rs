@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 
 use super::callers::Callers;
 use super::series;
-use weft_core::context::ColdStartOutcome;
+use weft_core::context::{ColdStartOutcome, FaultKind, HedgeOutcome};
 pub use weft_transport::io::ConnectionMetrics;
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
@@ -122,6 +122,19 @@ struct SkipLabels {
     service: Arc<str>,
     route: Arc<str>,
     reason: &'static str,
+}
+
+/// A route of a service, for [`Gauges::service_counters`]: which of its
+/// counters exist.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteCounters<'r> {
+    pub label: &'r Arc<str>,
+    /// Its requests may be retried.
+    pub retried: bool,
+    /// It has `hedge`.
+    pub hedged: bool,
+    /// It has `fault`.
+    pub faulted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -373,30 +386,53 @@ impl Gauges<'_> {
     }
 
     /// Shows `service`'s counters at 0 before their first event, so that
-    /// `increase()` and `rate()` see that event: `weft_ejections_total`,
-    /// and for each of `retry_routes` (route labels whose requests may be
-    /// retried) `weft_retries_total` and `weft_retries_skipped_total` with
-    /// every reason. Counters already counting are left as they are.
+    /// `increase()` and `rate()` see that event: `weft_ejections_total`, and
+    /// for each of `routes`, with every label value, `weft_retries_total`
+    /// and `weft_retries_skipped_total` (routes whose requests may be
+    /// retried), `weft_hedges_total` (hedged routes) and
+    /// `weft_injected_faults_total` (routes with a fault). Counters already
+    /// counting are left as they are.
     pub fn service_counters<'r>(
         &mut self,
         service: &Arc<str>,
-        retry_routes: impl IntoIterator<Item = &'r Arc<str>>,
+        routes: impl IntoIterator<Item = RouteCounters<'r>>,
     ) {
         let m = self.metrics;
         drop(m.ejections.get_or_create(&ServiceLabels {
             service: Arc::clone(service),
         }));
-        for route in retry_routes {
-            drop(m.retries.get_or_create(&RouteLabels {
-                service: Arc::clone(service),
-                route: Arc::clone(route),
-            }));
-            for why in RetrySkipped::ALL {
-                drop(m.retries_skipped.get_or_create(&SkipLabels {
-                    service: Arc::clone(service),
-                    route: Arc::clone(route),
-                    reason: why.as_str(),
+        for route in routes {
+            let (service, label) = (|| Arc::clone(service), || Arc::clone(route.label));
+            if route.retried {
+                drop(m.retries.get_or_create(&RouteLabels {
+                    service: service(),
+                    route: label(),
                 }));
+                for why in RetrySkipped::ALL {
+                    drop(m.retries_skipped.get_or_create(&SkipLabels {
+                        service: service(),
+                        route: label(),
+                        reason: why.as_str(),
+                    }));
+                }
+            }
+            if route.hedged {
+                for outcome in HedgeOutcome::ALL {
+                    drop(m.hedges.get_or_create(&HedgeLabels {
+                        service: service(),
+                        route: label(),
+                        outcome: outcome.as_str(),
+                    }));
+                }
+            }
+            if route.faulted {
+                for kind in FaultKind::ALL {
+                    drop(m.injected_faults.get_or_create(&FaultLabels {
+                        service: service(),
+                        route: label(),
+                        kind: kind.as_str(),
+                    }));
+                }
             }
         }
     }
@@ -1221,13 +1257,26 @@ mod tests {
     }
 
     /// A sidecar with `[tls]` whose one service retries requests of route
-    /// `/pay` only.
+    /// `/pay` only, and hedges and injects faults into those of `/get`.
     struct RetriedRoute;
 
     impl GaugeSource for RetriedRoute {
         fn refresh(&self, gauges: &mut Gauges<'_>) {
             gauges.tls_certificate_expiry(1_900_000_000);
-            gauges.service_counters(&Arc::from("billing"), [&Arc::from("/pay")]);
+            let (pay, get) = (Arc::from("/pay"), Arc::from("/get"));
+            let route = |label, retried, hedged, faulted| RouteCounters {
+                label,
+                retried,
+                hedged,
+                faulted,
+            };
+            gauges.service_counters(
+                &Arc::from("billing"),
+                [
+                    route(&pay, true, false, false),
+                    route(&get, false, true, true),
+                ],
+            );
         }
     }
 
@@ -1243,6 +1292,8 @@ mod tests {
             r#"weft_ejections_total{service="billing"} 0"#,
             r#"weft_retries_total{service="billing",route="/pay"} 0"#,
             r#"weft_retries_skipped_total{service="billing",route="/pay",reason="no-endpoint"} 0"#,
+            r#"weft_hedges_total{service="billing",route="/get",outcome="no-budget"} 0"#,
+            r#"weft_injected_faults_total{service="billing",route="/get",kind="abort"} 0"#,
             "weft_tls_certificate_expiry_timestamp_seconds 1900000000",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
