@@ -181,7 +181,10 @@ pin_project! {
     enum State<F> {
         Reading { read: Reading },
         Ready,
-        Calling { #[pin] future: F },
+        // Boxed: the layers below make a large future (the balancer's, the
+        // endpoint client's), which every layer above would otherwise copy
+        // into its own as the request goes down the stack.
+        Calling { future: Pin<Box<F>> },
         Backoff { #[pin] sleep: Sleep },
     }
 }
@@ -200,8 +203,10 @@ pin_project! {
         // Whether the current retry is counted: once an endpoint took it.
         counted: bool,
         // The previous try's result, kept until a retry is under way: if no
-        // endpoint can take the retry, the client gets this.
-        last: Option<Result<Response<RB>, ProxyError>>,
+        // endpoint can take the retry, the client gets this. Boxed: only
+        // retried requests have one, and inline it would make every
+        // request's future (copied by each layer above) 352 bytes larger.
+        last: Option<Box<Result<Response<RB>, ProxyError>>>,
     }
 }
 
@@ -295,7 +300,7 @@ where
                         this.plan.as_ref(),
                         this.context.as_ref(),
                     );
-                    let future = this.inner.call(req);
+                    let future = Box::pin(this.inner.call(req));
                     this.state.set(State::Calling { future });
                 }
                 StateProj::Backoff { sleep } => {
@@ -306,7 +311,7 @@ where
                 StateProj::Calling { future } => {
                     // The balancer refuses at once, so a retry still pending
                     // (or answered) went to an endpoint: it counts.
-                    let Poll::Ready(result) = future.poll(cx) else {
+                    let Poll::Ready(result) = future.as_mut().poll(cx) else {
                         count_retry(this.counted, this.context.as_ref());
                         return Poll::Pending;
                     };
@@ -321,7 +326,7 @@ where
                         if let Some(context) = this.context.as_ref() {
                             context.retry_skipped(RetrySkipped::NoEndpoint);
                         }
-                        return Poll::Ready(last);
+                        return Poll::Ready(*last);
                     }
                     count_retry(this.counted, this.context.as_ref());
                     *this.last = None;
@@ -336,7 +341,7 @@ where
                     match next {
                         Next::Return(result) => return Poll::Ready(result),
                         Next::Retry(result, wait) => {
-                            *this.last = Some(result);
+                            *this.last = Some(Box::new(result));
                             *this.attempt += 1;
                             *this.counted = false;
                             tracing::debug!(
