@@ -27,6 +27,8 @@
 //!   and the store wrapper that counts store errors.
 //! - [`inject`]: what `weftctl inject` does to Kubernetes manifests: the
 //!   weft-proxy sidecar, its volumes and the app containers' HTTP_PROXY.
+//! - [`ui`]: the web view on the admin listener (`/ui`): its pages, and the
+//!   sampler that fetches the sidecars' admin endpoints for it.
 //! - [`stat`]: what `weftctl stat` computes from the sidecars' metrics: the
 //!   exposition parser, counter increases, rates and latency quantiles.
 
@@ -41,6 +43,7 @@ pub mod stat;
 pub mod store;
 pub mod tasks;
 pub mod tls;
+pub mod ui;
 pub mod view;
 
 /// This build's version (the workspace's).
