@@ -57,10 +57,43 @@ pub struct Sidecar {
     pub admin: Result<SocketAddr, String>,
     /// Its metrics, or why they could not be fetched (unreachable).
     pub metrics: Result<Scrape, String>,
-    /// Its `/endpoints` document (`None` if that fetch failed).
-    pub endpoints: Option<Value>,
+    /// The endpoints its `/endpoints` lists (`None` if that fetch failed).
+    pub endpoints: Option<Vec<SeenEndpoint>>,
     /// Its `/ready` body, trimmed (`draining` while it shuts down).
     pub ready: Option<String>,
+}
+
+/// One endpoint as a sidecar's `/endpoints` shows it (only what the pages
+/// use is kept: a caller's document lists every service it calls).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeenEndpoint {
+    pub service: String,
+    pub address: String,
+    /// `active`, `ejected`, `saturated`, `unhealthy`.
+    pub state: String,
+    pub in_flight: u64,
+    /// Requests this sidecar sent to it.
+    pub requests: u64,
+    pub latency_ewma_ms: Option<f64>,
+}
+
+/// The endpoints of an `/endpoints` document.
+fn seen_endpoints(doc: &Value) -> Vec<SeenEndpoint> {
+    let mut out = Vec::new();
+    for service in doc["services"].as_array().into_iter().flatten() {
+        let name = service["name"].as_str().unwrap_or_default();
+        for e in service["endpoints"].as_array().into_iter().flatten() {
+            out.push(SeenEndpoint {
+                service: name.to_owned(),
+                address: e["address"].as_str().unwrap_or_default().to_owned(),
+                state: e["state"].as_str().unwrap_or("?").to_owned(),
+                in_flight: e["in_flight"].as_u64().unwrap_or(0),
+                requests: e["requests"].as_u64().unwrap_or(0),
+                latency_ewma_ms: e["latency_ewma_ms"].as_f64(),
+            });
+        }
+    }
+    out
 }
 
 /// One round of fetches, by (service, id).
@@ -355,7 +388,10 @@ impl Fetcher {
                                 .map_err(|_| "/metrics is not UTF-8 text".to_owned())?;
                             Scrape::from_text(text).map_err(|e| format!("/metrics {e}"))
                         });
-                        let endpoints = e.ok().and_then(|b| serde_json::from_slice(&b).ok());
+                        let endpoints = e
+                            .ok()
+                            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                            .map(|doc| seen_endpoints(&doc));
                         let ready = r
                             .ok()
                             .map(|b| String::from_utf8_lossy(&b).trim().to_owned());

@@ -89,7 +89,8 @@ pub fn service_graph(edges: &[Row], services: &[String]) -> Markup {
     let height = height + PAD;
     let busiest = edges.iter().map(|e| e.rps).fold(0.0_f64, f64::max);
     html! {
-        svg.graph viewBox=(format!("0 0 {width:.0} {height:.0}")) role="img"
+        svg.graph viewBox=(format!("0 0 {width:.0} {height:.0}")) width=(format!("{width:.0}"))
+            height=(format!("{height:.0}")) role="img"
             aria-label="Service graph" preserveAspectRatio="xMinYMin meet" {
             @for e in edges {
                 @let caller = caller_name(e.caller.as_deref().unwrap_or(""));

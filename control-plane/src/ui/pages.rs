@@ -269,10 +269,11 @@ pub fn graph(view: &DirectoryView, sampler: &Sampler) -> Markup {
     layout("Service graph", "/ui/graph", body)
 }
 
-/// What the callers' sidecars say about one instance (its address).
+/// What the sidecars that list one instance (its address) say about it.
 struct Seen {
     states: BTreeMap<String, usize>,
-    callers: usize,
+    /// How many list it.
+    sidecars: usize,
     in_flight: u64,
     ewma_ms: Vec<f64>,
 }
@@ -280,31 +281,23 @@ struct Seen {
 fn seen_by_callers(round: Option<&Round>, service: &str, address: SocketAddr) -> Seen {
     let mut seen = Seen {
         states: BTreeMap::new(),
-        callers: 0,
+        sidecars: 0,
         in_flight: 0,
         ewma_ms: Vec::new(),
     };
     let address = address.to_string();
-    for sidecar in round.into_iter().flat_map(|r| r.values()) {
-        let Some(doc) = &sidecar.endpoints else {
-            continue;
-        };
-        let services = doc["services"].as_array().into_iter().flatten();
-        for entry in services.filter(|s| s["name"] == service) {
-            for e in entry["endpoints"].as_array().into_iter().flatten() {
-                if e["address"].as_str() != Some(address.as_str()) {
-                    continue;
-                }
-                seen.callers += 1;
-                *seen
-                    .states
-                    .entry(e["state"].as_str().unwrap_or("?").to_owned())
-                    .or_default() += 1;
-                seen.in_flight += e["in_flight"].as_u64().unwrap_or(0);
-                if let Some(ms) = e["latency_ewma_ms"].as_f64() {
-                    seen.ewma_ms.push(ms);
-                }
-            }
+    let endpoints = round
+        .into_iter()
+        .flat_map(|r| r.values())
+        .filter_map(|s| s.endpoints.as_ref())
+        .flatten();
+    for e in endpoints.filter(|e| e.service == service && e.address == address) {
+        seen.sidecars += 1;
+        *seen.states.entry(e.state.clone()).or_default() += 1;
+        seen.in_flight += e.in_flight;
+        // The estimate of a sidecar that never called it says nothing.
+        if e.requests > 0 {
+            seen.ewma_ms.extend(e.latency_ewma_ms);
         }
     }
     seen
@@ -321,7 +314,7 @@ fn instance_state(record: &InstanceRecord, ready: Option<&str>, seen: &Seen) -> 
         return "unhealthy".to_owned();
     }
     if let Some(n) = seen.states.get("ejected") {
-        return format!("ejected ({n} of {} callers)", seen.callers);
+        return format!("ejected (by {n} of {} sidecars)", seen.sidecars);
     }
     if seen.states.contains_key("saturated") {
         return "saturated".to_owned();
@@ -361,7 +354,7 @@ pub fn service(view: &DirectoryView, entry: &ServiceEntry, sampler: &Sampler) ->
     let body = html! {
         @if latest.is_none() { (collecting(sampler)) }
         h2 { "Instances" }
-        p.note { "State, in-flight and latency (EWMA) as the callers' sidecars see each instance." }
+        p.note { "State, in-flight (summed) and latency (EWMA, averaged over the sidecars that called it) as the registered sidecars that list each instance see it." }
         div.scroll { table.sortable #instances {
             thead { tr {
                 th data-sort="text" { "Instance" } th data-sort="text" { "Address" } th data-sort="text" { "Zone" }
@@ -380,7 +373,7 @@ pub fn service(view: &DirectoryView, entry: &ServiceEntry, sampler: &Sampler) ->
                     td data-v=(record.metadata.version.as_deref().unwrap_or("")) { (record.metadata.version.as_deref().unwrap_or("-")) }
                     td.num data-v=(record.metadata.weight.get()) { (record.metadata.weight.get()) }
                     td.state.(state.split(' ').next().unwrap_or("")) data-v=(state) { (state) }
-                    td.num data-v=(seen.in_flight) { @if seen.callers > 0 { (seen.in_flight) } @else { "-" } }
+                    td.num data-v=(seen.in_flight) { @if seen.sidecars > 0 { (seen.in_flight) } @else { "-" } }
                     td.num data-v=(v(ewma)) { (ewma.map_or("-".to_owned(), |ms| format_latency(Some(ms / 1000.0)))) }
                     td data-v=(sidecar.map_or("", |s| if s.metrics.is_ok() { "ok" } else { "unreachable" })) {
                         @match sidecar.map(|s| &s.metrics) {
