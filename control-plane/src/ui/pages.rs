@@ -304,8 +304,9 @@ fn seen_by_callers(round: Option<&Round>, service: &str, address: SocketAddr) ->
 }
 
 /// An instance's state: draining (its sidecar says so), unhealthy (its app
-/// does not answer), ejected (by any caller's outlier detection), else
-/// what the callers say (active, saturated).
+/// does not answer), ejected (by any sidecar's outlier detection), else
+/// what the sidecars that called it say (active, saturated), or unknown
+/// when no registered sidecar called it.
 fn instance_state(record: &InstanceRecord, ready: Option<&str>, seen: &Seen) -> String {
     if ready == Some("draining") {
         return "draining".to_owned();
@@ -318,6 +319,10 @@ fn instance_state(record: &InstanceRecord, ready: Option<&str>, seen: &Seen) -> 
     }
     if seen.states.contains_key("saturated") {
         return "saturated".to_owned();
+    }
+    if seen.ewma_ms.is_empty() {
+        // No registered sidecar called it: nobody to say it is active.
+        return "unknown (no registered caller)".to_owned();
     }
     "active".to_owned()
 }
