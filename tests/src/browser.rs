@@ -21,7 +21,11 @@ pub const BROWSER_TIMEOUT: Duration = Duration::from_secs(90);
 /// The `chromium` binary: `$WEFT_CHROMIUM`, else `chromium` on the PATH.
 pub fn chromium_bin() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("WEFT_CHROMIUM") {
-        return Ok(PathBuf::from(path));
+        let path = PathBuf::from(path);
+        if !path.is_file() {
+            bail!("WEFT_CHROMIUM={} is not a file", path.display());
+        }
+        return Ok(path);
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     for dir in std::env::split_paths(&path) {
@@ -98,6 +102,19 @@ fn kill_group(pid: Option<u32>) {
 /// The page's DOM once loaded (scripts ran), as HTML.
 pub async fn dump_dom(url: &str) -> anyhow::Result<String> {
     run(&["--dump-dom".to_owned()], url).await
+}
+
+/// The page's DOM after `virtual_ms` of the page's (virtual) time: its
+/// timers have run (e.g. a periodic refresh).
+pub async fn dump_dom_after(url: &str, virtual_ms: u32) -> anyhow::Result<String> {
+    run(
+        &[
+            "--dump-dom".to_owned(),
+            format!("--virtual-time-budget={virtual_ms}"),
+        ],
+        url,
+    )
+    .await
 }
 
 /// A PNG screenshot of the page at `width` x `height` CSS pixels, written

@@ -8,7 +8,8 @@
 //! and a rate limit refusing, headless Chromium loads every page and the
 //! rendered DOM shows the services with non-zero rates, the graph's edges,
 //! the ejected instance as ejected and the refusals under their reason; a
-//! sidecar killed while registered is shown as unreachable. Screenshots at a
+//! sidecar killed while registered is shown as unreachable; the script
+//! refreshes a page in place. Screenshots at a
 //! desktop's and a phone's width are saved (`$WEFT_UI_SCREENSHOTS`, else the
 //! target's tmp directory).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -343,6 +344,13 @@ async fn the_web_view_shows_the_mesh_in_a_real_browser() -> anyhow::Result<()> {
     })
     .await
     .context("Chromium's DOM of the pages")?;
+    // The script refreshes the page's tables in place (every 3 s).
+    let refreshed = browser::dump_dom_after(&url("/ui"), 8000).await?;
+    ensure!(
+        refreshed.contains("data-refreshed=\""),
+        "the script did not refresh the page"
+    );
+    check_services(&refreshed)?;
     let shots = screenshot_dir()?;
     for (path, name, width, height) in [
         ("/ui", "ui-services.png", 1280, 900),

@@ -41,6 +41,7 @@
     sort(table, th.cellIndex, dir);
   });
 
+  var refreshed = 0;
   var every = parseInt(document.body.getAttribute("data-refresh"), 10);
   if (!(every > 0) || !window.fetch || !window.DOMParser) { return; }
   setInterval(function () {
@@ -54,6 +55,7 @@
         if (!fresh || !main) { return; }
         main.replaceWith(fresh);
         resort();
+        document.body.setAttribute("data-refreshed", String(++refreshed));
         document.querySelectorAll("details summary").forEach(function (s) {
           if (open.indexOf(s.textContent) >= 0) { s.parentNode.open = true; }
         });
