@@ -289,9 +289,10 @@ impl Sampler {
                 }
                 _ = tick.tick() => {
                     if !self.watched() {
-                        // Idle: forget the last round (rates restart from
-                        // the next two) and wait for a page view.
-                        self.history.lock().unwrap_or_else(PoisonError::into_inner).last = None;
+                        // Idle: forget the rounds and intervals (stale by
+                        // the next page view; rates restart from the next
+                        // two rounds) and wait for a page view.
+                        self.forget();
                         tokio::select! {
                             () = stop.cancelled() => return,
                             () = self.wake.notified() => tick.reset_immediately(),
@@ -304,6 +305,13 @@ impl Sampler {
                 }
             }
         }
+    }
+
+    /// Drops the rounds and intervals kept.
+    fn forget(&self) {
+        let mut history = self.history.lock().unwrap_or_else(PoisonError::into_inner);
+        history.last = None;
+        history.intervals.clear();
     }
 
     fn add(&self, view: &DirectoryView, round: Round) {

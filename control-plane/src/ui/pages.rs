@@ -65,6 +65,13 @@ fn service_href(name: &str) -> String {
     format!("/ui/services/{}", percent_encode(name))
 }
 
+/// How long ago the newest interval ended, for the notes ("3 s ago").
+fn age(latest: Option<&Arc<Interval>>) -> String {
+    latest
+        .and_then(|l| std::time::SystemTime::now().duration_since(l.at).ok())
+        .map_or_else(|| "-".to_owned(), |d| format!("{} s ago", d.as_secs()))
+}
+
 /// "collecting" while the sampler has fewer than two rounds.
 fn collecting(sampler: &Sampler) -> Markup {
     html! {
@@ -148,7 +155,7 @@ pub fn services(view: &DirectoryView, sampler: &Sampler) -> Markup {
     let body = html! {
         @if latest.is_none() { (collecting(sampler)) }
         p.note { "Rates, success and latency: the services' own sidecars over the last "
-            (latest.as_ref().map_or(0.0, |l| l.seconds).round()) " s. Refusals: both sides, over the last "
+            (latest.as_ref().map_or(0.0, |l| l.seconds).round()) " s (" (age(latest.as_ref())) "). Refusals: both sides, over the last "
             (window.as_secs()) " s. Trend: requests per second, every " (sampler.interval.as_secs_f64()) " s." }
         div.scroll { table.sortable #services {
             thead { tr {
