@@ -3,7 +3,8 @@
 //!
 //! A sampler task fetches every registered sidecar's admin endpoints
 //! (`/metrics`, `/endpoints`, `/ready`) every `sample_interval`, at most
-//! [`MAX_CONCURRENT_FETCHES`] at once, each bounded by [`FETCH_TIMEOUT`].
+//! [`MAX_CONCURRENT_FETCHES`] at once, each bounded in time and size
+//! ([`crate::scrape`], as `weftctl stat` fetches them).
 //! Two consecutive rounds give an [`Interval`]: the rates, success rates,
 //! quantiles and refusals `weftctl stat` and `weftctl edges` compute
 //! ([`crate::stat`]); the last [`KEEP`] intervals are kept for the sparklines
@@ -21,26 +22,17 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use futures_util::StreamExt as _;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::scrape::Fetcher;
 use crate::stat::{self, Direction, Row, Scrape, View};
 use crate::view::DirectoryView;
 
-/// Sidecars fetched at once.
+/// Sidecars fetched at once (each with [`crate::scrape::TIMEOUT`]).
 pub const MAX_CONCURRENT_FETCHES: usize = 32;
-/// How long one fetch may take, connection included.
-pub const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest body read from a sidecar.
-const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Intervals kept (10 minutes at the default 10 s).
 pub const KEEP: usize = 60;
 /// Policy versions kept per service.
@@ -300,7 +292,7 @@ impl Sampler {
                         continue;
                     }
                     let current = Arc::clone(&view.borrow());
-                    let round = fetcher.round(&current).await;
+                    let round = round(&fetcher, &current).await;
                     self.add(&current, round);
                 }
             }
@@ -364,105 +356,41 @@ fn interval(before: &Round, after: &Round, elapsed: Duration, known: &[String]) 
     }
 }
 
-/// Fetches sidecars' admin endpoints.
-struct Fetcher {
-    client: Client<HttpConnector, Full<Bytes>>,
-}
-
-impl Fetcher {
-    fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(FETCH_TIMEOUT));
-        connector.set_nodelay(true);
-        Self {
-            client: Client::builder(TokioExecutor::new()).build(connector),
-        }
-    }
-
-    /// Every sidecar `view` lists, fetched with bounded concurrency.
-    async fn round(&self, view: &DirectoryView) -> Round {
-        let sidecars = sidecars(view);
-        futures_util::stream::iter(sidecars)
-            .map(|(service, id, admin)| async move {
-                let (metrics, endpoints, ready) = match &admin {
-                    Ok(addr) => {
-                        let (m, e, r) = tokio::join!(
-                            self.get(*addr, "/metrics"),
-                            self.get(*addr, "/endpoints"),
-                            self.get(*addr, "/ready"),
-                        );
-                        let metrics = m.and_then(|body| {
-                            let text = std::str::from_utf8(&body)
-                                .map_err(|_| "/metrics is not UTF-8 text".to_owned())?;
-                            Scrape::from_text(text).map_err(|e| format!("/metrics {e}"))
-                        });
-                        let endpoints = e
-                            .ok()
-                            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                            .map(|doc| seen_endpoints(&doc));
-                        let ready = r
-                            .ok()
-                            .map(|b| String::from_utf8_lossy(&b).trim().to_owned());
-                        (metrics, endpoints, ready)
-                    }
-                    Err(why) => (Err(why.clone()), None, None),
-                };
-                let sidecar = Sidecar {
-                    service: service.clone(),
-                    id: id.clone(),
-                    admin,
-                    metrics,
-                    endpoints,
-                    ready,
-                };
-                ((service, id), sidecar)
-            })
-            .buffer_unordered(MAX_CONCURRENT_FETCHES)
-            .collect()
-            .await
-    }
-
-    /// `GET http://ADMIN/PATH`'s body (any status for `/ready`, which says
-    /// why it is not ready in a 503); the error is a few words.
-    async fn get(&self, admin: SocketAddr, path: &str) -> Result<Bytes, String> {
-        let req = Request::builder()
-            .uri(format!("http://{admin}{path}"))
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
-        let exchange = async {
-            let rsp = self.client.request(req).await.map_err(|e| reason(&e))?;
-            let status = rsp.status();
-            if status != StatusCode::OK && path != "/ready" {
-                return Err(format!("GET {path}: {status}"));
-            }
-            Limited::new(rsp.into_body(), MAX_BODY_BYTES)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .map_err(|e| format!("reading {path}: {e}"))
-        };
-        tokio::time::timeout(FETCH_TIMEOUT, exchange)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {}s", FETCH_TIMEOUT.as_secs_f64())))
-    }
-}
-
-/// "connection refused", "timed out", ...: the innermost cause, short.
-fn reason(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = Some(e);
-    let mut last = e.to_string();
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => return "connection refused".to_owned(),
-                std::io::ErrorKind::TimedOut => return "connect timed out".to_owned(),
-                _ => {}
-            }
-        }
-        last = c.to_string();
-        cause = c.source();
-    }
-    last
+/// Every sidecar `view` lists, fetched with bounded concurrency.
+async fn round(fetcher: &Fetcher, view: &DirectoryView) -> Round {
+    futures_util::stream::iter(sidecars(view))
+        .map(|(service, id, admin)| async move {
+            let (metrics, endpoints, ready) = match &admin {
+                Ok(addr) => {
+                    let (metrics, endpoints, ready) = tokio::join!(
+                        fetcher.metrics(*addr),
+                        fetcher.get(*addr, "/endpoints", None, false),
+                        fetcher.get(*addr, "/ready", None, true),
+                    );
+                    let endpoints = endpoints
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                        .map(|doc| seen_endpoints(&doc));
+                    let ready = ready
+                        .ok()
+                        .map(|b| String::from_utf8_lossy(&b).trim().to_owned());
+                    (metrics, endpoints, ready)
+                }
+                Err(why) => (Err(why.clone()), None, None),
+            };
+            let sidecar = Sidecar {
+                service: service.clone(),
+                id: id.clone(),
+                admin,
+                metrics,
+                endpoints,
+                ready,
+            };
+            ((service, id), sidecar)
+        })
+        .buffer_unordered(MAX_CONCURRENT_FETCHES)
+        .collect()
+        .await
 }
 
 /// Every instance of every service, with where its sidecar's admin listener
