@@ -67,11 +67,12 @@ async fn run(args: &[String], url: &str) -> anyhow::Result<String> {
     let child = command
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    let pid = child.id();
+    // Kills the helpers too, however this ends (also when the caller drops
+    // this future: `kill_on_drop` only kills the browser itself).
+    let _group = Group(child.id());
     match tokio::time::timeout(BROWSER_TIMEOUT, child.wait_with_output()).await {
         Ok(output) => {
             let output = output.context("waiting for chromium")?;
-            kill_group(pid);
             if !output.status.success() {
                 bail!(
                     "chromium exited with {}: {}",
@@ -81,21 +82,22 @@ async fn run(args: &[String], url: &str) -> anyhow::Result<String> {
             }
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         }
-        Err(_) => {
-            kill_group(pid);
-            bail!("chromium did not finish loading {url} within {BROWSER_TIMEOUT:?}")
-        }
+        Err(_) => bail!("chromium did not finish loading {url} within {BROWSER_TIMEOUT:?}"),
     }
 }
 
-/// Kills what is left of the browser's process group (its helpers), with
-/// kill(1) so the harness needs no unsafe code.
-fn kill_group(pid: Option<u32>) {
-    if let Some(pid) = pid {
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", "--", &format!("-{pid}")])
-            .stderr(Stdio::null())
-            .status();
+/// The browser's process group (it leads it), killed when dropped with
+/// kill(1), so the harness needs no unsafe code.
+struct Group(Option<u32>);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

@@ -30,6 +30,9 @@ use weft_tests::process::{Signal, TempDir};
 const UI_TOKEN: &str = "ui-read-only-token-0123456789";
 /// How long the traffic's effects may take to show.
 const WITHIN: Duration = Duration::from_secs(60);
+/// How long Chromium may take to load the pages (it starts once per page,
+/// slowly on a loaded machine).
+const BROWSER_WITHIN: Duration = Duration::from_secs(180);
 
 async fn get(cp: &ControlPlane, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<Reply> {
     Client::absolute(cp.admin())
@@ -326,7 +329,7 @@ async fn the_web_view_shows_the_mesh_in_a_real_browser() -> anyhow::Result<()> {
 
     // The same in a real browser.
     let url = |path: &str| format!("{}{path}?token={UI_TOKEN}", cp.admin_url());
-    eventually(WITHIN, || async {
+    eventually(BROWSER_WITHIN, || async {
         check_services(&browser::dump_dom(&url("/ui")).await?)?;
         check_graph(&browser::dump_dom(&url("/ui/graph")).await?)?;
         check_billing(&browser::dump_dom(&url("/ui/services/billing")).await?)?;
