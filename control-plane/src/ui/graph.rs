@@ -179,3 +179,73 @@ pub fn sparkline(values: &[f64]) -> Markup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn edge(caller: &str, service: &str, rps: f64, success: Option<f64>) -> Row {
+        Row {
+            caller: Some(caller.to_owned()),
+            service: service.to_owned(),
+            route: None,
+            rps,
+            success_rate: success,
+            p50_seconds: None,
+            p99_seconds: None,
+            refusals_per_second: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn edges_are_drawn_escaped_with_width_by_rate_and_colour_by_success() {
+        // The caller label comes from a plaintext caller's weft-caller
+        // header: anything at all.
+        let hostile = "<script>alert(1)</script>";
+        let svg = service_graph(
+            &[
+                edge("web", "billing", 10.0, Some(1.0)),
+                edge(hostile, "billing", 5.0, Some(0.5)),
+                edge("billing", "ledger", 0.0, None),
+            ],
+            &["billing".to_owned(), "ledger".to_owned()],
+        )
+        .into_string();
+        assert!(!svg.contains("<script>"), "{svg}");
+        assert!(svg.contains("&lt;script&gt;"), "{svg}");
+        assert_eq!(svg.matches("class=\"edge\"").count(), 3, "{svg}");
+        assert!(svg.contains("class=\"edge-line ok\" d="), "{svg}");
+        assert!(svg.contains("class=\"edge-line bad\" d="), "{svg}");
+        assert!(svg.contains("class=\"edge-line idle\" d="), "{svg}");
+        // The busiest edge is the widest.
+        assert!(svg.contains("stroke-width=\"9.5\""), "{svg}");
+        // Services link to their pages; an outside caller does not.
+        assert!(svg.contains("href=\"/ui/services/ledger\""), "{svg}");
+        assert!(!svg.contains("href=\"/ui/services/web\""), "{svg}");
+    }
+
+    #[test]
+    fn a_cycle_does_not_loop_forever() {
+        let svg = service_graph(
+            &[
+                edge("a", "b", 1.0, Some(1.0)),
+                edge("b", "a", 1.0, Some(1.0)),
+            ],
+            &["a".to_owned(), "b".to_owned()],
+        )
+        .into_string();
+        assert_eq!(svg.matches("class=\"edge\"").count(), 2);
+    }
+
+    #[test]
+    fn sparkline_scales_to_the_largest() {
+        let svg = sparkline(&[0.0, 5.0, 10.0]).into_string();
+        assert!(
+            svg.contains("points=\"0.0,22.0 60.0,12.0 120.0,2.0\""),
+            "{svg}"
+        );
+        assert!(!sparkline(&[]).into_string().contains("polyline"));
+    }
+}
