@@ -11,6 +11,7 @@
 //! | `GET /version` | this control plane's version and git commit |
 //! | `GET /live`, `GET /ready` | liveness (`{"status": "live"}`); readiness (the directory view follows the store; 503 too while waiting for the store at start, when only these and `/metrics` answer) |
 //! | `GET /metrics` | Prometheus metrics (see [`crate::metrics`]); no token, like `/live` and `/ready` |
+//! | `GET /ui`, `/ui/...` | the web view ([`crate::ui`]): its own token check; 404 with `--no-ui` |
 //!
 //! Reads come from the in-memory view (the same one sidecars are served from);
 //! writes go to the store and show up in the view through the watch. The file name
@@ -44,6 +45,8 @@ pub struct AdminState<S> {
     /// `None` only in `--dev` mode.
     pub tokens: Option<Tokens>,
     pub metrics: Arc<Metrics>,
+    /// The web view (`/ui`); `None` with `--no-ui` (404).
+    pub ui: Option<crate::ui::Ui>,
 }
 
 type Rsp = Response<Full<Bytes>>;
@@ -87,6 +90,14 @@ pub async fn handle<S: Store>(
         }
         (&Method::GET, "/metrics") => return Ok(metrics::respond(&state.metrics, &state.view)),
         _ => {}
+    }
+    // The web view checks its own tokens (the admin ones, or read-only UI
+    // ones, also from its cookie).
+    if crate::ui::is_ui_path(&path) {
+        return Ok(match &state.ui {
+            Some(ui) => crate::ui::handle(ui, &state, req).await,
+            None => error(StatusCode::NOT_FOUND, "the web view is off (--no-ui)"),
+        });
     }
     if let Some(tokens) = &state.tokens {
         let presented = req

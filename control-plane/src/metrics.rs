@@ -573,6 +573,7 @@ pub fn admin_route(path: &str) -> &'static str {
         ["v1", "services"] => "/v1/services",
         ["v1", "services", _] => "/v1/services/{name}",
         ["v1", "services", _, "policy"] => "/v1/services/{name}/policy",
+        ["ui", ..] => "/ui",
         _ => "other",
     }
 }

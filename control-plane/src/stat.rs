@@ -211,6 +211,13 @@ impl Scrape {
         Self { series }
     }
 
+    /// Every series kept: metric name, labels and value.
+    pub fn series(&self) -> impl Iterator<Item = (&str, &Labels, f64)> {
+        self.series
+            .iter()
+            .map(|((name, labels), &value)| (name.as_str(), labels, value))
+    }
+
     /// How much every series grew since `prev`. A series that went down was
     /// reset (the sidecar restarted), so its increase is its new value; a
     /// histogram's buckets are reset together when any of them went down. A

@@ -78,6 +78,15 @@ pub struct DirectoryView {
 }
 
 impl DirectoryView {
+    /// The store revision of the write that stored the policy `service` is
+    /// served (its last valid one), if it has one.
+    pub fn policy_revision(&self, service: &str) -> Option<Revision> {
+        self.policies
+            .get(service)
+            .and_then(PolicyHistory::last_valid)
+            .map(|v| v.revision)
+    }
+
     /// Applies a put (`kv`) or a delete of `key`, made at `revision`.
     fn apply(&mut self, kv: Option<&KeyValue>, key: &str, revision: Revision) {
         match keys::parse(key) {

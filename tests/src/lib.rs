@@ -11,6 +11,7 @@
 //!   scenario reads like the setup it needs.
 //! - [`admin`]: typed helpers for the proxy's admin listener (`/ready`,
 //!   `/config`, `/endpoints`, `/reload`).
+//! - [`browser`]: headless Chromium loading a page: its DOM, or a screenshot.
 //! - [`backend`]: an in-process HTTP/1.1 + h2c backend that reports what it saw
 //!   (`/echo`, `/slow`, `/drip`, `/grpc`, `/ws`, `/pattern`, ...).
 //! - [`dns`]: a tiny authoritative DNS server on UDP and TCP whose records a
@@ -58,6 +59,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod browser;
 pub mod chaos;
 pub mod client;
 pub mod config;

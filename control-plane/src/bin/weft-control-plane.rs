@@ -31,7 +31,7 @@ use weft_control_plane::store::memory::{MemoryOptions, MemoryStore};
 use weft_control_plane::store::{AnyStore, DEFAULT_KEY_PREFIX, ErrorChain};
 use weft_control_plane::tasks::Tasks;
 use weft_control_plane::tls::{ServerTls, TlsPaths};
-use weft_control_plane::view;
+use weft_control_plane::{ui, view};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -108,6 +108,21 @@ struct Args {
     /// Bearer tokens accepted by the admin API, one per line. Required unless --dev.
     #[arg(long, required_unless_present = "dev")]
     token_file: Option<PathBuf>,
+    /// Turn the web view (`/ui` on the admin listener) off: 404.
+    #[arg(long)]
+    no_ui: bool,
+    /// Read-only tokens for the web view only, one per line (the admin
+    /// tokens are accepted too).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_ui")]
+    ui_token_file: Option<PathBuf>,
+    /// Also accept the web view's token as `?token=` in the URL (for tests
+    /// and kiosks: a URL ends up in histories and logs). Off by default.
+    #[arg(long, conflicts_with = "no_ui")]
+    ui_allow_query_token: bool,
+    /// How often the web view fetches the sidecars' admin endpoints (while
+    /// a page was loaded in the last 10 minutes).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    ui_sample_interval: std::time::Duration,
     /// Once serving (listening, and the store answered), write the bound
     /// addresses (JSON) to this file.
     #[arg(long)]
@@ -211,6 +226,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             None
         }
     };
+    let ui_tokens = match &args.ui_token_file {
+        Some(path) => Some(Tokens::from_file(path)?),
+        None => None,
+    };
     let mut metrics = Metrics::new();
     if tls_files(&args).is_some() {
         metrics = metrics.with_tls();
@@ -270,11 +289,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ControlPlaneServer::new(push),
         ),
     );
+    let ui = match ui_tokens {
+        _ if args.no_ui => None,
+        ui_tokens => {
+            let sampler = Arc::new(ui::Sampler::new(args.ui_sample_interval));
+            tasks.spawn(
+                "ui-sampler",
+                Arc::clone(&sampler).run(view.clone(), tasks.stop().clone()),
+            );
+            Some(ui::Ui {
+                tokens: ui_tokens,
+                allow_query_token: args.ui_allow_query_token,
+                secure_cookie: args.admin_tls_cert.is_some(),
+                store: if args.dev { "embedded (--dev)" } else { "etcd" },
+                sampler,
+            })
+        }
+    };
     let _ = state.set(Arc::new(AdminState {
         store: Arc::clone(&store),
         view,
         tokens,
         metrics: Arc::clone(&metrics),
+        ui,
     }));
     // Written once everything serves (so a process waiting on it may use
     // the whole admin API at once), not while waiting for etcd.

@@ -46,6 +46,10 @@ struct Args {
     /// Requests per demo round.
     #[arg(long, default_value_t = 300)]
     requests: usize,
+    /// After the demo, keep the mesh running with traffic, to look at the
+    /// control plane's web view (its URL is printed), until Ctrl-C.
+    #[arg(long)]
+    keep: bool,
 }
 
 async fn start_backend(
@@ -359,6 +363,9 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     );
     let token = dir.join("admin-token");
     std::fs::write(&token, "weft-demo-admin-token-0123456789\n")?;
+    // A read-only token for the web view only (it opens no admin API call).
+    let ui_token = dir.join("ui-token");
+    std::fs::write(&ui_token, "weft-demo-ui-token-0123456789\n")?;
 
     // mTLS between every sidecar: a development CA and one certificate per service.
     let trust_domain = make_certs(dir, &["billing", "orders", "checkout"])?;
@@ -396,6 +403,10 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
             dir.join("certs/control-plane-key.pem")
                 .display()
                 .to_string(),
+            "--ui-token-file".into(),
+            ui_token.display().to_string(),
+            "--ui-sample-interval".into(),
+            "2s".into(),
         ],
         dir,
     )
@@ -731,6 +742,16 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
         }
     }
 
+    if args.keep {
+        // billing-a's own sidecar calls orders too: it is registered, so the
+        // web view sees its view of orders' instances (the ejection).
+        let billing_outbound = {
+            let text = std::fs::read_to_string(dir.join("billing-a.bound.json"))?;
+            addr(&serde_json::from_str(&text)?, "outbound")?
+        };
+        keep_running(&client, outbound, billing_outbound, cp_admin, dir).await?;
+    }
+
     println!("\n8. SIGTERM to every process: drain, deregister, exit");
     let mut processes: Vec<Process> = sidecars.into_iter().map(|(_, s)| s).collect();
     processes.push(caller);
@@ -745,5 +766,55 @@ async fn run(args: &Args, dir: &Path) -> anyhow::Result<()> {
     println!(
         "\nDone. See docs/ for the configuration reference (docs/operations.md, docs/policies.md)."
     );
+    Ok(())
+}
+
+/// `--keep`: prints how to open the web view, then sends traffic until
+/// Ctrl-C: from the caller to billing (past its rate limit), orders (with
+/// its broken instance) and an unknown name, and from billing-a's sidecar
+/// (`billing_outbound`) to orders.
+async fn keep_running(
+    client: &HttpClient,
+    outbound: SocketAddr,
+    billing_outbound: SocketAddr,
+    cp_admin: SocketAddr,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let ca = dir.join("certs/ca.pem");
+    println!(
+        "\nThe mesh keeps running with traffic. Its web view (read-only, on the admin listener):\n\n  \
+         https://{cp_admin}/ui\n\n  \
+         The admin listener serves the demo CA's certificate: trust {ca} in the browser, or accept\n  \
+         the warning. Sign in with the read-only token in {ui} (or the admin token in {admin});\n  \
+         a script sends it as a header:\n\n  \
+         curl --cacert {ca} -H \"Authorization: Bearer $(cat {ui})\" https://{cp_admin}/ui\n\n\
+         Ctrl-C stops everything.",
+        ca = ca.display(),
+        ui = dir.join("ui-token").display(),
+        admin = dir.join("admin-token").display(),
+    );
+    let traffic: Vec<_> = [
+        (outbound, "billing", "/charge", 25),
+        (outbound, "orders", "/list", 100),
+        (outbound, "no-such-service.invalid", "/", 2000),
+        (billing_outbound, "orders", "/invoice", 50),
+    ]
+    .into_iter()
+    .map(|(outbound, service, path, every_ms)| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = call(&client, outbound, service, path).await;
+                tokio::time::sleep(Duration::from_millis(every_ms)).await;
+            }
+        })
+    })
+    .collect();
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    for task in traffic {
+        task.abort();
+    }
     Ok(())
 }

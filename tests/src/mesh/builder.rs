@@ -88,9 +88,17 @@ pub struct MeshBuilder {
     services: Vec<(String, usize)>,
     callers: Vec<String>,
     tls: Tls,
+    /// More arguments for every control plane.
+    control_plane_args: Vec<String>,
 }
 
 impl MeshBuilder {
+    /// One more argument for every control plane (e.g. `--ui-sample-interval=1s`).
+    pub fn control_plane_arg(mut self, arg: &str) -> Self {
+        self.control_plane_args.push(arg.to_owned());
+        self
+    }
+
     /// The control planes run on a one-node etcd instead of `--dev`.
     pub fn etcd(self) -> Self {
         self.etcd_cluster(1)
@@ -179,7 +187,7 @@ impl MeshBuilder {
             if let Some(ttl) = &self.lease_ttl {
                 builder = builder.lease_ttl(ttl);
             }
-            for arg in &tls_args {
+            for arg in tls_args.iter().chain(&self.control_plane_args) {
                 builder = builder.arg(arg);
             }
             control_planes.push(builder.start().await?);
@@ -236,6 +244,7 @@ impl Mesh {
             services: Vec::new(),
             callers: vec!["web".to_owned()],
             tls: Tls::None,
+            control_plane_args: Vec::new(),
         }
     }
 

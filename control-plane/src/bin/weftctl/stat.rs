@@ -4,9 +4,10 @@
 //!
 //! The control plane lists the sidecars and their admin addresses; each is
 //! scraped (`GET http://ADMIN/metrics`) twice, `--interval` apart, and the
-//! increases are summed by `weft_control_plane::stat`. Sidecars without an
-//! admin address, or whose scrape fails, are named in a footer line and left
-//! out; they never make the command fail.
+//! increases are summed by `weft_control_plane::stat` (the fetching, 2 s
+//! per sidecar, is `weft_control_plane::scrape`'s, which the web view uses
+//! too). Sidecars without an admin address, or whose scrape fails, are named
+//! in a footer line and left out; they never make the command fail.
 //!
 //! `weftctl edges` and `weftctl top` scrape the same way (their modules use
 //! [`Scraper`], [`mesh`], [`repeat`] and the footer from here) and sum other
@@ -18,25 +19,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use bytes::Bytes;
 use clap::Args;
-use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use weft_config::ServiceName;
+use weft_control_plane::scrape::Fetcher;
 use weft_control_plane::stat::{self, Direction, Row, Scrape, View};
 
-use super::{Api, root_cause};
+use super::Api;
 use crate::output::{self, Format};
-
-/// How long one scrape may take, connection included.
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
-/// The largest exposition read from one sidecar.
-const MAX_METRICS_BYTES: usize = 32 * 1024 * 1024;
 
 /// The long help of `weftctl stat --help`.
 pub const LONG_ABOUT: &str = "\
@@ -318,16 +310,13 @@ fn sidecar(service: &str, instance: &Value) -> Sidecar {
 }
 
 pub struct Scraper {
-    client: Client<HttpConnector, Full<Bytes>>,
+    fetcher: Fetcher,
 }
 
 impl Scraper {
     fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(SCRAPE_TIMEOUT));
-        connector.set_nodelay(true);
         Self {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            fetcher: Fetcher::new(),
         }
     }
 
@@ -335,7 +324,7 @@ impl Scraper {
     async fn round(&self, mesh: &Mesh) -> Round {
         let scrapes = mesh.sidecars.iter().map(|s| async move {
             let result = match &s.admin {
-                Ok(admin) => self.scrape(*admin).await,
+                Ok(admin) => self.fetcher.metrics(*admin).await,
                 Err(reason) => Err(reason.clone()),
             };
             ((s.service.clone(), s.id.clone()), (s.clone(), result))
@@ -345,58 +334,6 @@ impl Scraper {
             .into_iter()
             .collect()
     }
-
-    /// `GET http://ADMIN/metrics`, parsed; the error is a few words for the
-    /// footer.
-    async fn scrape(&self, admin: SocketAddr) -> Result<Scrape, String> {
-        let req = Request::builder()
-            .uri(format!("http://{admin}/metrics"))
-            .header(
-                header::ACCEPT,
-                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
-            )
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
-        let exchange = async {
-            let rsp = self.client.request(req).await.map_err(|e| reason(&e))?;
-            let status = rsp.status();
-            if status != StatusCode::OK {
-                return Err(format!("GET /metrics: {status}"));
-            }
-            let body = Limited::new(rsp.into_body(), MAX_METRICS_BYTES)
-                .collect()
-                .await
-                .map_err(|e| format!("reading /metrics: {e}"))?
-                .to_bytes();
-            let text =
-                std::str::from_utf8(&body).map_err(|_| "/metrics is not UTF-8 text".to_owned())?;
-            Scrape::from_text(text).map_err(|e| format!("/metrics {e}"))
-        };
-        tokio::time::timeout(SCRAPE_TIMEOUT, exchange)
-            .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "no answer within {}s",
-                    SCRAPE_TIMEOUT.as_secs_f64()
-                ))
-            })
-    }
-}
-
-/// "connection refused", "timed out", ...: the innermost cause, short.
-fn reason(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = Some(e);
-    while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            match io.kind() {
-                std::io::ErrorKind::ConnectionRefused => return "connection refused".to_owned(),
-                std::io::ErrorKind::TimedOut => return "connect timed out".to_owned(),
-                _ => {}
-            }
-        }
-        cause = c.source();
-    }
-    root_cause(e)
 }
 
 /// What every sidecar's series grew by from `before` to `after`, and the
