@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The adaptive-concurrency bench (benches/adaptive.sh): an instance whose
 capacity halves mid-run, behind a caller sidecar with a static per-endpoint cap
-set for the healthy capacity, then with an adaptive limit.
+set for the healthy capacity, then at twice that, then with an adaptive limit.
 
 Two weft-bench-backend instances of bounded capacity (`--slots` requests
 served at once, `--service-time` ms each, more queue inside the backend, out
@@ -33,6 +33,8 @@ def policies(args):
     return [
         ("static", f"endpoint_max_concurrency = {args.slots}",
          f"outbound.endpoint_max_concurrency = {args.slots} (the healthy capacity)"),
+        ("static-headroom", f"endpoint_max_concurrency = {2 * args.slots}",
+         f"outbound.endpoint_max_concurrency = {2 * args.slots} (twice the healthy capacity, for bursts)"),
         ("adaptive",
          f"adaptive_concurrency = {{ min_limit = 1, max_limit = {4 * args.slots}, initial_limit = {args.slots} }}",
          f"outbound.adaptive_concurrency, min 1, max {4 * args.slots}, initial {args.slots}, defaults otherwise"),
@@ -139,7 +141,7 @@ def main():
     ap.add_argument("--before", type=float, default=15)
     ap.add_argument("--after", type=float, default=30)
     ap.add_argument("--load-balancer", default="round-robin")
-    ap.add_argument("--policies", default="static,adaptive")
+    ap.add_argument("--policies", default="static,static-headroom,adaptive")
     args = ap.parse_args()
     chosen, lb = policies(args)
     wanted = args.policies.split(",")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Adaptive concurrency bench: two instances of bounded capacity behind one
 # caller sidecar, open-loop load, one instance's capacity halves mid-run; a
-# static per-endpoint cap set for the healthy capacity, then an adaptive
-# limit. About 2 minutes.
+# static per-endpoint cap set for the healthy capacity, then at twice that,
+# then an adaptive limit. About 3 minutes.
 #
 # Usage: benches/adaptive.sh [RATE=1000]
 #   LB=p2c-ewma benches/adaptive.sh    another load balancer (default round-robin)
