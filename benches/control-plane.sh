@@ -18,9 +18,17 @@
 # every sidecar holds a snapshot at etcd's revision again, the new process's
 # peak CPU and RSS, etcd's gRPC messages meanwhile, snapshots going backwards.
 #
+# CASE=big: a directory of SERVICES=10000 services and INSTANCES=100000
+# instances with metadata written straight into etcd (each bound to its own
+# lease), then the control plane started on it: etcd's database size, the
+# time until the replica's view is ready and its RSS then, the first snapshot
+# of a sidecar subscribed to 20 services, and propagation to N sidecars (20
+# services each) while CHURN instances per second are written.
+#
 # Usage: benches/control-plane.sh [SIDECARS="1000 5000 10000"] [CHURN/s=20] [SECONDS=10]
 #        CASE=leases benches/control-plane.sh [INSTANCES="10000"] [unused] [SECONDS=30]
 #        CASE=storm benches/control-plane.sh [SIDECARS="5000 10000 20000"]
+#        CASE=big benches/control-plane.sh [SIDECARS="1000"] [CHURN/s=100] [SECONDS=10]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CASE=${CASE:-propagation}
@@ -28,12 +36,16 @@ if [ "$CASE" = leases ]; then
   SIDECARS=${1:-10000}; SECS=${3:-30}
 elif [ "$CASE" = storm ]; then
   SIDECARS=${1:-"5000 10000 20000"}; SECS=${3:-10}
+elif [ "$CASE" = big ]; then
+  SIDECARS=${1:-1000}; SECS=${3:-10}
 else
   SIDECARS=${1:-"1000 5000 10000"}; SECS=${3:-10}
 fi
-CHURN=${2:-20}
-SERVICES=${SERVICES:-100}
-PER=${PER_SIDECAR:-3}
+if [ "$CASE" = big ]; then
+  CHURN=${2:-100}; SERVICES=${SERVICES:-10000}; PER=${PER_SIDECAR:-20}; INSTANCES=${INSTANCES:-100000}
+else
+  CHURN=${2:-20}; SERVICES=${SERVICES:-100}; PER=${PER_SIDECAR:-3}
+fi
 source scripts/setup
 [ -n "${NOBUILD:-}" ] || cargo build --release --locked -q -p weft-control-plane -p weft-benches
 bin=target/release
@@ -73,6 +85,21 @@ for n in $SIDECARS; do
     for _ in $(seq 600); do [ -s "$work/bound.json" ] && return; sleep 0.05; done
     cat "$work/cp.log" "$work/etcd.log" >&2; exit 1
   }
+  if [ "$CASE" = big ]; then
+    # The directory is written first; the control plane starts on it.
+    rm -f "$work/ready" "$work/bound.json"
+    pin 1 "$bin/weft-cp-bench" --big --etcd "http://127.0.0.1:$client" --etcd-pid "$etcd_pid" \
+      --services "$SERVICES" --instances "$INSTANCES" --sidecars "$n" --per-sidecar "$PER" \
+      --churn "$CHURN" --duration "$SECS" --ready-file "$work/ready" --bound-file "$work/bound.json" \
+      --cp-start-file "$work/cp.start" --cp-pid-file "$work/cp.pid" > "$work/out" &
+    bench_pid=$!
+    while [ ! -s "$work/ready" ] && kill -0 "$bench_pid" 2>/dev/null; do sleep 0.05; done
+    if [ -s "$work/ready" ]; then date +%s.%N > "$work/cp.start"; start_cp; fi
+    wait "$bench_pid" || { cat "$work/out" "$work/cp.log" >&2; exit 1; }
+    tee -a "$work/human.txt" < "$work/out"; tail -1 "$work/out" >> "$work/results.jsonl"
+    kill "$cp_pid" "$etcd_pid"; wait "$cp_pid" "$etcd_pid" 2>/dev/null || true
+    continue
+  fi
   start_cp; wait_cp
   grpc=$(python3 -c "import json; print(json.load(open('$work/bound.json'))['listen'])")
   case $CASE in
@@ -101,6 +128,16 @@ echo
 python3 - "$work/results.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+if rows and rows[0].get("case") == "big":
+    print("| services / instances | etcd dbSize (in use) MiB | etcd RSS MiB | replica start to view ready s | replica RSS at ready MiB | first snapshot, 20 services | sidecars | churn/s | propagation p50 / p99 / max ms | deliveries | replica CPU % / RSS MiB under churn |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mib = lambda v: "?" if v is None else f"{v / 1048576:.1f}"
+        print(f"| {r['services']:,} / {r['instances']:,} | {mib(r['etcd_db_size_bytes'])} ({mib(r['etcd_db_size_in_use_bytes'])}) | {mib(r['etcd_rss_bytes'])} | {r['view_ready_seconds']:.2f} | {mib(r['cp_rss_bytes_at_ready'])} | {r['snapshot_bytes']:,} bytes, {r['snapshot_instances']} instances | {r['sidecars']:,} | {r['churn_per_second']:.0f} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.1f} | {r['deliveries']} of {r['expected']} | {r['cp_cpu_percent'] or 0:.1f} / {mib(r['cp_rss_bytes'])} |")
+    print()
+    print("JSON:")
+    for r in rows: print(json.dumps(r))
+    sys.exit(0)
 if rows and rows[0].get("case") == "storm":
     print("| sidecars | all current again after (s) | slowest sidecar's attempts | new CP peak CPU % (100 ms) | new CP peak RSS MiB | new CP CPU s until all current | etcd gRPC messages | snapshots backwards |")
     print("|---|---|---|---|---|---|---|---|")
