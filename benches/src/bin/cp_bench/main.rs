@@ -38,6 +38,7 @@ use usage::{etcd_watchers, process_usage};
 
 mod big;
 mod leases;
+mod replicas;
 mod storm;
 mod usage;
 
@@ -90,6 +91,14 @@ struct Args {
     storm: bool,
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
+    /// Storm case: simulate the sidecars from this many child processes
+    /// (each below the per-process open-file limit); the parent aggregates.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Storm case, set by the parent: this process is child `i` of `K`
+    /// (`i/K`) and simulates sidecars `k` with `k % K == i`.
+    #[arg(long)]
+    shard: Option<String>,
     /// Where the script writes the control plane's pid (storm and big cases).
     #[arg(long)]
     cp_pid_file: Option<std::path::PathBuf>,
@@ -107,6 +116,14 @@ struct Args {
     /// just before it started the control plane.
     #[arg(long)]
     cp_start_file: Option<std::path::PathBuf>,
+    /// The several-replicas case instead of propagation (see `replicas`):
+    /// `--control-plane` lists every replica (comma-separated), `--etcd`
+    /// every member.
+    #[arg(long)]
+    replicas: bool,
+    /// Replicas case: the members' pids, one a line, in `--etcd`'s order.
+    #[arg(long)]
+    etcd_pids_file: Option<std::path::PathBuf>,
     /// Big case: the services of the one sidecar whose first snapshot is
     /// measured.
     #[arg(long, default_value_t = 20)]
@@ -365,6 +382,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.storm {
         return storm::run(&args).await;
+    }
+    if args.replicas {
+        return replicas::run(&args).await;
     }
     if args.big {
         return big::run(args).await;
