@@ -112,7 +112,8 @@ replicas_case() {
   pin 1 "$bin/weft-cp-bench" --replicas --control-plane "$cps" --etcd "$members" \
     --cp-pid-file "$work/cp.pids" --etcd-pids-file "$work/etcd.pids" --services "$SERVICES" \
     --sidecars "$n" --per-sidecar "$PER" --churn "$CHURN" > "$work/out" &
-  wait $! || { cat "$work/out" >&2; tail -5 "$work"/cp*.log "$work"/etcd*.log >&2; exit 1; }
+  wait $! || { cat "$work/out" >&2; tail -n 5 "$work"/cp*.log "$work"/etcd*.log >&2
+    [ -z "${KEEP_LOGS:-}" ] || cp "$work"/cp*.log "$work"/etcd*.log "$KEEP_LOGS"/; exit 1; }
   tee -a "$work/human.txt" < "$work/out"; tail -1 "$work/out" >> "$work/results.jsonl"
   for p in $(cat "$work/cp.pids" "$work/etcd.pids"); do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -193,7 +194,7 @@ python3 - "$work/results.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 if rows and rows[0].get("case") == "replicas":
-    print("| sidecars (per replica) | replica killed: its sidecars current on another after | slowest's attempts | registrations after TTL (fewest seen) | etcd leader killed: writes (failed) | all at etcd's revision after the last write | registrations after TTL (fewest seen) | at the end at etcd's revision | backwards |")
+    print("| sidecars (per replica) | replica killed: its sidecars current on another after | slowest's attempts | registrations after TTL (fewest seen) | etcd leader killed: writes (failed) | every sidecar holds etcd's instances, after the last write | registrations after TTL (fewest seen) | at the end, holding etcd's instances | backwards |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n = r["sidecars"]
@@ -213,10 +214,10 @@ if rows and rows[0].get("case") == "big":
     for r in rows: print(json.dumps(r))
     sys.exit(0)
 if rows and rows[0].get("case") == "storm":
-    print("| sidecars | all current again after (s) | slowest sidecar's attempts | new CP peak CPU % (100 ms) | new CP peak RSS MiB | new CP CPU s until all current | etcd gRPC messages | snapshots backwards |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| sidecars | all current again after (s) | slowest sidecar's attempts | new CP peak CPU % (100 ms) | new CP peak RSS MiB | new CP CPU s until all current | etcd gRPC messages | snapshots backwards | SYNs dropped (listen queue full) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['sidecars']:,} | {r['all_current_seconds']:.2f} | {r['max_attempts']} | {r['cp_peak_cpu_percent']:.0f} | {r['cp_peak_rss_bytes'] / 1048576:.1f} | {r['cp_cpu_seconds']:.2f} | {r['etcd_messages']:.0f} | {r['backwards']} |")
+        print(f"| {r['sidecars']:,} | {r['all_current_seconds']:.2f} | {r['max_attempts']} | {r['cp_peak_cpu_percent']:.0f} | {r['cp_peak_rss_bytes'] / 1048576:.1f} | {r['cp_cpu_seconds']:.2f} | {r['etcd_messages']:.0f} | {r['backwards']} | {r.get('listen_overflows')} |")
     print()
     print("JSON:")
     for r in rows: print(json.dumps(r))

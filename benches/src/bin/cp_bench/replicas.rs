@@ -62,7 +62,12 @@ struct State {
     revision: AtomicI64,
     /// Connection attempts since it last lost a session.
     attempts: AtomicU32,
+    /// The instance ids it holds, by service.
+    held: std::sync::Mutex<Held>,
 }
+
+/// Instance ids by service.
+type Held = std::collections::BTreeMap<String, Vec<String>>;
 
 struct Shared {
     sidecars: Vec<State>,
@@ -162,6 +167,23 @@ async fn session(
             shared.backwards.fetch_add(1, Ordering::Relaxed);
         }
         me.revision.fetch_max(msg.version, Ordering::SeqCst);
+        {
+            let mut held = me
+                .held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if msg.full {
+                held.clear();
+            }
+            for state in &msg.services {
+                let mut ids: Vec<String> = state.instances.iter().map(|i| i.id.clone()).collect();
+                ids.sort();
+                held.insert(state.name.clone(), ids);
+            }
+            for name in &msg.removed {
+                held.remove(name);
+            }
+        }
         if !got {
             got = true;
             me.on.store(index, Ordering::SeqCst);
@@ -250,6 +272,67 @@ async fn revision(etcd: &mut etcd_client::Client) -> anyhow::Result<i64> {
         .context("etcd response without a header")
 }
 
+/// Every service's instance ids in etcd.
+async fn etcd_directory(etcd: &mut etcd_client::Client, prefix: &str) -> anyhow::Result<Held> {
+    let rsp = etcd
+        .get(
+            format!("{prefix}services/"),
+            Some(GetOptions::new().with_prefix().with_keys_only()),
+        )
+        .await?;
+    let mut out = Held::new();
+    for kv in rsp.kvs() {
+        let key = String::from_utf8_lossy(kv.key());
+        let rest = key.strip_prefix(prefix).unwrap_or(&key);
+        if let Some((name, id)) = rest
+            .strip_prefix("services/")
+            .and_then(|r| r.split_once("/instances/"))
+        {
+            out.entry(name.to_owned()).or_default().push(id.to_owned());
+        }
+    }
+    for ids in out.values_mut() {
+        ids.sort();
+    }
+    Ok(out)
+}
+
+/// Sidecars whose services' instances differ from `truth` (etcd's).
+fn stale(shared: &Shared, subscribed: &[Vec<String>], truth: &Held) -> usize {
+    shared
+        .sidecars
+        .iter()
+        .zip(subscribed)
+        .filter(|(s, names)| {
+            let held = s
+                .held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            names.iter().any(|n| held.get(n) != truth.get(n))
+        })
+        .count()
+}
+
+/// Waits (up to `within`) until every sidecar holds what etcd holds for its
+/// services; returns how long it took and how many still differ.
+async fn until_consistent(
+    etcd: &mut etcd_client::Client,
+    prefix: &str,
+    shared: &Shared,
+    subscribed: &[Vec<String>],
+    within: Duration,
+) -> anyhow::Result<(Duration, usize)> {
+    let started = Instant::now();
+    let truth = etcd_directory(etcd, prefix).await?;
+    loop {
+        let differ = stale(shared, subscribed, &truth);
+        if differ == 0 || started.elapsed() >= within {
+            return Ok((started.elapsed(), differ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The fewest registered instances seen over `wait` (sampled every 100 ms).
 async fn fewest_registered(
     etcd: &mut etcd_client::Client,
@@ -291,19 +374,23 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
                 on: AtomicUsize::new(NONE),
                 revision: AtomicI64::new(0),
                 attempts: AtomicU32::new(0),
+                held: std::sync::Mutex::default(),
             })
             .collect(),
         backwards: AtomicU64::new(0),
         register_failures: AtomicU64::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    let subscribed: Vec<Vec<String>> = (0..n)
+        .map(|k| subscriptions(k, args).into_iter().map(service).collect())
+        .collect();
     let started = Instant::now();
     let tasks: Vec<_> = (0..n)
         .map(|k| {
             tokio::spawn(sidecar(
                 k,
                 Arc::clone(&addresses),
-                subscriptions(k, args).into_iter().map(service).collect(),
+                subscribed[k].clone(),
                 args.services,
                 Arc::clone(&shared),
                 stop_rx.clone(),
@@ -424,40 +511,32 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
     let first_write = first_write.context("no write succeeded after the etcd member was killed")?;
-    let last_write = Instant::now();
     let final_revision = revision(&mut etcd).await?;
-    let mut behind = n;
-    while last_write.elapsed() < PHASE_DEADLINE {
-        behind = shared
-            .sidecars
-            .iter()
-            .filter(|s| s.revision.load(Ordering::SeqCst) < final_revision)
-            .count();
-        if behind == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let caught_up = last_write.elapsed();
+    // No update lost: every sidecar comes to hold, for each of its services,
+    // the instances etcd holds (a push carries only changed services, so a
+    // sidecar's revision is that of its services' last change).
+    let (caught_up, behind) = until_consistent(
+        &mut etcd,
+        &args.prefix,
+        &shared,
+        &subscribed,
+        PHASE_DEADLINE,
+    )
+    .await?;
     let wait = LEASE_WAIT.saturating_sub(member_killed.elapsed());
     let (fewest_after_member, held_after_member) =
         fewest_registered(&mut etcd, &args.prefix, wait).await?;
-    // Every sidecar at the revision etcd has at the very end (registrations
-    // renewed meanwhile do not write; a re-registration would).
+    // And again at the very end, after the registrations' TTL.
     let end_revision = revision(&mut etcd).await?;
-    let mut at_end = 0;
-    let settle = Instant::now();
-    while settle.elapsed() < Duration::from_secs(10) {
-        at_end = shared
-            .sidecars
-            .iter()
-            .filter(|s| s.revision.load(Ordering::SeqCst) >= end_revision)
-            .count();
-        if at_end == n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_, differ_at_end) = until_consistent(
+        &mut etcd,
+        &args.prefix,
+        &shared,
+        &subscribed,
+        Duration::from_secs(10),
+    )
+    .await?;
+    let at_end = n - differ_at_end;
     stop_tx.send_replace(true);
     for task in tasks {
         let _ = task.await;
@@ -471,7 +550,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         failover.as_secs_f64()
     );
     println!(
-        "etcd leader (member {leader}) killed: {writes} writes in {WRITE_SECONDS} s ({write_errors} failed or timed out; the first write succeeded {:.2} s after the kill); every sidecar at revision {final_revision} {:.2} s after the last write ({behind} behind); registrations: fewest {fewest_after_member}, {held_after_member} of {n}; at the end {at_end} of {n} sidecars at etcd's revision {end_revision}; snapshots backwards: {backwards}",
+        "etcd leader (member {leader}) killed: {writes} writes in {WRITE_SECONDS} s ({write_errors} failed or timed out; the first write succeeded {:.2} s after the kill); every sidecar holds etcd's instances of its services (revision {final_revision}) {:.2} s after the last write ({behind} differ); registrations: fewest {fewest_after_member}, {held_after_member} of {n}; at the end (revision {end_revision}) {at_end} of {n} sidecars hold etcd's instances; snapshots backwards: {backwards}",
         first_write.as_secs_f64(),
         caught_up.as_secs_f64()
     );

@@ -30,7 +30,7 @@ use tonic::transport::Endpoint;
 use weft_api::v1::SubscribeRequest;
 use weft_api::v1::control_plane_client::ControlPlaneClient;
 
-use crate::usage::{etcd_metrics, process_usage, sample_sum};
+use crate::usage::{etcd_metrics, listen_overflows, process_usage, sample_sum};
 use crate::{Args, service, subscriptions};
 
 /// weft-proxy's reconnect backoff (`weft_discovery::control_plane::session`).
@@ -471,6 +471,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         first_broken_at = v["at"].as_f64();
     }
     let broke = Instant::now();
+    let overflows_before = listen_overflows();
     let etcd_before = etcd_metrics(&args.etcd).await?;
 
     // The new process: sample its CPU and RSS until every sidecar is current.
@@ -522,6 +523,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         samples.push((Instant::now(), cpu, rss));
     }
     let etcd_after = etcd_metrics(&args.etcd).await?;
+    let overflows = listen_overflows()
+        .zip(overflows_before)
+        .map(|(a, b)| a.saturating_sub(b));
     let (backwards, attempts) = if let Some(local) = local {
         let counts = (
             local.shared.backwards.load(Ordering::Relaxed),
@@ -565,9 +569,10 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         all_current.as_secs_f64()
     );
     println!(
-        "new control plane: peak CPU {peak_cpu:.0}% (per {}ms), peak RSS {:.1} MiB, {cpu_seconds:.2} s CPU until all current; etcd received {etcd_messages:.0} gRPC messages; snapshots backwards: {backwards}",
+        "new control plane: peak CPU {peak_cpu:.0}% (per {}ms), peak RSS {:.1} MiB, {cpu_seconds:.2} s CPU until all current; etcd received {etcd_messages:.0} gRPC messages; snapshots backwards: {backwards}; connections dropped by a full listen queue (ListenOverflows): {}",
         SAMPLE.as_millis(),
-        peak_rss as f64 / 1048576.0
+        peak_rss as f64 / 1048576.0,
+        overflows.map_or("?".to_owned(), |o| o.to_string())
     );
     println!(
         "{}",
@@ -584,6 +589,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             "cp_cpu_seconds": cpu_seconds,
             "etcd_messages": etcd_messages,
             "backwards": backwards,
+            "listen_overflows": overflows,
         })
     );
     ensure!(backwards == 0, "{backwards} snapshots went backwards");
