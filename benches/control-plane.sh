@@ -198,7 +198,7 @@ if rows and rows[0].get("case") == "replicas":
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n = r["sidecars"]
-        print(f"| {n:,} ({'/'.join(str(x) for x in r['per_replica'])}) | {r['failover_seconds']:.2f} s ({r['orphans']} sidecars) | {r['failover_max_attempts']} | {r['registered_after_replica']} of {n} ({r['registered_fewest_after_replica']}) | {r['writes']} ({r['write_errors']}) | {r['caught_up_seconds']:.2f} s | {r['registered_after_member']} of {n} ({r['registered_fewest_after_member']}) | {r['at_end_revision']} of {n} | {r['backwards']} |")
+        print(f"| {n:,} ({'/'.join(str(x) for x in r['per_replica'])}) | {r['failover_seconds']:.2f} s ({r['orphans']} sidecars; half {r.get('failover_p50_seconds', 0):.2f} s, 90% {r.get('failover_p90_seconds', 0):.2f} s; SYNs dropped {r.get('failover_listen_overflows')}) | {r['failover_max_attempts']} | {r['registered_after_replica']} of {n} ({r['registered_fewest_after_replica']}) | {r['writes']} ({r['write_errors']}) | {r['caught_up_seconds']:.2f} s | {r['registered_after_member']} of {n} ({r['registered_fewest_after_member']}) | {r['at_end_revision']} of {n} | {r['backwards']} |")
     print()
     print("JSON:")
     for r in rows: print(json.dumps(r))

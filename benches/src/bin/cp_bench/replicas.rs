@@ -43,6 +43,7 @@ use weft_api::v1::control_plane_client::ControlPlaneClient;
 use weft_api::v1::{Instance, RegisterRequest, SubscribeRequest, register_request};
 
 use crate::storm::{Backoff, CONNECT_TIMEOUT, HEALTHY_SESSION};
+use crate::usage::listen_overflows;
 use crate::{Args, service, subscriptions};
 
 /// Longer than the control plane's default lease TTL (10 s) plus a second.
@@ -433,17 +434,23 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let orphans: Vec<usize> = (0..n)
         .filter(|&k| shared.sidecars[k].on.load(Ordering::SeqCst) == 0)
         .collect();
+    let overflows_before = listen_overflows();
     let killed = Instant::now();
     kill(cp_pids[0])?;
     let mut max_attempts = 0;
+    // When each of them was served again (to the 10 ms poll).
+    let mut served_at: Vec<Option<Duration>> = vec![None; orphans.len()];
     loop {
-        let waiting = orphans
-            .iter()
-            .filter(|&&k| {
-                let s = &shared.sidecars[k];
-                !(s.on.load(Ordering::SeqCst) != 0 && s.revision.load(Ordering::SeqCst) >= target)
-            })
-            .count();
+        for (i, &k) in orphans.iter().enumerate() {
+            let s = &shared.sidecars[k];
+            if served_at[i].is_none()
+                && s.on.load(Ordering::SeqCst) != 0
+                && s.revision.load(Ordering::SeqCst) >= target
+            {
+                served_at[i] = Some(killed.elapsed());
+            }
+        }
+        let waiting = served_at.iter().filter(|t| t.is_none()).count();
         if waiting == 0 {
             break;
         }
@@ -455,6 +462,17 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let failover = killed.elapsed();
+    let mut times: Vec<Duration> = served_at.into_iter().flatten().collect();
+    times.sort();
+    let quantile = |q: f64| {
+        times
+            .get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1)))
+            .map_or(0.0, Duration::as_secs_f64)
+    };
+    let (failover_p50, failover_p90) = (quantile(0.5), quantile(0.9));
+    let overflows = listen_overflows()
+        .zip(overflows_before)
+        .map(|(a, b)| a.saturating_sub(b));
     for &k in &orphans {
         max_attempts = max_attempts.max(shared.sidecars[k].attempts.load(Ordering::Relaxed));
     }
@@ -543,11 +561,12 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     }
     let backwards = shared.backwards.load(Ordering::Relaxed);
     println!(
-        "{n} sidecars on {} replicas ({per_replica:?}), {} etcd members; replica 0 killed: its {} sidecars served by another at revision {target} after {:.2} s (slowest: {max_attempts} attempts); registrations held: fewest {fewest_after_replica}, {held_after_replica} of {n} {LEASE_WAIT:?} after",
+        "{n} sidecars on {} replicas ({per_replica:?}), {} etcd members; replica 0 killed: its {} sidecars served by another at revision {target} after {:.2} s (half of them after {failover_p50:.2} s, 90% after {failover_p90:.2} s; slowest: {max_attempts} attempts; SYNs dropped by a full listen queue meanwhile: {}); registrations held: fewest {fewest_after_replica}, {held_after_replica} of {n} {LEASE_WAIT:?} after",
         addresses.len(),
         members.len(),
         orphans.len(),
-        failover.as_secs_f64()
+        failover.as_secs_f64(),
+        overflows.map_or("?".to_owned(), |o| o.to_string())
     );
     println!(
         "etcd leader (member {leader}) killed: {writes} writes in {WRITE_SECONDS} s ({write_errors} failed or timed out; the first write succeeded {:.2} s after the kill); every sidecar holds etcd's instances of its services (revision {final_revision}) {:.2} s after the last write ({behind} differ); registrations: fewest {fewest_after_member}, {held_after_member} of {n}; at the end (revision {end_revision}) {at_end} of {n} sidecars hold etcd's instances; snapshots backwards: {backwards}",
@@ -566,6 +585,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             "orphans": orphans.len(),
             "failover_seconds": failover.as_secs_f64(),
             "failover_max_attempts": max_attempts,
+            "failover_p50_seconds": failover_p50,
+            "failover_p90_seconds": failover_p90,
+            "failover_listen_overflows": overflows,
             "registered_fewest_after_replica": fewest_after_replica,
             "registered_after_replica": held_after_replica,
             "etcd_leader_killed": leader,
