@@ -36,14 +36,17 @@ use weft_api::v1::{SubscribeRequest, SubscribeResponse};
 
 use usage::{etcd_watchers, process_usage};
 
+mod big;
 mod leases;
+mod replicas;
 mod storm;
 mod usage;
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 struct Args {
-    /// The control plane's gRPC address (`http://host:port`).
-    #[arg(long)]
+    /// The control plane's gRPC address (`http://host:port`); the big case
+    /// reads it from `--bound-file` instead.
+    #[arg(long, default_value = "")]
     control_plane: String,
     /// etcd's client URL (writes go there directly).
     #[arg(long)]
@@ -88,9 +91,43 @@ struct Args {
     storm: bool,
     #[arg(long)]
     ready_file: Option<std::path::PathBuf>,
-    /// Where the script writes the control plane's pid (storm case).
+    /// Storm case: simulate the sidecars from this many child processes
+    /// (each below the per-process open-file limit); the parent aggregates.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Storm case, set by the parent: this process is child `i` of `K`
+    /// (`i/K`) and simulates sidecars `k` with `k % K == i`.
+    #[arg(long)]
+    shard: Option<String>,
+    /// Where the script writes the control plane's pid (storm and big cases).
     #[arg(long)]
     cp_pid_file: Option<std::path::PathBuf>,
+    /// The big-directory case instead of propagation (see `big`): write
+    /// `--services` services with `--instances` instances in all into etcd,
+    /// then (`--ready-file`) the script starts the control plane.
+    #[arg(long)]
+    big: bool,
+    #[arg(long, default_value_t = 100_000)]
+    instances: usize,
+    /// Big case: the control plane's `--bound-file` (its addresses).
+    #[arg(long)]
+    bound_file: Option<std::path::PathBuf>,
+    /// Big case: where the script writes the Unix time (seconds, fractional)
+    /// just before it started the control plane.
+    #[arg(long)]
+    cp_start_file: Option<std::path::PathBuf>,
+    /// The several-replicas case instead of propagation (see `replicas`):
+    /// `--control-plane` lists every replica (comma-separated), `--etcd`
+    /// every member.
+    #[arg(long)]
+    replicas: bool,
+    /// Replicas case: the members' pids, one a line, in `--etcd`'s order.
+    #[arg(long)]
+    etcd_pids_file: Option<std::path::PathBuf>,
+    /// Big case: the services of the one sidecar whose first snapshot is
+    /// measured.
+    #[arg(long, default_value_t = 20)]
+    snapshot_services: usize,
 }
 
 /// When each churned instance was written (by its sequence number).
@@ -202,24 +239,36 @@ fn tokio_stream(
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Arc::new(Args::parse());
-    if args.registrations > 0 {
-        return leases::run(&args).await;
-    }
-    if args.storm {
-        return storm::run(&args).await;
-    }
-    if args.per_sidecar > args.services {
-        bail!("--per-sidecar is larger than --services");
-    }
-    let mut etcd = etcd_client::Client::connect([args.etcd.as_str()], None)
-        .await
-        .context("connecting to etcd")?;
-    let key = |service: &str, id: &str| format!("{}services/{service}/instances/{id}", args.prefix);
-    seed(&mut etcd, &args).await?;
+/// What [`propagate`] measured.
+pub(crate) struct Propagation {
+    pub connections: usize,
+    /// From the first Subscribe until every subscriber had its snapshot.
+    pub connect_time: Duration,
+    pub watchers: Option<f64>,
+    pub churn_time: Duration,
+    /// Instances written.
+    pub seq: u64,
+    pub received: u64,
+    pub expected: u64,
+    /// The control plane's CPU seconds over the churn and the grace period.
+    pub cpu_s: Option<f64>,
+    /// Its RSS at the end.
+    pub rss: Option<u64>,
+    pub hist: Histogram<u64>,
+}
 
+/// The propagation measurement: `--sidecars` Subscribe streams over shared
+/// connections, then one instance written every `1 / --churn` s for
+/// `--duration` (`record(service, id, seq)` is its value), the one written
+/// `keep` writes earlier deleted; the latency from each write to each
+/// subscriber of its service.
+pub(crate) async fn propagate(
+    args: &Arc<Args>,
+    etcd: &mut etcd_client::Client,
+    keep: u64,
+    record: &(dyn Fn(&str, &str, u64) -> String + Sync),
+) -> anyhow::Result<Propagation> {
+    let key = |service: &str, id: &str| format!("{}services/{service}/instances/{id}", args.prefix);
     // Subscribers, over shared connections (100 streams per connection by
     // default: below HTTP/2 servers' usual stream limits).
     let connections = if args.connections == 0 {
@@ -243,7 +292,7 @@ async fn main() -> anyhow::Result<()> {
     let mut subscribers_of = vec![0u64; args.services];
     let started = Instant::now();
     for k in 0..args.sidecars {
-        let wanted = subscriptions(k, &args);
+        let wanted = subscriptions(k, args);
         for &s in &wanted {
             subscribers_of[s] += 1;
         }
@@ -283,11 +332,12 @@ async fn main() -> anyhow::Result<()> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(seq, Instant::now());
-        etcd.put(key(&name, &id), record(&name, &id, 9000), None)
+        etcd.put(key(&name, &id), record(&name, &id, seq), None)
             .await?;
         expected += subscribers_of[s];
-        if let Some(old) = seq.checked_sub(args.services as u64) {
-            etcd.delete(key(&name, &format!("churn-{old}")), None)
+        if let Some(old) = seq.checked_sub(keep) {
+            let old_service = service((old as usize) % args.services);
+            etcd.delete(key(&old_service, &format!("churn-{old}")), None)
                 .await?;
         }
         seq += 1;
@@ -306,12 +356,64 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     drop(channels);
-    let received = received.load(Ordering::Relaxed);
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     let (cpu_s, rss) = match (cpu_before, cpu_after) {
         (Some((b, _)), Some((a, rss))) => (Some(a - b), Some(rss)),
         _ => (None, None),
     };
+    Ok(Propagation {
+        connections,
+        connect_time,
+        watchers,
+        churn_time,
+        seq,
+        received: received.load(Ordering::Relaxed),
+        expected,
+        cpu_s,
+        rss,
+        hist,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Arc::new(Args::parse());
+    if args.registrations > 0 {
+        return leases::run(&args).await;
+    }
+    if args.storm {
+        return storm::run(&args).await;
+    }
+    if args.replicas {
+        return replicas::run(&args).await;
+    }
+    if args.big {
+        return big::run(args).await;
+    }
+    if args.per_sidecar > args.services {
+        bail!("--per-sidecar is larger than --services");
+    }
+    let mut etcd = etcd_client::Client::connect([args.etcd.as_str()], None)
+        .await
+        .context("connecting to etcd")?;
+    seed(&mut etcd, &args).await?;
+    let p = propagate(&args, &mut etcd, args.services as u64, &|name, id, _| {
+        record(name, id, 9000)
+    })
+    .await?;
+    let Propagation {
+        connections,
+        connect_time,
+        watchers,
+        churn_time,
+        seq,
+        received,
+        expected,
+        cpu_s,
+        rss,
+        ..
+    } = p;
+    let ms = |q: f64| p.hist.value_at_quantile(q) as f64 / 1000.0;
+    let hist = &p.hist;
     println!(
         "sidecars {} ({} connections), services {}, {} per sidecar, churn {}/s for {:.1}s: {} writes",
         args.sidecars,

@@ -30,37 +30,37 @@ use tonic::transport::Endpoint;
 use weft_api::v1::SubscribeRequest;
 use weft_api::v1::control_plane_client::ControlPlaneClient;
 
-use crate::usage::{etcd_metrics, process_usage, sample_sum};
+use crate::usage::{etcd_metrics, listen_overflows, process_usage, sample_sum};
 use crate::{Args, service, subscriptions};
 
 /// weft-proxy's reconnect backoff (`weft_discovery::control_plane::session`).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-const HEALTHY_SESSION: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const HEALTHY_SESSION: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often the new control plane's CPU and RSS are sampled.
 const SAMPLE: Duration = Duration::from_millis(100);
 
 /// Full-jitter exponential backoff, as weft-proxy's; each sidecar draws
 /// from its own generator (splitmix64, seeded by its index).
-struct Backoff {
+pub(crate) struct Backoff {
     attempt: u32,
     state: u64,
 }
 
 impl Backoff {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self {
             attempt: 0,
             state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03,
         }
     }
 
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 
-    fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let ceiling = BACKOFF_MIN
             .saturating_mul(2u32.saturating_pow(self.attempt.min(16)))
             .min(BACKOFF_MAX);
@@ -209,7 +209,209 @@ fn read_pid(path: &std::path::Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// The sidecars this process simulates (all, or its shard's) and what
+/// they share.
+struct Local {
+    shared: Arc<Shared>,
+    count: u64,
+    target: watch::Sender<i64>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Local {
+    /// Starts sidecars `k` of `0..--sidecars` with `k % of == index`.
+    fn start(args: &Args, index: usize, of: usize) -> Self {
+        let shared = Arc::new(Shared::default());
+        let (target, target_rx) = watch::channel(0i64);
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for k in (0..args.sidecars).filter(|k| k % of == index) {
+            tasks.push(tokio::spawn(sidecar(
+                k,
+                args.control_plane.clone(),
+                subscriptions(k, args).into_iter().map(service).collect(),
+                Arc::clone(&shared),
+                target_rx.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        Self {
+            shared,
+            count: tasks.len() as u64,
+            target,
+            stop,
+            tasks,
+        }
+    }
+
+    async fn wait_subscribed(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while self.shared.subscribed.load(Ordering::Relaxed) < self.count {
+            ensure!(
+                started.elapsed() < Duration::from_secs(300),
+                "only {} of {} sidecars subscribed within 300 s",
+                self.shared.subscribed.load(Ordering::Relaxed),
+                self.count
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    async fn wait_broken(&self) -> anyhow::Result<()> {
+        let waited = Instant::now();
+        while self.shared.broken.load(Ordering::Relaxed) == 0 {
+            ensure!(
+                waited.elapsed() < Duration::from_secs(60),
+                "no stream broke within 60 s of the ready file"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(())
+    }
+
+    fn all_current(&self) -> bool {
+        self.shared.current_again.load(Ordering::Relaxed) >= self.count
+    }
+
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A child process (`--shard i/K`): simulates its share of the sidecars and
+/// talks to the parent in lines: JSON events on stdout (`subscribed`,
+/// `broken` with the Unix time of its first broken stream, `current` with
+/// the time its last sidecar was current again, its slowest sidecar's
+/// attempts and its snapshots gone backwards, then `done`), the target
+/// revision on stdin; stdin closed: stop.
+async fn child(args: &Args, shard: &str) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt as _;
+    let (index, of) = shard
+        .split_once('/')
+        .and_then(|(i, k)| Some((i.parse::<usize>().ok()?, k.parse::<usize>().ok()?)))
+        .filter(|&(i, k)| i < k)
+        .context("--shard wants i/K with i < K")?;
+    let local = Local::start(args, index, of);
+    local.wait_subscribed().await?;
+    println!("{}", serde_json::json!({ "event": "subscribed" }));
+    let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let target: i64 = stdin
+        .next_line()
+        .await?
+        .context("no target revision from the parent")?
+        .trim()
+        .parse()?;
+    local.target.send_replace(target);
+    local.wait_broken().await?;
+    println!(
+        "{}",
+        serde_json::json!({ "event": "broken", "at": unix_now() })
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !local.all_current() {
+        ensure!(
+            Instant::now() < deadline,
+            "shard {shard}: not all current within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "event": "current",
+            "at": unix_now(),
+            "max_attempts": local.shared.max_attempts.load(Ordering::Relaxed),
+        })
+    );
+    while stdin.next_line().await?.is_some() {}
+    let backwards = local.shared.backwards.load(Ordering::Relaxed);
+    local.stop().await;
+    println!(
+        "{}",
+        serde_json::json!({ "event": "done", "backwards": backwards })
+    );
+    Ok(())
+}
+
+/// The parent's children and their events.
+struct Children {
+    procs: Vec<tokio::process::Child>,
+    stdins: Vec<tokio::process::ChildStdin>,
+    events: mpsc::UnboundedReceiver<(usize, serde_json::Value)>,
+}
+
+impl Children {
+    fn spawn(k: usize) -> anyhow::Result<Self> {
+        use tokio::io::AsyncBufReadExt as _;
+        let exe = std::env::current_exe()?;
+        let (tx, events) = mpsc::unbounded_channel();
+        let (mut procs, mut stdins) = (Vec::new(), Vec::new());
+        for i in 0..k {
+            let mut child = tokio::process::Command::new(&exe)
+                .args(std::env::args_os().skip(1))
+                .arg("--shard")
+                .arg(format!("{i}/{k}"))
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting a shard")?;
+            stdins.push(child.stdin.take().context("shard stdin")?);
+            let mut lines =
+                tokio::io::BufReader::new(child.stdout.take().context("shard stdout")?).lines();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(v) = serde_json::from_str(&line) {
+                        let _ = tx.send((i, v));
+                    }
+                }
+            });
+            procs.push(child);
+        }
+        Ok(Self {
+            procs,
+            stdins,
+            events,
+        })
+    }
+
+    /// Waits for `event` from every child; returns the events.
+    async fn all(
+        &mut self,
+        event: &str,
+        within: Duration,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + within;
+        while got.len() < self.procs.len() {
+            let (_, v) = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .with_context(|| format!("not every shard reported {event} within {within:?}"))?
+                .context("the shards' output ended")?;
+            if v["event"] == event {
+                got.push(v);
+            }
+        }
+        Ok(got)
+    }
+}
+
 pub async fn run(args: &Args) -> anyhow::Result<()> {
+    if let Some(shard) = &args.shard {
+        return child(args, shard).await;
+    }
     let ready_file = args
         .ready_file
         .as_deref()
@@ -224,29 +426,16 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         .context("connecting to etcd")?;
     crate::seed(&mut etcd, args).await?;
 
-    let shared = Arc::new(Shared::default());
-    let (target_tx, target_rx) = watch::channel(0i64);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = Vec::with_capacity(n);
     let started = Instant::now();
-    for k in 0..n {
-        tasks.push(tokio::spawn(sidecar(
-            k,
-            args.control_plane.clone(),
-            subscriptions(k, args).into_iter().map(service).collect(),
-            Arc::clone(&shared),
-            target_rx.clone(),
-            stop_rx.clone(),
-        )));
-    }
-    while shared.subscribed.load(Ordering::Relaxed) < n as u64 {
-        ensure!(
-            started.elapsed() < Duration::from_secs(300),
-            "only {} of {n} sidecars subscribed within 300 s",
-            shared.subscribed.load(Ordering::Relaxed)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (local, mut children) = if args.shards > 1 {
+        let mut children = Children::spawn(args.shards)?;
+        children.all("subscribed", Duration::from_secs(300)).await?;
+        (None, Some(children))
+    } else {
+        let local = Local::start(args, 0, 1);
+        local.wait_subscribed().await?;
+        (Some(local), None)
+    };
     let subscribe_time = started.elapsed();
     let old_pid = read_pid(pid_file);
     // Nothing writes during the storm: etcd's revision now is the one every
@@ -257,30 +446,65 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         .header()
         .map(|h| h.revision())
         .context("etcd response without a header")?;
-    target_tx.send_replace(revision);
+    if let Some(local) = &local {
+        local.target.send_replace(revision);
+    }
+    if let Some(children) = &mut children {
+        use tokio::io::AsyncWriteExt as _;
+        for stdin in &mut children.stdins {
+            stdin.write_all(format!("{revision}\n").as_bytes()).await?;
+            stdin.flush().await?;
+        }
+    }
 
     // Go: the script kills the control plane and starts another.
     std::fs::write(ready_file, b"ready\n")?;
-    let waited = Instant::now();
-    while shared.broken.load(Ordering::Relaxed) == 0 {
-        ensure!(
-            waited.elapsed() < Duration::from_secs(60),
-            "no stream broke within 60 s of the ready file"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut first_broken_at = None;
+    if let Some(local) = &local {
+        local.wait_broken().await?;
+    } else if let Some(children) = &mut children {
+        let (_, v) = tokio::time::timeout(Duration::from_secs(60), children.events.recv())
+            .await
+            .context("no stream broke within 60 s of the ready file")?
+            .context("the shards' output ended")?;
+        ensure!(v["event"] == "broken", "unexpected shard event {v}");
+        first_broken_at = v["at"].as_f64();
     }
     let broke = Instant::now();
+    let overflows_before = listen_overflows();
     let etcd_before = etcd_metrics(&args.etcd).await?;
 
     // The new process: sample its CPU and RSS until every sidecar is current.
     let mut new_pid = None;
     let mut samples: Vec<(Instant, f64, u64)> = Vec::new();
     let deadline = Duration::from_secs(120);
-    while shared.current_again.load(Ordering::Relaxed) < n as u64 {
+    let (mut broken_at, mut current_at, mut max_attempts) = (Vec::new(), Vec::new(), 0u32);
+    broken_at.extend(first_broken_at);
+    loop {
+        let done = match (&local, &mut children) {
+            (Some(local), _) => local.all_current(),
+            (None, Some(children)) => {
+                while let Ok((_, v)) = children.events.try_recv() {
+                    match v["event"].as_str() {
+                        Some("broken") => broken_at.extend(v["at"].as_f64()),
+                        Some("current") => {
+                            current_at.extend(v["at"].as_f64());
+                            max_attempts =
+                                max_attempts.max(v["max_attempts"].as_u64().unwrap_or(0) as u32);
+                        }
+                        _ => {}
+                    }
+                }
+                current_at.len() == args.shards
+            }
+            (None, None) => true,
+        };
+        if done {
+            break;
+        }
         ensure!(
             broke.elapsed() < deadline,
-            "only {} of {n} sidecars current again within {deadline:?}",
-            shared.current_again.load(Ordering::Relaxed)
+            "not every sidecar current again within {deadline:?}"
         );
         if new_pid.is_none() {
             new_pid = read_pid(pid_file).filter(|&p| Some(p) != old_pid);
@@ -292,17 +516,43 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         }
         tokio::time::sleep(SAMPLE).await;
     }
-    let all_current = broke.elapsed();
+    let mut all_current = broke.elapsed();
     if let Some(pid) = new_pid
         && let Ok((cpu, rss)) = process_usage(pid)
     {
         samples.push((Instant::now(), cpu, rss));
     }
     let etcd_after = etcd_metrics(&args.etcd).await?;
-    stop_tx.send_replace(true);
-    for task in tasks {
-        let _ = task.await;
-    }
+    let overflows = listen_overflows()
+        .zip(overflows_before)
+        .map(|(a, b)| a.saturating_sub(b));
+    let (backwards, attempts) = if let Some(local) = local {
+        let counts = (
+            local.shared.backwards.load(Ordering::Relaxed),
+            local.shared.max_attempts.load(Ordering::Relaxed),
+        );
+        local.stop().await;
+        counts
+    } else if let Some(mut children) = children {
+        // From the children's own clocks: first broken stream to the last
+        // sidecar current.
+        let first = broken_at.iter().copied().fold(f64::INFINITY, f64::min);
+        let last = current_at.iter().copied().fold(0.0, f64::max);
+        all_current = Duration::from_secs_f64((last - first).max(0.0));
+        children.stdins.clear();
+        let done = children.all("done", Duration::from_secs(60)).await?;
+        for mut proc in children.procs {
+            let status = proc.wait().await?;
+            ensure!(status.success(), "a shard failed: {status}");
+        }
+        let backwards = done
+            .iter()
+            .map(|v| v["backwards"].as_u64().unwrap_or(0))
+            .sum();
+        (backwards, max_attempts)
+    } else {
+        (0, 0)
+    };
 
     let peak_cpu = samples
         .windows(2)
@@ -312,23 +562,24 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let cpu_seconds = samples.last().map_or(0.0, |s| s.1);
     let etcd_messages = sample_sum(&etcd_after, "grpc_server_msg_received_total", &[])
         - sample_sum(&etcd_before, "grpc_server_msg_received_total", &[]);
-    let backwards = shared.backwards.load(Ordering::Relaxed);
-    let attempts = shared.max_attempts.load(Ordering::Relaxed);
     println!(
-        "storm: {n} sidecars (subscribed in {:.1} s) lost their control plane; all current again {:.2} s after the first broken stream (slowest: {attempts} connection attempts)",
+        "storm: {n} sidecars ({} process(es); subscribed in {:.1} s) lost their control plane; all current again {:.2} s after the first broken stream (slowest: {attempts} connection attempts)",
+        args.shards.max(1),
         subscribe_time.as_secs_f64(),
         all_current.as_secs_f64()
     );
     println!(
-        "new control plane: peak CPU {peak_cpu:.0}% (per {}ms), peak RSS {:.1} MiB, {cpu_seconds:.2} s CPU until all current; etcd received {etcd_messages:.0} gRPC messages; snapshots backwards: {backwards}",
+        "new control plane: peak CPU {peak_cpu:.0}% (per {}ms), peak RSS {:.1} MiB, {cpu_seconds:.2} s CPU until all current; etcd received {etcd_messages:.0} gRPC messages; snapshots backwards: {backwards}; connections dropped by a full listen queue (ListenOverflows): {}",
         SAMPLE.as_millis(),
-        peak_rss as f64 / 1048576.0
+        peak_rss as f64 / 1048576.0,
+        overflows.map_or("?".to_owned(), |o| o.to_string())
     );
     println!(
         "{}",
         serde_json::json!({
             "case": "storm",
             "sidecars": n,
+            "processes": args.shards.max(1),
             "services": args.services,
             "per_sidecar": args.per_sidecar,
             "all_current_seconds": all_current.as_secs_f64(),
@@ -338,6 +589,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             "cp_cpu_seconds": cpu_seconds,
             "etcd_messages": etcd_messages,
             "backwards": backwards,
+            "listen_overflows": overflows,
         })
     );
     ensure!(backwards == 0, "{backwards} snapshots went backwards");

@@ -22,6 +22,20 @@ pub fn process_usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     Ok((ticks / 100.0, rss_kb * 1024))
 }
 
+/// The kernel's count of connections dropped because a listen queue was
+/// full (`TcpExt: ListenOverflows` in `/proc/net/netstat`, for the whole
+/// network namespace): a dropped SYN is sent again after 1 s, 2 s, 4 s...
+pub fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+}
+
 /// etcd's `/metrics` page (Prometheus text).
 pub async fn etcd_metrics(etcd: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
