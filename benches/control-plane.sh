@@ -194,11 +194,18 @@ python3 - "$work/results.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 if rows and rows[0].get("case") == "replicas":
-    print("| sidecars (per replica) | replica killed: its sidecars current on another after | slowest's attempts | registrations after TTL (fewest seen) | etcd leader killed: writes (failed) | every sidecar holds etcd's instances, after the last write | registrations after TTL (fewest seen) | at the end, holding etcd's instances | backwards |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| sidecars (per replica) | replicas' CPU to serve and register each sidecar (ms) | replica killed: its sidecars current on another after | the two left: CPU until then (s) / in the TTL after the kill; cores busy until then (CPU 0: replicas / CPU 1: etcd, bench) | slowest's attempts | registrations after TTL (fewest seen) | etcd leader killed: writes (failed) | every sidecar holds etcd's instances, after the last write | registrations after TTL (fewest seen) | at the end, holding etcd's instances | backwards |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n = r["sidecars"]
-        print(f"| {n:,} ({'/'.join(str(x) for x in r['per_replica'])}) | {r['failover_seconds']:.2f} s ({r['orphans']} sidecars; half {r.get('failover_p50_seconds', 0):.2f} s, 90% {r.get('failover_p90_seconds', 0):.2f} s; SYNs dropped {r.get('failover_listen_overflows')}) | {r['failover_max_attempts']} | {r['registered_after_replica']} of {n} ({r['registered_fewest_after_replica']}) | {r['writes']} ({r['write_errors']}) | {r['caught_up_seconds']:.2f} s | {r['registered_after_member']} of {n} ({r['registered_fewest_after_member']}) | {r['at_end_revision']} of {n} | {r['backwards']} |")
+        start_cpu = r.get("start_cpu_seconds")
+        start_cpu = f"{start_cpu * 1000 / n:.2f}" if start_cpu is not None else "-"
+        kill_cpu = (f"{r['failover_cpu_seconds']:.2f} / {r['after_kill_cpu_seconds']:.2f} ({r['after_kill_seconds']:.0f} s)"
+                    if "failover_cpu_seconds" in r else "-")
+        busy = r.get("failover_cpu_busy_percent") or []
+        if busy:
+            kill_cpu += "; cores busy " + " / ".join(f"{b:.0f}%" for b in busy)
+        print(f"| {n:,} ({'/'.join(str(x) for x in r['per_replica'])}) | {start_cpu} | {r['failover_seconds']:.2f} s ({r['orphans']} sidecars; half {r.get('failover_p50_seconds', 0):.2f} s, 90% {r.get('failover_p90_seconds', 0):.2f} s; SYNs dropped {r.get('failover_listen_overflows')}) | {kill_cpu} | {r['failover_max_attempts']} | {r['registered_after_replica']} of {n} ({r['registered_fewest_after_replica']}) | {r['writes']} ({r['write_errors']}) | {r['caught_up_seconds']:.2f} s | {r['registered_after_member']} of {n} ({r['registered_fewest_after_member']}) | {r['at_end_revision']} of {n} | {r['backwards']} |")
     print()
     print("JSON:")
     for r in rows: print(json.dumps(r))

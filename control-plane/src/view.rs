@@ -30,7 +30,7 @@ use weft_api::InstanceRecord;
 
 use crate::keys::{self, Key};
 use crate::metrics::Metrics;
-use crate::store::{KeyValue, Revision, Store, StoreError, WatchEvent};
+use crate::store::{KeyValue, Revision, Store, StoreError, WatchBatch, WatchEvent};
 use crate::tasks::Tasks;
 
 mod last_valid;
@@ -177,10 +177,20 @@ impl DirectoryView {
         };
         match serde_json::from_slice::<InstanceRecord>(&kv.value) {
             Ok(record) if record.service.as_str() == service && record.id == id => {
-                self.update(service, |entry| {
-                    entry.instances.insert(id.to_owned(), Arc::new(record));
-                    true
-                });
+                // The same record written again (a sidecar registering
+                // again, with another replica or under a new lease) changes
+                // nothing a sidecar is told.
+                let unchanged = self
+                    .services
+                    .get(service)
+                    .and_then(|entry| entry.instances.get(id))
+                    .is_some_and(|held| **held == record);
+                if !unchanged {
+                    self.update(service, |entry| {
+                        entry.instances.insert(id.to_owned(), Arc::new(record));
+                        true
+                    });
+                }
             }
             Ok(_) => tracing::error!(
                 store.key = key,
@@ -307,6 +317,55 @@ async fn sync_records<S: Store>(
     }
 }
 
+/// Applies a watch batch to the view; says whether subscribers are to be
+/// woken. A batch that changes nothing served (the record of a policy just
+/// applied, an instance registered again with the same record: a sidecar
+/// that moved to another replica) is not a new revision of the directory:
+/// no sidecar would ever be told of it (all of them would look behind), and
+/// it wakes none of them. Services whose policy or last-valid record changed
+/// are added to `unsynced`.
+fn apply_batch(
+    view: &mut Arc<DirectoryView>,
+    batch: &WatchBatch,
+    unsynced: &mut BTreeSet<String>,
+) -> bool {
+    let mut served_changed = false;
+    let was_live = view.live;
+    for event in &batch.events {
+        let service = match keys::parse(event.key()) {
+            Some(Key::Policy { service } | Key::LastValidPolicy { service }) => {
+                unsynced.insert(service.to_owned());
+                service
+            }
+            Some(Key::Instance { service, .. }) => service,
+            None => continue,
+        };
+        let before = view.services.get(service).cloned();
+        let view = Arc::make_mut(view);
+        match event {
+            WatchEvent::Put(kv) => view.apply(Some(kv), &kv.key, kv.mod_revision),
+            WatchEvent::Delete { key, mod_revision } => {
+                view.apply(None, key, *mod_revision);
+            }
+        }
+        served_changed |= match (&before, view.services.get(service)) {
+            (Some(b), Some(a)) => !Arc::ptr_eq(b, a),
+            (None, None) => false,
+            _ => true,
+        };
+    }
+    if !served_changed && was_live {
+        return false;
+    }
+    let view = Arc::make_mut(view);
+    if served_changed {
+        view.revision = batch.revision;
+        view.observed_at = Some(Instant::now());
+    }
+    view.live = true;
+    true
+}
+
 /// List, publish, then apply watch batches until the watch ends. Errors the
 /// watch stream yields are counted here (the store wrapper counts the calls).
 async fn follow_once<S: Store>(
@@ -333,47 +392,7 @@ async fn follow_once<S: Store>(
     let mut watch = store.watch(keys::SERVICES, revision).await?;
     while let Some(batch) = watch.recv().await {
         let batch = batch.inspect_err(|e| metrics.store_error("watch", e))?;
-        tx.send_modify(|view| {
-            let view = Arc::make_mut(view);
-            // A batch of last-valid records that changes nothing served
-            // (the record of a policy just applied) is not a new revision
-            // of the directory: no sidecar would ever be told of it, and
-            // all of them would look behind.
-            let mut served_changed = false;
-            for event in &batch.events {
-                let parsed = keys::parse(event.key());
-                let record_of = match parsed {
-                    Some(Key::LastValidPolicy { service }) => Some(service),
-                    _ => None,
-                };
-                let before = record_of.and_then(|s| view.services.get(s).cloned());
-                match event {
-                    WatchEvent::Put(kv) => view.apply(Some(kv), &kv.key, kv.mod_revision),
-                    WatchEvent::Delete { key, mod_revision } => {
-                        view.apply(None, key, *mod_revision);
-                    }
-                }
-                served_changed |= match record_of {
-                    None => true,
-                    Some(service) => {
-                        let after = view.services.get(service);
-                        match (&before, after) {
-                            (Some(b), Some(a)) => !Arc::ptr_eq(b, a),
-                            (None, None) => false,
-                            _ => true,
-                        }
-                    }
-                };
-                if let Some(Key::Policy { service } | Key::LastValidPolicy { service }) = parsed {
-                    unsynced.insert(service.to_owned());
-                }
-            }
-            if served_changed {
-                view.revision = batch.revision;
-                view.observed_at = Some(Instant::now());
-            }
-            view.live = true;
-        });
+        tx.send_if_modified(|view| apply_batch(view, &batch, &mut unsynced));
         metrics.view_applied(batch.revision);
         sync_records(store, tx, &mut unsynced).await;
     }
@@ -457,11 +476,22 @@ mod tests {
             )
             .await
             .unwrap();
-        let rev = store
+        // A key the view does not know changes nothing served: no new
+        // revision; a later instance is one.
+        let ignored = store
             .put("services/marker/ignored", Bytes::from("x"), None)
             .await
             .unwrap();
+        let rev = store
+            .put(
+                &keys::instance_key("marker", "m"),
+                instance_json("marker", "m", 1003),
+                None,
+            )
+            .await
+            .unwrap();
         let v = wait_for(&mut rx, |v| v.revision >= rev).await;
+        assert!(rev > ignored);
         let billing = &v.services["billing"];
         assert_eq!(billing.instances.len(), 2);
         assert_eq!(billing.policy_toml.as_deref(), Some(policy));
@@ -478,7 +508,7 @@ mod tests {
             .put(&keys::policy_key("orders"), Bytes::from(good), None)
             .await
             .unwrap();
-        let rev = store
+        let refused = store
             .put(
                 &keys::policy_key("orders"),
                 Bytes::from("service = \"orders\"\nbogus = 2\n"),
@@ -486,7 +516,17 @@ mod tests {
             )
             .await
             .unwrap();
+        // The refused policy serves what was served: not a new revision.
+        let rev = store
+            .put(
+                &keys::instance_key("marker", "n"),
+                instance_json("marker", "n", 1004),
+                None,
+            )
+            .await
+            .unwrap();
         let v = wait_for(&mut rx, |v| v.revision >= rev).await;
+        assert!(rev > refused);
         let orders = &v.services["orders"];
         assert_eq!(orders.policy_toml.as_deref(), Some(good));
         assert!(!orders.policy_refused);
@@ -591,5 +631,68 @@ mod tests {
         store.revoke(lease).await.unwrap();
         wait_for(&mut rx, |v| !v.services.contains_key("billing")).await;
         assert!(tasks.shutdown(Duration::from_secs(5)).await);
+    }
+
+    fn put(service: &str, id: &str, port: u16, revision: i64) -> WatchBatch {
+        WatchBatch {
+            revision: Revision(revision),
+            events: vec![WatchEvent::Put(KeyValue {
+                key: keys::instance_key(service, id),
+                value: instance_json(service, id, port),
+                mod_revision: Revision(revision),
+                lease: Some(crate::store::LeaseId(revision)),
+            })],
+        }
+    }
+
+    #[test]
+    fn the_same_record_written_again_is_not_a_new_revision() {
+        let mut view = Arc::new(DirectoryView {
+            live: true,
+            ..DirectoryView::default()
+        });
+        let mut unsynced = BTreeSet::new();
+        assert!(apply_batch(
+            &mut view,
+            &put("billing", "a", 1000, 5),
+            &mut unsynced
+        ));
+        assert_eq!(view.revision, Revision(5));
+        let entry = Arc::clone(&view.services["billing"]);
+        // The sidecar registers again (another replica, a new lease): the
+        // same record, nothing to tell anyone.
+        assert!(!apply_batch(
+            &mut view,
+            &put("billing", "a", 1000, 6),
+            &mut unsynced
+        ));
+        assert_eq!(view.revision, Revision(5));
+        assert!(Arc::ptr_eq(&entry, &view.services["billing"]));
+        // Another address is a change.
+        assert!(apply_batch(
+            &mut view,
+            &put("billing", "a", 1001, 7),
+            &mut unsynced
+        ));
+        assert_eq!(view.revision, Revision(7));
+        assert!(unsynced.is_empty());
+        // A delete of an unknown key changes nothing; of a known one, it does.
+        let delete = |id: &str, revision| WatchBatch {
+            revision: Revision(revision),
+            events: vec![WatchEvent::Delete {
+                key: keys::instance_key("billing", id),
+                mod_revision: Revision(revision),
+            }],
+        };
+        assert!(!apply_batch(&mut view, &delete("ghost", 8), &mut unsynced));
+        assert!(apply_batch(&mut view, &delete("a", 9), &mut unsynced));
+        assert_eq!(view.revision, Revision(9));
+        assert!(view.services.is_empty());
+        // Coming back from the store being unreachable wakes subscribers
+        // even when nothing changed.
+        Arc::make_mut(&mut view).live = false;
+        assert!(apply_batch(&mut view, &delete("ghost", 10), &mut unsynced));
+        assert!(view.live);
+        assert_eq!(view.revision, Revision(9));
     }
 }

@@ -385,6 +385,7 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     let subscribed: Vec<Vec<String>> = (0..n)
         .map(|k| subscriptions(k, args).into_iter().map(service).collect())
         .collect();
+    let cpu_before_start = cpu_seconds(&cp_pids);
     let started = Instant::now();
     let tasks: Vec<_> = (0..n)
         .map(|k| {
@@ -415,6 +416,8 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let subscribe_time = started.elapsed();
+    // The replicas' CPU for serving and registering every sidecar once.
+    let start_cpu = cpu_seconds(&cp_pids) - cpu_before_start;
     let per_replica: Vec<usize> = (0..addresses.len())
         .map(|i| {
             shared
@@ -425,8 +428,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         })
         .collect();
     eprintln!(
-        "{n} sidecars served and registered in {:.1} s, per replica {per_replica:?}",
-        subscribe_time.as_secs_f64()
+        "{n} sidecars served and registered in {:.1} s (the replicas' CPU: {start_cpu:.2} s, {:.2} ms per sidecar), per replica {per_replica:?}",
+        subscribe_time.as_secs_f64(),
+        start_cpu * 1000.0 / n as f64
     );
 
     // 1. A replica dies.
@@ -435,6 +439,9 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         .filter(|&k| shared.sidecars[k].on.load(Ordering::SeqCst) == 0)
         .collect();
     let overflows_before = listen_overflows();
+    let survivors_cpu = |pids: &[u32]| cpu_seconds(&pids[1..]);
+    let cpu_at_kill = survivors_cpu(&cp_pids);
+    let ticks_at_kill = crate::usage::cpu_ticks();
     let killed = Instant::now();
     kill(cp_pids[0])?;
     let mut max_attempts = 0;
@@ -462,6 +469,10 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let failover = killed.elapsed();
+    let failover_cpu = survivors_cpu(&cp_pids) - cpu_at_kill;
+    // How busy each core was meanwhile (the replicas on CPU 0; etcd and
+    // this bench, its simulated sidecars included, on CPU 1).
+    let failover_busy = crate::usage::cpu_busy(&ticks_at_kill, &crate::usage::cpu_ticks());
     let mut times: Vec<Duration> = served_at.into_iter().flatten().collect();
     times.sort();
     let quantile = |q: f64| {
@@ -478,6 +489,10 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     }
     let (fewest_after_replica, held_after_replica) =
         fewest_registered(&mut etcd, &args.prefix, LEASE_WAIT.saturating_sub(failover)).await?;
+    // Until every orphan's registration is written again (and the TTL has
+    // passed: keep-alives of every registration included).
+    let after_kill_cpu = survivors_cpu(&cp_pids) - cpu_at_kill;
+    let after_kill = killed.elapsed();
     eprintln!(
         "replica 0 killed: its {} sidecars served by the others after {:.2} s; registrations: fewest {fewest_after_replica}, {held_after_replica} after {LEASE_WAIT:?}",
         orphans.len(),
@@ -561,12 +576,13 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
     }
     let backwards = shared.backwards.load(Ordering::Relaxed);
     println!(
-        "{n} sidecars on {} replicas ({per_replica:?}), {} etcd members; replica 0 killed: its {} sidecars served by another at revision {target} after {:.2} s (half of them after {failover_p50:.2} s, 90% after {failover_p90:.2} s; slowest: {max_attempts} attempts; SYNs dropped by a full listen queue meanwhile: {}); registrations held: fewest {fewest_after_replica}, {held_after_replica} of {n} {LEASE_WAIT:?} after",
+        "{n} sidecars on {} replicas ({per_replica:?}), {} etcd members; replica 0 killed: its {} sidecars served by another at revision {target} after {:.2} s (half of them after {failover_p50:.2} s, 90% after {failover_p90:.2} s; slowest: {max_attempts} attempts; SYNs dropped by a full listen queue meanwhile: {}; the two replicas left used {failover_cpu:.2} s of CPU until then, {after_kill_cpu:.2} s in the {:.1} s after the kill); registrations held: fewest {fewest_after_replica}, {held_after_replica} of {n} {LEASE_WAIT:?} after",
         addresses.len(),
         members.len(),
         orphans.len(),
         failover.as_secs_f64(),
-        overflows.map_or("?".to_owned(), |o| o.to_string())
+        overflows.map_or("?".to_owned(), |o| o.to_string()),
+        after_kill.as_secs_f64()
     );
     println!(
         "etcd leader (member {leader}) killed: {writes} writes in {WRITE_SECONDS} s ({write_errors} failed or timed out; the first write succeeded {:.2} s after the kill); every sidecar holds etcd's instances of its services (revision {final_revision}) {:.2} s after the last write ({behind} differ); registrations: fewest {fewest_after_member}, {held_after_member} of {n}; at the end (revision {end_revision}) {at_end} of {n} sidecars hold etcd's instances; snapshots backwards: {backwards}",
@@ -588,6 +604,11 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
             "failover_p50_seconds": failover_p50,
             "failover_p90_seconds": failover_p90,
             "failover_listen_overflows": overflows,
+            "start_cpu_seconds": start_cpu,
+            "failover_cpu_seconds": failover_cpu,
+            "failover_cpu_busy_percent": failover_busy,
+            "after_kill_cpu_seconds": after_kill_cpu,
+            "after_kill_seconds": after_kill.as_secs_f64(),
             "registered_fewest_after_replica": fewest_after_replica,
             "registered_after_replica": held_after_replica,
             "etcd_leader_killed": leader,
@@ -610,4 +631,13 @@ pub async fn run(args: &Args) -> anyhow::Result<()> {
         bail!("an update or a registration was lost, or a snapshot went backwards");
     }
     Ok(())
+}
+
+/// The CPU seconds (user and system) the processes `pids` have used; a
+/// process that is gone counts 0.
+fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|&pid| crate::usage::process_usage(pid).ok())
+        .map(|(cpu, _)| cpu)
+        .sum()
 }

@@ -83,6 +83,43 @@ pub async fn etcd_watchers(etcd: &str) -> anyhow::Result<f64> {
     ))
 }
 
+/// Each CPU's (busy, total) time in clock ticks since boot, from
+/// `/proc/stat` (`cpu0`, `cpu1`, ...; idle and iowait count as not busy).
+pub fn cpu_ticks() -> Vec<(u64, u64)> {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return Vec::new();
+    };
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            let total: u64 = v.iter().take(8).sum();
+            let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+            (total - idle, total)
+        })
+        .collect()
+}
+
+/// Each CPU's busy share (0-100) between two [`cpu_ticks`] readings.
+pub fn cpu_busy(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(&(b0, t0), &(b1, t1))| {
+            let total = t1.saturating_sub(t0);
+            if total == 0 {
+                0.0
+            } else {
+                100.0 * b1.saturating_sub(b0) as f64 / total as f64
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::sample_sum;
