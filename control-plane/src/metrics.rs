@@ -19,7 +19,7 @@
 //! | `deregistrations_total` | counter | | graceful deregistrations |
 //! | `lease_expiries_total` | counter | | registrations held by this replica whose lease expired (see [`Metrics::lease_expired`]) |
 //! | `directory_services`, `directory_instances` | gauge | | services and live instances in the view |
-//! | `directory_revision` | gauge | | store revision the view reflects |
+//! | `directory_revision` | gauge | | store revision of the last change the view reflects |
 //! | `store_ready` | gauge | | 1 while the view follows the store, else 0 |
 //! | `admin_requests_total` | counter | `method`, `route`, `status` | admin API requests answered |
 //! | `tls_handshake_failures_total` | counter | `reason` | gRPC connections refused in the TLS handshake (with mTLS: every reason at 0 from the start) |

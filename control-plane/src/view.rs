@@ -177,20 +177,13 @@ impl DirectoryView {
         };
         match serde_json::from_slice::<InstanceRecord>(&kv.value) {
             Ok(record) if record.service.as_str() == service && record.id == id => {
-                // The same record written again (a sidecar registering
-                // again, with another replica or under a new lease) changes
-                // nothing a sidecar is told.
-                let unchanged = self
-                    .services
-                    .get(service)
-                    .and_then(|entry| entry.instances.get(id))
-                    .is_some_and(|held| **held == record);
-                if !unchanged {
-                    self.update(service, |entry| {
-                        entry.instances.insert(id.to_owned(), Arc::new(record));
-                        true
-                    });
+                if self.holds(service, id, &record) {
+                    return;
                 }
+                self.update(service, |entry| {
+                    entry.instances.insert(id.to_owned(), Arc::new(record));
+                    true
+                });
             }
             Ok(_) => tracing::error!(
                 store.key = key,
@@ -200,6 +193,40 @@ impl DirectoryView {
                 tracing::error!(store.key = key, %error, "ignoring an unreadable instance record");
             }
         }
+    }
+
+    /// Whether the view already holds `record` as instance `id` of
+    /// `service`: the same record written again (a sidecar registering
+    /// again, with another replica or under a new lease) changes nothing a
+    /// sidecar is told.
+    fn holds(&self, service: &str, id: &str, record: &InstanceRecord) -> bool {
+        self.services
+            .get(service)
+            .and_then(|entry| entry.instances.get(id))
+            .is_some_and(|held| **held == *record)
+    }
+
+    /// Whether `event` would leave the view as it is because it writes an
+    /// instance record the view already holds (checked before the view is
+    /// copied for a change).
+    fn rewrites_held_instance(&self, event: &WatchEvent) -> bool {
+        let WatchEvent::Put(kv) = event else {
+            return false;
+        };
+        let Some(Key::Instance { service, id }) = keys::parse(&kv.key) else {
+            return false;
+        };
+        // Only a key the view holds is worth parsing here (a new instance
+        // is parsed once, when applied).
+        if !self
+            .services
+            .get(service)
+            .is_some_and(|entry| entry.instances.contains_key(id))
+        {
+            return false;
+        }
+        serde_json::from_slice::<InstanceRecord>(&kv.value)
+            .is_ok_and(|record| self.holds(service, id, &record))
     }
 
     /// Changes the service's entry with `change` (which says whether it
@@ -340,6 +367,9 @@ fn apply_batch(
             Some(Key::Instance { service, .. }) => service,
             None => continue,
         };
+        if view.rewrites_held_instance(event) {
+            continue;
+        }
         let before = view.services.get(service).cloned();
         let view = Arc::make_mut(view);
         match event {
@@ -661,11 +691,15 @@ mod tests {
         let entry = Arc::clone(&view.services["billing"]);
         // The sidecar registers again (another replica, a new lease): the
         // same record, nothing to tell anyone.
+        // A subscriber holds the view meanwhile: it is not even copied.
+        let held = Arc::clone(&view);
         assert!(!apply_batch(
             &mut view,
             &put("billing", "a", 1000, 6),
             &mut unsynced
         ));
+        assert!(Arc::ptr_eq(&held, &view));
+        drop(held);
         assert_eq!(view.revision, Revision(5));
         assert!(Arc::ptr_eq(&entry, &view.services["billing"]));
         // Another address is a change.
