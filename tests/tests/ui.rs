@@ -18,16 +18,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use tokio::task::JoinHandle;
 use weft_tests::browser;
 use weft_tests::client::{Client, Reply};
 use weft_tests::control_plane::{ControlPlane, TOKEN};
 use weft_tests::eventually;
 use weft_tests::mesh::Mesh;
 use weft_tests::process::{Signal, TempDir};
+use weft_tests::traffic::Traffic;
 
 /// A read-only UI token (in the `--ui-token-file`).
 const UI_TOKEN: &str = "ui-read-only-token-0123456789";
+/// The pace of the background traffic to each service.
+const TRAFFIC_EVERY: Duration = Duration::from_millis(10);
 /// How long the traffic's effects may take to show.
 const WITHIN: Duration = Duration::from_secs(60);
 /// How long Chromium may take to load the pages (it starts once per page,
@@ -142,36 +144,6 @@ async fn the_web_view_needs_a_token_and_can_be_turned_off() -> anyhow::Result<()
     let page = get(&off, "/ui/graph", &[("authorization", &bearer(TOKEN))]).await?;
     ensure!(page.status == 404, "--no-ui: {}", page.status);
     Ok(())
-}
-
-/// Requests sent in a loop until dropped.
-struct Traffic(Vec<JoinHandle<()>>);
-
-impl Traffic {
-    /// Every `(client, uri)` gets a request every 10 ms.
-    fn start(targets: Vec<(Client, &'static str)>) -> Self {
-        Self(
-            targets
-                .into_iter()
-                .map(|(client, uri)| {
-                    tokio::spawn(async move {
-                        loop {
-                            let _ = client.get(uri).await;
-                            tokio::time::sleep(Duration::from_millis(10)).await;
-                        }
-                    })
-                })
-                .collect(),
-        )
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        for task in &self.0 {
-            task.abort();
-        }
-    }
 }
 
 /// The value of attribute `attr` in the first tag at or after `marker`.
@@ -301,10 +273,11 @@ async fn the_web_view_shows_the_mesh_in_a_real_browser() -> anyhow::Result<()> {
         .with_context(|| format!("web reaching {service}"))?;
     }
     mesh.instance("billing-1").app.set_status(Some(500));
-    let _traffic = Traffic::start(vec![
-        (via_web.clone(), "http://billing/charge"),
-        (via_web, "http://ledger/entries"),
-    ]);
+    // A request to each every 10 ms until the test ends (dropped).
+    let _traffic = [
+        Traffic::start(via_web.clone(), "http://billing/charge", TRAFFIC_EVERY),
+        Traffic::start(via_web, "http://ledger/entries", TRAFFIC_EVERY),
+    ];
     let failing = mesh.instance("billing-1").sidecar.inbound();
     let web = web.admin_client();
     eventually(WITHIN, || async {

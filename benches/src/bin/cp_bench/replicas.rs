@@ -38,11 +38,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail, ensure};
 use etcd_client::GetOptions;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use weft_api::v1::control_plane_client::ControlPlaneClient;
-use weft_api::v1::{Instance, RegisterRequest, SubscribeRequest, register_request};
+use weft_api::v1::{Instance, RegisterRequest, register_request};
 
-use crate::storm::{Backoff, CONNECT_TIMEOUT, HEALTHY_SESSION};
+use crate::storm::{Backoff, HEALTHY_SESSION, subscribe};
 use crate::usage::listen_overflows;
 use crate::{Args, service, subscriptions};
 
@@ -129,38 +129,17 @@ async fn session(
     shared: &Arc<Shared>,
 ) -> bool {
     let me = &shared.sidecars[k];
-    let Ok(endpoint) = Endpoint::from_shared(address.to_owned()) else {
+    // Held whole: the subscription lasts while `subscription` does.
+    let Some(mut subscription) = subscribe(address, services).await else {
         return false;
     };
-    let Ok(Ok(channel)) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        endpoint.connect_timeout(CONNECT_TIMEOUT).connect(),
-    )
-    .await
-    else {
-        return false;
-    };
-    let (tx, rx) = mpsc::channel(1);
-    if tx
-        .send(SubscribeRequest {
-            add: services.to_vec(),
-            remove: vec![],
-        })
-        .await
-        .is_err()
-    {
-        return false;
-    }
-    let requests =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let Ok(response) = ControlPlaneClient::new(channel.clone())
-        .subscribe(requests)
-        .await
-    else {
-        return false;
-    };
-    let registration = tokio::spawn(register(channel, k, services_total, Arc::clone(shared)));
-    let mut stream = response.into_inner();
+    let registration = tokio::spawn(register(
+        subscription.channel.clone(),
+        k,
+        services_total,
+        Arc::clone(shared),
+    ));
+    let stream = &mut subscription.stream;
     let mut got = false;
     while let Ok(Some(msg)) = stream.message().await {
         let had = me.revision.load(Ordering::SeqCst);
@@ -191,7 +170,6 @@ async fn session(
         }
     }
     registration.abort();
-    drop(tx);
     got
 }
 

@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Endpoint;
-use weft_api::v1::SubscribeRequest;
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
 use weft_api::v1::control_plane_client::ControlPlaneClient;
+use weft_api::v1::{SubscribeRequest, SubscribeResponse};
 
 use crate::usage::{etcd_metrics, listen_overflows, process_usage, sample_sum};
 use crate::{Args, service, subscriptions};
@@ -153,34 +154,11 @@ async fn run_session(
     counted_current: &mut bool,
     attempts: u32,
 ) -> bool {
-    let Ok(endpoint) = Endpoint::from_shared(address.to_owned()) else {
+    // Held whole: the subscription lasts while `subscription` does.
+    let Some(mut subscription) = subscribe(address, services).await else {
         return false;
     };
-    let Ok(Ok(channel)) = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        endpoint.connect_timeout(CONNECT_TIMEOUT).connect(),
-    )
-    .await
-    else {
-        return false;
-    };
-    let (tx, rx) = mpsc::channel(1);
-    if tx
-        .send(SubscribeRequest {
-            add: services.to_vec(),
-            remove: vec![],
-        })
-        .await
-        .is_err()
-    {
-        return false;
-    }
-    let requests =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let Ok(response) = ControlPlaneClient::new(channel).subscribe(requests).await else {
-        return false;
-    };
-    let mut stream = response.into_inner();
+    let stream = &mut subscription.stream;
     let mut got = false;
     while let Ok(Some(msg)) = stream.message().await {
         if msg.version < *last_revision {
@@ -200,8 +178,48 @@ async fn run_session(
             shared.max_attempts.fetch_max(attempts, Ordering::Relaxed);
         }
     }
-    drop(tx);
     got
+}
+
+/// A Subscribe stream of its own to one replica, as a simulated sidecar
+/// holds it; the subscription lasts while this is held.
+pub(crate) struct Subscription {
+    /// The connection (for the sidecar's Register stream).
+    pub channel: Channel,
+    pub stream: Streaming<SubscribeResponse>,
+    /// The request side: dropping it ends the subscription.
+    _requests: mpsc::Sender<SubscribeRequest>,
+}
+
+/// Connects to `address` (bounded by [`CONNECT_TIMEOUT`]) and subscribes to
+/// `services`; `None` if either fails.
+pub(crate) async fn subscribe(address: &str, services: &[String]) -> Option<Subscription> {
+    let endpoint = Endpoint::from_shared(address.to_owned()).ok()?;
+    let channel = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        endpoint.connect_timeout(CONNECT_TIMEOUT).connect(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(SubscribeRequest {
+        add: services.to_vec(),
+        remove: vec![],
+    })
+    .await
+    .ok()?;
+    let requests =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let response = ControlPlaneClient::new(channel.clone())
+        .subscribe(requests)
+        .await
+        .ok()?;
+    Some(Subscription {
+        channel,
+        stream: response.into_inner(),
+        _requests: tx,
+    })
 }
 
 /// The pid in `path`, once the script wrote a new one.
