@@ -31,7 +31,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 export PATH="$PATH:/usr/sbin"
 
-cargo build --release --locked -q -p weft-proxy -p weft-benches
+cargo build --release --locked -q -p weft-proxy -p weft-benches -p weft-control-plane
 bin=${CARGO_TARGET_DIR:-target}/release
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews the figures)" >&2
 exec python3 benches/harness.py --bin "$bin" --out benches/results data-plane \

@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -222,19 +223,43 @@ def weft_one_hop(procs, bindir, work, backends, exe=None, name="weft", title="We
     return t
 
 
-def start_servers(procs, bindir, work, backends, prefix="server"):
+def start_servers(procs, bindir, work, backends, prefix="server", extra=""):
     servers = []
     for i, app in enumerate(backends):
-        p, bound, _ = start_weft(procs, bindir, work, f"{prefix}-{i}", server_toml(app))
+        p, bound, _ = start_weft(procs, bindir, work, f"{prefix}-{i}", server_toml(app) + extra)
         servers.append((p, bound["inbound"]))
     return servers
 
 
-def weft_mesh(procs, bindir, work, backends):
+def mesh_certs(bindir, work):
+    """A development CA and two identities, `bench` (the server sidecars) and
+    `load` (the caller), from `weftctl certs`; returns their `[tls]` sections."""
+    certs = os.path.join(work, "certs")
+    subprocess.run([f"{bindir}/weftctl", "certs", "ca", "--out", certs], check=True, stdout=subprocess.DEVNULL)
+    for ident in ("bench", "load"):
+        subprocess.run([f"{bindir}/weftctl", "certs", "issue", ident, "--ca", certs, "--out", certs],
+                       check=True, stdout=subprocess.DEVNULL)
+    return {ident: f'\n[tls]\nca = "{certs}/ca.pem"\ncert = "{certs}/{ident}.pem"\nkey = "{certs}/{ident}-key.pem"\n'
+            for ident in ("bench", "load")}
+
+
+def weft_mesh(procs, bindir, work, backends, mtls=False):
+    """The mesh path: a caller sidecar balancing over 3 server sidecars, each in
+    front of one backend. Plaintext HTTP/1.1 between the sidecars, or with
+    `mtls` TLS 1.3 and one multiplexed HTTP/2 connection per server sidecar."""
     round_robin_policy(work)
-    servers = start_servers(procs, bindir, work, backends)
-    p, bound, _ = start_weft(procs, bindir, work, "mesh-caller", caller_toml([s[1] for s in servers]))
-    t = Target("mesh", "Weft mesh path (caller sidecar -> 3 server sidecars)", [bound["outbound"]])
+    tls = mesh_certs(bindir, work) if mtls else {"bench": "", "load": ""}
+    prefix = "mtls-" if mtls else ""
+    servers = start_servers(procs, bindir, work, backends, prefix=f"{prefix}server", extra=tls["bench"])
+    body = caller_toml([s[1] for s in servers]) + tls["load"]
+    if mtls:
+        body = body.replace('policy = "bench.toml"\n', 'policy = "bench.toml"\ntls = "mesh"\n')
+    p, bound, _ = start_weft(procs, bindir, work, f"{prefix}mesh-caller", body)
+    if mtls:
+        t = Target("mesh-mtls", "Weft mesh path with mTLS (caller sidecar -> 3 server sidecars, HTTP/2 over TLS 1.3)",
+                   [bound["outbound"]])
+    else:
+        t = Target("mesh", "Weft mesh path (caller sidecar -> 3 server sidecars)", [bound["outbound"]])
     t.roots.append(("caller", p))
     for i, (sp, _) in enumerate(servers):
         t.roots.append((f"server-{i}", sp))
@@ -350,6 +375,23 @@ def run_load(bindir, target, label, connections, seconds, warmup, rate=None, int
         cmd = ["taskset", "-c", LOAD_CPU] + cmd
     pids = target.pids()
     cpu0 = cpu_seconds(pids) if pids else 0.0
+    # The proxy processes' RSS (summed) sampled while the load runs: the largest
+    # sample is this load shape's memory, where VmHWM is the peak over all runs.
+    rss_max = [0]
+    running = threading.Event()
+    running.set()
+
+    def sample_rss():
+        while running.is_set():
+            try:
+                rss_max[0] = max(rss_max[0], sum(status_kb(pid, "VmRSS") for pid in pids))
+            except OSError:  # a process gone: the run fails below
+                return
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    if pids:
+        sampler.start()
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     lines = []
@@ -359,11 +401,16 @@ def run_load(bindir, target, label, connections, seconds, warmup, rate=None, int
             lines.append(json.loads(line))
             if stream:
                 stream(lines[-1])
-    if p.wait() != 0:
+    code = p.wait()
+    running.clear()
+    if pids:
+        sampler.join()
+    if code != 0:
         raise RuntimeError(f"weft-load failed for {label}")
     wall = time.monotonic() - t0
     result = lines[-1]
     if pids:
+        result["rss_kb"] = rss_max[0]
         cpu = cpu_seconds(pids) - cpu0
         result["proxy_cpu_s"] = cpu
         result["proxy_cpu_util"] = cpu / wall
@@ -430,6 +477,7 @@ def data_plane(args):
             direct,
             weft_one_hop(procs, bindir, work, backends),
             weft_mesh(procs, bindir, work, backends),
+            weft_mesh(procs, bindir, work, backends, mtls=True),
             nginx(procs, work, backends),
             haproxy(procs, work, backends),
         ]
@@ -531,6 +579,7 @@ def summarise(args, targets, runs, peaks, rates, conns, idle):
                 "rps_per_core": med([r.get("rps_per_core") for r in maxr]),
                 "cpu_ms_per_10k": med([r.get("cpu_ms_per_10k") for r in maxr]),
                 "p99_ms": med([r["p99_ms"] for r in maxr]),
+                "rss_kb": med([r.get("rss_kb") for r in maxr]),
             }
         for rate in rates:
             rr = [r for r in mine if r["mode"] == f"rate{rate}"]
@@ -630,7 +679,7 @@ def markdown(rep):
     lines.append("")
     # Ratios of the Weft paths to the others (> 1: Weft's figure is larger).
     refs = [n for n in ("direct", "nginx", "haproxy") if n in T]
-    weft = [n for n in ("weft", "mesh") if n in T]
+    weft = [n for n in ("weft", "mesh", "mesh-mtls") if n in T]
     if weft and refs:
         metrics = [
             *[(f"req/s per proxy core, {c} connections", lambda s, c=c: s["closed"][str(c)]["rps_per_core"])
@@ -640,7 +689,7 @@ def markdown(rep):
             *[(f"CPU per request at {r:,} req/s", lambda s, r=r: s["rates"][str(r)]["cpu_ms_per_10k"]) for r in rates],
             ("peak RSS", lambda s: {"median": sum(s["peak_rss_kb"].values())} if s["peak_rss_kb"] else None),
         ]
-        short = {"weft": "one hop", "mesh": "mesh path"}
+        short = {"weft": "one hop", "mesh": "mesh path", "mesh-mtls": "mesh mTLS"}
         cols = [(w, r) for w in weft for r in refs]
         lines.append("Ratios, Weft / other (medians; for req/s per core higher is better, for the rest lower):")
         lines.append("")
@@ -652,6 +701,40 @@ def markdown(rep):
                 a, b = get(T[w]), get(T[r])
                 row += f" {ratio(a and a['median'], b and b['median'])} |"
             lines.append(row)
+    if "weft" in T and any(n in T for n in ("mesh", "mesh-mtls")) and "direct" in T:
+        lines.append("")
+        lines.append("Added latency of the mesh paths / one plaintext hop's (each path's percentile minus the "
+                     "direct path's, medians):")
+        lines.append("")
+        meshes = [n for n in ("mesh", "mesh-mtls") if n in T]
+        lines.append("| rate |" + "".join(f" {short[n]} added p50 / p99 ms | / one hop's |" for n in meshes))
+        lines.append("|---|" + "---|---|" * len(meshes))
+        for r in rates:
+            hop = T["weft"]["rates"][str(r)].get("added_ms")
+            row = f"| {r:,} req/s |"
+            for n in meshes:
+                a = T[n]["rates"][str(r)].get("added_ms")
+                if not a or not hop:
+                    row += " - | - |"
+                    continue
+                row += (f" {a['p50_ms']:+.3f} / {a['p99_ms']:+.3f} |"
+                        f" {ratio(a['p50_ms'], hop['p50_ms'])} / {ratio(a['p99_ms'], hop['p99_ms'])} |")
+            lines.append(row)
+    if any(x.get("rss_kb") for s in T.values() for x in s["closed"].values()):
+        lines.append("")
+        lines.append("Memory by load shape: the proxy processes' RSS, summed, the largest of samples every 0.2 s "
+                     "during each closed-loop run (medians of the rounds), MB:")
+        lines.append("")
+        lines.append("| path |" + "".join(f" {c} conn |" for c in conns) + " peak (VmHWM) |")
+        lines.append("|---|" + "---|" * (len(conns) + 1))
+        for name, s in T.items():
+            if not s["peak_rss_kb"]:
+                continue
+            row = f"| {s['title']} |"
+            for c in conns:
+                x = s["closed"][str(c)].get("rss_kb")
+                row += " - |" if not x else f" {x['median'] / 1024:.1f} |"
+            lines.append(row + f" {sum(s['peak_rss_kb'].values()) / 1024:.1f} |")
     if "weft-baseline" in T and "weft" in T:
         a, b = T["weft"], T["weft-baseline"]
         parts = []
@@ -726,7 +809,6 @@ def soak(args):
                 f"churn {churn['reloads']} reloads")
 
         # The load runs in a thread; churn happens here meanwhile.
-        import threading
 
         result = {}
 
@@ -908,7 +990,7 @@ def main():
     dp.add_argument("--connections", default="16,64,256", help="closed-loop connection counts, comma-separated")
     dp.add_argument("--open-connections", type=int, default=64)
     dp.add_argument("--rates", default="1000,2000,5000")
-    dp.add_argument("--targets", default="", help="comma-separated subset: direct,weft,mesh,nginx,haproxy")
+    dp.add_argument("--targets", default="", help="comma-separated subset: direct,weft,mesh,mesh-mtls,nginx,haproxy")
     sk = sub.add_parser("soak")
     sk.add_argument("--minutes", type=float, default=30)
     sk.add_argument("--rate", type=int, default=2000)

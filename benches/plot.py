@@ -18,7 +18,7 @@ import os
 import sys
 
 # One colour per path, the same in every plot.
-COLOURS = {"direct": "#7f7f7f", "weft": "#1f77b4", "weft-baseline": "#9ecae1", "mesh": "#2ca02c",
+COLOURS = {"direct": "#7f7f7f", "weft": "#1f77b4", "weft-baseline": "#9ecae1", "mesh": "#2ca02c", "mesh-mtls": "#98df8a",
            "nginx": "#d62728", "haproxy": "#ff7f0e"}
 WIDTH, HEIGHT = 720, 420
 LEFT, RIGHT, TOP, BOTTOM = 70, 190, 40, 50
