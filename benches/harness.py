@@ -244,19 +244,22 @@ def mesh_certs(bindir, work):
 
 
 def weft_mesh(procs, bindir, work, backends, mtls=False):
-    """The mesh path: a caller sidecar balancing over 3 server sidecars, each in
-    front of one backend. Plaintext HTTP/1.1 between the sidecars, or with
-    `mtls` TLS 1.3 and one multiplexed HTTP/2 connection per server sidecar."""
+    """The mesh path, plaintext: a caller sidecar balancing over 3 server
+    sidecars, each in front of one backend, HTTP/1.1 between the sidecars (four
+    sidecars on the proxy core). With `mtls`, as the mTLS targets define it: a
+    caller sidecar and one server sidecar (both on the proxy core) in front of
+    one backend, TLS 1.3 and one multiplexed HTTP/2 connection between them."""
     round_robin_policy(work)
     tls = mesh_certs(bindir, work) if mtls else {"bench": "", "load": ""}
     prefix = "mtls-" if mtls else ""
-    servers = start_servers(procs, bindir, work, backends, prefix=f"{prefix}server", extra=tls["bench"])
+    apps = backends[:1] if mtls else backends
+    servers = start_servers(procs, bindir, work, apps, prefix=f"{prefix}server", extra=tls["bench"])
     body = caller_toml([s[1] for s in servers]) + tls["load"]
     if mtls:
         body = body.replace('policy = "bench.toml"\n', 'policy = "bench.toml"\ntls = "mesh"\n')
     p, bound, _ = start_weft(procs, bindir, work, f"{prefix}mesh-caller", body)
     if mtls:
-        t = Target("mesh-mtls", "Weft mesh path with mTLS (caller sidecar -> 3 server sidecars, HTTP/2 over TLS 1.3)",
+        t = Target("mesh-mtls", "Weft mesh path with mTLS (caller sidecar -> server sidecar, HTTP/2 over TLS 1.3)",
                    [bound["outbound"]])
     else:
         t = Target("mesh", "Weft mesh path (caller sidecar -> 3 server sidecars)", [bound["outbound"]])
