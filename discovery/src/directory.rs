@@ -289,7 +289,7 @@ impl Directory {
                 &loaded.bootstrap.dns,
                 tasks.clone(),
                 stop.child_token(),
-            )?),
+            )),
         };
         let mut services = HashMap::new();
         for svc in &loaded.bootstrap.directory.services {

@@ -11,11 +11,17 @@
 //!
 //! Requests never hang on DNS: every lookup runs under a deadline derived from the
 //! configured per-query timeout and attempts.
+//!
+//! The resolver itself is built on the first lookup: a sidecar whose calls all
+//! go to names in its directory never reads the system's resolver configuration
+//! nor holds a resolver (less to do before the first request, less memory).
+//! A resolver that cannot be built (an unreadable `/etc/resolv.conf`) fails
+//! that lookup with the reason, and the next lookup tries again.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
@@ -80,7 +86,8 @@ pub struct DnsDiscovery {
 
 #[derive(Debug)]
 struct Inner {
-    resolver: TokioResolver,
+    /// Built by the first lookup ([`Inner::resolver`]).
+    resolver: OnceLock<TokioResolver>,
     settings: Dns,
     lookup_deadline: Duration,
     epoch: Instant,
@@ -124,18 +131,13 @@ fn build_resolver(settings: &Dns) -> Result<TokioResolver, String> {
 impl DnsDiscovery {
     /// Start DNS discovery with `settings`. Tasks are tracked by `tasks` and stop
     /// when `stop` is cancelled or this value is dropped.
-    pub fn new(
-        settings: &Dns,
-        tasks: TaskTracker,
-        stop: CancellationToken,
-    ) -> Result<Self, String> {
-        let resolver = build_resolver(settings)?;
+    pub fn new(settings: &Dns, tasks: TaskTracker, stop: CancellationToken) -> Self {
         let per_try = settings.timeout.get();
         let lookup_deadline =
             per_try * u32::from(settings.attempts.max(1)) + Duration::from_millis(250);
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
-                resolver,
+                resolver: OnceLock::new(),
                 settings: settings.clone(),
                 lookup_deadline,
                 epoch: Instant::now(),
@@ -143,7 +145,7 @@ impl DnsDiscovery {
                 tasks,
                 stop,
             }),
-        })
+        }
     }
 
     /// The settings this resolver was built with.
@@ -241,6 +243,16 @@ impl Inner {
         }
     }
 
+    /// The resolver, built now if no lookup has needed it yet. Two first
+    /// lookups at once may both build one; the second is dropped.
+    fn resolver(&self) -> Result<&TokioResolver, String> {
+        if let Some(resolver) = self.resolver.get() {
+            return Ok(resolver);
+        }
+        let built = build_resolver(&self.settings)?;
+        Ok(self.resolver.get_or_init(|| built))
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -259,51 +271,11 @@ impl Inner {
     ) {
         let name = target.host.clone();
         loop {
-            let wait = match tokio::time::timeout(
-                self.lookup_deadline,
-                self.resolver.lookup_ip(name.as_str()),
-            )
-            .await
-            {
-                Ok(Ok(lookup)) => {
-                    let mut ips: Vec<IpAddr> = lookup.iter().collect();
-                    ips.sort();
-                    ips.dedup();
-                    let ttl = lookup
-                        .valid_until()
-                        .saturating_duration_since(Instant::now());
-                    let specs: Vec<EndpointSpec> = ips
-                        .iter()
-                        .map(|ip| EndpointSpec {
-                            addr: SocketAddr::new(*ip, target.port),
-                            metadata: Metadata::default(),
-                            health: weft_api::Health::Healthy,
-                        })
-                        .collect();
-                    tracing::debug!(dns.name = %name, dns.addresses = ?ips, dns.ttl_ms = ttl.as_millis() as u64, "resolved");
-                    let found = !specs.is_empty();
-                    writer.apply(Update::Reset(specs));
-                    status.send_replace(if found {
-                        Status::Resolved
-                    } else {
-                        Status::NotFound
-                    });
-                    self.clamp(ttl)
-                }
-                Ok(Err(e)) if e.is_nx_domain() || e.is_no_records_found() => {
-                    tracing::debug!(dns.name = %name, "no such name");
-                    writer.apply(Update::Reset(Vec::new()));
-                    status.send_replace(Status::NotFound);
-                    self.clamp(Duration::ZERO).max(Duration::from_secs(1))
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(dns.name = %name, error = %e, "DNS lookup failed; keeping the last addresses");
-                    status.send_replace(Status::Failed(e.to_string()));
-                    self.clamp(FAILURE_RETRY)
-                }
-                Err(_) => {
-                    tracing::warn!(dns.name = %name, "DNS lookup timed out; keeping the last addresses");
-                    status.send_replace(Status::Failed("the lookup timed out".into()));
+            let wait = match self.resolver() {
+                Ok(resolver) => self.lookup(resolver, &target, &writer, &status).await,
+                Err(message) => {
+                    tracing::warn!(dns.name = %name, error = %message, "no DNS resolver; keeping the last addresses");
+                    status.send_replace(Status::Failed(message));
                     self.clamp(FAILURE_RETRY)
                 }
             };
@@ -324,5 +296,92 @@ impl Inner {
                 return;
             }
         }
+    }
+
+    /// One lookup of `target` with `resolver`, its answer published; returns
+    /// how long to wait before the next.
+    async fn lookup(
+        &self,
+        resolver: &TokioResolver,
+        target: &DnsTarget,
+        writer: &EndpointsWriter,
+        status: &watch::Sender<Status>,
+    ) -> Duration {
+        let name = &target.host;
+        match tokio::time::timeout(self.lookup_deadline, resolver.lookup_ip(name.as_str())).await {
+            Ok(Ok(lookup)) => {
+                let mut ips: Vec<IpAddr> = lookup.iter().collect();
+                ips.sort();
+                ips.dedup();
+                let ttl = lookup
+                    .valid_until()
+                    .saturating_duration_since(Instant::now());
+                let specs: Vec<EndpointSpec> = ips
+                    .iter()
+                    .map(|ip| EndpointSpec {
+                        addr: SocketAddr::new(*ip, target.port),
+                        metadata: Metadata::default(),
+                        health: weft_api::Health::Healthy,
+                    })
+                    .collect();
+                tracing::debug!(dns.name = %name, dns.addresses = ?ips, dns.ttl_ms = ttl.as_millis() as u64, "resolved");
+                let found = !specs.is_empty();
+                writer.apply(Update::Reset(specs));
+                status.send_replace(if found {
+                    Status::Resolved
+                } else {
+                    Status::NotFound
+                });
+                self.clamp(ttl)
+            }
+            Ok(Err(e)) if e.is_nx_domain() || e.is_no_records_found() => {
+                tracing::debug!(dns.name = %name, "no such name");
+                writer.apply(Update::Reset(Vec::new()));
+                status.send_replace(Status::NotFound);
+                self.clamp(Duration::ZERO).max(Duration::from_secs(1))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(dns.name = %name, error = %e, "DNS lookup failed; keeping the last addresses");
+                status.send_replace(Status::Failed(e.to_string()));
+                self.clamp(FAILURE_RETRY)
+            }
+            Err(_) => {
+                tracing::warn!(dns.name = %name, "DNS lookup timed out; keeping the last addresses");
+                status.send_replace(Status::Failed("the lookup timed out".into()));
+                self.clamp(FAILURE_RETRY)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn the_resolver_is_built_by_the_first_lookup() {
+        // A name server that never answers: the lookup times out, quickly.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let settings = Dns {
+            servers: vec![silent.local_addr().unwrap()],
+            timeout: Duration::from_millis(50).into(),
+            attempts: 1,
+            ..Dns::default()
+        };
+        let dns = DnsDiscovery::new(&settings, TaskTracker::new(), CancellationToken::new());
+        assert!(
+            dns.inner.resolver.get().is_none(),
+            "built before any lookup"
+        );
+        let looked_up = dns.resolve("svc.example", Some(8080)).await;
+        assert!(
+            matches!(looked_up, Err(ProxyError::Dns { .. })),
+            "{looked_up:?}"
+        );
+        assert!(
+            dns.inner.resolver.get().is_some(),
+            "not built by the lookup"
+        );
     }
 }
