@@ -200,13 +200,17 @@ def start_weft(procs, bindir, work, tag, toml_body, exe=None):
 LISTEN_LOCAL = '[listen]\noutbound = "127.0.0.1:0"\ninbound = "127.0.0.1:0"\nadmin = "127.0.0.1:0"\n'
 
 
-def caller_toml(endpoints, services=(("bench", True),)):
+def caller_toml(endpoints, services=(("bench", True),), mesh_tls=False):
+    """A caller sidecar's bootstrap: `services` (name, with the bench policy?)
+    each with `endpoints`; with `mesh_tls`, reached over mTLS (`tls = "mesh"`)."""
     body = LISTEN_LOCAL
     for name, rr in services:
         eps = ", ".join(f'{{ address = "{a}" }}' for a in endpoints)
         body += f'\n[[directory.services]]\nname = "{name}"\n'
         if rr:
             body += 'policy = "bench.toml"\n'
+        if mesh_tls:
+            body += 'tls = "mesh"\n'
         body += f"endpoints = [ {eps} ]\n"
     return body
 
@@ -254,9 +258,7 @@ def weft_mesh(procs, bindir, work, backends, mtls=False):
     prefix = "mtls-" if mtls else ""
     apps = backends[:1] if mtls else backends
     servers = start_servers(procs, bindir, work, apps, prefix=f"{prefix}server", extra=tls["bench"])
-    body = caller_toml([s[1] for s in servers]) + tls["load"]
-    if mtls:
-        body = body.replace('policy = "bench.toml"\n', 'policy = "bench.toml"\ntls = "mesh"\n')
+    body = caller_toml([s[1] for s in servers], mesh_tls=mtls) + tls["load"]
     p, bound, _ = start_weft(procs, bindir, work, f"{prefix}mesh-caller", body)
     if mtls:
         t = Target("mesh-mtls", "Weft mesh path with mTLS (caller sidecar -> server sidecar, HTTP/2 over TLS 1.3)",
@@ -815,7 +817,6 @@ def soak(args):
                 f"churn {churn['reloads']} reloads")
 
         # The load runs in a thread; churn happens here meanwhile.
-
         result = {}
 
         def load():

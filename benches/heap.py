@@ -9,8 +9,7 @@ import sys
 
 # The first frame (innermost first) naming one of these is the allocation site.
 SITES = ("weft_", "hyper::", "hyper_util::", "h2::", "rustls::", "tokio::", "tower::")
-FRAME = re.compile(r"^[ |]*->\s*[\d.]+% \(([\d,]+)B\) 0x[0-9A-Fa-f]+: (.*)$")
-TOP = re.compile(r"^->\s*[\d.]+% \(([\d,]+)B\) (.*)$")
+NODE = re.compile(r"^( *)n\d+: (\d+) (.*)$")
 
 
 def snapshots(path):
@@ -32,17 +31,14 @@ def snapshots(path):
 
 
 def sites(tree):
-    """Top-level allocation entries of a massif tree with the frame naming them."""
+    """The top-level allocation entries of a massif tree: [bytes, frames below
+    it in file order, innermost first along its first call chain]."""
     entries = []
-    stack = []  # (depth, bytes, frame)
     for line in tree:
-        m = re.match(r"^( *)n(\d+): (\d+) (.*)$", line)
+        m = NODE.match(line)
         if not m:
             continue
-        depth, size, frame = len(m.group(1)), int(m.group(3)), m.group(4)
-        while stack and stack[-1][0] >= depth:
-            stack.pop()
-        stack.append((depth, size, frame))
+        depth, size, frame = len(m.group(1)), int(m.group(2)), m.group(3)
         if depth == 1:
             entries.append([size, []])
         if depth >= 1 and entries:
